@@ -1,0 +1,36 @@
+"""dito_fast: DiTo diffusion-autoencoder image tokenizers (Chen et al., arXiv 2501.18593).
+
+Public surface::
+
+    model = dito_fast.DiTo.from_preset("dito-B")          # or DiTo.from_pretrained(dir)
+    z = model.encode(x)                                    # x: (B, 3, H, W) in [-1, 1]
+    x_hat = model.decode(z, steps=50, sampler="euler", seed=0)
+    images = dito_fast.fast_decode(model, z, seed=0)       # uint8 (B, 3, H, W)
+"""
+
+from __future__ import annotations
+
+from .config import PRESETS, ModelConfig, RunConfig, get_preset
+from .decode import fast_decode
+from .models.dito import DiTo
+
+__version__ = "0.1.0"
+
+
+def load(directory, map_location: str = "cpu") -> DiTo:
+    """Load a model saved with ``save_pretrained`` (``config.json`` + ``model.safetensors``)."""
+    return DiTo.from_pretrained(directory, map_location=map_location)
+
+
+def encode(model: DiTo, x):
+    """``model.encode(x)`` without gradients: (B, 3, H, W) in [-1, 1] -> (B, c, H/f, W/f)."""
+    import torch
+
+    with torch.inference_mode():
+        return model.encode(x)
+
+
+presets = PRESETS
+
+__all__ = ["DiTo", "ModelConfig", "RunConfig", "PRESETS", "presets", "get_preset", "fast_decode", "load",
+           "encode", "__version__"]

@@ -1,0 +1,296 @@
+"""The ``dito-fast`` command: train, reconstruct, encode, decode, info, demo.
+
+Only this module prints; the library logs through ``logging``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import config as C
+
+logger = logging.getLogger("dito_fast.cli")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"--set expects key=value (e.g. train.lr=2e-4), got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _image_paths(inputs: list[str]) -> list[Path]:
+    from .data import list_image_files
+
+    paths = []
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            found = list_image_files(p)
+            if not found:
+                raise SystemExit(f"no image files in folder {p}")
+            paths += [Path(f) for f in found]
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise SystemExit(f"input not found: {p}")
+    return paths
+
+
+def _load_for_model(path: Path, factor: int, size: int | None):
+    """Image file -> (1, 3, H, W) in [-1, 1] with H, W multiples of ``factor``: resized so the
+    shorter side is ``size`` and center-cropped to size x size when ``size`` is given, otherwise
+    center-cropped to the largest multiple of ``factor``."""
+    from .data import ImageTransform, load_image, pil_to_tensor
+
+    img = load_image(path)
+    if size is not None:
+        if size % factor:
+            raise SystemExit(f"--size {size} must be a multiple of {factor}")
+        return ImageTransform(size, crop="center")(img)[None]
+    x = pil_to_tensor(img)
+    H, W = (x.shape[-2] // factor) * factor, (x.shape[-1] // factor) * factor
+    if H == 0 or W == 0:
+        raise SystemExit(f"{path}: image {x.shape[-1]}x{x.shape[-2]} is smaller than {factor} pixels")
+    top, left = (x.shape[-2] - H) // 2, (x.shape[-1] - W) // 2
+    return x[None, :, top:top + H, left:left + W]
+
+
+def _load_model(directory: str, device: str):
+    from .models.dito import DiTo
+    from .train.trainer import resolve_device
+
+    dev = resolve_device(device)
+    return DiTo.from_pretrained(directory).to(dev).eval(), dev
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    from .diffusion.samplers import SAMPLERS, SCHEDULES
+
+    p.add_argument("--steps", type=int, default=50, help="ODE steps (default 50, the paper's)")
+    p.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS))
+    p.add_argument("--schedule", default="uniform", choices=SCHEDULES)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--device", default="auto")
+
+
+# --------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_train(args) -> int:
+    overrides = _parse_set(args.set)
+    for flag, key in (("data", "data.source"), ("steps", "train.steps"), ("batch_size", "train.batch_size"),
+                      ("image_size", "data.image_size"), ("lr", "train.lr"), ("workers", "data.workers"),
+                      ("device", "train.device"), ("seed", "train.seed"), ("threads", "train.threads")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    try:
+        cfg = C.resolve_run_config(args.preset, args.config, overrides)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e.args[0] if e.args else e}")
+    if args.dry_run:
+        print(json.dumps(C.to_dict(cfg), indent=2))
+        return 0
+    from .train import train
+
+    resume = args.resume if args.resume not in (None, "auto") else args.resume == "auto"
+    result = train(cfg, args.out, resume=resume, progress=None)
+    print(f"trained {result.step} steps ({result.skipped_steps} skipped); model: {result.run_dir / 'model'}")
+    if result.last_val:
+        print(f"validation PSNR: {result.last_val['val_psnr']:.2f} dB")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    import torch
+
+    from .eval.metrics import psnr
+    from .eval.report import save_image
+
+    model, dev = _load_model(args.model, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in _image_paths(args.inputs):
+        x = _load_for_model(path, model.downsample_factor, args.size).to(dev)
+        with torch.inference_mode():
+            recon = model.reconstruct(x, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                                      seed=args.seed)
+        save_image(recon[0], out / f"{path.stem}.png")
+        print(f"{path} -> {out / (path.stem + '.png')}  PSNR {float(psnr(recon, x)):.2f} dB")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    model, dev = _load_model(args.model, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in _image_paths(args.inputs):
+        x = _load_for_model(path, model.downsample_factor, args.size).to(dev)
+        with torch.inference_mode():
+            z = model.encode(x).cpu().contiguous()
+        target = out / f"{path.stem}.safetensors"
+        save_file({"latent": z}, str(target), metadata={"source": str(path), "model": model.config.name})
+        print(f"{path} -> {target}  latent {tuple(z.shape)}")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .decode import fast_decode
+    from .eval.report import save_image
+
+    model, dev = _load_model(args.model, args.device)
+    files = []
+    for inp in args.inputs:
+        p = Path(inp)
+        files += sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files:
+        raise SystemExit("no .safetensors latent files given")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if not f.is_file():
+            raise SystemExit(f"latent file not found: {f}")
+        try:
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise SystemExit(f"cannot read latent file {f}: {e}")
+        if "latent" not in tensors:
+            raise SystemExit(f"{f} has no 'latent' tensor (keys: {sorted(tensors)})")
+        images = fast_decode(model, tensors["latent"], steps=args.steps, sampler=args.sampler,
+                             schedule=args.schedule, seed=args.seed, device=dev)
+        for i, img in enumerate(images):
+            name = f"{f.stem}.png" if len(images) == 1 else f"{f.stem}_{i}.png"
+            save_image(img.float() / 127.5 - 1, out / name)
+            print(f"{f} -> {out / name}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .models.dito import DiTo, count_parameters, decoder_gflops, encoder_gflops
+    from .ops import available_backends
+
+    print(f"{'preset':14s} {'encoder':>10s} {'decoder':>10s} {'latent':>8s} {'dec GFLOP/step':>16s} "
+          f"{'enc GFLOP':>10s}")
+    import torch
+
+    for name in C.PRESETS:
+        cfg = C.get_preset(name)
+        with torch.device("meta"):
+            m = DiTo(cfg)
+        size = 64 if name in ("dito-tiny", "dito-S") else 256
+        f = cfg.encoder.downsample_factor
+        print(f"{name:14s} {count_parameters(m.encoder) / 1e6:9.2f}M {count_parameters(m.decoder) / 1e6:9.2f}M "
+              f"{'f%dc%d' % (f, cfg.encoder.latent_channels):>8s} {decoder_gflops(cfg, size):10.2f} @{size:<4d} "
+              f"{encoder_gflops(cfg, size):10.2f}")
+    print("\nbackends per op (priority order):")
+    for op, names in available_backends().items():
+        print(f"  {op:26s} {', '.join(names)}")
+    print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.out, max_minutes=args.minutes, steps=args.steps)
+    print(json.dumps(report, indent=2))
+    print(f"\nDiTo PSNR {report['dito_psnr']:.2f} dB vs bicubic-{report['downsample_factor']}x baseline "
+          f"{report['bicubic_psnr']:.2f} dB on {report['num_val_images']} held-out images; outputs in {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dito-fast", description="DiTo diffusion-autoencoder image tokenizers")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a tokenizer")
+    t.add_argument("--preset", choices=list(C.PRESETS), default=None, help="model preset (default dito-B)")
+    t.add_argument("--data", default=None, help="'synthetic', 'builtin' or a folder of images")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--image-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--workers", type=int, default=None, help="data loader worker processes")
+    t.add_argument("--device", default=None)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--out", default="runs/dito", help="run directory")
+    t.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from the latest checkpoint in --out, or from the given checkpoint dir")
+    t.add_argument("--config", default=None, help="JSON file with (part of) a run config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set model.flow.noise_sync_prob=0.1")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("reconstruct", help="encode and decode images")
+    r.add_argument("model", help="model directory (config.json + model.safetensors)")
+    r.add_argument("inputs", nargs="+", help="image files or folders")
+    r.add_argument("--out", required=True)
+    r.add_argument("--size", type=int, default=None, help="resize+center-crop to this size")
+    _add_decode_args(r)
+    r.set_defaults(func=cmd_reconstruct)
+
+    e = sub.add_parser("encode", help="images -> latents (.safetensors, one file per image)")
+    e.add_argument("model")
+    e.add_argument("inputs", nargs="+")
+    e.add_argument("--out", required=True)
+    e.add_argument("--size", type=int, default=None)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("decode", help="latents (.safetensors) -> PNG images")
+    d.add_argument("model")
+    d.add_argument("inputs", nargs="+", help=".safetensors files or folders of them")
+    d.add_argument("--out", required=True)
+    _add_decode_args(d)
+    d.set_defaults(func=cmd_decode)
+
+    i = sub.add_parser("info", help="presets (parameters, GFLOPs per decoder step) and backends")
+    i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("demo", help="train dito-tiny on built-in data and report reconstruction PSNR")
+    m.add_argument("--out", default="demo_out")
+    m.add_argument("--minutes", type=float, default=None, help="wall-clock training budget (default from the demo)")
+    m.add_argument("--steps", type=int, default=None, help="training steps (default from the demo)")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

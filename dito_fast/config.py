@@ -1,0 +1,286 @@
+"""Configuration dataclasses and the named presets.
+
+A run is fully described by a :class:`RunConfig` (model + flow + data + training). Presets fill in
+the model part; everything is JSON-serialisable so the resolved configuration is written next to
+every run (``config.json``) and printed by ``--dry-run``.
+
+Preset names (f8c4 = 8x spatial downsampling, 4 latent channels, the paper's main setting):
+
+============  =========  =========  =====================================================
+name          encoder    decoder    notes
+============  =========  =========  =====================================================
+dito-tiny     small      small      CPU demo/test model (see README for sizes and FLOPs)
+dito-S        small      ~11 M      CPU experiments at 64-128 px
+dito-B        34.15 M    162.78 M   paper DiTo-B (f8c4)
+dito-L        34.15 M    338.52 M   paper DiTo-L (f8c4)
+dito-XL       34.15 M    620.94 M   paper DiTo-XL (f8c4)
+dito-B-f16c8  f16c8      162.78 M   16x downsampling, 8 latent channels
+============  =========  =========  =====================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class EncoderConfig:
+    """LDM-style convolutional encoder (DESIGN.md §1)."""
+
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # one level per entry; downsample between levels
+    num_res_blocks: int = 2
+    latent_channels: int = 4
+    mid_attention: bool = True  # single-head self-attention in the middle block
+    norm_groups: int = 32
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class DecoderConfig:
+    """Consistency-decoder-style UNet (no attention), conditioned on the upsampled latent."""
+
+    level_channels: tuple[int, ...] = (128, 256, 512, 512)  # c0, c1, c2, c2 for DiTo-B
+    num_res_blocks: int = 3  # per down level; up levels use num_res_blocks + 1
+    time_freq_dim: int = 320  # sinusoidal features of t * timescale
+    time_embed_dim: int = 1280
+    norm_groups: int = 32
+    out_channels: int = 3
+
+
+@dataclass
+class FlowConfig:
+    """Flow-matching objective and noise synchronisation (DESIGN.md §1).
+
+    ``objective``: ``"velocity"`` (default, the paper) predicts v = (1-s)e - x; ``"epsilon"``
+    and ``"x0"`` predict the noise or the clean image instead (the paper's ablation; non-default)
+    and are converted to a velocity for sampling.
+    """
+
+    objective: str = "velocity"
+    sigma_min: float = 1e-5
+    timescale: float = 1000.0  # the network sees t * timescale
+    noise_sync_prob: float = 0.0  # off by default; the paper uses 0.1
+    noise_sync_tmax: float = 1.0  # tz ~ U(0, tmax)
+    noise_sync_time_rule: str = "above"  # "above": t ~ U(tz, 1); "independent": t ~ U(0, 1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    latent_norm_eps: float = 1e-5
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic", "builtin" (synthetic + bundled photos) or a folder
+    image_size: int = 64
+    num_synthetic_images: int = 10000
+    workers: int = 0
+    hflip: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Defaults follow the paper (AdamW, lr 1e-4, batch 64)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    ema_decay: float = 0.9999  # 0 disables EMA
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    seed: int = 0
+    device: str = "auto"
+    log_every_steps: int = 10
+    val_every_steps: int = 500
+    val_images: int = 8
+    val_sample_steps: int = 25
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 20  # consecutive non-finite losses before training stops
+    threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+
+
+def _f8c4_encoder() -> EncoderConfig:
+    return EncoderConfig()
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "dito-tiny": ModelConfig(
+        name="dito-tiny",
+        encoder=EncoderConfig(base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8),
+        decoder=DecoderConfig(level_channels=(32, 64, 96, 96), num_res_blocks=1, time_freq_dim=64,
+                              time_embed_dim=128, norm_groups=8),
+    ),
+    "dito-S": ModelConfig(
+        name="dito-S",
+        encoder=EncoderConfig(base_channels=64, channel_mult=(1, 2, 4, 4), num_res_blocks=1),
+        decoder=DecoderConfig(level_channels=(64, 128, 256, 256), num_res_blocks=2, time_freq_dim=128,
+                              time_embed_dim=512),
+    ),
+    "dito-B": ModelConfig(name="dito-B", decoder=DecoderConfig(level_channels=(128, 256, 512, 512))),
+    "dito-L": ModelConfig(name="dito-L", decoder=DecoderConfig(level_channels=(192, 384, 768, 768))),
+    "dito-XL": ModelConfig(name="dito-XL", decoder=DecoderConfig(level_channels=(320, 640, 1024, 1024))),
+    "dito-B-f16c8": ModelConfig(
+        name="dito-B-f16c8",
+        encoder=EncoderConfig(channel_mult=(1, 2, 4, 4, 4), latent_channels=8),
+        decoder=DecoderConfig(level_channels=(128, 256, 512, 512)),
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of a named preset; unknown names raise ``KeyError`` listing the known ones."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass, overrides
+
+
+def to_dict(cfg: Any) -> dict:
+    return asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build dataclass ``cls`` from a (possibly partial) nested dict; unknown keys are errors."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise KeyError(f"unknown {cls.__name__} keys: {sorted(unknown)}; known: {sorted(known)}")
+    return apply_overrides(cls(), data)
+
+
+def apply_overrides(cfg: Any, overrides: dict) -> Any:
+    """Return a copy of dataclass ``cfg`` with ``overrides`` applied.
+
+    Keys may be field names (nested dicts merge into sub-configs) or dotted paths
+    (``"decoder.num_res_blocks"``). Values are coerced to the field's current type.
+    """
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        names = {f.name for f in fields(cfg)}
+        if head not in names:
+            raise KeyError(f"unknown config key {key!r} for {type(cfg).__name__}; known: {sorted(names)}")
+        current = getattr(cfg, head)
+        if rest:
+            if not dataclasses.is_dataclass(current):
+                raise KeyError(f"config key {key!r}: {head!r} has no sub-fields")
+            setattr(cfg, head, apply_overrides(current, {rest: value}))
+        elif dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"config key {key!r} expects a mapping, got {type(value).__name__}")
+            setattr(cfg, head, apply_overrides(current, value))
+        else:
+            setattr(cfg, head, _coerce(key, value, current))
+    return cfg
+
+
+def _coerce(key: str, value: Any, like: Any) -> Any:
+    """Convert ``value`` (often a string from the command line) to the type of ``like``."""
+    try:
+        if isinstance(like, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(like, tuple):
+            if isinstance(value, str):
+                value = json.loads(value if value.startswith("[") else f"[{value}]")
+            return tuple(type(like[0])(v) for v in value) if like else tuple(value)
+        if isinstance(like, (int, float)) and not isinstance(value, (int, float)):
+            value = json.loads(value) if isinstance(value, str) else value
+        if isinstance(like, float):
+            return float(value)
+        if isinstance(like, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return value
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config key {key!r}: cannot use {value!r} (expected {type(like).__name__})") from e
+
+
+def resolve_run_config(preset: str | None = None, config_file: str | None = None,
+                       overrides: dict | None = None) -> RunConfig:
+    """Preset -> config file -> explicit overrides, later ones winning."""
+    cfg = RunConfig()
+    if preset is not None:
+        cfg.model = get_preset(preset)
+    if config_file is not None:
+        try:
+            with open(config_file) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {config_file}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {config_file} is not valid JSON: {e}") from None
+        if preset is not None and "model" in data and "name" in data["model"]:
+            data = copy.deepcopy(data)
+            data["model"].pop("name")
+        cfg = apply_overrides(cfg, data)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    validate_run_config(cfg)
+    return cfg
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    """Raise ``ValueError`` naming the first inconsistent setting."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if m.flow.objective not in ("velocity", "epsilon", "x0"):
+        raise ValueError(f"flow.objective must be velocity|epsilon|x0, got {m.flow.objective!r}")
+    if m.flow.noise_sync_time_rule not in ("above", "independent"):
+        raise ValueError(f"flow.noise_sync_time_rule must be above|independent, got {m.flow.noise_sync_time_rule!r}")
+    if not 0.0 <= m.flow.noise_sync_prob <= 1.0:
+        raise ValueError(f"flow.noise_sync_prob must be in [0, 1], got {m.flow.noise_sync_prob}")
+    if not 0.0 < m.flow.noise_sync_tmax <= 1.0:
+        raise ValueError(f"flow.noise_sync_tmax must be in (0, 1], got {m.flow.noise_sync_tmax}")
+    for c in m.decoder.level_channels:
+        if c % m.decoder.norm_groups:
+            raise ValueError(f"decoder channels {m.decoder.level_channels} must be divisible by norm_groups={m.decoder.norm_groups}")
+    for mult in m.encoder.channel_mult:
+        if (mult * m.encoder.base_channels) % m.encoder.norm_groups:
+            raise ValueError("encoder channels must be divisible by encoder.norm_groups")
+    unet_factor = 2 ** (len(m.decoder.level_channels) - 1)
+    if d.image_size % max(m.encoder.downsample_factor, unet_factor):
+        raise ValueError(f"data.image_size={d.image_size} must be a multiple of "
+                         f"{max(m.encoder.downsample_factor, unet_factor)} for preset {m.name}")
+    if t.steps < 1 or t.batch_size < 1:
+        raise ValueError("train.steps and train.batch_size must be >= 1")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision must be auto|fp32|bf16, got {t.precision!r}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")

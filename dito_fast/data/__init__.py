@@ -1,0 +1,84 @@
+"""Datasets and transforms: everything that turns pixels on disk (or procedures) into tensors.
+
+Every dataset here returns float32 tensors (3, size, size) with values in [-1, 1], and has
+``set_epoch(epoch)``; per-item randomness is seeded from (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import List
+
+from torch.utils.data import Dataset
+
+from .builtin import (COLOR_PHOTOGRAPHS, GREYSCALE_PHOTOGRAPHS, HOLDOUT_PHOTOGRAPHS, MixedDataset,
+                      PhotoCrops, builtin_split, bundled_photographs, skimage_data_dir)
+from .folder import IMAGE_EXTENSIONS, ImageFolderDataset, list_image_files
+from .synthetic import SyntheticImages, find_fonts
+from .transforms import (ImageTransform, load_image, make_generator, pil_to_tensor,
+                         resize_shorter_side, tensor_to_pil, to_rgb, to_uint8)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COLOR_PHOTOGRAPHS",
+    "GREYSCALE_PHOTOGRAPHS",
+    "HOLDOUT_PHOTOGRAPHS",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "ImageTransform",
+    "MixedDataset",
+    "PhotoCrops",
+    "SyntheticImages",
+    "builtin_split",
+    "bundled_photographs",
+    "find_fonts",
+    "list_image_files",
+    "load_image",
+    "make_dataset",
+    "make_generator",
+    "pil_to_tensor",
+    "resize_shorter_side",
+    "skimage_data_dir",
+    "tensor_to_pil",
+    "to_rgb",
+    "to_uint8",
+]
+
+
+def make_dataset(source: "str | os.PathLike[str]", size: int, train: bool = True, seed: int = 0,
+                 num_synthetic: int = 10000) -> Dataset:
+    """Build the dataset named by ``source``; items are float32 (3, size, size) in [-1, 1].
+
+    Args:
+        source: "synthetic" -> SyntheticImages(num_synthetic, size, seed);
+            "builtin" -> those synthetic images followed by as many crops (PhotoCrops) of the
+            photographs bundled with scikit-image (synthetic only, with an info log, when
+            scikit-image is missing); any other value must be an existing directory ->
+            ImageFolderDataset(source, size, train, seed=seed).
+        size: image side in pixels.
+        train: random crops/flips (True) or deterministic center/grid crops (False).
+        seed: base seed of all per-item randomness.
+        num_synthetic: number of synthetic images (and of photo crops for "builtin").
+    Raises:
+        ValueError: ``source`` is neither a known name nor an existing directory.
+    """
+    source = os.fspath(source)
+    if source == "synthetic":
+        return SyntheticImages(num_synthetic, size, seed=seed)
+    if source == "builtin":
+        parts: List[Dataset] = [SyntheticImages(num_synthetic, size, seed=seed)]
+        photos = bundled_photographs()
+        if photos:
+            parts.append(PhotoCrops(photos, size, num_crops=num_synthetic, seed=seed, train=train))
+        else:
+            logger.info("make_dataset('builtin'): no bundled photographs, synthetic images only")
+        return MixedDataset(parts)
+    if os.path.isdir(source):
+        return ImageFolderDataset(source, size, train=train, seed=seed)
+    if os.path.exists(source):
+        raise ValueError(f"data source {source!r} is a file; expected 'synthetic', 'builtin' "
+                         "or a directory of images")
+    raise ValueError(f"unknown data source {source!r}: expected 'synthetic', 'builtin' or an "
+                     "existing directory of images")

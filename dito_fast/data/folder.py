@@ -1,0 +1,122 @@
+"""A dataset over a folder tree of image files (any layout, labels ignored: a tokenizer needs none)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable, List, Optional, Set
+
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import ImageTransform, PathLike, load_image, make_generator
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "list_image_files"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _normalize_extensions(extensions: Iterable[str]) -> tuple:
+    exts = tuple(sorted({("." + e.lower().lstrip(".")) for e in extensions}))
+    if not exts:
+        raise ValueError("extensions must not be empty")
+    return exts
+
+
+def list_image_files(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> List[str]:
+    """All files under ``root`` (recursive, symlinked folders followed) whose extension matches,
+    case-insensitively. Returns sorted absolute paths, so the order is the same on every run;
+    [] when nothing matches.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is not a directory.
+    """
+    root = os.path.abspath(os.fspath(root))
+    exts = _normalize_extensions(extensions)
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"image folder is not a directory: {root}")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in exts:
+                files.append(os.path.join(dirpath, name))
+    return sorted(files)
+
+
+class ImageFolderDataset(Dataset):
+    """Images found recursively under ``root``, as float32 tensors (3, size, size) in [-1, 1].
+
+    Args:
+        root: folder to scan (see ``list_image_files``); FileNotFoundError if missing,
+            NotADirectoryError if not a folder, ValueError if it holds no image file.
+        size: output side in pixels; the shorter image side is resized to ``size`` (bicubic).
+        train: True -> random crop (+ flip by default); False -> center crop, no flip.
+        hflip: random left-right flip with p=0.5; None means "same as train".
+        extensions: file extensions to accept, case-insensitive, with or without the dot.
+        seed: base seed; item ``i`` in epoch ``e`` uses a generator seeded from (seed, e, i),
+            so the same (seed, epoch, index) always gives the same crop and flip.
+
+    Unreadable files (corrupt, truncated, not an image) are skipped: a warning names the file,
+    ``num_skipped`` is incremented, the index is remembered so it is not retried, and the next
+    readable file (wrapping around) is returned instead. If no file is readable, RuntimeError.
+    With a multi-process DataLoader each worker keeps its own ``num_skipped`` and bad-index set,
+    and ``set_epoch`` must be called before the workers are created (not persistent_workers).
+    """
+
+    def __init__(self, root: PathLike, size: int, train: bool = True, hflip: Optional[bool] = None,
+                 extensions: Iterable[str] = IMAGE_EXTENSIONS, seed: int = 0):
+        if int(seed) < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.root = os.path.abspath(os.fspath(root))
+        self.extensions = _normalize_extensions(extensions)
+        self.files = list_image_files(self.root, self.extensions)
+        if not self.files:
+            raise ValueError(f"no image files with extensions {', '.join(self.extensions)} "
+                             f"found under {self.root}")
+        self.train = bool(train)
+        self.transform = ImageTransform(size, crop="random" if self.train else "center",
+                                        hflip=self.train if hflip is None else bool(hflip))
+        self.size = self.transform.size
+        self.seed = int(seed)
+        self.epoch = 0
+        self.num_skipped = 0
+        self._bad: Set[int] = set()
+        logger.info("ImageFolderDataset: %d image files under %s", len(self.files), self.root)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:
+        return (f"ImageFolderDataset(root={self.root!r}, num_files={len(self.files)}, "
+                f"size={self.size}, train={self.train}, seed={self.seed})")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch used to seed per-item crops and flips."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        n = len(self.files)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        index %= n
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad:
+                continue
+            try:
+                img = load_image(self.files[i])
+            except (ValueError, OSError) as e:
+                self._bad.add(i)
+                self.num_skipped += 1
+                logger.warning("skipping unreadable image %s (%s)", self.files[i], e)
+                continue
+            # Seeded from the requested index, so a skipped file's neighbours keep their crops.
+            return self.transform(img, generator=make_generator(self.seed, self.epoch, index))
+        raise RuntimeError(f"none of the {n} image files under {self.root} could be read "
+                           f"({self.num_skipped} skipped); see the warnings above")

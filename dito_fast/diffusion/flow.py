@@ -1,0 +1,105 @@
+"""Flow matching for DiTo (paper §3; DESIGN.md §1): noising, targets, objectives, noise sync.
+
+Forward process, with s = sigma_min and t ~ U(0, 1):
+    x_t = (1 - t) x + (s + t (1 - s)) e,          e ~ N(0, I)
+The decoder predicts the velocity v = dx_t/dt = (1 - s) e - x and the loss is the per-sample
+mean squared error. Decoding integrates dx/dt = v from t = 1 (noise) to t = 0 (image).
+
+Non-default objectives (the paper's ablation): ``"epsilon"`` (predict e) and ``"x0"`` (predict
+x). Their outputs are converted to a velocity for sampling by :func:`to_velocity`.
+
+Noise synchronisation: with probability p per sample, the latent z is replaced by its own
+noised version z_tz = (1 - tz) z + (s + tz (1 - s)) e_z with tz ~ U(0, tmax), and that sample's
+decoder time is drawn from U(tz, 1) (``time_rule="above"``), so the decoder never sees an image
+less noisy than its latent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import FlowConfig
+from ..ops import fm_loss, fm_noise
+
+
+def sigma(t: torch.Tensor, sigma_min: float) -> torch.Tensor:
+    """Noise scale of x_t: s + t (1 - s)."""
+    return sigma_min + t * (1 - sigma_min)
+
+
+def _bc(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def sample_times(batch: int, generator: torch.Generator | None = None, device=None,
+                 low: torch.Tensor | None = None) -> torch.Tensor:
+    """t ~ U(low, 1) per sample (low defaults to 0). Returns (B,) float32."""
+    u = torch.rand(batch, generator=generator, device=device)
+    return u if low is None else low + (1 - low) * u
+
+
+def noise_sync(z: torch.Tensor, cfg: FlowConfig, generator: torch.Generator | None = None):
+    """Apply noise synchronisation to latents z (B, c, h, w).
+
+    Returns (z', t_low, mask): z' with the selected samples noised, the lower bound (B,) for the
+    decoder time of each sample (tz for noised samples under the "above" rule, else 0), and the
+    boolean mask (B,) of noised samples. With ``noise_sync_prob == 0`` z is returned unchanged.
+    """
+    B = z.shape[0]
+    zeros = torch.zeros(B, device=z.device)
+    if cfg.noise_sync_prob <= 0:
+        return z, zeros, torch.zeros(B, dtype=torch.bool, device=z.device)
+    mask = torch.rand(B, generator=generator, device=z.device) < cfg.noise_sync_prob
+    tz = torch.rand(B, generator=generator, device=z.device) * cfg.noise_sync_tmax
+    ez = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    z_noised, _ = fm_noise(z, ez, tz, cfg.sigma_min)
+    z_out = torch.where(_bc(mask, z), z_noised, z)
+    t_low = torch.where(mask, tz, zeros) if cfg.noise_sync_time_rule == "above" else zeros
+    return z_out, t_low, mask
+
+
+def training_target(x: torch.Tensor, noise: torch.Tensor, v: torch.Tensor, objective: str) -> torch.Tensor:
+    """What the network is trained to output under ``objective``."""
+    if objective == "velocity":
+        return v
+    if objective == "epsilon":
+        return noise
+    if objective == "x0":
+        return x
+    raise ValueError(f"unknown flow objective {objective!r} (velocity|epsilon|x0)")
+
+
+def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+    """Convert a network output under ``cfg.objective`` into the velocity dx_t/dt.
+
+    epsilon: x0 = (x_t - sigma(t) e) / (1 - t), clamped to [-1, 1] (the data range) because the
+    division is ill-conditioned as t -> 1; x0: e = (x_t - (1 - t) x0) / sigma(t). In both cases
+    v = (1 - s) e - x0.
+    """
+    s = cfg.sigma_min
+    if cfg.objective == "velocity":
+        return out
+    tb = _bc(t, x_t)
+    if cfg.objective == "epsilon":
+        x0 = ((x_t - sigma(tb, s) * out) / (1 - tb).clamp_min(1e-3)).clamp(-1, 1)
+        return (1 - s) * out - x0
+    if cfg.objective == "x0":
+        eps = (x_t - (1 - tb) * out) / sigma(tb, s)
+        return (1 - s) * eps - out
+    raise ValueError(f"unknown flow objective {cfg.objective!r} (velocity|epsilon|x0)")
+
+
+def flow_matching_loss(decoder, x: torch.Tensor, z: torch.Tensor, cfg: FlowConfig,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Per-sample flow-matching loss (B,) for images x (B, 3, H, W) and latents z.
+
+    ``decoder(x_t, t, z)`` returns the network output. Noise sync (if enabled) is applied to z
+    here. The returned dict holds the sampled ``t`` and the noise-sync ``mask`` for logging/tests.
+    """
+    z, t_low, mask = noise_sync(z, cfg, generator)
+    t = sample_times(x.shape[0], generator, x.device, low=t_low)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x_t, v = fm_noise(x, noise, t, cfg.sigma_min)
+    out = decoder(x_t, t, z)
+    loss = fm_loss(out, training_target(x, noise, v, cfg.objective))
+    return loss, {"t": t, "noise_sync_mask": mask}

@@ -1,0 +1,246 @@
+"""The DiTo autoencoder: encoder -> affine-free latent LayerNorm -> diffusion UNet decoder.
+
+Images are float tensors (B, 3, H, W) in [-1, 1] with H and W multiples of the model's
+``downsample_factor``; latents are (B, latent_channels, H/f, W/f), zero-mean unit-variance per
+sample. Training minimises :func:`dito_fast.diffusion.flow.flow_matching_loss`; decoding solves
+the flow ODE from Gaussian noise (``decode``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig, apply_overrides, from_dict, get_preset, to_dict
+from ..diffusion import flow, samplers
+from ..ops import latent_layernorm
+from .encoder import Encoder
+from .unet import UNetDecoder
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# input checks (clear errors naming the problem)
+
+
+def check_images(x: torch.Tensor, factor: int, name: str = "images") -> None:
+    """Raise ``ValueError``/``TypeError`` unless x is a finite float (B, 3, H, W) tensor in
+    [-1, 1] (1e-3 slack) with H, W multiples of ``factor`` and B >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (B, 3, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor with values in [-1, 1], got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch")
+    H, W = x.shape[-2:]
+    if H % factor or W % factor:
+        raise ValueError(f"{name}: height and width must be multiples of {factor}, got {H}x{W}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contain NaN or inf values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(f"{name} must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                         "(convert uint8 images with x / 127.5 - 1)")
+
+
+def check_latents(z: torch.Tensor, channels: int) -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 4 or z.shape[1] != channels:
+        raise ValueError(f"latents must have shape (B, {channels}, h, w), got {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise TypeError(f"latents must be floating point, got dtype {z.dtype}")
+    if z.shape[0] == 0:
+        raise ValueError("latents: empty batch")
+    if not torch.isfinite(z).all():
+        raise ValueError("latents contain NaN or inf values")
+
+
+def make_noise(shape, seed: int | None = None, generator: torch.Generator | None = None,
+               device=None, dtype=torch.float32) -> torch.Tensor:
+    """Initial decoding noise. Drawn on the CPU from ``generator`` or ``seed`` (so a seed gives the
+    same noise on every device), then moved. Without either, uses torch's global RNG."""
+    if generator is not None and seed is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class DiTo(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config.encoder)
+        self.decoder = UNetDecoder(config.decoder, config.encoder.latent_channels, config.flow.timescale)
+        self.initialize_weights()
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DiTo":
+        """Build a preset (``dito-tiny``, ``dito-S``, ``dito-B``, ``dito-L``, ``dito-XL``,
+        ``dito-B-f16c8``) with optional config overrides, e.g. ``flow={"noise_sync_prob": 0.1}``
+        or ``**{"decoder.num_res_blocks": 2}``."""
+        return cls(apply_overrides(get_preset(name), overrides) if overrides else get_preset(name))
+
+    def initialize_weights(self) -> None:
+        """PyTorch default init, except the decoder's output conv starts at zero (the initial
+        prediction is 0, a stable start for the flow-matching regression)."""
+        nn.init.zeros_(self.decoder.conv_out.weight)
+        nn.init.zeros_(self.decoder.conv_out.bias)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.encoder.latent_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image sizes must be multiples of this (encoder factor and UNet depth)."""
+        return max(self.config.encoder.downsample_factor, self.decoder.downsample_factor)
+
+    @property
+    def latent_factor(self) -> int:
+        return self.config.encoder.downsample_factor
+
+    # -- encode / train ----------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, c, H/f, W/f), x's dtype."""
+        check_images(x, self.downsample_factor)
+        return self._encode(x)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return latent_layernorm(self.encoder(x), self.config.latent_norm_eps)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training loss per sample (B,) for images x (B, 3, H, W) in [-1, 1] (encoder and
+        decoder trained jointly through the flow-matching loss)."""
+        loss, _ = flow.flow_matching_loss(self.decoder, x, self._encode(x), self.config.flow, generator)
+        return loss
+
+    # -- decode ------------------------------------------------------------------------------
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Velocity dx_t/dt (B, 3, H, W) at times t (B,) given latents z (any objective)."""
+        return flow.to_velocity(self.decoder(x_t, t, z), x_t, t, self.config.flow)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, steps: int = 50, sampler: str = "euler", schedule: str = "uniform",
+               seed: int | None = None, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) float in [-1, 1] (clamped).
+
+        Defaults are the paper's (50 uniform Euler steps). The initial noise comes from ``noise``
+        if given, else from ``seed``/``generator`` (drawn on the CPU: the same seed gives the
+        same result on CPU, bit for bit), else from torch's global RNG.
+        """
+        check_latents(z, self.latent_channels)
+        sampler_fn = samplers.get_sampler(sampler)
+        timesteps = samplers.make_timesteps(steps, schedule)
+        H, W = z.shape[-2] * self.latent_factor, z.shape[-1] * self.latent_factor
+        if noise is None:
+            noise = make_noise((z.shape[0], 3, H, W), seed, generator, z.device, z.dtype)
+        elif noise.shape != (z.shape[0], 3, H, W):
+            raise ValueError(f"noise must have shape {(z.shape[0], 3, H, W)}, got {tuple(noise.shape)}")
+        x = sampler_fn(lambda x_t, t: self.velocity(x_t, t, z), noise, timesteps=timesteps)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, **decode_kwargs) -> torch.Tensor:
+        """encode then decode; returns images like x."""
+        return self.decode(self.encode(x), **decode_kwargs)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``."""
+        from ..train.checkpoint import atomic_write_json, save_safetensors
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_safetensors(self.state_dict(), directory / WEIGHTS_NAME)
+        atomic_write_json(to_dict(self.config), directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "DiTo":
+        """Load a model written by :meth:`save_pretrained`. Missing files, unreadable JSON or
+        weights that do not match the config raise errors naming the file."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory not found: {directory}")
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"missing {p.name} in model directory {directory}")
+        try:
+            config = from_dict(ModelConfig, json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"invalid model config {cfg_path}: {e}") from None
+        model = cls(config)
+        try:
+            state = load_file(str(w_path), device=map_location)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"cannot read weights {w_path}: {e}") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights {w_path} do not match config {cfg_path}: "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        return model
+
+
+# --------------------------------------------------------------------------------------------
+# sizes
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def decoder_gflops(config: ModelConfig, image_size: int) -> float:
+    """Forward GFLOP (2 x multiply-adds) of one decoder evaluation on one image, counted on the
+    meta device (no memory, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        dec = UNetDecoder(config.decoder, config.encoder.latent_channels, config.flow.timescale)
+        f = config.encoder.downsample_factor
+        x = torch.empty(1, 3, image_size, image_size)
+        z = torch.empty(1, config.encoder.latent_channels, image_size // f, image_size // f)
+        t = torch.empty(1)
+        with FlopCounterMode(display=False) as counter:
+            dec(x, t, z)
+    return counter.get_total_flops() / 1e9
+
+
+def encoder_gflops(config: ModelConfig, image_size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        enc = Encoder(config.encoder)
+        with FlopCounterMode(display=False) as counter:
+            enc(torch.empty(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+__all__ = ["DiTo", "check_images", "check_latents", "make_noise", "count_parameters", "decoder_gflops",
+           "encoder_gflops"]

@@ -1,0 +1,116 @@
+"""DiTo's diffusion decoder: a consistency-decoder-style UNet without attention.
+
+Input: x_t (B, 3, H, W), time t (B,) in [0, 1] and the latent z (B, c, H/f, W/f). The network
+sees concat(x_t, nearest-upsampled z) and t * timescale through sinusoidal features, and
+returns the model output (B, 3, H, W) (a velocity under the default objective).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DecoderConfig
+from ..ops import group_norm_modulate_silu
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features (B, dim) of times t (B,) (already multiplied by the timescale)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """h = conv(SiLU(GN(x))); h = SiLU(GN(h)*(1+scale)+shift); out = conv(h) + shortcut(x).
+
+    ``resample``: None, "down" (2x2 average pooling before the first conv and on the shortcut)
+    or "up" (nearest 2x before the first conv and on the shortcut).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, resample: str | None = None):
+        super().__init__()
+        self.groups, self.resample = groups, resample
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Linear(temb_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def _resample(self, x):
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x
+
+    def forward(self, x, temb_act):
+        h = group_norm_modulate_silu(x, self.groups, self.norm1.weight, self.norm1.bias, eps=self.norm1.eps)
+        h = self.conv1(self._resample(h))
+        scale, shift = self.time_proj(temb_act).chunk(2, dim=1)  # (B, out_ch) each
+        h = group_norm_modulate_silu(h, self.groups, self.norm2.weight, self.norm2.bias, scale, shift,
+                                     eps=self.norm2.eps)
+        return self.conv2(h) + self.shortcut(self._resample(x))
+
+
+class UNetDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, latent_channels: int, timescale: float = 1000.0):
+        super().__init__()
+        self.cfg, self.timescale = cfg, timescale
+        g, td, chans, n = cfg.norm_groups, cfg.time_embed_dim, cfg.level_channels, cfg.num_res_blocks
+        self.time_embed = nn.Sequential(nn.Linear(cfg.time_freq_dim, td), nn.SiLU(), nn.Linear(td, td))
+        self.conv_in = nn.Conv2d(cfg.out_channels + latent_channels, chans[0], 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skip_chs, ch = [chans[0]], chans[0]
+        for level, out_ch in enumerate(chans):
+            for _ in range(n):
+                self.down.append(ResBlock(ch, out_ch, td, g))
+                ch = out_ch
+                skip_chs.append(ch)
+            if level < len(chans) - 1:
+                self.down.append(ResBlock(ch, ch, td, g, resample="down"))
+                skip_chs.append(ch)
+
+        self.mid = nn.ModuleList([ResBlock(ch, ch, td, g), ResBlock(ch, ch, td, g)])
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(chans))):
+            for _ in range(n + 1):
+                self.up.append(ResBlock(ch + skip_chs.pop(), chans[level], td, g))
+                ch = chans[level]
+            if level > 0:
+                self.up.append(ResBlock(ch, ch, td, g, resample="up"))
+        assert not skip_chs
+
+        self.norm_out = nn.GroupNorm(g, ch)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.cfg.level_channels) - 1)
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """SiLU(time embedding) (B, time_embed_dim) for t (B,) in [0, 1]; shared by all blocks."""
+        return F.silu(self.time_embed(timestep_features(t * self.timescale, self.cfg.time_freq_dim)))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        temb = self.embed_time(t).to(x_t.dtype)  # (B, td)
+        z_up = F.interpolate(z.to(x_t.dtype), size=x_t.shape[-2:], mode="nearest")  # (B, c, H, W)
+        h = self.conv_in(torch.cat([x_t, z_up], dim=1))  # (B, c0, H, W)
+        skips = [h]
+        for block in self.down:
+            h = block(h, temb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, temb)
+        for block in self.up:
+            h = block(h if block.resample == "up" else torch.cat([h, skips.pop()], dim=1), temb)
+        h = group_norm_modulate_silu(h, self.cfg.norm_groups, self.norm_out.weight, self.norm_out.bias,
+                                     eps=self.norm_out.eps)
+        return self.conv_out(h)  # (B, 3, H, W)

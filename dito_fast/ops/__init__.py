@@ -1,0 +1,29 @@
+"""Fused ops with several backends (DESIGN.md §3). The models call these, never a backend directly.
+
+Backends present now: ``ref`` (plain PyTorch, the specification) for every op and ``sdpa`` for
+attention. The C++/CUDA/Triton backends plug into the same dispatchers.
+"""
+
+from .attention import attention, attention_ref
+from .fm import fm_loss, fm_loss_ref, fm_noise, fm_noise_ref
+from .group_norm_modulate_silu import group_norm_modulate_silu, group_norm_modulate_silu_ref
+from .latent_layernorm import latent_layernorm, latent_layernorm_ref
+
+__all__ = [
+    "attention", "attention_ref", "fm_loss", "fm_loss_ref", "fm_noise", "fm_noise_ref",
+    "group_norm_modulate_silu", "group_norm_modulate_silu_ref", "latent_layernorm", "latent_layernorm_ref",
+]
+
+
+def available_backends() -> dict[str, list[str]]:
+    """Backend names registered per op, in priority order."""
+    import importlib
+
+    mod = lambda name: importlib.import_module(f"{__name__}.{name}")  # noqa: E731 (functions shadow modules)
+    return {
+        "attention": [b.name for b in mod("attention")._BACKENDS],
+        "fm_noise": [b.name for b in mod("fm")._NOISE_BACKENDS],
+        "fm_loss": [b.name for b in mod("fm")._LOSS_BACKENDS],
+        "group_norm_modulate_silu": [b.name for b in mod("group_norm_modulate_silu")._BACKENDS],
+        "latent_layernorm": [b.name for b in mod("latent_layernorm")._BACKENDS],
+    }

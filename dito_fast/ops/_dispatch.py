@@ -1,0 +1,50 @@
+"""Backend selection shared by every fused op (DESIGN.md §3).
+
+Each op registers its backends in priority order as ``(name, fn, unsupported_reasons)``, where
+``unsupported_reasons(*args, **kwargs)`` returns a list of strings (empty: the backend can run).
+Choice: explicit ``backend=`` argument > ``DITO_FAST_BACKEND`` environment variable > the first
+backend with no reasons. When nothing fits, the error lists every backend's reasons.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable
+    unsupported_reasons: Callable[..., list[str]]
+
+
+def always_supported(*args, **kwargs) -> list[str]:
+    return []
+
+
+def dispatch(op_name: str, backends: list[Backend], backend: str | None, *args, **kwargs):
+    """Run ``op_name`` on the chosen backend (see module docstring)."""
+    requested = backend or os.environ.get("DITO_FAST_BACKEND") or None
+    by_name = {b.name: b for b in backends}
+    if requested is not None:
+        if requested not in by_name:
+            if backend is None:  # an env var naming a backend this op lacks falls back silently
+                requested = None
+            else:
+                raise ValueError(f"{op_name}: unknown backend {requested!r}; available: {list(by_name)}")
+    if requested is not None:
+        chosen = by_name[requested]
+        reasons = chosen.unsupported_reasons(*args, **kwargs)
+        if reasons:
+            raise RuntimeError(f"{op_name}: backend {requested!r} cannot run: {'; '.join(reasons)}")
+        return chosen.fn(*args, **kwargs)
+    why = {}
+    for b in backends:
+        reasons = b.unsupported_reasons(*args, **kwargs)
+        if not reasons:
+            return b.fn(*args, **kwargs)
+        why[b.name] = reasons
+    raise RuntimeError(f"{op_name}: no backend can run these inputs: "
+                       + "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items()))

@@ -1,0 +1,162 @@
+"""Checkpoint I/O: safetensors weights, optimizer/RNG state via weights-only torch.load, all
+written atomically (temporary name + fsync + rename), so a crash never leaves a half-written
+checkpoint where a reader would pick it up.
+
+A training checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding
+``model.safetensors``, ``ema.safetensors`` (when EMA is on), ``config.json`` and
+``state.pt`` (optimizer state, step, RNG states, counters). It is assembled under a hidden
+temporary name and renamed into place only when complete; ``latest`` points at the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(obj, path) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+    _atomic(Path(path), write)
+
+
+def atomic_write_text(text: str, path) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic(Path(path), write)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path) -> None:
+    """Save tensors (made contiguous, on CPU) as safetensors, atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    _atomic(Path(path), lambda tmp: save_file(tensors, tmp))
+
+
+def save_torch(obj, path) -> None:
+    """torch.save atomically (for optimizer/RNG state: tensors and plain containers only, so it
+    loads back with ``weights_only=True``)."""
+    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path):
+    """Load a file written by :func:`save_torch` without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing checkpoint file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint state {path}: {e}") from None
+
+
+def load_weights(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights file: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot read weights {path}: {e}") from None
+
+
+def write_checkpoint(run_dir, step: int, files: dict) -> Path:
+    """Write a complete checkpoint directory for ``step`` and point ``latest`` at it.
+
+    ``files`` maps file names to contents: ``*.safetensors`` -> dict of tensors,
+    ``*.json`` -> JSON-able object, ``*.pt`` -> object for :func:`save_torch`.
+    """
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", suffix=".tmp", dir=ckpt_root))
+    try:
+        for name, content in files.items():
+            if name.endswith(".safetensors"):
+                save_safetensors(content, tmp / name)
+            elif name.endswith(".json"):
+                atomic_write_json(content, tmp / name)
+            elif name.endswith(".pt"):
+                save_torch(content, tmp / name)
+            else:
+                raise ValueError(f"unsupported checkpoint file type: {name}")
+        atomic_write_text("complete\n", tmp / "COMPLETE")
+        if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(final.name + "\n", ckpt_root / "latest")
+    return final
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first (incomplete ones are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "COMPLETE").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(run_dir, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints and stale temporary folders."""
+    ckpts = list_checkpoints(run_dir)
+    for p in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    root = Path(run_dir) / "checkpoints"
+    for p in root.glob(".step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)

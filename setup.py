@@ -1,0 +1,82 @@
+"""Build and install dito_fast.
+
+The C++ extension ``dito_fast._C`` is built from csrc/ when C++ sources exist there: CPU
+kernels always; CUDA kernels when torch was built with CUDA and nvcc is found
+(``DITO_FAST_USE_CUDA=auto|0|1`` overrides). Without sources, or without torch at build time,
+the pure-Python package installs and a message says why the extension was skipped. Install with
+``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg: str) -> None:
+    print(f"[dito_fast setup] {msg}", file=sys.stderr)
+
+
+def extension_modules():
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    if not cpp:
+        _say("no C++ sources in csrc/: building the pure-Python package (ops use the 'ref' backend)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _say("torch is not importable at build time: skipping dito_fast._C "
+             "(use pip install --no-build-isolation -e . with torch installed)")
+        return [], {}
+    os.environ.setdefault("MAX_JOBS", str(min(2, os.cpu_count() or 1)))
+    want = os.environ.get("DITO_FAST_USE_CUDA", "auto").lower()
+    use_cuda = False
+    if want in ("1", "true", "yes", "auto"):
+        if torch.version.cuda is None:
+            _say("CUDA kernels skipped: this torch build has no CUDA")
+        elif cpp_extension.CUDA_HOME is None:
+            _say("CUDA kernels skipped: nvcc / CUDA_HOME not found")
+        else:
+            use_cuda = True
+        if want in ("1", "true", "yes") and not use_cuda:
+            raise RuntimeError("DITO_FAST_USE_CUDA=1 but CUDA kernels cannot be built (see message above)")
+    else:
+        _say("CUDA kernels skipped: DITO_FAST_USE_CUDA=0")
+    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+    include = [os.path.join(HERE, "csrc", "include")]
+    if use_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "dito_fast._C", cpp + cu, include_dirs=include,
+            extra_compile_args={"cxx": cxx + ["-DDITO_FAST_WITH_CUDA"], "nvcc": ["-O3", "-DDITO_FAST_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = cpp_extension.CppExtension("dito_fast._C", cpp, include_dirs=include,
+                                         extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="dito_fast",
+    version="0.1.0",
+    description="Fast DiTo diffusion-autoencoder image tokenizers (training, encoding, decoding)",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dito_fast", "dito_fast.*"]),
+    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "scikit-image"],
+        "demo": ["scikit-image", "matplotlib"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["dito-fast=dito_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
