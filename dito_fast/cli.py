@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 

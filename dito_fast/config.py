@@ -114,6 +114,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 20  # consecutive non-finite losses before training stops
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    max_minutes: float = 0.0  # wall-clock budget: stop (with a checkpoint) once exceeded; 0 = none
 
 
 @dataclass

@@ -53,7 +53,7 @@ def noise_sync(z: torch.Tensor, cfg: FlowConfig, generator: torch.Generator | No
     tz = torch.rand(B, generator=generator, device=z.device) * cfg.noise_sync_tmax
     ez = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
     z_noised, _ = fm_noise(z, ez, tz, cfg.sigma_min)
-    z_out = torch.where(_bc(mask, z), z_noised, z)
+    z_out = torch.where(mask.reshape(-1, *([1] * (z.dim() - 1))), z_noised, z)  # keep mask boolean
     t_low = torch.where(mask, tz, zeros) if cfg.noise_sync_time_rule == "above" else zeros
     return z_out, t_low, mask
 

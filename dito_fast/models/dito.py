@@ -200,11 +200,19 @@ class DiTo(nn.Module):
             state = load_file(str(w_path), device=map_location)
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"cannot read weights {w_path}: {e}") from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        # Compare keys and shapes first: load_state_dict raises a bare RuntimeError on a shape
+        # mismatch even with strict=False, which would not name the files.
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [f"{k}: {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
             raise ValueError(f"weights {w_path} do not match config {cfg_path}: "
                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+                             f"size mismatch {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
+        model.load_state_dict(state)
         return model
 
 

@@ -354,7 +354,7 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
         bar = tqdm(total=t_cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     step = start_step
-    t_fetch = time.perf_counter()
+    t_start = t_fetch = time.perf_counter()
     try:
         for keys_batch in loader:
             x = keys_batch.to(device, non_blocking=True)
@@ -416,6 +416,9 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
                 result.last_val = run_validation(step)
             if t_cfg.checkpoint_every_steps > 0 and step % t_cfg.checkpoint_every_steps == 0 and step != t_cfg.steps:
                 save(step)
+            if t_cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * t_cfg.max_minutes:
+                logger.warning("stopping at step %d: the %.1f-minute budget is spent", step, t_cfg.max_minutes)
+                break
             t_fetch = time.perf_counter()
     finally:
         if bar is not None:

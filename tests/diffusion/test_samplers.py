@@ -1,0 +1,124 @@
+"""Tests for dito_fast/diffusion/samplers.py: time grids and the order of accuracy of the ODE
+solvers on an equation with a closed-form solution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dito_fast.diffusion import samplers
+
+# dx/dt = x + t has the solution x(t) = C e^t - t - 1. Starting from x(1) = x1 (C = (x1 + 2) / e),
+# integrating from t = 1 down to t = 0 gives x(0) = (x1 + 2) / e - 1. The velocity depends on t,
+# so a sampler passing the wrong time to the velocity would converge to a wrong answer.
+
+
+def _velocity(calls):
+    def v(x, t):
+        assert t.shape == (x.shape[0],), "samplers pass a (B,) time tensor"
+        calls.append(t.clone())
+        return x + t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return v
+
+
+X1 = torch.tensor([[-1.5, 0.0, 0.7], [2.0, -0.3, 1.1]], dtype=torch.float64)
+EXACT = (X1 + 2) / math.e - 1
+
+
+def _error(sampler: str, steps: int, schedule: str = "uniform") -> float:
+    x0 = samplers.sample(_velocity([]), X1.clone(), steps=steps, sampler=sampler, schedule=schedule)
+    return float((x0 - EXACT).abs().max())
+
+
+@pytest.mark.parametrize("sampler, order", [("euler", 1.0), ("heun", 2.0)])
+@pytest.mark.parametrize("schedule", ["uniform", "shifted", "edm"])
+def test_convergence_order(sampler, order, schedule):
+    errors = [_error(sampler, n, schedule) for n in (16, 32, 64)]
+    for coarse, fine in zip(errors, errors[1:]):
+        observed = math.log2(coarse / fine)  # error ratio when halving the step size
+        assert abs(observed - order) < 0.3, (errors, observed)
+    if schedule == "uniform":
+        assert errors[-1] < (0.02 if sampler == "euler" else 2e-4)
+
+
+def test_heun_more_accurate_than_euler_for_same_nfe():
+    # Heun with 16 steps (31 NFE) vs Euler with 32 steps (32 NFE)
+    assert _error("heun", 16) < 0.1 * _error("euler", 32)
+
+
+def test_single_step_values():
+    # one Euler step from t=1 to t=0: x0 = x1 - v(x1, 1) = x1 - (x1 + 1) = -1
+    x = samplers.euler(_velocity([]), X1.clone(), timesteps=samplers.make_timesteps(1))
+    assert torch.allclose(x, torch.full_like(X1, -1.0))
+    # Heun with two steps: the corrector at t=0.5, then a plain Euler step landing on t=0
+    ts = samplers.make_timesteps(2)
+    x = samplers.heun(_velocity([]), X1.clone(), timesteps=ts)
+    pred = X1 - 0.5 * (X1 + 1)
+    x_half = X1 - 0.25 * ((X1 + 1) + (pred + 0.5))
+    assert torch.allclose(x, x_half - 0.5 * (x_half + 0.5))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_nfe_and_times(sampler, steps):
+    calls = []
+    samplers.sample(_velocity(calls), X1.clone(), steps=steps, sampler=sampler)
+    assert len(calls) == samplers.nfe(sampler, steps)
+    times = torch.stack(calls)[:, 0].double()
+    assert times[0] == 1.0 and times.min() > 0  # t = 0 is never evaluated
+    grid = samplers.make_timesteps(steps).float().double()
+    assert set(times.tolist()) <= set(grid.tolist())
+
+
+def test_samplers_keep_dtype_and_shape():
+    noise = torch.randn(2, 3, 4, 4)
+    for name in samplers.SAMPLERS:
+        out = samplers.sample(lambda x, t: -x, noise, steps=3, sampler=name)
+        assert out.shape == noise.shape and out.dtype == noise.dtype
+
+
+@pytest.mark.parametrize("schedule", samplers.SCHEDULES)
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 50])
+def test_make_timesteps_monotone(schedule, steps):
+    ts = samplers.make_timesteps(steps, schedule)
+    assert ts.dtype == torch.float64 and ts.shape == (steps + 1,)
+    assert ts[0] == 1.0 and ts[-1] == 0.0
+    assert torch.all(ts[1:] < ts[:-1])
+
+
+def test_make_timesteps_values():
+    assert torch.allclose(samplers.make_timesteps(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    shifted = samplers.make_timesteps(4, "shifted", shift=3.0)
+    u = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
+    assert torch.allclose(shifted, 3 * u / (1 + 2 * u))
+    assert torch.all(shifted[1:-1] > u[1:-1])  # more steps at high noise
+    edm = samplers.make_timesteps(10, "edm")
+    sig = edm[1:-1] / (1 - edm[1:-1])
+    assert sig[0] == pytest.approx(80.0) and sig[-1] == pytest.approx(0.002)
+    # rho-spaced: sigma^(1/rho) is evenly spaced between sigma_max and sigma_min
+    steps_rho = torch.diff(sig ** (1 / 7.0))
+    assert torch.allclose(steps_rho, steps_rho[0].expand_as(steps_rho))
+    # more grid points at low noise than the uniform grid
+    uni = samplers.make_timesteps(10, "uniform")
+    assert int((edm[1:-1] < 0.1).sum()) > int((uni[1:-1] < 0.1).sum())
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.0, 1.5, "4"])
+def test_make_timesteps_bad_steps(steps):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        samplers.make_timesteps(steps)
+
+
+def test_make_timesteps_bad_schedule():
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        samplers.make_timesteps(4, "cosine")
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        samplers.make_timesteps(4, "shifted", shift=0.0)
+
+
+def test_get_sampler():
+    assert samplers.get_sampler("euler") is samplers.euler
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'.*euler.*heun"):
+        samplers.get_sampler("dpm")

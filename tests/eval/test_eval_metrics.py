@@ -1,0 +1,61 @@
+"""Tests for dito_fast/eval: PSNR, the bicubic baseline, image grids and PNG writing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dito_fast.eval.metrics import bicubic_baseline, psnr
+from dito_fast.eval.report import make_grid, save_image, to_uint8
+
+
+def test_psnr_hand_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 5, 7, generator=g) * 2 - 1
+    y = (x + 0.1 * torch.randn(3, 3, 5, 7, generator=g)).clamp(-1, 1)
+    got = psnr(x, y)
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    for i in range(3):
+        mse = float(((x[i].double() - y[i].double()) ** 2).mean())
+        assert got[i].item() == pytest.approx(10 * math.log10(4.0 / mse), rel=1e-12)
+    assert torch.isinf(psnr(x, x)).all()
+    # values outside [-1, 1] are clamped first
+    assert torch.isinf(psnr(torch.full((1, 3, 2, 2), 3.0), torch.ones(1, 3, 2, 2))).all()
+    # an error of 2 everywhere (black vs white) is 0 dB
+    assert psnr(-torch.ones(1, 3, 2, 2), torch.ones(1, 3, 2, 2)).item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(x, y[:, :2])
+
+
+def test_bicubic_baseline():
+    const = torch.full((2, 3, 16, 24), 0.25)
+    out = bicubic_baseline(const, 8)
+    assert out.shape == const.shape and torch.allclose(out, const, atol=1e-6)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    out = bicubic_baseline(x, 8)
+    assert out.min() >= -1 and out.max() <= 1
+    # the information is reduced: a smooth image survives far better than noise
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    smooth = (0.5 * torch.sin(math.pi * xx / 2) * torch.cos(math.pi * yy / 2)).expand(1, 3, 32, 32)
+    assert psnr(bicubic_baseline(smooth, 8), smooth).item() > psnr(out, x).item() + 10
+
+
+def test_make_grid_layout():
+    a, b = torch.full((2, 3, 4, 5), -1.0), torch.full((2, 3, 4, 5), 0.5)
+    grid = make_grid([a, b], pad=2)
+    assert grid.shape == (3, 2 * (4 + 2) + 2, 2 * (5 + 2) + 2)
+    assert torch.all(grid[:, 2:6, 2:7] == -1) and torch.all(grid[:, 8:12, 9:14] == 0.5)
+    assert torch.all(grid[:, 0:2] == 1)  # padding is white
+
+
+def test_save_image_round_trip(tmp_path):
+    x = torch.rand(3, 6, 10) * 2 - 1
+    save_image(x, tmp_path / "sub" / "a.png")
+    arr = np.array(Image.open(tmp_path / "sub" / "a.png"))
+    assert arr.shape == (6, 10, 3) and arr.dtype == np.uint8
+    assert torch.equal(torch.from_numpy(arr).permute(2, 0, 1), to_uint8(x))

@@ -1,0 +1,363 @@
+"""Tests for dito_fast/models: sizes of the paper presets, shapes, the latent normalisation,
+save/load, seeded decoding and input validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dito_fast
+from dito_fast.eval.report import to_uint8
+from dito_fast.config import PRESETS, apply_overrides, get_preset, resolve_run_config
+from dito_fast.models.dito import (CONFIG_NAME, WEIGHTS_NAME, DiTo, count_parameters, decoder_gflops,
+                                   make_noise)
+from dito_fast.models.unet import UNetDecoder
+
+
+# --------------------------------------------------------------------------------------------
+# parameter counts and FLOPs of the real presets (built on the meta device: no memory)
+
+
+def _meta_model(name: str) -> DiTo:
+    with torch.device("meta"):
+        return DiTo(get_preset(name))
+
+
+@pytest.mark.parametrize("name, decoder_m", [("dito-B", 162.78), ("dito-L", 338.52), ("dito-XL", 620.94)])
+def test_paper_parameter_counts(name, decoder_m):
+    m = _meta_model(name)
+    assert count_parameters(m.encoder) / 1e6 == pytest.approx(34.15, rel=1e-3)
+    assert count_parameters(m.decoder) / 1e6 == pytest.approx(decoder_m, rel=1e-3)
+
+
+def test_f16c8_latent_shape():
+    cfg = get_preset("dito-B-f16c8")
+    m = _meta_model("dito-B-f16c8")
+    assert m.latent_channels == 8 and m.latent_factor == 16 and m.downsample_factor == 16
+    with torch.device("meta"):
+        z = m._encode(torch.empty(2, 3, 256, 192))
+    assert tuple(z.shape) == (2, 8, 16, 12)
+    # the decoder (4 levels, factor 8) accepts the 16x-upsampled latent at full resolution
+    with torch.device("meta"):
+        out = m.decoder(torch.empty(2, 3, 256, 192), torch.empty(2), z)
+    assert tuple(out.shape) == (2, 3, 256, 192)
+    assert cfg.encoder.downsample_factor == 16
+
+
+def test_f16c8_micro_encode_decode_shapes(make_micro_config):
+    # a narrow model with the f16c8 layout runs for real
+    cfg = make_micro_config(**{"encoder.channel_mult": (1, 2, 2, 4, 4), "encoder.latent_channels": 8})
+    torch.manual_seed(0)
+    m = DiTo(cfg).eval()
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    z = m.encode(x)
+    assert z.shape == (2, 8, 2, 3)
+    assert m.decode(z, steps=1, seed=0).shape == (2, 3, 32, 48)
+
+
+def test_decoder_gflops_dito_b():
+    assert decoder_gflops(get_preset("dito-B"), 256) == pytest.approx(1590, rel=0.01)
+
+
+def test_decoder_gflops_scales_with_pixels():
+    # a fully convolutional decoder: FLOPs proportional to the number of pixels
+    cfg = get_preset("dito-B")
+    assert decoder_gflops(cfg, 512) == pytest.approx(4 * decoder_gflops(cfg, 256), rel=1e-3)
+
+
+def test_presets_build_on_meta():
+    for name in PRESETS:
+        m = _meta_model(name)
+        assert count_parameters(m) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# shapes, latent normalisation, decode range
+
+
+def test_encode_shape_and_latent_normalisation(micro_model, images):
+    z = micro_model.encode(images)
+    assert z.shape == (3, 4, 4, 4) and z.dtype == images.dtype
+    zd = z.double().flatten(1)
+    # affine-free LayerNorm over (C, H, W) per sample: zero mean, unit (biased) variance
+    assert torch.allclose(zd.mean(1), torch.zeros(3, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(zd.var(1, unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-3)
+    # non-square input
+    assert micro_model.encode(torch.zeros(1, 3, 16, 40)).shape == (1, 4, 2, 5)
+
+
+def test_latent_norm_has_no_parameters(micro_model):
+    # only the encoder and the decoder hold parameters (the latent LayerNorm has no affine)
+    names = {n.split(".")[0] for n, _ in micro_model.named_parameters()}
+    assert names == {"encoder", "decoder"}
+
+
+def test_encode_matches_module_api(micro_model, images):
+    with torch.inference_mode():
+        z_api = dito_fast.encode(micro_model, images)
+    assert torch.equal(z_api, micro_model.encode(images))
+
+
+def test_decode_shape_and_range(micro_model, images):
+    z = micro_model.encode(images)
+    for sampler in ("euler", "heun"):
+        x = micro_model.decode(z, steps=3, sampler=sampler, seed=0)
+        assert x.shape == images.shape and x.dtype == torch.float32
+        assert torch.isfinite(x).all()
+        assert x.min() >= -1 and x.max() <= 1
+    # a model whose velocity is huge still returns images clamped to [-1, 1]
+    with torch.no_grad():
+        micro_model.decoder.conv_out.bias.fill_(50.0)
+    x = micro_model.decode(z, steps=2, seed=0)
+    assert x.min() >= -1 and x.max() <= 1 and (x == -1).all()  # dt < 0: x_0 = noise - 50 * 1
+
+
+def test_decode_with_zero_velocity_returns_noise(micro_config):
+    # the default init zeroes the output conv: the velocity is 0 and decoding returns the noise
+    model = DiTo(micro_config).eval()
+    z = torch.randn(2, 4, 4, 4)
+    noise = 0.5 * torch.randn(2, 3, 32, 32).clamp(-1.9, 1.9)
+    assert torch.equal(model.decode(z, steps=4, noise=noise), noise)
+
+
+def test_reconstruct_equals_encode_then_decode(micro_model, images):
+    a = micro_model.reconstruct(images, steps=2, seed=3)
+    b = micro_model.decode(micro_model.encode(images), steps=2, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_forward_returns_per_sample_loss(micro_model, images):
+    micro_model.train()
+    loss = micro_model(images, generator=torch.Generator().manual_seed(0))
+    assert loss.shape == (3,) and torch.isfinite(loss).all() and (loss > 0).all()
+    loss.mean().backward()
+    # encoder and decoder are trained jointly: both receive gradients through the FM loss
+    assert micro_model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert micro_model.decoder.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_unet_time_conditioning_matters(micro_model):
+    dec = micro_model.decoder
+    x = torch.randn(2, 3, 32, 32)
+    z = torch.randn(2, 4, 4, 4)
+    a = dec(x, torch.tensor([0.1, 0.1]), z)
+    b = dec(x, torch.tensor([0.9, 0.9]), z)
+    c = dec(x, torch.tensor([0.1, 0.1]), torch.randn(2, 4, 4, 4))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    assert isinstance(dec, UNetDecoder) and dec.downsample_factor == 8
+
+
+# --------------------------------------------------------------------------------------------
+# seeded decoding and fast_decode
+
+
+def test_same_seed_bit_identical_different_seeds_differ(micro_model, images):
+    z = micro_model.encode(images)
+    a = micro_model.decode(z, steps=3, seed=7)
+    b = micro_model.decode(z, steps=3, seed=7)
+    c = micro_model.decode(z, steps=3, seed=8)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 0.1
+    # a generator seeded the same way is the same noise source
+    d = micro_model.decode(z, steps=3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, d)
+
+
+def test_make_noise_seed_and_generator_exclusive():
+    with pytest.raises(ValueError, match="either seed or generator"):
+        make_noise((1, 3, 8, 8), seed=0, generator=torch.Generator())
+    assert torch.equal(make_noise((2, 3), seed=5), make_noise((2, 3), seed=5))
+
+
+# --------------------------------------------------------------------------------------------
+# save_pretrained / from_pretrained
+
+
+def test_save_load_round_trip(micro_model, images, tmp_path):
+    micro_model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / CONFIG_NAME).is_file() and (tmp_path / "m" / WEIGHTS_NAME).is_file()
+    loaded = dito_fast.load(tmp_path / "m").eval()
+    assert loaded.config == micro_model.config
+    z = micro_model.encode(images)
+    assert torch.equal(loaded.encode(images), z)
+    assert torch.equal(loaded.decode(z, steps=3, seed=4), micro_model.decode(z, steps=3, seed=4))
+    for (n1, p1), (n2, p2) in zip(micro_model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_from_pretrained_missing_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        DiTo.from_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("missing", [CONFIG_NAME, WEIGHTS_NAME])
+def test_from_pretrained_missing_file(micro_model, tmp_path, missing):
+    micro_model.save_pretrained(tmp_path)
+    (tmp_path / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing {missing}"):
+        DiTo.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_corrupt_weights(micro_model, tmp_path):
+    micro_model.save_pretrained(tmp_path)
+    data = (tmp_path / WEIGHTS_NAME).read_bytes()
+    (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read weights") as e:
+        DiTo.from_pretrained(tmp_path)
+    assert WEIGHTS_NAME in str(e.value)
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="cannot read weights"):
+        DiTo.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_bad_config(micro_model, tmp_path):
+    micro_model.save_pretrained(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="invalid model config"):
+        DiTo.from_pretrained(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"encoder": {"bogus_key": 1}}))
+    with pytest.raises(ValueError, match="bogus_key"):
+        DiTo.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_weights_not_matching_config_keys(micro_model, tmp_path):
+    # one more residual block per level: the saved weights lack those keys
+    micro_model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    cfg["decoder"]["num_res_blocks"] = 2
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="do not match config") as e:
+        DiTo.from_pretrained(tmp_path)
+    assert "missing" in str(e.value) and WEIGHTS_NAME in str(e.value)
+
+
+def test_from_pretrained_weights_not_matching_config_shapes(micro_model, tmp_path):
+    # same keys, different widths: the error must still name the files and the mismatch
+    micro_model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    cfg["decoder"]["level_channels"] = [16, 16, 16, 16]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="do not match config") as e:
+        DiTo.from_pretrained(tmp_path)
+    assert WEIGHTS_NAME in str(e.value) and "size mismatch" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# bad inputs
+
+
+@pytest.mark.parametrize("x, exc, msg", [
+    (torch.zeros(3, 32, 32), ValueError, r"shape \(B, 3, H, W\)"),
+    (torch.zeros(1, 4, 32, 32), ValueError, r"shape \(B, 3, H, W\)"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, "floating"),
+    (torch.full((1, 3, 32, 32), 2.0), ValueError, r"in \[-1, 1\]"),
+    (torch.full((1, 3, 32, 32), -255.0), ValueError, r"in \[-1, 1\]"),
+    (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN"),
+    (torch.full((1, 3, 32, 32), float("inf")), ValueError, "inf"),
+    (torch.zeros(1, 3, 30, 32), ValueError, "multiples of 8"),
+    (torch.zeros(1, 3, 32, 36), ValueError, "multiples of 8"),
+    (torch.zeros(0, 3, 32, 32), ValueError, "empty batch"),
+    (torch.zeros(1, 3, 32, 32).numpy(), TypeError, "torch.Tensor"),
+])
+def test_encode_rejects_bad_images(micro_model, x, exc, msg):
+    with pytest.raises(exc, match=msg):
+        micro_model.encode(x)
+
+
+def test_encode_accepts_slack_at_range_edge(micro_model):
+    micro_model.encode(torch.full((1, 3, 32, 32), 1.0005))  # within the documented 1e-3 slack
+
+
+@pytest.mark.parametrize("z, kwargs, exc, msg", [
+    (torch.zeros(1, 3, 4, 4), {}, ValueError, r"shape \(B, 4, h, w\)"),
+    (torch.zeros(4, 4, 4), {}, ValueError, r"shape \(B, 4, h, w\)"),
+    (torch.full((1, 4, 4, 4), float("nan")), {}, ValueError, "NaN"),
+    (torch.zeros(1, 4, 4, 4, dtype=torch.int64), {}, TypeError, "floating"),
+    (torch.zeros(0, 4, 4, 4), {}, ValueError, "empty batch"),
+    (torch.zeros(1, 4, 4, 4), {"steps": 0}, ValueError, "steps must be an integer >= 1"),
+    (torch.zeros(1, 4, 4, 4), {"steps": 2.5}, ValueError, "steps must be an integer >= 1"),
+    (torch.zeros(1, 4, 4, 4), {"sampler": "rk4"}, ValueError, "unknown sampler 'rk4'"),
+    (torch.zeros(1, 4, 4, 4), {"schedule": "cosine"}, ValueError, "unknown schedule 'cosine'"),
+    (torch.zeros(1, 4, 4, 4), {"noise": torch.zeros(1, 3, 16, 16)}, ValueError, "noise must have shape"),
+])
+def test_decode_rejects_bad_inputs(micro_model, z, kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        micro_model.decode(z, **kwargs)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(KeyError) as e:
+        DiTo.from_preset("dito-XXL")
+    msg = str(e.value)
+    assert "dito-XXL" in msg and all(name in msg for name in PRESETS)
+
+
+def test_from_preset_overrides():
+    m = DiTo.from_preset("dito-tiny", **{"decoder.num_res_blocks": 2, "flow": {"noise_sync_prob": 0.1}})
+    assert m.config.decoder.num_res_blocks == 2 and m.config.flow.noise_sync_prob == 0.1
+    with pytest.raises(KeyError, match="unknown config key"):
+        DiTo.from_preset("dito-tiny", **{"decoder.bogus": 1})
+
+
+def test_config_override_errors():
+    cfg = get_preset("dito-tiny")
+    with pytest.raises(KeyError, match="'nonsense'"):
+        apply_overrides(cfg, {"nonsense": 1})
+    with pytest.raises(KeyError, match="'bogus' for DecoderConfig"):
+        apply_overrides(cfg, {"decoder.bogus": 1})
+    with pytest.raises(KeyError, match="has no sub-fields"):
+        apply_overrides(cfg, {"name.x": 1})
+    with pytest.raises(ValueError, match=r"'num_res_blocks': cannot use 'three' \(expected int\)"):
+        apply_overrides(cfg, {"decoder.num_res_blocks": "three"})
+    with pytest.raises(ValueError, match="num_res_blocks"):
+        apply_overrides(cfg, {"decoder.num_res_blocks": 2.5})
+    with pytest.raises(ValueError, match="mid_attention"):
+        apply_overrides(cfg, {"encoder.mid_attention": "maybe"})
+    with pytest.raises(ValueError, match="level_channels"):
+        apply_overrides(cfg, {"decoder.level_channels": "8,x,16"})
+    with pytest.raises(TypeError, match="expects a mapping"):
+        apply_overrides(cfg, {"decoder": 3})
+
+
+def test_config_override_coercion():
+    cfg = apply_overrides(get_preset("dito-tiny"), {
+        "decoder.level_channels": "16,32,32,32", "encoder.mid_attention": "false",
+        "flow.sigma_min": "1e-4", "decoder.num_res_blocks": "2"})
+    assert cfg.decoder.level_channels == (16, 32, 32, 32)
+    assert cfg.encoder.mid_attention is False
+    assert cfg.flow.sigma_min == 1e-4 and cfg.decoder.num_res_blocks == 2
+    # the preset registry itself is not modified by overrides
+    assert get_preset("dito-tiny").decoder.level_channels == (32, 64, 96, 96)
+
+
+def test_resolve_run_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="image_size=36 must be a multiple of 8"):
+        resolve_run_config("dito-tiny", overrides={"data.image_size": 36})
+    with pytest.raises(ValueError, match="multiple of 16"):
+        resolve_run_config("dito-B-f16c8", overrides={"data.image_size": 72})
+    with pytest.raises(ValueError, match="flow.objective"):
+        resolve_run_config("dito-tiny", overrides={"model.flow.objective": "score"})
+    with pytest.raises(ValueError, match="noise_sync_prob"):
+        resolve_run_config("dito-tiny", overrides={"model.flow.noise_sync_prob": 1.5})
+    with pytest.raises(ValueError, match="divisible by norm_groups"):
+        resolve_run_config("dito-tiny", overrides={"model.decoder.level_channels": (12, 16, 16, 16)})
+    with pytest.raises(ValueError, match="ema_decay"):
+        resolve_run_config("dito-tiny", overrides={"train.ema_decay": 1.0})
+    with pytest.raises(KeyError):
+        resolve_run_config("dito-nope")
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        resolve_run_config("dito-tiny", config_file=str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        resolve_run_config("dito-tiny", config_file=str(tmp_path / "bad.json"))
+
+
+def test_resolve_run_config_layering(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"model": {"name": "other", "decoder": {"num_res_blocks": 2}},
+                                                 "train": {"lr": 0.5, "steps": 7}}))
+    cfg = resolve_run_config("dito-tiny", str(tmp_path / "c.json"), {"train.lr": "0.25"})
+    assert cfg.model.name == "dito-tiny"  # the preset's name wins over the file's
+    assert cfg.model.decoder.num_res_blocks == 2 and cfg.train.steps == 7
+    assert cfg.train.lr == 0.25  # explicit overrides win over the file

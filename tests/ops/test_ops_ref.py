@@ -1,0 +1,307 @@
+"""Tests for the reference implementations in dito_fast/ops (hand formulas in float64, odd shapes)
+and for the backend dispatcher (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dito_fast import ops
+from dito_fast.ops import _dispatch
+from dito_fast.ops._dispatch import Backend, always_supported, dispatch
+
+G = torch.Generator().manual_seed(0)
+
+
+def _randn(*shape, dtype=torch.float64):
+    return torch.randn(*shape, generator=G, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# fm_noise / fm_loss
+
+
+def test_fm_noise_ref_hand_formula():
+    s = 0.25
+    x, e = _randn(5, 3, 13, 7), _randn(5, 3, 13, 7)
+    t = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    x_t, v = ops.fm_noise_ref(x, e, t, s)
+    for i in range(5):
+        ti = t[i].item()
+        assert torch.allclose(x_t[i], (1 - ti) * x[i] + (s + ti * (1 - s)) * e[i], rtol=0, atol=1e-14)
+        assert torch.allclose(v[i], (1 - s) * e[i] - x[i], rtol=0, atol=1e-14)
+    # v is the time derivative of x_t (finite difference in t)
+    h = 1e-6
+    tp = torch.full((5,), 0.4, dtype=torch.float64)
+    xp, _ = ops.fm_noise_ref(x, e, tp + h, s)
+    xm, _ = ops.fm_noise_ref(x, e, tp - h, s)
+    assert torch.allclose((xp - xm) / (2 * h), v, atol=1e-8)
+    # endpoints: t=0 gives (almost) the image, t=1 gives pure noise
+    assert torch.equal(x_t[-1], e[-1])
+    assert torch.allclose(x_t[0], x[0] + s * e[0])
+
+
+def test_fm_noise_ref_other_ranks_and_dtypes():
+    x, e = _randn(3, 11), _randn(3, 11)
+    t = torch.tensor([0.2, 0.4, 0.6], dtype=torch.float64)
+    x_t, v = ops.fm_noise_ref(x, e, t, 1e-5)
+    assert torch.allclose(x_t, (1 - t[:, None]) * x + (1e-5 + t[:, None] * (1 - 1e-5)) * e)
+    xf = x.float()
+    x_t32, v32 = ops.fm_noise(xf, e.float(), t.float(), 1e-5)
+    assert x_t32.dtype == torch.float32 and torch.allclose(x_t32.double(), x_t, atol=1e-6)
+
+
+def test_fm_noise_ref_errors():
+    with pytest.raises(ValueError, match="differ in shape"):
+        ops.fm_noise_ref(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+        ops.fm_noise_ref(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+        ops.fm_noise_ref(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 1))
+
+
+def test_fm_loss_ref_hand_formula():
+    pred, target = _randn(5, 3, 13, 7), _randn(5, 3, 13, 7)
+    loss = ops.fm_loss_ref(pred, target)
+    assert loss.dtype == torch.float32 and loss.shape == (5,)
+    for i in range(5):
+        d = (pred[i] - target[i]).flatten().tolist()
+        assert loss[i].item() == pytest.approx(sum(v * v for v in d) / len(d), rel=1e-6)
+    # half-precision inputs accumulate in float32
+    lb = ops.fm_loss(pred.bfloat16(), target.bfloat16())
+    assert lb.dtype == torch.float32
+    assert torch.allclose(lb.double(), ops.fm_loss_ref(pred.bfloat16().double(), target.bfloat16().double()).double(),
+                          rtol=1e-5)
+    with pytest.raises(ValueError, match="differ in shape"):
+        ops.fm_loss_ref(pred, target[:, :2])
+
+
+def test_fm_loss_gradient():
+    pred = _randn(3, 2, 5).requires_grad_()
+    target = _randn(3, 2, 5)
+    ops.fm_loss(pred, target).sum().backward()
+    assert torch.allclose(pred.grad, 2 * (pred - target).detach() / 10, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# latent_layernorm
+
+
+def _hand_layernorm(z, eps):
+    out = torch.empty_like(z)
+    for b in range(z.shape[0]):
+        vals = z[b].flatten().tolist()
+        mean = sum(vals) / len(vals)
+        var = sum((v - mean) ** 2 for v in vals) / len(vals)
+        out[b] = (z[b] - mean) / math.sqrt(var + eps)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7, 11), (1, 4, 1, 1), (2, 1, 9, 2)])
+def test_latent_layernorm_ref_hand_formula(shape):
+    z = _randn(*shape) * 3 + 2
+    eps = 1e-2  # large eps so that a missing eps is visible
+    assert torch.allclose(ops.latent_layernorm_ref(z, eps), _hand_layernorm(z, eps), rtol=0, atol=1e-12)
+    assert torch.allclose(ops.latent_layernorm(z, eps), _hand_layernorm(z, eps), rtol=0, atol=1e-12)
+
+
+def test_latent_layernorm_properties():
+    z = _randn(4, 4, 6, 5) * 5 - 3
+    y = ops.latent_layernorm(z, 1e-12)
+    assert torch.allclose(y.mean((1, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(y.var((1, 2, 3), unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-9)
+    # per sample: scaling and shifting one sample changes nothing
+    z2 = z.clone()
+    z2[1] = 7 * z2[1] + 4
+    assert torch.allclose(ops.latent_layernorm(z2, 1e-12), y, atol=1e-10)
+    # non-contiguous input
+    zt = _randn(4, 5, 6, 4).transpose(1, 3)
+    assert not zt.is_contiguous()
+    assert torch.allclose(ops.latent_layernorm(zt, 1e-5), _hand_layernorm(zt.contiguous(), 1e-5), atol=1e-12)
+
+
+def test_latent_layernorm_half_precision_upcast():
+    z = (_randn(3, 4, 5, 5) * 100 + 1000).to(torch.bfloat16)
+    y = ops.latent_layernorm_ref(z, 1e-5)
+    assert y.dtype == torch.bfloat16
+    ref = _hand_layernorm(z.double(), 1e-5)
+    err = (y.double() - ref).abs().max()
+    assert err < 0.0157  # one bf16 rounding of outputs of magnitude < 4 (ulp/2 = 2**-7)
+    # computing the statistics in bf16 instead is measurably worse (values ~1000 +- 100)
+    y_no = ops.latent_layernorm_ref(z, 1e-5, upcast=False)
+    assert y_no.dtype == torch.bfloat16
+    assert (y_no.double() - ref).abs().max() > 2 * err
+
+
+def test_latent_layernorm_errors():
+    with pytest.raises(ValueError, match=r"expects \(B, C, H, W\)"):
+        ops.latent_layernorm(torch.zeros(3, 4, 5))
+
+
+# --------------------------------------------------------------------------------------------
+# group_norm_modulate_silu
+
+
+def _hand_gn_mod_silu(x, groups, weight, bias, scale, shift, eps, silu=True):
+    B, C, H, W = x.shape
+    out = torch.empty_like(x)
+    cpg = C // groups
+    for b in range(B):
+        for g in range(groups):
+            chunk = x[b, g * cpg:(g + 1) * cpg]
+            vals = chunk.flatten().tolist()
+            mean = sum(vals) / len(vals)
+            var = sum((v - mean) ** 2 for v in vals) / len(vals)
+            out[b, g * cpg:(g + 1) * cpg] = (chunk - mean) / math.sqrt(var + eps)
+    if weight is not None:
+        out = out * weight[None, :, None, None]
+    if bias is not None:
+        out = out + bias[None, :, None, None]
+    if scale is not None:
+        out = out * (1 + scale[:, :, None, None])
+    if shift is not None:
+        out = out + shift[:, :, None, None]
+    return out * torch.sigmoid(out) if silu else out
+
+
+@pytest.mark.parametrize("shape, groups", [((5, 6, 7, 11), 3), ((1, 4, 1, 3), 4), ((2, 8, 3, 5), 1)])
+@pytest.mark.parametrize("affine, modulate, silu", [(True, True, True), (False, False, True),
+                                                    (True, False, False), (False, True, True)])
+def test_group_norm_modulate_silu_ref_hand_formula(shape, groups, affine, modulate, silu):
+    B, C = shape[:2]
+    x = _randn(*shape) * 2 + 1
+    weight, bias = (_randn(C), _randn(C)) if affine else (None, None)
+    scale, shift = (_randn(B, C), _randn(B, C)) if modulate else (None, None)
+    eps = 1e-2
+    expected = _hand_gn_mod_silu(x, groups, weight, bias, scale, shift, eps, silu)
+    got = ops.group_norm_modulate_silu_ref(x, groups, weight, bias, scale, shift, eps=eps, silu=silu)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    got = ops.group_norm_modulate_silu(x, groups, weight, bias, scale, shift, eps=eps, silu=silu)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_group_norm_modulate_silu_noncontiguous_and_grad():
+    x = _randn(2, 5, 6, 6).transpose(2, 3).requires_grad_()
+    scale = _randn(2, 6).requires_grad_()
+    x6 = torch.cat([x, x[:, :1]], dim=1)  # 6 channels, non-contiguous source
+    y = ops.group_norm_modulate_silu(x6, 2, None, None, scale, None, eps=1e-5)
+    assert torch.allclose(y, _hand_gn_mod_silu(x6.detach(), 2, None, None, scale.detach(), None, 1e-5), atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a, s: ops.group_norm_modulate_silu_ref(a, 2, None, None, s, None, eps=1e-5),
+        (_randn(2, 4, 3, 3).requires_grad_(), _randn(2, 4).requires_grad_()))
+
+
+def test_group_norm_modulate_silu_half_precision():
+    x = _randn(2, 8, 5, 5)
+    scale, shift = _randn(2, 8) * 0.1, _randn(2, 8) * 0.1
+    ref = _hand_gn_mod_silu(x, 4, None, None, scale, shift, 1e-5)
+    y = ops.group_norm_modulate_silu(x.bfloat16(), 4, None, None, scale.bfloat16(), shift.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - ref).abs().max() < 0.05
+
+
+def test_group_norm_modulate_silu_errors():
+    with pytest.raises(ValueError, match=r"expects \(B, C, H, W\)"):
+        ops.group_norm_modulate_silu(torch.zeros(2, 4, 5), 2)
+    with pytest.raises(ValueError, match="not divisible by 3 groups"):
+        ops.group_norm_modulate_silu(torch.zeros(2, 4, 5, 5), 3)
+    with pytest.raises(ValueError, match=r"scale must have shape \(2, 4\)"):
+        ops.group_norm_modulate_silu(torch.zeros(2, 4, 5, 5), 2, scale=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"shift must have shape \(2, 4\)"):
+        ops.group_norm_modulate_silu(torch.zeros(2, 4, 5, 5), 2, shift=torch.zeros(1, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+
+
+def test_attention_backends_match_hand_formula():
+    q, k, v = _randn(2, 1, 13, 6), _randn(2, 1, 17, 6), _randn(2, 1, 17, 6)
+    w = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(6))
+    expected = (w / w.sum(-1, keepdim=True)) @ v
+    for backend in ("ref", "sdpa", None):
+        assert torch.allclose(ops.attention(q, k, v, backend=backend), expected, atol=1e-12)
+    with pytest.raises(ValueError, match=r"\(B, heads, N, D\)"):
+        ops.attention(q, k[..., :5], v[..., :5])
+
+
+# --------------------------------------------------------------------------------------------
+# dispatcher
+
+
+def test_unknown_backend_lists_available():
+    with pytest.raises(ValueError, match=r"latent_layernorm: unknown backend 'cuda'; available: \['ref'\]"):
+        ops.latent_layernorm(torch.zeros(1, 2, 2, 2), backend="cuda")
+    with pytest.raises(ValueError, match=r"available: \['sdpa', 'ref'\]"):
+        ops.attention(*(torch.zeros(1, 1, 2, 2),) * 3, backend="triton")
+
+
+def test_available_backends():
+    avail = ops.available_backends()
+    assert set(avail) == {"attention", "fm_noise", "fm_loss", "group_norm_modulate_silu", "latent_layernorm"}
+    assert all("ref" in names for names in avail.values())
+
+
+def _recording_backends(log):
+    def make(name, reasons):
+        def fn(x):
+            log.append(name)
+            return name
+        return Backend(name, fn, lambda x: list(reasons))
+    return [make("fast", ["needs CUDA"]), make("medium", []), make("ref", [])]
+
+
+def test_dispatch_priority_and_reasons(monkeypatch):
+    monkeypatch.delenv("DITO_FAST_BACKEND", raising=False)
+    log = []
+    backends = _recording_backends(log)
+    # first backend with no reasons wins
+    assert dispatch("op", backends, None, 0) == "medium"
+    # explicit choice
+    assert dispatch("op", backends, "ref", 0) == "ref"
+    # explicit choice that cannot run: its reasons are in the error
+    with pytest.raises(RuntimeError, match="op: backend 'fast' cannot run: needs CUDA"):
+        dispatch("op", backends, "fast", 0)
+    # nothing fits: every backend's reasons are listed
+    none_fit = [Backend("a", lambda x: 1, lambda x: ["too big"]), Backend("b", lambda x: 2, lambda x: ["no GPU", "fp64"])]
+    with pytest.raises(RuntimeError, match="no backend can run these inputs: a: too big; b: no GPU, fp64"):
+        dispatch("op", none_fit, None, 0)
+    assert log == ["medium", "ref"]
+
+
+def test_dispatch_env_var(monkeypatch):
+    log = []
+    backends = _recording_backends(log)
+    monkeypatch.setenv("DITO_FAST_BACKEND", "ref")
+    assert dispatch("op", backends, None, 0) == "ref"  # env var beats priority order
+    assert dispatch("op", backends, "medium", 0) == "medium"  # explicit argument beats env var
+    monkeypatch.setenv("DITO_FAST_BACKEND", "triton")  # a backend this op lacks: fall back silently
+    assert dispatch("op", backends, None, 0) == "medium"
+    monkeypatch.setenv("DITO_FAST_BACKEND", "fast")  # named and present but unsupported: error
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        dispatch("op", backends, None, 0)
+
+
+def test_env_var_backend_real_ops(monkeypatch):
+    # DITO_FAST_BACKEND=sdpa: attention uses it, the ops without an sdpa backend fall back to ref
+    monkeypatch.setenv("DITO_FAST_BACKEND", "sdpa")
+    z = _randn(2, 3, 4, 5)
+    assert torch.allclose(ops.latent_layernorm(z), ops.latent_layernorm_ref(z))
+    x = _randn(2, 4, 3, 3)
+    assert torch.allclose(ops.group_norm_modulate_silu(x, 2), ops.group_norm_modulate_silu_ref(x, 2))
+    called = []
+    real = _dispatch.Backend
+    orig = ops.attention.__globals__["_BACKENDS"]
+    monkeypatch.setitem(ops.attention.__globals__, "_BACKENDS",
+                        [real(b.name, (lambda f, n: lambda *a: (called.append(n), f(*a))[1])(b.fn, b.name),
+                              b.unsupported_reasons) for b in orig])
+    q = _randn(1, 1, 3, 2)
+    ops.attention(q, q, q)
+    monkeypatch.setenv("DITO_FAST_BACKEND", "ref")
+    ops.attention(q, q, q)
+    assert called == ["sdpa", "ref"]
+    assert always_supported(1, a=2) == []

@@ -1,0 +1,232 @@
+"""Tests for the ``dito-fast`` command (dito_fast/cli.py), run in-process on a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from dito_fast import PRESETS
+from dito_fast.cli import main
+from dito_fast.decode import fast_decode
+from dito_fast.models.dito import DiTo
+
+
+def _write_images(folder: Path, n: int = 6, size=(48, 40)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    W, H = size
+    yy, xx = np.mgrid[0:H, 0:W]
+    paths = []
+    for i in range(n):
+        base = np.stack([xx * 255 / W, yy * 255 / H, np.full((H, W), 40 * i)], -1)
+        arr = np.clip(base + rng.normal(0, 10, (H, W, 3)), 0, 255).astype(np.uint8)
+        p = folder / f"img{i}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One CLI training run shared by the tests below: (run dir, image folder, stdout)."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    _write_images(data)
+    out = root / "run"
+    sets = ["model.encoder.base_channels=8", "model.encoder.norm_groups=4",
+            "model.decoder.level_channels=8,16,16,16", "model.decoder.norm_groups=4",
+            "model.decoder.time_freq_dim=32", "model.decoder.time_embed_dim=64",
+            "train.val_every_steps=0", "train.val_images=1", "train.val_sample_steps=2",
+            "train.checkpoint_every_steps=0", "train.log_every_steps=1"]
+    argv = ["train", "--preset", "dito-tiny", "--data", str(data), "--steps", "2", "--batch-size", "2",
+            "--image-size", "32", "--out", str(out), "--device", "cpu", "--seed", "3"]
+    for s in sets:
+        argv += ["--set", s]
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(argv)
+    assert rc == 0
+    return out, data, buf.getvalue(), argv
+
+
+def test_train_outputs(trained):
+    out, data, stdout, _ = trained
+    assert "trained 2 steps (0 skipped)" in stdout and str(out / "model") in stdout
+    assert "validation PSNR" in stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["source"] == str(data) and cfg["data"]["image_size"] == 32
+    assert cfg["train"]["steps"] == 2 and cfg["train"]["batch_size"] == 2 and cfg["train"]["seed"] == 3
+    assert cfg["model"]["name"] == "dito-tiny" and cfg["model"]["decoder"]["level_channels"] == [8, 16, 16, 16]
+    model = DiTo.from_pretrained(out / "model")
+    assert model.config.encoder.base_channels == 8
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+
+
+def test_train_resume_and_refuse_overwrite(trained, tmp_path, capsys):
+    out, _, _, argv = trained
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(out, run)
+    argv = [a if a != str(out) else str(run) for a in argv]
+    assert main(argv) == 2  # fresh start into a run with checkpoints: one line, no traceback
+    assert "error:" in (err := capsys.readouterr().err) and "already holds checkpoints" in err
+    steps_at = argv.index("--steps") + 1
+    argv3 = argv[:steps_at] + ["3"] + argv[steps_at + 1:] + ["--resume"]
+    assert main(argv3) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+
+
+def test_reconstruct(trained, tmp_path, capsys):
+    out, data, _, _ = trained
+    rec = tmp_path / "rec"
+    assert main(["reconstruct", str(out / "model"), str(data / "img0.png"), "--out", str(rec), "--steps", "2"]) == 0
+    stdout = capsys.readouterr().out
+    assert "PSNR" in stdout and "img0.png" in stdout
+    img = Image.open(rec / "img0.png")
+    assert img.size == (48, 40) and img.mode == "RGB"  # 48x40 is already a multiple of 8
+    # a folder, resized and center-cropped with --size
+    assert main(["reconstruct", str(out / "model"), str(data), "--out", str(rec / "s"), "--size", "16",
+                 "--steps", "1", "--sampler", "heun", "--schedule", "edm"]) == 0
+    written = sorted(p.name for p in (rec / "s").glob("*.png"))
+    assert written == [f"img{i}.png" for i in range(6)]
+    assert all(Image.open(rec / "s" / n).size == (16, 16) for n in written)
+
+
+def test_encode_then_decode(trained, tmp_path, capsys):
+    out, data, _, _ = trained
+    lat, dec = tmp_path / "lat", tmp_path / "dec"
+    assert main(["encode", str(out / "model"), str(data / "img1.png"), str(data / "img2.png"),
+                 "--out", str(lat)]) == 0
+    assert "latent (1, 4, 5, 6)" in capsys.readouterr().out
+    tensors = load_file(str(lat / "img1.safetensors"))
+    z = tensors["latent"]
+    assert z.shape == (1, 4, 5, 6) and z.dtype == torch.float32
+    # the saved latent is the model's encoding of the image
+    model = DiTo.from_pretrained(out / "model").eval()
+    x = torch.from_numpy(np.array(Image.open(data / "img1.png"), dtype=np.float32)).permute(2, 0, 1)[None]
+    assert torch.allclose(model.encode(x / 127.5 - 1), z, atol=1e-5)
+
+    assert main(["decode", str(out / "model"), str(lat), "--out", str(dec), "--steps", "2", "--seed", "4"]) == 0
+    assert sorted(p.name for p in dec.glob("*.png")) == ["img1.png", "img2.png"]
+    png = torch.from_numpy(np.array(Image.open(dec / "img1.png"))).permute(2, 0, 1)
+    assert png.shape == (3, 40, 48)
+    assert torch.equal(png, fast_decode(model, z, steps=2, seed=4)[0])
+
+
+def test_decode_batch_file_writes_one_png_per_latent(trained, tmp_path, capsys):
+    out, _, _, _ = trained
+    save_file({"latent": torch.randn(3, 4, 2, 2)}, str(tmp_path / "batch.safetensors"))
+    assert main(["decode", str(out / "model"), str(tmp_path / "batch.safetensors"), "--out",
+                 str(tmp_path / "d"), "--steps", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.png")) == [f"batch_{i}.png" for i in range(3)]
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["train", "--preset", "dito-S", "--dry-run", "--steps", "7", "--lr", "3e-4",
+                 "--set", "model.flow.noise_sync_prob=0.1", "--set", "model.decoder.level_channels=[32,64,64,64]",
+                 "--set", "train.ema_decay=0"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["model"]["name"] == "dito-S"
+    assert cfg["model"]["flow"]["noise_sync_prob"] == 0.1
+    assert cfg["model"]["decoder"]["level_channels"] == [32, 64, 64, 64]
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["lr"] == 3e-4 and cfg["train"]["ema_decay"] == 0.0
+
+
+def test_dry_run_with_config_file(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"train": {"batch_size": 5}, "data": {"image_size": 128}}))
+    assert main(["train", "--preset", "dito-tiny", "--config", str(tmp_path / "c.json"), "--dry-run",
+                 "--image-size", "96"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train"]["batch_size"] == 5 and cfg["data"]["image_size"] == 96
+
+
+def test_info_lists_presets(capsys):
+    assert main(["info"]) == 0
+    stdout = capsys.readouterr().out
+    for name in PRESETS:
+        assert name in stdout
+    assert "162.78M" in stdout and "34.15M" in stdout and "f16c8" in stdout
+    assert "latent_layernorm" in stdout and "backends" in stdout
+
+
+# --------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    img = _write_images(tmp_path / "imgs", n=1)[0]
+    rc = main(["reconstruct", str(tmp_path / "no_model"), str(img), "--out", str(tmp_path / "o")])
+    assert rc != 0
+    assert "model directory not found" in capsys.readouterr().err
+
+
+def test_unknown_preset_is_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "dito-XXL", "--dry-run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "dito-XXL" in err
+
+
+def test_missing_input_file(trained, tmp_path):
+    out, _, _, _ = trained
+    with pytest.raises(SystemExit) as e:
+        main(["encode", str(out / "model"), str(tmp_path / "ghost.png"), "--out", str(tmp_path / "o")])
+    assert "input not found" in str(e.value.code) and "ghost.png" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        main(["decode", str(out / "model"), str(tmp_path / "ghost.safetensors"), "--out", str(tmp_path / "o")])
+    assert "latent file not found" in str(e.value.code)
+    save_file({"z": torch.zeros(1)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(SystemExit) as e:
+        main(["decode", str(out / "model"), str(tmp_path / "wrong.safetensors"), "--out", str(tmp_path / "o")])
+    assert "no 'latent' tensor" in str(e.value.code)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["encode", str(out / "model"), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert "no image files" in str(e.value.code)
+    img = _write_images(tmp_path / "imgs", n=1)[0]
+    with pytest.raises(SystemExit) as e:
+        main(["encode", str(out / "model"), str(img), "--size", "30", "--out", str(tmp_path / "o")])
+    assert "--size 30 must be a multiple of 8" in str(e.value.code)
+
+
+def test_bad_train_settings(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "dito-tiny", "--dry-run", "--set", "train.lr"])
+    assert "key=value" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "dito-tiny", "--dry-run", "--set", "train.nonsense=1"])
+    assert "unknown config key" in str(e.value.code) and "nonsense" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "dito-tiny", "--dry-run", "--set", "train.steps=many"])
+    assert "cannot use 'many'" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "dito-tiny", "--dry-run", "--image-size", "36"])
+    assert "multiple of 8" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "dito-tiny", "--dry-run", "--config", "/nonexistent/c.json"])
+    assert "config file not found" in str(e.value.code)
+
+
+def test_python_m_dito_fast_train_dry_run():
+    proc = subprocess.run([sys.executable, "-m", "dito_fast.train", "--preset", "dito-tiny", "--dry-run",
+                           "--steps", "3", "--set", "model.flow.objective=x0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["train"]["steps"] == 3 and cfg["model"]["flow"]["objective"] == "x0"
+    bad = subprocess.run([sys.executable, "-m", "dito_fast.train", "--preset", "nope", "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -1,0 +1,316 @@
+"""Tests for dito_fast/train/trainer.py: learning, exact resume, non-finite steps, run layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from dito_fast.data import SyntheticImages
+from dito_fast.diffusion import flow
+from dito_fast.models.dito import DiTo
+from dito_fast.train import EMA, StepBatchSampler, TrainingDivergedError, train
+from dito_fast.train import checkpoint as ckpt
+
+
+def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# learning
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_four_images(make_micro_config):
+    """The flow-matching loss of 4 fixed images, averaged over 8 fixed held-out noise draws,
+    falls by more than 5x in 300 AdamW steps."""
+    torch.manual_seed(0)
+    model = DiTo(make_micro_config())
+    ds = SyntheticImages(4, 16, seed=0)
+    x = torch.stack([ds[i] for i in range(4)])
+
+    def eval_loss():
+        with torch.no_grad():
+            return torch.stack([model(x, generator=torch.Generator().manual_seed(1000 + k))
+                                for k in range(8)]).mean().item()
+
+    initial = eval_loss()
+    # the zero-initialised output layer predicts v = 0: the loss starts at E|e - x|^2 ~ 1 + E x^2
+    assert initial == pytest.approx(1 + float(x.square().mean()), rel=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = x.repeat(4, 1, 1, 1)  # 4 noise draws per image per step
+    for step in range(300):
+        loss = model(batch, generator=torch.Generator().manual_seed(step)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = eval_loss()
+    assert final < initial / 5, (initial, final)
+
+
+# --------------------------------------------------------------------------------------------
+# run layout, validation
+
+
+def test_train_writes_run_layout(make_run_config, tmp_path):
+    cfg = make_run_config(steps=4, val_every_steps=2, checkpoint_every_steps=2, log_every_steps=2)
+    result = train(cfg, tmp_path, progress=False)
+    assert result.step == 4 and result.skipped_steps == 0
+    assert [s for s, _ in result.losses] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(l)) for _, l in result.losses)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["decoder"]["level_channels"] == [8, 16, 16, 16] and saved["train"]["steps"] == 4
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    step_files = {p.name for p in (tmp_path / "checkpoints" / "step_00000004").iterdir()}
+    assert step_files == {"model.safetensors", "ema.safetensors", "config.json", "state.pt", "COMPLETE"}
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert (tmp_path / "samples" / "recon_00000002.png").is_file()
+    assert (tmp_path / "samples" / "recon_00000004.png").is_file()
+    records = _metrics(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    assert [r["step"] for r in records if "val_psnr" in r] == [2, 4]
+    assert records[0]["loss"] == pytest.approx((result.losses[0][1] + result.losses[1][1]) / 2)
+    assert "val_psnr" in result.last_val and result.last_val["val_psnr"] > 0
+    # the exported model is the EMA model, loadable, identical to the final EMA weights
+    loaded = DiTo.from_pretrained(tmp_path / "model")
+    assert _state_equal(loaded, result.model)
+    ema_w = ckpt.load_weights(tmp_path / "checkpoints" / "step_00000004" / "ema.safetensors")
+    assert all(torch.equal(ema_w[k], v) for k, v in loaded.state_dict().items())
+    model_w = ckpt.load_weights(tmp_path / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert any(not torch.equal(model_w[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_train_without_ema_exports_raw_weights(make_run_config, tmp_path):
+    result = train(make_run_config(steps=2, ema_decay=0.0), tmp_path, progress=False)
+    model_w = ckpt.load_weights(tmp_path / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert all(torch.equal(model_w[k], v) for k, v in result.model.state_dict().items())
+    assert not (tmp_path / "checkpoints" / "step_00000002" / "ema.safetensors").exists()
+
+
+def test_train_with_noise_sync_and_other_objective(make_run_config, tmp_path):
+    cfg = make_run_config(steps=2)
+    cfg.model.flow.noise_sync_prob = 0.5
+    cfg.model.flow.objective = "x0"
+    result = train(cfg, tmp_path, progress=False)
+    assert result.step == 2 and len(result.losses) == 2
+
+
+def test_weights_change_and_seed_matters(make_run_config, tmp_path):
+    a = train(make_run_config(steps=2, ema_decay=0.0), tmp_path / "a", progress=False)
+    b = train(make_run_config(steps=2, ema_decay=0.0), tmp_path / "b", progress=False)
+    c = train(make_run_config(steps=2, ema_decay=0.0, seed=1), tmp_path / "c", progress=False)
+    assert a.losses == b.losses and _state_equal(a.model, b.model)  # deterministic on CPU
+    assert a.losses != c.losses
+    torch.manual_seed(0)
+    init = DiTo(make_run_config().model)
+    assert not _state_equal(init, a.model)
+
+
+# --------------------------------------------------------------------------------------------
+# exact resume
+
+
+def test_exact_resume(make_run_config, tmp_path):
+    N, k = 6, 3
+    full = train(make_run_config(steps=N), tmp_path / "full", progress=False)
+    assert len(full.losses) == N
+
+    part = train(make_run_config(steps=k), tmp_path / "resumed", progress=False)
+    assert part.losses == full.losses[:k]
+    rest = train(make_run_config(steps=N), tmp_path / "resumed", resume=True, progress=False)
+    assert [s for s, _ in rest.losses] == list(range(k + 1, N + 1))
+    assert rest.losses == full.losses[k:]  # bit-identical losses after the resume point
+    assert _state_equal(rest.model, full.model)  # exported (EMA) weights
+    w_full = ckpt.load_weights(tmp_path / "full" / "checkpoints" / f"step_{N:08d}" / "model.safetensors")
+    w_res = ckpt.load_weights(tmp_path / "resumed" / "checkpoints" / f"step_{N:08d}" / "model.safetensors")
+    assert all(torch.equal(w_full[n], w_res[n]) for n in w_full)
+    # the optimizer state after resume matches too
+    s_full = ckpt.load_torch(tmp_path / "full" / "checkpoints" / f"step_{N:08d}" / "state.pt")
+    s_res = ckpt.load_torch(tmp_path / "resumed" / "checkpoints" / f"step_{N:08d}" / "state.pt")
+    for pid, st in s_full["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg_sq"], s_res["optimizer"]["state"][pid]["exp_avg_sq"])
+    assert s_full["ema_updates"] == s_res["ema_updates"] == N
+
+
+class _CrashingDataset(Dataset):
+    """Wraps a dataset and raises after ``crash_after`` item reads (a simulated kill)."""
+
+    def __init__(self, ds, crash_after):
+        self.ds, self.crash_after, self.reads = ds, crash_after, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def set_epoch(self, epoch):
+        self.ds.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.crash_after:
+            raise RuntimeError("simulated crash")
+        return self.ds[i]
+
+
+def test_resume_after_crash_mid_run(make_run_config, tmp_path):
+    # periodic checkpoint at step 3, crash while loading step 5's batch, resume: same run
+    cfg = make_run_config(steps=6, checkpoint_every_steps=3)
+    full = train(cfg, tmp_path / "full", progress=False)
+    ds = SyntheticImages(cfg.data.num_synthetic_images, cfg.data.image_size, seed=cfg.train.seed)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, tmp_path / "crash", train_dataset=_CrashingDataset(ds, crash_after=4 * 2), progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "crash")] == ["step_00000003"]
+    # a fresh start refuses to overwrite the interrupted run
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train(cfg, tmp_path / "crash", progress=False)
+    rest = train(cfg, tmp_path / "crash", resume=True, progress=False)
+    assert rest.losses == full.losses[3:]
+    assert _state_equal(rest.model, full.model)
+    # metrics past the checkpoint were dropped on resume, then rewritten: same steps as the full run
+    strip = lambda recs: [(r["step"], r.get("loss"), r.get("val_psnr")) for r in recs]  # noqa: E731
+    assert strip(_metrics(tmp_path / "crash")) == strip(_metrics(tmp_path / "full"))
+
+
+def test_resume_from_explicit_checkpoint_dir(make_run_config, tmp_path):
+    cfg = make_run_config(steps=4, checkpoint_every_steps=2)
+    full = train(cfg, tmp_path / "a", progress=False)
+    step2 = tmp_path / "a" / "checkpoints" / "step_00000002"
+    rest = train(cfg, tmp_path / "b", resume=str(step2), progress=False)
+    assert rest.losses == full.losses[2:]
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint directory"):
+        train(cfg, tmp_path / "c", resume=str(tmp_path / "a" / "checkpoints" / "step_00000099"), progress=False)
+
+
+def test_resume_without_checkpoint_starts_fresh(make_run_config, tmp_path):
+    a = train(make_run_config(steps=2), tmp_path / "a", progress=False)
+    b = train(make_run_config(steps=2), tmp_path / "b", resume=True, progress=False)
+    assert a.losses == b.losses
+
+
+def test_interrupted_checkpoints_never_latest(make_run_config, tmp_path):
+    cfg2 = make_run_config(steps=2)
+    train(cfg2, tmp_path, progress=False)
+    root = tmp_path / "checkpoints"
+    good = root / "step_00000002"
+    # a later step directory without COMPLETE (crash before the marker) ...
+    shutil.copytree(good, root / "step_00000009")
+    (root / "step_00000009" / "COMPLETE").unlink()
+    # ... and a leftover temporary directory that even holds a COMPLETE marker
+    shutil.copytree(good, root / ".step_00000010.abcd.tmp")
+    (root / "latest").write_text("step_00000009\n")
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert ckpt.list_checkpoints(tmp_path) == [good]
+    full = train(make_run_config(steps=3), tmp_path / "ref", progress=False)
+    rest = train(make_run_config(steps=3), tmp_path, resume=True, progress=False)
+    assert rest.losses == full.losses[2:]  # resumed from step 2, not from the broken step 9
+    assert not (root / ".step_00000010.abcd.tmp").exists()  # stale temporaries are pruned
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite losses
+
+
+def _nan_loss_on_calls(monkeypatch, bad_calls):
+    """Make flow.fm_loss return NaN on the given call numbers (0-based; one call per step)."""
+    real = flow.fm_loss
+    calls = {"n": 0}
+
+    def fm_loss(pred, target, backend=None):
+        loss = real(pred, target)
+        i = calls["n"]
+        calls["n"] += 1
+        return loss * float("nan") if bad_calls(i) else loss
+
+    monkeypatch.setattr(flow, "fm_loss", fm_loss)
+    return calls
+
+
+def test_nonfinite_steps_are_skipped(make_run_config, tmp_path, monkeypatch, caplog):
+    _nan_loss_on_calls(monkeypatch, lambda i: i in (2, 3))
+    result = train(make_run_config(steps=6, ema_decay=0.0), tmp_path, progress=False)
+    assert result.step == 6 and result.skipped_steps == 2
+    assert [s for s, _ in result.losses] == [1, 2, 5, 6]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert "non-finite loss" in caplog.text
+    assert [r for r in _metrics(tmp_path) if "loss" in r][-1]["skipped_steps"] == 2
+    # a skipped step does not move the weights: the run equals one where steps 3 and 4 are absent
+    state = ckpt.load_torch(tmp_path / "checkpoints" / "step_00000006" / "state.pt")
+    assert state["skipped_steps"] == 2
+    assert all(int(s["step"]) == 4 for s in state["optimizer"]["state"].values())
+
+
+def test_nonfinite_gradients_are_skipped(make_run_config, tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip(params, max_norm, *a, **kw):
+        norm = real(params, max_norm, *a, **kw)
+        calls["n"] += 1
+        return norm * float("inf") if calls["n"] == 2 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    result = train(make_run_config(steps=4), tmp_path, progress=False)
+    assert result.skipped_steps == 1 and [s for s, _ in result.losses] == [1, 3, 4]
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(make_run_config, tmp_path, monkeypatch):
+    _nan_loss_on_calls(monkeypatch, lambda i: i >= 4)  # steps 5, 6, 7, ... are non-finite
+    cfg = make_run_config(steps=20, checkpoint_every_steps=2, max_bad_steps=3)
+    with pytest.raises(TrainingDivergedError, match="3 consecutive non-finite losses") as e:
+        train(cfg, tmp_path, progress=False)
+    last = tmp_path / "checkpoints" / "step_00000004"
+    assert str(last) in str(e.value)
+    assert ckpt.latest_checkpoint(tmp_path) == last
+    assert not (tmp_path / "model").exists()  # nothing exported from a diverged run
+    # the last good checkpoint loads into a model and training resumes from it
+    model = DiTo(cfg.model)
+    model.load_state_dict(ckpt.load_weights(last / "model.safetensors"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    monkeypatch.undo()
+    rest = train(make_run_config(steps=6, checkpoint_every_steps=2, max_bad_steps=3), tmp_path, resume=True,
+                 progress=False)
+    assert [s for s, _ in rest.losses] == [5, 6] and rest.skipped_steps == 0
+
+
+# --------------------------------------------------------------------------------------------
+# data order and EMA
+
+
+def test_step_batch_sampler_stream_independent_of_cut():
+    full = list(StepBatchSampler(10, 4, seed=3, start_step=0, num_steps=8))
+    tail = list(StepBatchSampler(10, 4, seed=3, start_step=5, num_steps=3))
+    assert tail == full[5:]
+    flat = [k for batch in full for k in batch]
+    assert all(len(b) == 4 for b in full)
+    # each epoch is a permutation of the dataset; batches run across epoch boundaries
+    for epoch in range(3):
+        assert sorted(i for i, e in flat if e == epoch) == list(range(10))
+    assert full != list(StepBatchSampler(10, 4, seed=4, num_steps=8))
+    with pytest.raises(ValueError, match="empty dataset"):
+        StepBatchSampler(0, 4, seed=0)
+
+
+def test_ema_update_math():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    start = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    d = min(0.9, 2 / 11)  # ramp: (1 + n) / (10 + n) with n = 1
+    for p0, pe, pm in zip(start, ema.model.parameters(), model.parameters()):
+        assert torch.allclose(pe, d * p0 + (1 - d) * pm)
+    for _ in range(100):
+        ema.update(model)
+    for pe, pm in zip(ema.model.parameters(), model.parameters()):
+        assert torch.allclose(pe, pm, atol=1e-4)
+    assert not any(p.requires_grad for p in ema.model.parameters())
