@@ -96,8 +96,12 @@ def cmd_train(args) -> int:
                       ("device", "train.device"), ("seed", "train.seed"), ("threads", "train.threads")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    config_file = args.config
+    run_config = Path(args.out) / "config.json"
+    if args.resume is not None and args.preset is None and config_file is None and run_config.is_file():
+        config_file = str(run_config)  # resuming: the run's own resolved config, plus any overrides
     try:
-        cfg = C.resolve_run_config(args.preset, args.config, overrides)
+        cfg = C.resolve_run_config(args.preset, config_file, overrides)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e.args[0] if e.args else e}")
     if args.dry_run:
@@ -290,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .train import TrainingDivergedError
+
+        if not isinstance(e, TrainingDivergedError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ Preset names (f8c4 = 8x spatial downsampling, 4 latent channels, the paper's mai
 ============  =========  =========  =====================================================
 name          encoder    decoder    notes
 ============  =========  =========  =====================================================
-dito-tiny     small      small      CPU demo/test model (see README for sizes and FLOPs)
-dito-S        small      ~11 M      CPU experiments at 64-128 px
-dito-B        34.15 M    162.78 M   paper DiTo-B (f8c4)
-dito-L        34.15 M    338.52 M   paper DiTo-L (f8c4)
-dito-XL       34.15 M    620.94 M   paper DiTo-XL (f8c4)
-dito-B-f16c8  f16c8      162.78 M   16x downsampling, 8 latent channels
+dito-tiny     1.13 M     3.15 M     CPU demo/test model; 2.94 GFLOP per decoder step @64x64
+dito-S        5.82 M     30.30 M    CPU experiments; 19.73 GFLOP per decoder step @64x64
+dito-B        34.15 M    162.78 M   paper DiTo-B (f8c4); 1588.6 GFLOP per step @256x256
+dito-L        34.15 M    338.52 M   paper DiTo-L (f8c4); 3573.1 GFLOP per step @256x256
+dito-XL       34.15 M    620.94 M   paper DiTo-XL (f8c4); 8407.0 GFLOP per step @256x256
+dito-B-f16c8  45.97 M    162.78 M   16x downsampling, 8 latent channels
 ============  =========  =========  =====================================================
 """
 
@@ -180,7 +180,7 @@ def from_dict(cls: type, data: dict) -> Any:
     return apply_overrides(cls(), data)
 
 
-def apply_overrides(cfg: Any, overrides: dict) -> Any:
+def apply_overrides(cfg: Any, overrides: dict, _prefix: str = "") -> Any:
     """Return a copy of dataclass ``cfg`` with ``overrides`` applied.
 
     Keys may be field names (nested dicts merge into sub-configs) or dotted paths
@@ -189,20 +189,21 @@ def apply_overrides(cfg: Any, overrides: dict) -> Any:
     cfg = copy.deepcopy(cfg)
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
+        full = _prefix + key  # the path as the user wrote it, for error messages
         names = {f.name for f in fields(cfg)}
         if head not in names:
-            raise KeyError(f"unknown config key {key!r} for {type(cfg).__name__}; known: {sorted(names)}")
+            raise KeyError(f"unknown config key {full!r} ({type(cfg).__name__} has {sorted(names)})")
         current = getattr(cfg, head)
         if rest:
             if not dataclasses.is_dataclass(current):
-                raise KeyError(f"config key {key!r}: {head!r} has no sub-fields")
-            setattr(cfg, head, apply_overrides(current, {rest: value}))
+                raise KeyError(f"config key {full!r}: {_prefix + head!r} has no sub-fields")
+            setattr(cfg, head, apply_overrides(current, {rest: value}, _prefix + head + "."))
         elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise TypeError(f"config key {key!r} expects a mapping, got {type(value).__name__}")
-            setattr(cfg, head, apply_overrides(current, value))
+                raise TypeError(f"config key {full!r} expects a mapping, got {type(value).__name__}")
+            setattr(cfg, head, apply_overrides(current, value, _prefix + head + "."))
         else:
-            setattr(cfg, head, _coerce(key, value, current))
+            setattr(cfg, head, _coerce(full, value, current))
     return cfg
 
 

@@ -124,8 +124,9 @@ def build_datasets(cfg: RunConfig) -> tuple[Dataset, torch.Tensor]:
                                          num_val=n_val)
         val = [val_ds[i] for i in range(len(val_ds))]
     else:
-        train_ds = data.make_dataset(d.source, size, train=True, seed=t.seed)
-        val_ds = data.make_dataset(d.source, size, train=False, seed=t.seed)
+        data.make_dataset(d.source, size)  # validates the source (clear error if not a folder)
+        train_ds = data.ImageFolderDataset(d.source, size, train=True, hflip=d.hflip, seed=t.seed)
+        val_ds = data.ImageFolderDataset(d.source, size, train=False, seed=t.seed)
         n = len(train_ds)
         n_val = min(n_val, n // 5)
         val_idx = sorted({round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)})
@@ -368,10 +369,10 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
                 bad_streak += 1
                 skipped_total += 1
                 optimizer.zero_grad(set_to_none=True)
-                logger.warning("step %d: non-finite loss (%s), skipped (%d in a row)", step, loss.item(), bad_streak)
+                logger.warning("step %d: non-finite loss (%s), skipped (%d in a row)", step + 1, loss.item(), bad_streak)
                 if bad_streak >= t_cfg.max_bad_steps:
                     raise TrainingDivergedError(
-                        f"{bad_streak} consecutive non-finite losses at step {step}; stopping. The last good "
+                        f"{bad_streak} consecutive non-finite losses at step {step + 1}; stopping. The last good "
                         f"checkpoint is {ckpt.latest_checkpoint(run_dir)} (lower train.lr or check the data)")
                 step += 1
                 t_fetch = time.perf_counter()
@@ -384,9 +385,11 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
                 bad_streak += 1
                 skipped_total += 1
                 optimizer.zero_grad(set_to_none=True)
-                logger.warning("step %d: non-finite gradient norm, skipped", step)
+                logger.warning("step %d: non-finite gradient norm, skipped (%d in a row)", step + 1, bad_streak)
                 if bad_streak >= t_cfg.max_bad_steps:
-                    raise TrainingDivergedError(f"{bad_streak} consecutive non-finite gradients at step {step}")
+                    raise TrainingDivergedError(
+                        f"{bad_streak} consecutive non-finite gradients at step {step + 1}; stopping. The last "
+                        f"good checkpoint is {ckpt.latest_checkpoint(run_dir)} (lower train.lr or check the data)")
                 step += 1
                 t_fetch = time.perf_counter()
                 continue
