@@ -135,9 +135,9 @@ def _f8c4_encoder() -> EncoderConfig:
 PRESETS: dict[str, ModelConfig] = {
     "dito-tiny": ModelConfig(
         name="dito-tiny",
-        encoder=EncoderConfig(base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8),
-        decoder=DecoderConfig(level_channels=(32, 64, 96, 96), num_res_blocks=1, time_freq_dim=64,
-                              time_embed_dim=128, norm_groups=8),
+        encoder=EncoderConfig(base_channels=16, channel_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8),
+        decoder=DecoderConfig(level_channels=(16, 32, 64, 64), num_res_blocks=1, time_freq_dim=64,
+                              time_embed_dim=64, norm_groups=8),
     ),
     "dito-S": ModelConfig(
         name="dito-S",

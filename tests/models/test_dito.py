@@ -305,11 +305,11 @@ def test_config_override_errors():
     cfg = get_preset("dito-tiny")
     with pytest.raises(KeyError, match="'nonsense'"):
         apply_overrides(cfg, {"nonsense": 1})
-    with pytest.raises(KeyError, match="'bogus' for DecoderConfig"):
+    with pytest.raises(KeyError, match=r"'decoder.bogus' \(DecoderConfig has"):  # the full path is named
         apply_overrides(cfg, {"decoder.bogus": 1})
     with pytest.raises(KeyError, match="has no sub-fields"):
         apply_overrides(cfg, {"name.x": 1})
-    with pytest.raises(ValueError, match=r"'num_res_blocks': cannot use 'three' \(expected int\)"):
+    with pytest.raises(ValueError, match=r"'decoder.num_res_blocks': cannot use 'three' \(expected int\)"):
         apply_overrides(cfg, {"decoder.num_res_blocks": "three"})
     with pytest.raises(ValueError, match="num_res_blocks"):
         apply_overrides(cfg, {"decoder.num_res_blocks": 2.5})
@@ -323,13 +323,13 @@ def test_config_override_errors():
 
 def test_config_override_coercion():
     cfg = apply_overrides(get_preset("dito-tiny"), {
-        "decoder.level_channels": "16,32,32,32", "encoder.mid_attention": "false",
+        "decoder.level_channels": "24,32,32,32", "encoder.mid_attention": "false",
         "flow.sigma_min": "1e-4", "decoder.num_res_blocks": "2"})
-    assert cfg.decoder.level_channels == (16, 32, 32, 32)
+    assert cfg.decoder.level_channels == (24, 32, 32, 32)
     assert cfg.encoder.mid_attention is False
     assert cfg.flow.sigma_min == 1e-4 and cfg.decoder.num_res_blocks == 2
     # the preset registry itself is not modified by overrides
-    assert get_preset("dito-tiny").decoder.level_channels == (32, 64, 96, 96)
+    assert get_preset("dito-tiny").decoder.level_channels == (16, 32, 64, 64)
 
 
 def test_resolve_run_config_errors(tmp_path):
