@@ -18,6 +18,11 @@ SIZE = 64
 PRESETS = ["dito-tiny", "dito-S"]
 
 
+def _median(benchmark):
+    """Median seconds of a finished benchmark, or None when benchmarking is disabled."""
+    return benchmark.stats.stats.median if benchmark.stats is not None else None
+
+
 def _model(preset):
     torch.manual_seed(0)
     return DiTo.from_preset(preset)
@@ -41,7 +46,9 @@ def test_train_step(benchmark, preset, batch):
         opt.step()
 
     benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
-    med = benchmark.stats.stats.median
+    med = _median(benchmark)
+    if med is None:  # --benchmark-disable: the function ran once, untimed
+        return
     benchmark.extra_info.update({"batch": batch, "image_size": SIZE, "images_per_s": batch / med})
 
 
@@ -57,7 +64,9 @@ def test_decoder_step(benchmark, preset, batch):
             model.velocity(x_t, t, z)
 
     benchmark.pedantic(step, rounds=10, warmup_rounds=2, iterations=1)
-    med = benchmark.stats.stats.median
+    med = _median(benchmark)
+    if med is None:  # --benchmark-disable: the function ran once, untimed
+        return
     gflop = decoder_gflops(model.config, SIZE) * batch
     benchmark.extra_info.update({"batch": batch, "image_size": SIZE, "ms_per_step": med * 1e3,
                                  "gflop_per_step": gflop, "gflops_per_s": gflop / med})
@@ -73,6 +82,8 @@ def test_encode(benchmark, preset):
             model.encode(x)
 
     benchmark.pedantic(enc, rounds=10, warmup_rounds=2, iterations=1)
-    med = benchmark.stats.stats.median
+    med = _median(benchmark)
+    if med is None:  # --benchmark-disable: the function ran once, untimed
+        return
     benchmark.extra_info.update({"batch": 8, "image_size": SIZE, "images_per_s": 8 / med,
                                  "gflops_per_s": encoder_gflops(model.config, SIZE) * 8 / med})

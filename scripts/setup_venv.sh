@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) on a fresh machine and install the package with the given extra.
+# Usage: bash scripts/setup_venv.sh EXTRA   (EXTRA: test, demo, ...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q -U pip
+# Pin torch exactly: a range can pull a multi-GB CUDA build (ENVIRONMENT.md).
+.venv/bin/python -m pip install -q "torch==${DITO_TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[$1]"
