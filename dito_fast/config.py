@@ -101,6 +101,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_decay: str = "none"  # "none" (constant after warm-up) or "cosine" (to lr_min_ratio * lr at `steps`)
+    lr_min_ratio: float = 0.0
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     ema_decay: float = 0.9999  # 0 disables EMA
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
@@ -282,6 +284,8 @@ def validate_run_config(cfg: RunConfig) -> None:
                          f"{max(m.encoder.downsample_factor, unet_factor)} for preset {m.name}")
     if t.steps < 1 or t.batch_size < 1:
         raise ValueError("train.steps and train.batch_size must be >= 1")
+    if t.lr_decay not in ("none", "cosine"):
+        raise ValueError(f"train.lr_decay must be none|cosine, got {t.lr_decay!r}")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"train.precision must be auto|fp32|bf16, got {t.precision!r}")
     if not 0.0 <= t.ema_decay < 1.0:

@@ -39,6 +39,7 @@ DEMO_SETTINGS = {
     "train.lr": 8e-3,  # high for AdamW, but best measured for this short budget (see README)
     "train.betas": (0.9, 0.95),
     "train.warmup_steps": 100,
+    "train.lr_decay": "cosine",
     "train.ema_decay": 0.999,
     "train.log_every_steps": 50,
     "train.val_every_steps": 0,

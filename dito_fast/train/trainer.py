@@ -214,6 +214,18 @@ class TrainResult:
     last_val: dict = field(default_factory=dict)
 
 
+def lr_factor(step: int, t_cfg) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warm-up over
+    ``warmup_steps``, then constant or a cosine decay reaching ``lr_min_ratio`` at ``steps``."""
+    warm = max(t_cfg.warmup_steps, 0)
+    if warm and step < warm:
+        return (step + 1) / warm
+    if t_cfg.lr_decay == "cosine":
+        progress = min(1.0, (step - warm) / max(t_cfg.steps - warm, 1))
+        return t_cfg.lr_min_ratio + (1 - t_cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -287,8 +299,7 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
     else:
         opt_kwargs["foreach"] = True
     optimizer = torch.optim.AdamW(model.parameters(), **opt_kwargs)
-    warm = max(t_cfg.warmup_steps, 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t_cfg))
 
     start_step, skipped_total = 0, 0
     if resume_from is not None:
