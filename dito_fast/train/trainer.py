@@ -368,38 +368,29 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
     step = start_step
     t_start = t_fetch = time.perf_counter()
     try:
-        for keys_batch in loader:
-            x = keys_batch.to(device, non_blocking=True)
+        for batch in loader:
+            x = batch.to(device, non_blocking=True)
             data_wait += time.perf_counter() - t_fetch
             if step == start_step:
                 check_images(x, model.downsample_factor, name="training images")
             gen = torch.Generator(device=device).manual_seed(_mix_seed(t_cfg.seed, 0, step))
             with _autocast(device, t_cfg.precision):
                 loss = model(x, generator=gen).mean()
-            if not torch.isfinite(loss):
-                bad_streak += 1
-                skipped_total += 1
-                optimizer.zero_grad(set_to_none=True)
-                logger.warning("step %d: non-finite loss (%s), skipped (%d in a row)", step + 1, loss.item(), bad_streak)
-                if bad_streak >= t_cfg.max_bad_steps:
-                    raise TrainingDivergedError(
-                        f"{bad_streak} consecutive non-finite losses at step {step + 1}; stopping. The last good "
-                        f"checkpoint is {ckpt.latest_checkpoint(run_dir)} (lower train.lr or check the data)")
-                step += 1
-                t_fetch = time.perf_counter()
-                continue
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.max_grad_norm)
-                         if t_cfg.max_grad_norm > 0 else torch.tensor(0.0))
-            if not torch.isfinite(grad_norm):
+            bad = "losses" if not torch.isfinite(loss) else None
+            if bad is None:
+                loss.backward()
+                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.max_grad_norm)
+                             if t_cfg.max_grad_norm > 0 else torch.tensor(0.0))
+                bad = "gradient norms" if not torch.isfinite(grad_norm) else None
+            if bad is not None:  # skip the update, count it, stop after too many in a row
                 bad_streak += 1
                 skipped_total += 1
                 optimizer.zero_grad(set_to_none=True)
-                logger.warning("step %d: non-finite gradient norm, skipped (%d in a row)", step + 1, bad_streak)
+                logger.warning("step %d: non-finite %s, skipped (%d in a row)", step + 1, bad[:-1], bad_streak)
                 if bad_streak >= t_cfg.max_bad_steps:
                     raise TrainingDivergedError(
-                        f"{bad_streak} consecutive non-finite gradients at step {step + 1}; stopping. The last "
+                        f"{bad_streak} consecutive non-finite {bad} at step {step + 1}; stopping. The last "
                         f"good checkpoint is {ckpt.latest_checkpoint(run_dir)} (lower train.lr or check the data)")
                 step += 1
                 t_fetch = time.perf_counter()
