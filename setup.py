@@ -9,7 +9,10 @@ the pure-Python package installs and a message says why the extension was skippe
 
 import glob
 import os
+import platform
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import find_packages, setup
 
@@ -18,6 +21,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _say(msg: str) -> None:
     print(f"[dito_fast setup] {msg}", file=sys.stderr)
+
+
+# CPU kernel units (csrc/ops/*/*_cpu_kernel.cpp) are compiled once per instruction set into
+# namespaces of that name; the extension picks one at run time (csrc/include/dito_fast/cpu_kernels.h).
+X86_CAPABILITIES = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+def cpu_capabilities():
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return X86_CAPABILITIES
+    return {"DEFAULT": []}
+
+
+def is_kernel_unit(path: str) -> bool:
+    return path.endswith("_cpu_kernel.cpp")
 
 
 def extension_modules():
@@ -47,7 +69,10 @@ def extension_modules():
             raise RuntimeError("DITO_FAST_USE_CUDA=1 but CUDA kernels cannot be built (see message above)")
     else:
         _say("CUDA kernels skipped: DITO_FAST_USE_CUDA=0")
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+    kernels = [p for p in cpp if is_kernel_unit(p)]
+    cpp = [p for p in cpp if not is_kernel_unit(p)]
+    caps = cpu_capabilities()
+    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"] + [f"-DDITO_FAST_HAVE_{c}" for c in caps if c != "DEFAULT"]
     include = [os.path.join(HERE, "csrc", "include")]
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
@@ -57,7 +82,45 @@ def extension_modules():
     else:
         ext = cpp_extension.CppExtension("dito_fast._C", cpp, include_dirs=include,
                                          extra_compile_args=cxx, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    ext.dito_kernel_units = kernels
+    _say(f"CPU kernels built for: {', '.join(caps)} (chosen at run time)")
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """BuildExtension plus the per-capability CPU kernel objects (incremental)."""
+
+        def build_extensions(self):
+            for e in self.extensions:
+                e.extra_objects = list(e.extra_objects or []) + self._kernel_objects(getattr(e, "dito_kernel_units", []))
+            super().build_extensions()
+
+        def _kernel_objects(self, units):
+            cxx_bin = os.environ.get("CXX", "c++")
+            abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+            incs = [f"-I{p}" for p in include + cpp_extension.include_paths()]
+            headers = glob.glob(os.path.join(HERE, "csrc", "include", "**", "*.h"), recursive=True)
+            newest_header = max((os.path.getmtime(h) for h in headers), default=0)
+            jobs = []
+            for cap, flags in caps.items():
+                for src in units:
+                    name = os.path.splitext(os.path.basename(src))[0]
+                    obj = os.path.join(self.build_temp, "dito_cpu_kernels", cap, name + ".o")
+                    cmd = [cxx_bin, "-fPIC", "-O3", "-g0", "-std=c++17", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                           f"-DCPU_CAPABILITY={cap}", *flags, *incs, "-c", src, "-o", obj]
+                    stale = (not os.path.exists(obj) or os.path.getmtime(obj) < max(os.path.getmtime(src), newest_header))
+                    jobs.append((obj, cmd, stale))
+
+            def run(job):
+                obj, cmd, stale = job
+                if stale:
+                    os.makedirs(os.path.dirname(obj), exist_ok=True)
+                    _say("compiling " + os.path.relpath(obj, self.build_temp))
+                    subprocess.check_call(cmd)
+                return obj
+
+            with ThreadPoolExecutor(max_workers=int(os.environ["MAX_JOBS"])) as pool:
+                return list(pool.map(run, jobs))
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extension_modules()

@@ -71,6 +71,11 @@ class FlowConfig:
     noise_sync_prob: float = 0.0  # off by default; the paper uses 0.1
     noise_sync_tmax: float = 1.0  # tz ~ U(0, tmax)
     noise_sync_time_rule: str = "above"  # "above": t ~ U(tz, 1); "independent": t ~ U(0, 1)
+    # Training-time distribution of t: "uniform" (the paper) or "logit_normal" (t = sigmoid(m + s n),
+    # n ~ N(0, 1); m > 0 puts more steps at high noise, where the decoder must rely on the latent).
+    time_sampling: str = "uniform"
+    time_logit_mean: float = 0.0
+    time_logit_std: float = 1.0
 
 
 @dataclass
@@ -268,6 +273,10 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"flow.objective must be velocity|epsilon|x0, got {m.flow.objective!r}")
     if m.flow.noise_sync_time_rule not in ("above", "independent"):
         raise ValueError(f"flow.noise_sync_time_rule must be above|independent, got {m.flow.noise_sync_time_rule!r}")
+    if m.flow.time_sampling not in ("uniform", "logit_normal"):
+        raise ValueError(f"flow.time_sampling must be uniform|logit_normal, got {m.flow.time_sampling!r}")
+    if not m.flow.time_logit_std > 0:
+        raise ValueError(f"flow.time_logit_std must be > 0, got {m.flow.time_logit_std}")
     if not 0.0 <= m.flow.noise_sync_prob <= 1.0:
         raise ValueError(f"flow.noise_sync_prob must be in [0, 1], got {m.flow.noise_sync_prob}")
     if not 0.0 < m.flow.noise_sync_tmax <= 1.0:

@@ -32,9 +32,19 @@ def _bc(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def sample_times(batch: int, generator: torch.Generator | None = None, device=None,
-                 low: torch.Tensor | None = None) -> torch.Tensor:
-    """t ~ U(low, 1) per sample (low defaults to 0). Returns (B,) float32."""
-    u = torch.rand(batch, generator=generator, device=device)
+                 low: torch.Tensor | None = None, cfg: FlowConfig | None = None) -> torch.Tensor:
+    """Training times t in (low, 1) per sample (low defaults to 0). Returns (B,) float32.
+
+    ``cfg.time_sampling == "uniform"`` (default): t ~ U(low, 1). ``"logit_normal"``:
+    u = sigmoid(mean + std * n), n ~ N(0, 1), then t = low + (1 - low) u.
+    """
+    if cfg is None or cfg.time_sampling == "uniform":
+        u = torch.rand(batch, generator=generator, device=device)
+    elif cfg.time_sampling == "logit_normal":
+        n = torch.randn(batch, generator=generator, device=device)
+        u = torch.sigmoid(cfg.time_logit_mean + cfg.time_logit_std * n)
+    else:
+        raise ValueError(f"unknown flow.time_sampling {cfg.time_sampling!r} (uniform|logit_normal)")
     return u if low is None else low + (1 - low) * u
 
 
@@ -97,7 +107,7 @@ def flow_matching_loss(decoder, x: torch.Tensor, z: torch.Tensor, cfg: FlowConfi
     here. The returned dict holds the sampled ``t`` and the noise-sync ``mask`` for logging/tests.
     """
     z, t_low, mask = noise_sync(z, cfg, generator)
-    t = sample_times(x.shape[0], generator, x.device, low=t_low)
+    t = sample_times(x.shape[0], generator, x.device, low=t_low, cfg=cfg)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     x_t, v = fm_noise(x, noise, t, cfg.sigma_min)
     out = decoder(x_t, t, z)

@@ -5,7 +5,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _cpp
 from ._dispatch import Backend, always_supported, dispatch
+
+
+def _check(x, num_groups, weight, bias, scale, shift):
+    op = "group_norm_modulate_silu"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 4:
+        raise ValueError(f"{op} expects (B, C, H, W), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: x is empty, shape {tuple(x.shape)}")
+    B, C = x.shape[:2]
+    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
+        raise ValueError(f"{op}: {C} channels are not divisible by {num_groups} groups")
+    for name, p, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("scale", scale, (B, C)),
+                           ("shift", shift, (B, C))):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor or None")
+        if tuple(p.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}")
 
 
 def group_norm_modulate_silu_ref(x, num_groups: int, weight=None, bias=None, scale=None, shift=None,
@@ -15,14 +39,7 @@ def group_norm_modulate_silu_ref(x, num_groups: int, weight=None, bias=None, sca
     y = GroupNorm(x; weight, bias); y = y * (1 + scale) + shift if given; SiLU(y) if ``silu``.
     Returns the shape and dtype of x.
     """
-    if x.dim() != 4:
-        raise ValueError(f"group_norm_modulate_silu expects (B, C, H, W), got {tuple(x.shape)}")
-    B, C = x.shape[:2]
-    if C % num_groups:
-        raise ValueError(f"group_norm_modulate_silu: {C} channels are not divisible by {num_groups} groups")
-    for name, p in (("scale", scale), ("shift", shift)):
-        if p is not None and tuple(p.shape) != (B, C):
-            raise ValueError(f"group_norm_modulate_silu: {name} must have shape ({B}, {C}), got {tuple(p.shape)}")
+    _check(x, num_groups, weight, bias, scale, shift)
     half = upcast and x.dtype in (torch.float16, torch.bfloat16)
     xc = x.float() if half else x
     y = F.group_norm(xc, num_groups, weight, bias, eps)
@@ -35,11 +52,23 @@ def group_norm_modulate_silu_ref(x, num_groups: int, weight=None, bias=None, sca
     return y.to(x.dtype)
 
 
-_BACKENDS = [Backend("ref", group_norm_modulate_silu_ref, always_supported)]
+def _cpp_gnms(x, num_groups, weight, bias, scale, shift, eps, silu):
+    return torch.ops.dito_fast.group_norm_modulate_silu(x, num_groups, weight, bias, scale, shift, eps, silu)[0]
+
+
+_BACKENDS = [
+    Backend("cpp", _cpp_gnms, lambda x, g, w, b, s, sh, eps, silu: _cpp.unsupported_reasons(x, w, b, s, sh)),
+    Backend("ref", group_norm_modulate_silu_ref, always_supported),
+]
 
 
 def group_norm_modulate_silu(x, num_groups: int, weight=None, bias=None, scale=None, shift=None,
                              eps: float = 1e-5, silu: bool = True, backend: str | None = None):
-    """Fused norm block; see :func:`group_norm_modulate_silu_ref` for the definition."""
+    """Fused norm block; see :func:`group_norm_modulate_silu_ref` for the definition.
+
+    x: (B, C, H, W) float, contiguous or channels_last (the output keeps x's layout);
+    weight/bias: (C,); scale/shift: (B, C). Differentiable w.r.t. x and every parameter given.
+    """
+    _check(x, num_groups, weight, bias, scale, shift)
     return dispatch("group_norm_modulate_silu", _BACKENDS, backend, x, num_groups, weight, bias,
-                    scale, shift, eps, silu)
+                    scale, shift, float(eps), bool(silu))

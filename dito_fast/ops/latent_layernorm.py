@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from . import _cpp
 from ._dispatch import Backend, always_supported, dispatch
+
+
+def _check(z, eps):
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+        raise TypeError(f"latent_layernorm: z must be a floating tensor, got {getattr(z, 'dtype', type(z).__name__)}")
+    if z.dim() != 4:
+        raise ValueError(f"latent_layernorm expects (B, C, H, W), got shape {tuple(z.shape)}")
+    if z.numel() == 0:
+        raise ValueError(f"latent_layernorm: z is empty, shape {tuple(z.shape)}")
+    if eps < 0:
+        raise ValueError(f"latent_layernorm: eps must be >= 0, got {eps}")
 
 
 def latent_layernorm_ref(z: torch.Tensor, eps: float = 1e-5, upcast: bool = True) -> torch.Tensor:
@@ -13,17 +25,27 @@ def latent_layernorm_ref(z: torch.Tensor, eps: float = 1e-5, upcast: bool = True
     z: (B, C, H, W) floating. Returns the same shape and dtype. ``upcast`` computes in float32
     for half-precision inputs.
     """
-    if z.dim() != 4:
-        raise ValueError(f"latent_layernorm expects (B, C, H, W), got shape {tuple(z.shape)}")
+    _check(z, eps)
     zc = z.float() if upcast and z.dtype in (torch.float16, torch.bfloat16) else z
     mean = zc.mean(dim=(1, 2, 3), keepdim=True)
     var = zc.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
     return ((zc - mean) * torch.rsqrt(var + eps)).to(z.dtype)
 
 
-_BACKENDS = [Backend("ref", latent_layernorm_ref, always_supported)]
+def _cpp_lln(z, eps):
+    return torch.ops.dito_fast.latent_layernorm(z, eps)[0]
+
+
+_BACKENDS = [
+    Backend("cpp", _cpp_lln, lambda z, eps: _cpp.unsupported_reasons(z)),
+    Backend("ref", latent_layernorm_ref, always_supported),
+]
 
 
 def latent_layernorm(z: torch.Tensor, eps: float = 1e-5, backend: str | None = None) -> torch.Tensor:
-    """Normalise each sample of ``z`` (B, C, H, W) to zero mean and unit variance over (C, H, W)."""
-    return dispatch("latent_layernorm", _BACKENDS, backend, z, eps)
+    """Normalise each sample of ``z`` (B, C, H, W) to zero mean and unit variance over (C, H, W).
+
+    Float dtypes; contiguous or channels_last (kept). Differentiable.
+    """
+    _check(z, eps)
+    return dispatch("latent_layernorm", _BACKENDS, backend, z, float(eps))

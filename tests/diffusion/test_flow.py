@@ -41,7 +41,7 @@ def fixed_draws(monkeypatch):
     x = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1)
     e = torch.randn(shape, generator=g, dtype=torch.float64)
     t = torch.tensor([0.0, 0.13, 0.5, 0.87, 1.0], dtype=torch.float64)
-    monkeypatch.setattr(flow, "sample_times", lambda batch, generator=None, device=None, low=None: t.clone())
+    monkeypatch.setattr(flow, "sample_times", lambda batch, generator=None, device=None, low=None, cfg=None: t.clone())
 
     def fake_randn(*size, generator=None, device=None, dtype=None, **kw):
         size = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
@@ -100,7 +100,7 @@ def test_flow_matching_loss_zero_for_exact_prediction(fixed_draws, objective):
     cfg = FlowConfig(sigma_min=S, objective=objective)
     exact = {"velocity": (1 - S) * e - x, "epsilon": e, "x0": x}[objective]
     loss, _ = flow.flow_matching_loss(RecordingDecoder(exact), x, torch.zeros(5, 4, 1, 1), cfg)
-    assert torch.all(loss == 0)
+    assert torch.all(loss < 1e-25)  # float64; fused kernels may round differently
 
 
 def test_flow_matching_loss_real_draws_are_consistent():

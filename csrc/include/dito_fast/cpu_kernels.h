@@ -1,0 +1,83 @@
+// CPU kernels of the fused ops, compiled once per instruction set (DEFAULT, AVX2, AVX512) into
+// namespaces of those names (setup.py / CMakeLists.txt build csrc/ops/*/*_cpu_kernel.cpp with the
+// matching -m flags and -DCPU_CAPABILITY=...). The wrappers call DITO_CPU_KERNEL(name)(...), which
+// picks the variant for torch's run-time CPU capability (at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY), so one binary runs on any x86-64 CPU and uses AVX-512 where it exists.
+//
+// All tensors passed in are dense in the layout stated (the wrappers make them so) and outputs are
+// preallocated; kernels never allocate tensors.
+#pragma once
+
+#include <ATen/core/TensorBase.h>
+
+#include <cstdint>
+
+#define DITO_FAST_DECLARE_CPU_KERNELS(CAP)                                                            \
+  namespace CAP {                                                                                     \
+  /* x, noise, x_t, v: (B, N) contiguous; t: (B,) double (per-sample times). */                        \
+  void fm_noise_kernel(const at::TensorBase& x, const at::TensorBase& noise, const at::TensorBase& t, \
+                       double sigma_min, const at::TensorBase& x_t, const at::TensorBase& v);          \
+  /* pred, target: (B, N) contiguous; loss: (B,) float32 or float64. */                               \
+  void fm_loss_kernel(const at::TensorBase& pred, const at::TensorBase& target, const at::TensorBase& loss); \
+  /* grad: (B,) like loss; grad_pred: (B, N) like pred. */                                            \
+  void fm_loss_backward_kernel(const at::TensorBase& grad, const at::TensorBase& pred,                \
+                               const at::TensorBase& target, const at::TensorBase& grad_pred);        \
+  /* z, y: (B, N) dense per sample; rstd: (B,) opmath. */                                             \
+  void latent_layernorm_kernel(const at::TensorBase& z, double eps, const at::TensorBase& y,          \
+                               const at::TensorBase& rstd);                                           \
+  void latent_layernorm_backward_kernel(const at::TensorBase& grad_y, const at::TensorBase& y,        \
+                                        const at::TensorBase& rstd, const at::TensorBase& grad_z);    \
+  /* x, y: (B, C, H, W) contiguous or channels_last (the same for both); mean, rstd: (B, G) opmath;  \
+     weight/bias (C,), scale/shift (B, C) may be undefined. */                                        \
+  void gnms_kernel(const at::TensorBase& x, int64_t groups, const at::TensorBase& weight,             \
+                   const at::TensorBase& bias, const at::TensorBase& scale, const at::TensorBase& shift, \
+                   double eps, bool silu, const at::TensorBase& y, const at::TensorBase& mean,        \
+                   const at::TensorBase& rstd);                                                       \
+  /* grads of absent optional inputs are undefined TensorBases and are not written. */                \
+  void gnms_backward_kernel(const at::TensorBase& grad_y, const at::TensorBase& x,                    \
+                            const at::TensorBase& mean, const at::TensorBase& rstd, int64_t groups,   \
+                            const at::TensorBase& weight, const at::TensorBase& bias,                 \
+                            const at::TensorBase& scale, const at::TensorBase& shift, bool silu,      \
+                            const at::TensorBase& grad_x, const at::TensorBase& grad_weight,          \
+                            const at::TensorBase& grad_bias, const at::TensorBase& grad_scale,        \
+                            const at::TensorBase& grad_shift);                                        \
+  }
+
+namespace dito_fast {
+namespace cpu {
+
+DITO_FAST_DECLARE_CPU_KERNELS(DEFAULT)
+#if defined(DITO_FAST_HAVE_AVX2)
+DITO_FAST_DECLARE_CPU_KERNELS(AVX2)
+#endif
+#if defined(DITO_FAST_HAVE_AVX512)
+DITO_FAST_DECLARE_CPU_KERNELS(AVX512)
+#endif
+
+// 0 = DEFAULT, 1 = AVX2, 2 = AVX512: the best variant both built and allowed by torch's capability.
+int capability_level();
+const char* capability_name();
+
+}  // namespace cpu
+}  // namespace dito_fast
+
+#if defined(DITO_FAST_HAVE_AVX512)
+#define DITO_FAST_AVX512_BRANCH(name, ...) if (level_ >= 2) { ::dito_fast::cpu::AVX512::name(__VA_ARGS__); } else
+#else
+#define DITO_FAST_AVX512_BRANCH(name, ...)
+#endif
+#if defined(DITO_FAST_HAVE_AVX2)
+#define DITO_FAST_AVX2_BRANCH(name, ...) if (level_ >= 1) { ::dito_fast::cpu::AVX2::name(__VA_ARGS__); } else
+#else
+#define DITO_FAST_AVX2_BRANCH(name, ...)
+#endif
+
+// DITO_CPU_CALL(gnms_kernel, args...): run the best built variant of a kernel.
+#define DITO_CPU_CALL(name, ...)                                  \
+  do {                                                            \
+    const int level_ = ::dito_fast::cpu::capability_level();     \
+    (void)level_;                                                 \
+    DITO_FAST_AVX512_BRANCH(name, __VA_ARGS__)                    \
+    DITO_FAST_AVX2_BRANCH(name, __VA_ARGS__)                      \
+    { ::dito_fast::cpu::DEFAULT::name(__VA_ARGS__); }             \
+  } while (0)

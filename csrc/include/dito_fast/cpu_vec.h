@@ -1,0 +1,86 @@
+// Vector helpers for the per-capability CPU kernel units (csrc/ops/*/*_cpu_kernel.cpp).
+//
+// Kernels compute in acc_t = at::opmath_type<scalar_t> (float for float/half/bfloat16, double
+// for double) with at::vec::Vectorized<acc_t>; loads and stores convert from/to the storage type.
+// Only this header and the kernel units depend on CPU_CAPABILITY.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace dito_fast {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Load Vec<acc_t>::size() values (or the first n, the rest zero) starting at p.
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> vload(const scalar_t* p, int64_t n = Vec<acc_t>::size()) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return n == Vec<acc_t>::size() ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
+  } else {
+    alignas(64) acc_t buf[Vec<acc_t>::size()] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(p[i]);
+    return Vec<acc_t>::loadu(buf);
+  }
+}
+
+// Store the first n lanes (all by default) of v at p.
+template <typename acc_t, typename scalar_t>
+inline void vstore(scalar_t* p, const Vec<acc_t>& v, int64_t n = Vec<acc_t>::size()) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (n == Vec<acc_t>::size()) v.store(p); else v.store(p, n);
+  } else {
+    alignas(64) acc_t buf[Vec<acc_t>::size()];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(buf[i]);
+  }
+}
+
+template <typename acc_t>
+inline double hsum(const Vec<acc_t>& v) {
+  alignas(64) acc_t buf[Vec<acc_t>::size()];
+  v.store(buf);
+  double s = 0;
+  for (int64_t i = 0; i < Vec<acc_t>::size(); ++i) s += buf[i];
+  return s;
+}
+
+// Shifted moments of n values at p: s1 += sum(x - k), s2 += sum((x - k)^2). Vector lanes
+// accumulate at most kBlock values each in acc_t before being added in double, which keeps
+// float32 sums accurate for planes of any size.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void shifted_moments(const scalar_t* p, int64_t n, acc_t k, double& s1, double& s2) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  constexpr int64_t kBlock = 256 * V;
+  const Vec<acc_t> kv(k);
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t end = std::min(n, i + kBlock);
+    Vec<acc_t> a1(0), a2(0);
+    for (; i + V <= end; i += V) {
+      Vec<acc_t> d = vload<acc_t>(p + i) - kv;
+      a1 = a1 + d;
+      a2 = at::vec::fmadd(d, d, a2);
+    }
+    if (i < end) {  // tail: zero lanes must not contribute (x - k) for absent x
+      const int64_t r = end - i;
+      Vec<acc_t> d = Vec<acc_t>::set(Vec<acc_t>(0), vload<acc_t>(p + i, r) - kv, r);
+      a1 = a1 + d;
+      a2 = at::vec::fmadd(d, d, a2);
+      i = end;
+    }
+    s1 += hsum(a1);
+    s2 += hsum(a2);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace dito_fast

@@ -1,0 +1,124 @@
+// Per-element math shared by the CPU (C++) and CUDA kernels of dito_fast's fused ops.
+//
+// Every formula a kernel evaluates lives here once, as a C10_HOST_DEVICE template, so the CPU
+// tests exercise the same code the GPU runs. T is float/double on both sides; on the CPU it is
+// also at::vec::Vectorized<float|double> (the overloads of exp_ below make that work).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+#if !defined(__CUDACC__)
+#include <ATen/cpu/vec/vec.h>
+#endif
+
+namespace dito_fast {
+namespace math {
+
+// ---- exp for every T the kernels use ---------------------------------------------------------
+C10_HOST_DEVICE inline float exp_(float a) {
+#if defined(__CUDA_ARCH__)
+  return __expf(a);
+#else
+  return std::exp(a);
+#endif
+}
+C10_HOST_DEVICE inline double exp_(double a) { return ::exp(a); }
+#if !defined(__CUDACC__)
+template <typename S>
+inline at::vec::Vectorized<S> exp_(const at::vec::Vectorized<S>& a) { return a.exp_u20(); }
+#endif
+
+// ---- flow matching (DESIGN.md §1; s = sigma_min) ---------------------------------------------
+// x_t = (1 - t) x + (s + t (1 - s)) e ;  v = dx_t/dt = (1 - s) e - x
+// The per-sample coefficients are computed once per sample in the accumulation type.
+template <typename A>
+struct FmCoef {
+  A keep;   // 1 - t
+  A sigma;  // s + t (1 - s)
+  A vnoise; // 1 - s
+};
+
+template <typename A>
+C10_HOST_DEVICE inline FmCoef<A> fm_coef(A t, A sigma_min) {
+  return {A(1) - t, sigma_min + t * (A(1) - sigma_min), A(1) - sigma_min};
+}
+
+template <typename T, typename A>
+C10_HOST_DEVICE inline T fm_xt(T x, T e, const FmCoef<A>& c) { return x * T(c.keep) + e * T(c.sigma); }
+
+template <typename T, typename A>
+C10_HOST_DEVICE inline T fm_v(T x, T e, const FmCoef<A>& c) { return e * T(c.vnoise) - x; }
+
+// d(mean_i (p_i - y_i)^2)/dp_i = 2 (p_i - y_i) / n, times the upstream gradient of that sample.
+template <typename T>
+C10_HOST_DEVICE inline T mse_grad(T p, T y, T two_g_over_n) { return (p - y) * two_g_over_n; }
+
+// ---- SiLU --------------------------------------------------------------------------------------
+template <typename T>
+C10_HOST_DEVICE inline T sigmoid(T a) { return T(1) / (T(1) + exp_(T(0) - a)); }
+
+template <typename T>
+C10_HOST_DEVICE inline T silu(T a) { return a * sigmoid(a); }
+
+// d silu(a) / da = sig(a) (1 + a (1 - sig(a)))
+template <typename T>
+C10_HOST_DEVICE inline T silu_grad(T a) {
+  T s = sigmoid(a);
+  return s * (T(1) + a * (T(1) - s));
+}
+
+// ---- normalisation statistics ------------------------------------------------------------------
+// Given sum and sum of squares of n values taken relative to a shift k (the first value of the
+// group, which keeps E[x^2] - E[x]^2 from cancelling when |mean| >> std), return mean and
+// 1/sqrt(var + eps) with the biased variance, as GroupNorm/LayerNorm define it.
+template <typename A>
+C10_HOST_DEVICE inline void moments_to_mean_rstd(A shifted_sum, A shifted_sumsq, A n, A k, A eps,
+                                                 A& mean, A& rstd) {
+  A m = shifted_sum / n;
+  A var = shifted_sumsq / n - m * m;
+  var = var < A(0) ? A(0) : var;
+  mean = m + k;
+#if defined(__CUDA_ARCH__)
+  rstd = A(1) / sqrt(var + eps);
+#else
+  rstd = A(1) / std::sqrt(var + eps);
+#endif
+}
+
+// ---- GroupNorm -> (1 + scale), shift -> SiLU, folded per (sample, channel) ----------------------
+// a = ((x - mean) rstd w + b)(1 + s) + sh = x alpha + beta, so the forward is one FMA (+ SiLU)
+// per element. w = 1, b = 0, s = 0, sh = 0 when the optional tensor is absent.
+template <typename A>
+struct GnmsCoef {
+  A alpha;
+  A beta;
+};
+
+template <typename A>
+C10_HOST_DEVICE inline GnmsCoef<A> gnms_coef(A mean, A rstd, A w, A b, A s, A sh) {
+  A m = A(1) + s;
+  return {rstd * w * m, (b - mean * rstd * w) * m + sh};
+}
+
+// Backward, per (sample, channel): with xhat = (x - mean) rstd, da = dy * silu'(a) (or dy), and
+// the plane sums S1 = sum da, S2 = sum da xhat over H*W:
+//   dshift = S1, dscale = w S2 + b S1, dweight += (1 + s) S2, dbias += (1 + s) S1,
+//   and dx = rstd (k da - A - xhat B) with k = (1 + s) w and, per group of n = C_g H W values,
+//   A = sum_c k_c S1_c / n, B = sum_c k_c S2_c / n.
+// So dx = da * (rstd k) + xhat * (-rstd B) + (-rstd A) = da * c1 + x * c2 + c3 with
+template <typename A>
+struct GnmsGradCoef {
+  A c1;  // rstd k
+  A c2;  // -rstd^2 B
+  A c3;  // rstd (mean rstd B - A)
+};
+
+template <typename A>
+C10_HOST_DEVICE inline GnmsGradCoef<A> gnms_grad_coef(A mean, A rstd, A k, A group_a, A group_b) {
+  return {rstd * k, -rstd * rstd * group_b, rstd * (mean * rstd * group_b - group_a)};
+}
+
+}  // namespace math
+}  // namespace dito_fast

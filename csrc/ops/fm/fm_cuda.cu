@@ -1,0 +1,347 @@
+// CUDA kernels of the flow-matching ops: fm_noise, fm_loss, fm_loss_backward.
+//
+// All three are memory-bound passes over (B, N) arrays (N = numel per sample). Samples map to
+// blockIdx.y (grid-strided past 65535), the elements of a sample to blockIdx.x and the threads,
+// which load 16-byte packs (4 float, 8 half/bfloat16, 2 double) when every pointer is 16-byte
+// aligned and N is a multiple of the pack width; otherwise one element at a time.
+// Per-element math comes from dito_fast/math.h (shared with the CPU kernels).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#include <dito_fast/check.h>
+#include <dito_fast/math.h>
+
+namespace dito_fast {
+namespace {
+
+// ---- small CUDA helpers (file-local) -----------------------------------------------------------
+constexpr int kWarp = 32;
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+// Sum over the warp; the total is valid in lane 0 (fixed shuffle tree: deterministic).
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32), returned to every thread. sh: 32 values.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* sh) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // sh may still be read by a previous call
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? sh[lane] : T(0);
+    v = warp_sum(v);
+    if (lane == 0) sh[0] = v;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+template <typename scalar_t>
+constexpr int pack_width() {
+  return static_cast<int>(16 / sizeof(scalar_t));
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int sm_count() {
+  int dev = 0, n = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n;
+}
+
+// Blocks along x per sample: enough for every thread to get work, capped so that all samples
+// together fill about `waves` full waves of `threads`-thread blocks (2048 threads per SM).
+inline int64_t blocks_per_sample(int64_t work, int64_t samples, int threads, int64_t min_per_thread, int waves) {
+  const int64_t by_work = ceil_div(work, threads * min_per_thread);
+  const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / threads) * waves;
+  const int64_t by_occupancy = ceil_div(resident, std::min(samples, kMaxGridY));
+  return std::max<int64_t>(1, std::min({by_work, by_occupancy, int64_t{1} << 20}));
+}
+
+inline at::ScalarType opmath_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  check_same_device(t, ref, op, name, ref_name);
+}
+
+// ---- fm_noise ------------------------------------------------------------------------------------
+constexpr int kEltThreads = 256;
+
+// Launch: grid (bx, min(B, 65535)), block 256. Block (j, b) covers packs j*256 + tid of sample b,
+// stepping by bx*256 (grid-stride), and writes x_t and v with the sample's fm_coef.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void fm_noise_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ e,
+                                const acc_t* __restrict__ t, acc_t sigma_min, scalar_t* __restrict__ xt,
+                                scalar_t* __restrict__ v, int64_t B, int64_t N) {
+  const int64_t npack = N / V;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const auto c = math::fm_coef<acc_t>(t[b], sigma_min);
+    const int64_t base = b * N;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t o = base + i * V;
+      const auto xv = load_pack<V>(x + o);
+      const auto ev = load_pack<V>(e + o);
+      Pack<scalar_t, V> xtv, vv;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t xa = static_cast<acc_t>(xv.v[k]), ea = static_cast<acc_t>(ev.v[k]);
+        xtv.v[k] = static_cast<scalar_t>(math::fm_xt(xa, ea, c));
+        vv.v[k] = static_cast<scalar_t>(math::fm_v(xa, ea, c));
+      }
+      store_pack<V>(xt + o, xtv);
+      store_pack<V>(v + o, vv);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> fm_noise_cuda(const at::Tensor& x, const at::Tensor& noise, const at::Tensor& t,
+                                                 double sigma_min) {
+  constexpr const char* op = "fm_noise";
+  check_floating(x, op, "x");
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  check_cuda(noise, x, op, "noise", "x");
+  check_cuda(t, x, op, "t", "x");
+  TORCH_CHECK(noise.scalar_type() == x.scalar_type(), op, ": noise dtype ", noise.scalar_type(), " != x dtype ",
+              x.scalar_type());
+  check_floating(t, op, "t");
+  TORCH_CHECK(x.dim() >= 1 && x.size(0) > 0, op, ": x must have a non-empty batch dimension, got shape ", x.sizes());
+  TORCH_CHECK(noise.sizes() == x.sizes(), op, ": x ", x.sizes(), " and noise ", noise.sizes(), " differ in shape");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": t must have shape (", x.size(0), "), got ", t.sizes());
+
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto xc = x.contiguous(), ec = noise.contiguous();
+  auto x_t = at::empty(xc.sizes(), xc.options());
+  auto v = at::empty(xc.sizes(), xc.options());
+  const int64_t B = xc.size(0), N = xc.numel() / B;
+  if (N == 0) return {x_t, v};
+  const auto tc = t.to(opmath_dtype(x.scalar_type())).contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fm_noise_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kV = pack_width<scalar_t>();
+    const bool packed = N % kV == 0 && aligned16(xc.const_data_ptr()) && aligned16(ec.const_data_ptr()) &&
+                        aligned16(x_t.const_data_ptr()) && aligned16(v.const_data_ptr());
+    auto launch = [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const dim3 grid(blocks_per_sample(N / V, B, kEltThreads, 2, 1), std::min(B, kMaxGridY));
+      fm_noise_kernel<scalar_t, acc_t, V><<<grid, kEltThreads, 0, stream>>>(
+          xc.const_data_ptr<scalar_t>(), ec.const_data_ptr<scalar_t>(), tc.const_data_ptr<acc_t>(),
+          static_cast<acc_t>(sigma_min), x_t.mutable_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), B, N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+  });
+  return {x_t, v};
+}
+
+// ---- fm_loss ---------------------------------------------------------------------------------------
+// Deterministic two-stage reduction (no atomics): stage 1 writes one partial sum per
+// (sample, chunk) block, stage 2 adds a sample's partials in a fixed order. The number of chunks
+// depends only on (B, N, SM count), so results repeat exactly on a given GPU model.
+constexpr int kLossThreads = 256;
+
+// Stage 1. Launch: grid (chunks, min(B, 65535)), block 256. Block (j, b) sums (p - y)^2 over the
+// packs j*256 + tid, stepping by chunks*256, of sample b. With one chunk it writes the sample's
+// mean directly into out[b]; otherwise partial[b * chunks + j].
+template <typename scalar_t, typename acc_t, int V>
+__global__ void fm_loss_partial_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ y, int64_t B,
+                                       int64_t N, acc_t* __restrict__ partial, acc_t* __restrict__ out) {
+  __shared__ acc_t sh[kWarp];
+  const int64_t npack = N / V;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t base = b * N;
+    acc_t s = 0;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const auto pv = load_pack<V>(p + base + i * V);
+      const auto yv = load_pack<V>(y + base + i * V);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t d = static_cast<acc_t>(pv.v[k]) - static_cast<acc_t>(yv.v[k]);
+        s += d * d;
+      }
+    }
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) {
+      if (gridDim.x == 1) out[b] = s / static_cast<acc_t>(N);
+      else partial[b * gridDim.x + blockIdx.x] = s;
+    }
+  }
+}
+
+// Stage 2. Launch: grid (min(B, 65535)), block 256. Thread i adds partials i, i + 256, ... of
+// sample b, then a fixed block tree; out[b] = total / N.
+template <typename acc_t>
+__global__ void fm_loss_finish_kernel(const acc_t* __restrict__ partial, int64_t B, int64_t chunks, int64_t N,
+                                      acc_t* __restrict__ out) {
+  __shared__ acc_t sh[kWarp];
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    acc_t s = 0;
+    for (int64_t j = threadIdx.x; j < chunks; j += blockDim.x) s += partial[b * chunks + j];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) out[b] = s / static_cast<acc_t>(N);
+  }
+}
+
+at::Tensor fm_loss_cuda(const at::Tensor& pred, const at::Tensor& target) {
+  constexpr const char* op = "fm_loss";
+  check_floating(pred, op, "pred");
+  TORCH_CHECK(pred.is_cuda(), op, ": pred must be a CUDA tensor, got device ", pred.device());
+  check_cuda(target, pred, op, "target", "pred");
+  TORCH_CHECK(target.scalar_type() == pred.scalar_type(), op, ": target dtype ", target.scalar_type(),
+              " != pred dtype ", pred.scalar_type());
+  TORCH_CHECK(pred.dim() >= 1 && pred.size(0) > 0, op, ": pred must have a non-empty batch dimension, got shape ",
+              pred.sizes());
+  TORCH_CHECK(target.sizes() == pred.sizes(), op, ": pred ", pred.sizes(), " and target ", target.sizes(),
+              " differ in shape");
+
+  c10::cuda::CUDAGuard guard(pred.device());
+  const auto pc = pred.contiguous(), yc = target.contiguous();
+  const int64_t B = pc.size(0), N = pc.numel() / B;
+  const auto acc_dtype = opmath_dtype(pred.scalar_type());
+  auto loss = at::empty({B}, pc.options().dtype(acc_dtype));
+  if (N == 0) return loss.zero_();  // like the CPU kernel: no elements, zero loss
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fm_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kV = pack_width<scalar_t>();
+    const bool packed = N % kV == 0 && aligned16(pc.const_data_ptr()) && aligned16(yc.const_data_ptr());
+    auto launch = [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const int64_t chunks = blocks_per_sample(N / V, B, kLossThreads, 4, 1);
+      at::Tensor partial;
+      if (chunks > 1) partial = at::empty({B * chunks}, pc.options().dtype(acc_dtype));
+      const dim3 grid(chunks, std::min(B, kMaxGridY));
+      fm_loss_partial_kernel<scalar_t, acc_t, V><<<grid, kLossThreads, 0, stream>>>(
+          pc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(), B, N,
+          chunks > 1 ? partial.mutable_data_ptr<acc_t>() : nullptr, loss.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (chunks > 1) {
+        fm_loss_finish_kernel<acc_t><<<std::min(B, kMaxGridY), kLossThreads, 0, stream>>>(
+            partial.const_data_ptr<acc_t>(), B, chunks, N, loss.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    };
+    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+  });
+  return loss;
+}
+
+// ---- fm_loss_backward --------------------------------------------------------------------------------
+// Launch: grid (bx, min(B, 65535)), block 256, grid-stride over the packs of sample b like
+// fm_noise: grad_pred = mse_grad(p, y, 2 g[b] / N).
+template <typename scalar_t, typename acc_t, int V>
+__global__ void fm_loss_backward_kernel(const acc_t* __restrict__ g, const scalar_t* __restrict__ p,
+                                        const scalar_t* __restrict__ y, scalar_t* __restrict__ out, int64_t B,
+                                        int64_t N) {
+  const int64_t npack = N / V;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const acc_t k = acc_t(2) * g[b] / static_cast<acc_t>(N);
+    const int64_t base = b * N;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t o = base + i * V;
+      const auto pv = load_pack<V>(p + o);
+      const auto yv = load_pack<V>(y + o);
+      Pack<scalar_t, V> r;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        r.v[j] = static_cast<scalar_t>(math::mse_grad(static_cast<acc_t>(pv.v[j]), static_cast<acc_t>(yv.v[j]), k));
+      }
+      store_pack<V>(out + o, r);
+    }
+  }
+}
+
+at::Tensor fm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target) {
+  constexpr const char* op = "fm_loss_backward";
+  check_floating(pred, op, "pred");
+  TORCH_CHECK(pred.is_cuda(), op, ": pred must be a CUDA tensor, got device ", pred.device());
+  check_cuda(target, pred, op, "target", "pred");
+  check_cuda(grad, pred, op, "grad", "pred");
+  check_floating(grad, op, "grad");
+  TORCH_CHECK(pred.dim() >= 1 && pred.size(0) > 0, op, ": pred must have a non-empty batch dimension, got shape ",
+              pred.sizes());
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == pred.size(0), op, ": grad must have shape (", pred.size(0),
+              "), got ", grad.sizes());
+  TORCH_CHECK(target.sizes() == pred.sizes() && target.scalar_type() == pred.scalar_type(), op,
+              ": pred and target must match in shape and dtype, got ", pred.sizes(), " ", pred.scalar_type(), " and ",
+              target.sizes(), " ", target.scalar_type());
+
+  c10::cuda::CUDAGuard guard(pred.device());
+  const auto pc = pred.contiguous(), yc = target.contiguous();
+  auto out = at::empty(pc.sizes(), pc.options());
+  const int64_t B = pc.size(0), N = pc.numel() / B;
+  if (N == 0) return out;
+  const auto gc = grad.to(opmath_dtype(pred.scalar_type())).contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fm_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kV = pack_width<scalar_t>();
+    const bool packed = N % kV == 0 && aligned16(pc.const_data_ptr()) && aligned16(yc.const_data_ptr()) &&
+                        aligned16(out.const_data_ptr());
+    auto launch = [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const dim3 grid(blocks_per_sample(N / V, B, kEltThreads, 2, 1), std::min(B, kMaxGridY));
+      fm_loss_backward_kernel<scalar_t, acc_t, V><<<grid, kEltThreads, 0, stream>>>(
+          gc.const_data_ptr<acc_t>(), pc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), B, N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dito_fast, CUDA, m) {
+  m.impl("fm_noise", &fm_noise_cuda);
+  m.impl("fm_loss", &fm_loss_cuda);
+  m.impl("fm_loss_backward", &fm_loss_backward_cuda);
+}
+
+}  // namespace dito_fast

@@ -1,0 +1,431 @@
+// GroupNorm -> (1 + scale), shift -> SiLU: CPU kernels (compiled once per CPU capability).
+//
+// Forward, per (sample, group): shifted moments -> mean, rstd; then a = x alpha + beta with the
+// per-(sample, channel) folded coefficients of math::gnms_coef, y = silu(a).
+// Backward recomputes a from x (nothing but mean/rstd is saved): pass 1 forms the per-channel
+// sums S1 = sum da, S2 = sum da xhat; pass 2 writes dx = da c1 + x c2 + c3 (math::gnms_grad_coef).
+//
+// NCHW: one task per (sample, group); the group's block is read twice, the second time mostly
+// from cache (e.g. 4 channels x 64 x 64 fp32 = 64 KiB). channels_last: tasks over (sample,
+// chunk of rows), each row vectorised across channels, with per-chunk partial sums.
+#include <ATen/Dispatch.h>
+#include <ATen/core/TensorBase.h>
+
+#include <dito_fast/cpu_kernels.h>
+#include <dito_fast/cpu_vec.h>
+#include <dito_fast/math.h>
+
+#include <vector>
+
+namespace dito_fast {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+namespace {
+
+// Optional per-channel / per-(sample, channel) parameters, read in acc_t with defaults.
+template <typename acc_t>
+struct Params {
+  std::vector<acc_t> w, b, s, sh;  // (C,), (C,), (B*C,), (B*C,)
+  bool has_w = false, has_b = false, has_s = false, has_sh = false;
+};
+
+template <typename acc_t>
+std::vector<acc_t> to_acc(const at::TensorBase& t) {
+  std::vector<acc_t> out(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "gnms_param", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<acc_t>(p[i]);
+  });
+  return out;
+}
+
+template <typename acc_t>
+Params<acc_t> read_params(const at::TensorBase& weight, const at::TensorBase& bias, const at::TensorBase& scale,
+                          const at::TensorBase& shift, int64_t B, int64_t C) {
+  Params<acc_t> p;
+  p.has_w = weight.defined();
+  p.has_b = bias.defined();
+  p.has_s = scale.defined();
+  p.has_sh = shift.defined();
+  p.w = p.has_w ? to_acc<acc_t>(weight) : std::vector<acc_t>(C, acc_t(1));
+  p.b = p.has_b ? to_acc<acc_t>(bias) : std::vector<acc_t>(C, acc_t(0));
+  p.s = p.has_s ? to_acc<acc_t>(scale) : std::vector<acc_t>(B * C, acc_t(0));
+  p.sh = p.has_sh ? to_acc<acc_t>(shift) : std::vector<acc_t>(B * C, acc_t(0));
+  return p;
+}
+
+template <typename acc_t, bool kSilu>
+inline Vec<acc_t> activate(const Vec<acc_t>& a) {
+  if constexpr (kSilu) return math::silu(a); else return a;
+}
+
+template <typename acc_t, bool kSilu>
+inline Vec<acc_t> act_grad(const Vec<acc_t>& a, const Vec<acc_t>& dy) {
+  if constexpr (kSilu) return dy * math::silu_grad(a); else return dy;
+}
+
+template <typename scalar_t, bool kSilu>
+void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t HW, int64_t G, double eps,
+                  const Params<at::opmath_type<scalar_t>>& P, at::opmath_type<scalar_t>* mean_out,
+                  at::opmath_type<scalar_t>* rstd_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t V = Vec<acc_t>::size();
+  const int64_t Cg = C / G;
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, g = bg % G, c0 = g * Cg;
+      const scalar_t* xg = x + (b * C + c0) * HW;
+      const acc_t k = static_cast<acc_t>(xg[0]);
+      double s1 = 0, s2 = 0;
+      shifted_moments(xg, Cg * HW, k, s1, s2);
+      double mean, rstd;
+      math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), k, eps, mean, rstd);
+      mean_out[bg] = static_cast<acc_t>(mean);
+      rstd_out[bg] = static_cast<acc_t>(rstd);
+      for (int64_t c = c0; c < c0 + Cg; ++c) {
+        const auto cf = math::gnms_coef<acc_t>(mean, rstd, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
+        const Vec<acc_t> al(cf.alpha), be(cf.beta);
+        const scalar_t* xp = x + (b * C + c) * HW;
+        scalar_t* yp = y + (b * C + c) * HW;
+        int64_t i = 0;
+        for (; i + V <= HW; i += V) vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i), al, be)));
+        if (i < HW) vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i, HW - i), al, be)), HW - i);
+      }
+    }
+  });
+}
+
+// Row chunking for channels_last: rows of C values, tasks over (sample, chunk).
+inline int64_t rows_per_chunk(int64_t HW, int64_t C) {
+  const int64_t target = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));  // ~16k values per task
+  return std::min(HW, target);
+}
+
+// Per-channel sums over a chunk of rows, accumulated in acc_t per row block, added into double.
+template <typename acc_t, typename RowFn>
+inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double* out2, const RowFn& row_terms) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  std::vector<acc_t> a1(C, acc_t(0)), a2(C, acc_t(0));
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t c = 0;
+    for (; c + V <= C; c += V) {
+      Vec<acc_t> t1, t2;
+      row_terms(r, c, V, t1, t2);
+      (Vec<acc_t>::loadu(a1.data() + c) + t1).store(a1.data() + c);
+      (Vec<acc_t>::loadu(a2.data() + c) + t2).store(a2.data() + c);
+    }
+    if (c < C) {
+      Vec<acc_t> t1, t2;
+      row_terms(r, c, C - c, t1, t2);
+      (Vec<acc_t>::loadu(a1.data() + c, C - c) + t1).store(a1.data() + c, C - c);
+      (Vec<acc_t>::loadu(a2.data() + c, C - c) + t2).store(a2.data() + c, C - c);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    out1[c] += a1[c];
+    out2[c] += a2[c];
+  }
+}
+
+template <typename scalar_t, bool kSilu>
+void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t HW, int64_t G, double eps,
+                  const Params<at::opmath_type<scalar_t>>& P, at::opmath_type<scalar_t>* mean_out,
+                  at::opmath_type<scalar_t>* rstd_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t V = Vec<acc_t>::size();
+  const int64_t Cg = C / G, R = rows_per_chunk(HW, C), nchunk = (HW + R - 1) / R;
+  // Shift per channel: the group's first value (channel c0 of row 0), kept per channel.
+  std::vector<acc_t> kc(B * C);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) kc[b * C + c] = static_cast<acc_t>(x[b * HW * C + (c / Cg) * Cg]);
+  std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
+      const scalar_t* xb = x + b * HW * C;
+      const acc_t* kb = kc.data() + b * C;
+      channel_sums<acc_t>(r0, r1, C, p1.data() + task * C, p2.data() + task * C,
+                          [&](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
+                            Vec<acc_t> d = vload<acc_t>(xb + r * C + c, n) - vload<acc_t>(kb + c, n);
+                            if (n < V) d = Vec<acc_t>::set(Vec<acc_t>(0), d, n);
+                            t1 = d;
+                            t2 = d * d;
+                          });
+    }
+  });
+  // Group statistics and folded coefficients per (sample, channel).
+  std::vector<acc_t> alpha(B * C), beta(B * C);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < G; ++g) {
+      double s1 = 0, s2 = 0;
+      for (int64_t ch = 0; ch < nchunk; ++ch)
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          s1 += p1[(b * nchunk + ch) * C + c];
+          s2 += p2[(b * nchunk + ch) * C + c];
+        }
+      double mean, rstd;
+      math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), kc[b * C + g * Cg], eps, mean, rstd);
+      mean_out[b * G + g] = static_cast<acc_t>(mean);
+      rstd_out[b * G + g] = static_cast<acc_t>(rstd);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const auto cf = math::gnms_coef<acc_t>(mean, rstd, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
+        alpha[b * C + c] = cf.alpha;
+        beta[b * C + c] = cf.beta;
+      }
+    }
+  }
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
+      const acc_t* al = alpha.data() + b * C;
+      const acc_t* be = beta.data() + b * C;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xp = x + (b * HW + r) * C;
+        scalar_t* yp = y + (b * HW + r) * C;
+        int64_t c = 0;
+        for (; c + V <= C; c += V)
+          vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c), Vec<acc_t>::loadu(al + c), Vec<acc_t>::loadu(be + c))));
+        if (c < C)
+          vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c, C - c), Vec<acc_t>::loadu(al + c, C - c), Vec<acc_t>::loadu(be + c, C - c))), C - c);
+      }
+    }
+  });
+}
+
+// Backward coefficients from the per-(sample, channel) sums S1, S2 (see math.h); also writes the
+// parameter gradients. Returns c1, c2, c3 per (sample, channel) and a, b of the forward fold.
+template <typename acc_t>
+struct BwdCoefs {
+  std::vector<acc_t> c1, c2, c3;
+};
+
+template <typename acc_t>
+BwdCoefs<acc_t> backward_coefs(const std::vector<double>& S1, const std::vector<double>& S2, const acc_t* mean,
+                               const acc_t* rstd, int64_t B, int64_t C, int64_t G, int64_t HW,
+                               const Params<acc_t>& P, const at::TensorBase& grad_weight,
+                               const at::TensorBase& grad_bias, const at::TensorBase& grad_scale,
+                               const at::TensorBase& grad_shift) {
+  const int64_t Cg = C / G;
+  const double n = static_cast<double>(Cg * HW);
+  BwdCoefs<acc_t> out{std::vector<acc_t>(B * C), std::vector<acc_t>(B * C), std::vector<acc_t>(B * C)};
+  std::vector<double> dw(C, 0.0), db(C, 0.0), ds(B * C), dsh(B * C);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < G; ++g) {
+      double A = 0, Bv = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const double m = 1.0 + P.s[b * C + c], k = m * P.w[c];
+        A += k * S1[b * C + c];
+        Bv += k * S2[b * C + c];
+        dw[c] += m * S2[b * C + c];
+        db[c] += m * S1[b * C + c];
+        ds[b * C + c] = P.w[c] * S2[b * C + c] + P.b[c] * S1[b * C + c];
+        dsh[b * C + c] = S1[b * C + c];
+      }
+      A /= n;
+      Bv /= n;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const double k = (1.0 + P.s[b * C + c]) * P.w[c];
+        const auto cf = math::gnms_grad_coef<double>(mean[b * G + g], rstd[b * G + g], k, A, Bv);
+        out.c1[b * C + c] = static_cast<acc_t>(cf.c1);
+        out.c2[b * C + c] = static_cast<acc_t>(cf.c2);
+        out.c3[b * C + c] = static_cast<acc_t>(cf.c3);
+      }
+    }
+  }
+  auto write = [](const at::TensorBase& t, const std::vector<double>& v) {
+    if (!t.defined()) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "gnms_param_grad", [&] {
+      scalar_t* p = t.mutable_data_ptr<scalar_t>();
+      for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+    });
+  };
+  write(grad_weight, dw);
+  write(grad_bias, db);
+  write(grad_scale, ds);
+  write(grad_shift, dsh);
+  return out;
+}
+
+template <typename scalar_t, bool kSilu>
+void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t B, int64_t C, int64_t HW, int64_t G,
+                   const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
+                   const Params<at::opmath_type<scalar_t>>& P, const at::TensorBase& gw, const at::TensorBase& gb,
+                   const at::TensorBase& gs, const at::TensorBase& gsh) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t V = Vec<acc_t>::size();
+  const int64_t Cg = C / G;
+  std::vector<double> S1(B * C), S2(B * C);
+  // Pass 1: per-channel sums; one task per (sample, channel) plane.
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / C, c = bc % C, g = c / Cg;
+      const acc_t m = mean[b * G + g], r = rstd[b * G + g];
+      const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
+      const Vec<acc_t> al(cf.alpha), be(cf.beta), mv(m), rv(r);
+      const scalar_t* xp = x + bc * HW;
+      const scalar_t* gp = dy + bc * HW;
+      double s1 = 0, s2 = 0;
+      int64_t i = 0;
+      while (i < HW) {
+        const int64_t bend = std::min(HW, i + 256 * V);
+        Vec<acc_t> a1(0), a2(0);
+        for (; i < bend; i += V) {
+          const int64_t n = std::min<int64_t>(V, bend - i);
+          auto xv = vload<acc_t>(xp + i, n);
+          auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
+          if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
+          a1 = a1 + da;
+          a2 = at::vec::fmadd(da, (xv - mv) * rv, a2);
+        }
+        s1 += hsum(a1);
+        s2 += hsum(a2);
+      }
+      S1[bc] = s1;
+      S2[bc] = s2;
+    }
+  });
+  const auto k = backward_coefs<acc_t>(S1, S2, mean, rstd, B, C, G, HW, P, gw, gb, gs, gsh);
+  // Pass 2: dx = da c1 + x c2 + c3.
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / C, c = bc % C, g = c / Cg;
+      const auto cf = math::gnms_coef<acc_t>(mean[b * G + g], rstd[b * G + g], P.w[c], P.b[c], P.s[bc], P.sh[bc]);
+      const Vec<acc_t> al(cf.alpha), be(cf.beta), c1(k.c1[bc]), c2(k.c2[bc]), c3(k.c3[bc]);
+      const scalar_t* xp = x + bc * HW;
+      const scalar_t* gp = dy + bc * HW;
+      scalar_t* op = dx + bc * HW;
+      for (int64_t i = 0; i < HW; i += V) {
+        const int64_t n = std::min<int64_t>(V, HW - i);
+        auto xv = vload<acc_t>(xp + i, n);
+        auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
+        vstore<acc_t>(op + i, at::vec::fmadd(da, c1, at::vec::fmadd(xv, c2, c3)), n);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, bool kSilu>
+void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t B, int64_t C, int64_t HW, int64_t G,
+                   const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
+                   const Params<at::opmath_type<scalar_t>>& P, const at::TensorBase& gw, const at::TensorBase& gb,
+                   const at::TensorBase& gs, const at::TensorBase& gsh) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t V = Vec<acc_t>::size();
+  const int64_t Cg = C / G, R = rows_per_chunk(HW, C), nchunk = (HW + R - 1) / R;
+  // Per-(sample, channel) forward fold and normalisation constants, expanded from groups.
+  std::vector<acc_t> alpha(B * C), beta(B * C), mc(B * C), rc(B * C);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t bc = b * C + c, bg = b * G + c / Cg;
+      const auto cf = math::gnms_coef<acc_t>(mean[bg], rstd[bg], P.w[c], P.b[c], P.s[bc], P.sh[bc]);
+      alpha[bc] = cf.alpha;
+      beta[bc] = cf.beta;
+      mc[bc] = mean[bg];
+      rc[bc] = rstd[bg];
+    }
+  std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
+      const scalar_t* xb = x + b * HW * C;
+      const scalar_t* gb_ = dy + b * HW * C;
+      const acc_t *al = alpha.data() + b * C, *be = beta.data() + b * C, *mm = mc.data() + b * C,
+                  *rr = rc.data() + b * C;
+      channel_sums<acc_t>(r0, r1, C, p1.data() + task * C, p2.data() + task * C,
+                          [&](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
+                            auto xv = vload<acc_t>(xb + r * C + c, n);
+                            auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
+                            auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * C + c, n));
+                            if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
+                            t1 = da;
+                            t2 = da * ((xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n));
+                          });
+    }
+  });
+  std::vector<double> S1(B * C, 0.0), S2(B * C, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t ch = 0; ch < nchunk; ++ch)
+      for (int64_t c = 0; c < C; ++c) {
+        S1[b * C + c] += p1[(b * nchunk + ch) * C + c];
+        S2[b * C + c] += p2[(b * nchunk + ch) * C + c];
+      }
+  const auto k = backward_coefs<acc_t>(S1, S2, mean, rstd, B, C, G, HW, P, gw, gb, gs, gsh);
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
+      const acc_t *al = alpha.data() + b * C, *be = beta.data() + b * C, *k1 = k.c1.data() + b * C,
+                  *k2 = k.c2.data() + b * C, *k3 = k.c3.data() + b * C;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xp = x + (b * HW + r) * C;
+        const scalar_t* gp = dy + (b * HW + r) * C;
+        scalar_t* op = dx + (b * HW + r) * C;
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t n = std::min<int64_t>(V, C - c);
+          auto xv = vload<acc_t>(xp + c, n);
+          auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
+          auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gp + c, n));
+          vstore<acc_t>(op + c, at::vec::fmadd(da, vload<acc_t>(k1 + c, n), at::vec::fmadd(xv, vload<acc_t>(k2 + c, n), vload<acc_t>(k3 + c, n))), n);
+        }
+      }
+    }
+  });
+}
+
+inline bool is_channels_last(const at::TensorBase& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace
+
+void gnms_kernel(const at::TensorBase& x, int64_t groups, const at::TensorBase& weight, const at::TensorBase& bias,
+                 const at::TensorBase& scale, const at::TensorBase& shift, double eps, bool silu,
+                 const at::TensorBase& y, const at::TensorBase& mean, const at::TensorBase& rstd) {
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const bool nhwc = is_channels_last(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gnms_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto P = read_params<acc_t>(weight, bias, scale, shift, B, C);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* rp = rstd.mutable_data_ptr<acc_t>();
+    if (nhwc) {
+      silu ? forward_nhwc<scalar_t, true>(xp, yp, B, C, HW, groups, eps, P, mp, rp)
+           : forward_nhwc<scalar_t, false>(xp, yp, B, C, HW, groups, eps, P, mp, rp);
+    } else {
+      silu ? forward_nchw<scalar_t, true>(xp, yp, B, C, HW, groups, eps, P, mp, rp)
+           : forward_nchw<scalar_t, false>(xp, yp, B, C, HW, groups, eps, P, mp, rp);
+    }
+  });
+}
+
+void gnms_backward_kernel(const at::TensorBase& grad_y, const at::TensorBase& x, const at::TensorBase& mean,
+                          const at::TensorBase& rstd, int64_t groups, const at::TensorBase& weight,
+                          const at::TensorBase& bias, const at::TensorBase& scale, const at::TensorBase& shift,
+                          bool silu, const at::TensorBase& grad_x, const at::TensorBase& grad_weight,
+                          const at::TensorBase& grad_bias, const at::TensorBase& grad_scale,
+                          const at::TensorBase& grad_shift) {
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const bool nhwc = is_channels_last(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gnms_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto P = read_params<acc_t>(weight, bias, scale, shift, B, C);
+    const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = grad_x.mutable_data_ptr<scalar_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* rp = rstd.const_data_ptr<acc_t>();
+    if (nhwc) {
+      silu ? backward_nhwc<scalar_t, true>(gp, xp, op, B, C, HW, groups, mp, rp, P, grad_weight, grad_bias, grad_scale, grad_shift)
+           : backward_nhwc<scalar_t, false>(gp, xp, op, B, C, HW, groups, mp, rp, P, grad_weight, grad_bias, grad_scale, grad_shift);
+    } else {
+      silu ? backward_nchw<scalar_t, true>(gp, xp, op, B, C, HW, groups, mp, rp, P, grad_weight, grad_bias, grad_scale, grad_shift)
+           : backward_nchw<scalar_t, false>(gp, xp, op, B, C, HW, groups, mp, rp, P, grad_weight, grad_bias, grad_scale, grad_shift);
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace dito_fast

@@ -1,0 +1,77 @@
+// Every schema of dito_fast's custom ops, in one place. Implementations register per device in
+// csrc/ops/<op>/<op>_cpu.cpp and <op>_cuda.cu (TORCH_LIBRARY_IMPL); fake (meta) implementations
+// and autograd formulas are registered from Python (dito_fast/ops/_cpp.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <dito_fast/cpu_kernels.h>
+
+#include <ATen/Version.h>
+
+#include <mutex>
+#include <string>
+
+TORCH_LIBRARY(dito_fast, m) {
+  // Flow matching: x_t = (1 - t) x + (s + t (1 - s)) noise, v = (1 - s) noise - x.
+  m.def("fm_noise(Tensor x, Tensor noise, Tensor t, float sigma_min) -> (Tensor, Tensor)");
+  // Per-sample mean squared error (B,): float32, or float64 for float64 inputs.
+  m.def("fm_loss(Tensor pred, Tensor target) -> Tensor");
+  m.def("fm_loss_backward(Tensor grad, Tensor pred, Tensor target) -> Tensor");
+  // Affine-free LayerNorm over (C, H, W): returns (y, rstd (B,)).
+  m.def("latent_layernorm(Tensor z, float eps) -> (Tensor, Tensor)");
+  m.def("latent_layernorm_backward(Tensor grad_y, Tensor y, Tensor rstd) -> Tensor");
+  // GroupNorm -> y (1 + scale) + shift -> SiLU: returns (y, mean (B, G), rstd (B, G)).
+  m.def("group_norm_modulate_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, "
+        "Tensor? shift, float eps, bool silu) -> (Tensor, Tensor, Tensor)");
+  // Returns (dx, dweight, dbias, dscale, dshift); gradients of absent inputs are empty (0,) tensors.
+  m.def("group_norm_modulate_silu_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, int num_groups, "
+        "Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, bool silu) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace dito_fast {
+namespace cpu {
+
+int capability_level() {
+  static const int level = [] {
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    int built = 0;
+#if defined(DITO_FAST_HAVE_AVX2)
+    built = 1;
+#endif
+#if defined(DITO_FAST_HAVE_AVX512)
+    built = 2;
+#endif
+    const int want = cap == "AVX512" ? 2 : cap == "AVX2" ? 1 : 0;
+    return want < built ? want : built;
+  }();
+  return level;
+}
+
+const char* capability_name() {
+  static const char* names[] = {"DEFAULT", "AVX2", "AVX512"};
+  return names[capability_level()];
+}
+
+}  // namespace cpu
+}  // namespace dito_fast
+
+// The Python module: importing dito_fast._C runs the registrations above.
+namespace {
+PyObject* cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(dito_fast::cpu::capability_name()); }
+PyObject* has_cuda(PyObject*, PyObject*) {
+#if defined(DITO_FAST_WITH_CUDA)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "Instruction set of the CPU kernels in use."},
+    {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were built."},
+    {nullptr, nullptr, 0, nullptr}};
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "dito_fast's C++/CUDA kernels (registered as torch.ops.dito_fast).",
+                      -1, methods};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

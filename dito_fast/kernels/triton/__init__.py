@@ -1,0 +1,76 @@
+"""Triton kernels for the fused ops, one module per op (DESIGN.md §3).
+
+Every module imports without triton installed; its ``unsupported_reasons`` then answers
+``["triton is not installed"]``. The public op functions are registered with
+``torch.library.triton_op`` (namespace ``dito_fast_triton``) and launch their kernels through
+``torch.library.wrap_triton``, so autograd and ``torch.compile(fullgraph=True)`` see them.
+
+Kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
+triton was imported (the tests use this). All arithmetic is done in float32, whatever the
+storage dtype (float32, float16, bfloat16).
+"""
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401  (absolute import: the top-level triton package)
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # the package must import without triton
+    HAS_TRITON = False
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Largest grid along axes 1 and 2 on CUDA.
+MAX_GRID_YZ = 65535
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tensor_reasons(**tensors) -> list[str]:
+    """Reasons shared by every Triton op: triton present, tensors on a usable device, dtype.
+
+    ``tensors`` maps argument names to tensors (or None for absent optional inputs).
+    """
+    if not HAS_TRITON:
+        return ["triton is not installed"]
+    reasons = []
+    devices = set()
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            reasons.append(f"{name} is not a tensor")
+            continue
+        devices.add(t.device)
+        if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
+            reasons.append(f"{name} is on {t.device.type}, not cuda"
+                           + ("" if t.device.type != "cpu" else " (CPU needs TRITON_INTERPRET=1)"))
+        if t.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    if len(devices) > 1:
+        reasons.append(f"inputs are on different devices: {sorted(str(d) for d in devices)}")
+    return reasons
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """4-D tensor laid out NHWC and not also plain contiguous (C == 1 or H == W == 1 are both)."""
+    return (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def dense_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with the memory layout of ``ref`` (contiguous or channels_last), copying if needed."""
+    if is_channels_last(ref):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
