@@ -1,0 +1,144 @@
+"""fm_noise / fm_loss: the C++ backend against the float64 reference (outputs, gradients,
+dtypes, odd shapes, layouts), gradcheck, opcheck, torch.compile, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dito_fast.ops import fm_loss, fm_loss_ref, fm_noise, fm_noise_ref
+
+from backend_cases import CPP_REASON, assert_close_to_ref
+
+needs_cpp = pytest.mark.skipif(bool(CPP_REASON), reason=CPP_REASON)
+SHAPES = [(3, 3, 23, 19), (1, 3, 8, 8), (5, 123, 37), (2, 4, 1, 1), (4, 70000)]  # last: several chunks
+
+
+def _draw(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    e = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.rand(shape[0], generator=g, dtype=torch.float64)
+    return x.to(dtype), e.to(dtype), t
+
+
+def _noise_grads(fn, x, e, t, **kw):
+    x, e = x.detach().clone().requires_grad_(), e.detach().clone().requires_grad_()
+    xt, v = fn(x, e, t, 1e-3, **kw)
+    g = torch.Generator().manual_seed(9)
+    (xt * torch.randn(xt.shape, generator=g, dtype=torch.float64).to(xt.dtype)
+     + v * torch.randn(v.shape, generator=g, dtype=torch.float64).to(v.dtype)).sum().backward()
+    return xt.detach(), v.detach(), x.grad, e.grad
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fm_noise_cpp_matches_reference(shape, dtype):
+    x, e, t = _draw(shape, dtype)
+    ours = _noise_grads(fm_noise, x, e, t.to(dtype), backend="cpp")
+    ref = _noise_grads(fm_noise_ref, x.double(), e.double(), t.to(dtype).double())
+    same = _noise_grads(fm_noise_ref, x, e, t.to(dtype))
+    for name, a, r, s in zip(["x_t", "v", "grad x", "grad noise"], ours, ref, same):
+        assert a.dtype == dtype
+        assert_close_to_ref(a, r, dtype, s, name)
+
+
+def _loss_grads(fn, p, y, **kw):
+    p, y = p.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    loss = fn(p, y, **kw)
+    (loss * torch.arange(1, loss.shape[0] + 1, dtype=loss.dtype)).sum().backward()
+    return loss.detach(), p.grad, y.grad
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fm_loss_cpp_matches_reference(shape, dtype):
+    p, y, _ = _draw(shape, dtype)
+    loss, gp, gy = _loss_grads(fm_loss, p, y, backend="cpp")
+    loss64, gp64, gy64 = _loss_grads(fm_loss_ref, p.double(), y.double())
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # The loss accumulates in float32/float64 whatever the input dtype: compare at fp32 tolerance.
+    assert_close_to_ref(loss, loss64, torch.float64 if dtype == torch.float64 else torch.float32)
+    lt, gpt, gyt = _loss_grads(lambda a, b: (a - b).square().flatten(1).mean(1), p, y)  # torch, same dtype
+    assert_close_to_ref(gp, gp64, dtype, gpt, "grad pred")
+    assert_close_to_ref(gy, gy64, dtype, gyt, "grad target")
+
+
+@needs_cpp
+def test_noncontiguous_and_channels_last_inputs():
+    x, e, t = _draw((3, 3, 9, 10), torch.float32)
+    xs = torch.cat([x, x], dim=3)[..., ::2]
+    ecl = e.to(memory_format=torch.channels_last)
+    xt, v = fm_noise(xs, ecl, t.float(), backend="cpp")
+    xr, vr = fm_noise_ref(xs.double(), ecl.double(), t)
+    assert_close_to_ref(xt, xr, torch.float32)
+    assert_close_to_ref(v, vr, torch.float32)
+    assert_close_to_ref(fm_loss(xs, ecl, backend="cpp"), fm_loss_ref(xs.double(), ecl.double()), torch.float32)
+
+
+@needs_cpp
+def test_fm_loss_independent_of_threads():
+    p, y, _ = _draw((1, 3, 256, 256), torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = fm_loss(p, y, backend="cpp")
+        torch.set_num_threads(2)
+        b = fm_loss(p, y, backend="cpp")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(a, b)  # fixed chunking: bitwise the same result
+
+
+@needs_cpp
+def test_gradcheck():
+    x, e, t = _draw((2, 3, 4, 5), torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: fm_noise(a, b, t, 0.01, backend="cpp"),
+                                    (x.requires_grad_(), e.requires_grad_()))
+    p, y, _ = _draw((3, 2, 5), torch.float64, seed=1)
+    assert torch.autograd.gradcheck(lambda a, b: fm_loss(a, b, backend="cpp"), (p.requires_grad_(), y.requires_grad_()))
+
+
+@needs_cpp
+def test_opcheck():
+    x, e, t = _draw((2, 3, 4, 5), torch.float32)
+    torch.library.opcheck(torch.ops.dito_fast.fm_noise, (x.requires_grad_(), e.requires_grad_(), t.float(), 1e-5))
+    p, y, _ = _draw((3, 2, 5), torch.float32, seed=1)
+    torch.library.opcheck(torch.ops.dito_fast.fm_loss, (p.clone().requires_grad_(), y.clone().requires_grad_()))
+    torch.library.opcheck(torch.ops.dito_fast.fm_loss_backward, (torch.ones(3), p, y))
+
+
+@needs_cpp
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, e, t = _draw((2, 3, 8, 8), torch.float32)
+    pred = torch.randn(2, 3, 8, 8)
+
+    def step(p):
+        x_t, v = fm_noise(x, e, t.float(), backend="cpp")
+        return fm_loss(p * x_t, v, backend="cpp").mean()
+
+    p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    out_c = torch.compile(step, fullgraph=True, backend="aot_eager")(p1)
+    out_e = step(p2)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(p1.grad, p2.grad)
+
+
+@pytest.mark.parametrize("backend", ["ref", pytest.param("cpp", marks=needs_cpp)])
+def test_errors(backend):
+    x = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="differ in shape"):
+        fm_noise(x, x[:, :2], torch.zeros(2), backend=backend)
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+        fm_noise(x, x, torch.zeros(3), backend=backend)
+    with pytest.raises(TypeError, match="differ in dtype"):
+        fm_noise(x, x.double(), torch.zeros(2), backend=backend)
+    with pytest.raises(TypeError, match="floating"):
+        fm_loss(x.long(), x.long(), backend=backend)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        fm_loss(x[:0], x[:0], backend=backend)

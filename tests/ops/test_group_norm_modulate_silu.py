@@ -1,0 +1,163 @@
+"""group_norm_modulate_silu: every backend available here against the float64 reference
+(outputs and gradients, dtypes, odd shapes, layouts), gradcheck, opcheck, torch.compile, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dito_fast import ops
+from dito_fast.ops import group_norm_modulate_silu, group_norm_modulate_silu_ref
+
+from backend_cases import CPP_REASON, assert_close_to_ref
+
+needs_cpp = pytest.mark.skipif(bool(CPP_REASON), reason=CPP_REASON)
+
+SHAPES = [  # (B, C, H, W, groups)
+    (3, 36, 23, 19, 6),
+    (1, 32, 8, 8, 8),      # batch 1
+    (2, 37, 5, 7, 37),     # 37 channels, one per group
+    (2, 37, 5, 7, 1),      # one group of 37
+    (4, 64, 1, 1, 32),     # 1x1 spatial
+]
+PARAMS = ["none", "affine", "modulate", "all"]
+
+
+def _inputs(B, C, H, W, params, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = r(B, C, H, W) * 1.7 + 0.6
+    w = r(C) * 0.5 + 1 if params in ("affine", "all") else None
+    b = r(C) * 0.3 if params in ("affine", "all") else None
+    s = r(B, C) * 0.4 if params in ("modulate", "all") else None
+    sh = r(B, C) * 0.4 if params in ("modulate", "all") else None
+    conv = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return [conv(t) for t in (x, w, b, s, sh)]
+
+
+def _run(fn, x, groups, params, silu, grad_seed=1, **kw):
+    """Output and gradients of every differentiable input under a fixed upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in [x, *params]]
+    y = fn(leaves[0], groups, *leaves[1:], eps=1e-5, silu=silu, **kw)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(y.dtype)
+    y.backward(gy)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpp_matches_reference(shape, params, dtype):
+    B, C, H, W, G = shape
+    x, *p = _inputs(B, C, H, W, params, dtype)
+    silu = params != "affine"  # also covers the plain GroupNorm path
+    y, grads = _run(group_norm_modulate_silu, x, G, p, silu, backend="cpp")
+    y64, grads64 = _run(group_norm_modulate_silu_ref, x.double(), G, [t.double() if t is not None else None for t in p], silu)
+    yt, grads_t = _run(group_norm_modulate_silu_ref, x, G, p, silu, upcast=False)  # torch in the same dtype
+    assert y.dtype == dtype
+    assert_close_to_ref(y, y64, dtype, yt, "y")
+    for name, gk, g64, gt in zip(["x", "weight", "bias", "scale", "shift"], grads, grads64, grads_t):
+        assert (gk is None) == (g64 is None), name
+        if gk is not None:
+            assert gk.dtype == dtype
+            assert_close_to_ref(gk, g64, dtype, gt, f"grad {name}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "expanded_params"])
+def test_cpp_layouts(layout):
+    x, *p = _inputs(3, 24, 9, 11, "all", torch.float32)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "noncontiguous":
+        x = torch.cat([x, x], dim=3)[..., ::2]  # strided view
+        assert not x.is_contiguous()
+    else:
+        p[2] = p[2][:1].expand(3, 24)  # stride-0 scale
+    y, grads = _run(group_norm_modulate_silu, x, 6, p, True, backend="cpp")
+    y64, grads64 = _run(group_norm_modulate_silu_ref, x.double(), 6, [t.double() for t in p], True)
+    assert_close_to_ref(y, y64, torch.float32)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last) and grads[0].is_contiguous(memory_format=torch.channels_last)
+    for gk, g64 in zip(grads, grads64):
+        assert_close_to_ref(gk, g64, torch.float32)
+
+
+@needs_cpp
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_cpp_gradcheck(channels_last, silu):
+    x, *p = _inputs(2, 6, 3, 5, "all", torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [t.clone().requires_grad_() for t in (x, *p)]
+    fn = lambda x_, w, b, s, sh: group_norm_modulate_silu(x_, 3, w, b, s, sh, silu=silu, backend="cpp")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@needs_cpp
+def test_cpp_large_offset_stats():
+    # |mean| >> std: the shifted sums must not cancel (a naive E[x^2]-E[x]^2 in fp32 fails this).
+    x = torch.randn(2, 8, 64, 64, generator=torch.Generator().manual_seed(3)) * 1e-2 + 300.0
+    y = group_norm_modulate_silu(x, 4, silu=False, backend="cpp")
+    y64 = group_norm_modulate_silu_ref(x.double(), 4, silu=False)
+    assert (y.double() - y64).abs().max().item() < 5e-2  # fp32 input quantisation at 300 is ~3e-5 / 1e-2 std
+
+
+@needs_cpp
+def test_opcheck():
+    x, w, b, s, sh = _inputs(2, 8, 5, 3, "all", torch.float32)
+    for args in [(x, 4, w, b, s, sh, 1e-5, True), (x, 2, None, None, s, None, 1e-5, False),
+                 (x.to(memory_format=torch.channels_last), 4, w, b, None, sh, 1e-5, True)]:
+        args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.dito_fast.group_norm_modulate_silu, args)
+    y, mean, rstd = torch.ops.dito_fast.group_norm_modulate_silu(x, 4, w, b, s, sh, 1e-5, True)
+    torch.library.opcheck(torch.ops.dito_fast.group_norm_modulate_silu_backward,
+                          (torch.randn_like(y), x, mean, rstd, 4, w, b, s, sh, True))
+
+
+@needs_cpp
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, w, b, s, sh = _inputs(2, 8, 6, 6, "all", torch.float32)
+
+    def f(x_, s_):
+        return group_norm_modulate_silu(x_, 4, w, b, s_, sh, backend="cpp").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ss = [s.clone().requires_grad_() for _ in range(2)]
+    out_c, out_e = compiled(xs[0], ss[0]), f(xs[1], ss[1])
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    torch.testing.assert_close(ss[0].grad, ss[1].grad)
+
+
+@pytest.mark.parametrize("backend", ["ref", pytest.param("cpp", marks=needs_cpp)])
+def test_errors_before_any_kernel(backend):
+    x = torch.randn(2, 6, 4, 4)
+    call = lambda *a, **k: group_norm_modulate_silu(*a, backend=backend, **k)  # noqa: E731
+    with pytest.raises(ValueError, match="6 channels are not divisible by 4 groups"):
+        call(x, 4)
+    with pytest.raises(ValueError, match=r"scale must have shape \(2, 6\)"):
+        call(x, 3, scale=torch.zeros(6))
+    with pytest.raises(ValueError, match=r"weight must have shape \(6,\)"):
+        call(x, 3, weight=torch.ones(5))
+    with pytest.raises(ValueError, match=r"expects \(B, C, H, W\)"):
+        call(x[0], 3)
+    with pytest.raises(TypeError, match="floating"):
+        call(x.long(), 3)
+    with pytest.raises(ValueError, match="empty"):
+        call(x[:0], 3)
+
+
+@needs_cpp
+def test_unsupported_dtype_reason():
+    x = torch.randn(1, 4, 2, 2, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="floating"):
+        group_norm_modulate_silu(x, 2, backend="cpp")
