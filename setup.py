@@ -135,7 +135,9 @@ setup(
     packages=find_packages(include=["dito_fast", "dito_fast.*"]),
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-image"],
+        # triton: the Triton kernels' tests run in its CPU interpreter (3.7.1 is what torch 2.13's CUDA builds pin).
+        "test": ["pytest", "pytest-benchmark", "scikit-image",
+                 "triton==3.7.1; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "demo": ["scikit-image", "matplotlib"],
         "tensorboard": ["tensorboard"],
     },

@@ -1,26 +1,51 @@
-"""Model-level throughput on this machine (CPU unless CUDA is present).
+"""Model-level throughput on this machine (CPU unless CUDA is present), eager reference ops vs
+dito_fast's fused ops.
 
-- train step (forward + backward + AdamW) in images/s for dito-tiny and dito-S at 64x64;
+- train step (forward + backward + fused AdamW) in images/s for dito-tiny and dito-S at 64x64;
 - one decoder evaluation (one ODE step) in ms per batch, for the same presets;
-- encode in images/s.
+- encode in images/s;
+- ``test_profile_fused_share``: torch.profiler of the dito-S train step and decoder step with
+  reference ops and with fused ops: the share of time the fused ops replace, the ideal speed-up
+  that share allows (Amdahl: the replaced ops taking no time) and the achieved speed-up.
 
-Run: ``pytest benchmarks/bench_model.py --benchmark-json=bench_model.json``; the derived figures
-(images/s, GFLOP/s) are in each result's ``extra_info``.
+``ops="ref"`` runs the four fused ops (fm_noise, fm_loss, latent_layernorm,
+group_norm_modulate_silu) on their eager reference through DITO_FAST_BACKEND; ``ops="fused"`` uses
+the default choice (the C++ kernels when built). Attention uses SDPA in both.
+
+Run: ``pytest benchmarks/bench_model.py --benchmark-json=bench_model.json`` and
+``python benchmarks/report.py bench_model.json``; derived figures are in each result's extra_info.
 """
+
+from __future__ import annotations
+
+import time
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from dito_fast import DiTo
 from dito_fast.models.dito import decoder_gflops, encoder_gflops
+from dito_fast.ops import _cpp, _dispatch
 
 SIZE = 64
-PRESETS = ["dito-tiny", "dito-S"]
+FUSED_OPS = ("fm_noise", "fm_loss", "latent_layernorm", "group_norm_modulate_silu")
+REF_ENV = ",".join(f"{op}=ref" for op in FUSED_OPS)
+OPS = ["ref", "fused"]
 
 
 def _median(benchmark):
     """Median seconds of a finished benchmark, or None when benchmarking is disabled."""
     return benchmark.stats.stats.median if benchmark.stats is not None else None
+
+
+def _use_ops(monkeypatch, ops):
+    if ops == "ref":
+        monkeypatch.setenv("DITO_FAST_BACKEND", REF_ENV)
+    else:
+        if not _cpp.AVAILABLE:
+            pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+        monkeypatch.delenv("DITO_FAST_BACKEND", raising=False)
 
 
 def _model(preset):
@@ -32,10 +57,9 @@ def _images(batch):
     return torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
-@pytest.mark.parametrize("preset,batch", [("dito-tiny", 16), ("dito-S", 8)])
-def test_train_step(benchmark, preset, batch):
+def _train_step_fn(preset, batch):
     model = _model(preset).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = _images(batch)
     gen = torch.Generator().manual_seed(0)
 
@@ -45,15 +69,10 @@ def test_train_step(benchmark, preset, batch):
         loss.backward()
         opt.step()
 
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
-    med = _median(benchmark)
-    if med is None:  # --benchmark-disable: the function ran once, untimed
-        return
-    benchmark.extra_info.update({"batch": batch, "image_size": SIZE, "images_per_s": batch / med})
+    return step
 
 
-@pytest.mark.parametrize("preset,batch", [("dito-tiny", 1), ("dito-tiny", 8), ("dito-S", 1), ("dito-S", 8)])
-def test_decoder_step(benchmark, preset, batch):
+def _decoder_step_fn(preset, batch):
     model = _model(preset).eval()
     x_t = _images(batch)
     t = torch.full((batch,), 0.5)
@@ -63,16 +82,36 @@ def test_decoder_step(benchmark, preset, batch):
         with torch.inference_mode():
             model.velocity(x_t, t, z)
 
-    benchmark.pedantic(step, rounds=10, warmup_rounds=2, iterations=1)
+    return step, model
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("preset,batch", [("dito-tiny", 16), ("dito-S", 8)])
+def test_train_step(benchmark, monkeypatch, preset, batch, ops):
+    _use_ops(monkeypatch, ops)
+    step = _train_step_fn(preset, batch)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
     med = _median(benchmark)
     if med is None:  # --benchmark-disable: the function ran once, untimed
         return
+    benchmark.extra_info.update({"ops": ops, "batch": batch, "image_size": SIZE, "images_per_s": batch / med})
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("preset,batch", [("dito-tiny", 1), ("dito-tiny", 8), ("dito-S", 1), ("dito-S", 8)])
+def test_decoder_step(benchmark, monkeypatch, preset, batch, ops):
+    _use_ops(monkeypatch, ops)
+    step, model = _decoder_step_fn(preset, batch)
+    benchmark.pedantic(step, rounds=10, warmup_rounds=2, iterations=1)
+    med = _median(benchmark)
+    if med is None:
+        return
     gflop = decoder_gflops(model.config, SIZE) * batch
-    benchmark.extra_info.update({"batch": batch, "image_size": SIZE, "ms_per_step": med * 1e3,
+    benchmark.extra_info.update({"ops": ops, "batch": batch, "image_size": SIZE, "ms_per_step": med * 1e3,
                                  "gflop_per_step": gflop, "gflops_per_s": gflop / med})
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", ["dito-tiny", "dito-S"])
 def test_encode(benchmark, preset):
     model = _model(preset).eval()
     x = _images(8)
@@ -83,7 +122,70 @@ def test_encode(benchmark, preset):
 
     benchmark.pedantic(enc, rounds=10, warmup_rounds=2, iterations=1)
     med = _median(benchmark)
-    if med is None:  # --benchmark-disable: the function ran once, untimed
+    if med is None:
         return
     benchmark.extra_info.update({"batch": 8, "image_size": SIZE, "images_per_s": 8 / med,
                                  "gflops_per_s": encoder_gflops(model.config, SIZE) * 8 / med})
+
+
+# ---- profile: the share of time the fused ops replace ----------------------------------------
+
+_NO_NODE = {"aten::to", "aten::contiguous", "aten::detach", "aten::alias", "aten::empty"}
+
+
+def fused_op_time(prof) -> tuple[float, float]:
+    """(seconds inside the fused ops' forward ranges + their backward nodes, total seconds) of a
+    profiled step. Backward nodes are matched to the forward ops of the ranges by autograd
+    sequence number; ops that create no autograd node (aten::to, ...) are skipped because they
+    carry a neighbour's number."""
+    events = prof.events()
+    ranges = [e for e in events if e.name in {f"dito_fast::{op}" for op in FUSED_OPS}]
+    seqs = {c.sequence_nr for r in ranges for c in r.cpu_children if c.sequence_nr >= 0 and c.name not in _NO_NODE}
+    backward = [e for e in events if e.name.startswith("autograd::engine::evaluate_function")
+                and e.sequence_nr in seqs]
+    inside = sum(e.cpu_time_total for e in ranges) + sum(e.cpu_time_total for e in backward)
+    top = [e for e in events if e.cpu_parent is None]
+    return inside * 1e-6, sum(e.cpu_time_total for e in top) * 1e-6
+
+
+def _timed(fn, rounds):
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.parametrize("kind", ["train_step", "decoder_step"])
+def test_profile_fused_share(benchmark, monkeypatch, kind):
+    """dito-S at 64x64, batch 8: profile with reference ops and with fused ops."""
+    if not _cpp.AVAILABLE:
+        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+    rounds = 1 if benchmark.disabled else 5
+    monkeypatch.setattr(_dispatch, "PROFILE_RANGES", True)
+    result = {}
+    for ops in OPS:
+        _use_ops(monkeypatch, ops)
+        fn = _train_step_fn("dito-S", 8) if kind == "train_step" else _decoder_step_fn("dito-S", 8)[0]
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        inside, total = fused_op_time(prof)
+        monkeypatch.setattr(_dispatch, "PROFILE_RANGES", False)
+        result[ops] = {"step_s": _timed(fn, rounds), "profiled_share": inside / total}
+        monkeypatch.setattr(_dispatch, "PROFILE_RANGES", True)
+        if ops == "fused":
+            benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+    ref, fused = result["ref"], result["fused"]
+    share = ref["profiled_share"]
+    replaced_s = share * ref["step_s"]  # time the reference ops take in an unprofiled step
+    info = {
+        "model": "dito-S", "batch": 8, "image_size": SIZE, "kind": kind,
+        "ref_step_ms": ref["step_s"] * 1e3, "fused_step_ms": fused["step_s"] * 1e3,
+        "replaced_share": share, "fused_ops_share_after": fused["profiled_share"],
+        "ideal_speedup": 1 / (1 - share), "achieved_speedup": ref["step_s"] / fused["step_s"],
+        "saving_vs_ideal": (ref["step_s"] - fused["step_s"]) / replaced_s if replaced_s > 0 else 0.0,
+    }
+    benchmark.extra_info.update(info)

@@ -2,8 +2,8 @@
 
 Each op registers its backends in priority order as ``(name, fn, unsupported_reasons)``, where
 ``unsupported_reasons(*args, **kwargs)`` returns a list of strings (empty: the backend can run).
-Choice: explicit ``backend=`` argument > ``DITO_FAST_BACKEND`` environment variable > the first
-backend with no reasons. When nothing fits, the error lists every backend's reasons.
+Choice: explicit ``backend=`` argument > ``DITO_FAST_BACKEND`` environment variable (one name
+for all ops, or ``op=name`` entries separated by commas) > the first backend with no reasons. When nothing fits, the error lists every backend's reasons.
 """
 
 from __future__ import annotations
@@ -11,6 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
+
+# When True, every dispatched call runs inside a profiler range named "dito_fast::<op>", so a
+# torch.profiler trace can attribute time to the fused ops (benchmarks/bench_model.py sets it).
+PROFILE_RANGES = False
 
 
 @dataclass(frozen=True)
@@ -24,9 +30,31 @@ def always_supported(*args, **kwargs) -> list[str]:
     return []
 
 
+def env_backend(op_name: str) -> str | None:
+    """The backend ``DITO_FAST_BACKEND`` asks for ``op_name``: either one name for every op
+    (``cpp``) or per-op entries (``group_norm_modulate_silu=ref,latent_layernorm=ref``)."""
+    value = os.environ.get("DITO_FAST_BACKEND", "").strip()
+    if not value:
+        return None
+    if "=" not in value:
+        return value
+    for entry in value.split(","):
+        op, _, name = entry.partition("=")
+        if op.strip() == op_name:
+            return name.strip() or None
+    return None
+
+
 def dispatch(op_name: str, backends: list[Backend], backend: str | None, *args, **kwargs):
     """Run ``op_name`` on the chosen backend (see module docstring)."""
-    requested = backend or os.environ.get("DITO_FAST_BACKEND") or None
+    if PROFILE_RANGES:
+        with torch.profiler.record_function(f"dito_fast::{op_name}"):
+            return _dispatch(op_name, backends, backend, *args, **kwargs)
+    return _dispatch(op_name, backends, backend, *args, **kwargs)
+
+
+def _dispatch(op_name: str, backends: list[Backend], backend: str | None, *args, **kwargs):
+    requested = backend or env_backend(op_name)
     by_name = {b.name: b for b in backends}
     if requested is not None:
         if requested not in by_name:

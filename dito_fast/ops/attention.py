@@ -1,4 +1,11 @@
-"""Attention over (B, heads, N, D) tensors; torch's scaled_dot_product_attention is the default."""
+"""Attention over (B, heads, N, D) tensors.
+
+Backends in priority order: ``sdpa`` (torch's scaled_dot_product_attention, the default
+everywhere), ``xformers`` (memory-efficient attention; only when xformers is installed, imports
+and the tensors are on CUDA), ``triton`` (our flash-attention forward/backward; CUDA, or CPU under
+TRITON_INTERPRET=1) and ``ref`` (the specification). Pick one with ``backend=`` or
+DITO_FAST_BACKEND (e.g. ``attention=triton``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _triton
 from ._dispatch import Backend, always_supported, dispatch
 
 
@@ -20,7 +28,37 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-_BACKENDS = [Backend("sdpa", _sdpa, always_supported), Backend("ref", attention_ref, always_supported)]
+_XFORMERS: dict = {}
+
+
+def _xformers_reasons(q, k, v) -> list[str]:
+    if q.device.type != "cuda":
+        return ["xformers runs on CUDA tensors only"]
+    if "ops" not in _XFORMERS:
+        try:
+            import xformers.ops as xops  # optional; its compiled part must match this torch
+
+            _XFORMERS["ops"] = xops
+        except Exception as exc:  # ImportError, or a binary built for another torch
+            _XFORMERS["ops"] = None
+            _XFORMERS["error"] = f"{type(exc).__name__}: {exc}"
+    if _XFORMERS["ops"] is None:
+        return [f"xformers is not usable ({_XFORMERS['error']})"]
+    return []
+
+
+def _xformers(q, k, v):
+    # xformers takes (B, N, heads, D).
+    out = _XFORMERS["ops"].memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+_BACKENDS = [
+    Backend("sdpa", _sdpa, always_supported),
+    Backend("xformers", _xformers, _xformers_reasons),
+    _triton.backend("attention", "attention"),
+    Backend("ref", attention_ref, always_supported),
+]
 
 
 def attention(q, k, v, backend: str | None = None) -> torch.Tensor:

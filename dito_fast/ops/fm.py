@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _cpp
+from . import _cpp, _triton
 from ._dispatch import Backend, always_supported, dispatch
 
 
@@ -76,10 +76,12 @@ def _cpp_loss(pred, target):
 
 _NOISE_BACKENDS = [
     Backend("cpp", _cpp_noise, lambda x, noise, t, s: _cpp.unsupported_reasons(x, noise)),
+    _triton.backend("fm", "fm_noise", "fm_noise_unsupported_reasons"),
     Backend("ref", fm_noise_ref, always_supported),
 ]
 _LOSS_BACKENDS = [
     Backend("cpp", _cpp_loss, lambda pred, target: _cpp.unsupported_reasons(pred, target)),
+    _triton.backend("fm", "fm_loss", "fm_loss_unsupported_reasons"),
     Backend("ref", fm_loss_ref, always_supported),
 ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _cpp
+from . import _cpp, _triton
 from ._dispatch import Backend, always_supported, dispatch
 
 
@@ -58,6 +58,7 @@ def _cpp_gnms(x, num_groups, weight, bias, scale, shift, eps, silu):
 
 _BACKENDS = [
     Backend("cpp", _cpp_gnms, lambda x, g, w, b, s, sh, eps, silu: _cpp.unsupported_reasons(x, w, b, s, sh)),
+    _triton.backend("group_norm_modulate_silu", "group_norm_modulate_silu"),
     Backend("ref", group_norm_modulate_silu_ref, always_supported),
 ]
 

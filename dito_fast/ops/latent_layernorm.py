@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _cpp
+from . import _cpp, _triton
 from ._dispatch import Backend, always_supported, dispatch
 
 
@@ -38,6 +38,7 @@ def _cpp_lln(z, eps):
 
 _BACKENDS = [
     Backend("cpp", _cpp_lln, lambda z, eps: _cpp.unsupported_reasons(z)),
+    _triton.backend("latent_layernorm", "latent_layernorm"),
     Backend("ref", latent_layernorm_ref, always_supported),
 ]
 

@@ -237,14 +237,27 @@ def test_attention_backends_match_hand_formula():
 def test_unknown_backend_lists_available():
     with pytest.raises(ValueError, match=r"latent_layernorm: unknown backend 'cuda'; available: \[.*'ref'\]"):
         ops.latent_layernorm(torch.zeros(1, 2, 2, 2), backend="cuda")
-    with pytest.raises(ValueError, match=r"available: \['sdpa', 'ref'\]"):
-        ops.attention(*(torch.zeros(1, 1, 2, 2),) * 3, backend="triton")
+    with pytest.raises(ValueError, match=r"available: \['sdpa', 'xformers', 'triton', 'ref'\]"):
+        ops.attention(*(torch.zeros(1, 1, 2, 2),) * 3, backend="flash")
 
 
 def test_available_backends():
     avail = ops.available_backends()
     assert set(avail) == {"attention", "fm_noise", "fm_loss", "group_norm_modulate_silu", "latent_layernorm"}
-    assert all("ref" in names for names in avail.values())
+    assert all("ref" in names and "triton" in names for names in avail.values())
+    assert all(names[0] == "cpp" for op, names in avail.items() if op != "attention")
+    assert avail["attention"][0] == "sdpa"
+
+
+def test_gpu_backends_explain_why_not_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run: Triton kernels need CUDA tensors"):
+        ops.attention(q, q, q, backend="triton")
+    with pytest.raises(RuntimeError, match="xformers runs on CUDA tensors only"):
+        ops.attention(q, q, q, backend="xformers")
+    with pytest.raises(RuntimeError, match="triton.*need CUDA"):
+        ops.group_norm_modulate_silu(torch.randn(1, 4, 2, 2), 2, backend="triton")
 
 
 def _recording_backends(log):
@@ -285,6 +298,10 @@ def test_dispatch_env_var(monkeypatch):
     monkeypatch.setenv("DITO_FAST_BACKEND", "fast")  # named and present but unsupported: error
     with pytest.raises(RuntimeError, match="needs CUDA"):
         dispatch("op", backends, None, 0)
+    monkeypatch.setenv("DITO_FAST_BACKEND", "other=fast, op=ref")  # per-op entries
+    assert dispatch("op", backends, None, 0) == "ref"
+    monkeypatch.setenv("DITO_FAST_BACKEND", "other=ref")  # no entry for this op: priority order
+    assert dispatch("op", backends, None, 0) == "medium"
 
 
 def test_env_var_backend_real_ops(monkeypatch):

@@ -9,7 +9,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -87,11 +86,11 @@ inline int sm_count() {
 }
 
 // Blocks along x per sample: enough for every thread to get work, capped so that all samples
-// together fill about `waves` full waves of `threads`-thread blocks (2048 threads per SM).
+// together make at most `waves` full waves of `threads`-thread blocks (2048 threads per SM).
 inline int64_t blocks_per_sample(int64_t work, int64_t samples, int threads, int64_t min_per_thread, int waves) {
   const int64_t by_work = ceil_div(work, threads * min_per_thread);
   const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / threads) * waves;
-  const int64_t by_occupancy = ceil_div(resident, std::min(samples, kMaxGridY));
+  const int64_t by_occupancy = resident / std::min(samples, kMaxGridY);
   return std::max<int64_t>(1, std::min({by_work, by_occupancy, int64_t{1} << 20}));
 }
 

@@ -3,7 +3,8 @@
 // Forward, per (sample, group): shifted moments -> mean, rstd; then a = x alpha + beta with the
 // per-(sample, channel) folded coefficients of math::gnms_coef, y = silu(a).
 // Backward recomputes a from x (nothing but mean/rstd is saved): pass 1 forms the per-channel
-// sums S1 = sum da, S2 = sum da xhat; pass 2 writes dx = da c1 + x c2 + c3 (math::gnms_grad_coef).
+// sums S1 = sum da, S2 = sum da xhat (keeping da in dx's buffer for fp32/fp64); pass 2 writes
+// dx = da c1 + x c2 + c3 (math::gnms_grad_coef).
 //
 // NCHW: one task per (sample, group); the group's block is read twice, the second time mostly
 // from cache (e.g. 4 channels x 64 x 64 fp32 = 64 KiB). channels_last: tasks over (sample,
@@ -59,6 +60,12 @@ template <typename acc_t, bool kSilu>
 inline Vec<acc_t> activate(const Vec<acc_t>& a) {
   if constexpr (kSilu) return math::silu(a); else return a;
 }
+
+// Backward pass 1 stores da in the dx buffer and pass 2 reads it back instead of recomputing
+// SiLU' (an exp and a division per value, the dominant cost): exact when dx has the accumulation
+// type; half-precision storage would round da, so those recompute.
+template <typename scalar_t, bool kSilu>
+constexpr bool kKeepDa = kSilu && std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 
 template <typename acc_t, bool kSilu>
 inline Vec<acc_t> act_grad(const Vec<acc_t>& a, const Vec<acc_t>& dy) {
@@ -274,6 +281,7 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
           const int64_t n = std::min<int64_t>(V, bend - i);
           auto xv = vload<acc_t>(xp + i, n);
           auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
+          if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dx + bc * HW + i, da, n);
           if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
           a1 = a1 + da;
           a2 = at::vec::fmadd(da, (xv - mv) * rv, a2);
@@ -298,7 +306,9 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       for (int64_t i = 0; i < HW; i += V) {
         const int64_t n = std::min<int64_t>(V, HW - i);
         auto xv = vload<acc_t>(xp + i, n);
-        auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
+        Vec<acc_t> da;
+        if constexpr (kKeepDa<scalar_t, kSilu>) da = vload<acc_t>(op + i, n);  // stored by pass 1
+        else da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
         vstore<acc_t>(op + i, at::vec::fmadd(da, c1, at::vec::fmadd(xv, c2, c3)), n);
       }
     }
@@ -337,6 +347,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
                             auto xv = vload<acc_t>(xb + r * C + c, n);
                             auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
                             auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * C + c, n));
+                            if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dx + (b * HW + r) * C + c, da, n);
                             if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
                             t1 = da;
                             t2 = da * ((xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n));
@@ -363,8 +374,13 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
         for (int64_t c = 0; c < C; c += V) {
           const int64_t n = std::min<int64_t>(V, C - c);
           auto xv = vload<acc_t>(xp + c, n);
-          auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
-          auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gp + c, n));
+          Vec<acc_t> da;
+          if constexpr (kKeepDa<scalar_t, kSilu>) {
+            da = vload<acc_t>(op + c, n);  // stored by pass 1
+          } else {
+            auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
+            da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gp + c, n));
+          }
           vstore<acc_t>(op + c, at::vec::fmadd(da, vload<acc_t>(k1 + c, n), at::vec::fmadd(xv, vload<acc_t>(k2 + c, n), vload<acc_t>(k3 + c, n))), n);
         }
       }

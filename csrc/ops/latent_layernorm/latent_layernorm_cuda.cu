@@ -106,7 +106,7 @@ inline at::ScalarType opmath_dtype(at::ScalarType s) { return s == at::kDouble ?
 
 // Block shape for per-sample reductions over `npack` packs: up to 512 threads, fewer for small
 // samples (a multiple of 32). Chunks per sample: each thread gets >= 4 packs, and all samples
-// together make about one full wave of blocks (2048 resident threads per SM).
+// together make at most one full wave of blocks (2048 resident threads per SM).
 struct ReducePlan {
   int threads;
   int64_t chunks;
@@ -117,7 +117,7 @@ inline ReducePlan plan_reduce(int64_t npack, int64_t samples) {
   const int threads = static_cast<int>(t);
   const int64_t by_work = ceil_div(npack, t * 4);
   const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / threads);
-  const int64_t by_occupancy = ceil_div(resident, std::min(samples, kMaxGridY));
+  const int64_t by_occupancy = resident / std::min(samples, kMaxGridY);
   return {threads, std::max<int64_t>(1, std::min({by_work, by_occupancy, int64_t{4096}}))};
 }
 

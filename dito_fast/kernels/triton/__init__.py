@@ -33,17 +33,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def tensor_reasons(**tensors) -> list[str]:
+def tensor_reasons(optional: tuple[str, ...] = (), **tensors) -> list[str]:
     """Reasons shared by every Triton op: triton present, tensors on a usable device, dtype.
 
-    ``tensors`` maps argument names to tensors (or None for absent optional inputs).
+    ``tensors`` maps argument names to tensors; names listed in ``optional`` may also be None.
     """
     if not HAS_TRITON:
         return ["triton is not installed"]
     reasons = []
     devices = set()
     for name, t in tensors.items():
-        if t is None:
+        if t is None and name in optional:
             continue
         if not isinstance(t, torch.Tensor):
             reasons.append(f"{name} is not a tensor")

@@ -30,12 +30,10 @@ HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
 
 
-def unsupported_reasons(q, k=None, v=None, *args, **kwargs) -> list[str]:
+def unsupported_reasons(q, k, v, *args, **kwargs) -> list[str]:
     """Why :func:`attention` cannot run these inputs (empty list: it can)."""
     reasons = tensor_reasons(q=q, k=k, v=v)
-    if reasons and not HAS_TRITON:
-        return reasons
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+    if not HAS_TRITON or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return reasons
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         reasons.append(f"q, k, v must share the shape (B, heads, N, D); got "

@@ -42,7 +42,7 @@ def _shape_reasons_noise(x, noise, t) -> list[str]:
 def fm_noise_unsupported_reasons(x, noise, t, sigma_min: float = 1e-5, *args, **kwargs) -> list[str]:
     """Why :func:`fm_noise` cannot run these inputs (empty list: it can)."""
     reasons = tensor_reasons(x=x, noise=noise)
-    if reasons and not HAS_TRITON:
+    if not HAS_TRITON or not (isinstance(x, torch.Tensor) and isinstance(noise, torch.Tensor)):
         return reasons
     if not isinstance(t, torch.Tensor):
         return reasons + ["t is not a tensor"]
@@ -54,7 +54,7 @@ def fm_noise_unsupported_reasons(x, noise, t, sigma_min: float = 1e-5, *args, **
 def fm_loss_unsupported_reasons(pred, target, *args, **kwargs) -> list[str]:
     """Why :func:`fm_loss` cannot run these inputs (empty list: it can)."""
     reasons = tensor_reasons(pred=pred, target=target)
-    if reasons and not HAS_TRITON:
+    if not HAS_TRITON or not (isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor)):
         return reasons
     if pred.dim() < 1 or pred.shape != target.shape:
         reasons.append(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape (B, ...)")

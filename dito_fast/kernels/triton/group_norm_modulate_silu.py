@@ -1,15 +1,20 @@
 """Triton GroupNorm -> per-sample scale/shift modulation -> SiLU (the UNet's norm block).
 
 y = GroupNorm(x; weight, bias) * (1 + scale) + shift, then SiLU if ``silu``.
-Per (b, c) everything folds into one affine map of x, a = x * alpha + beta, with
-    alpha = rstd * w * (1 + s),   beta = (bias - mean * rstd * w) * (1 + s) + shift.
+Per (b, c) everything folds into one affine map of the centred input,
+    a = (x - mean) * alpha + beta,   alpha = rstd * w * (1 + s),   beta = bias * (1 + s) + shift.
+(Centring first, rather than folding the mean into beta, avoids the cancellation between
+x * alpha and mean * alpha when |mean| >> std, for one more subtraction per element.)
 
 Kernels (all arithmetic in float32, whatever the storage dtype):
-- forward: ``_gn_stats_kernel`` (one program per (b, group): mean and rstd, merging per-tile
-  statistics with Chan's formula so large groups do not lose precision), then
-  ``_gn_apply_kernel`` (elementwise over (b, channel tile, spatial tile)).
-- backward: ``_gn_bwd_reduce_kernel`` recomputes a from x, mean, rstd and sums, per (b, c),
-  S1 = sum da and S2 = sum da * xhat (da = dy * silu'(a)); the parameter gradients and the per
+- forward: ``_gn_stats_partial_kernel`` (per (b, group, spatial range): count, mean and M2,
+  merging per-tile statistics with Chan's formula so that large groups keep their precision),
+  ``_gn_stats_finalize_kernel`` (merges the ranges: mean, rstd per (b, group)), then
+  ``_gn_apply_kernel`` (elementwise over (b, channel tile, spatial tile)). Splitting the spatial
+  axis keeps the GPU busy when B * G is small (batch-1 decoding).
+- backward: ``_gn_bwd_reduce_kernel`` recomputes a from x, mean, rstd and sums, per (b, c) and
+  spatial range, S1 = sum da and S2 = sum da * xhat (da = dy * silu'(a)); the ranges are summed in
+  a fixed order (deterministic, no atomics); the parameter gradients and the per
   group terms A = sum_c k_c S1_c / n, Bv = sum_c k_c S2_c / n (k = w (1 + s), n = (C/G) H W)
   are small (B, C) tensor ops; ``_gn_bwd_dx_kernel`` writes dx = rstd (k da - A - xhat Bv).
 
@@ -31,15 +36,16 @@ if HAS_TRITON:
     from torch.library import triton_op, wrap_triton
 
 _TILE = 1024  # elements per tile (BLOCK_C * BLOCK_S)
+_TARGET_PROGRAMS = 1024  # reductions split the spatial axis until about this many programs run
+_MAX_SPLITS = 256
 
 
 def unsupported_reasons(x, num_groups=None, weight=None, bias=None, scale=None, shift=None,
                         eps: float = 1e-5, silu: bool = True, *args, **kwargs) -> list[str]:
     """Why :func:`group_norm_modulate_silu` cannot run these inputs (empty list: it can)."""
-    reasons = tensor_reasons(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
-    if reasons and not HAS_TRITON:
-        return reasons
-    if not isinstance(x, torch.Tensor):
+    reasons = tensor_reasons(("weight", "bias", "scale", "shift"), x=x, weight=weight, bias=bias, scale=scale,
+                             shift=shift)
+    if not HAS_TRITON or not isinstance(x, torch.Tensor):
         return reasons
     if x.dim() != 4:
         return reasons + [f"x must have shape (B, C, H, W), got {tuple(x.shape)}"]
@@ -92,16 +98,34 @@ def _tiles(C: int, block_c_max: int, HW: int, channels_last: bool):
     return bc, bs
 
 
+def _split(HW: int, block_s: int, programs: int):
+    """(S_PER_SPLIT, NSPLIT): cut the spatial axis so that about _TARGET_PROGRAMS programs run in
+    all (batch-1 decoding has only G groups), in whole tiles, at most _MAX_SPLITS pieces."""
+    tiles = _cdiv(HW, block_s)
+    nsplit = max(1, min(tiles, _MAX_SPLITS, _cdiv(_TARGET_PROGRAMS, programs)))
+    per_split = _cdiv(tiles, nsplit) * block_s
+    return per_split, _cdiv(HW, per_split)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _gn_stats_kernel(x_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sxb, sxc, sxs, eps,
-                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        # grid: (B * G,). Statistics of one group, tile by tile, merged with Chan's formula.
+    def _gn_stats_partial_kernel(x_ptr, part_ptr, HW, Cg, G, S_PER_SPLIT, NSPLIT, sxb, sxc, sxs,
+                                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        # grid: (B * G, NSPLIT). (count, mean, M2) of one group over one spatial range, tile by
+        # tile, merged with Chan's formula. Groups vary fastest, so the programs running together
+        # read neighbouring channels of the same pixels (shared cache lines in channels_last).
         pid = tl.program_id(0)
+        split = tl.program_id(1)
         b = (pid // G).to(tl.int64)
         g = pid % G
         base = x_ptr + b * sxb + (g * Cg).to(tl.int64) * sxc
+        s_lo = split * S_PER_SPLIT
+        s_hi = tl.minimum(s_lo + S_PER_SPLIT, HW)
         offs_c = tl.arange(0, BLOCK_C)
         offs_s = tl.arange(0, BLOCK_S)
         count = 0.0
@@ -111,11 +135,11 @@ if HAS_TRITON:
             cs = c0 + offs_c
             cmask = cs < Cg
             nc = tl.minimum(Cg - c0, BLOCK_C)
-            for s0 in range(0, HW, BLOCK_S):
+            for s0 in range(s_lo, s_hi, BLOCK_S):
                 ss = s0 + offs_s
-                m = cmask[:, None] & (ss < HW)[None, :]
+                m = cmask[:, None] & (ss < s_hi)[None, :]
                 x = tl.load(base + cs[:, None] * sxc + ss[None, :] * sxs, mask=m, other=0.0).to(tl.float32)
-                n_t = (nc * tl.minimum(HW - s0, BLOCK_S)).to(tl.float32)
+                n_t = (nc * tl.minimum(s_hi - s0, BLOCK_S)).to(tl.float32)
                 mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
                 d = tl.where(m, x - mean_t, 0.0)
                 m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
@@ -124,8 +148,27 @@ if HAS_TRITON:
                 mean = mean + delta * (n_t / n_new)
                 m2 = m2 + m2_t + delta * delta * (count * n_t / n_new)
                 count = n_new
+        out = part_ptr + (pid.to(tl.int64) * NSPLIT + split) * 3
+        tl.store(out, count)
+        tl.store(out + 1, mean)
+        tl.store(out + 2, m2)
+
+    @triton.jit
+    def _gn_stats_finalize_kernel(part_ptr, mean_ptr, rstd_ptr, NSPLIT, eps, BLOCK_P: tl.constexpr):
+        # grid: (B * G,). Chan's formula over the partial statistics of one group.
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_P)
+        pm = offs < NSPLIT
+        base = part_ptr + pid.to(tl.int64) * NSPLIT * 3 + offs * 3
+        n_i = tl.load(base, mask=pm, other=0.0)
+        mean_i = tl.load(base + 1, mask=pm, other=0.0)
+        m2_i = tl.load(base + 2, mask=pm, other=0.0)
+        n = tl.sum(n_i, axis=0)
+        mean = tl.sum(n_i * mean_i, axis=0) / n
+        d = mean_i - mean
+        m2 = tl.sum(m2_i + n_i * d * d, axis=0)
         tl.store(mean_ptr + pid, mean)
-        tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(m2 / count + eps))
+        tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(m2 / n + eps))
 
     @triton.jit
     def _gn_coeffs(b, cs, cmask, C, Cg, G, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
@@ -153,8 +196,15 @@ if HAS_TRITON:
             sh = tl.zeros([BLOCK_C], tl.float32)
         k = w * s1
         alpha = rstd * k
-        beta = (bb - mean * rstd * w) * s1 + sh
+        beta = bb * s1 + sh
         return grp, mean, rstd, k, alpha, beta
+
+    @triton.jit
+    def _sigmoid(a):
+        # exp of a non-positive argument only: no overflow for large |a| (masked lanes included)
+        e = tl.exp(-tl.abs(a))
+        r = 1.0 / (1.0 + e)
+        return tl.where(a >= 0, r, e * r)
 
     @triton.jit
     def _gn_apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
@@ -168,21 +218,22 @@ if HAS_TRITON:
         ss = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         cmask = cs < C
         m = cmask[:, None] & (ss < HW)[None, :]
-        _, _, _, _, alpha, beta = _gn_coeffs(b, cs, cmask, C, Cg, G, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
+        _, mean, _, _, alpha, beta = _gn_coeffs(b, cs, cmask, C, Cg, G, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
                                              scale_ptr, shift_ptr, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         x = tl.load(x_ptr + b * sxb + cs[:, None] * sxc + ss[None, :] * sxs, mask=m, other=0.0).to(tl.float32)
-        a = x * alpha[:, None] + beta[:, None]
+        a = (x - mean[:, None]) * alpha[:, None] + beta[:, None]
         if SILU:
-            a = a / (1.0 + tl.exp(-a))
+            a = a * _sigmoid(a)
         tl.store(y_ptr + b * syb + cs[:, None] * syc + ss[None, :] * sys, a.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _gn_da_xhat(x, dy, mean, rstd, alpha, beta, SILU: tl.constexpr):
         """da = dy * silu'(a) (or dy) and xhat for a tile; per-channel vectors broadcast over columns."""
-        xhat = (x - mean[:, None]) * rstd[:, None]
+        xc = x - mean[:, None]
+        xhat = xc * rstd[:, None]
         if SILU:
-            a = x * alpha[:, None] + beta[:, None]
-            sig = 1.0 / (1.0 + tl.exp(-a))
+            a = xc * alpha[:, None] + beta[:, None]
+            sig = _sigmoid(a)
             da = dy * (sig * (1.0 + a * (1.0 - sig)))
         else:
             da = dy
@@ -190,31 +241,36 @@ if HAS_TRITON:
 
     @triton.jit
     def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
-                              s1_ptr, s2_ptr, C, HW, Cg, G, sxb, sxc, sxs, sdb, sdc, sds,
+                              s1_ptr, s2_ptr, C, HW, Cg, G, S_PER_SPLIT, NSPLIT, sxb, sxc, sxs, sdb, sdc, sds,
                               HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                               HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                               BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        # grid: (cdiv(C, BLOCK_C), B). S1[b, c] = sum_s da, S2[b, c] = sum_s da * xhat
+        # grid: (cdiv(C, BLOCK_C), B, NSPLIT). Partial sums over one spatial range:
+        # S1[b, split, c] = sum_s da, S2[b, split, c] = sum_s da * xhat
         b = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
         cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         _, mean, rstd, _, alpha, beta = _gn_coeffs(b, cs, cmask, C, Cg, G, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
                                                    scale_ptr, shift_ptr, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
                                                    BLOCK_C)
+        s_lo = split * S_PER_SPLIT
+        s_hi = tl.minimum(s_lo + S_PER_SPLIT, HW)
         offs_s = tl.arange(0, BLOCK_S)
         acc1 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
         acc2 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
-        for s0 in range(0, HW, BLOCK_S):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
             ss = s0 + offs_s
-            m = cmask[:, None] & (ss < HW)[None, :]
+            m = cmask[:, None] & (ss < s_hi)[None, :]
             x = tl.load(x_ptr + b * sxb + cs[:, None] * sxc + ss[None, :] * sxs, mask=m, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + b * sdb + cs[:, None] * sdc + ss[None, :] * sds, mask=m, other=0.0).to(tl.float32)
             da, xhat = _gn_da_xhat(x, dy, mean, rstd, alpha, beta, SILU)
             da = tl.where(m, da, 0.0)
             acc1 += da
             acc2 += da * xhat
-        tl.store(s1_ptr + b * C + cs, tl.sum(acc1, axis=1), mask=cmask)
-        tl.store(s2_ptr + b * C + cs, tl.sum(acc2, axis=1), mask=cmask)
+        out = (b * NSPLIT + split) * C + cs
+        tl.store(s1_ptr + out, tl.sum(acc1, axis=1), mask=cmask)
+        tl.store(s2_ptr + out, tl.sum(acc2, axis=1), mask=cmask)
 
     @triton.jit
     def _gn_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
@@ -266,8 +322,12 @@ if HAS_TRITON:
         (sxb, sxc, sxs), (syb, syc, sys) = _strides(x), _strides(y)
         (w, bb, sc, sh), flags = _param_args(x, weight, bias, scale, shift)
         bc, bs = _tiles(C, Cg, HW, cl)
-        wrap_triton(_gn_stats_kernel)[(B * G,)](x, mean, rstd, HW, Cg, G, sxb, sxc, sxs, eps,
-                                                 BLOCK_C=bc, BLOCK_S=bs, num_warps=4)
+        per_split, nsplit = _split(HW, bs, B * G)
+        part = torch.empty((B * G, nsplit, 3), dtype=torch.float32, device=x.device)
+        wrap_triton(_gn_stats_partial_kernel)[(B * G, nsplit)](x, part, HW, Cg, G, per_split, nsplit,
+                                                                sxb, sxc, sxs, BLOCK_C=bc, BLOCK_S=bs, num_warps=4)
+        wrap_triton(_gn_stats_finalize_kernel)[(B * G,)](part, mean, rstd, nsplit, eps,
+                                                          BLOCK_P=next_power_of_2(nsplit), num_warps=1)
         bc, bs = _tiles(C, C, HW, cl)
         grid = (triton.cdiv(HW, bs), triton.cdiv(C, bc), B)
         wrap_triton(_gn_apply_kernel)[grid](x, y, mean, rstd, w, bb, sc, sh, C, HW, Cg, G,
@@ -287,16 +347,21 @@ if HAS_TRITON:
         G, HW = num_groups, H * W
         Cg = C // G
         dx = torch.empty_like(x)
-        s1 = torch.zeros((B, C), dtype=torch.float32, device=x.device)
-        s2 = torch.zeros((B, C), dtype=torch.float32, device=x.device)
         cl = is_channels_last(x)
         sx, sd, so = _strides(x), _strides(grad), _strides(dx)
         (w, bb, sc, sh), flags = _param_args(x, weight, bias, scale, shift)
         if x.numel() > 0:
             bc, bs = _tiles(C, C, HW, cl)
-            wrap_triton(_gn_bwd_reduce_kernel)[(triton.cdiv(C, bc), B)](
-                x, grad, mean, rstd, w, bb, sc, sh, s1, s2, C, HW, Cg, G, *sx, *sd, SILU=silu,
-                BLOCK_C=bc, BLOCK_S=bs, num_warps=4, **flags)
+            per_split, nsplit = _split(HW, bs, triton.cdiv(C, bc) * B)
+            s1p = torch.empty((B, nsplit, C), dtype=torch.float32, device=x.device)
+            s2p = torch.empty((B, nsplit, C), dtype=torch.float32, device=x.device)
+            wrap_triton(_gn_bwd_reduce_kernel)[(triton.cdiv(C, bc), B, nsplit)](
+                x, grad, mean, rstd, w, bb, sc, sh, s1p, s2p, C, HW, Cg, G, per_split, nsplit, *sx, *sd,
+                SILU=silu, BLOCK_C=bc, BLOCK_S=bs, num_warps=4, **flags)
+            s1, s2 = s1p.sum(dim=1), s2p.sum(dim=1)  # fixed order: deterministic
+        else:
+            s1 = torch.zeros((B, C), dtype=torch.float32, device=x.device)
+            s2 = torch.zeros((B, C), dtype=torch.float32, device=x.device)
         # (B, C) / (B, G) algebra: tiny next to the two passes over x
         wf = weight.float() if weight is not None else torch.ones(C, dtype=torch.float32, device=x.device)
         one_s = (1.0 + scale.float()) if scale is not None else torch.ones_like(s1)
@@ -310,15 +375,15 @@ if HAS_TRITON:
             wrap_triton(_gn_bwd_dx_kernel)[grid](
                 x, grad, dx, mean, rstd, w, bb, sc, sh, ga, gb, C, HW, Cg, G, *sx, *sd, *so, SILU=silu,
                 BLOCK_C=bc, BLOCK_S=bs, num_warps=4, **flags)
-        empty = x.new_empty(0)
-        dweight = (one_s * s2).sum(dim=0).to(weight.dtype) if weight is not None else empty
-        dbias = (one_s * s1).sum(dim=0).to(bias.dtype) if bias is not None else empty
+        # absent parameters get distinct empty tensors (a custom op's outputs may not alias)
+        dweight = (one_s * s2).sum(dim=0).to(weight.dtype) if weight is not None else x.new_empty(0)
+        dbias = (one_s * s1).sum(dim=0).to(bias.dtype) if bias is not None else x.new_empty(0)
         if scale is not None:
             dscale = wf * s2 + (bias.float() * s1 if bias is not None else 0.0)
             dscale = dscale.to(scale.dtype)
         else:
-            dscale = empty
-        dshift = s1.to(shift.dtype) if shift is not None else empty
+            dscale = x.new_empty(0)
+        dshift = s1.to(shift.dtype) if shift is not None else x.new_empty(0)
         return [dx, dweight, dbias, dscale, dshift]
 
     def _setup(ctx, inputs, output):

@@ -21,7 +21,7 @@ if HAS_TRITON:
 def unsupported_reasons(z, eps: float = 1e-5, *args, **kwargs) -> list[str]:
     """Why :func:`latent_layernorm` cannot run these inputs (empty list: it can)."""
     reasons = tensor_reasons(z=z)
-    if reasons and not HAS_TRITON:
+    if not HAS_TRITON or not isinstance(z, torch.Tensor):
         return reasons
     if z.dim() != 4:
         reasons.append(f"z must have shape (B, C, H, W), got {tuple(z.shape)}")

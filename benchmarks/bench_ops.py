@@ -1,0 +1,132 @@
+"""Fused ops against their eager reference and torch.compile of the reference (DESIGN.md §5).
+
+Providers: ``ref`` (eager PyTorch, the specification), ``cpp`` (dito_fast._C), ``compile``
+(torch.compile of the reference; skipped in --benchmark-disable smoke runs because compiling
+takes minutes on CPU). Modes: ``fwd`` (inference, no autograd) and ``full`` (forward + backward).
+Shapes are the real ones: the UNet decoder's largest and smallest levels for dito-S at 64x64
+(batch 8) and dito-B at 256x256 (batch 1), the latent for the encoder, the image for the
+flow-matching step.
+
+Each result's extra_info holds the bytes a single fused pass must move and the achieved GB/s;
+``test_memory_bandwidth`` measures the machine's copy bandwidth once in the same run, and
+``python benchmarks/report.py BENCH.json`` prints the ratios (cpp vs ref, cpp vs compile) and
+bandwidth fractions as a table.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dito_fast.ops import (
+    _cpp, fm_loss, fm_loss_ref, fm_noise, fm_noise_ref, group_norm_modulate_silu,
+    group_norm_modulate_silu_ref, latent_layernorm, latent_layernorm_ref,
+)
+
+PROVIDERS = ["ref", "cpp", "compile"]
+MODES = ["fwd", "full"]
+
+# (label, B, C, H, W, groups): decoder level 0 and level 3 of each preset.
+GNMS_SHAPES = [
+    ("S@64 L0", 8, 64, 64, 64, 32), ("S@64 L3", 8, 256, 8, 8, 32),
+    ("B@256 L0", 1, 128, 256, 256, 32), ("B@256 L3", 1, 512, 32, 32, 32),
+]
+LATENT_SHAPES = [("S@64 latent", 8, 4, 8, 8), ("B@256 latent", 1, 4, 32, 32)]
+IMAGE_SHAPES = [("S@64 image", 8, 3, 64, 64), ("B@256 image", 1, 3, 256, 256)]
+
+
+def _median(benchmark):
+    return benchmark.stats.stats.median if benchmark.stats is not None else None
+
+
+def _provider_fn(provider, fused, ref, benchmark):
+    if provider == "cpp":
+        if not _cpp.AVAILABLE:
+            pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+        return lambda *a, **k: fused(*a, backend="cpp", **k)
+    if provider == "compile":
+        if benchmark.disabled:
+            pytest.skip("torch.compile provider is skipped in smoke runs (--benchmark-disable)")
+        torch._dynamo.reset()
+        return torch.compile(ref, fullgraph=True)
+    return ref
+
+
+def _run(benchmark, fn, inputs, grad_inputs, mode, bytes_fwd, bytes_full, label, rounds):
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def full():
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.grad(outs, grad_inputs, [torch.ones_like(o) for o in outs])
+
+    call = fwd if mode == "fwd" else full
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
+    med = _median(benchmark)
+    if med is None:
+        return
+    nbytes = bytes_fwd if mode == "fwd" else bytes_full
+    benchmark.extra_info.update({"shape": label, "mode": mode, "ms": med * 1e3, "min_bytes": nbytes,
+                                 "gb_per_s": nbytes / med / 1e9})
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", GNMS_SHAPES, ids=lambda s: s[0].replace(" ", "-").replace("@", ""))
+def test_group_norm_modulate_silu(benchmark, shape, mode, provider):
+    label, B, C, H, W, G = shape
+    g = torch.Generator().manual_seed(0)
+    grad = mode == "full"
+    x = torch.randn(B, C, H, W, generator=g).requires_grad_(grad)
+    w, b = torch.randn(C, generator=g).requires_grad_(grad), torch.randn(C, generator=g).requires_grad_(grad)
+    s, sh = torch.randn(B, C, generator=g).requires_grad_(grad), torch.randn(B, C, generator=g).requires_grad_(grad)
+    fn = _provider_fn(provider, group_norm_modulate_silu, group_norm_modulate_silu_ref, benchmark)
+    n = x.numel() * 4
+    # Minimum traffic of one fused pass: fwd reads x, writes y; full adds reading x and dy, writing dx.
+    _run(benchmark, lambda *a: fn(a[0], G, *a[1:]), (x, w, b, s, sh), (x, w, b, s, sh), mode,
+         2 * n, 5 * n, label, rounds=5 if x.numel() > 1_000_000 else 20)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", LATENT_SHAPES, ids=lambda s: s[0].replace(" ", "-").replace("@", ""))
+def test_latent_layernorm(benchmark, shape, mode, provider):
+    label, B, C, H, W = shape
+    z = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(0)).requires_grad_(mode == "full")
+    fn = _provider_fn(provider, latent_layernorm, latent_layernorm_ref, benchmark)
+    n = z.numel() * 4
+    _run(benchmark, fn, (z,), (z,), mode, 2 * n, 5 * n, label, rounds=50)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=lambda s: s[0].replace(" ", "-").replace("@", ""))
+def test_fm_step(benchmark, shape, mode, provider):
+    """The training step's flow-matching part: noising + velocity target, then the per-sample loss
+    against a prediction (the decoder's output)."""
+    label, B, C, H, W = shape
+    g = torch.Generator().manual_seed(0)
+    x, e, pred = (torch.randn(B, C, H, W, generator=g) for _ in range(3))
+    t = torch.rand(B, generator=g)
+    pred.requires_grad_(mode == "full")
+    noise_fn = _provider_fn(provider, fm_noise, fm_noise_ref, benchmark)
+    loss_fn = _provider_fn(provider, fm_loss, fm_loss_ref, benchmark)
+
+    def step(pred_):
+        x_t, v = noise_fn(x, e, t)
+        return loss_fn(pred_ + x_t, v)  # the decoder would sit between the two
+
+    n = x.numel() * 4
+    _run(benchmark, step, (pred,), (pred,), mode, 5 * n, 7 * n, label, rounds=30)
+
+
+def test_memory_bandwidth(benchmark):
+    """Copy bandwidth of this machine at the benchmark thread count: c = a + b on 64 MiB arrays."""
+    a, b = torch.randn(16 * 2**20), torch.randn(16 * 2**20)
+    c = torch.empty_like(a)
+    benchmark.pedantic(lambda: torch.add(a, b, out=c), rounds=10, warmup_rounds=2, iterations=1)
+    med = _median(benchmark)
+    if med is not None:
+        benchmark.extra_info.update({"gb_per_s": 3 * a.numel() * 4 / med / 1e9})

@@ -1,0 +1,56 @@
+"""Print the op and model benchmark tables from a pytest-benchmark JSON file (markdown).
+
+Usage: python benchmarks/report.py BENCH.json
+Ratios are between providers measured in the same run (same file).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+
+
+def _param(name: str, key: str) -> str | None:
+    m = re.search(r"\[(.*)\]", name)
+    return m.group(1) if m else None
+
+
+def main(path: str) -> None:
+    data = json.load(open(path))
+    rows = data["benchmarks"]
+    threads = {r["extra_info"].get("threads") for r in rows}
+    print(f"machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}; threads: {sorted(t for t in threads if t)}; "
+          f"torch {rows[0]['extra_info'].get('torch', '?') if rows else '?'}")
+    bw = next((r["extra_info"]["gb_per_s"] for r in rows if r["name"].startswith("test_memory_bandwidth")), None)
+    if bw:
+        print(f"measured copy bandwidth: {bw:.1f} GB/s\n")
+    ops = defaultdict(dict)
+    for r in rows:
+        p = r.get("params") or {}
+        if "provider" in p and "mode" in p:
+            key = (r["name"].split("[")[0].removeprefix("test_"), r["extra_info"].get("shape", p.get("shape")), p["mode"])
+            ops[key][p["provider"]] = r["stats"]["median"] * 1e3, r["extra_info"].get("gb_per_s")
+    if ops:
+        print("| op | shape | mode | ref ms | compile ms | cpp ms | cpp vs ref | cpp vs compile | cpp GB/s (min traffic) |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        for (op, shape, mode), prov in sorted(ops.items()):
+            ref, comp, cpp = (prov.get(k, (None, None)) for k in ("ref", "compile", "cpp"))
+            fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+            ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b is not None else "-"  # noqa: E731
+            gbs = f"{cpp[1]:.1f}" + (f" ({cpp[1] / bw:.0%})" if bw and cpp[1] else "") if cpp[1] else "-"
+            print(f"| {op} | {shape} | {mode} | {fmt(ref[0])} | {fmt(comp[0])} | {fmt(cpp[0])} | "
+                  f"{ratio(ref[0], cpp[0])} | {ratio(comp[0], cpp[0])} | {gbs} |")
+    model = [r for r in rows if r["name"].startswith(("test_train_step", "test_decoder_step", "test_encode"))]
+    if model:
+        print("\n| model benchmark | median ms | derived |")
+        print("|---|---:|---|")
+        for r in model:
+            ei = {k: v for k, v in r["extra_info"].items() if k not in ("threads", "torch")}
+            derived = ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in ei.items())
+            print(f"| {r['name']} | {r['stats']['median'] * 1e3:.1f} | {derived} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

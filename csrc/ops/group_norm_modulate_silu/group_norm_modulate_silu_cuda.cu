@@ -1,0 +1,1061 @@
+// CUDA kernels of group_norm_modulate_silu (GroupNorm -> (1 + scale), shift -> SiLU) and its
+// backward, for NCHW-contiguous and channels_last x (processed natively, outputs in x's format).
+//
+// Forward (math.h: moments_to_mean_rstd, gnms_coef, silu):
+//   1. stats: shifted sums per (sample, group), shift k = the group's first value x[b, g Cg, 0, 0];
+//      NCHW: a group is one contiguous run of Cg*HW values; channels_last: (sample, row-chunk)
+//      tiles with threads across channels, giving per-(sample, chunk, channel) partials.
+//   2. finalize: one block per group adds its partials in a fixed order (double), writes mean and
+//      rstd, and folds the per-(sample, channel) coefficients a = x alpha + beta.
+//   3. apply: y = silu(x alpha + beta) (or without SiLU), one FMA per element.
+//   NCHW with enough groups to fill the GPU runs 1-3 as one fused kernel (one block per group,
+//   the second read of the group mostly from L2).
+// Backward (math.h: gnms_coef, silu_grad, gnms_grad_coef), nothing saved but mean/rstd:
+//   1. sums: per (sample, channel) partials of S1 = sum da and S2' = sum da (x - mean), where
+//      da = dy silu'(a) (or dy), a recomputed from x; NCHW: per plane, channels_last: tiles.
+//   2. channel finalize: S1, S2 = rstd S2' per (sample, channel) in double; dshift, dscale.
+//   3. group finalize: A, B per group -> (alpha, beta, c1, c2, c3) per (sample, channel).
+//   4. dweight, dbias: per channel, sums over the batch in order (only when weight/bias exist).
+//   5. apply: dx = da c1 + x c2 + c3.
+// All cross-thread and cross-block sums use fixed trees and fixed orders (no atomics): results
+// are deterministic for a given GPU model.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include <dito_fast/check.h>
+#include <dito_fast/math.h>
+
+namespace dito_fast {
+namespace {
+
+// ---- small CUDA helpers (file-local) -----------------------------------------------------------
+constexpr int kWarp = 32;
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;  // valid in lane 0
+}
+
+// Sums a and b over the block (blockDim.x * blockDim.y a multiple of 32) and returns them to
+// every thread. Fixed shuffle/shared-memory tree: deterministic. sh: 2 * 32 values.
+template <typename T>
+__device__ __forceinline__ void block_sum2(T& a, T& b, T* sh) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int lane = tid % kWarp, warp = tid / kWarp, nwarps = blockDim.x * blockDim.y / kWarp;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __syncthreads();  // sh may still be read by a previous call
+  if (lane == 0) {
+    sh[warp] = a;
+    sh[kWarp + warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < nwarps ? sh[lane] : T(0);
+    b = lane < nwarps ? sh[kWarp + lane] : T(0);
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) {
+      sh[0] = a;
+      sh[kWarp] = b;
+    }
+  }
+  __syncthreads();
+  a = sh[0];
+  b = sh[kWarp];
+}
+
+template <typename scalar_t>
+constexpr int pack_width() {
+  return static_cast<int>(16 / sizeof(scalar_t));
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int sm_count() {
+  int dev = 0, n = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n;
+}
+
+inline at::ScalarType opmath_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ---- launch plans ------------------------------------------------------------------------------------
+// Contiguous segments (NCHW groups or planes): up to 512 threads (fewer for short segments), and
+// chunks per segment such that each thread gets >= 4 packs while all segments together make at
+// most one full wave of blocks (2048 resident threads per SM), so no tail wave.
+struct SegPlan {
+  int threads;
+  int64_t chunks;
+};
+
+inline SegPlan plan_segments(int64_t npack, int64_t segments) {
+  const int64_t t = std::min<int64_t>(512, std::max<int64_t>(kWarp, ceil_div(npack, kWarp) * kWarp));
+  const int64_t by_work = ceil_div(npack, t * 4);
+  const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / t);
+  const int64_t by_occupancy = resident / std::min(segments, kMaxGridY);
+  return {static_cast<int>(t), std::max<int64_t>(1, std::min({by_work, by_occupancy, int64_t{4096}}))};
+}
+
+// Elementwise passes over (B, npack) with 256-thread blocks: blocks along x per sample, >= 2 packs
+// per thread, all samples together at most one full wave (grid-stride loops do the rest).
+constexpr int kApplyThreads = 256;
+
+inline int64_t apply_blocks(int64_t npack, int64_t B) {
+  const int64_t by_work = ceil_div(npack, kApplyThreads * 2);
+  const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / kApplyThreads);
+  return std::max<int64_t>(1, std::min(by_work, resident / std::min(B, kMaxGridY)));
+}
+
+// channels_last tiles: a block is (lanes x rows) threads, lanes = channel packs (<= 256), rows =
+// 256 / lanes rows of the HW axis; ctiles blocks cover C; chunks blocks split HW so that each
+// thread gets >= 4 rows and the grid is at most 4 blocks per SM: the kernels keep 4 rows of loads
+// in flight per thread, so half occupancy saturates memory while keeping the partial tables
+// (B x chunks x C) small.
+constexpr int kTileThreads = 256;
+
+struct TilePlan {
+  int lanes, rows;
+  int64_t ctiles, chunks, rows_per_chunk;
+};
+
+inline TilePlan plan_tiles(int64_t cpacks, int64_t HW, int64_t B) {
+  TilePlan p;
+  p.lanes = static_cast<int>(std::min<int64_t>(cpacks, kTileThreads));
+  p.rows = kTileThreads / p.lanes;
+  p.ctiles = ceil_div(cpacks, p.lanes);
+  const int64_t by_work = ceil_div(HW, static_cast<int64_t>(p.rows) * 4);
+  const int64_t resident = static_cast<int64_t>(sm_count()) * 4;
+  const int64_t by_occupancy = resident / (std::min(B, kMaxGridY) * p.ctiles);
+  const int64_t chunks = std::max<int64_t>(1, std::min({by_work, by_occupancy, HW, kMaxGridY * 16}));
+  p.rows_per_chunk = ceil_div(HW, chunks);
+  p.chunks = ceil_div(HW, p.rows_per_chunk);
+  return p;
+}
+
+// ---- per-channel parameters -----------------------------------------------------------------------------
+// Optional inputs converted to acc_t on the host; null pointers when absent (w = 1, b = s = sh = 0).
+template <typename acc_t>
+struct Params {
+  const acc_t* w;
+  const acc_t* bias;
+  const acc_t* scale;
+  const acc_t* shift;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t param_w(const Params<acc_t>& p, int64_t c) { return p.w ? p.w[c] : acc_t(1); }
+template <typename acc_t>
+__device__ __forceinline__ acc_t param_b(const Params<acc_t>& p, int64_t c) { return p.bias ? p.bias[c] : acc_t(0); }
+template <typename acc_t>
+__device__ __forceinline__ acc_t param_s(const Params<acc_t>& p, int64_t bc) { return p.scale ? p.scale[bc] : acc_t(0); }
+template <typename acc_t>
+__device__ __forceinline__ acc_t param_sh(const Params<acc_t>& p, int64_t bc) { return p.shift ? p.shift[bc] : acc_t(0); }
+
+template <typename acc_t>
+__device__ __forceinline__ math::GnmsCoef<acc_t> channel_coef(const Params<acc_t>& p, acc_t mean, acc_t rstd,
+                                                             int64_t b, int64_t c, int64_t C) {
+  return math::gnms_coef<acc_t>(mean, rstd, param_w(p, c), param_b(p, c), param_s(p, b * C + c),
+                                param_sh(p, b * C + c));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t activate(acc_t a, bool silu) {
+  return silu ? math::silu(a) : a;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t act_grad(acc_t a, acc_t dy, bool silu) {
+  return silu ? dy * math::silu_grad(a) : dy;
+}
+
+// =====================================================================================================
+// Forward
+// =====================================================================================================
+
+// NCHW fused. Launch: grid (min(B*G, 2^31-1)), block T, dynamic smem 2 * Cg * sizeof(acc_t).
+// One block per group (b, g), the contiguous run of L = Cg*HW values at (b*G + g)*L: shifted sums
+// (block tree in double) -> mean/rstd -> alpha/beta of the Cg channels in shared memory -> apply.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void gn_fused_nchw_kernel(const scalar_t* __restrict__ x, int64_t BG, int64_t G, int64_t Cg, int64_t HW,
+                                     double eps, Params<acc_t> p, bool silu, scalar_t* __restrict__ y,
+                                     acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out) {
+  __shared__ double sh[2 * kWarp];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* s_alpha = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* s_beta = s_alpha + Cg;
+  const int64_t L = Cg * HW, npack = L / V, C = G * Cg;
+  for (int64_t bg = blockIdx.x; bg < BG; bg += gridDim.x) {
+    const scalar_t* xg = x + bg * L;
+    scalar_t* yg = y + bg * L;
+    const acc_t k = static_cast<acc_t>(xg[0]);
+    acc_t s1 = 0, s2 = 0;
+    for (int64_t i = threadIdx.x; i < npack; i += blockDim.x) {
+      const auto xv = load_pack<V>(xg + i * V);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const acc_t d = static_cast<acc_t>(xv.v[q]) - k;
+        s1 += d;
+        s2 += d * d;
+      }
+    }
+    double d1 = s1, d2 = s2;
+    block_sum2(d1, d2, sh);
+    double mean_d, rstd_d;
+    math::moments_to_mean_rstd<double>(d1, d2, static_cast<double>(L), static_cast<double>(k), eps, mean_d, rstd_d);
+    const acc_t mean = static_cast<acc_t>(mean_d), rstd = static_cast<acc_t>(rstd_d);
+    if (threadIdx.x == 0) {
+      mean_out[bg] = mean;
+      rstd_out[bg] = rstd;
+    }
+    const int64_t b = bg / G, c0 = (bg % G) * Cg;
+    for (int64_t c = threadIdx.x; c < Cg; c += blockDim.x) {
+      const auto cf = channel_coef(p, mean, rstd, b, c0 + c, C);
+      s_alpha[c] = cf.alpha;
+      s_beta[c] = cf.beta;
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < npack; i += blockDim.x) {
+      // HW % V == 0: a pack stays in one plane; L < 2^31 (checked on the host): 32-bit division.
+      const int64_t c = static_cast<uint32_t>(i * V) / static_cast<uint32_t>(HW);
+      const acc_t al = s_alpha[c], be = s_beta[c];
+      const auto xv = load_pack<V>(xg + i * V);
+      Pack<scalar_t, V> out;
+#pragma unroll
+      for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate(static_cast<acc_t>(xv.v[q]) * al + be, silu));
+      store_pack<V>(yg + i * V, out);
+    }
+    __syncthreads();  // s_alpha/s_beta are rewritten for the next group
+  }
+}
+
+// NCHW stats. Launch: grid (chunks, min(B*G, 65535)), block T. Block (j, s) accumulates shifted
+// sums of group s (k = its first value) over packs j*T + tid, stepping by chunks*T, and writes
+// partial[(s * chunks + j) * 2 + {0, 1}] (double).
+template <typename scalar_t, typename acc_t, int V>
+__global__ void gn_stats_nchw_kernel(const scalar_t* __restrict__ x, int64_t S, int64_t L,
+                                     double* __restrict__ partial) {
+  __shared__ double sh[2 * kWarp];
+  const int64_t npack = L / V;
+  for (int64_t s = blockIdx.y; s < S; s += gridDim.y) {
+    const scalar_t* xs = x + s * L;
+    const acc_t k = static_cast<acc_t>(xs[0]);
+    acc_t s1 = 0, s2 = 0;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const auto xv = load_pack<V>(xs + i * V);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const acc_t d = static_cast<acc_t>(xv.v[q]) - k;
+        s1 += d;
+        s2 += d * d;
+      }
+    }
+    double d1 = s1, d2 = s2;
+    block_sum2(d1, d2, sh);
+    if (threadIdx.x == 0) {
+      partial[(s * gridDim.x + blockIdx.x) * 2] = d1;
+      partial[(s * gridDim.x + blockIdx.x) * 2 + 1] = d2;
+    }
+  }
+}
+
+// channels_last stats. Launch: grid (chunks, min(B, 65535), ctiles), block (lanes, rows), dynamic
+// smem 2 * rows * lanes * V * sizeof(acc_t). Block (j, b, t) covers rows hw in
+// [j*rpc, min(HW, (j+1)*rpc)) of sample b and channel packs t*lanes + lane. Thread (lane, row)
+// accumulates shifted sums of its V channels (shift of channel c: x[b, 0, (c / Cg) Cg]) over
+// hw = start + row, stepping by rows (4 rows in flight); a fixed tree over rows in shared memory
+// gives per-channel sums, written as partial[((b * chunks + j) * C + c) * 2 + {0, 1}] (double).
+template <typename scalar_t, typename acc_t, int V>
+__global__ void gn_stats_cl_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t C, int64_t HW, int64_t Cg,
+                                   int64_t rpc, double* __restrict__ partial) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int lane = threadIdx.x, row = threadIdx.y, lanes = blockDim.x, rows = blockDim.y;
+  acc_t* t1 = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* t2 = t1 + rows * lanes * V;
+  const int64_t cv = static_cast<int64_t>(blockIdx.z) * lanes + lane;
+  const bool active = cv < C / V;
+  const int64_t hw0 = blockIdx.x * rpc, hw1 = std::min(HW, hw0 + rpc);
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const scalar_t* xb = x + b * HW * C + cv * V;
+    acc_t k[V], s1[V], s2[V];
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      k[q] = active ? static_cast<acc_t>(x[b * HW * C + ((cv * V + q) / Cg) * Cg]) : acc_t(0);
+      s1[q] = 0;
+      s2[q] = 0;
+    }
+    if (active) {
+      int64_t hw = hw0 + row;
+      for (; hw + 3 * rows < hw1; hw += 4 * rows) {
+        Pack<scalar_t, V> xv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) xv[u] = load_pack<V>(xb + (hw + u * rows) * C);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+#pragma unroll
+          for (int q = 0; q < V; ++q) {
+            const acc_t d = static_cast<acc_t>(xv[u].v[q]) - k[q];
+            s1[q] += d;
+            s2[q] += d * d;
+          }
+        }
+      }
+      for (; hw < hw1; hw += rows) {
+        const auto xv = load_pack<V>(xb + hw * C);
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          const acc_t d = static_cast<acc_t>(xv.v[q]) - k[q];
+          s1[q] += d;
+          s2[q] += d * d;
+        }
+      }
+    }
+    const int o = (row * lanes + lane) * V;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      t1[o + q] = s1[q];
+      t2[o + q] = s2[q];
+    }
+    for (int live = rows; live > 1;) {
+      const int half = (live + 1) / 2;
+      __syncthreads();
+      if (row + half < live) {
+        const int o2 = ((row + half) * lanes + lane) * V;
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          t1[o + q] += t1[o2 + q];
+          t2[o + q] += t2[o2 + q];
+        }
+      }
+      live = half;
+    }
+    __syncthreads();
+    if (row == 0 && active) {
+      double* out = partial + ((b * gridDim.x + blockIdx.x) * C + cv * V) * 2;
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        out[2 * q] = t1[lane * V + q];
+        out[2 * q + 1] = t2[lane * V + q];
+      }
+    }
+    __syncthreads();  // t1/t2 are rewritten for the next sample
+  }
+}
+
+// Finalize. Launch: grid (B*G), block 128. Block (b, g) adds the group's partials in a fixed
+// order (NCHW: its `chunks` entries; channels_last: chunks x Cg entries, channel fastest), then
+// mean/rstd (double) and alpha/beta of the group's channels.
+template <typename scalar_t, typename acc_t>
+__global__ void gn_finalize_kernel(const scalar_t* __restrict__ x, const double* __restrict__ partial, int64_t G,
+                                   int64_t Cg, int64_t HW, int64_t chunks, bool cl, double eps, Params<acc_t> p,
+                                   acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out,
+                                   acc_t* __restrict__ alpha, acc_t* __restrict__ beta) {
+  __shared__ double sh[2 * kWarp];
+  const int64_t bg = blockIdx.x, b = bg / G, g = bg % G, C = G * Cg;
+  double d1 = 0, d2 = 0;
+  if (cl) {
+    const int64_t items = chunks * Cg;
+    for (int64_t i = threadIdx.x; i < items; i += blockDim.x) {
+      const int64_t j = i / Cg, c = g * Cg + i % Cg;
+      const double* e = partial + ((b * chunks + j) * C + c) * 2;
+      d1 += e[0];
+      d2 += e[1];
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < chunks; j += blockDim.x) {
+      d1 += partial[(bg * chunks + j) * 2];
+      d2 += partial[(bg * chunks + j) * 2 + 1];
+    }
+  }
+  block_sum2(d1, d2, sh);
+  // The shift the stats kernels used: the group's first value, x[b, g Cg, 0, 0].
+  const int64_t first = cl ? b * HW * C + g * Cg : bg * Cg * HW;
+  const acc_t k = static_cast<acc_t>(x[first]);
+  double mean_d, rstd_d;
+  math::moments_to_mean_rstd<double>(d1, d2, static_cast<double>(Cg * HW), static_cast<double>(k), eps, mean_d,
+                                     rstd_d);
+  const acc_t mean = static_cast<acc_t>(mean_d), rstd = static_cast<acc_t>(rstd_d);
+  if (threadIdx.x == 0) {
+    mean_out[bg] = mean;
+    rstd_out[bg] = rstd;
+  }
+  for (int64_t c = g * Cg + threadIdx.x; c < (g + 1) * Cg; c += blockDim.x) {
+    const auto cf = channel_coef(p, mean, rstd, b, c, C);
+    alpha[b * C + c] = cf.alpha;
+    beta[b * C + c] = cf.beta;
+  }
+}
+
+// NCHW apply. Launch: grid (bx, min(B, 65535)), block 256; grid-stride over the packs of sample b,
+// channel c = (pack offset) / HW: y = act(x alpha[b, c] + beta[b, c]).
+template <typename scalar_t, typename acc_t, int V>
+__global__ void gn_apply_nchw_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ alpha,
+                                     const acc_t* __restrict__ beta, int64_t B, int64_t C, int64_t HW, bool silu,
+                                     scalar_t* __restrict__ y) {
+  const int64_t N = C * HW, npack = N / V;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const scalar_t* xb = x + b * N;
+    scalar_t* yb = y + b * N;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      // N < 2^31 (checked on the host): 32-bit division.
+      const int64_t c = static_cast<uint32_t>(i * V) / static_cast<uint32_t>(HW);
+      const acc_t al = alpha[b * C + c], be = beta[b * C + c];
+      const auto xv = load_pack<V>(xb + i * V);
+      Pack<scalar_t, V> out;
+#pragma unroll
+      for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate(static_cast<acc_t>(xv.v[q]) * al + be, silu));
+      store_pack<V>(yb + i * V, out);
+    }
+  }
+}
+
+// channels_last apply. Launch: like gn_stats_cl_kernel (no smem). Thread (lane, row) loads
+// alpha/beta of its V channels once and walks rows hw = start + row, stepping by rows.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void gn_apply_cl_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ alpha,
+                                   const acc_t* __restrict__ beta, int64_t B, int64_t C, int64_t HW, int64_t rpc,
+                                   bool silu, scalar_t* __restrict__ y) {
+  const int lane = threadIdx.x, row = threadIdx.y, lanes = blockDim.x, rows = blockDim.y;
+  const int64_t cv = static_cast<int64_t>(blockIdx.z) * lanes + lane;
+  if (cv >= C / V) return;
+  const int64_t hw0 = blockIdx.x * rpc, hw1 = std::min(HW, hw0 + rpc);
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    acc_t al[V], be[V];
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      al[q] = alpha[b * C + cv * V + q];
+      be[q] = beta[b * C + cv * V + q];
+    }
+    const int64_t base = b * HW * C + cv * V;
+    int64_t hw = hw0 + row;
+    for (; hw + 3 * rows < hw1; hw += 4 * rows) {
+      Pack<scalar_t, V> xv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) xv[u] = load_pack<V>(x + base + (hw + u * rows) * C);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        Pack<scalar_t, V> out;
+#pragma unroll
+        for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate(static_cast<acc_t>(xv[u].v[q]) * al[q] + be[q], silu));
+        store_pack<V>(y + base + (hw + u * rows) * C, out);
+      }
+    }
+    for (; hw < hw1; hw += rows) {
+      const auto xv = load_pack<V>(x + base + hw * C);
+      Pack<scalar_t, V> out;
+#pragma unroll
+      for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate(static_cast<acc_t>(xv.v[q]) * al[q] + be[q], silu));
+      store_pack<V>(y + base + hw * C, out);
+    }
+  }
+}
+
+// =====================================================================================================
+// Backward
+// =====================================================================================================
+
+// Per element: a = x alpha + beta, da = dy silu'(a) (or dy); accumulate S1 += da, S2' += da (x - mean).
+template <typename acc_t>
+__device__ __forceinline__ void bwd_terms(acc_t xa, acc_t dya, acc_t al, acc_t be, acc_t mean, bool silu, acc_t& s1,
+                                          acc_t& s2) {
+  const acc_t da = act_grad(xa * al + be, dya, silu);
+  s1 += da;
+  s2 += da * (xa - mean);
+}
+
+// NCHW sums. Launch: grid (chunks, min(B*C, 65535)), block T. Plane s = (b, c) is the contiguous run
+// of HW values at s*HW; block (j, s) recomputes the plane's alpha/beta, accumulates S1 and S2' over
+// packs j*T + tid, stepping by chunks*T, and writes partial[(s * chunks + j) * 2 + {0, 1}] (double).
+template <typename scalar_t, typename acc_t, int V>
+__global__ void gnb_sums_nchw_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                     const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, Params<acc_t> p,
+                                     int64_t B, int64_t C, int64_t G, int64_t HW, bool silu,
+                                     double* __restrict__ partial) {
+  __shared__ double sh[2 * kWarp];
+  const int64_t S = B * C, npack = HW / V, Cg = C / G;
+  for (int64_t s = blockIdx.y; s < S; s += gridDim.y) {
+    const int64_t b = s / C, c = s % C, bg = b * G + c / Cg;
+    const acc_t m = mean[bg];
+    const auto cf = channel_coef(p, m, rstd[bg], b, c, C);
+    const scalar_t* xs = x + s * HW;
+    const scalar_t* gs = dy + s * HW;
+    acc_t s1 = 0, s2 = 0;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const auto xv = load_pack<V>(xs + i * V);
+      const auto gv = load_pack<V>(gs + i * V);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        bwd_terms(static_cast<acc_t>(xv.v[q]), static_cast<acc_t>(gv.v[q]), cf.alpha, cf.beta, m, silu, s1, s2);
+      }
+    }
+    double d1 = s1, d2 = s2;
+    block_sum2(d1, d2, sh);
+    if (threadIdx.x == 0) {
+      partial[(s * gridDim.x + blockIdx.x) * 2] = d1;
+      partial[(s * gridDim.x + blockIdx.x) * 2 + 1] = d2;
+    }
+  }
+}
+
+// channels_last sums. Launch: like gn_stats_cl_kernel. Thread (lane, row) recomputes alpha/beta of
+// its V channels once, accumulates S1 and S2' over its rows, a fixed tree over rows follows, and
+// row 0 writes partial[((b * chunks + j) * C + c) * 2 + {0, 1}] (double).
+template <typename scalar_t, typename acc_t, int V>
+__global__ void gnb_sums_cl_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                   const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, Params<acc_t> p,
+                                   int64_t B, int64_t C, int64_t G, int64_t HW, int64_t rpc, bool silu,
+                                   double* __restrict__ partial) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int lane = threadIdx.x, row = threadIdx.y, lanes = blockDim.x, rows = blockDim.y;
+  acc_t* t1 = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* t2 = t1 + rows * lanes * V;
+  const int64_t cv = static_cast<int64_t>(blockIdx.z) * lanes + lane;
+  const bool active = cv < C / V;
+  const int64_t Cg = C / G;
+  const int64_t hw0 = blockIdx.x * rpc, hw1 = std::min(HW, hw0 + rpc);
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    acc_t al[V], be[V], mu[V], s1[V], s2[V];
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      s1[q] = 0;
+      s2[q] = 0;
+      al[q] = 0;
+      be[q] = 0;
+      mu[q] = 0;
+      if (active) {
+        const int64_t c = cv * V + q, bg = b * G + c / Cg;
+        mu[q] = mean[bg];
+        const auto cf = channel_coef(p, mu[q], rstd[bg], b, c, C);
+        al[q] = cf.alpha;
+        be[q] = cf.beta;
+      }
+    }
+    if (active) {
+      const int64_t base = b * HW * C + cv * V;
+      int64_t hw = hw0 + row;
+      for (; hw + 3 * rows < hw1; hw += 4 * rows) {
+        Pack<scalar_t, V> xv[4], gv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          xv[u] = load_pack<V>(x + base + (hw + u * rows) * C);
+          gv[u] = load_pack<V>(dy + base + (hw + u * rows) * C);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+#pragma unroll
+          for (int q = 0; q < V; ++q) {
+            bwd_terms(static_cast<acc_t>(xv[u].v[q]), static_cast<acc_t>(gv[u].v[q]), al[q], be[q], mu[q], silu,
+                      s1[q], s2[q]);
+          }
+        }
+      }
+      for (; hw < hw1; hw += rows) {
+        const auto xv = load_pack<V>(x + base + hw * C);
+        const auto gv = load_pack<V>(dy + base + hw * C);
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          bwd_terms(static_cast<acc_t>(xv.v[q]), static_cast<acc_t>(gv.v[q]), al[q], be[q], mu[q], silu, s1[q], s2[q]);
+        }
+      }
+    }
+    const int o = (row * lanes + lane) * V;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      t1[o + q] = s1[q];
+      t2[o + q] = s2[q];
+    }
+    for (int live = rows; live > 1;) {
+      const int half = (live + 1) / 2;
+      __syncthreads();
+      if (row + half < live) {
+        const int o2 = ((row + half) * lanes + lane) * V;
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          t1[o + q] += t1[o2 + q];
+          t2[o + q] += t2[o2 + q];
+        }
+      }
+      live = half;
+    }
+    __syncthreads();
+    if (row == 0 && active) {
+      double* out = partial + ((b * gridDim.x + blockIdx.x) * C + cv * V) * 2;
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        out[2 * q] = t1[lane * V + q];
+        out[2 * q + 1] = t2[lane * V + q];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Channel finalize. Launch: grid (ceil(C / 32), min(B, 65535)), block (32, 16). Thread (lane, r)
+// of block (t, b) adds the partials j = r, r + 16, ... of channel c = 32 t + lane (entry
+// (b, c, j) at partial[(b*sB + c*sC + j*sJ) * 2]), a fixed tree over r follows; row 0 writes
+// S1, S2 = rstd S2' (double, ws_s[(b*C + c)*2 + {0,1}]) and dshift = S1, dscale = w S2 + bias S1.
+constexpr int kChanRows = 16;
+
+template <typename acc_t>
+__global__ void gnb_channel_kernel(const double* __restrict__ partial, int64_t B, int64_t C, int64_t G, int64_t chunks,
+                                   int64_t sB, int64_t sC, int64_t sJ, const acc_t* __restrict__ rstd, Params<acc_t> p,
+                                   double* __restrict__ ws_s, acc_t* __restrict__ dscale, acc_t* __restrict__ dshift) {
+  __shared__ double t1[kChanRows][kWarp], t2[kChanRows][kWarp];
+  const int lane = threadIdx.x, r = threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarp + lane, Cg = C / G;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    double d1 = 0, d2 = 0;
+    if (c < C) {
+#pragma unroll 4
+      for (int64_t j = r; j < chunks; j += kChanRows) {
+        const double* e = partial + (b * sB + c * sC + j * sJ) * 2;
+        d1 += e[0];
+        d2 += e[1];
+      }
+    }
+    t1[r][lane] = d1;
+    t2[r][lane] = d2;
+    for (int live = kChanRows; live > 1; live /= 2) {
+      __syncthreads();
+      if (r < live / 2) {
+        t1[r][lane] += t1[r + live / 2][lane];
+        t2[r][lane] += t2[r + live / 2][lane];
+      }
+    }
+    __syncthreads();
+    if (r == 0 && c < C) {
+      const int64_t bc = b * C + c;
+      const double S1 = t1[0][lane];
+      const double S2 = static_cast<double>(rstd[b * G + c / Cg]) * t2[0][lane];
+      ws_s[bc * 2] = S1;
+      ws_s[bc * 2 + 1] = S2;
+      if (dshift != nullptr) dshift[bc] = static_cast<acc_t>(S1);
+      if (dscale != nullptr) {
+        dscale[bc] = static_cast<acc_t>(static_cast<double>(param_w(p, c)) * S2 +
+                                        static_cast<double>(param_b(p, c)) * S1);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Group finalize. Launch: grid (ceil(B*G / 8)), block 256 = 8 warps, one warp per group (b, g).
+// Lanes walk the group's channels: A = sum k S1 / n, B = sum k S2 / n with k = (1 + s) w (double,
+// fixed shuffle tree), then per channel alpha/beta (math::gnms_coef) and c1, c2, c3
+// (math::gnms_grad_coef) into ws (5 arrays of B*C acc_t).
+template <typename acc_t>
+__global__ void gnb_group_kernel(const double* __restrict__ ws_s, const acc_t* __restrict__ mean,
+                                 const acc_t* __restrict__ rstd, Params<acc_t> p, int64_t B, int64_t C, int64_t G,
+                                 int64_t HW, acc_t* __restrict__ coef) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t bg = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  if (bg >= B * G) return;  // whole warps leave together
+  const int64_t b = bg / G, g = bg % G, Cg = C / G, BC = B * C;
+  double A = 0, Bv = 0;
+  for (int64_t c = g * Cg + lane; c < (g + 1) * Cg; c += kWarp) {
+    const int64_t bc = b * C + c;
+    const double k = (1.0 + static_cast<double>(param_s(p, bc))) * static_cast<double>(param_w(p, c));
+    A += k * ws_s[bc * 2];
+    Bv += k * ws_s[bc * 2 + 1];
+  }
+  A = __shfl_sync(0xffffffffu, warp_sum(A), 0);
+  Bv = __shfl_sync(0xffffffffu, warp_sum(Bv), 0);
+  const double n = static_cast<double>(Cg * HW);
+  A /= n;
+  Bv /= n;
+  const acc_t m = mean[bg], r = rstd[bg];
+  for (int64_t c = g * Cg + lane; c < (g + 1) * Cg; c += kWarp) {
+    const int64_t bc = b * C + c;
+    const auto cf = channel_coef(p, m, r, b, c, C);
+    const double k = (1.0 + static_cast<double>(param_s(p, bc))) * static_cast<double>(param_w(p, c));
+    const auto gc = math::gnms_grad_coef<double>(m, r, k, A, Bv);
+    coef[bc] = cf.alpha;
+    coef[BC + bc] = cf.beta;
+    coef[2 * BC + bc] = static_cast<acc_t>(gc.c1);
+    coef[3 * BC + bc] = static_cast<acc_t>(gc.c2);
+    coef[4 * BC + bc] = static_cast<acc_t>(gc.c3);
+  }
+}
+
+// dweight/dbias. Launch: grid (ceil(C / 256)), block 256; thread c adds over b in order:
+// dweight[c] = sum (1 + s) S2, dbias[c] = sum (1 + s) S1 (double).
+template <typename acc_t>
+__global__ void gnb_param_kernel(const double* __restrict__ ws_s, Params<acc_t> p, int64_t B, int64_t C,
+                                 acc_t* __restrict__ dweight, acc_t* __restrict__ dbias) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double dw = 0, db = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t bc = b * C + c;
+    const double m = 1.0 + static_cast<double>(param_s(p, bc));
+    dw += m * ws_s[bc * 2 + 1];
+    db += m * ws_s[bc * 2];
+  }
+  if (dweight != nullptr) dweight[c] = static_cast<acc_t>(dw);
+  if (dbias != nullptr) dbias[c] = static_cast<acc_t>(db);
+}
+
+// dx = da c1 + x c2 + c3 for one element.
+template <typename acc_t>
+__device__ __forceinline__ acc_t bwd_dx(acc_t xa, acc_t dya, const acc_t* k, bool silu) {
+  const acc_t da = act_grad(xa * k[0] + k[1], dya, silu);
+  return da * k[2] + (xa * k[3] + k[4]);
+}
+
+// NCHW backward apply. Launch: like gn_apply_nchw_kernel.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void gnb_apply_nchw_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                      const acc_t* __restrict__ coef, int64_t B, int64_t C, int64_t HW, bool silu,
+                                      scalar_t* __restrict__ dx) {
+  const int64_t N = C * HW, npack = N / V, BC = B * C;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t c = static_cast<uint32_t>(i * V) / static_cast<uint32_t>(HW);
+      const int64_t bc = b * C + c;
+      const acc_t k[5] = {coef[bc], coef[BC + bc], coef[2 * BC + bc], coef[3 * BC + bc], coef[4 * BC + bc]};
+      const int64_t o = b * N + i * V;
+      const auto xv = load_pack<V>(x + o);
+      const auto gv = load_pack<V>(dy + o);
+      Pack<scalar_t, V> out;
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        out.v[q] = static_cast<scalar_t>(bwd_dx(static_cast<acc_t>(xv.v[q]), static_cast<acc_t>(gv.v[q]), k, silu));
+      }
+      store_pack<V>(dx + o, out);
+    }
+  }
+}
+
+// channels_last backward apply. Launch: like gn_apply_cl_kernel; each thread loads the five
+// coefficients of its V channels once.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void gnb_apply_cl_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                    const acc_t* __restrict__ coef, int64_t B, int64_t C, int64_t HW, int64_t rpc,
+                                    bool silu, scalar_t* __restrict__ dx) {
+  const int lane = threadIdx.x, row = threadIdx.y, lanes = blockDim.x, rows = blockDim.y;
+  const int64_t cv = static_cast<int64_t>(blockIdx.z) * lanes + lane;
+  if (cv >= C / V) return;
+  const int64_t hw0 = blockIdx.x * rpc, hw1 = std::min(HW, hw0 + rpc), BC = B * C;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    acc_t k[V][5];
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const int64_t bc = b * C + cv * V + q;
+#pragma unroll
+      for (int e = 0; e < 5; ++e) k[q][e] = coef[e * BC + bc];
+    }
+    const int64_t base = b * HW * C + cv * V;
+    int64_t hw = hw0 + row;
+    for (; hw + 3 * rows < hw1; hw += 4 * rows) {
+      Pack<scalar_t, V> xv[4], gv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        xv[u] = load_pack<V>(x + base + (hw + u * rows) * C);
+        gv[u] = load_pack<V>(dy + base + (hw + u * rows) * C);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        Pack<scalar_t, V> out;
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          out.v[q] = static_cast<scalar_t>(bwd_dx(static_cast<acc_t>(xv[u].v[q]), static_cast<acc_t>(gv[u].v[q]), k[q], silu));
+        }
+        store_pack<V>(dx + base + (hw + u * rows) * C, out);
+      }
+    }
+    for (; hw < hw1; hw += rows) {
+      const auto xv = load_pack<V>(x + base + hw * C);
+      const auto gv = load_pack<V>(dy + base + hw * C);
+      Pack<scalar_t, V> out;
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        out.v[q] = static_cast<scalar_t>(bwd_dx(static_cast<acc_t>(xv.v[q]), static_cast<acc_t>(gv.v[q]), k[q], silu));
+      }
+      store_pack<V>(dx + base + hw * C, out);
+    }
+  }
+}
+
+// =====================================================================================================
+// Host wrappers
+// =====================================================================================================
+constexpr const char* kOp = "group_norm_modulate_silu";
+
+bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_inputs(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& shift, const char* op) {
+  check_floating(x, op, "x");
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be (B, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.numel() > 0, op, ": x is empty, shape ", x.sizes());
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(groups > 0 && C % groups == 0, op, ": ", C, " channels are not divisible by ", groups, " groups");
+  TORCH_CHECK(x.numel() / B < std::numeric_limits<int32_t>::max(), op, ": a sample of x has ", x.numel() / B,
+              " values; at most 2^31 - 1 are supported");
+  auto check_opt = [&](const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape) {
+    if (!has(t)) return;
+    check_floating(*t, op, name);
+    check_same_device(*t, x, op, name, "x");
+    check_shape(*t, shape, op, name);
+  };
+  check_opt(weight, "weight", {C});
+  check_opt(bias, "bias", {C});
+  check_opt(scale, "scale", {B, C});
+  check_opt(shift, "shift", {B, C});
+}
+
+at::Tensor opt_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return has(t) ? t->to(acc).contiguous() : at::Tensor();
+}
+
+template <typename acc_t>
+Params<acc_t> params_of(const at::Tensor& w, const at::Tensor& b, const at::Tensor& s, const at::Tensor& sh) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+  return {ptr(w), ptr(b), ptr(s), ptr(sh)};
+}
+
+// channels_last when x's strides say so and it is not also NCHW-contiguous (C == 1 or H*W == 1
+// index identically either way), as in the CPU kernels.
+bool is_channels_last(const at::Tensor& xc) { return !xc.is_contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gnms_cuda(const at::Tensor& x, int64_t groups,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const std::optional<at::Tensor>& scale,
+                                                         const std::optional<at::Tensor>& shift, double eps, bool silu) {
+  check_inputs(x, groups, weight, bias, scale, shift, kOp);
+  TORCH_CHECK(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto xc = x.contiguous(preferred_format(x));
+  const bool cl = is_channels_last(xc);
+  const int64_t B = xc.size(0), C = xc.size(1), HW = xc.size(2) * xc.size(3), G = groups, Cg = C / G;
+  const auto acc = opmath_dtype(x.scalar_type());
+  auto y = at::empty_like(xc);
+  auto mean = at::empty({B, G}, xc.options().dtype(acc));
+  auto rstd = at::empty({B, G}, xc.options().dtype(acc));
+  const auto w = opt_acc(weight, acc), bi = opt_acc(bias, acc), sc = opt_acc(scale, acc), sh = opt_acc(shift, acc);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_modulate_silu_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kV = pack_width<scalar_t>();
+    const Params<acc_t> p = params_of<acc_t>(w, bi, sc, sh);
+    const bool packed = (cl ? C % kV == 0 : HW % kV == 0) && aligned16(xc.const_data_ptr()) &&
+                        aligned16(y.const_data_ptr());
+    auto launch = [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      acc_t* mp = mean.mutable_data_ptr<acc_t>();
+      acc_t* rp = rstd.mutable_data_ptr<acc_t>();
+      int64_t chunks = 0;
+      at::Tensor partial;
+      if (!cl) {
+        const SegPlan plan = plan_segments(Cg * HW / V, B * G);
+        const size_t fused_smem = 2 * Cg * sizeof(acc_t);
+        if (plan.chunks == 1 && fused_smem <= 48 * 1024) {
+          const int64_t grid = std::min<int64_t>(B * G, std::numeric_limits<int32_t>::max());
+          gn_fused_nchw_kernel<scalar_t, acc_t, V><<<grid, plan.threads, fused_smem, stream>>>(
+              xp, B * G, G, Cg, HW, eps, p, silu, yp, mp, rp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+        chunks = plan.chunks;
+        partial = at::empty({B * G * chunks * 2}, xc.options().dtype(at::kDouble));
+        const dim3 grid(chunks, std::min(B * G, kMaxGridY));
+        gn_stats_nchw_kernel<scalar_t, acc_t, V><<<grid, plan.threads, 0, stream>>>(
+            xp, B * G, Cg * HW, partial.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        const TilePlan plan = plan_tiles(C / V, HW, B);
+        chunks = plan.chunks;
+        partial = at::empty({B * chunks * C * 2}, xc.options().dtype(at::kDouble));
+        const dim3 grid(chunks, std::min(B, kMaxGridY), plan.ctiles), block(plan.lanes, plan.rows);
+        const size_t smem = 2 * plan.rows * plan.lanes * V * sizeof(acc_t);
+        gn_stats_cl_kernel<scalar_t, acc_t, V><<<grid, block, smem, stream>>>(
+            xp, B, C, HW, Cg, plan.rows_per_chunk, partial.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      auto coef = at::empty({2, B, C}, xc.options().dtype(acc));
+      acc_t* alpha = coef.mutable_data_ptr<acc_t>();
+      acc_t* beta = alpha + B * C;
+      gn_finalize_kernel<scalar_t, acc_t><<<B * G, 128, 0, stream>>>(xp, partial.const_data_ptr<double>(), G, Cg, HW,
+                                                                    chunks, cl, eps, p, mp, rp, alpha, beta);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!cl) {
+        const dim3 grid(apply_blocks(C * HW / V, B), std::min(B, kMaxGridY));
+        gn_apply_nchw_kernel<scalar_t, acc_t, V><<<grid, kApplyThreads, 0, stream>>>(xp, alpha, beta, B, C, HW, silu, yp);
+      } else {
+        const TilePlan plan = plan_tiles(C / V, HW, B);
+        const dim3 grid(plan.chunks, std::min(B, kMaxGridY), plan.ctiles), block(plan.lanes, plan.rows);
+        gn_apply_cl_kernel<scalar_t, acc_t, V><<<grid, block, 0, stream>>>(xp, alpha, beta, B, C, HW,
+                                                                         plan.rows_per_chunk, silu, yp);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gnms_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, bool silu) {
+  constexpr const char* op = "group_norm_modulate_silu_backward";
+  check_inputs(x, groups, weight, bias, scale, shift, op);
+  check_floating(grad_y, op, "grad_y");
+  check_same_device(grad_y, x, op, "grad_y", "x");
+  check_same_device(mean, x, op, "mean", "x");
+  check_same_device(rstd, x, op, "rstd", "x");
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y ", grad_y.sizes(), " and x ", x.sizes(), " differ in shape");
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = groups;
+  TORCH_CHECK(mean.numel() == B * G && rstd.numel() == B * G, op, ": mean and rstd must have shape (", B, ", ", G,
+              "), got ", mean.sizes(), " and ", rstd.sizes());
+
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = preferred_format(x);
+  const auto xc = x.contiguous(fmt);
+  const auto gc = grad_y.to(x.scalar_type()).contiguous(fmt);
+  const bool cl = is_channels_last(xc);
+  const auto acc = opmath_dtype(x.scalar_type());
+  const auto mc = mean.to(acc).contiguous(), rc = rstd.to(acc).contiguous();
+  const auto w = opt_acc(weight, acc), bi = opt_acc(bias, acc), sc = opt_acc(scale, acc), sh = opt_acc(shift, acc);
+  auto dx = at::empty_like(xc);
+  auto acc_or_empty = [&](const std::optional<at::Tensor>& t, at::IntArrayRef shape) {
+    return has(t) ? at::empty(shape, xc.options().dtype(acc)) : at::Tensor();
+  };
+  auto dw = acc_or_empty(weight, {C}), db = acc_or_empty(bias, {C});
+  auto ds = acc_or_empty(scale, {B, C}), dsh = acc_or_empty(shift, {B, C});
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_modulate_silu_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kV = pack_width<scalar_t>();
+    const Params<acc_t> p = params_of<acc_t>(w, bi, sc, sh);
+    const bool packed = (cl ? C % kV == 0 : HW % kV == 0) && aligned16(xc.const_data_ptr()) &&
+                        aligned16(gc.const_data_ptr()) && aligned16(dx.const_data_ptr());
+    auto data = [](const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr; };
+    auto launch = [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+      const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+      const acc_t* mp = mc.const_data_ptr<acc_t>();
+      const acc_t* rp = rc.const_data_ptr<acc_t>();
+      // 1. per-(sample, channel) partial sums
+      int64_t chunks, sB, sC, sJ;
+      at::Tensor partial;
+      TilePlan tiles{};
+      if (!cl) {
+        const SegPlan plan = plan_segments(HW / V, B * C);
+        chunks = plan.chunks;
+        sB = C * chunks, sC = chunks, sJ = 1;
+        partial = at::empty({B * C * chunks * 2}, xc.options().dtype(at::kDouble));
+        const dim3 grid(chunks, std::min(B * C, kMaxGridY));
+        gnb_sums_nchw_kernel<scalar_t, acc_t, V><<<grid, plan.threads, 0, stream>>>(
+            gp, xp, mp, rp, p, B, C, G, HW, silu, partial.mutable_data_ptr<double>());
+      } else {
+        tiles = plan_tiles(C / V, HW, B);
+        chunks = tiles.chunks;
+        sB = chunks * C, sC = 1, sJ = C;
+        partial = at::empty({B * chunks * C * 2}, xc.options().dtype(at::kDouble));
+        const dim3 grid(chunks, std::min(B, kMaxGridY), tiles.ctiles), block(tiles.lanes, tiles.rows);
+        const size_t smem = 2 * tiles.rows * tiles.lanes * V * sizeof(acc_t);
+        gnb_sums_cl_kernel<scalar_t, acc_t, V><<<grid, block, smem, stream>>>(
+            gp, xp, mp, rp, p, B, C, G, HW, tiles.rows_per_chunk, silu, partial.mutable_data_ptr<double>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // 2. per-channel S1, S2, dscale, dshift
+      auto ws_s = at::empty({B * C * 2}, xc.options().dtype(at::kDouble));
+      {
+        const dim3 grid(ceil_div(C, kWarp), std::min(B, kMaxGridY)), block(kWarp, kChanRows);
+        gnb_channel_kernel<acc_t><<<grid, block, 0, stream>>>(partial.const_data_ptr<double>(), B, C, G, chunks, sB,
+                                                              sC, sJ, rp, p, ws_s.mutable_data_ptr<double>(), data(ds),
+                                                              data(dsh));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      // 3. per-group coefficients
+      auto coef = at::empty({5, B, C}, xc.options().dtype(acc));
+      {
+        constexpr int kWarpsPerBlock = 8;
+        gnb_group_kernel<acc_t><<<ceil_div(B * G, kWarpsPerBlock), kWarpsPerBlock * kWarp, 0, stream>>>(
+            ws_s.const_data_ptr<double>(), mp, rp, p, B, C, G, HW, coef.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      // 4. dweight, dbias
+      if (dw.defined() || db.defined()) {
+        gnb_param_kernel<acc_t><<<ceil_div(C, 256), 256, 0, stream>>>(ws_s.const_data_ptr<double>(), p, B, C, data(dw),
+                                                                      data(db));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      // 5. dx
+      if (!cl) {
+        const dim3 grid(apply_blocks(C * HW / V, B), std::min(B, kMaxGridY));
+        gnb_apply_nchw_kernel<scalar_t, acc_t, V><<<grid, kApplyThreads, 0, stream>>>(
+            gp, xp, coef.const_data_ptr<acc_t>(), B, C, HW, silu, dx.mutable_data_ptr<scalar_t>());
+      } else {
+        const dim3 grid(tiles.chunks, std::min(B, kMaxGridY), tiles.ctiles), block(tiles.lanes, tiles.rows);
+        gnb_apply_cl_kernel<scalar_t, acc_t, V><<<grid, block, 0, stream>>>(
+            gp, xp, coef.const_data_ptr<acc_t>(), B, C, HW, tiles.rows_per_chunk, silu, dx.mutable_data_ptr<scalar_t>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+  });
+
+  // Gradients in the parameters' dtypes; absent inputs get empty (0,) tensors (like the CPU op).
+  auto finish = [&](const at::Tensor& g, const std::optional<at::Tensor>& t) {
+    return has(t) ? g.to(t->scalar_type()) : at::empty({0}, x.options());
+  };
+  return {dx, finish(dw, weight), finish(db, bias), finish(ds, scale), finish(dsh, shift)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dito_fast, CUDA, m) {
+  m.impl("group_norm_modulate_silu", &gnms_cuda);
+  m.impl("group_norm_modulate_silu_backward", &gnms_backward_cuda);
+}
+
+}  // namespace dito_fast
