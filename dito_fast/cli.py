@@ -93,7 +93,8 @@ def cmd_train(args) -> int:
     overrides = _parse_set(args.set)
     for flag, key in (("data", "data.source"), ("steps", "train.steps"), ("batch_size", "train.batch_size"),
                       ("image_size", "data.image_size"), ("lr", "train.lr"), ("workers", "data.workers"),
-                      ("device", "train.device"), ("seed", "train.seed"), ("threads", "train.threads")):
+                      ("device", "train.device"), ("seed", "train.seed"), ("threads", "train.threads"),
+                      ("loader", "data.loader")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     config_file = args.config
@@ -204,9 +205,16 @@ def cmd_info(args) -> int:
         print(f"{name:14s} {count_parameters(m.encoder) / 1e6:9.2f}M {count_parameters(m.decoder) / 1e6:9.2f}M "
               f"{'f%dc%d' % (f, cfg.encoder.latent_channels):>8s} {decoder_gflops(cfg, size):10.2f} @{size:<4d} "
               f"{encoder_gflops(cfg, size):10.2f}")
-    print("\nbackends per op (priority order):")
+    print("\nbackends per op (priority order; the first that can run the inputs is used):")
     for op, names in available_backends().items():
         print(f"  {op:26s} {', '.join(names)}")
+    from .ops import _cpp
+
+    if _cpp.AVAILABLE:
+        print(f"C++ extension: CPU kernels {_cpp._C.cpu_capability()}, CUDA kernels "
+              f"{'built' if _cpp._C.has_cuda() else 'not built'}")
+    else:
+        print(f"C++ extension: not built ({_cpp.LOAD_ERROR})")
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
     return 0
@@ -240,12 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a tokenizer")
     t.add_argument("--preset", choices=list(C.PRESETS), default=None, help="model preset (default dito-B)")
-    t.add_argument("--data", default=None, help="'synthetic', 'builtin' or a folder of images")
+    t.add_argument("--data", default=None,
+                   help="'synthetic', 'builtin', a folder of images (class subfolders give labels), a text file "
+                        "listing images ('path' or 'path<TAB>label' per line), or webdataset tar shards "
+                        "('x.tar', 'shards-{000..099}.tar', 'dir/*.tar')")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--image-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--workers", type=int, default=None, help="data loader worker processes")
+    t.add_argument("--workers", type=int, default=None,
+                   help="data loading: PyTorch DataLoader worker processes (0 = in the training process), "
+                        "or DALI CPU threads")
+    t.add_argument("--loader", choices=["auto", "dali", "torch"], default=None,
+                   help="data loader: 'dali' (NVIDIA DALI; GPU decoding when training on a GPU), 'torch' "
+                        "(PIL + DataLoader workers), 'auto' (DALI when installed and a GPU is present; default)")
     t.add_argument("--device", default=None)
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--seed", type=int, default=None)
@@ -302,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        from .data import DALIUnavailableError
         from .train import TrainingDivergedError
 
+        if isinstance(e, DALIUnavailableError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if not isinstance(e, TrainingDivergedError):
             raise
         print(f"error: {e}", file=sys.stderr)
