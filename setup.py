@@ -136,8 +136,10 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         # triton: the Triton kernels' tests run in its CPU interpreter (3.7.1 is what torch 2.13's CUDA builds pin).
+        # nvidia-dali-cuda130: the DALI loader's tests (its CPU-only pipelines run without a GPU).
         "test": ["pytest", "pytest-benchmark", "scikit-image",
-                 "triton==3.7.1; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+                 "triton==3.7.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
+                 "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "demo": ["scikit-image", "matplotlib"],
         "tensorboard": ["tensorboard"],
     },

@@ -1,4 +1,4 @@
-"""Print the op and model benchmark tables from a pytest-benchmark JSON file (markdown).
+"""Print the op, model and data-loading benchmark tables from a pytest-benchmark JSON file (markdown).
 
 Usage: python benchmarks/report.py BENCH.json
 Ratios are between providers measured in the same run (same file).
@@ -50,6 +50,22 @@ def main(path: str) -> None:
             ei = {k: v for k, v in r["extra_info"].items() if k not in ("threads", "torch")}
             derived = ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in ei.items())
             print(f"| {r['name']} | {r['stats']['median'] * 1e3:.1f} | {derived} |")
+
+    loaders = [r for r in rows if r["name"].startswith("test_loader_throughput")]
+    if loaders:
+        train = next((r["extra_info"].get("images_per_s") for r in rows
+                      if r["name"].startswith("test_train_step_consumption")), None)
+        print("\n| loader | workers/threads | crop | images/s | vs training consumption |")
+        print("|---|---:|---:|---:|---:|")
+        for r in loaders:
+            ei = r["extra_info"]
+            ips = ei.get("images_per_s")
+            ratio = f"{ips / train:.0f}x" if ips and train else "-"
+            name = ei.get("loader", "?") + (" (default)" if ei.get("default") else "")
+            print(f"| {name} | {ei.get('workers')} | {ei.get('crop')} | "
+                  f"{ips:.0f} | {ratio} |" if ips else f"| {name} | {ei.get('workers')} | {ei.get('crop')} | - | - |")
+        if train:
+            print(f"\ntraining consumes {train:.2f} images/s (dito-S, 64x64, batch 8)")
 
 
 if __name__ == "__main__":

@@ -89,11 +89,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic", "builtin" (synthetic + bundled photos) or a folder
+    """What the model is trained on and how it is loaded (dito_fast.data.make_loader)."""
+
+    # "synthetic", "builtin" (synthetic + bundled photos), a folder of images (class subfolders ->
+    # labels), a text file listing images, or webdataset tar shards ("x.tar", "s-{000..009}.tar", "d/*.tar")
+    source: str = "synthetic"
     image_size: int = 64
     num_synthetic_images: int = 10000
-    workers: int = 0
+    workers: int = 0  # PyTorch loader: worker processes (0 = in the training process); DALI: CPU threads
     hflip: bool = True
+    loader: str = "auto"  # "auto" (DALI when installed and a GPU is present, else PyTorch), "dali", "torch"
+    memory_format: str = "contiguous"  # image batches NCHW-"contiguous" or "channels_last"
+    check_files: str = "header"  # screen files before training: "header" (cheap), "decode" (full), "none"
 
 
 @dataclass
@@ -291,6 +298,14 @@ def validate_run_config(cfg: RunConfig) -> None:
     if d.image_size % max(m.encoder.downsample_factor, unet_factor):
         raise ValueError(f"data.image_size={d.image_size} must be a multiple of "
                          f"{max(m.encoder.downsample_factor, unet_factor)} for preset {m.name}")
+    if d.loader not in ("auto", "dali", "torch"):
+        raise ValueError(f"data.loader must be auto|dali|torch, got {d.loader!r}")
+    if d.memory_format not in ("contiguous", "channels_last"):
+        raise ValueError(f"data.memory_format must be contiguous|channels_last, got {d.memory_format!r}")
+    if d.check_files not in ("header", "decode", "none"):
+        raise ValueError(f"data.check_files must be header|decode|none, got {d.check_files!r}")
+    if d.workers < 0 or d.image_size < 1:
+        raise ValueError(f"data.workers must be >= 0 and data.image_size >= 1, got {d.workers}, {d.image_size}")
     if t.steps < 1 or t.batch_size < 1:
         raise ValueError("train.steps and train.batch_size must be >= 1")
     if t.lr_decay not in ("none", "cosine"):

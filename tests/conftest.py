@@ -93,3 +93,26 @@ def make_run_config():
 @pytest.fixture
 def micro_cli_sets():
     return [arg for s in MICRO_CLI_SETS for arg in ("--set", s)]
+
+
+# --------------------------------------------------------------------------------------------
+# real photographs on disk for the data-loading tests (helpers in tests/data_helpers.py)
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory):
+    """(root, [(path, label)]): 12 real photographs (scikit-image's bundled images), 32-64 px
+    shorter side, JPEG and PNG, in 3 class subfolders."""
+    pytest.importorskip("skimage")
+    from data_helpers import write_photos
+
+    root = tmp_path_factory.mktemp("photos")
+    return root, write_photos(root)
+
+
+@pytest.fixture(scope="session")
+def tar_pattern(photo_dir, tmp_path_factory):
+    """Brace pattern of 2 webdataset tar shards holding the photo_dir images (sample k in shard k % 2)."""
+    from data_helpers import write_shards
+
+    return write_shards(tmp_path_factory.mktemp("shards"), photo_dir[1])

@@ -1,7 +1,12 @@
-"""Datasets and transforms: everything that turns pixels on disk (or procedures) into tensors.
+"""Datasets, sources, transforms and loaders: everything that turns pixels on disk (or
+procedures) into tensors.
 
-Every dataset here returns float32 tensors (3, size, size) with values in [-1, 1], and has
-``set_epoch(epoch)``; per-item randomness is seeded from (seed, epoch, index).
+- ``resolve_source(spec)``: a folder, file list, tar shards or "synthetic"/"builtin" -> a Source;
+- ``make_loader(cfg, rank, world_size, start_step, ...)``: batches {"image", "label", "index"}
+  from the PyTorch DataLoader or NVIDIA DALI, same order and crops from both (loader.py, dali.py);
+- datasets (``SyntheticImages``, ``ImageFolderDataset``, ``PhotoCrops``) return float32 tensors
+  (3, size, size) in [-1, 1] and have ``set_epoch(epoch)``; per-item randomness is seeded from
+  (seed, epoch, index).
 """
 
 from __future__ import annotations
@@ -15,14 +20,45 @@ from torch.utils.data import Dataset
 from .builtin import (COLOR_PHOTOGRAPHS, GREYSCALE_PHOTOGRAPHS, HOLDOUT_PHOTOGRAPHS, MixedDataset,
                       PhotoCrops, builtin_split, bundled_photographs, skimage_data_dir)
 from .folder import IMAGE_EXTENSIONS, ImageFolderDataset, list_image_files
+from .loader import (LOADERS, BatchLoader, DALIUnavailableError, TorchLoader, dali_status, make_loader,
+                     select_loader)
+from .sampler import StepBatchSampler, eval_shard, mix_seed
+from .sources import (DALI_FORMATS, DatasetSource, FileSource, Source, TarSource, check_source, expand_braces,
+                      parse_file_list, resolve_source)
 from .synthetic import SyntheticImages, find_fonts
-from .transforms import (ImageTransform, load_image, make_generator, pil_to_tensor,
-                         resize_shorter_side, tensor_to_pil, to_rgb, to_uint8)
+from .transforms import (ImageTransform, crop_params, crop_params_array, crop_window, decode_image,
+                         load_image, loader_resize_size, make_generator, pil_to_tensor, resize_crop_flip,
+                         resize_shorter_side, tensor_to_pil, to_rgb, to_uint8, uint8_batch_to_float)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BatchLoader",
     "COLOR_PHOTOGRAPHS",
+    "DALI_FORMATS",
+    "DALIUnavailableError",
+    "DatasetSource",
+    "FileSource",
+    "LOADERS",
+    "Source",
+    "StepBatchSampler",
+    "TarSource",
+    "TorchLoader",
+    "check_source",
+    "crop_params",
+    "crop_params_array",
+    "crop_window",
+    "dali_status",
+    "decode_image",
+    "eval_shard",
+    "expand_braces",
+    "loader_resize_size",
+    "make_loader",
+    "mix_seed",
+    "parse_file_list",
+    "resize_crop_flip",
+    "resolve_source",
+    "select_loader",
     "GREYSCALE_PHOTOGRAPHS",
     "HOLDOUT_PHOTOGRAPHS",
     "IMAGE_EXTENSIONS",
@@ -44,6 +80,7 @@ __all__ = [
     "tensor_to_pil",
     "to_rgb",
     "to_uint8",
+    "uint8_batch_to_float",
 ]
 
 

@@ -7,9 +7,10 @@ This is the pixel space the flow-matching loss of DiTo (arXiv 2501.18593, eq. fo
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,7 +20,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ImageTransform",
+    "crop_params",
+    "crop_params_array",
+    "crop_window",
+    "decode_image",
     "load_image",
+    "loader_resize_size",
+    "resize_crop_flip",
+    "uint8_batch_to_float",
     "make_generator",
     "pil_to_tensor",
     "resize_shorter_side",
@@ -108,6 +116,26 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(x), mode="RGB")
 
 
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+                  Image.DecompressionBombError)
+
+
+def _open_verified(open_stream, name: str) -> Image.Image:
+    """Decode the image that ``open_stream()`` yields (a fresh stream per call) fully into memory."""
+    try:
+        # verify() catches structural damage (e.g. bad PNG chunk CRCs) without decoding;
+        # it leaves the file unusable, hence the second open, whose load() decodes every
+        # pixel and catches truncation.
+        with Image.open(open_stream()) as img:
+            img.verify()
+        with Image.open(open_stream()) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"cannot read image file {name}: {type(e).__name__}: {e}") from e
+
+
 def load_image(path: PathLike) -> Image.Image:
     """Read an image file fully into memory as an RGB PIL image.
 
@@ -122,19 +150,16 @@ def load_image(path: PathLike) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}")
     if os.path.isdir(path):
         raise ValueError(f"expected an image file, got a directory: {path}")
-    try:
-        # verify() catches structural damage (e.g. bad PNG chunk CRCs) without decoding;
-        # it leaves the file unusable, hence the second open, whose load() decodes every
-        # pixel and catches truncation.
-        with Image.open(path) as img:
-            img.verify()
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+    return _open_verified(lambda: path, path)
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Like :func:`load_image` for an encoded image held in memory (e.g. a tar member).
+
+    Raises:
+        ValueError: not an image, or a corrupt/truncated one (the message names ``name``).
+    """
+    return _open_verified(lambda: io.BytesIO(data), name)
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
@@ -193,3 +218,117 @@ class ImageTransform:
         if self.hflip and float(torch.rand((), generator=generator)) < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img)
+
+
+# --------------------------------------------------------------------------------------------
+# The loaders' transform (dito_fast.data.loader): resize shorter side, crop, flip.
+#
+# Written so that a DALI pipeline can compute exactly the same geometry in float32 graph
+# arithmetic (dito_fast/data/dali.py): the resized size, the crop offsets and the flip are the same
+# integers in both loaders; only the pixel values differ by the decoders' and resamplers' rounding.
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def crop_params_array(seed: int, epochs, indices, hflip: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample random crop position and flip of the loaders, vectorised.
+
+    Sample ``indices[j]`` read in epoch ``epochs[j]`` gets (u_x[j], u_y[j], flip[j]): u_x, u_y are
+    float32 multiples of 2^-24 in [0, 1) that place the crop window (see :func:`crop_window`),
+    flip is a left-right flip with p = 0.5 (never when ``hflip`` is False). They are a hash of
+    (seed, epoch, index), so any process, in any order, computes the same values.
+    """
+    e = np.asarray(epochs, dtype=np.int64).astype(np.uint64)
+    i = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    if np.any(np.asarray(epochs) < 0) or np.any(np.asarray(indices) < 0) or int(seed) < 0:
+        raise ValueError("seed, epochs and indices must be non-negative")
+    with np.errstate(over="ignore"):
+        key = _splitmix64(_splitmix64(_splitmix64(np.full(e.shape, int(seed), np.uint64)) ^ e) ^ i)
+        draws = [(_splitmix64(key ^ np.uint64(k)) >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+                 for k in (1, 2, 3)]
+    flip = (draws[2] < 0.5) if hflip else np.zeros(e.shape, bool)
+    return draws[0], draws[1], flip
+
+
+def crop_params(seed: int, epoch: int, index: int, hflip: bool = True) -> Tuple[float, float, bool]:
+    """:func:`crop_params_array` for one sample: (u_x, u_y, flip)."""
+    u_x, u_y, flip = crop_params_array(seed, [epoch], [index], hflip)
+    return float(u_x[0]), float(u_y[0]), bool(flip[0])
+
+
+def loader_resize_size(w: int, h: int, size: int) -> Tuple[int, int]:
+    """(width, height) after resizing the shorter side to ``size``, keeping the aspect ratio.
+
+    The longer side is floor(long * size / short + 0.5) evaluated in float32 (as the DALI graph
+    does), never below ``size``; this equals round(long * size / short) except at exact ties.
+    """
+    f32 = np.float32
+    if w <= h:
+        return size, max(size, int(np.floor(f32(h) * f32(size) / f32(w) + f32(0.5))))
+    return max(size, int(np.floor(f32(w) * f32(size) / f32(h) + f32(0.5)))), size
+
+
+def crop_window(w: int, h: int, size: int, u_x: Optional[float] = None,
+                u_y: Optional[float] = None) -> Tuple[int, int]:
+    """(left, top) of a ``size`` x ``size`` window in a w x h image.
+
+    With ``u_x``/``u_y`` in [0, 1): left = min(floor(u_x * (w - size + 1)), w - size) in float32
+    arithmetic, uniform over all valid offsets (likewise top); None means centred:
+    (w - size) // 2.
+    """
+    f32 = np.float32
+
+    def offset(extent: int, u: Optional[float]) -> int:
+        room = extent - size
+        if room < 0:
+            raise ValueError(f"image side {extent} is smaller than the crop size {size}")
+        if u is None:
+            return room // 2
+        return min(int(np.floor(f32(u) * f32(room + 1))), room)
+
+    return offset(w, u_x), offset(h, u_y)
+
+
+def resize_crop_flip(img: Image.Image, size: int, params: Optional[Tuple[float, float, bool]] = None) -> np.ndarray:
+    """The loaders' per-image transform: RGB PIL image -> uint8 array (size, size, 3).
+
+    Resize (bicubic, antialiased when shrinking) to :func:`loader_resize_size`, crop the window
+    of :func:`crop_window` (``params`` = (u_x, u_y, flip) from :func:`crop_params`; None means a
+    center crop without flip), then flip left-right if asked.
+    """
+    img = to_rgb(img)
+    w, h = img.size
+    new_w, new_h = loader_resize_size(w, h, size)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    u_x, u_y, flip = params if params is not None else (None, None, False)
+    left, top = crop_window(new_w, new_h, size, u_x, u_y)
+    img = img.crop((left, top, left + size, top + size))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.array(img, dtype=np.uint8)  # a writable copy
+
+
+def uint8_batch_to_float(x: torch.Tensor, memory_format: str = "contiguous") -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1] (v / 127.5 - 1).
+
+    ``memory_format``: "contiguous" (NCHW in memory) or "channels_last" (NHWC in memory, the
+    same logical shape; no copy of the channel order is needed).
+    """
+    if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"expected a (B, H, W, 3) uint8 tensor, got {tuple(x.shape)} {x.dtype}")
+    x = x.permute(0, 3, 1, 2)  # a channels_last view
+    if memory_format == "contiguous":
+        x = x.contiguous()
+    elif memory_format != "channels_last":
+        raise ValueError(f"memory_format must be 'contiguous' or 'channels_last', got {memory_format!r}")
+    return x.to(torch.float32).div_(127.5).sub_(1.0)

@@ -1,7 +1,7 @@
 """The training loop: flow-matching training of encoder and decoder together (paper §3).
 
-Determinism and exact resume: the images of step k are fixed by (seed, k) through
-:class:`StepBatchSampler` (an epoch permutation seeded by (seed, epoch)) and per-item
+Determinism and exact resume: the images of step k are fixed by (seed, k) through the loader of
+:func:`dito_fast.data.make_loader` (an epoch permutation seeded by (seed, epoch)) and per-item
 augmentations seeded by (seed, epoch, index); the diffusion noise and times of step k come from a
 generator seeded by (seed, rank, k). Nothing depends on how many steps ran in this process, so a
 run stopped at step k and resumed from its checkpoint follows the uninterrupted run exactly.
@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
+from .. import data
 from ..config import RunConfig, to_dict, validate_run_config
+from ..data.sampler import StepBatchSampler, mix_seed  # noqa: F401  (StepBatchSampler: re-exported)
 from ..eval.metrics import psnr
 from ..eval.report import make_grid, save_image
 from ..models.dito import DiTo, check_images
@@ -36,83 +38,29 @@ class TrainingDivergedError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# deterministic data order
+# data
+
+# The step order lives in dito_fast.data.sampler (shared by both loaders); re-exported here.
+_mix_seed = mix_seed
 
 
-def _mix_seed(*parts: int) -> int:
-    """Combine integers into one 63-bit seed (splitmix64-style), stable across runs."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed when it is initialised, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
-class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields the batches of steps ``start_step, start_step + 1, ...`` as lists of
-    ``(index, epoch)`` keys. Epoch e is a permutation of the dataset seeded by (seed, e);
-    batches run across epoch boundaries, so the sample stream is the same however it is cut."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0,
-                 num_steps: int | None = None):
-        if num_items < 1:
-            raise ValueError("cannot sample batches from an empty dataset")
-        self.n, self.batch, self.seed = num_items, batch_size, seed
-        self.start_step, self.num_steps = start_step, num_steps
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, epoch)))
-
-    def __iter__(self):
-        pos = self.start_step * self.batch
-        epoch, offset = divmod(pos, self.n)
-        perm = self._perm(epoch)
-        step = 0
-        while self.num_steps is None or step < self.num_steps:
-            keys = []
-            while len(keys) < self.batch:
-                if offset == self.n:
-                    epoch, offset = epoch + 1, 0
-                    perm = self._perm(epoch)
-                take = min(self.batch - len(keys), self.n - offset)
-                keys += [(int(i), epoch) for i in perm[offset:offset + take]]
-                offset += take
-            yield keys
-            step += 1
-
-    def __len__(self):
-        return self.num_steps if self.num_steps is not None else sys.maxsize
-
-
-class _EpochKeyed(Dataset):
-    """Dataset adaptor taking ``(index, epoch)`` keys: sets the epoch (for seeded augmentation)
-    before reading, in whichever process reads."""
-
-    def __init__(self, ds: Dataset):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, key):
-        index, epoch = key
-        inner = self.ds.dataset if isinstance(self.ds, Subset) else self.ds
-        if hasattr(inner, "set_epoch"):
-            inner.set_epoch(epoch)
-        item = self.ds[index]
-        return item[0] if isinstance(item, (tuple, list)) else item
-
-
-def build_datasets(cfg: RunConfig) -> tuple[Dataset, torch.Tensor]:
-    """Training dataset and a fixed batch of held-out validation images (V, 3, S, S).
+def build_datasets(cfg: RunConfig) -> tuple[Dataset | data.Source, torch.Tensor]:
+    """Training data (a Dataset or a data Source) and a fixed batch of held-out validation
+    images (V, 3, S, S).
 
     ``synthetic``: validation images are rendered from a different seed. ``builtin``: synthetic
     images plus crops of the bundled photographs, holding out whole photographs for validation
-    (see :func:`dito_fast.data.builtin_split`). A folder: ``val_images`` evenly spaced files
-    (center crops) are held out and the rest is trained on.
+    (see :func:`dito_fast.data.builtin_split`). A folder, file list or tar shards: the source is
+    screened (``data.check_files``), ``val_images`` evenly spaced samples (center crops) are held
+    out and the rest is trained on.
     """
-    from .. import data
-
     d, t = cfg.data, cfg.train
     size, n_val = d.image_size, t.val_images
     val_seed = _mix_seed(t.seed, 0xA11CE) % 2**31
@@ -124,16 +72,20 @@ def build_datasets(cfg: RunConfig) -> tuple[Dataset, torch.Tensor]:
                                          num_val=n_val)
         val = [val_ds[i] for i in range(len(val_ds))]
     else:
-        data.make_dataset(d.source, size)  # validates the source (clear error if not a folder)
-        train_ds = data.ImageFolderDataset(d.source, size, train=True, hflip=d.hflip, seed=t.seed)
-        val_ds = data.ImageFolderDataset(d.source, size, train=False, seed=t.seed)
-        n = len(train_ds)
+        source = data.check_source(data.resolve_source(d, seed=t.seed), d.check_files, formats=data.DALI_FORMATS)
+        n = len(source)
         n_val = min(n_val, n // 5)
         val_idx = sorted({round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)})
+        val = []
+        for i in val_idx:
+            try:
+                arr = data.resize_crop_flip(source.decode(i), size)  # center crop
+            except (ValueError, OSError) as e:
+                logger.warning("validation image %s unreadable (%s); left out", source.name(i), e)
+                continue
+            val.append(data.uint8_batch_to_float(torch.from_numpy(arr)[None])[0])
         held = set(val_idx)
-        val = [val_ds[i] for i in val_idx]
-        if held:
-            train_ds = Subset(train_ds, [i for i in range(n) if i not in held])
+        train_ds = source.subset([i for i in range(n) if i not in held]) if held else source
     val_batch = torch.stack(val) if val else torch.empty(0, 3, size, size)
     return train_ds, val_batch
 
@@ -322,11 +274,9 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
         train_dataset = train_dataset if train_dataset is not None else built_train
         val_images = val_images if val_images is not None else built_val
     n_remaining = max(t_cfg.steps - start_step, 0)
-    loader = DataLoader(_EpochKeyed(train_dataset),
-                        batch_sampler=StepBatchSampler(len(train_dataset), t_cfg.batch_size, t_cfg.seed,
-                                                       start_step, n_remaining),
-                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+    rank, world_size = _rank_and_world()
+    loader = data.make_loader(cfg, rank, world_size, start_step=start_step, num_steps=n_remaining,
+                              source=train_dataset, device=device)
     val_images = val_images.to(device)
 
     metrics = _MetricsLog(run_dir, start_step)
@@ -370,7 +320,7 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
     t_start = t_fetch = time.perf_counter()
     try:
         for batch in loader:
-            x = batch.to(device, non_blocking=True)
+            x = batch["image"].to(device, non_blocking=True)
             data_wait += time.perf_counter() - t_fetch
             if step == start_step:
                 check_images(x, model.downsample_factor, name="training images")
@@ -414,7 +364,8 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
                 n_steps = len(window)
                 rec = {"step": step, "loss": sum(window) / n_steps, "lr": sched.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "images_per_s": n_steps * t_cfg.batch_size / (now - t_last),
-                       "data_wait_s": data_wait, "skipped_steps": skipped_total, "threads": torch.get_num_threads()}
+                       "data_wait_s": data_wait, "skipped_steps": skipped_total, "threads": torch.get_num_threads(),
+                       "skipped_files": loader.num_skipped}
                 metrics.write(rec)
                 logger.info("step %d/%d loss %.4f  %.1f img/s", step, t_cfg.steps, rec["loss"], rec["images_per_s"])
                 window, t_last, data_wait = [], now, 0.0
@@ -431,6 +382,9 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
             bar.close()
 
     result.step, result.skipped_steps = step, skipped_total
+    loader.close()
+    if loader.num_skipped:
+        logger.warning("%d unreadable data files were skipped", loader.num_skipped)
     if step > start_step or resume_from is None:
         save(step)
         result.last_val = run_validation(step) or result.last_val
