@@ -164,11 +164,12 @@ def test_profile_fused_share(benchmark, monkeypatch, kind):
     if not _cpp.AVAILABLE:
         pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
     rounds = 1 if benchmark.disabled else 5
+    preset = "dito-tiny" if benchmark.disabled else "dito-S"  # the smoke run only checks the plumbing
     monkeypatch.setattr(_dispatch, "PROFILE_RANGES", True)
     result = {}
     for ops in OPS:
         _use_ops(monkeypatch, ops)
-        fn = _train_step_fn("dito-S", 8) if kind == "train_step" else _decoder_step_fn("dito-S", 8)[0]
+        fn = _train_step_fn(preset, 8) if kind == "train_step" else _decoder_step_fn(preset, 8)[0]
         fn()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
@@ -182,7 +183,7 @@ def test_profile_fused_share(benchmark, monkeypatch, kind):
     share = ref["profiled_share"]
     replaced_s = share * ref["step_s"]  # time the reference ops take in an unprofiled step
     info = {
-        "model": "dito-S", "batch": 8, "image_size": SIZE, "kind": kind,
+        "model": preset, "batch": 8, "image_size": SIZE, "kind": kind,
         "ref_step_ms": ref["step_s"] * 1e3, "fused_step_ms": fused["step_s"] * 1e3,
         "replaced_share": share, "fused_ops_share_after": fused["profiled_share"],
         "ideal_speedup": 1 / (1 - share), "achieved_speedup": ref["step_s"] / fused["step_s"],

@@ -42,6 +42,14 @@ def main(path: str) -> None:
             gbs = f"{cpp[1]:.1f}" + (f" ({cpp[1] / bw:.0%})" if bw and cpp[1] else "") if cpp[1] else "-"
             print(f"| {op} | {shape} | {mode} | {fmt(ref[0])} | {fmt(comp[0])} | {fmt(cpp[0])} | "
                   f"{ratio(ref[0], cpp[0])} | {ratio(comp[0], cpp[0])} | {gbs} |")
+    prof = [r for r in rows if r["name"].startswith("test_profile_fused_share")]
+    if prof:
+        print("\n| dito-S @64, batch 8 | reference ops ms | fused ops ms | share replaced | ideal speed-up | achieved | saving vs ideal |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in prof:
+            e = r["extra_info"]
+            print(f"| {e['kind']} | {e['ref_step_ms']:.0f} | {e['fused_step_ms']:.0f} | {e['replaced_share']:.1%} | "
+                  f"{e['ideal_speedup']:.3f}x | {e['achieved_speedup']:.3f}x | {e['saving_vs_ideal']:.0%} |")
     model = [r for r in rows if r["name"].startswith(("test_train_step", "test_decoder_step", "test_encode"))]
     if model:
         print("\n| model benchmark | median ms | derived |")
