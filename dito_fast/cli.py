@@ -161,6 +161,9 @@ def cmd_decode(args) -> int:
     from .decode import fast_decode
     from .eval.report import save_image
 
+    import torch
+    from tqdm.auto import tqdm
+
     model, dev = _load_model(args.model, args.device)
     files = []
     for inp in args.inputs:
@@ -170,7 +173,12 @@ def cmd_decode(args) -> int:
         raise SystemExit("no .safetensors latent files given")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for f in files:
+    options = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, seed=args.seed, device=dev,
+                   dtype=None if args.dtype is None else getattr(torch, args.dtype), max_batch=args.max_batch,
+                   tile=args.tile, tile_overlap=args.tile_overlap, tile_passes=args.tile_passes,
+                   compile=args.compile, cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
+                   channels_last=args.channels_last, progress=not args.no_progress)
+    for f in tqdm(files, desc="files", unit="file", disable=args.no_progress or len(files) == 1):
         if not f.is_file():
             raise SystemExit(f"latent file not found: {f}")
         try:
@@ -179,13 +187,39 @@ def cmd_decode(args) -> int:
             raise SystemExit(f"cannot read latent file {f}: {e}")
         if "latent" not in tensors:
             raise SystemExit(f"{f} has no 'latent' tensor (keys: {sorted(tensors)})")
-        images = fast_decode(model, tensors["latent"], steps=args.steps, sampler=args.sampler,
-                             schedule=args.schedule, seed=args.seed, device=dev)
+        try:
+            images = fast_decode(model, tensors["latent"], **options)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{f}: {e}") from None
         for i, img in enumerate(images):
             name = f"{f.stem}.png" if len(images) == 1 else f"{f.stem}_{i}.png"
             save_image(img.float() / 127.5 - 1, out / name)
-            print(f"{f} -> {out / name}")
+            tqdm.write(f"{f} -> {out / name}", file=sys.stdout)
     return 0
+
+
+def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:
+    """The options of dito_fast.fast_decode (see its docstring)."""
+    from .diffusion.samplers import SAMPLERS
+
+    p.add_argument("--sampler", default="auto", choices=["auto", *sorted(SAMPLERS)],
+                   help="ODE solver; auto: the fewest steps as accurate as the paper's 50 Euler steps")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: auto's, or 50 for a named sampler)")
+    p.add_argument("--schedule", default=None,
+                   help="time grid: uniform, shifted[:shift], edm[:rho] (default: auto's, or uniform)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute dtype (half precision: autocast, NaN guard falls back to float32)")
+    p.add_argument("--max-batch", type=int, default=None, help="decode at most this many latents at once")
+    p.add_argument("--tile", type=int, default=None, help="decode in overlapping tiles of this many pixels")
+    p.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in pixels (default 96)")
+    p.add_argument("--tile-passes", type=int, default=1, choices=[1, 2],
+                   help="2: image-wide GroupNorm statistics for tiles (twice the cost)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (slow first call)")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_info(args) -> int:
@@ -300,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("model")
     d.add_argument("inputs", nargs="+", help=".safetensors files or folders of them")
     d.add_argument("--out", required=True)
-    _add_decode_args(d)
+    _add_fast_decode_args(d)
     d.set_defaults(func=cmd_decode)
 
     i = sub.add_parser("info", help="presets (parameters, GFLOPs per decoder step) and backends")

@@ -2,11 +2,21 @@
 
 Every sampler integrates dx/dt = v(x, t) from t = 1 (x = noise) down to t = 0 along a decreasing
 time grid ``timesteps`` (steps + 1 values from 1.0 to 0.0, see :func:`make_timesteps`).
-``velocity_fn(x, t)`` takes x (B, ...) and a (B,) time tensor and returns v like x.
+``velocity_fn(x, t)`` takes x (B, ...) and a (B,) float32 time tensor on x's device and returns
+v like x, as a new tensor (samplers may use it as scratch space). Samplers never modify
+``noise``: they copy it once and update that copy in place (one state buffer per decode, no
+allocation per step besides the velocity itself).
+
+One-step solvers: ``euler`` (the paper's), ``heun``. Multistep solvers (one velocity evaluation
+per step, re-using earlier evaluations for higher order): ``ab2``/``ab3`` (variable-step
+Adams-Bashforth on v in t) and ``dpmpp_2m`` (DPM-Solver++(2M), Lu et al. 2022, on the data
+prediction x0 = x - t v in lambda = log((1 - t) / t)). See benchmarks/results/sampler_study.md for
+how they compare on a trained decoder.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -16,68 +26,192 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCHEDULES = ("uniform", "shifted", "edm")
 
 
+def parse_schedule(schedule: str) -> tuple[str, dict]:
+    """``"name"`` or ``"name:value"`` -> (name, keyword arguments of :func:`make_timesteps`).
+
+    The value sets the schedule's main parameter: ``shifted:<shift>``, ``edm:<rho>``; e.g.
+    ``"shifted:0.5"`` puts more steps near the image, ``"shifted:3"`` near the noise.
+    """
+    if not isinstance(schedule, str):
+        raise ValueError(f"schedule must be a string such as 'uniform' or 'shifted:0.5', got {schedule!r}")
+    name, sep, value = schedule.partition(":")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES} (optionally 'shifted:<shift>', "
+                         "'edm:<rho>')")
+    if not sep:
+        return name, {}
+    key = {"shifted": "shift", "edm": "rho"}.get(name)
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if key is None or number is None or not math.isfinite(number):
+        raise ValueError(f"bad schedule {schedule!r}: expected 'shifted:<shift>' or 'edm:<rho>' with a number")
+    return name, {key: number}
+
+
 def make_timesteps(steps: int, schedule: str = "uniform", *, shift: float = 3.0, rho: float = 7.0,
                    sigma_max: float = 80.0, sigma_min: float = 0.002) -> torch.Tensor:
     """Decreasing float64 time grid of ``steps + 1`` points, t[0] = 1, t[-1] = 0.
 
     - ``uniform``: t_i = 1 - i / steps (the paper's Euler grid).
     - ``shifted``: uniform u warped as t = shift u / (1 + (shift - 1) u); shift > 1 spends more
-      steps at high noise (SD3-style).
+      steps at high noise (SD3-style), shift < 1 more steps near the image.
     - ``edm``: Karras et al.'s rho-spaced sigmas mapped to flow time by t = sigma / (1 + sigma)
       (the flow x_t / (1 - t) = x + t / (1 - t) e is the EDM process with sigma = t / (1 - t)),
       preceded by t = 1; it spends more steps at low noise.
+
+    ``schedule`` may carry the parameter: ``"shifted:0.5"``, ``"edm:5"`` (see :func:`parse_schedule`).
     """
-    if not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    name, params = parse_schedule(schedule)
+    shift, rho = params.get("shift", shift), params.get("rho", rho)
     u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    if schedule == "uniform":
+    if name == "uniform":
         return u
-    if schedule == "shifted":
+    if name == "shifted":
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         return shift * u / (1 + (shift - 1) * u)
-    if schedule == "edm":
-        if steps < 2:
-            return u
-        i = torch.arange(steps - 1, dtype=torch.float64) / max(steps - 2, 1)
-        sig = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-        return torch.cat([torch.ones(1, dtype=torch.float64), sig / (1 + sig), torch.zeros(1, dtype=torch.float64)])
-    raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
+    if rho <= 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    if steps < 2:
+        return u
+    i = torch.arange(steps - 1, dtype=torch.float64) / max(steps - 2, 1)
+    sig = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([torch.ones(1, dtype=torch.float64), sig / (1 + sig), torch.zeros(1, dtype=torch.float64)])
 
 
-def _t(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return value.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
+def _t(value, x: torch.Tensor) -> torch.Tensor:
+    # torch.full with a Python float: no host-to-device copy, so the loop can be captured in a
+    # CUDA graph (values are the float64 grid rounded to float32, as before).
+    return torch.full((x.shape[0],), float(value), device=x.device, dtype=torch.float32)
 
 
 def euler(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor) -> torch.Tensor:
     """First-order Euler: x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i). NFE = steps."""
-    x = noise
-    for t_cur, t_next in zip(timesteps[:-1], timesteps[1:]):
-        x = x + float(t_next - t_cur) * velocity_fn(x, _t(t_cur, x))  # dt < 0: towards the image
+    x = noise.clone()
+    for t_cur, t_next in zip(timesteps[:-1].tolist(), timesteps[1:].tolist()):
+        x.add_(velocity_fn(x, _t(t_cur, x)), alpha=t_next - t_cur)  # dt < 0: towards the image
     return x
 
 
 def heun(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor) -> torch.Tensor:
     """Second-order Heun (trapezoidal predictor-corrector); the step that lands on t = 0 is an
     Euler step (EDM convention) since no evaluation is needed there. NFE = 2 * steps - 1."""
-    x = noise
-    for t_cur, t_next in zip(timesteps[:-1], timesteps[1:]):
-        dt = float(t_next - t_cur)
+    x = noise.clone()
+    x_pred = torch.empty_like(x)
+    for t_cur, t_next in zip(timesteps[:-1].tolist(), timesteps[1:].tolist()):
+        dt = t_next - t_cur
         v = velocity_fn(x, _t(t_cur, x))
-        x_pred = x + dt * v  # Euler predictor
-        if float(t_next) == 0.0:
-            x = x_pred
-        else:
-            x = x + dt * 0.5 * (v + velocity_fn(x_pred, _t(t_next, x)))  # trapezoidal corrector
+        if t_next == 0.0:
+            x.add_(v, alpha=dt)
+            continue
+        torch.add(x, v, alpha=dt, out=x_pred)  # Euler predictor
+        v.add_(velocity_fn(x_pred, _t(t_next, x)))  # v_cur + v_pred
+        x.add_(v, alpha=0.5 * dt)  # trapezoidal corrector
     return x
 
 
-SAMPLERS: dict[str, Callable] = {"euler": euler, "heun": heun}
+def _lagrange_integrals(nodes: list[float], a: float, b: float) -> list[float]:
+    """Weights w_j = integral over [a, b] of the Lagrange basis polynomial of node j, so that
+    sum_j w_j f(nodes[j]) integrates the interpolant of f exactly. Computed in float64 with
+    coordinates relative to ``a`` (small numbers, little cancellation)."""
+    nodes = [n - a for n in nodes]
+    b = b - a
+    weights = []
+    for j, tj in enumerate(nodes):
+        poly = [1.0]  # coefficients, lowest degree first
+        for m, tm in enumerate(nodes):
+            if m == j:
+                continue
+            # multiply by (tau - tm) / (tj - tm)
+            new = [0.0] * (len(poly) + 1)
+            for k, c in enumerate(poly):
+                new[k + 1] += c / (tj - tm)
+                new[k] -= c * tm / (tj - tm)
+            poly = new
+        weights.append(sum(c * b ** (k + 1) / (k + 1) for k, c in enumerate(poly)))
+    return weights
+
+
+def adams_bashforth(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor,
+                    order: int = 2) -> torch.Tensor:
+    """Variable-step Adams-Bashforth of ``order`` (1-4) on the velocity in t. NFE = steps.
+
+    Step i integrates the polynomial through the last min(order, i + 1) velocities over
+    [t_i, t_{i+1}]: the first steps warm up with lower orders (the first is an Euler step).
+    With a constant step h, order 2 is x + h (3/2 v_i - 1/2 v_{i-1}).
+    """
+    if order not in (1, 2, 3, 4):
+        raise ValueError(f"order must be 1-4, got {order}")
+    x = noise.clone()
+    ts = timesteps.tolist()
+    history: list[tuple[float, torch.Tensor]] = []  # (t, v), newest last
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        history.append((t_cur, velocity_fn(x, _t(t_cur, x))))
+        history = history[-order:]
+        weights = _lagrange_integrals([t for t, _ in history], t_cur, t_next)
+        for w, (_, v) in zip(weights, history):
+            x.add_(v, alpha=w)
+    return x
+
+
+def ab2(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor) -> torch.Tensor:
+    """Second-order Adams-Bashforth (see :func:`adams_bashforth`). NFE = steps."""
+    return adams_bashforth(velocity_fn, noise, timesteps=timesteps, order=2)
+
+
+def ab3(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor) -> torch.Tensor:
+    """Third-order Adams-Bashforth (see :func:`adams_bashforth`). NFE = steps."""
+    return adams_bashforth(velocity_fn, noise, timesteps=timesteps, order=3)
+
+
+def _lam(t: float) -> float:
+    return math.log((1 - t) / t)  # log(alpha / sigma) of the flow
+
+
+def dpmpp_2m(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M) for the flow x_t = (1 - t) x + t e (alpha = 1 - t, sigma = t). NFE = steps.
+
+    With the data prediction x0 = x - t v (an identity for any v, so this integrates exactly
+    dx/dt = v), the ODE's solution is x_{i+1} = (sigma_{i+1} / sigma_i) x_i
+    + sigma_{i+1} * integral of e^lambda x0 d lambda, lambda = log(alpha / sigma). Each step takes
+    x0 linear in lambda through the last two estimates:
+        D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},  r = h_{i-1} / h_i,  h = lambda_{i+1} - lambda_i
+        x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h_i} - 1) D.
+    lambda is infinite at t = 1 and t = 0, so the first two steps and the last one are first order
+    (the first order step is exactly an Euler step; the last returns D = x0).
+    """
+    x = noise.clone()
+    ts = timesteps.tolist()
+    x0_prev, h_prev = None, None
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        v = velocity_fn(x, _t(t_cur, x))
+        x0 = v.mul_(-t_cur).add_(x)  # x0 = x - t v, in the velocity's buffer
+        if t_next == 0.0:
+            return x.copy_(x0)  # sigma_{i+1} = 0: the solution is the data prediction
+        h = _lam(t_next) - _lam(t_cur) if t_cur < 1.0 else math.inf
+        # first order: x_{i+1} = (sigma_{i+1}/sigma_i) x_i + (alpha_{i+1} - sigma_{i+1} alpha_i / sigma_i) D
+        ratio = t_next / t_cur
+        coef = (1 - t_next) - ratio * (1 - t_cur)  # = -alpha_{i+1} (e^{-h} - 1)
+        if x0_prev is not None and math.isfinite(h_prev) and math.isfinite(h):
+            c = h / (2 * h_prev)  # 1 / (2r)
+            x.mul_(ratio).add_(x0, alpha=coef * (1 + c)).add_(x0_prev, alpha=-coef * c)
+        else:
+            x.mul_(ratio).add_(x0, alpha=coef)
+        x0_prev, h_prev = x0, h
+    return x
+
+
+SAMPLERS: dict[str, Callable] = {"euler": euler, "heun": heun, "ab2": ab2, "ab3": ab3, "dpmpp_2m": dpmpp_2m}
 
 
 def nfe(sampler: str, steps: int) -> int:
     """Number of velocity evaluations ``sampler`` makes for ``steps`` steps."""
-    return {"euler": steps, "heun": 2 * steps - 1}[sampler]
+    get_sampler(sampler)
+    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def get_sampler(name: str) -> Callable:
@@ -86,10 +220,25 @@ def get_sampler(name: str) -> Callable:
     return SAMPLERS[name]
 
 
+def evaluation_times(sampler: str, timesteps: torch.Tensor) -> list[float]:
+    """The times (float32 values, in call order) at which ``sampler`` evaluates the velocity on
+    this grid, found by a dry run on a 1-element state (samplers choose times from the grid
+    only, never from x). Used to precompute everything that depends on t alone."""
+    times: list[float] = []
+
+    def record(x, t):
+        times.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    get_sampler(sampler)(record, torch.zeros(1), timesteps=timesteps)
+    return times
+
+
 def sample(velocity_fn: VelocityFn, noise: torch.Tensor, *, steps: int, sampler: str = "euler",
            schedule: str = "uniform", **schedule_kwargs) -> torch.Tensor:
     """Convenience: build the time grid and run ``sampler``."""
     return get_sampler(sampler)(velocity_fn, noise, timesteps=make_timesteps(steps, schedule, **schedule_kwargs))
 
 
-__all__ = ["make_timesteps", "euler", "heun", "sample", "nfe", "get_sampler", "SAMPLERS", "SCHEDULES"]
+__all__ = ["make_timesteps", "parse_schedule", "euler", "heun", "adams_bashforth", "ab2", "ab3", "dpmpp_2m",
+           "sample", "nfe", "get_sampler", "evaluation_times", "SAMPLERS", "SCHEDULES"]

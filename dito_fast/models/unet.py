@@ -57,12 +57,19 @@ class ResBlock(nn.Module):
             return upsample_nearest(x, 2)
         return x
 
+    def modulation(self, temb_act):
+        """(scale, shift), each (B, out_ch), from SiLU(time embedding) (B, temb_dim)."""
+        return self.time_proj(temb_act).chunk(2, dim=1)
+
     def forward(self, x, temb_act):
-        h = group_norm_modulate_silu(x, self.groups, self.norm1.weight, self.norm1.bias, eps=self.norm1.eps)
+        return self.forward_modulated(x, *self.modulation(temb_act))
+
+    def forward_modulated(self, x, scale, shift, norm=group_norm_modulate_silu):
+        """The block given its time modulation (see :meth:`modulation`). ``norm`` replaces the
+        fused norm op (same signature), e.g. to use statistics gathered over a whole tiled image."""
+        h = norm(x, self.groups, self.norm1.weight, self.norm1.bias, eps=self.norm1.eps)
         h = self.conv1(self._resample(h))
-        scale, shift = self.time_proj(temb_act).chunk(2, dim=1)  # (B, out_ch) each
-        h = group_norm_modulate_silu(h, self.groups, self.norm2.weight, self.norm2.bias, scale, shift,
-                                     eps=self.norm2.eps)
+        h = norm(h, self.groups, self.norm2.weight, self.norm2.bias, scale, shift, eps=self.norm2.eps)
         # In place: the conv's backward does not need its output, and skipping a fresh
         # allocation (page faults on large CPU tensors) is measurably faster.
         return self.conv2(h).add_(self.shortcut(self._resample(x)))
@@ -110,19 +117,53 @@ class UNetDecoder(nn.Module):
         feats = timestep_features(t * self.timescale, self.cfg.time_freq_dim)  # float32 (B, time_freq_dim)
         return F.silu(self.time_embed(feats.to(next(self.time_embed.parameters()).dtype)))
 
+    @property
+    def blocks(self) -> list[ResBlock]:
+        """Every residual block in evaluation order (down, middle, up)."""
+        return [*self.down, *self.mid, *self.up]
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         temb = self.embed_time(t).to(x_t.dtype)  # (B, td)
         f = x_t.shape[-1] // z.shape[-1]  # the latent factor (H, W are multiples of it; checked by DiTo)
         z_up = upsample_nearest(z.to(x_t.dtype), f)  # (B, c, H, W)
         h = self.conv_in(torch.cat([x_t, z_up], dim=1))  # (B, c0, H, W)
+        return self._trunk(h, [block.modulation(temb) for block in self.blocks])
+
+    # -- decoding with the step-invariant work done once (dito_fast.decode) ------------------
+    # conv_in(cat(x_t, z_up)) = conv(x_t; W[:, :3]) + conv(z_up; W[:, 3:]) + b: the second term and
+    # every block's (scale, shift) depend on z or t only, not on x_t.
+
+    def time_modulations(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> list:
+        """Every block's (scale, shift), each (B, out_ch), for times t (B,) in [0, 1], in the
+        order of :attr:`blocks`."""
+        temb = self.embed_time(t)
+        temb = temb if dtype is None else temb.to(dtype)
+        return [block.modulation(temb) for block in self.blocks]
+
+    def latent_features(self, z: torch.Tensor, factor: int) -> torch.Tensor:
+        """The latent's part of the input convolution, bias included: (B, c0, h*factor, w*factor)
+        for z (B, c, h, w). Zero padding of the concatenated input = zero padding of each half."""
+        c = self.cfg.out_channels
+        return F.conv2d(upsample_nearest(z, factor), self.conv_in.weight[:, c:], self.conv_in.bias, padding=1)
+
+    def forward_cached(self, x_t: torch.Tensor, z_feat: torch.Tensor, mods: list,
+                       norm=group_norm_modulate_silu) -> torch.Tensor:
+        """``forward`` given ``latent_features(z)`` (B, c0, H, W) and ``time_modulations(t)``."""
+        c = self.cfg.out_channels
+        h = F.conv2d(x_t, self.conv_in.weight[:, :c], None, padding=1).add_(z_feat)  # (B, c0, H, W)
+        return self._trunk(h, mods, norm)
+
+    def _trunk(self, h: torch.Tensor, mods: list, norm=group_norm_modulate_silu) -> torch.Tensor:
+        """Everything after the input convolution; ``mods`` holds one (scale, shift) per block."""
+        mods = iter(mods)
         skips = [h]
         for block in self.down:
-            h = block(h, temb)
+            h = block.forward_modulated(h, *next(mods), norm)
             skips.append(h)
         for block in self.mid:
-            h = block(h, temb)
+            h = block.forward_modulated(h, *next(mods), norm)
         for block in self.up:
-            h = block(h if block.resample == "up" else torch.cat([h, skips.pop()], dim=1), temb)
-        h = group_norm_modulate_silu(h, self.cfg.norm_groups, self.norm_out.weight, self.norm_out.bias,
-                                     eps=self.norm_out.eps)
+            h = block.forward_modulated(h if block.resample == "up" else torch.cat([h, skips.pop()], dim=1),
+                                        *next(mods), norm)
+        h = norm(h, self.cfg.norm_groups, self.norm_out.weight, self.norm_out.bias, eps=self.norm_out.eps)
         return self.conv_out(h)  # (B, 3, H, W)

@@ -60,7 +60,7 @@ def test_single_step_values():
     assert torch.allclose(x, x_half - 0.5 * (x_half + 0.5))
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_nfe_and_times(sampler, steps):
     calls = []
@@ -122,3 +122,86 @@ def test_get_sampler():
     assert samplers.get_sampler("euler") is samplers.euler
     with pytest.raises(ValueError, match="unknown sampler 'dpm'.*euler.*heun"):
         samplers.get_sampler("dpm")
+
+
+# --------------------------------------------------------------------------------------------
+# multistep solvers, on the exact flow of Gaussian data: x ~ N(m, c^2), x_t = (1 - t) x + t e.
+# The ODE's solution from x(1) = x1 is x(t) = (1 - t) m + sqrt((1 - t)^2 c^2 + t^2) x1, so
+# x(0) = m + c x1, and v(x, t) = -m + (t - (1 - t) c^2) / ((1 - t)^2 c^2 + t^2) (x - (1 - t) m):
+# the kind of field a decoder sees (curved near the data), unlike the linear test ODE above.
+
+M, C = 0.3, 0.2
+
+
+def _gauss_velocity(x, t):
+    t = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return -M + (t - (1 - t) * C * C) / ((1 - t) ** 2 * C * C + t * t) * (x - (1 - t) * M)
+
+
+def _gauss_error(sampler: str, steps: int, schedule: str) -> float:
+    x0 = samplers.sample(_gauss_velocity, X1.clone(), steps=steps, sampler=sampler, schedule=schedule)
+    return float((x0 - (M + C * X1)).abs().max())
+
+
+@pytest.mark.parametrize("sampler, order, schedule", [
+    ("euler", 1, "uniform"), ("heun", 2, "uniform"), ("ab2", 2, "uniform"), ("ab2", 2, "shifted:0.5"),
+    ("ab3", 3, "shifted:0.5"), ("dpmpp_2m", 2, "edm"),
+])
+def test_gaussian_flow_convergence_order(sampler, order, schedule):
+    errors = [_gauss_error(sampler, n, schedule) for n in (16, 32, 64)]
+    observed = math.log2(errors[0] / errors[2]) / 2  # mean order over two halvings
+    assert abs(observed - order) < 0.35, (errors, observed)
+
+
+def test_multistep_beats_euler_at_equal_nfe():
+    for sampler in ("ab2", "ab3", "dpmpp_2m"):
+        assert _gauss_error(sampler, 16, "shifted:0.5") < 0.2 * _gauss_error("euler", 16, "shifted:0.5")
+
+
+def test_adams_bashforth_weights():
+    # constant steps: the textbook coefficients (times h = 1)
+    assert samplers._lagrange_integrals([0.0, -1.0], 0.0, 1.0) == pytest.approx([1.5, -0.5])
+    assert samplers._lagrange_integrals([0.0, -1.0, -2.0], 0.0, 1.0) == pytest.approx([23 / 12, -16 / 12, 5 / 12])
+    # integrate a quadratic exactly on uneven nodes
+    nodes, a, b = [0.7, 0.9, 1.0], 0.7, 0.4
+    w = samplers._lagrange_integrals(nodes, a, b)
+    f = lambda t: 3 * t * t - t + 2  # noqa: E731
+    exact = (b ** 3 - b * b / 2 + 2 * b) - (a ** 3 - a * a / 2 + 2 * a)
+    assert sum(wi * f(n) for wi, n in zip(w, nodes)) == pytest.approx(exact)
+    with pytest.raises(ValueError, match="order must be 1-4"):
+        samplers.adams_bashforth(lambda x, t: x, X1.clone(), timesteps=samplers.make_timesteps(3), order=5)
+
+
+def test_first_steps_are_euler_steps():
+    # one step: every solver is an Euler step (DPM-Solver++ first order = DDIM = Euler for this flow)
+    ref = samplers.sample(_velocity([]), X1.clone(), steps=1, sampler="euler")
+    for name in ("ab2", "ab3", "dpmpp_2m"):
+        torch.testing.assert_close(samplers.sample(_velocity([]), X1.clone(), steps=1, sampler=name), ref)
+    # two steps of ab2 with a constant velocity field: exact like Euler
+    out = samplers.sample(lambda x, t: torch.ones_like(x), X1.clone(), steps=2, sampler="ab2")
+    torch.testing.assert_close(out, X1 - 1)
+
+
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
+@pytest.mark.parametrize("schedule", ["uniform", "edm"])
+def test_evaluation_times_predict_the_calls(sampler, schedule):
+    calls = []
+    ts = samplers.make_timesteps(5, schedule)
+    noise = X1.clone()
+    samplers.get_sampler(sampler)(_velocity(calls), noise, timesteps=ts)
+    assert torch.equal(noise, X1)  # the noise is not modified
+    assert [float(t[0]) for t in calls] == samplers.evaluation_times(sampler, ts)
+    assert len(calls) == samplers.nfe(sampler, 5)
+
+
+def test_parse_schedule():
+    assert samplers.parse_schedule("uniform") == ("uniform", {})
+    assert samplers.parse_schedule("shifted:0.5") == ("shifted", {"shift": 0.5})
+    assert samplers.parse_schedule("edm:5") == ("edm", {"rho": 5.0})
+    assert torch.equal(samplers.make_timesteps(6, "shifted:0.5"), samplers.make_timesteps(6, "shifted", shift=0.5))
+    for bad, msg in (("uniform:2", "bad schedule"), ("shifted:x", "bad schedule"), ("shifted:inf", "bad schedule"),
+                     ("cosine:1", "unknown schedule"), (None, "must be a string")):
+        with pytest.raises(ValueError, match=msg):
+            samplers.parse_schedule(bad)
+    with pytest.raises(ValueError, match="rho must be > 0"):
+        samplers.make_timesteps(4, "edm:-1")

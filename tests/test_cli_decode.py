@@ -1,0 +1,75 @@
+"""Tests for ``dito-fast decode``: the fast_decode options on the command line, progress output,
+and clear errors (one line, exit code 2) for bad options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from dito_fast.cli import main
+from dito_fast.decode import fast_decode
+
+
+@pytest.fixture
+def model_dir(micro_model, tmp_path):
+    micro_model.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def _png(path):
+    return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
+
+
+def test_decode_options_match_fast_decode(micro_model, model_dir, tmp_path, capsys):
+    z = torch.randn(2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    save_file({"latent": z}, str(tmp_path / "lat.safetensors"))
+    out = tmp_path / "out"
+    assert main(["decode", str(model_dir), str(tmp_path / "lat.safetensors"), "--out", str(out), "--sampler", "ab2",
+                 "--steps", "3", "--schedule", "shifted:0.5", "--seed", "5", "--max-batch", "1", "--tile", "32",
+                 "--tile-overlap", "16", "--channels-last", "--dtype", "bfloat16"]) == 0
+    captured = capsys.readouterr()
+    assert "lat_0.png" in captured.out and "lat_1.png" in captured.out
+    assert "decode" in captured.err  # the progress bar (tqdm, on stderr)
+    ref = fast_decode(micro_model, z, sampler="ab2", steps=3, schedule="shifted:0.5", seed=5, max_batch=1, tile=32,
+                      tile_overlap=16, channels_last=True, dtype=torch.bfloat16)
+    for i in range(2):
+        assert (_png(out / f"lat_{i}.png").int() - ref[i].int()).abs().max() <= 1
+
+
+def test_decode_default_is_auto_without_progress(micro_model, model_dir, tmp_path, capsys):
+    z = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    save_file({"latent": z}, str(tmp_path / "a.safetensors"))
+    assert main(["decode", str(model_dir), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert torch.equal(_png(tmp_path / "o" / "a.png"), fast_decode(micro_model, z, seed=0)[0])
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--tile", "36"], "tile must be a positive multiple of 8"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--schedule", "cosine"], "unknown schedule 'cosine'"),
+    (["--cuda-graph", "on"], "cuda_graph=True needs a CUDA device"),
+])
+def test_decode_bad_options_one_line(model_dir, tmp_path, capsys, args, msg):
+    save_file({"latent": torch.zeros(1, 4, 2, 2)}, str(tmp_path / "a.safetensors"))
+    assert main(["decode", str(model_dir), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "o"),
+                 "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "a.safetensors" in err and msg in err
+
+
+def test_decode_bad_latent_names_the_file(model_dir, tmp_path, capsys):
+    save_file({"latent": torch.zeros(1, 3, 2, 2)}, str(tmp_path / "three.safetensors"))
+    assert main(["decode", str(model_dir), str(tmp_path / "three.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "three.safetensors" in err and "shape (B, 4, h, w)" in err
+
+
+def test_decode_unknown_sampler_is_argparse_error(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["decode", str(model_dir), "x.safetensors", "--out", str(tmp_path), "--sampler", "ddim"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
