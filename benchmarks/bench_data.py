@@ -23,9 +23,10 @@ import time
 import pytest
 import torch
 
-from dito_fast import DiTo
 from dito_fast.config import DataConfig
 from dito_fast.data import COLOR_PHOTOGRAPHS, bundled_photographs, dali_status, make_loader, resize_shorter_side
+
+import bench_model  # the same dito-S train step as the model benchmark (benchmarks/ is on sys.path under pytest)
 
 BATCH = 32  # loader batch
 STEPS_PER_ROUND = 4
@@ -54,17 +55,8 @@ def jpeg_dir(tmp_path_factory):
 
 def test_train_step_consumption(benchmark):
     batch = 1 if benchmark.disabled else TRAIN_BATCH  # smoke runs exercise the code path only
-    torch.manual_seed(0)
-    model = DiTo.from_preset(TRAIN_PRESET).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.rand(batch, 3, TRAIN_SIZE, TRAIN_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    gen = torch.Generator().manual_seed(0)
-
-    def step():
-        loss = model(x, generator=gen).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    assert TRAIN_SIZE == bench_model.SIZE
+    step = bench_model.train_step_fn(TRAIN_PRESET, batch)
 
     benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
     med = _median(benchmark)

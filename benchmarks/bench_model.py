@@ -57,7 +57,7 @@ def _images(batch):
     return torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
-def _train_step_fn(preset, batch):
+def train_step_fn(preset, batch):
     model = _model(preset).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = _images(batch)
@@ -89,7 +89,7 @@ def _decoder_step_fn(preset, batch):
 @pytest.mark.parametrize("preset,batch", [("dito-tiny", 16), ("dito-S", 8)])
 def test_train_step(benchmark, monkeypatch, preset, batch, ops):
     _use_ops(monkeypatch, ops)
-    step = _train_step_fn(preset, batch)
+    step = train_step_fn(preset, batch)
     benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
     med = _median(benchmark)
     if med is None:  # --benchmark-disable: the function ran once, untimed
@@ -169,7 +169,7 @@ def test_profile_fused_share(benchmark, monkeypatch, kind):
     result = {}
     for ops in OPS:
         _use_ops(monkeypatch, ops)
-        fn = _train_step_fn(preset, 8) if kind == "train_step" else _decoder_step_fn(preset, 8)[0]
+        fn = train_step_fn(preset, 8) if kind == "train_step" else _decoder_step_fn(preset, 8)[0]
         fn()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()

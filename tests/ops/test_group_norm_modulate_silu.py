@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
 
-from dito_fast import ops
 from dito_fast.ops import group_norm_modulate_silu, group_norm_modulate_silu_ref
 
 from backend_cases import CPP_REASON, assert_close_to_ref
