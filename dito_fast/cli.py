@@ -261,7 +261,7 @@ def cmd_demo(args) -> int:
     f = report["downsample_factor"]
     print(f"trained {report['preset']} for {report['train_steps']} steps ({report['train_seconds']:.0f} s, "
           f"{report['threads']} threads) at {report['train_image_size']}x{report['train_image_size']}")
-    print(f"held-out {report['val_images']} ({report['num_val_images']} images, {report['eval_image_size']} px):")
+    print(f"{report['val_images']} ({report['num_val_images']} images, {report['eval_image_size']} px):")
     pd = report["paper_decode"]
     print(f"  DiTo, {report['decode']['steps']}-step {report['decode']['sampler']} (E[x|z]): {report['dito_psnr']:6.2f} dB")
     print(f"  DiTo, {pd['steps']}-step {pd['sampler']} (the paper's sampler): {report['dito_paper_decode_psnr']:6.2f} dB")
