@@ -3,6 +3,7 @@
 // Every formula a kernel evaluates lives here once, as a C10_HOST_DEVICE template, so the CPU
 // tests exercise the same code the GPU runs. T is float/double on both sides; on the CPU it is
 // also at::vec::Vectorized<float|double> (the overloads of exp_ below make that work).
+// CUDA-only helpers (vector packs, block reductions, grid sizing) are in dito_fast/cuda_utils.cuh.
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -20,87 +20,13 @@
 #include <type_traits>
 
 #include <dito_fast/check.h>
+#include <dito_fast/cuda_utils.cuh>
 #include <dito_fast/math.h>
 
 namespace dito_fast {
 namespace {
 
-// ---- small CUDA helpers (file-local) -----------------------------------------------------------
-constexpr int kWarp = 32;
-constexpr int64_t kMaxGridY = 65535;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
-}
-
-// Sum over the warp; the total is valid in lane 0 (fixed shuffle tree: deterministic).
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32), returned to every thread. sh: 32 values.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* sh) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
-  v = warp_sum(v);
-  __syncthreads();  // sh may still be read by a previous call
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nwarps ? sh[lane] : T(0);
-    v = warp_sum(v);
-    if (lane == 0) sh[0] = v;
-  }
-  __syncthreads();
-  return sh[0];
-}
-
-template <typename scalar_t>
-constexpr int pack_width() {
-  return static_cast<int>(16 / sizeof(scalar_t));
-}
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int sm_count() {
-  int dev = 0, n = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  return n;
-}
-
-// Blocks along x per sample: enough for every thread to get work, capped so that all samples
-// together make at most `waves` full waves of `threads`-thread blocks (2048 threads per SM).
-inline int64_t blocks_per_sample(int64_t work, int64_t samples, int threads, int64_t min_per_thread, int waves) {
-  const int64_t by_work = ceil_div(work, threads * min_per_thread);
-  const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / threads) * waves;
-  const int64_t by_occupancy = resident / std::min(samples, kMaxGridY);
-  return std::max<int64_t>(1, std::min({by_work, by_occupancy, int64_t{1} << 20}));
-}
-
-inline at::ScalarType opmath_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
-
-inline void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                       const char* ref_name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  check_same_device(t, ref, op, name, ref_name);
-}
+using namespace cuda;
 
 // ---- fm_noise ------------------------------------------------------------------------------------
 constexpr int kEltThreads = 256;
@@ -115,8 +41,7 @@ __global__ void fm_noise_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const auto c = math::fm_coef<acc_t>(t[b], sigma_min);
     const int64_t base = b * N;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       const int64_t o = base + i * V;
       const auto xv = load_pack<V>(x + o);
       const auto ev = load_pack<V>(e + o);
@@ -137,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cuda(const at::Tensor& x, const at::
                                                  double sigma_min) {
   constexpr const char* op = "fm_noise";
   check_floating(x, op, "x");
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  check_is_cuda(x, op, "x");
   check_cuda(noise, x, op, "noise", "x");
   check_cuda(t, x, op, "t", "x");
   TORCH_CHECK(noise.scalar_type() == x.scalar_type(), op, ": noise dtype ", noise.scalar_type(), " != x dtype ",
@@ -158,9 +83,8 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cuda(const at::Tensor& x, const at::
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fm_noise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kV = pack_width<scalar_t>();
-    const bool packed = N % kV == 0 && aligned16(xc.const_data_ptr()) && aligned16(ec.const_data_ptr()) &&
-                        aligned16(x_t.const_data_ptr()) && aligned16(v.const_data_ptr());
+    const bool packed = packable<scalar_t>(N, xc.const_data_ptr(), ec.const_data_ptr(), x_t.const_data_ptr(),
+                                           v.const_data_ptr());
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
       const dim3 grid(blocks_per_sample(N / V, B, kEltThreads, 2, 1), std::min(B, kMaxGridY));
@@ -169,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cuda(const at::Tensor& x, const at::
           static_cast<acc_t>(sigma_min), x_t.mutable_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), B, N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+    with_pack_width<scalar_t>(packed, launch);
   });
   return {x_t, v};
 }
@@ -191,8 +115,7 @@ __global__ void fm_loss_partial_kernel(const scalar_t* __restrict__ p, const sca
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t base = b * N;
     acc_t s = 0;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       const auto pv = load_pack<V>(p + base + i * V);
       const auto yv = load_pack<V>(y + base + i * V);
 #pragma unroll
@@ -226,7 +149,7 @@ __global__ void fm_loss_finish_kernel(const acc_t* __restrict__ partial, int64_t
 at::Tensor fm_loss_cuda(const at::Tensor& pred, const at::Tensor& target) {
   constexpr const char* op = "fm_loss";
   check_floating(pred, op, "pred");
-  TORCH_CHECK(pred.is_cuda(), op, ": pred must be a CUDA tensor, got device ", pred.device());
+  check_is_cuda(pred, op, "pred");
   check_cuda(target, pred, op, "target", "pred");
   TORCH_CHECK(target.scalar_type() == pred.scalar_type(), op, ": target dtype ", target.scalar_type(),
               " != pred dtype ", pred.scalar_type());
@@ -245,8 +168,7 @@ at::Tensor fm_loss_cuda(const at::Tensor& pred, const at::Tensor& target) {
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fm_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kV = pack_width<scalar_t>();
-    const bool packed = N % kV == 0 && aligned16(pc.const_data_ptr()) && aligned16(yc.const_data_ptr());
+    const bool packed = packable<scalar_t>(N, pc.const_data_ptr(), yc.const_data_ptr());
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
       const int64_t chunks = blocks_per_sample(N / V, B, kLossThreads, 4, 1);
@@ -263,7 +185,7 @@ at::Tensor fm_loss_cuda(const at::Tensor& pred, const at::Tensor& target) {
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     };
-    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+    with_pack_width<scalar_t>(packed, launch);
   });
   return loss;
 }
@@ -279,8 +201,7 @@ __global__ void fm_loss_backward_kernel(const acc_t* __restrict__ g, const scala
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const acc_t k = acc_t(2) * g[b] / static_cast<acc_t>(N);
     const int64_t base = b * N;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       const int64_t o = base + i * V;
       const auto pv = load_pack<V>(p + o);
       const auto yv = load_pack<V>(y + o);
@@ -297,7 +218,7 @@ __global__ void fm_loss_backward_kernel(const acc_t* __restrict__ g, const scala
 at::Tensor fm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target) {
   constexpr const char* op = "fm_loss_backward";
   check_floating(pred, op, "pred");
-  TORCH_CHECK(pred.is_cuda(), op, ": pred must be a CUDA tensor, got device ", pred.device());
+  check_is_cuda(pred, op, "pred");
   check_cuda(target, pred, op, "target", "pred");
   check_cuda(grad, pred, op, "grad", "pred");
   check_floating(grad, op, "grad");
@@ -319,9 +240,7 @@ at::Tensor fm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fm_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kV = pack_width<scalar_t>();
-    const bool packed = N % kV == 0 && aligned16(pc.const_data_ptr()) && aligned16(yc.const_data_ptr()) &&
-                        aligned16(out.const_data_ptr());
+    const bool packed = packable<scalar_t>(N, pc.const_data_ptr(), yc.const_data_ptr(), out.const_data_ptr());
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
       const dim3 grid(blocks_per_sample(N / V, B, kEltThreads, 2, 1), std::min(B, kMaxGridY));
@@ -330,7 +249,7 @@ at::Tensor fm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred,
           out.mutable_data_ptr<scalar_t>(), B, N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+    with_pack_width<scalar_t>(packed, launch);
   });
   return out;
 }

@@ -37,110 +37,23 @@
 #include <type_traits>
 
 #include <dito_fast/check.h>
+#include <dito_fast/cuda_utils.cuh>
 #include <dito_fast/math.h>
 
 namespace dito_fast {
 namespace {
 
-// ---- small CUDA helpers (file-local) -----------------------------------------------------------
-constexpr int kWarp = 32;
-constexpr int64_t kMaxGridY = 65535;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;  // valid in lane 0
-}
-
-// Sums a and b over the block (blockDim.x * blockDim.y a multiple of 32) and returns them to
-// every thread. Fixed shuffle/shared-memory tree: deterministic. sh: 2 * 32 values.
-template <typename T>
-__device__ __forceinline__ void block_sum2(T& a, T& b, T* sh) {
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int lane = tid % kWarp, warp = tid / kWarp, nwarps = blockDim.x * blockDim.y / kWarp;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  __syncthreads();  // sh may still be read by a previous call
-  if (lane == 0) {
-    sh[warp] = a;
-    sh[kWarp + warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < nwarps ? sh[lane] : T(0);
-    b = lane < nwarps ? sh[kWarp + lane] : T(0);
-    a = warp_sum(a);
-    b = warp_sum(b);
-    if (lane == 0) {
-      sh[0] = a;
-      sh[kWarp] = b;
-    }
-  }
-  __syncthreads();
-  a = sh[0];
-  b = sh[kWarp];
-}
-
-template <typename scalar_t>
-constexpr int pack_width() {
-  return static_cast<int>(16 / sizeof(scalar_t));
-}
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int sm_count() {
-  int dev = 0, n = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  return n;
-}
-
-inline at::ScalarType opmath_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+using namespace cuda;
 
 // ---- launch plans ------------------------------------------------------------------------------------
-// Contiguous segments (NCHW groups or planes): up to 512 threads (fewer for short segments), and
-// chunks per segment such that each thread gets >= 4 packs while all segments together make at
-// most one full wave of blocks (2048 resident threads per SM), so no tail wave.
-struct SegPlan {
-  int threads;
-  int64_t chunks;
-};
-
-inline SegPlan plan_segments(int64_t npack, int64_t segments) {
-  const int64_t t = std::min<int64_t>(512, std::max<int64_t>(kWarp, ceil_div(npack, kWarp) * kWarp));
-  const int64_t by_work = ceil_div(npack, t * 4);
-  const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / t);
-  const int64_t by_occupancy = resident / std::min(segments, kMaxGridY);
-  return {static_cast<int>(t), std::max<int64_t>(1, std::min({by_work, by_occupancy, int64_t{4096}}))};
-}
-
+// Contiguous segments (NCHW groups or planes) use plan_reduce (cuda_utils.cuh): up to 512 threads,
+// and chunks per segment such that all segments together make at most one full wave of blocks.
+//
 // Elementwise passes over (B, npack) with 256-thread blocks: blocks along x per sample, >= 2 packs
 // per thread, all samples together at most one full wave (grid-stride loops do the rest).
 constexpr int kApplyThreads = 256;
 
-inline int64_t apply_blocks(int64_t npack, int64_t B) {
-  const int64_t by_work = ceil_div(npack, kApplyThreads * 2);
-  const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / kApplyThreads);
-  return std::max<int64_t>(1, std::min(by_work, resident / std::min(B, kMaxGridY)));
-}
+inline int64_t apply_blocks(int64_t npack, int64_t B) { return blocks_per_sample(npack, B, kApplyThreads, 2, 1); }
 
 // channels_last tiles: a block is (lanes x rows) threads, lanes = channel packs (<= 256), rows =
 // 256 / lanes rows of the HW axis; ctiles blocks cover C; chunks blocks split HW so that each
@@ -225,15 +138,7 @@ __global__ void gn_fused_nchw_kernel(const scalar_t* __restrict__ x, int64_t BG,
     scalar_t* yg = y + bg * L;
     const acc_t k = static_cast<acc_t>(xg[0]);
     acc_t s1 = 0, s2 = 0;
-    for (int64_t i = threadIdx.x; i < npack; i += blockDim.x) {
-      const auto xv = load_pack<V>(xg + i * V);
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        const acc_t d = static_cast<acc_t>(xv.v[q]) - k;
-        s1 += d;
-        s2 += d * d;
-      }
-    }
+    shifted_sums<V>(xg, npack, threadIdx.x, blockDim.x, k, s1, s2);
     double d1 = s1, d2 = s2;
     block_sum2(d1, d2, sh);
     double mean_d, rstd_d;
@@ -271,28 +176,7 @@ template <typename scalar_t, typename acc_t, int V>
 __global__ void gn_stats_nchw_kernel(const scalar_t* __restrict__ x, int64_t S, int64_t L,
                                      double* __restrict__ partial) {
   __shared__ double sh[2 * kWarp];
-  const int64_t npack = L / V;
-  for (int64_t s = blockIdx.y; s < S; s += gridDim.y) {
-    const scalar_t* xs = x + s * L;
-    const acc_t k = static_cast<acc_t>(xs[0]);
-    acc_t s1 = 0, s2 = 0;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const auto xv = load_pack<V>(xs + i * V);
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        const acc_t d = static_cast<acc_t>(xv.v[q]) - k;
-        s1 += d;
-        s2 += d * d;
-      }
-    }
-    double d1 = s1, d2 = s2;
-    block_sum2(d1, d2, sh);
-    if (threadIdx.x == 0) {
-      partial[(s * gridDim.x + blockIdx.x) * 2] = d1;
-      partial[(s * gridDim.x + blockIdx.x) * 2 + 1] = d2;
-    }
-  }
+  chunked_shifted_sums<acc_t, V>(x, S, L, partial, sh);
 }
 
 // channels_last stats. Launch: grid (chunks, min(B, 65535), ctiles), block (lanes, rows), dynamic
@@ -346,35 +230,7 @@ __global__ void gn_stats_cl_kernel(const scalar_t* __restrict__ x, int64_t B, in
         }
       }
     }
-    const int o = (row * lanes + lane) * V;
-#pragma unroll
-    for (int q = 0; q < V; ++q) {
-      t1[o + q] = s1[q];
-      t2[o + q] = s2[q];
-    }
-    for (int live = rows; live > 1;) {
-      const int half = (live + 1) / 2;
-      __syncthreads();
-      if (row + half < live) {
-        const int o2 = ((row + half) * lanes + lane) * V;
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          t1[o + q] += t1[o2 + q];
-          t2[o + q] += t2[o2 + q];
-        }
-      }
-      live = half;
-    }
-    __syncthreads();
-    if (row == 0 && active) {
-      double* out = partial + ((b * gridDim.x + blockIdx.x) * C + cv * V) * 2;
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        out[2 * q] = t1[lane * V + q];
-        out[2 * q + 1] = t2[lane * V + q];
-      }
-    }
-    __syncthreads();  // t1/t2 are rewritten for the next sample
+    row_tree_sum2<V>(s1, s2, t1, t2, partial + ((b * gridDim.x + blockIdx.x) * C + cv * V) * 2, active);
   }
 }
 
@@ -398,10 +254,7 @@ __global__ void gn_finalize_kernel(const scalar_t* __restrict__ x, const double*
       d2 += e[1];
     }
   } else {
-    for (int64_t j = threadIdx.x; j < chunks; j += blockDim.x) {
-      d1 += partial[(bg * chunks + j) * 2];
-      d2 += partial[(bg * chunks + j) * 2 + 1];
-    }
+    add_pairs_strided(partial + bg * chunks * 2, chunks, d1, d2);
   }
   block_sum2(d1, d2, sh);
   // The shift the stats kernels used: the group's first value, x[b, g Cg, 0, 0].
@@ -432,8 +285,7 @@ __global__ void gn_apply_nchw_kernel(const scalar_t* __restrict__ x, const acc_t
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const scalar_t* xb = x + b * N;
     scalar_t* yb = y + b * N;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       // N < 2^31 (checked on the host): 32-bit division.
       const int64_t c = static_cast<uint32_t>(i * V) / static_cast<uint32_t>(HW);
       const acc_t al = alpha[b * C + c], be = beta[b * C + c];
@@ -517,8 +369,7 @@ __global__ void gnb_sums_nchw_kernel(const scalar_t* __restrict__ dy, const scal
     const scalar_t* xs = x + s * HW;
     const scalar_t* gs = dy + s * HW;
     acc_t s1 = 0, s2 = 0;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       const auto xv = load_pack<V>(xs + i * V);
       const auto gv = load_pack<V>(gs + i * V);
 #pragma unroll
@@ -526,12 +377,7 @@ __global__ void gnb_sums_nchw_kernel(const scalar_t* __restrict__ dy, const scal
         bwd_terms(static_cast<acc_t>(xv.v[q]), static_cast<acc_t>(gv.v[q]), cf.alpha, cf.beta, m, silu, s1, s2);
       }
     }
-    double d1 = s1, d2 = s2;
-    block_sum2(d1, d2, sh);
-    if (threadIdx.x == 0) {
-      partial[(s * gridDim.x + blockIdx.x) * 2] = d1;
-      partial[(s * gridDim.x + blockIdx.x) * 2 + 1] = d2;
-    }
+    block_sum2_store(s1, s2, sh, partial + (s * gridDim.x + blockIdx.x) * 2);
   }
 }
 
@@ -596,35 +442,7 @@ __global__ void gnb_sums_cl_kernel(const scalar_t* __restrict__ dy, const scalar
         }
       }
     }
-    const int o = (row * lanes + lane) * V;
-#pragma unroll
-    for (int q = 0; q < V; ++q) {
-      t1[o + q] = s1[q];
-      t2[o + q] = s2[q];
-    }
-    for (int live = rows; live > 1;) {
-      const int half = (live + 1) / 2;
-      __syncthreads();
-      if (row + half < live) {
-        const int o2 = ((row + half) * lanes + lane) * V;
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          t1[o + q] += t1[o2 + q];
-          t2[o + q] += t2[o2 + q];
-        }
-      }
-      live = half;
-    }
-    __syncthreads();
-    if (row == 0 && active) {
-      double* out = partial + ((b * gridDim.x + blockIdx.x) * C + cv * V) * 2;
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        out[2 * q] = t1[lane * V + q];
-        out[2 * q + 1] = t2[lane * V + q];
-      }
-    }
-    __syncthreads();
+    row_tree_sum2<V>(s1, s2, t1, t2, partial + ((b * gridDim.x + blockIdx.x) * C + cv * V) * 2, active);
   }
 }
 
@@ -747,8 +565,7 @@ __global__ void gnb_apply_nchw_kernel(const scalar_t* __restrict__ dy, const sca
                                       scalar_t* __restrict__ dx) {
   const int64_t N = C * HW, npack = N / V, BC = B * C;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       const int64_t c = static_cast<uint32_t>(i * V) / static_cast<uint32_t>(HW);
       const int64_t bc = b * C + c;
       const acc_t k[5] = {coef[bc], coef[BC + bc], coef[2 * BC + bc], coef[3 * BC + bc], coef[4 * BC + bc]};
@@ -826,7 +643,7 @@ void check_inputs(const at::Tensor& x, int64_t groups, const std::optional<at::T
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& shift, const char* op) {
   check_floating(x, op, "x");
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  check_is_cuda(x, op, "x");
   TORCH_CHECK(x.dim() == 4, op, ": x must be (B, C, H, W), got shape ", x.sizes());
   TORCH_CHECK(x.numel() > 0, op, ": x is empty, shape ", x.sizes());
   const int64_t B = x.size(0), C = x.size(1);
@@ -879,10 +696,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gnms_cuda(const at::Tensor& x, in
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_modulate_silu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kV = pack_width<scalar_t>();
     const Params<acc_t> p = params_of<acc_t>(w, bi, sc, sh);
-    const bool packed = (cl ? C % kV == 0 : HW % kV == 0) && aligned16(xc.const_data_ptr()) &&
-                        aligned16(y.const_data_ptr());
+    const bool packed = packable<scalar_t>(cl ? C : HW, xc.const_data_ptr(), y.const_data_ptr());
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
       const scalar_t* xp = xc.const_data_ptr<scalar_t>();
@@ -892,7 +707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gnms_cuda(const at::Tensor& x, in
       int64_t chunks = 0;
       at::Tensor partial;
       if (!cl) {
-        const SegPlan plan = plan_segments(Cg * HW / V, B * G);
+        const ReducePlan plan = plan_reduce(Cg * HW / V, B * G);
         const size_t fused_smem = 2 * Cg * sizeof(acc_t);
         if (plan.chunks == 1 && fused_smem <= 48 * 1024) {
           const int64_t grid = std::min<int64_t>(B * G, std::numeric_limits<int32_t>::max());
@@ -934,7 +749,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gnms_cuda(const at::Tensor& x, in
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+    with_pack_width<scalar_t>(packed, launch);
   });
   return {y, mean, rstd};
 }
@@ -972,10 +787,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gnms_back
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_modulate_silu_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kV = pack_width<scalar_t>();
     const Params<acc_t> p = params_of<acc_t>(w, bi, sc, sh);
-    const bool packed = (cl ? C % kV == 0 : HW % kV == 0) && aligned16(xc.const_data_ptr()) &&
-                        aligned16(gc.const_data_ptr()) && aligned16(dx.const_data_ptr());
+    const bool packed = packable<scalar_t>(cl ? C : HW, xc.const_data_ptr(), gc.const_data_ptr(), dx.const_data_ptr());
     auto data = [](const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr; };
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
@@ -988,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gnms_back
       at::Tensor partial;
       TilePlan tiles{};
       if (!cl) {
-        const SegPlan plan = plan_segments(HW / V, B * C);
+        const ReducePlan plan = plan_reduce(HW / V, B * C);
         chunks = plan.chunks;
         sB = C * chunks, sC = chunks, sJ = 1;
         partial = at::empty({B * C * chunks * 2}, xc.options().dtype(at::kDouble));
@@ -1041,7 +854,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gnms_back
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+    with_pack_width<scalar_t>(packed, launch);
   });
 
   // Gradients in the parameters' dtypes; absent inputs get empty (0,) tensors (like the CPU op).

@@ -27,99 +27,13 @@
 #include <type_traits>
 
 #include <dito_fast/check.h>
+#include <dito_fast/cuda_utils.cuh>
 #include <dito_fast/math.h>
 
 namespace dito_fast {
 namespace {
 
-// ---- small CUDA helpers (file-local) -----------------------------------------------------------
-constexpr int kWarp = 32;
-constexpr int64_t kMaxGridY = 65535;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;  // valid in lane 0
-}
-
-// Sums a and b over the block (blockDim.x a multiple of 32) and returns them to every thread.
-// Fixed shuffle/shared-memory tree: deterministic. sh: 2 * 32 values.
-template <typename T>
-__device__ __forceinline__ void block_sum2(T& a, T& b, T* sh) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  __syncthreads();  // sh may still be read by a previous call
-  if (lane == 0) {
-    sh[warp] = a;
-    sh[kWarp + warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < nwarps ? sh[lane] : T(0);
-    b = lane < nwarps ? sh[kWarp + lane] : T(0);
-    a = warp_sum(a);
-    b = warp_sum(b);
-    if (lane == 0) {
-      sh[0] = a;
-      sh[kWarp] = b;
-    }
-  }
-  __syncthreads();
-  a = sh[0];
-  b = sh[kWarp];
-}
-
-template <typename scalar_t>
-constexpr int pack_width() {
-  return static_cast<int>(16 / sizeof(scalar_t));
-}
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int sm_count() {
-  int dev = 0, n = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  return n;
-}
-
-inline at::ScalarType opmath_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Block shape for per-sample reductions over `npack` packs: up to 512 threads, fewer for small
-// samples (a multiple of 32). Chunks per sample: each thread gets >= 4 packs, and all samples
-// together make at most one full wave of blocks (2048 resident threads per SM).
-struct ReducePlan {
-  int threads;
-  int64_t chunks;
-};
-
-inline ReducePlan plan_reduce(int64_t npack, int64_t samples) {
-  const int64_t t = std::min<int64_t>(512, std::max<int64_t>(kWarp, ceil_div(npack, kWarp) * kWarp));
-  const int threads = static_cast<int>(t);
-  const int64_t by_work = ceil_div(npack, t * 4);
-  const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / threads);
-  const int64_t by_occupancy = resident / std::min(samples, kMaxGridY);
-  return {threads, std::max<int64_t>(1, std::min({by_work, by_occupancy, int64_t{4096}}))};
-}
+using namespace cuda;
 
 // ---- forward -----------------------------------------------------------------------------------------
 
@@ -129,28 +43,7 @@ inline ReducePlan plan_reduce(int64_t npack, int64_t samples) {
 template <typename scalar_t, typename acc_t, int V>
 __global__ void ln_stats_kernel(const scalar_t* __restrict__ z, int64_t B, int64_t N, double* __restrict__ partial) {
   __shared__ double sh[2 * kWarp];
-  const int64_t npack = N / V;
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const scalar_t* zb = z + b * N;
-    const acc_t k = static_cast<acc_t>(zb[0]);
-    acc_t s1 = 0, s2 = 0;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const auto zv = load_pack<V>(zb + i * V);
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        const acc_t d = static_cast<acc_t>(zv.v[q]) - k;
-        s1 += d;
-        s2 += d * d;
-      }
-    }
-    double d1 = s1, d2 = s2;
-    block_sum2(d1, d2, sh);
-    if (threadIdx.x == 0) {
-      partial[(b * gridDim.x + blockIdx.x) * 2] = d1;
-      partial[(b * gridDim.x + blockIdx.x) * 2 + 1] = d2;
-    }
-  }
+  chunked_shifted_sums<acc_t, V>(z, B, N, partial, sh);
 }
 
 // Apply. Launch: grid (chunks, min(B, 65535)), block T. Every block of sample b first forms the
@@ -167,21 +60,10 @@ __global__ void ln_apply_kernel(const scalar_t* __restrict__ z, const double* __
     const acc_t k = static_cast<acc_t>(zb[0]);
     double d1 = 0, d2 = 0;
     if (partial != nullptr) {
-      for (int64_t j = threadIdx.x; j < gridDim.x; j += blockDim.x) {
-        d1 += partial[(b * gridDim.x + j) * 2];
-        d2 += partial[(b * gridDim.x + j) * 2 + 1];
-      }
+      add_pairs_strided(partial + b * gridDim.x * 2, gridDim.x, d1, d2);
     } else {
       acc_t s1 = 0, s2 = 0;
-      for (int64_t i = threadIdx.x; i < npack; i += blockDim.x) {
-        const auto zv = load_pack<V>(zb + i * V);
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          const acc_t d = static_cast<acc_t>(zv.v[q]) - k;
-          s1 += d;
-          s2 += d * d;
-        }
-      }
+      shifted_sums<V>(zb, npack, threadIdx.x, blockDim.x, k, s1, s2);
       d1 = s1;
       d2 = s2;
     }
@@ -191,8 +73,7 @@ __global__ void ln_apply_kernel(const scalar_t* __restrict__ z, const double* __
     const acc_t mean = static_cast<acc_t>(mean_d), rstd = static_cast<acc_t>(rstd_d);
     if (blockIdx.x == 0 && threadIdx.x == 0) rstd_out[b] = rstd;
     scalar_t* yb = y + b * N;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       const auto zv = load_pack<V>(zb + i * V);
       Pack<scalar_t, V> out;
 #pragma unroll
@@ -215,23 +96,8 @@ __global__ void ln_bwd_stats_kernel(const scalar_t* __restrict__ g, const scalar
     const scalar_t* gb = g + b * N;
     const scalar_t* yb = y + b * N;
     acc_t s1 = 0, s2 = 0;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const auto gv = load_pack<V>(gb + i * V);
-      const auto yv = load_pack<V>(yb + i * V);
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        const acc_t ga = static_cast<acc_t>(gv.v[q]);
-        s1 += ga;
-        s2 += ga * static_cast<acc_t>(yv.v[q]);
-      }
-    }
-    double d1 = s1, d2 = s2;
-    block_sum2(d1, d2, sh);
-    if (threadIdx.x == 0) {
-      partial[(b * gridDim.x + blockIdx.x) * 2] = d1;
-      partial[(b * gridDim.x + blockIdx.x) * 2 + 1] = d2;
-    }
+    sum_and_dot<V>(gb, yb, npack, grid_stride_first(), grid_stride_step(), s1, s2);
+    block_sum2_store(s1, s2, sh, partial + (b * gridDim.x + blockIdx.x) * 2);
   }
 }
 
@@ -247,22 +113,10 @@ __global__ void ln_bwd_apply_kernel(const scalar_t* __restrict__ g, const scalar
     const scalar_t* yb = y + b * N;
     double d1 = 0, d2 = 0;
     if (partial != nullptr) {
-      for (int64_t j = threadIdx.x; j < gridDim.x; j += blockDim.x) {
-        d1 += partial[(b * gridDim.x + j) * 2];
-        d2 += partial[(b * gridDim.x + j) * 2 + 1];
-      }
+      add_pairs_strided(partial + b * gridDim.x * 2, gridDim.x, d1, d2);
     } else {
       acc_t s1 = 0, s2 = 0;
-      for (int64_t i = threadIdx.x; i < npack; i += blockDim.x) {
-        const auto gv = load_pack<V>(gb + i * V);
-        const auto yv = load_pack<V>(yb + i * V);
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          const acc_t ga = static_cast<acc_t>(gv.v[q]);
-          s1 += ga;
-          s2 += ga * static_cast<acc_t>(yv.v[q]);
-        }
-      }
+      sum_and_dot<V>(gb, yb, npack, threadIdx.x, blockDim.x, s1, s2);
       d1 = s1;
       d2 = s2;
     }
@@ -272,8 +126,7 @@ __global__ void ln_bwd_apply_kernel(const scalar_t* __restrict__ g, const scalar
     const acc_t c2 = static_cast<acc_t>(-static_cast<double>(r) * d2 / static_cast<double>(N));
     const acc_t c3 = static_cast<acc_t>(-static_cast<double>(r) * d1 / static_cast<double>(N));
     scalar_t* ob = dz + b * N;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < npack;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       const auto gv = load_pack<V>(gb + i * V);
       const auto yv = load_pack<V>(yb + i * V);
       Pack<scalar_t, V> out;
@@ -291,7 +144,7 @@ __global__ void ln_bwd_apply_kernel(const scalar_t* __restrict__ g, const scalar
 std::tuple<at::Tensor, at::Tensor> latent_layernorm_cuda(const at::Tensor& z, double eps) {
   constexpr const char* op = "latent_layernorm";
   check_floating(z, op, "z");
-  TORCH_CHECK(z.is_cuda(), op, ": z must be a CUDA tensor, got device ", z.device());
+  check_is_cuda(z, op, "z");
   TORCH_CHECK(z.dim() == 4, op, ": z must be (B, C, H, W), got shape ", z.sizes());
   TORCH_CHECK(z.size(0) > 0 && z.numel() > 0, op, ": z is empty, shape ", z.sizes());
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
@@ -305,8 +158,7 @@ std::tuple<at::Tensor, at::Tensor> latent_layernorm_cuda(const at::Tensor& z, do
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "latent_layernorm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kV = pack_width<scalar_t>();
-    const bool packed = N % kV == 0 && aligned16(zc.const_data_ptr()) && aligned16(y.const_data_ptr());
+    const bool packed = packable<scalar_t>(N, zc.const_data_ptr(), y.const_data_ptr());
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
       const ReducePlan plan = plan_reduce(N / V, B);
@@ -323,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> latent_layernorm_cuda(const at::Tensor& z, do
           y.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+    with_pack_width<scalar_t>(packed, launch);
   });
   return {y, rstd};
 }
@@ -333,9 +185,9 @@ at::Tensor latent_layernorm_backward_cuda(const at::Tensor& grad_y, const at::Te
   check_floating(y, op, "y");
   check_floating(grad_y, op, "grad_y");
   check_floating(rstd, op, "rstd");
-  TORCH_CHECK(y.is_cuda(), op, ": y must be a CUDA tensor, got device ", y.device());
-  TORCH_CHECK(grad_y.is_cuda(), op, ": grad_y must be a CUDA tensor, got device ", grad_y.device());
-  TORCH_CHECK(rstd.is_cuda(), op, ": rstd must be a CUDA tensor, got device ", rstd.device());
+  check_is_cuda(y, op, "y");
+  check_is_cuda(grad_y, op, "grad_y");
+  check_is_cuda(rstd, op, "rstd");
   check_same_device(grad_y, y, op, "grad_y", "y");
   check_same_device(rstd, y, op, "rstd", "y");
   TORCH_CHECK(y.dim() == 4, op, ": y must be (B, C, H, W), got shape ", y.sizes());
@@ -355,9 +207,7 @@ at::Tensor latent_layernorm_backward_cuda(const at::Tensor& grad_y, const at::Te
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "latent_layernorm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kV = pack_width<scalar_t>();
-    const bool packed = N % kV == 0 && aligned16(yc.const_data_ptr()) && aligned16(gc.const_data_ptr()) &&
-                        aligned16(dz.const_data_ptr());
+    const bool packed = packable<scalar_t>(N, yc.const_data_ptr(), gc.const_data_ptr(), dz.const_data_ptr());
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
       const ReducePlan plan = plan_reduce(N / V, B);
@@ -374,7 +224,7 @@ at::Tensor latent_layernorm_backward_cuda(const at::Tensor& grad_y, const at::Te
           plan.chunks > 1 ? partial.const_data_ptr<double>() : nullptr, B, N, dz.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (packed) launch(std::integral_constant<int, kV>{}); else launch(std::integral_constant<int, 1>{});
+    with_pack_width<scalar_t>(packed, launch);
   });
   return dz;
 }
