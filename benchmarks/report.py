@@ -75,6 +75,23 @@ def main(path: str) -> None:
         if train:
             print(f"\ntraining consumes {train:.2f} images/s (dito-S, 64x64, batch 8)")
 
+    scaling = next((r["extra_info"] for r in rows if r["name"].startswith("test_scaling_efficiency")), None)
+    comm = next((r["extra_info"] for r in rows if r["name"].startswith("test_communication_share")), None)
+    if scaling:
+        e = scaling
+        print(f"\n| data-parallel training, {e['preset']} @{e['image_size']}, global batch {e['global_batch']} "
+              "| images/s | data wait s | forward s | backward s | optimizer s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, ips, split in (("2 processes x 1 thread (DDP, gloo)", e["images_per_s_2x1"], e["step_split_s_2x1"]),
+                                 ("1 process x 2 threads", e["images_per_s_1x2"], e["step_split_s_1x2"])):
+            print(f"| {name} | {ips:.1f} | " + " | ".join(f"{split[k]:.3f}" for k in
+                                                          ("data_wait", "forward", "backward", "optimizer")) + " |")
+        print(f"\nscaling efficiency (2x1 vs 1x2): {e['scaling_efficiency']:.2f}")
+    if comm:
+        print(f"communication: all-reduce of {comm['grad_mb']:.1f} MB gradients {comm['allreduce_s'] * 1e3:.1f} ms = "
+              f"{comm['allreduce_share']:.1%} of a synced step ({comm['step_sync_s'] * 1e3:.0f} ms); exposed "
+              f"(synced - no_sync) {comm['exposed_comm_share']:.1%}")
+
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -94,7 +94,9 @@ def cmd_train(args) -> int:
     for flag, key in (("data", "data.source"), ("steps", "train.steps"), ("batch_size", "train.batch_size"),
                       ("image_size", "data.image_size"), ("lr", "train.lr"), ("workers", "data.workers"),
                       ("device", "train.device"), ("seed", "train.seed"), ("threads", "train.threads"),
-                      ("loader", "data.loader")):
+                      ("loader", "data.loader"), ("parallel", "train.parallel"),
+                      ("micro_batch_size", "train.micro_batch_size"), ("grad_accum_steps", "train.grad_accum_steps"),
+                      ("dist_backend", "train.dist_backend")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     config_file = args.config
@@ -112,9 +114,10 @@ def cmd_train(args) -> int:
 
     resume = args.resume if args.resume not in (None, "auto") else args.resume == "auto"
     result = train(cfg, args.out, resume=resume, progress=None)
-    print(f"trained {result.step} steps ({result.skipped_steps} skipped); model: {result.run_dir / 'model'}")
-    if result.last_val:
-        print(f"validation PSNR: {result.last_val['val_psnr']:.2f} dB")
+    if result.rank == 0:  # under torchrun: one summary for the job
+        print(f"trained {result.step} steps ({result.skipped_steps} skipped); model: {result.run_dir / 'model'}")
+        if result.last_val:
+            print(f"validation PSNR: {result.last_val['val_psnr']:.2f} dB")
     return 0
 
 
@@ -305,9 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None)
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
+                   help="under torchrun: 'ddp' (replicated model; default) or 'fsdp' (sharded parameters, gradients "
+                        "and optimizer state, for dito-L/XL; checkpoints resumable at another world size)")
+    t.add_argument("--micro-batch-size", type=int, default=None,
+                   help="samples per forward/backward on one rank; the rank's share of --batch-size (the global "
+                        "batch) is accumulated over micro-batches (0 = auto)")
+    t.add_argument("--grad-accum-steps", type=int, default=None,
+                   help="split each rank's share of the global batch into this many micro-batches")
+    t.add_argument("--dist-backend", choices=["auto", "nccl", "gloo", "mpi", "ucc"], default=None,
+                   help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
     t.add_argument("--out", default="runs/dito", help="run directory")
     t.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from the latest checkpoint in --out, or from the given checkpoint dir")
+                   help="resume from the latest checkpoint in --out, or from the given checkpoint dir (use it with "
+                        "torchrun --max-restarts so restarted workers continue the run)")
     t.add_argument("--config", default=None, help="JSON file with (part of) a run config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set model.flow.noise_sync_prob=0.1")

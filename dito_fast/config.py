@@ -129,6 +129,11 @@ class TrainConfig:
     max_bad_steps: int = 20  # consecutive non-finite losses before training stops
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
     max_minutes: float = 0.0  # wall-clock budget: stop (with a checkpoint) once exceeded; 0 = none
+    # -- data parallelism (torchrun); batch_size above is the GLOBAL batch, split across ranks
+    parallel: str = "ddp"  # "ddp" (replicated model) or "fsdp" (fully_shard; DCP checkpoints), for L/XL
+    dist_backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo", "mpi", "ucc"
+    micro_batch_size: int = 0  # samples per forward/backward on a rank; 0 = auto (the rank's share, halved on CUDA OOM)
+    grad_accum_steps: int = 1  # split each rank's share into this many micro-batches (alternative to micro_batch_size)
 
 
 @dataclass
@@ -314,3 +319,13 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"train.precision must be auto|fp32|bf16, got {t.precision!r}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"train.parallel must be ddp|fsdp, got {t.parallel!r}")
+    if t.dist_backend not in ("auto", "nccl", "gloo", "mpi", "ucc"):
+        raise ValueError(f"train.dist_backend must be auto|nccl|gloo|mpi|ucc, got {t.dist_backend!r}")
+    if t.micro_batch_size < 0 or t.grad_accum_steps < 1:
+        raise ValueError(f"train.micro_batch_size must be >= 0 and train.grad_accum_steps >= 1, got "
+                         f"{t.micro_batch_size}, {t.grad_accum_steps}")
+    if t.micro_batch_size > 0 and t.grad_accum_steps > 1:
+        raise ValueError("set train.micro_batch_size or train.grad_accum_steps, not both "
+                         f"(got {t.micro_batch_size} and {t.grad_accum_steps})")

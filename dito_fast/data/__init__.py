@@ -22,7 +22,7 @@ from .builtin import (COLOR_PHOTOGRAPHS, GREYSCALE_PHOTOGRAPHS, HOLDOUT_PHOTOGRA
 from .folder import IMAGE_EXTENSIONS, ImageFolderDataset, list_image_files
 from .loader import (LOADERS, BatchLoader, DALIUnavailableError, TorchLoader, dali_status, make_loader,
                      select_loader)
-from .sampler import StepBatchSampler, eval_shard, mix_seed
+from .sampler import StepBatchSampler, eval_shard, mix_seed, rank_slice
 from .sources import (DALI_FORMATS, DatasetSource, FileSource, Source, TarSource, check_source, expand_braces,
                       parse_file_list, resolve_source)
 from .synthetic import SyntheticImages, find_fonts
@@ -56,6 +56,7 @@ __all__ = [
     "make_loader",
     "mix_seed",
     "parse_file_list",
+    "rank_slice",
     "resize_crop_flip",
     "resolve_source",
     "select_loader",

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .sampler import StepBatchSampler, eval_shard
+from .sampler import StepBatchSampler, eval_shard, rank_slice
 from .sources import DALI_FORMATS, DatasetSource, Source, _EncodedSource, check_source, resolve_source
 from .transforms import crop_params_array, resize_crop_flip, uint8_batch_to_float
 
@@ -96,13 +96,15 @@ class BatchLoader:
     docstring) starting at ``start_step``; iterating again starts over at ``start_step``.
 
     Attributes: ``kind`` ("torch" or "dali"), ``source`` (the screened Source), ``batch_size``
-    (per rank), ``rank``, ``world_size``, ``start_step``, ``num_steps``, ``train``.
+    (this rank's share), ``global_batch_size``, ``rank``, ``world_size``, ``start_step``,
+    ``num_steps``, ``train``.
     """
 
     kind = "?"
 
     def __init__(self, source: Source, *, image_size: int, batch_size: int, seed: int, train: bool, hflip: bool,
-                 memory_format: str, rank: int, world_size: int, start_step: int, num_steps: Optional[int]):
+                 memory_format: str, rank: int, world_size: int, start_step: int, num_steps: Optional[int],
+                 global_batch_size: Optional[int] = None):
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
         self.source = source
@@ -110,6 +112,8 @@ class BatchLoader:
         self.train, self.hflip, self.memory_format = bool(train), bool(hflip), memory_format
         self.rank, self.world_size = int(rank), int(world_size)
         self.start_step, self.num_steps = int(start_step), num_steps
+        self.global_batch_size = (self.batch_size * self.world_size if global_batch_size is None
+                                  else int(global_batch_size))
         self._bad: Dict[int, str] = {}  # source index -> reason, found while reading
 
     # -- which samples
@@ -117,7 +121,8 @@ class BatchLoader:
     def step_sampler(self, start_step: int, num_steps: Optional[int]) -> StepBatchSampler:
         src = self.source
         return StepBatchSampler(len(src), self.batch_size, self.seed, start_step, num_steps, self.rank,
-                                self.world_size, order=lambda epoch: src.epoch_order(self.seed, epoch))
+                                self.world_size, order=lambda epoch: src.epoch_order(self.seed, epoch),
+                                global_batch_size=self.global_batch_size)
 
     def eval_batches(self) -> List[List[Tuple[int, int]]]:
         """(index, 0) keys of this rank's evaluation batches, from ``start_step`` on."""
@@ -277,8 +282,9 @@ def make_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 0, nu
 
     Args:
         cfg: a RunConfig (data settings, ``train.batch_size`` and ``train.seed``) or a DataConfig.
-        rank, world_size: data-parallel position; each rank gets ``batch_size // world_size``
-            samples per step, disjoint from the other ranks'.
+        rank, world_size: data-parallel position; each rank gets its share
+            ``rank_slice(batch_size, rank, world_size)`` of every global batch (``batch_size //
+            world_size`` samples when that divides), disjoint from the other ranks'.
         start_step: first step to produce (resume: the batches an uninterrupted run would have
             read from this step on). For ``train=False``, the first evaluation batch.
         num_steps: number of batches; None = endless (train) or the whole pass (eval).
@@ -311,8 +317,7 @@ def make_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 0, nu
         raise TypeError(f"cfg must be a RunConfig or DataConfig, got {type(cfg).__name__}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if batch_size < world_size or batch_size % world_size:
-        raise ValueError(f"batch size {batch_size} must be a positive multiple of world_size={world_size}")
+    lo, hi = rank_slice(batch_size, rank, world_size)  # raises when batch_size < world_size
     workers = data.workers if workers is None else workers
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -322,9 +327,9 @@ def make_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 0, nu
     kind = select_loader(data.loader if loader is None else loader, src, device)
     # Both loaders accept the formats DALI decodes, so they see the same samples (GIF is not one).
     src = check_source(src, data.check_files, formats=DALI_FORMATS)
-    common = dict(image_size=data.image_size, batch_size=batch_size // world_size, seed=seed, train=train,
+    common = dict(image_size=data.image_size, batch_size=hi - lo, seed=seed, train=train,
                   hflip=data.hflip, memory_format=data.memory_format, rank=rank, world_size=world_size,
-                  start_step=start_step, num_steps=num_steps)
+                  start_step=start_step, num_steps=num_steps, global_batch_size=batch_size)
     if kind == "dali":
         from .dali import DALILoader
 

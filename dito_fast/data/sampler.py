@@ -2,8 +2,9 @@
 
 The sample stream of a run is the concatenation of epoch orders: epoch ``e`` is a permutation of
 the dataset seeded by (seed, e) (``epoch_order``). Step ``k`` takes the global batch
-``stream[k*G : (k+1)*G]`` (G = local batch x world size; batches run across epoch boundaries)
-and rank ``r`` reads the slice ``[r*B, (r+1)*B)`` of it. So
+``stream[k*G : (k+1)*G]`` (batches run across epoch boundaries) and rank ``r`` reads the slice
+``rank_slice(G, r, W)`` = ``[floor(G*r/W), floor(G*(r+1)/W))`` of it: ``[r*B, (r+1)*B)`` when
+W divides G (B = G / W), shares differing by at most one sample otherwise. So
 
 - the ranks of one step read disjoint samples, and together one global batch;
 - each epoch visits every sample exactly once over all ranks (batches span epoch ends);
@@ -20,7 +21,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-__all__ = ["StepBatchSampler", "eval_shard", "mix_seed", "random_order"]
+__all__ = ["StepBatchSampler", "eval_shard", "mix_seed", "random_order", "rank_slice"]
 
 Key = Tuple[int, int]  # (sample index, epoch)
 
@@ -34,6 +35,18 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+def rank_slice(global_batch: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """(start, stop) of rank ``rank``'s share of a global batch of ``global_batch`` samples:
+    ``[floor(G*r/W), floor(G*(r+1)/W))``. The shares are contiguous, cover the batch, and differ
+    in size by at most one."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if global_batch < world_size:
+        raise ValueError(f"global batch size {global_batch} is smaller than world_size={world_size}: "
+                         "every rank needs at least one sample per step")
+    return global_batch * rank // world_size, global_batch * (rank + 1) // world_size
+
+
 def random_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """The default epoch order: a uniform permutation of range(num_items) seeded by (seed, epoch)."""
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
@@ -45,18 +58,20 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     Args:
         num_items: dataset size (>= 1).
-        batch_size: per-rank batch size B.
+        batch_size: per-rank batch size B (with ``global_batch_size``: this rank's share of it).
         seed: base seed of the epoch orders.
         start_step: first step to yield (resume point).
         num_steps: how many steps to yield; None = endless.
         rank, world_size: this process's place among ``world_size`` data-parallel ranks.
         order: ``order(epoch) -> LongTensor`` permutation of range(num_items); default
             :func:`random_order` with ``seed`` (tar shards use a block order, see sources.py).
+        global_batch_size: G, when it is not ``batch_size * world_size``: rank r then reads
+            ``rank_slice(G, r, W)`` of each global batch and ``batch_size`` must be its length.
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0,
                  num_steps: Optional[int] = None, rank: int = 0, world_size: int = 1,
-                 order: Optional[Callable[[int], torch.Tensor]] = None):
+                 order: Optional[Callable[[int], torch.Tensor]] = None, global_batch_size: Optional[int] = None):
         if num_items < 1:
             raise ValueError("cannot sample batches from an empty dataset")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -68,6 +83,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
         self.start_step, self.num_steps = int(start_step), num_steps
         self.rank, self.world_size = int(rank), int(world_size)
         self._order = order if order is not None else (lambda e: random_order(self.n, self.seed, e))
+        if global_batch_size is None:
+            self.global_batch, self.offset = self.batch * self.world_size, self.rank * self.batch
+        else:
+            lo, hi = rank_slice(int(global_batch_size), self.rank, self.world_size)
+            if hi - lo != self.batch:
+                raise ValueError(f"rank {rank}'s share of a global batch of {global_batch_size} is {hi - lo} "
+                                 f"samples, not batch_size={batch_size}")
+            self.global_batch, self.offset = int(global_batch_size), lo
 
     def _perm(self, epoch: int) -> torch.Tensor:
         perm = self._order(epoch)
@@ -76,9 +99,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return perm
 
     def __iter__(self) -> Iterator[List[Key]]:
-        global_batch = self.batch * self.world_size
+        global_batch = self.global_batch
         # position in the stream of this rank's first sample of the first step
-        pos = self.start_step * global_batch + self.rank * self.batch
+        pos = self.start_step * global_batch + self.offset
         step, perm, perm_epoch = 0, None, -1
         while self.num_steps is None or step < self.num_steps:
             keys: List[Key] = []

@@ -2,10 +2,18 @@
 written atomically (temporary name + fsync + rename), so a crash never leaves a half-written
 checkpoint where a reader would pick it up.
 
-A training checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding
-``model.safetensors``, ``ema.safetensors`` (when EMA is on), ``config.json`` and
-``state.pt`` (optimizer state, step, RNG states, counters). It is assembled under a hidden
-temporary name and renamed into place only when complete; ``latest`` points at the newest one.
+A training checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding ``config.json``,
+``state.pt`` (step, counters, RNG states, scheduler; weights-only loadable) and either
+
+- ``model.safetensors``, ``ema.safetensors`` (when EMA is on) and the optimizer state in
+  ``state.pt`` (single process and DDP: full tensors, written by rank 0), or
+- ``dcp/``: model, optimizer state and EMA as a torch.distributed.checkpoint directory, each
+  rank writing its shards (FSDP; loadable at any world size).
+
+It is assembled under a hidden temporary name (:func:`begin_checkpoint`), gets its ``COMPLETE``
+marker last and is renamed into place only then (:func:`commit_checkpoint`); ``latest`` points
+at the newest one. A process killed at any point leaves either no new checkpoint or a complete
+one; :func:`list_checkpoints` ignores everything else.
 """
 
 from __future__ import annotations
@@ -105,36 +113,60 @@ def load_weights(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read weights {path}: {e}") from None
 
 
+def begin_checkpoint(run_dir, step: int) -> Path:
+    """Create and return the hidden temporary directory a checkpoint of ``step`` is written into."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", suffix=".tmp", dir=ckpt_root))
+
+
+def write_files(directory, files: dict) -> None:
+    """Write ``files`` into ``directory``: ``*.safetensors`` -> dict of tensors, ``*.json`` ->
+    JSON-able object, ``*.pt`` -> object for :func:`save_torch`."""
+    directory = Path(directory)
+    for name, content in files.items():
+        if name.endswith(".safetensors"):
+            save_safetensors(content, directory / name)
+        elif name.endswith(".json"):
+            atomic_write_json(content, directory / name)
+        elif name.endswith(".pt"):
+            save_torch(content, directory / name)
+        else:
+            raise ValueError(f"unsupported checkpoint file type: {name}")
+
+
+def commit_checkpoint(run_dir, step: int, tmp) -> Path:
+    """Mark the temporary directory ``tmp`` complete, rename it to ``step_<N>`` and point
+    ``latest`` at it. Returns the final path."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = Path(tmp)
+    atomic_write_text("complete\n", tmp / "COMPLETE")
+    if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    atomic_write_text(final.name + "\n", ckpt_root / "latest")
+    return final
+
+
 def write_checkpoint(run_dir, step: int, files: dict) -> Path:
     """Write a complete checkpoint directory for ``step`` and point ``latest`` at it.
 
-    ``files`` maps file names to contents: ``*.safetensors`` -> dict of tensors,
-    ``*.json`` -> JSON-able object, ``*.pt`` -> object for :func:`save_torch`.
+    ``files`` maps file names to contents (see :func:`write_files`).
     """
-    ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", suffix=".tmp", dir=ckpt_root))
+    tmp = begin_checkpoint(run_dir, step)
     try:
-        for name, content in files.items():
-            if name.endswith(".safetensors"):
-                save_safetensors(content, tmp / name)
-            elif name.endswith(".json"):
-                atomic_write_json(content, tmp / name)
-            elif name.endswith(".pt"):
-                save_torch(content, tmp / name)
-            else:
-                raise ValueError(f"unsupported checkpoint file type: {name}")
-        atomic_write_text("complete\n", tmp / "COMPLETE")
-        if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        write_files(tmp, files)
+        return commit_checkpoint(run_dir, step, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(final.name + "\n", ckpt_root / "latest")
-    return final
+
+
+def checkpoint_format(path) -> str:
+    """"dcp" (sharded, ``dcp/``) or "safetensors" (full tensors) for a checkpoint directory."""
+    return "dcp" if (Path(path) / "dcp").is_dir() else "safetensors"
 
 
 def list_checkpoints(run_dir) -> list[Path]:

@@ -1,10 +1,20 @@
-"""The training loop: flow-matching training of encoder and decoder together (paper §3).
+"""The training loop: flow-matching training of encoder and decoder together (paper §3), on one
+process or data-parallel under torchrun (DDP, or FSDP2 for the large presets; see parallel.py).
 
 Determinism and exact resume: the images of step k are fixed by (seed, k) through the loader of
-:func:`dito_fast.data.make_loader` (an epoch permutation seeded by (seed, epoch)) and per-item
-augmentations seeded by (seed, epoch, index); the diffusion noise and times of step k come from a
-generator seeded by (seed, rank, k). Nothing depends on how many steps ran in this process, so a
-run stopped at step k and resumed from its checkpoint follows the uninterrupted run exactly.
+:func:`dito_fast.data.make_loader` (an epoch permutation seeded by (seed, epoch), each global
+batch split across ranks) and per-item augmentations seeded by (seed, epoch, index); the
+diffusion noise and times of sample i of step k come from a generator seeded by (seed, k, i),
+i its index in the global batch. Nothing depends on how many steps ran in this process, on the
+world size or on the micro-batching, so a run stopped at step k and resumed from its checkpoint
+follows the uninterrupted run exactly, and runs with the same global batch on 1 or N processes
+follow the same trajectory up to floating-point summation order.
+
+Under torchrun: rank 0 alone writes logs, images, checkpoints and the exported model; decisions
+all ranks must share (skip a non-finite step, stop for ``max_minutes``) come from all-reduced
+values. After a worker failure, ``torchrun --max-restarts=K`` restarts every worker; they resume
+from the latest complete checkpoint (with ``--resume``, or automatically on a restart of the
+same torchrun job).
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ from ..eval.metrics import psnr
 from ..eval.report import make_grid, save_image
 from ..models.dito import DiTo, check_images
 from . import checkpoint as ckpt
+from . import distributed
+from .distributed import DistContext
+from .parallel import ParallelModel, find_micro_batch, plan_batches, sample_seeds, save_dcp
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +55,6 @@ class TrainingDivergedError(RuntimeError):
 
 # The step order lives in dito_fast.data.sampler (shared by both loaders); re-exported here.
 _mix_seed = mix_seed
-
-
-def _rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed when it is initialised, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def build_datasets(cfg: RunConfig) -> tuple[Dataset | data.Source, torch.Tensor]:
@@ -108,13 +114,20 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """Move the average towards ``model`` (same structure; under FSDP sharded the same way,
+        so each rank updates its own shards)."""
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema_p = [p for p in self.model.parameters()]
-        src_p = [p.detach() for p in model.parameters()]
+        ema_p = [_local(p) for p in self.model.parameters()]
+        src_p = [_local(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1 - d)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            _local(b_ema).copy_(_local(b))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (shares its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,11 +172,16 @@ class _MetricsLog:
 @dataclass
 class TrainResult:
     run_dir: Path
-    model: DiTo  # the exported model (EMA weights when EMA is on)
+    model: DiTo  # the exported model (EMA weights when EMA is on), unsharded, on every rank
     step: int
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every good step this run
+    # (step, global mean loss) of every good step of this run
+    losses: list[tuple[int, float]] = field(default_factory=list)
     skipped_steps: int = 0
     last_val: dict = field(default_factory=dict)
+    images_seen: int = 0  # samples consumed over the whole run (steps x global batch), resumes included
+    rank: int = 0
+    world_size: int = 1
+    raw_model: DiTo | None = None  # the trained (not averaged) weights; sharded in place under FSDP
 
 
 def lr_factor(step: int, t_cfg) -> float:
@@ -205,46 +223,226 @@ def validate(model: DiTo, images: torch.Tensor, steps: int, seed: int, sampler: 
     return {"val_psnr": float(psnr(recon, images).mean())}, recon
 
 
+# --------------------------------------------------------------------------------------------
+# helpers of the loop
+
+
+class _PhaseTimer:
+    """Seconds spent per phase of the step (data wait, forward, backward, optimizer) since the
+    last :meth:`reset`. On CUDA the compute phases are timed with CUDA events (no
+    synchronisation until :meth:`read`); the data wait is host time either way."""
+
+    PHASES = ("data_wait", "forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self._events: list = []
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.totals[phase] += seconds
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.totals[name] += time.perf_counter() - t0
+
+    def read(self) -> dict:
+        if self._events:
+            torch.cuda.synchronize()
+            for name, start, end in self._events:
+                self.totals[name] += start.elapsed_time(end) / 1000.0
+            self._events = []
+        return dict(self.totals)
+
+
+def _rng_state(device: torch.device) -> dict:
+    st = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _restore_rng(state: dict, ctx: DistContext, device: torch.device, seed: int, step: int) -> None:
+    """This rank's saved RNG states when the world size is unchanged; otherwise a fresh seed
+    from (seed, rank, step). (Training draws no numbers from these generators: the noise comes
+    from per-sample generators; this keeps any other use of torch's RNG resumable.)"""
+    ranks = state.get("rank_rng")
+    mine = None
+    if ranks is not None and len(ranks) == ctx.world_size:
+        mine = ranks[ctx.rank]
+    elif ctx.world_size == 1 and "cpu_rng" in state:
+        mine = {"cpu": state["cpu_rng"]}
+    if mine is None:
+        torch.manual_seed(mix_seed(seed, ctx.rank, step))
+        logger.info("world size changed since the checkpoint: RNG reseeded from (seed, rank, step)")
+        return
+    torch.set_rng_state(mine["cpu"])
+    if device.type == "cuda" and mine.get("cuda") is not None:
+        torch.cuda.set_rng_state(mine["cuda"], device)
+
+
+_JOB_MARKER = ".torchrun_job"
+
+
+def _resume_point(run_dir: Path, resume, ctx: DistContext):
+    """Rank 0's decision: ("ok", checkpoint path or None) or (exception class name, message)."""
+    marker = run_dir / _JOB_MARKER
+    if resume is False and ctx.restart_count > 0 and ctx.run_id and marker.is_file() \
+            and marker.read_text().strip() == ctx.run_id:
+        logger.warning("torchrun restart %d of job %s: resuming from the latest complete checkpoint",
+                       ctx.restart_count, ctx.run_id)
+        resume = True
+    if resume is True:
+        return "ok", ckpt.latest_checkpoint(run_dir)
+    if resume:
+        path = Path(resume)
+        if not (path / "COMPLETE").is_file():
+            return "FileNotFoundError", f"not a complete checkpoint directory: {path}"
+        return "ok", path
+    if ckpt.latest_checkpoint(run_dir) is not None:
+        return "FileExistsError", (f"{run_dir} already holds checkpoints; pass resume=True (--resume) to continue "
+                                   "or choose another output directory")
+    return "ok", None
+
+
+def _plain_model(cfg: RunConfig, state: dict[str, torch.Tensor], device: torch.device) -> DiTo:
+    """An unsharded DiTo holding ``state`` (built on the meta device: no random init)."""
+    with torch.device("meta"):
+        net = DiTo(cfg.model)
+    net.load_state_dict(state, assign=True)
+    return net.to(device)
+
+
+def _auto_micro_batch(model: DiTo, cfg: RunConfig, device: torch.device, n: int) -> int:
+    """The largest micro-batch (n, halving) whose forward + backward fits in GPU memory next to
+    the optimizer state still to be allocated (AdamW: two tensors per parameter)."""
+    from .parallel import TrainStep
+
+    step_module, size = TrainStep(model), cfg.data.image_size
+    state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def try_step(m: int) -> None:
+        reserve = torch.empty(state_bytes, dtype=torch.uint8, device=device)  # noqa: F841 (held while probing)
+        x = torch.rand(m, 3, size, size, device=device) * 2 - 1
+        with _autocast(device, cfg.train.precision):
+            loss = step_module(x, list(range(m))).float().sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    try:
+        return find_micro_batch(try_step, n)
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
 def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Dataset | None = None,
           val_images: torch.Tensor | None = None, progress: bool | None = None) -> TrainResult:
     """Train a DiTo tokenizer as configured; write logs, checkpoints and the final model.
 
     out_dir/config.json        the resolved RunConfig
-    out_dir/metrics.jsonl      one JSON record per log/validation event
+    out_dir/metrics.jsonl      one JSON record per log/validation event (loss, throughput, step-time split)
+    out_dir/events.jsonl       start / resume / checkpoint / stop events, with attempt and world size
     out_dir/checkpoints/       step_<N>/ (model, EMA, optimizer, RNG, counters), ``latest``
     out_dir/samples/           reconstruction grids (top: input, bottom: reconstruction)
     out_dir/model/             the exported model (config.json + model.safetensors; EMA weights)
 
-    ``resume``: False (start fresh; an existing checkpoint in out_dir is an error), True (resume
-    from the latest complete checkpoint in out_dir if there is one) or a checkpoint directory.
+    ``resume``: False (start fresh; an existing checkpoint in out_dir is an error, except on a
+    torchrun restart of the job that wrote it), True (resume from the latest complete checkpoint
+    in out_dir if there is one) or a checkpoint directory.
     ``train_dataset`` / ``val_images`` replace the datasets built from ``cfg.data``.
+
+    Launched by torchrun (or with a process group already initialised), the run is
+    data-parallel: ``train.batch_size`` is the global batch, ``train.parallel`` picks DDP or
+    FSDP, and only rank 0 writes files (see the module docstring of dito_fast.train.parallel).
     """
     validate_run_config(cfg)
     t_cfg = cfg.train
-    run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if t_cfg.threads > 0:
         torch.set_num_threads(t_cfg.threads)
-    device = resolve_device(t_cfg.device)
+    ctx, device = distributed.setup(t_cfg.dist_backend, t_cfg.device)
+    ok = False
+    try:
+        result = _train(cfg, Path(out_dir), resume, train_dataset, val_images, progress, ctx, device)
+        ok = True
+        return result
+    finally:
+        distributed.teardown(ctx, ok)
 
-    # -- resume point
-    resume_from = None
-    if resume is True:
-        resume_from = ckpt.latest_checkpoint(run_dir)
-    elif resume:
-        resume_from = Path(resume)
-        if not (resume_from / "COMPLETE").is_file():
-            raise FileNotFoundError(f"not a complete checkpoint directory: {resume_from}")
-    elif ckpt.latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds checkpoints; pass resume=True (--resume) to continue "
-                              "or choose another output directory")
 
-    ckpt.atomic_write_json(to_dict(cfg), run_dir / "config.json")
+def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, progress, ctx: DistContext,
+           device: torch.device) -> TrainResult:
+    t_cfg = cfg.train
+    is_main, G, W = ctx.is_main, t_cfg.batch_size, ctx.world_size
+    events_path = run_dir / "events.jsonl"
 
-    # -- model, EMA, optimizer
+    def event(kind: str, **fields) -> None:
+        if is_main:
+            with open(events_path, "a") as f:
+                f.write(json.dumps({"event": kind, "time": time.time(), "attempt": ctx.restart_count,
+                                    "world_size": W, **fields}) + "\n")
+
+    # -- resume point: decided by rank 0, the same on every rank
+    decision = None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        decision = _resume_point(run_dir, resume, ctx)
+    status, detail = distributed.broadcast_object(decision, ctx)
+    if status != "ok":
+        raise {"FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError}[status](detail)
+    resume_from = Path(detail) if detail is not None else None
+    if is_main:
+        ckpt.atomic_write_json(to_dict(cfg), run_dir / "config.json")
+        if ctx.run_id and ctx.distributed:
+            ckpt.atomic_write_text(ctx.run_id + "\n", run_dir / _JOB_MARKER)
+
+    # -- model, EMA (built identically on every rank), checkpoint weights in the full format
     torch.manual_seed(t_cfg.seed)  # weight init
-    model = DiTo(cfg.model).to(device)
+    model = DiTo(cfg.model)
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay > 0 else None
+    out_format = "dcp" if t_cfg.parallel == "fsdp" else "safetensors"
+    state, in_format = None, None
+    if resume_from is not None:
+        in_format = ckpt.checkpoint_format(resume_from)
+        state = ckpt.load_torch(resume_from / "state.pt")
+        if in_format == "safetensors":
+            model.load_state_dict(ckpt.load_weights(resume_from / "model.safetensors"))
+            if ema is not None:
+                ema.model.load_state_dict(ckpt.load_weights(resume_from / "ema.safetensors"))
+
+    # -- how this rank processes its share of the global batch
+    mode = t_cfg.parallel if ctx.distributed else "single"
+    micro = t_cfg.micro_batch_size
+    if mode != "fsdp":
+        model.to(device)
+    if micro == 0 and t_cfg.grad_accum_steps == 1 and device.type == "cuda" and mode != "fsdp":
+        share = plan_batches(G, ctx.rank, W).share
+        micro = _auto_micro_batch(model, cfg, device, share)
+        m = torch.tensor([micro], device=device)
+        distributed.all_reduce_(m, ctx, torch.distributed.ReduceOp.MIN if ctx.distributed else None)
+        micro = int(m.item())
+        if micro < share:
+            logger.info("auto micro-batch: %d samples per pass (%d per rank did not fit)", micro, share)
+    plan = plan_batches(G, ctx.rank, W, micro, t_cfg.grad_accum_steps, equal_passes=mode == "fsdp")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    pm = ParallelModel(model, ema.model if ema is not None else None, mode, ctx, device)
     opt_kwargs = dict(lr=t_cfg.lr, betas=tuple(t_cfg.betas), weight_decay=t_cfg.weight_decay)
     # The fused AdamW kernel exists for CPU and CUDA (2.7x faster than foreach for dito-S on this CPU).
     if device.type in ("cpu", "cuda"):
@@ -256,17 +454,24 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
 
     start_step, skipped_total = 0, 0
     if resume_from is not None:
-        model.load_state_dict(ckpt.load_weights(resume_from / "model.safetensors"))
-        if ema is not None:
-            ema.model.load_state_dict(ckpt.load_weights(resume_from / "ema.safetensors"))
-        state = ckpt.load_torch(resume_from / "state.pt")
-        optimizer.load_state_dict(state["optimizer"])
+        if in_format == "safetensors":
+            pm.load_full_optimizer_state(optimizer, state["optimizer"])
+        else:
+            pm.load_sharded(resume_from / "dcp", optimizer, state["optimizer_param_groups"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["cpu_rng"])
         start_step, skipped_total = int(state["step"]), int(state["skipped_steps"])
+        _restore_rng(state, ctx, device, t_cfg.seed, start_step)
         if ema is not None:
             ema.updates = int(state["ema_updates"])
-        logger.info("resumed from %s at step %d", resume_from, start_step)
+        if int(state.get("global_batch", G)) != G:
+            logger.warning("the global batch changed from %s to %d: the data position is recomputed as step x batch",
+                           state.get("global_batch"), G)
+        logger.info("resumed from %s at step %d (saved by world size %s, now %d)", resume_from, start_step,
+                    state.get("world_size", 1), W)
+    images_seen = int(state.get("images_seen", start_step * G)) if state is not None else 0
+    event("resume" if resume_from is not None else "start", step=start_step,
+          checkpoint=resume_from.name if resume_from is not None else None, parallel=mode,
+          micro_batches=list(plan.micro))
 
     # -- data
     if train_dataset is None or val_images is None:
@@ -274,123 +479,210 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
         train_dataset = train_dataset if train_dataset is not None else built_train
         val_images = val_images if val_images is not None else built_val
     n_remaining = max(t_cfg.steps - start_step, 0)
-    rank, world_size = _rank_and_world()
-    loader = data.make_loader(cfg, rank, world_size, start_step=start_step, num_steps=n_remaining,
+    loader = data.make_loader(cfg, ctx.rank, W, start_step=start_step, num_steps=n_remaining,
                               source=train_dataset, device=device)
     val_images = val_images.to(device)
 
-    metrics = _MetricsLog(run_dir, start_step)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("training %s (%.2f M params) on %s, %d threads, steps %d..%d, batch %d",
-                cfg.model.name, n_params / 1e6, device, torch.get_num_threads(), start_step, t_cfg.steps,
-                t_cfg.batch_size)
+    metrics = _MetricsLog(run_dir, start_step) if is_main else None
+    logger.info("training %s (%.2f M params) on %s, %d threads, steps %d..%d, global batch %d over %d rank(s) "
+                "(%s; %d per rank in micro-batches %s)", cfg.model.name, n_params / 1e6, device,
+                torch.get_num_threads(), start_step, t_cfg.steps, G, W, mode, plan.share, list(plan.micro))
 
-    def save(step: int) -> Path:
-        files = {"model.safetensors": model.state_dict(), "config.json": to_dict(cfg),
-                 "state.pt": {"optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
-                              "cpu_rng": torch.get_rng_state(), "step": step, "skipped_steps": skipped_total,
-                              "ema_updates": ema.updates if ema is not None else 0}}
-        if ema is not None:
-            files["ema.safetensors"] = ema.model.state_dict()
-        path = ckpt.write_checkpoint(run_dir, step, files)
-        ckpt.prune_checkpoints(run_dir, t_cfg.keep_checkpoints)
-        logger.info("checkpoint written: %s", path)
+    def save(step: int) -> Path | None:
+        # every rank takes part: RNG states are gathered, DCP shards written by each rank
+        st = {"scheduler": sched.state_dict(), "step": step, "skipped_steps": skipped_total,
+              "ema_updates": ema.updates if ema is not None else 0, "images_seen": images_seen,
+              "global_batch": G, "world_size": W, "parallel": mode, "format": out_format}
+        rng = distributed.all_gather_object(_rng_state(device), ctx)
+        st["cpu_rng"], st["rank_rng"] = rng[0]["cpu"], rng
+        path = None
+        if out_format == "dcp":
+            tmp = distributed.broadcast_object(str(ckpt.begin_checkpoint(run_dir, step)) if is_main else None, ctx)
+            tensors, st["optimizer_param_groups"] = pm.sharded_state(optimizer)
+            save_dcp(tensors, Path(tmp) / "dcp")  # returns once every rank's shards and the metadata are written
+            if is_main:
+                ckpt.write_files(tmp, {"config.json": to_dict(cfg), "state.pt": st})
+                distributed.fault_point("checkpoint_write", step, ctx)
+                path = ckpt.commit_checkpoint(run_dir, step, tmp)
+        elif is_main:
+            st["optimizer"] = optimizer.state_dict()
+            files = {"model.safetensors": model.state_dict(), "config.json": to_dict(cfg), "state.pt": st}
+            if ema is not None:
+                files["ema.safetensors"] = ema.model.state_dict()
+            tmp = ckpt.begin_checkpoint(run_dir, step)
+            ckpt.write_files(tmp, files)
+            distributed.fault_point("checkpoint_write", step, ctx)
+            path = ckpt.commit_checkpoint(run_dir, step, tmp)
+        distributed.barrier(ctx)  # rank 0 has committed before any rank goes on
+        if is_main:
+            ckpt.prune_checkpoints(run_dir, t_cfg.keep_checkpoints)
+            event("checkpoint", step=step, checkpoint=path.name, images_seen=images_seen)
+            logger.info("checkpoint written: %s", path)
         return path
 
     def run_validation(step: int) -> dict:
+        # every rank calls this; under FSDP the EMA weights are gathered to rank 0 first
         if len(val_images) == 0:
             return {}
-        net = ema.model if ema is not None else model
+        if pm.sharded:
+            full = pm.full_state_dict("ema" if ema is not None else "model")
+            if not is_main:
+                return {}
+            net = _plain_model(cfg, full, device)
+        else:
+            if not is_main:
+                return {}
+            net = ema.model if ema is not None else model
         res, recon = validate(net, val_images, t_cfg.val_sample_steps, seed=t_cfg.seed)
         save_image(make_grid([val_images.cpu(), recon.cpu()]), run_dir / "samples" / f"recon_{step:08d}.png")
         metrics.write({"step": step, **res})
         logger.info("step %d: validation PSNR %.2f dB", step, res["val_psnr"])
         return res
 
-    result = TrainResult(run_dir=run_dir, model=model, step=start_step, skipped_steps=skipped_total)
+    result = TrainResult(run_dir=run_dir, model=model, step=start_step, skipped_steps=skipped_total,
+                         rank=ctx.rank, world_size=W, raw_model=model)
     model.train()
-    bad_streak, window, t_last, data_wait = 0, [], time.perf_counter(), 0.0
-    show_bar = sys.stderr.isatty() if progress is None else progress
+    timer = _PhaseTimer(device)
+    bad_streak, window, steps_since_log = 0, [], 0
+    show_bar = (sys.stderr.isatty() if progress is None else progress) and is_main
     bar = None
     if show_bar:
         from tqdm.auto import tqdm
         bar = tqdm(total=t_cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
+    weights = None
+    if plan.slots > plan.share:  # FSDP with uneven shares: zero-weight padding keeps the passes equal
+        weights = torch.ones(plan.slots, device=device)
+        weights[plan.share:] = 0
     step = start_step
-    t_start = t_fetch = time.perf_counter()
+    t_start = t_last = t_fetch = time.perf_counter()
     try:
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
-            data_wait += time.perf_counter() - t_fetch
+            timer.add("data_wait", time.perf_counter() - t_fetch)
             if step == start_step:
                 check_images(x, model.downsample_factor, name="training images")
-            gen = torch.Generator(device=device).manual_seed(_mix_seed(t_cfg.seed, 0, step))
-            with _autocast(device, t_cfg.precision):
-                loss = model(x, generator=gen).mean()
+            if x.shape[0] != plan.share:
+                raise RuntimeError(f"the loader gave {x.shape[0]} images, expected this rank's share {plan.share}")
+            seeds = sample_seeds(t_cfg.seed, step, plan.start, plan.stop)
+            if plan.slots > plan.share:
+                pad = plan.slots - plan.share
+                x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+                seeds += seeds[-1:] * pad
+
+            # forward + backward over the micro-batches; the gradient is that of the global mean loss
             optimizer.zero_grad(set_to_none=True)
-            bad = "losses" if not torch.isfinite(loss) else None
-            if bad is None:
-                loss.backward()
-                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.max_grad_norm)
-                             if t_cfg.max_grad_norm > 0 else torch.tensor(0.0))
-                bad = "gradient norms" if not torch.isfinite(grad_norm) else None
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            lo = 0
+            for j, m in enumerate(plan.micro):
+                with pm.micro_batch_context(last=j == len(plan.micro) - 1):
+                    with timer.phase("forward"), _autocast(device, t_cfg.precision):
+                        per = pm.step_module(x[lo:lo + m], seeds[lo:lo + m]).float()  # (m,)
+                        if weights is not None:
+                            per = per * weights[lo:lo + m]
+                    with timer.phase("backward"):
+                        (per.sum() * plan.scale).backward()
+                loss_sum += per.detach().sum().double()
+                lo += m
+
+            # what every rank must agree on: the global loss (finite?) and the time budget
+            over = t_cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * t_cfg.max_minutes
+            agreed = torch.stack([loss_sum, torch.tensor(float(over), dtype=torch.float64, device=device)])
+            total_loss, n_over = distributed.all_reduce_(agreed, ctx).tolist()
+            loss_v, stop = total_loss / G, n_over > 0
+            images_seen += G
+            steps_since_log += 1
+
+            with timer.phase("optimizer"):
+                bad = None if math.isfinite(loss_v) else "losses"
+                grad_norm = torch.tensor(0.0)
+                if bad is None and t_cfg.max_grad_norm > 0:
+                    grad_norm = pm.clip_grad_norm(t_cfg.max_grad_norm)  # global norm: the same on every rank
+                    bad = None if torch.isfinite(grad_norm) else "gradient norms"
+                if bad is None:
+                    optimizer.step()
+                    sched.step()
+                    if ema is not None:
+                        ema.update(model)
+            step += 1
             if bad is not None:  # skip the update, count it, stop after too many in a row
                 bad_streak += 1
                 skipped_total += 1
                 optimizer.zero_grad(set_to_none=True)
-                logger.warning("step %d: non-finite %s, skipped (%d in a row)", step + 1, bad[:-1], bad_streak)
+                logger.warning("step %d: non-finite %s, skipped (%d in a row)", step, bad[:-1], bad_streak)
                 if bad_streak >= t_cfg.max_bad_steps:
+                    event("diverged", step=step)
                     raise TrainingDivergedError(
-                        f"{bad_streak} consecutive non-finite {bad} at step {step + 1}; stopping. The last "
+                        f"{bad_streak} consecutive non-finite {bad} at step {step}; stopping. The last "
                         f"good checkpoint is {ckpt.latest_checkpoint(run_dir)} (lower train.lr or check the data)")
-                step += 1
-                t_fetch = time.perf_counter()
-                continue
-            optimizer.step()
-            sched.step()
-            if ema is not None:
-                ema.update(model)
-            bad_streak = 0
-            step += 1
-            loss_v = loss.item()
-            result.losses.append((step, loss_v))
-            window.append(loss_v)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.4f}")
+            else:
+                bad_streak = 0
+                result.losses.append((step, loss_v))
+                window.append(loss_v)
+                distributed.fault_point("after_step", step, ctx)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_v:.4f}")
 
-            if step % t_cfg.log_every_steps == 0 or step == t_cfg.steps:
-                now = time.perf_counter()
-                n_steps = len(window)
-                rec = {"step": step, "loss": sum(window) / n_steps, "lr": sched.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "images_per_s": n_steps * t_cfg.batch_size / (now - t_last),
-                       "data_wait_s": data_wait, "skipped_steps": skipped_total, "threads": torch.get_num_threads(),
-                       "skipped_files": loader.num_skipped}
-                metrics.write(rec)
-                logger.info("step %d/%d loss %.4f  %.1f img/s", step, t_cfg.steps, rec["loss"], rec["images_per_s"])
-                window, t_last, data_wait = [], now, 0.0
-            if t_cfg.val_every_steps > 0 and step % t_cfg.val_every_steps == 0 and step != t_cfg.steps:
-                result.last_val = run_validation(step)
-            if t_cfg.checkpoint_every_steps > 0 and step % t_cfg.checkpoint_every_steps == 0 and step != t_cfg.steps:
-                save(step)
-            if t_cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * t_cfg.max_minutes:
+                if step % t_cfg.log_every_steps == 0 or step == t_cfg.steps:
+                    now = time.perf_counter()
+                    spent = timer.read()
+                    n, dt = steps_since_log, now - t_last
+                    mine = [n * plan.share / dt] + [spent[k] / n for k in _PhaseTimer.PHASES]
+                    rows = distributed.all_gather_rows(mine, ctx, device)  # every rank's throughput and split
+                    if is_main:
+                        rec = {"step": step, "loss": sum(window) / len(window), "lr": sched.get_last_lr()[0],
+                               "grad_norm": float(grad_norm), "images_per_s": n * G / dt,
+                               "images_per_s_rank": mine[0], "step_time_s": dt / n,
+                               **{f"{k}_s": v for k, v in zip(_PhaseTimer.PHASES, mine[1:])},
+                               "skipped_steps": skipped_total, "images_seen": images_seen,
+                               "threads": torch.get_num_threads(), "world_size": W,
+                               "skipped_files": loader.num_skipped}
+                        if W > 1:
+                            rec["images_per_s_per_rank"] = [r[0] for r in rows]
+                            rec["step_time_split_per_rank"] = [r[1:] for r in rows]
+                        metrics.write(rec)
+                        logger.info("step %d/%d loss %.4f  %.1f img/s (%d rank(s))", step, t_cfg.steps, rec["loss"],
+                                    rec["images_per_s"], W)
+                    window, t_last, steps_since_log = [], now, 0
+                    timer.reset()
+                t_book = time.perf_counter()
+                if t_cfg.val_every_steps > 0 and step % t_cfg.val_every_steps == 0 and step != t_cfg.steps:
+                    result.last_val = run_validation(step) or result.last_val
+                if t_cfg.checkpoint_every_steps > 0 and step % t_cfg.checkpoint_every_steps == 0 \
+                        and step != t_cfg.steps:
+                    save(step)
+                t_last += time.perf_counter() - t_book  # throughput counts training steps only
+            if stop:
                 logger.warning("stopping at step %d: the %.1f-minute budget is spent", step, t_cfg.max_minutes)
+                event("stop", step=step, reason="max_minutes")
                 break
             t_fetch = time.perf_counter()
     finally:
         if bar is not None:
             bar.close()
 
-    result.step, result.skipped_steps = step, skipped_total
+    result.step, result.skipped_steps, result.images_seen = step, skipped_total, images_seen
     loader.close()
     if loader.num_skipped:
         logger.warning("%d unreadable data files were skipped", loader.num_skipped)
     if step > start_step or resume_from is None:
         save(step)
         result.last_val = run_validation(step) or result.last_val
-    metrics.close()
-    exported = ema.model if ema is not None else model
-    exported.save_pretrained(run_dir / "model")
+    if metrics is not None:
+        metrics.close()
+    if mode == "ddp" and not distributed.replicas_agree(model, ctx):
+        logger.error("the model replicas differ across ranks after training (DDP should keep them identical)")
+        event("replicas_differ", step=step)
+    if pm.sharded:
+        exported = _plain_model(cfg, pm.full_state_dict("ema" if ema is not None else "model", all_ranks=True),
+                                torch.device("cpu"))
+    else:
+        exported = ema.model if ema is not None else model
+    if is_main:
+        exported.save_pretrained(run_dir / "model")
+        event("done", step=step, images_seen=images_seen)
+    distributed.barrier(ctx)
     result.model = exported
     logger.info("done: %d steps, %d skipped; model saved to %s", step, skipped_total, run_dir / "model")
     return result

@@ -116,8 +116,14 @@ def test_two_ranks_disjoint_and_covering(kind, source):
         assert sorted(seen) == list(range(12))
     ev = [sum(_indices(_run(kind, spec, batch_size=4, train=False, rank=r, world_size=2)[1]), []) for r in range(2)]
     assert ev == [list(range(6)), list(range(6, 12))]
-    with pytest.raises(ValueError, match="multiple of world_size"):
-        _loader(kind, spec, batch_size=3, world_size=2)
+    # a global batch the world size does not divide: shares of 2 and 1 samples, still one global batch
+    uneven = [_run(kind, spec, batch_size=3, seed=1, num_steps=4, rank=r, world_size=2)[1] for r in range(2)]
+    whole3 = _run(kind, spec, batch_size=3, seed=1, num_steps=4)[1]
+    for k in range(4):
+        r0, r1 = uneven[0][k]["index"].tolist(), uneven[1][k]["index"].tolist()
+        assert (len(r0), len(r1)) == (1, 2) and r0 + r1 == whole3[k]["index"].tolist()
+    with pytest.raises(ValueError, match="smaller than world_size"):
+        _loader(kind, spec, batch_size=1, world_size=2)
 
 
 # ---------------------------------------------------------------- DALI vs PyTorch

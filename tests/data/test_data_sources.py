@@ -14,7 +14,7 @@ from PIL import Image
 from data_helpers import CLASSES, corrupt_middle, random_bytes, write_shards
 from dito_fast.config import DataConfig
 from dito_fast.data import (DALI_FORMATS, DatasetSource, FileSource, StepBatchSampler, TarSource, check_source,
-                            eval_shard, expand_braces, parse_file_list, resolve_source)
+                            eval_shard, expand_braces, parse_file_list, rank_slice, resolve_source)
 
 
 # ---------------------------------------------------------------- resolving sources
@@ -210,6 +210,24 @@ def test_step_sampler_ranks_split_each_global_batch():
         assert list(StepBatchSampler(n, B, seed=5, start_step=4, num_steps=3, rank=r, world_size=W)) == ranks[r][4:]
     with pytest.raises(ValueError, match="rank"):
         StepBatchSampler(n, B, seed=0, rank=3, world_size=3)
+
+
+def test_step_sampler_uneven_shares_of_a_global_batch():
+    # G = 7 over W = 3 ranks: shares of 2, 2, 3 samples (rank_slice), together each global batch
+    n, G, W = 10, 7, 3
+    whole = list(StepBatchSampler(n, G, seed=2, num_steps=5))
+    shares = [rank_slice(G, r, W) for r in range(W)]
+    assert shares == [(0, 2), (2, 4), (4, 7)]
+    ranks = [list(StepBatchSampler(n, hi - lo, seed=2, num_steps=5, rank=r, world_size=W, global_batch_size=G))
+             for r, (lo, hi) in enumerate(shares)]
+    for k in range(5):
+        assert sum((ranks[r][k] for r in range(W)), []) == whole[k]
+    assert list(StepBatchSampler(n, 3, seed=2, start_step=3, num_steps=2, rank=2, world_size=W,
+                                 global_batch_size=G)) == ranks[2][3:]
+    with pytest.raises(ValueError, match="share of a global batch of 7 is 2 samples"):
+        StepBatchSampler(n, 3, seed=0, rank=0, world_size=W, global_batch_size=G)
+    with pytest.raises(ValueError, match="smaller than world_size"):
+        rank_slice(2, 0, 3)
 
 
 def test_eval_shard_is_disjoint_and_covering():

@@ -1,0 +1,317 @@
+"""In-process tests of the data-parallel machinery (dito_fast/train/parallel.py, distributed.py):
+global-batch shares and micro-batches, per-sample noise (the basis of the 1-vs-N-process
+equivalence), gradient accumulation, the DCP checkpoint format on one process, the restricted
+DCP metadata reader, fault injection during a checkpoint write, restart detection.
+
+The multi-process tests (torchrun, gloo) are in test_torchrun.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MICRO_CLI_SETS
+from dito_fast.config import FlowConfig, RunConfig, validate_run_config
+from dito_fast.diffusion import flow
+from dito_fast.models.dito import DiTo
+from dito_fast.train import checkpoint as ckpt
+from dito_fast.train import distributed, parallel, train
+from dito_fast.train.distributed import DistContext
+from dito_fast.train.parallel import (ParallelModel, TrainStep, find_micro_batch, micro_batch_sizes, plan_batches,
+                                      sample_seeds)
+from dito_fast.train.trainer import _resume_point
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+# --------------------------------------------------------------------------------------------
+# shares, micro-batches, seeds
+
+
+def test_micro_batch_sizes():
+    assert micro_batch_sizes(8) == [8]
+    assert micro_batch_sizes(8, micro_batch_size=3) == [3, 3, 2]
+    assert micro_batch_sizes(7, micro_batch_size=2) == [2, 2, 2, 1]
+    assert micro_batch_sizes(5, grad_accum_steps=3) == [2, 2, 1]
+    assert micro_batch_sizes(2, grad_accum_steps=4) == [1, 1]  # never an empty micro-batch
+    for n in range(1, 30):
+        for m in range(1, 9):
+            sizes = micro_batch_sizes(n, micro_batch_size=m)
+            assert sum(sizes) == n and max(sizes) <= m and max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="at least one sample"):
+        micro_batch_sizes(0)
+
+
+def test_plan_batches_cover_the_global_batch():
+    G, W = 10, 4
+    plans = [plan_batches(G, r, W) for r in range(W)]
+    assert [(p.start, p.stop) for p in plans] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert all(p.slots == p.share and p.scale == W / G for p in plans)
+    # FSDP: every rank runs the same passes (the largest share), padding the smaller shares
+    eq = [plan_batches(G, r, W, micro_batch_size=2, equal_passes=True) for r in range(W)]
+    assert {p.micro for p in eq} == {(2, 1)} and all(p.slots == 3 for p in eq)
+
+
+def test_sample_seeds_depend_on_step_and_global_index_only():
+    assert sample_seeds(0, 5, 2, 4) == sample_seeds(0, 5, 0, 4)[2:]
+    assert len(set(sample_seeds(0, 5, 0, 64))) == 64
+    assert sample_seeds(0, 5, 0, 4) != sample_seeds(0, 6, 0, 4) != sample_seeds(1, 5, 0, 4)
+
+
+def test_find_micro_batch_halves_on_out_of_memory():
+    tried = []
+
+    def try_step(m):
+        tried.append(m)
+        if m > 3:
+            raise torch.OutOfMemoryError("fake")
+
+    assert find_micro_batch(try_step, 13) == 2 and tried == [13, 7, 4, 2]
+    with pytest.raises(torch.OutOfMemoryError):
+        find_micro_batch(lambda m: (_ for _ in ()).throw(torch.OutOfMemoryError("x")), 4)
+
+
+# --------------------------------------------------------------------------------------------
+# per-sample noise: a sample's draws do not depend on the batch around it
+
+
+@pytest.mark.parametrize("flow_cfg", [FlowConfig(), FlowConfig(noise_sync_prob=0.5, time_sampling="logit_normal")],
+                         ids=["default", "noise_sync+logit_normal"])
+def test_per_sample_draws_are_split_invariant(flow_cfg):
+    seeds = sample_seeds(3, 7, 0, 5)
+    whole = flow.draw_per_sample(seeds, (3, 8, 8), (4, 1, 1), flow_cfg)
+    parts = [flow.draw_per_sample(seeds[a:b], (3, 8, 8), (4, 1, 1), flow_cfg) for a, b in ((0, 2), (2, 3), (3, 5))]
+    for key, value in whole.items():
+        if value is None:
+            assert flow_cfg.noise_sync_prob == 0 and key.startswith("sync")
+            continue
+        assert torch.equal(value, torch.cat([p[key] for p in parts])), key
+    assert whole["noise"].shape == (5, 3, 8, 8) and whole["time"].shape == (5,)
+
+
+def test_train_step_losses_do_not_depend_on_the_split(micro_model):
+    """The per-sample losses of 4 images computed as one batch or as two micro-batches agree to
+    rounding: what a 2-rank run computes is what a 1-rank run computes."""
+    micro_model.config.flow.noise_sync_prob = 0.5
+    step = TrainStep(micro_model)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seeds = sample_seeds(0, 3, 0, 4)
+    with torch.no_grad():
+        whole = step(x, seeds)
+        split = torch.cat([step(x[:2], seeds[:2]), step(x[2:], seeds[2:])])
+        other = step(x, sample_seeds(0, 4, 0, 4))
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(other, whole, rtol=1e-3)  # other noise, other losses
+
+
+def test_flow_loss_with_draws_matches_generator_path_formulas():
+    """flow_matching_loss(draws=...) applies the same formulas as the generator path: fed the
+    draws the generator path makes (batch of one, same generator), the losses are equal."""
+    cfg = FlowConfig(noise_sync_prob=1.0)
+    x = torch.rand(1, 3, 4, 4) * 2 - 1
+    z = torch.randn(1, 4, 1, 1)
+    dec = lambda x_t, t, zz: x_t * 0.5 + zz.mean()  # noqa: E731
+    loss_g, info_g = flow.flow_matching_loss(dec, x, z, cfg, torch.Generator().manual_seed(9))
+    draws = flow.draw_per_sample([9], (3, 4, 4), (4, 1, 1), cfg)
+    loss_d, info_d = flow.flow_matching_loss(dec, x, z, cfg, draws=draws)
+    assert torch.equal(loss_g, loss_d) and torch.equal(info_g["t"], info_d["t"])
+    with pytest.raises(ValueError, match="draws are for images"):
+        flow.flow_matching_loss(dec, torch.zeros(2, 3, 4, 4), z.repeat(2, 1, 1, 1), cfg, draws=draws)
+
+
+# --------------------------------------------------------------------------------------------
+# gradient accumulation (one process)
+
+
+@pytest.mark.parametrize("setting", [{"micro_batch_size": 1}, {"grad_accum_steps": 3}], ids=["micro1", "accum3"])
+def test_gradient_accumulation_matches_one_pass(make_run_config, tmp_path, setting):
+    """Global batch 4 in one pass vs in micro-batches (4 x 1, or 2 + 1 + 1): the same losses and
+    weights up to summation order. Tolerance: losses 1e-5 relative; weights 1e-4 absolute after
+    3 AdamW steps of lr 1e-3 (a step moves a weight by up to ~1e-3; rounding differences in the
+    gradient reach the weights through Adam's normalisation)."""
+    base = dict(steps=3, batch_size=4, ema_decay=0.0)
+    one = train(make_run_config(**base), tmp_path / "one", progress=False)
+    acc = train(make_run_config(**base, **setting), tmp_path / "acc", progress=False)
+    la, lb = [l for _, l in one.losses], [l for _, l in acc.losses]
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert _max_diff(one.model.state_dict(), acc.model.state_dict()) < 1e-4
+    assert _metrics(tmp_path / "acc")[0]["images_seen"] == 4
+
+
+def test_parallel_settings_are_validated(make_run_config):
+    for key, value, match in (("parallel", "zero3", "train.parallel"), ("dist_backend", "tcp", "dist_backend"),
+                              ("grad_accum_steps", 0, "grad_accum_steps"),
+                              ("micro_batch_size", -1, "micro_batch_size")):
+        cfg = make_run_config(**{key: value})
+        with pytest.raises(ValueError, match=match):
+            validate_run_config(cfg)
+    with pytest.raises(ValueError, match="not both"):
+        validate_run_config(make_run_config(micro_batch_size=2, grad_accum_steps=2))
+    assert RunConfig().train.parallel == "ddp" and RunConfig().train.dist_backend == "auto"
+
+
+def test_backend_and_device_resolution():
+    assert distributed.resolve_backend("auto", "cpu") == "gloo"
+    assert distributed.resolve_backend("auto", "cuda") == "nccl"
+    assert distributed.resolve_backend("gloo", "cuda") == "gloo"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        distributed.resolve_backend("nccl", "cpu")
+    with pytest.raises(ValueError, match="dist_backend"):
+        distributed.resolve_backend("tcp", "cpu")
+    assert distributed.rank_device("cpu", 1, True) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            distributed.rank_device("cuda", 0, True)
+
+
+def test_single_process_context(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    ctx, dev = distributed.setup("auto", "cpu")
+    assert ctx == DistContext() and not ctx.distributed and ctx.is_main and dev == torch.device("cpu")
+    t = torch.ones(2)
+    assert distributed.all_reduce_(t, ctx) is t and distributed.broadcast_object({"a": 1}, ctx) == {"a": 1}
+    assert distributed.all_gather_rows([1.0, 2.0], ctx, dev) == [[1.0, 2.0]]
+    assert distributed.replicas_agree(torch.nn.Linear(2, 2), ctx)
+    distributed.barrier(ctx)
+    distributed.teardown(ctx)
+
+
+def test_fault_point_spec(monkeypatch):
+    ctx = DistContext()
+    monkeypatch.setenv(distributed.FAULT_ENV, "after_step:3:1,checkpoint_write:4")
+    assert distributed._fault_points() == [("after_step", 3, 1), ("checkpoint_write", 4, None)]
+    distributed.fault_point("after_step", 3, ctx)  # rank 0: not this one
+    distributed.fault_point("checkpoint_write", 4, DistContext(restart_count=1))  # restarted: never fires
+    monkeypatch.setenv(distributed.FAULT_ENV, "bad")
+    with pytest.raises(ValueError, match="<point>:<step>"):
+        distributed.fault_point("after_step", 1, ctx)
+
+
+def test_restart_of_the_same_job_resumes(tmp_path):
+    ckpt.write_checkpoint(tmp_path, 2, {"config.json": {}})
+    (tmp_path / ".torchrun_job").write_text("job-a\n")
+    fresh = DistContext(rank=0, world_size=2, backend="gloo", restart_count=0, run_id="job-a")
+    assert _resume_point(tmp_path, False, fresh)[0] == "FileExistsError"  # first attempt: refuse
+    restarted = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-a")
+    assert _resume_point(tmp_path, False, restarted) == ("ok", tmp_path / "checkpoints" / "step_00000002")
+    other_job = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-b")
+    assert _resume_point(tmp_path, False, other_job)[0] == "FileExistsError"
+
+
+def test_metrics_split_step_time(make_run_config, tmp_path):
+    train(make_run_config(steps=3, log_every_steps=3), tmp_path, progress=False)
+    rec = [r for r in _metrics(tmp_path) if "loss" in r][0]
+    for key in ("images_per_s", "images_per_s_rank", "step_time_s", "data_wait_s", "forward_s", "backward_s",
+                "optimizer_s"):
+        assert rec[key] >= 0, key
+    assert rec["images_per_s"] == pytest.approx(rec["images_per_s_rank"])  # one rank
+    assert rec["forward_s"] > 0 and rec["backward_s"] > 0
+    split = rec["data_wait_s"] + rec["forward_s"] + rec["backward_s"] + rec["optimizer_s"]
+    assert split <= rec["step_time_s"] * 1.001 and split > 0.5 * rec["step_time_s"]
+    assert rec["images_seen"] == 3 * 2 and rec["world_size"] == 1
+    events = [json.loads(l) for l in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "checkpoint", "done"]
+
+
+# --------------------------------------------------------------------------------------------
+# the DCP (sharded) checkpoint format, on one process
+
+
+def test_dcp_format_resumes_exactly_and_loads_unsharded(make_run_config, tmp_path):
+    cfg = make_run_config(steps=4, checkpoint_every_steps=2, parallel="fsdp")
+    full = train(cfg, tmp_path / "full", progress=False)
+    step4 = tmp_path / "full" / "checkpoints" / "step_00000004"
+    assert ckpt.checkpoint_format(step4) == "dcp"
+    assert {p.name for p in step4.iterdir()} == {"dcp", "state.pt", "config.json", "COMPLETE"}
+    state = ckpt.load_torch(step4 / "state.pt")
+    assert state["format"] == "dcp" and state["images_seen"] == 8 and "optimizer_param_groups" in state
+    rest = train(cfg, tmp_path / "cut", resume=str(tmp_path / "full" / "checkpoints" / "step_00000002"),
+                 progress=False)
+    assert rest.losses == full.losses[2:]
+    assert _max_diff(rest.model.state_dict(), full.model.state_dict()) == 0
+    # the DCP checkpoint into a plain model: the same EMA weights as the exported model
+    model, ema = DiTo(cfg.model), DiTo(cfg.model)
+    pm = ParallelModel(model, ema, "single", DistContext(), torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    pm.load_sharded(step4 / "dcp", opt, state["optimizer_param_groups"])
+    assert _max_diff(ema.state_dict(), DiTo.from_pretrained(tmp_path / "full" / "model").state_dict()) == 0
+    assert opt.param_groups[0]["lr"] == cfg.train.lr and int(opt.state[model.encoder.conv_in.weight]["step"]) == 4
+
+
+def test_safetensors_checkpoint_resumes_in_dcp_mode(make_run_config, tmp_path):
+    """A run can switch from the full format (DDP) to FSDP's DCP format at a resume."""
+    full = train(make_run_config(steps=3, checkpoint_every_steps=2), tmp_path / "full", progress=False)
+    rest = train(make_run_config(steps=3, parallel="fsdp"), tmp_path / "switch",
+                 resume=str(tmp_path / "full" / "checkpoints" / "step_00000002"), progress=False)
+    assert rest.losses == full.losses[2:]
+    assert ckpt.checkpoint_format(tmp_path / "switch" / "checkpoints" / "step_00000003") == "dcp"
+
+
+def test_dcp_metadata_reader_refuses_foreign_objects(make_run_config, tmp_path):
+    train(make_run_config(steps=1, parallel="fsdp"), tmp_path, progress=False)
+    dcp_dir = tmp_path / "checkpoints" / "step_00000001" / "dcp"
+
+    class CallsAFunction:  # unpickling it would call os.getcwd: arbitrary code in a real attack
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    (dcp_dir / ".metadata").write_bytes(pickle.dumps(CallsAFunction()))
+    with pytest.raises(ValueError, match="refusing DCP checkpoint .*getcwd, which a checkpoint should not hold"):
+        parallel.load_dcp({"x": torch.zeros(1)}, dcp_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# a process killed while writing a checkpoint
+
+
+def test_kill_during_checkpoint_write_keeps_previous(make_run_config, tmp_path):
+    """`python -m dito_fast.train` killed (os._exit) after writing step 4's files but before
+    committing them: step 2 stays the latest complete checkpoint, loads, and the resumed run
+    ends where an uninterrupted run ends."""
+    argv = [sys.executable, "-m", "dito_fast.train", "--preset", "dito-tiny", "--data", "synthetic",
+            "--image-size", "32", "--steps", "5", "--batch-size", "2", "--threads", "1", "--device", "cpu",
+            "--out", str(tmp_path / "run"), *[a for s in MICRO_CLI_SETS for a in ("--set", s)],
+            "--set", "train.checkpoint_every_steps=2", "--set", "train.val_every_steps=0",
+            "--set", "train.val_images=0", "--set", "data.num_synthetic_images=16", "--set", "train.lr=1e-3",
+            "--set", "train.precision=fp32"]
+    env = {**os.environ, distributed.FAULT_ENV: "checkpoint_write:4", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == distributed.FAULT_EXIT_CODE, proc.stderr[-3000:]
+    root = tmp_path / "run" / "checkpoints"
+    assert ckpt.latest_checkpoint(tmp_path / "run") == root / "step_00000002"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    leftovers = list(root.glob(".step_00000004.*.tmp"))
+    assert len(leftovers) == 1 and (leftovers[0] / "model.safetensors").is_file()
+    assert not (leftovers[0] / "COMPLETE").exists()
+    w = ckpt.load_weights(root / "step_00000002" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert ckpt.load_torch(root / "step_00000002" / "state.pt")["step"] == 2
+    # resume (no fault): the same end as an uninterrupted run
+    env.pop(distributed.FAULT_ENV)
+    proc = subprocess.run([*argv, "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not leftovers[0].exists()  # stale temporaries are pruned
+    ref = subprocess.run([*argv[:argv.index("--out") + 1], str(tmp_path / "ref"), *argv[argv.index("--out") + 2:]],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a = ckpt.load_weights(root / "step_00000005" / "model.safetensors")
+    b = ckpt.load_weights(tmp_path / "ref" / "checkpoints" / "step_00000005" / "model.safetensors")
+    assert _max_diff(a, b) == 0
