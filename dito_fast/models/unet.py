@@ -28,8 +28,12 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
 def upsample_nearest(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Nearest-neighbour upsampling of (B, C, H, W) by an integer factor: the same values as
     F.interpolate(mode="nearest"), as one broadcast copy (4-5x faster than torch's CPU kernel,
-    which also makes an extra contiguous copy)."""
+    which also makes an extra contiguous copy). A channels_last input gives a channels_last output."""
     B, C, H, W = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = x.permute(0, 2, 3, 1)  # (B, H, W, C), a contiguous view
+        y = y[:, :, None, :, None, :].expand(B, H, factor, W, factor, C).reshape(B, H * factor, W * factor, C)
+        return y.permute(0, 3, 1, 2)
     return x[:, :, :, None, :, None].expand(B, C, H, factor, W, factor).reshape(B, C, H * factor, W * factor)
 
 
