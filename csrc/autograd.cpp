@@ -9,9 +9,9 @@
 // register_autograd removes the Python autograd.Function machinery from every call.
 //
 // Backward formulas are once differentiable: the backward ops have no autograd formulas of their
-// own, so asking for a double backward (create_graph=True with grads that require grad) returns
-// gradients whose grad_fn raises "<op>: double backward is not supported" when differentiated,
-// like Python's @once_differentiable.
+// own, so asking for a double backward (create_graph=True with grads or saved tensors that require
+// grad) returns gradients whose grad_fn raises "<op>: double backward is not supported" when
+// differentiated, like Python's @once_differentiable.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -60,14 +60,15 @@ bool needs_graph(const Ts&... ts) {
 inline OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // Runs a backward body. Without create_graph (grad mode off in backward) it just calls it. With
-// create_graph and grads that require grad, it computes under no_grad and routes the results
-// through a DelayedError node, so differentiating them again raises a clear error instead of
-// silently producing no gradient.
+// create_graph and incoming grads or saved tensors that require grad, it computes under no_grad
+// and routes the results through a DelayedError node, so differentiating them again raises a
+// clear error instead of silently producing no (or a wrong) second-order gradient.
 template <typename F>
-variable_list once_differentiable(const char* op, const variable_list& grads, F&& body) {
+variable_list once_differentiable(const char* op, const variable_list& grads, const variable_list& saved, F&& body) {
   bool any = false;
   if (c10::GradMode::is_enabled()) {
     for (const auto& g : grads) any = any || requires_grad(g);
+    for (const auto& v : saved) any = any || requires_grad(v);
   }
   if (!any) return body();
   variable_list out;
@@ -110,10 +111,10 @@ struct FmNoise : public torch::autograd::Function<FmNoise> {
     if ((!grads[0].defined() && !grads[1].defined()) || !(ctx->needs_input_grad(0) || ctx->needs_input_grad(1))) {
       return {Tensor(), Tensor(), Tensor(), Tensor()};
     }
-    const Tensor t = ctx->get_saved_variables()[0];
+    const auto saved = ctx->get_saved_variables();  // t
     const double sigma_min = ctx->saved_data["sigma_min"].toDouble();
-    return once_differentiable("fm_noise", grads, [&]() -> variable_list {
-      auto [grad_x, grad_noise] = backward_op.call(opt(grads[0]), opt(grads[1]), t, sigma_min);
+    return once_differentiable("fm_noise", grads, saved, [&]() -> variable_list {
+      auto [grad_x, grad_noise] = backward_op.call(opt(grads[0]), opt(grads[1]), saved[0], sigma_min);
       return {grad_x, grad_noise, Tensor(), Tensor()};  // t and sigma_min: not differentiable
     });
   }
@@ -146,7 +147,7 @@ struct FmLoss : public torch::autograd::Function<FmLoss> {
     if (!grads[0].defined()) return {Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
     const bool want_pred = ctx->needs_input_grad(0), want_target = ctx->needs_input_grad(1);
-    return once_differentiable("fm_loss", grads, [&]() -> variable_list {
+    return once_differentiable("fm_loss", grads, saved, [&]() -> variable_list {
       Tensor g = backward_op.call(grads[0], saved[0], saved[1]);
       return {want_pred ? g : Tensor(), want_target ? g.neg() : Tensor()};  // d/dtarget = -d/dpred
     });
@@ -180,7 +181,7 @@ struct LatentLayerNorm : public torch::autograd::Function<LatentLayerNorm> {
     static const auto backward_op = find_op<LlnBackwardSig>("dito_fast::latent_layernorm_backward");
     if (!grads[0].defined()) return {Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
-    return once_differentiable("latent_layernorm", grads, [&]() -> variable_list {
+    return once_differentiable("latent_layernorm", grads, saved, [&]() -> variable_list {
       return {backward_op.call(grads[0], saved[0], saved[1]), Tensor()};
     });
   }
@@ -225,7 +226,7 @@ struct GroupNormModulateSilu : public torch::autograd::Function<GroupNormModulat
     const auto s = ctx->get_saved_variables();  // x, mean, rstd, weight, bias, scale, shift
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
     const bool silu = ctx->saved_data["silu"].toBool();
-    return once_differentiable("group_norm_modulate_silu", grads, [&]() -> variable_list {
+    return once_differentiable("group_norm_modulate_silu", grads, s, [&]() -> variable_list {
       auto [dx, dw, db, ds, dsh] =
           backward_op.call(grads[0], s[0], s[1], s[2], num_groups, opt(s[3]), opt(s[4]), opt(s[5]), opt(s[6]), silu);
       // Absent parameters come back as empty (0,) tensors: no gradient for them.

@@ -84,10 +84,13 @@ def test_double_backward_raises(op):
         "latent_layernorm": lambda: latent_layernorm(x, backend="cpp"),
         "group_norm_modulate_silu": lambda: group_norm_modulate_silu(x, 2, scale=y[:, :, 0, 0], backend="cpp"),
     }[op]()
-    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-    assert gx.requires_grad  # once differentiable: a graph exists, but differentiating it raises
-    with pytest.raises(RuntimeError, match=f"{op}: double backward is not supported"):
-        gx.sum().backward()
+    # incoming grads that require grad (square), and grads that do not but saved tensors that do
+    # (sum; fm_noise is linear, so its gradient is a constant without a graph)
+    for loss in [out.square().sum()] + ([] if op == "fm_noise" else [out.sum()]):
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        assert gx.requires_grad  # once differentiable: a graph exists, but differentiating it raises
+        with pytest.raises(RuntimeError, match=f"{op}: double backward is not supported"):
+            gx.sum().backward()
 
 
 def test_no_graph_without_grad():
