@@ -1,6 +1,6 @@
 // Every schema of dito_fast's custom ops, in one place. Implementations register per device in
-// csrc/ops/<op>/<op>_cpu.cpp and <op>_cuda.cu (TORCH_LIBRARY_IMPL); fake (meta) implementations
-// and autograd formulas are registered from Python (dito_fast/ops/_cpp.py).
+// csrc/ops/<op>/<op>_cpu.cpp and <op>_cuda.cu (TORCH_LIBRARY_IMPL), the autograd formulas in
+// csrc/autograd.cpp; fake (meta) implementations are registered from Python (dito_fast/ops/_cpp.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,6 +14,8 @@
 TORCH_LIBRARY(dito_fast, m) {
   // Flow matching: x_t = (1 - t) x + (s + t (1 - s)) noise, v = (1 - s) noise - x.
   m.def("fm_noise(Tensor x, Tensor noise, Tensor t, float sigma_min) -> (Tensor, Tensor)");
+  // Its backward: (grad_x, grad_noise) from the gradients of (x_t, v); either may be absent (zero).
+  m.def("fm_noise_backward(Tensor? grad_xt, Tensor? grad_v, Tensor t, float sigma_min) -> (Tensor, Tensor)");
   // Per-sample mean squared error (B,): float32, or float64 for float64 inputs.
   m.def("fm_loss(Tensor pred, Tensor target) -> Tensor");
   m.def("fm_loss_backward(Tensor grad, Tensor pred, Tensor target) -> Tensor");

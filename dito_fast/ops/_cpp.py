@@ -1,10 +1,10 @@
 """The ``cpp`` backend: dito_fast._C's kernels (CPU always, CUDA when built) as torch custom ops.
 
 Importing this module loads the extension (which defines the ``torch.ops.dito_fast.*`` schemas in
-csrc/registration.cpp and their CPU/CUDA implementations) and registers, for each op, a fake
-implementation (shapes only, for torch.compile and meta tensors) and its autograd formula. If the
-extension is missing, a warning is logged once and every op reports the ``cpp`` backend as
-unavailable, so the dispatchers fall back to the other backends.
+csrc/registration.cpp, their CPU/CUDA implementations and, in csrc/autograd.cpp, their autograd
+formulas) and registers, for each op, a fake implementation (shapes only, for torch.compile and
+meta tensors). If the extension is missing, a warning is logged once and every op reports the
+``cpp`` backend as unavailable, so the dispatchers fall back to the other backends.
 """
 
 from __future__ import annotations
@@ -30,10 +30,21 @@ except ImportError as exc:  # not built: pure-Python install
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+_HAS_CUDA = AVAILABLE and _C.has_cuda()
+
+
 def unsupported_reasons(*tensors: torch.Tensor | None) -> list[str]:
     """Why the C++ kernels cannot run on these tensors (empty list: they can)."""
     if not AVAILABLE:
         return [f"dito_fast._C is not built ({LOAD_ERROR})"]
+    # Fast path, taken on every supported call: no reason list is built.
+    for t in tensors:
+        # is_cpu/is_cuda/is_meta are much cheaper than t.device.type (no device object)
+        if t is not None and (t.dtype not in SUPPORTED_DTYPES
+                              or not (t.is_cpu or (t.is_cuda and _HAS_CUDA) or t.is_meta)):
+            break
+    else:
+        return []
     reasons = []
     for t in tensors:
         if t is None:
@@ -59,7 +70,7 @@ def _format(x: torch.Tensor) -> torch.memory_format:
 
 
 if AVAILABLE:
-    ops = torch.ops.dito_fast
+    # Autograd formulas are registered in C++ (csrc/autograd.cpp); here only the fake kernels.
 
     # ---- fm_noise --------------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::fm_noise")
@@ -67,23 +78,11 @@ if AVAILABLE:
         return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
             x, memory_format=torch.contiguous_format)
 
-    def _fm_noise_setup(ctx, inputs, output):
-        _, _, t, sigma_min = inputs
-        ctx.save_for_backward(t)
-        ctx.sigma_min = sigma_min
-
-    def _fm_noise_backward(ctx, grad_xt, grad_v):
-        # x_t = (1 - t) x + sigma(t) e ; v = (1 - s) e - x
-        (t,) = ctx.saved_tensors
-        s = ctx.sigma_min
-        gxt = torch.zeros_like(grad_v) if grad_xt is None else grad_xt
-        gv = torch.zeros_like(grad_xt) if grad_v is None else grad_v
-        tb = t.to(gxt.dtype).reshape(-1, *([1] * (gxt.dim() - 1)))
-        grad_x = gxt * (1 - tb) - gv
-        grad_noise = gxt * (s + tb * (1 - s)) + gv * (1 - s)
-        return grad_x, grad_noise, None, None
-
-    torch.library.register_autograd("dito_fast::fm_noise", _fm_noise_backward, setup_context=_fm_noise_setup)
+    @torch.library.register_fake("dito_fast::fm_noise_backward")
+    def _(grad_xt, grad_v, t, sigma_min):
+        like = grad_xt if grad_xt is not None else grad_v
+        return torch.empty_like(like, memory_format=torch.contiguous_format), torch.empty_like(
+            like, memory_format=torch.contiguous_format)
 
     # ---- fm_loss ---------------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::fm_loss")
@@ -93,16 +92,6 @@ if AVAILABLE:
     @torch.library.register_fake("dito_fast::fm_loss_backward")
     def _(grad, pred, target):
         return torch.empty_like(pred, memory_format=torch.contiguous_format)
-
-    def _fm_loss_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _fm_loss_backward(ctx, grad):
-        pred, target = ctx.saved_tensors
-        g = ops.fm_loss_backward(grad, pred, target)
-        return g, -g
-
-    torch.library.register_autograd("dito_fast::fm_loss", _fm_loss_backward, setup_context=_fm_loss_setup)
 
     # ---- latent_layernorm ------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::latent_layernorm")
@@ -114,16 +103,6 @@ if AVAILABLE:
     def _(grad_y, y, rstd):
         return torch.empty_like(y, memory_format=_format(y))
 
-    def _lln_setup(ctx, inputs, output):
-        y, rstd = output
-        ctx.save_for_backward(y, rstd)
-
-    def _lln_backward(ctx, grad_y, grad_rstd):
-        y, rstd = ctx.saved_tensors
-        return ops.latent_layernorm_backward(grad_y, y, rstd), None
-
-    torch.library.register_autograd("dito_fast::latent_layernorm", _lln_backward, setup_context=_lln_setup)
-
     # ---- group_norm_modulate_silu ----------------------------------------------------------
     @torch.library.register_fake("dito_fast::group_norm_modulate_silu")
     def _(x, num_groups, weight, bias, scale, shift, eps, silu):
@@ -134,19 +113,3 @@ if AVAILABLE:
     def _(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, silu):
         like = lambda p: torch.empty_like(p, memory_format=torch.contiguous_format) if p is not None else x.new_empty((0,))  # noqa: E731
         return torch.empty_like(x, memory_format=_format(x)), like(weight), like(bias), like(scale), like(shift)
-
-    def _gnms_setup(ctx, inputs, output):
-        x, num_groups, weight, bias, scale, shift, eps, silu = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
-        ctx.num_groups, ctx.silu = num_groups, silu
-
-    def _gnms_backward(ctx, grad_y, grad_mean, grad_rstd):
-        x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
-        dx, dw, db, ds, dsh = ops.group_norm_modulate_silu_backward(
-            grad_y, x, mean, rstd, ctx.num_groups, weight, bias, scale, shift, ctx.silu)
-        keep = lambda g, p: g if p is not None else None  # noqa: E731
-        return dx, None, keep(dw, weight), keep(db, bias), keep(ds, scale), keep(dsh, shift), None, None
-
-    torch.library.register_autograd("dito_fast::group_norm_modulate_silu", _gnms_backward,
-                                    setup_context=_gnms_setup)

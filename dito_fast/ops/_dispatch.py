@@ -4,6 +4,9 @@ Each op registers its backends in priority order as ``(name, fn, unsupported_rea
 ``unsupported_reasons(*args, **kwargs)`` returns a list of strings (empty: the backend can run).
 Choice: explicit ``backend=`` argument > ``DITO_FAST_BACKEND`` environment variable (one name
 for all ops, or ``op=name`` entries separated by commas) > the first backend with no reasons. When nothing fits, the error lists every backend's reasons.
+
+This runs on every call of a fused op, so it is kept lean: the environment variable is parsed once
+per (op, raw value) and the error paths build their messages only when they are taken.
 """
 
 from __future__ import annotations
@@ -30,10 +33,8 @@ def always_supported(*args, **kwargs) -> list[str]:
     return []
 
 
-def env_backend(op_name: str) -> str | None:
-    """The backend ``DITO_FAST_BACKEND`` asks for ``op_name``: either one name for every op
-    (``cpp``) or per-op entries (``group_norm_modulate_silu=ref,latent_layernorm=ref``)."""
-    value = os.environ.get("DITO_FAST_BACKEND", "").strip()
+def _parse_env(op_name: str, value: str) -> str | None:
+    value = value.strip()
     if not value:
         return None
     if "=" not in value:
@@ -45,34 +46,50 @@ def env_backend(op_name: str) -> str | None:
     return None
 
 
+# (op name, raw DITO_FAST_BACKEND value) -> parsed choice. Keyed on the raw string, so changing the
+# variable at run time takes effect on the next call; bounded, since values could be arbitrary.
+_ENV_CHOICE: dict[tuple[str, str], str | None] = {}
+
+
+def env_backend(op_name: str) -> str | None:
+    """The backend ``DITO_FAST_BACKEND`` asks for ``op_name``: either one name for every op
+    (``cpp``) or per-op entries (``group_norm_modulate_silu=ref,latent_layernorm=ref``)."""
+    key = (op_name, os.environ.get("DITO_FAST_BACKEND", ""))
+    try:
+        return _ENV_CHOICE[key]
+    except KeyError:
+        pass
+    if len(_ENV_CHOICE) >= 1024:
+        _ENV_CHOICE.clear()
+    choice = _ENV_CHOICE[key] = _parse_env(op_name, key[1])
+    return choice
+
+
 def dispatch(op_name: str, backends: list[Backend], backend: str | None, *args, **kwargs):
     """Run ``op_name`` on the chosen backend (see module docstring)."""
     if PROFILE_RANGES:
         with torch.profiler.record_function(f"dito_fast::{op_name}"):
-            return _dispatch(op_name, backends, backend, *args, **kwargs)
-    return _dispatch(op_name, backends, backend, *args, **kwargs)
+            return _select(op_name, backends, backend, args, kwargs).fn(*args, **kwargs)
+    return _select(op_name, backends, backend, args, kwargs).fn(*args, **kwargs)
 
 
-def _dispatch(op_name: str, backends: list[Backend], backend: str | None, *args, **kwargs):
+def _select(op_name: str, backends: list[Backend], backend: str | None, args: tuple, kwargs: dict) -> Backend:
     requested = backend or env_backend(op_name)
-    by_name = {b.name: b for b in backends}
     if requested is not None:
-        if requested not in by_name:
-            if backend is None:  # an env var naming a backend this op lacks falls back silently
-                requested = None
-            else:
-                raise ValueError(f"{op_name}: unknown backend {requested!r}; available: {list(by_name)}")
-    if requested is not None:
-        chosen = by_name[requested]
-        reasons = chosen.unsupported_reasons(*args, **kwargs)
-        if reasons:
-            raise RuntimeError(f"{op_name}: backend {requested!r} cannot run: {'; '.join(reasons)}")
-        return chosen.fn(*args, **kwargs)
+        for chosen in backends:
+            if chosen.name == requested:
+                reasons = chosen.unsupported_reasons(*args, **kwargs)
+                if reasons:
+                    raise RuntimeError(f"{op_name}: backend {requested!r} cannot run: {'; '.join(reasons)}")
+                return chosen
+        if backend is not None:
+            raise ValueError(f"{op_name}: unknown backend {requested!r}; available: {[b.name for b in backends]}")
+        # an env var naming a backend this op lacks falls back silently to the priority order
     why = {}
     for b in backends:
         reasons = b.unsupported_reasons(*args, **kwargs)
         if not reasons:
-            return b.fn(*args, **kwargs)
+            return b
         why[b.name] = reasons
     raise RuntimeError(f"{op_name}: no backend can run these inputs: "
                        + "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items()))

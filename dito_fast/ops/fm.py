@@ -66,12 +66,11 @@ def fm_loss_ref(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.to(acc) - target.to(acc)).square().flatten(1).mean(dim=1)
 
 
-def _cpp_noise(x, noise, t, sigma_min):
-    return torch.ops.dito_fast.fm_noise(x, noise, t, sigma_min)
-
-
-def _cpp_loss(pred, target):
-    return torch.ops.dito_fast.fm_loss(pred, target)
+if _cpp.AVAILABLE:  # the op handles, looked up once (autograd: csrc/autograd.cpp)
+    _cpp_noise = torch.ops.dito_fast.fm_noise.default
+    _cpp_loss = torch.ops.dito_fast.fm_loss.default
+else:
+    _cpp_noise = _cpp_loss = None  # never chosen: the backend reports why it cannot run
 
 
 _NOISE_BACKENDS = [

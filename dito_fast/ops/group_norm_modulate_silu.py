@@ -20,16 +20,19 @@ def _check(x, num_groups, weight, bias, scale, shift):
     B, C = x.shape[:2]
     if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"{op}: {C} channels are not divisible by {num_groups} groups")
+    if weight is None and bias is None and scale is None and shift is None:
+        return
+    device = x.device
     for name, p, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("scale", scale, (B, C)),
                            ("shift", shift, (B, C))):
         if p is None:
             continue
         if not isinstance(p, torch.Tensor) or not p.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating tensor or None")
-        if tuple(p.shape) != shape:
+        if p.shape != shape:  # torch.Size compares equal to a tuple
             raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}")
+        if p.device != device:
+            raise ValueError(f"{op}: {name} is on {p.device} but x is on {device}")
 
 
 def group_norm_modulate_silu_ref(x, num_groups: int, weight=None, bias=None, scale=None, shift=None,
@@ -52,8 +55,11 @@ def group_norm_modulate_silu_ref(x, num_groups: int, weight=None, bias=None, sca
     return y.to(x.dtype)
 
 
+_OP = torch.ops.dito_fast.group_norm_modulate_silu.default if _cpp.AVAILABLE else None  # autograd: csrc/autograd.cpp
+
+
 def _cpp_gnms(x, num_groups, weight, bias, scale, shift, eps, silu):
-    return torch.ops.dito_fast.group_norm_modulate_silu(x, num_groups, weight, bias, scale, shift, eps, silu)[0]
+    return _OP(x, num_groups, weight, bias, scale, shift, eps, silu)[0]
 
 
 _BACKENDS = [

@@ -32,8 +32,11 @@ def latent_layernorm_ref(z: torch.Tensor, eps: float = 1e-5, upcast: bool = True
     return ((zc - mean) * torch.rsqrt(var + eps)).to(z.dtype)
 
 
+_OP = torch.ops.dito_fast.latent_layernorm.default if _cpp.AVAILABLE else None  # autograd: csrc/autograd.cpp
+
+
 def _cpp_lln(z, eps):
-    return torch.ops.dito_fast.latent_layernorm(z, eps)[0]
+    return _OP(z, eps)[0]
 
 
 _BACKENDS = [

@@ -52,6 +52,23 @@ C10_HOST_DEVICE inline T fm_xt(T x, T e, const FmCoef<A>& c) { return x * T(c.ke
 template <typename T, typename A>
 C10_HOST_DEVICE inline T fm_v(T x, T e, const FmCoef<A>& c) { return e * T(c.vnoise) - x; }
 
+// Backward of (x_t, v) with upstream gradients gxt, gv (an absent one counts as zero; the kernels
+// instantiate the three cases through the flags so that no zeros are read):
+//   grad_x = (1 - t) gxt - gv ;  grad_noise = (s + t (1 - s)) gxt + (1 - s) gv
+template <bool kXt, bool kV, typename T, typename A>
+C10_HOST_DEVICE inline T fm_grad_x(T gxt, T gv, const FmCoef<A>& c) {
+  if constexpr (kXt && kV) return gxt * T(c.keep) - gv;
+  else if constexpr (kXt) return gxt * T(c.keep);
+  else return T(0) - gv;
+}
+
+template <bool kXt, bool kV, typename T, typename A>
+C10_HOST_DEVICE inline T fm_grad_noise(T gxt, T gv, const FmCoef<A>& c) {
+  if constexpr (kXt && kV) return gxt * T(c.sigma) + gv * T(c.vnoise);
+  else if constexpr (kXt) return gxt * T(c.sigma);
+  else return gv * T(c.vnoise);
+}
+
 // d(mean_i (p_i - y_i)^2)/dp_i = 2 (p_i - y_i) / n, times the upstream gradient of that sample.
 template <typename T>
 C10_HOST_DEVICE inline T mse_grad(T p, T y, T two_g_over_n) { return (p - y) * two_g_over_n; }

@@ -25,6 +25,30 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cpu(const at::Tensor& x, const at::T
   return {x_t, v};
 }
 
+std::tuple<at::Tensor, at::Tensor> fm_noise_backward_cpu(const std::optional<at::Tensor>& grad_xt,
+                                                         const std::optional<at::Tensor>& grad_v, const at::Tensor& t,
+                                                         double sigma_min) {
+  constexpr const char* op = "fm_noise_backward";
+  const bool has_xt = grad_xt.has_value() && grad_xt->defined(), has_v = grad_v.has_value() && grad_v->defined();
+  TORCH_CHECK(has_xt || has_v, op, ": at least one of grad_xt and grad_v must be given");
+  const at::Tensor& like = has_xt ? *grad_xt : *grad_v;
+  check_floating(like, op, has_xt ? "grad_xt" : "grad_v");
+  if (has_xt && has_v) {
+    TORCH_CHECK(grad_v->scalar_type() == grad_xt->scalar_type() && grad_v->sizes() == grad_xt->sizes(), op,
+                ": grad_xt ", grad_xt->sizes(), " ", grad_xt->scalar_type(), " and grad_v ", grad_v->sizes(), " ",
+                grad_v->scalar_type(), " differ");
+  }
+  TORCH_CHECK(like.dim() >= 1 && like.size(0) > 0, op, ": gradients must have a non-empty batch dimension, got shape ",
+              like.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0), op, ": t must have shape (", like.size(0), "), got ", t.sizes());
+  const auto a = has_xt ? grad_xt->contiguous() : at::Tensor();
+  const auto g = has_v ? grad_v->contiguous() : at::Tensor();
+  auto grad_x = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  auto grad_noise = at::empty_like(grad_x);
+  DITO_CPU_CALL(fm_noise_backward_kernel, a, g, t.to(at::kDouble).contiguous(), sigma_min, grad_x, grad_noise);
+  return {grad_x, grad_noise};
+}
+
 at::ScalarType loss_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor fm_loss_cpu(const at::Tensor& pred, const at::Tensor& target) {
@@ -52,6 +76,7 @@ at::Tensor fm_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, 
 
 TORCH_LIBRARY_IMPL(dito_fast, CPU, m) {
   m.impl("fm_noise", &fm_noise_cpu);
+  m.impl("fm_noise_backward", &fm_noise_backward_cpu);
   m.impl("fm_loss", &fm_loss_cpu);
   m.impl("fm_loss_backward", &fm_loss_backward_cpu);
 }

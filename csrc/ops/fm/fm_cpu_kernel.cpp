@@ -61,6 +61,49 @@ void fm_noise_kernel(const at::TensorBase& x, const at::TensorBase& noise, const
   });
 }
 
+// One of three instantiations (both upstream gradients, only grad_x_t, only grad_v): absent
+// gradients are never read (their pointers are null).
+template <bool kXt, bool kV, typename scalar_t>
+void fm_noise_backward_impl(const scalar_t* gxtp, const scalar_t* gvp, const double* tp, double sigma_min,
+                            scalar_t* gxp, scalar_t* gep, int64_t B, int64_t N) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t V = Vec<acc_t>::size();
+  at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
+    for_sample_ranges(begin, end, N, [&](int64_t b, int64_t i0, int64_t i1) {
+      const auto c = math::fm_coef<acc_t>(static_cast<acc_t>(tp[b]), static_cast<acc_t>(sigma_min));
+      const int64_t o = b * N;
+      int64_t i = i0;
+      for (; i + V <= i1; i += V) {
+        const Vec<acc_t> a = kXt ? vload<acc_t>(gxtp + o + i) : Vec<acc_t>(0);
+        const Vec<acc_t> g = kV ? vload<acc_t>(gvp + o + i) : Vec<acc_t>(0);
+        vstore<acc_t>(gxp + o + i, math::fm_grad_x<kXt, kV>(a, g, c));
+        vstore<acc_t>(gep + o + i, math::fm_grad_noise<kXt, kV>(a, g, c));
+      }
+      for (; i < i1; ++i) {
+        const acc_t a = kXt ? static_cast<acc_t>(gxtp[o + i]) : acc_t(0);
+        const acc_t g = kV ? static_cast<acc_t>(gvp[o + i]) : acc_t(0);
+        gxp[o + i] = static_cast<scalar_t>(math::fm_grad_x<kXt, kV>(a, g, c));
+        gep[o + i] = static_cast<scalar_t>(math::fm_grad_noise<kXt, kV>(a, g, c));
+      }
+    });
+  });
+}
+
+void fm_noise_backward_kernel(const at::TensorBase& grad_xt, const at::TensorBase& grad_v, const at::TensorBase& t,
+                              double sigma_min, const at::TensorBase& grad_x, const at::TensorBase& grad_noise) {
+  const int64_t B = grad_x.size(0), N = grad_x.numel() / std::max<int64_t>(B, 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "fm_noise_backward_cpu", [&] {
+    const scalar_t* a = grad_xt.defined() ? grad_xt.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* g = grad_v.defined() ? grad_v.const_data_ptr<scalar_t>() : nullptr;
+    const double* tp = t.const_data_ptr<double>();
+    scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
+    scalar_t* ge = grad_noise.mutable_data_ptr<scalar_t>();
+    if (a && g) fm_noise_backward_impl<true, true>(a, g, tp, sigma_min, gx, ge, B, N);
+    else if (a) fm_noise_backward_impl<true, false>(a, g, tp, sigma_min, gx, ge, B, N);
+    else fm_noise_backward_impl<false, true>(a, g, tp, sigma_min, gx, ge, B, N);
+  });
+}
+
 void fm_loss_kernel(const at::TensorBase& pred, const at::TensorBase& target, const at::TensorBase& loss) {
   const int64_t B = pred.size(0), N = pred.numel() / std::max<int64_t>(B, 1);
   // Partial sums per (sample, chunk) so that batch 1 still uses every thread; fixed chunking

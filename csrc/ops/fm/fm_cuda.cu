@@ -1,4 +1,4 @@
-// CUDA kernels of the flow-matching ops: fm_noise, fm_loss, fm_loss_backward.
+// CUDA kernels of the flow-matching ops: fm_noise, fm_noise_backward, fm_loss, fm_loss_backward.
 //
 // All three are memory-bound passes over (B, N) arrays (N = numel per sample). Samples map to
 // blockIdx.y (grid-strided past 65535), the elements of a sample to blockIdx.x and the threads,
@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -96,6 +97,90 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cuda(const at::Tensor& x, const at::
     with_pack_width<scalar_t>(packed, launch);
   });
   return {x_t, v};
+}
+
+// ---- fm_noise_backward -----------------------------------------------------------------------------
+// Launch like fm_noise. grad_x = fm_grad_x(gxt, gv), grad_noise = fm_grad_noise(gxt, gv) with the
+// sample's fm_coef; kXt / kV say which upstream gradients exist (absent ones are null, never read).
+template <typename scalar_t, typename acc_t, int V, bool kXt, bool kV>
+__global__ void fm_noise_backward_kernel(const scalar_t* __restrict__ gxt, const scalar_t* __restrict__ gv,
+                                         const acc_t* __restrict__ t, acc_t sigma_min, scalar_t* __restrict__ gx,
+                                         scalar_t* __restrict__ ge, int64_t B, int64_t N) {
+  const int64_t npack = N / V;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const auto c = math::fm_coef<acc_t>(t[b], sigma_min);
+    const int64_t base = b * N;
+    for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
+      const int64_t o = base + i * V;
+      Pack<scalar_t, V> av, gvv, gxv, gev;
+      if constexpr (kXt) av = load_pack<V>(gxt + o);
+      if constexpr (kV) gvv = load_pack<V>(gv + o);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t a = kXt ? static_cast<acc_t>(av.v[k]) : acc_t(0);
+        const acc_t g = kV ? static_cast<acc_t>(gvv.v[k]) : acc_t(0);
+        gxv.v[k] = static_cast<scalar_t>(math::fm_grad_x<kXt, kV>(a, g, c));
+        gev.v[k] = static_cast<scalar_t>(math::fm_grad_noise<kXt, kV>(a, g, c));
+      }
+      store_pack<V>(gx + o, gxv);
+      store_pack<V>(ge + o, gev);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> fm_noise_backward_cuda(const std::optional<at::Tensor>& grad_xt,
+                                                          const std::optional<at::Tensor>& grad_v, const at::Tensor& t,
+                                                          double sigma_min) {
+  constexpr const char* op = "fm_noise_backward";
+  const bool has_xt = grad_xt.has_value() && grad_xt->defined(), has_v = grad_v.has_value() && grad_v->defined();
+  TORCH_CHECK(has_xt || has_v, op, ": at least one of grad_xt and grad_v must be given");
+  const at::Tensor& like = has_xt ? *grad_xt : *grad_v;
+  check_floating(like, op, has_xt ? "grad_xt" : "grad_v");
+  check_is_cuda(like, op, has_xt ? "grad_xt" : "grad_v");
+  check_cuda(t, like, op, "t", has_xt ? "grad_xt" : "grad_v");
+  if (has_xt && has_v) {
+    check_cuda(*grad_v, *grad_xt, op, "grad_v", "grad_xt");
+    TORCH_CHECK(grad_v->scalar_type() == grad_xt->scalar_type() && grad_v->sizes() == grad_xt->sizes(), op,
+                ": grad_xt ", grad_xt->sizes(), " ", grad_xt->scalar_type(), " and grad_v ", grad_v->sizes(), " ",
+                grad_v->scalar_type(), " differ");
+  }
+  check_floating(t, op, "t");
+  TORCH_CHECK(like.dim() >= 1 && like.size(0) > 0, op, ": gradients must have a non-empty batch dimension, got shape ",
+              like.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0), op, ": t must have shape (", like.size(0), "), got ",
+              t.sizes());
+
+  c10::cuda::CUDAGuard guard(like.device());
+  const auto a = has_xt ? grad_xt->contiguous() : at::Tensor();
+  const auto g = has_v ? grad_v->contiguous() : at::Tensor();
+  auto grad_x = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  auto grad_noise = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t B = like.size(0), N = like.numel() / B;
+  if (N == 0) return {grad_x, grad_noise};
+  const auto tc = t.to(opmath_dtype(like.scalar_type())).contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "fm_noise_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ap = has_xt ? a.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gp = has_v ? g.const_data_ptr<scalar_t>() : nullptr;
+    const bool packed = packable<scalar_t>(N, ap, gp, grad_x.const_data_ptr(), grad_noise.const_data_ptr());
+    auto launch = [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const dim3 grid(blocks_per_sample(N / V, B, kEltThreads, 2, 1), std::min(B, kMaxGridY));
+      auto run = [&](auto kernel) {
+        kernel<<<grid, kEltThreads, 0, stream>>>(ap, gp, tc.const_data_ptr<acc_t>(), static_cast<acc_t>(sigma_min),
+                                                 grad_x.mutable_data_ptr<scalar_t>(),
+                                                 grad_noise.mutable_data_ptr<scalar_t>(), B, N);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (ap && gp) run(fm_noise_backward_kernel<scalar_t, acc_t, V, true, true>);
+      else if (ap) run(fm_noise_backward_kernel<scalar_t, acc_t, V, true, false>);
+      else run(fm_noise_backward_kernel<scalar_t, acc_t, V, false, true>);
+    };
+    with_pack_width<scalar_t>(packed, launch);
+  });
+  return {grad_x, grad_noise};
 }
 
 // ---- fm_loss ---------------------------------------------------------------------------------------
@@ -258,6 +343,7 @@ at::Tensor fm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred,
 
 TORCH_LIBRARY_IMPL(dito_fast, CUDA, m) {
   m.impl("fm_noise", &fm_noise_cuda);
+  m.impl("fm_noise_backward", &fm_noise_backward_cuda);
   m.impl("fm_loss", &fm_loss_cuda);
   m.impl("fm_loss_backward", &fm_loss_backward_cuda);
 }

@@ -1,0 +1,121 @@
+"""The C++ backend's autograd (csrc/autograd.cpp): registered in C++ for the Autograd key, the fused
+fm_noise backward kernel (including absent upstream gradients), and once-differentiable backwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dito_fast.ops import fm_loss, fm_noise, fm_noise_ref, group_norm_modulate_silu, latent_layernorm
+
+from backend_cases import CPP_REASON, assert_close_to_ref
+
+pytestmark = pytest.mark.skipif(bool(CPP_REASON), reason=CPP_REASON)
+
+OPS = ["fm_noise", "fm_loss", "latent_layernorm", "group_norm_modulate_silu"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_autograd_kernel_is_the_cpp_one(op):
+    name = f"dito_fast::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd")
+    lines = [line for line in torch._C._dispatch_dump(name).splitlines() if line.startswith("Autograd")]
+    # One Autograd registration, from the extension (a Python torch.library.register_autograd
+    # would show as registered at torch/library.py, and would be boxed-only).
+    assert len(lines) == 1 and "csrc/autograd.cpp" in lines[0] and "unboxed" in lines[0], lines
+
+
+def _draw(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)] + [
+        torch.rand(shape[0], generator=g, dtype=torch.float64).to(dtype)]
+
+
+@pytest.mark.parametrize("use", ["both", "x_t only", "v only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 3, 23, 19), (2, 4, 1, 1), (4, 70000)], ids=lambda s: "x".join(map(str, s)))
+def test_fm_noise_backward_kernel(shape, dtype, use):
+    """Gradients of x and noise with either output unused (its gradient is undefined in the backward)."""
+    x, e, gxt, gv, t = _draw(shape, dtype)
+
+    def grads(fn, x, e, t, gxt, gv):
+        x, e = x.detach().clone().requires_grad_(), e.detach().clone().requires_grad_()
+        xt, v = fn(x, e, t, 1e-3)
+        outs, grad_outs = {"both": ([xt, v], [gxt, gv]), "x_t only": ([xt], [gxt]), "v only": ([v], [gv])}[use]
+        return torch.autograd.grad(outs, (x, e), grad_outs)
+
+    ours = grads(lambda *a: fm_noise(*a, backend="cpp"), x, e, t, gxt, gv)
+    ref = grads(fm_noise_ref, x.double(), e.double(), t.double(), gxt.double(), gv.double())
+    same = grads(fm_noise_ref, x, e, t, gxt, gv)
+    for name, a, r, s in zip(["grad x", "grad noise"], ours, ref, same):
+        assert a.dtype == dtype and a.is_contiguous()
+        assert_close_to_ref(a, r, dtype, s, f"{name} ({use})")
+
+
+def test_fm_noise_backward_op_direct():
+    x, e, gxt, gv, t = _draw((3, 2, 5, 4), torch.float64)
+    op = torch.ops.dito_fast.fm_noise_backward
+    s = 0.01
+    tb = t.reshape(-1, 1, 1, 1)
+    gx, ge = op(gxt, gv, t, s)
+    torch.testing.assert_close(gx, gxt * (1 - tb) - gv)
+    torch.testing.assert_close(ge, gxt * (s + tb * (1 - s)) + gv * (1 - s))
+    gx, ge = op(None, gv, t, s)
+    torch.testing.assert_close(gx, -gv)
+    torch.testing.assert_close(ge, gv * (1 - s))
+    gx, ge = op(gxt.transpose(2, 3), None, t.float(), s)  # non-contiguous grad, float32 t
+    torch.testing.assert_close(gx, (gxt * (1 - tb)).transpose(2, 3).contiguous())
+    with pytest.raises(RuntimeError, match="at least one of grad_xt and grad_v"):
+        op(None, None, t, s)
+    with pytest.raises(RuntimeError, match=r"t must have shape \(3\)"):
+        op(gxt, gv, t[:2], s)
+    for args in [(gxt.float(), gv.float(), t.float(), s), (None, gv.float(), t.float(), s), (gxt.float(), None, t, s)]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward_raises(op):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    out = {
+        "fm_noise": lambda: fm_noise(x, y, torch.rand(2, dtype=torch.float64), backend="cpp")[0],
+        "fm_loss": lambda: fm_loss(x, y, backend="cpp"),
+        "latent_layernorm": lambda: latent_layernorm(x, backend="cpp"),
+        "group_norm_modulate_silu": lambda: group_norm_modulate_silu(x, 2, scale=y[:, :, 0, 0], backend="cpp"),
+    }[op]()
+    # incoming grads that require grad (square), and grads that do not but saved tensors that do
+    # (sum; fm_noise is linear, so its gradient is a constant without a graph)
+    for loss in [out.square().sum()] + ([] if op == "fm_noise" else [out.sum()]):
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        assert gx.requires_grad  # once differentiable: a graph exists, but differentiating it raises
+        with pytest.raises(RuntimeError, match=f"{op}: double backward is not supported"):
+            gx.sum().backward()
+
+
+def test_no_graph_without_grad():
+    """Grad mode off or no input requiring grad: outputs carry no grad_fn (the kernel is called below autograd)."""
+    x = torch.randn(2, 4, 3, 3)
+    assert latent_layernorm(x, backend="cpp").grad_fn is None
+    with torch.no_grad():
+        assert latent_layernorm(x.requires_grad_(), backend="cpp").grad_fn is None
+    y, mean, rstd = torch.ops.dito_fast.group_norm_modulate_silu(x, 2, None, None, None, None, 1e-5, True)
+    assert y.requires_grad and not mean.requires_grad and not rstd.requires_grad  # stats: not differentiable
+
+
+@pytest.mark.parametrize("use", ["x_t only", "v only"])
+def test_fm_noise_backward_under_compile(use):
+    """torch.compile(fullgraph=True) traces the C++ backward, with one upstream gradient absent."""
+    torch._dynamo.reset()
+    x, e, _, _, t = _draw((2, 3, 8, 8), torch.float32)
+    k = 0 if use == "x_t only" else 1
+
+    def f(a, b):
+        return fm_noise(a, b, t, 1e-3, backend="cpp")[k].square().sum()
+
+    ins_c = [x.clone().requires_grad_(), e.clone().requires_grad_()]
+    ins_e = [x.clone().requires_grad_(), e.clone().requires_grad_()]
+    out_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*ins_c)
+    out_e = f(*ins_e)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(torch.autograd.grad(out_c, ins_c), torch.autograd.grad(out_e, ins_e))
