@@ -18,6 +18,7 @@ Run: ``pytest benchmarks/bench_model.py --benchmark-json=bench_model.json`` and
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -111,6 +112,42 @@ def test_decoder_step(benchmark, monkeypatch, preset, batch, ops):
                                  "gflop_per_step": gflop, "gflops_per_s": gflop / med})
 
 
+@pytest.mark.parametrize("kind", ["train_step", "decoder_step"])
+def test_channels_last(benchmark, kind):
+    """dito-S at 64x64, batch 8, fused ops: NCHW vs channels_last (model and inputs), timed in
+    alternation. extra_info: both medians and ``channels_last_speedup``."""
+    rounds = 1 if benchmark.disabled else 7
+    preset = "dito-tiny" if benchmark.disabled else "dito-S"
+    fns = {}
+    for name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        model = _model(preset).to(memory_format=fmt)
+        x = _images(8).contiguous(memory_format=fmt)
+        if kind == "train_step":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            gen = torch.Generator().manual_seed(0)
+
+            def fn(model=model, x=x, opt=opt, gen=gen):
+                loss = model(x, generator=gen).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        else:
+            model.eval()
+            z = torch.randn(8, model.latent_channels, SIZE // 8, SIZE // 8).contiguous(memory_format=fmt)
+            t = torch.full((8,), 0.5)
+
+            def fn(model=model, x=x, z=z, t=t):
+                with torch.inference_mode():
+                    model.velocity(x, t, z)
+        fn()
+        fns[name] = fn
+    med = _interleaved_medians(fns, dict.fromkeys(fns), rounds)
+    benchmark.pedantic(fns["channels_last"], rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update({"model": preset, "batch": 8, "image_size": SIZE, "kind": kind,
+                                 "nchw_ms": med["nchw"] * 1e3, "channels_last_ms": med["channels_last"] * 1e3,
+                                 "channels_last_speedup": med["nchw"] / med["channels_last"]})
+
+
 @pytest.mark.parametrize("preset", ["dito-tiny", "dito-S"])
 def test_encode(benchmark, preset):
     model = _model(preset).eval()
@@ -148,37 +185,51 @@ def fused_op_time(prof) -> tuple[float, float]:
     return inside * 1e-6, sum(e.cpu_time_total for e in top) * 1e-6
 
 
-def _timed(fn, rounds):
-    fn()
-    times = []
+def _interleaved_medians(fns: dict, env: dict, rounds: int) -> dict:
+    """Median seconds of each function, timed in alternation (ref, fused, ref, ...) so that drifts
+    in machine load hit every variant alike; ``env[name]`` is the DITO_FAST_BACKEND value for it."""
+    times = {name: [] for name in fns}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for name, fn in fns.items():
+            _set_backend_env(env[name])
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def _set_backend_env(value):
+    if value is None:
+        os.environ.pop("DITO_FAST_BACKEND", None)
+    else:
+        os.environ["DITO_FAST_BACKEND"] = value
 
 
 @pytest.mark.parametrize("kind", ["train_step", "decoder_step"])
 def test_profile_fused_share(benchmark, monkeypatch, kind):
-    """dito-S at 64x64, batch 8: profile with reference ops and with fused ops."""
+    """dito-S at 64x64, batch 8: profile with reference ops and with fused ops, then time both
+    in alternation."""
     if not _cpp.AVAILABLE:
         pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
-    rounds = 1 if benchmark.disabled else 5
+    rounds = 1 if benchmark.disabled else 7
     preset = "dito-tiny" if benchmark.disabled else "dito-S"  # the smoke run only checks the plumbing
-    monkeypatch.setattr(_dispatch, "PROFILE_RANGES", True)
-    result = {}
+    monkeypatch.setenv("DITO_FAST_BACKEND", "")  # restored by monkeypatch after the test
+    env = {"ref": REF_ENV, "fused": None}
+    fns, result = {}, {}
     for ops in OPS:
-        _use_ops(monkeypatch, ops)
+        _set_backend_env(env[ops])
         fn = train_step_fn(preset, 8) if kind == "train_step" else _decoder_step_fn(preset, 8)[0]
         fn()
+        monkeypatch.setattr(_dispatch, "PROFILE_RANGES", True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
-        inside, total = fused_op_time(prof)
         monkeypatch.setattr(_dispatch, "PROFILE_RANGES", False)
-        result[ops] = {"step_s": _timed(fn, rounds), "profiled_share": inside / total}
-        monkeypatch.setattr(_dispatch, "PROFILE_RANGES", True)
-        if ops == "fused":
-            benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+        inside, total = fused_op_time(prof)
+        fns[ops], result[ops] = fn, {"profiled_share": inside / total}
+    for ops, sec in _interleaved_medians(fns, env, rounds).items():
+        result[ops]["step_s"] = sec
+    _set_backend_env(env["fused"])
+    benchmark.pedantic(fns["fused"], rounds=1, warmup_rounds=0, iterations=1)
     ref, fused = result["ref"], result["fused"]
     share = ref["profiled_share"]
     replaced_s = share * ref["step_s"]  # time the reference ops take in an unprofiled step

@@ -63,7 +63,7 @@ def _run(benchmark, fn, inputs, grad_inputs, mode, bytes_fwd, bytes_full, label,
         torch.autograd.grad(outs, grad_inputs, [torch.ones_like(o) for o in outs])
 
     call = fwd if mode == "fwd" else full
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=5, iterations=1)
     med = _median(benchmark)
     if med is None:
         return
@@ -86,7 +86,7 @@ def test_group_norm_modulate_silu(benchmark, shape, mode, provider):
     n = x.numel() * 4
     # Minimum traffic of one fused pass: fwd reads x, writes y; full adds reading x and dy, writing dx.
     _run(benchmark, lambda *a: fn(a[0], G, *a[1:]), (x, w, b, s, sh), (x, w, b, s, sh), mode,
-         2 * n, 5 * n, label, rounds=5 if x.numel() > 1_000_000 else 20)
+         2 * n, 5 * n, label, rounds=15 if x.numel() > 1_000_000 else 30)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -50,12 +50,18 @@ def main(path: str) -> None:
             e = r["extra_info"]
             print(f"| {e['kind']} | {e['ref_step_ms']:.0f} | {e['fused_step_ms']:.0f} | {e['replaced_share']:.1%} | "
                   f"{e['ideal_speedup']:.3f}x | {e['achieved_speedup']:.3f}x | {e['saving_vs_ideal']:.0%} |")
+    cl = [r["extra_info"] for r in rows if r["name"].startswith("test_channels_last") and "nchw_ms" in r["extra_info"]]
+    if cl:
+        print("\n| dito-S @64, batch 8, fused ops | NCHW ms | channels_last ms | speed-up |")
+        print("|---|---:|---:|---:|")
+        for e in cl:
+            print(f"| {e['kind']} | {e['nchw_ms']:.0f} | {e['channels_last_ms']:.0f} | {e['channels_last_speedup']:.3f}x |")
     model = [r for r in rows if r["name"].startswith(("test_train_step", "test_decoder_step", "test_encode"))]
     if model:
         print("\n| model benchmark | median ms | derived |")
         print("|---|---:|---|")
         for r in model:
-            ei = {k: v for k, v in r["extra_info"].items() if k not in ("threads", "torch")}
+            ei = {k: v for k, v in r["extra_info"].items() if k not in ("threads", "torch", "memory_reused")}
             derived = ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in ei.items())
             print(f"| {r['name']} | {r['stats']['median'] * 1e3:.1f} | {derived} |")
 
