@@ -103,6 +103,29 @@ def test_decode(benchmark, monkeypatch, matmul_peak, preset, size, batch, mode):
     benchmark.extra_info.update(info)
 
 
+def test_decode_channels_last(benchmark):
+    """fast_decode of dito-S, 64x64, batch 8, 4 Euler steps, with channels_last off and on (the
+    CPU default), timed in alternation. extra_info: both medians and the speed-up."""
+    smoke = benchmark.disabled
+    model = _model("dito-tiny" if smoke else "dito-S")
+    z = torch.randn(8, model.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    steps, rounds = (1, 1) if smoke else (4, 5)
+    runs = {cl: (lambda cl=cl: fast_decode(model, z, steps=steps, sampler="euler", seed=0, channels_last=cl))
+            for cl in (False, True)}
+    times = {cl: [] for cl in runs}
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(rounds):
+        for cl, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[cl].append(time.perf_counter() - t0)
+    med = {cl: sorted(v)[len(v) // 2] for cl, v in times.items()}
+    benchmark.pedantic(runs[True], rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update({"steps": steps, "batch": 8, "image_size": 64, "nchw_ms": med[False] * 1e3,
+                                 "channels_last_ms": med[True] * 1e3, "channels_last_speedup": med[False] / med[True]})
+
+
 _MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
     from dito_fast import DiTo, fast_decode

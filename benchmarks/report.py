@@ -50,7 +50,10 @@ def main(path: str) -> None:
             e = r["extra_info"]
             print(f"| {e['kind']} | {e['ref_step_ms']:.0f} | {e['fused_step_ms']:.0f} | {e['replaced_share']:.1%} | "
                   f"{e['ideal_speedup']:.3f}x | {e['achieved_speedup']:.3f}x | {e['saving_vs_ideal']:.0%} |")
-    cl = [r["extra_info"] for r in rows if r["name"].startswith("test_channels_last") and "nchw_ms" in r["extra_info"]]
+    cl = [{"kind": f"fast_decode ({r['extra_info']['steps']} Euler steps)", **r["extra_info"]}
+          if r["name"].startswith("test_decode_channels_last") else r["extra_info"]
+          for r in rows if r["name"].startswith(("test_channels_last", "test_decode_channels_last"))
+          and "nchw_ms" in r["extra_info"]]
     if cl:
         print("\n| dito-S @64, batch 8, fused ops | NCHW ms | channels_last ms | speed-up |")
         print("|---|---:|---:|---:|")

@@ -180,7 +180,7 @@ def cmd_decode(args) -> int:
                    dtype=None if args.dtype is None else getattr(torch, args.dtype), max_batch=args.max_batch,
                    tile=args.tile, tile_overlap=args.tile_overlap, tile_passes=args.tile_passes,
                    compile=args.compile, cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
-                   channels_last=args.channels_last, progress=not args.no_progress)
+                   channels_last={"on": True, "off": False}.get(args.channels_last, "auto"), progress=not args.no_progress)
     for f in tqdm(files, desc="files", unit="file", disable=args.no_progress or len(files) == 1):
         if not f.is_file():
             raise SystemExit(f"latent file not found: {f}")
@@ -221,7 +221,8 @@ def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:
                    help="2: image-wide GroupNorm statistics for tiles (twice the cost)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (slow first call)")
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="UNet memory format (auto: channels_last on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -448,7 +448,7 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
                 schedule: str | None = None, seed: int | None = None, generator: torch.Generator | None = None,
                 dtype: torch.dtype | None = None, device=None, max_batch: int | None = None,
                 tile: int | tuple[int, int] | None = None, tile_overlap: int | None = None, tile_passes: int = 1,
-                compile: bool | dict = False, cuda_graph: bool | str = "auto", channels_last: bool = False,
+                compile: bool | dict = False, cuda_graph: bool | str = "auto", channels_last: bool | str = "auto",
                 output: str = "uint8", progress=False) -> torch.Tensor:
     """Decode latents to images.
 
@@ -481,7 +481,9 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
         cuda_graph: "auto" (on CUDA and untiled), True or False: capture the whole sampling loop
             as a CUDA graph per (shape, dtype, settings), kept in a per-model LRU of
             :data:`GRAPH_CACHE_SIZE`. The first call per key costs one extra decode (warm-up).
-        channels_last: run the UNet in channels_last memory format.
+        channels_last: run the UNet in channels_last memory format: True, False or "auto" (True on
+            the CPU, where it measured 1.06-1.07x faster for dito-S at 64x64, batch 8, and no
+            slower at batch 1; False elsewhere: not measured on a GPU).
         output: "uint8" -> uint8 (B, 3, h*f, w*f) in [0, 255]; "float" -> float32 in [-1, 1].
             Always on the CPU.
         progress: True for a tqdm bar over UNet evaluations, or an object with ``update(n)``.
@@ -518,6 +520,10 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
     use_graph = _use_cuda_graph(device, cuda_graph, tile_size is not None)
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
+    if channels_last not in ("auto", True, False):
+        raise ValueError(f"channels_last must be 'auto', True or False, got {channels_last!r}")
+    if channels_last == "auto":
+        channels_last = device.type == "cpu"
 
     # -- the work
     state_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32

@@ -29,7 +29,7 @@ def test_decode_options_match_fast_decode(micro_model, model_dir, tmp_path, caps
     out = tmp_path / "out"
     assert main(["decode", str(model_dir), str(tmp_path / "lat.safetensors"), "--out", str(out), "--sampler", "ab2",
                  "--steps", "3", "--schedule", "shifted:0.5", "--seed", "5", "--max-batch", "1", "--tile", "32",
-                 "--tile-overlap", "16", "--channels-last", "--dtype", "bfloat16"]) == 0
+                 "--tile-overlap", "16", "--channels-last", "on", "--dtype", "bfloat16"]) == 0
     captured = capsys.readouterr()
     assert "lat_0.png" in captured.out and "lat_1.png" in captured.out
     assert "decode" in captured.err  # the progress bar (tqdm, on stderr)

@@ -123,11 +123,25 @@ def test_forward_cached_equals_forward(micro_model):
         torch.testing.assert_close(cached, dec(x, t, z), atol=1e-5, rtol=1e-5)
 
 
-def test_channels_last(micro_model, images):
+def test_channels_last(micro_model, images, monkeypatch):
     z = micro_model.encode(images)
     a = dito_fast.fast_decode(micro_model, z, steps=2, seed=0, output="float")
     b = dito_fast.fast_decode(micro_model, z, steps=2, seed=0, output="float", channels_last=True)
     torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    # "auto" (the default) is channels_last on the CPU
+    seen = []
+    original = D.CachedVelocity.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["channels_last"])
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(D.CachedVelocity, "__init__", spy)
+    dito_fast.fast_decode(micro_model, z, steps=2, seed=0)
+    dito_fast.fast_decode(micro_model, z, steps=2, seed=0, channels_last=False)
+    assert seen == [True, False]
+    with pytest.raises(ValueError, match="channels_last must be"):
+        dito_fast.fast_decode(micro_model, z, steps=2, seed=0, channels_last="yes")
 
 
 def test_compile_fullgraph(micro_model):
