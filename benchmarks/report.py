@@ -32,16 +32,23 @@ def main(path: str) -> None:
         if "provider" in p and "mode" in p:
             key = (r["name"].split("[")[0].removeprefix("test_"), r["extra_info"].get("shape", p.get("shape")), p["mode"])
             ops[key][p["provider"]] = r["stats"]["median"] * 1e3, r["extra_info"].get("gb_per_s")
+            ops[key]["min_bytes"] = r["extra_info"].get("min_bytes")
     if ops:
-        print("| op | shape | mode | ref ms | compile ms | cpp ms | cpp vs ref | cpp vs compile | cpp GB/s (min traffic) |")
-        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        # "ref / bw-bound": how many times faster than eager a kernel moving only its minimum traffic
+        # at the measured copy bandwidth would be; below 3 no kernel can be 3x faster than eager
+        # unless its data stays in cache.
+        print("| op | shape | mode | ref ms | compile ms | cpp ms | cpp vs ref | cpp vs compile | cpp GB/s (min traffic) "
+              "| ref / bw-bound |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for (op, shape, mode), prov in sorted(ops.items()):
-            ref, comp, cpp = (prov.get(k, (None, None)) for k in ("ref", "compile", "cpp"))
+            ref, comp, cpp = (prov.get(k, (None, None)) for k in ("ref", "compile", "cpp"))  # (ms, GB/s)
             fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
             ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b is not None else "-"  # noqa: E731
             gbs = f"{cpp[1]:.1f}" + (f" ({cpp[1] / bw:.0%})" if bw and cpp[1] else "") if cpp[1] else "-"
+            nbytes = prov.get("min_bytes")
+            bound = f"{ref[0] / (nbytes / bw / 1e6):.1f}x" if bw and nbytes and ref[0] else "-"
             print(f"| {op} | {shape} | {mode} | {fmt(ref[0])} | {fmt(comp[0])} | {fmt(cpp[0])} | "
-                  f"{ratio(ref[0], cpp[0])} | {ratio(comp[0], cpp[0])} | {gbs} |")
+                  f"{ratio(ref[0], cpp[0])} | {ratio(comp[0], cpp[0])} | {gbs} | {bound} |")
     prof = [r for r in rows if r["name"].startswith("test_profile_fused_share")]
     if prof:
         print("\n| dito-S @64, batch 8 | reference ops ms | fused ops ms | share replaced | ideal speed-up | achieved | saving vs ideal |")
