@@ -99,7 +99,9 @@ class DataConfig:
     workers: int = 0  # PyTorch loader: worker processes (0 = in the training process); DALI: CPU threads
     hflip: bool = True
     loader: str = "auto"  # "auto" (DALI when installed and a GPU is present, else PyTorch), "dali", "torch"
-    memory_format: str = "contiguous"  # image batches NCHW-"contiguous" or "channels_last"
+    # image batches NCHW-"contiguous" or "channels_last"; channels_last also puts the model in that
+    # layout for training (dito-S at 64x64 on a 2-core CPU: 1.05x faster train step)
+    memory_format: str = "contiguous"
     check_files: str = "header"  # screen files before training: "header" (cheap), "decode" (full), "none"
 
 
@@ -307,6 +309,9 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"data.loader must be auto|dali|torch, got {d.loader!r}")
     if d.memory_format not in ("contiguous", "channels_last"):
         raise ValueError(f"data.memory_format must be contiguous|channels_last, got {d.memory_format!r}")
+    if d.memory_format == "channels_last" and cfg.train.parallel == "fsdp":
+        raise ValueError("data.memory_format=channels_last (a channels_last model) is not supported with "
+                         "train.parallel=fsdp; use ddp or contiguous")
     if d.check_files not in ("header", "decode", "none"):
         raise ValueError(f"data.check_files must be header|decode|none, got {d.check_files!r}")
     if d.workers < 0 or d.image_size < 1:

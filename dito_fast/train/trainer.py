@@ -415,6 +415,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     # -- model, EMA (built identically on every rank), checkpoint weights in the full format
     torch.manual_seed(t_cfg.seed)  # weight init
     model = DiTo(cfg.model)
+    if cfg.data.memory_format == "channels_last":  # the model follows the batches' layout (and so does the EMA)
+        model.to(memory_format=torch.channels_last)
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay > 0 else None
     out_format = "dcp" if t_cfg.parallel == "fsdp" else "safetensors"
     state, in_format = None, None
