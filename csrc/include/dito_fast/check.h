@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 #define DITO_CHECK(cond, op, ...) TORCH_CHECK((cond), op, ": ", __VA_ARGS__)
 
 namespace dito_fast {
@@ -22,6 +24,27 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name) {
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// fm_noise_backward's device-independent checks (the CPU and CUDA wrappers add their own device
+// checks): at least one upstream gradient, both alike when both are given, a non-empty batch and
+// t of shape (B,). Returns the gradient the outputs are shaped like.
+inline const at::Tensor& check_fm_noise_backward(const std::optional<at::Tensor>& grad_xt,
+                                                 const std::optional<at::Tensor>& grad_v, const at::Tensor& t) {
+  constexpr const char* op = "fm_noise_backward";
+  const bool has_xt = grad_xt.has_value() && grad_xt->defined(), has_v = grad_v.has_value() && grad_v->defined();
+  TORCH_CHECK(has_xt || has_v, op, ": at least one of grad_xt and grad_v must be given");
+  const at::Tensor& like = has_xt ? *grad_xt : *grad_v;
+  check_floating(like, op, has_xt ? "grad_xt" : "grad_v");
+  if (has_xt && has_v) {
+    TORCH_CHECK(grad_v->scalar_type() == grad_xt->scalar_type() && grad_v->sizes() == grad_xt->sizes(), op,
+                ": grad_xt ", grad_xt->sizes(), " ", grad_xt->scalar_type(), " and grad_v ", grad_v->sizes(), " ",
+                grad_v->scalar_type(), " differ");
+  }
+  TORCH_CHECK(like.dim() >= 1 && like.size(0) > 0, op, ": gradients must have a non-empty batch dimension, got shape ",
+              like.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0), op, ": t must have shape (", like.size(0), "), got ", t.sizes());
+  return like;
 }
 
 // The layout a 4-d activation is processed in: channels_last when its strides say so, else

@@ -28,19 +28,8 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cpu(const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor> fm_noise_backward_cpu(const std::optional<at::Tensor>& grad_xt,
                                                          const std::optional<at::Tensor>& grad_v, const at::Tensor& t,
                                                          double sigma_min) {
-  constexpr const char* op = "fm_noise_backward";
+  const at::Tensor& like = check_fm_noise_backward(grad_xt, grad_v, t);
   const bool has_xt = grad_xt.has_value() && grad_xt->defined(), has_v = grad_v.has_value() && grad_v->defined();
-  TORCH_CHECK(has_xt || has_v, op, ": at least one of grad_xt and grad_v must be given");
-  const at::Tensor& like = has_xt ? *grad_xt : *grad_v;
-  check_floating(like, op, has_xt ? "grad_xt" : "grad_v");
-  if (has_xt && has_v) {
-    TORCH_CHECK(grad_v->scalar_type() == grad_xt->scalar_type() && grad_v->sizes() == grad_xt->sizes(), op,
-                ": grad_xt ", grad_xt->sizes(), " ", grad_xt->scalar_type(), " and grad_v ", grad_v->sizes(), " ",
-                grad_v->scalar_type(), " differ");
-  }
-  TORCH_CHECK(like.dim() >= 1 && like.size(0) > 0, op, ": gradients must have a non-empty batch dimension, got shape ",
-              like.sizes());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0), op, ": t must have shape (", like.size(0), "), got ", t.sizes());
   const auto a = has_xt ? grad_xt->contiguous() : at::Tensor();
   const auto g = has_v ? grad_v->contiguous() : at::Tensor();
   auto grad_x = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));

@@ -132,23 +132,12 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_backward_cuda(const std::optional<at
                                                           const std::optional<at::Tensor>& grad_v, const at::Tensor& t,
                                                           double sigma_min) {
   constexpr const char* op = "fm_noise_backward";
+  const at::Tensor& like = check_fm_noise_backward(grad_xt, grad_v, t);
   const bool has_xt = grad_xt.has_value() && grad_xt->defined(), has_v = grad_v.has_value() && grad_v->defined();
-  TORCH_CHECK(has_xt || has_v, op, ": at least one of grad_xt and grad_v must be given");
-  const at::Tensor& like = has_xt ? *grad_xt : *grad_v;
-  check_floating(like, op, has_xt ? "grad_xt" : "grad_v");
   check_is_cuda(like, op, has_xt ? "grad_xt" : "grad_v");
   check_cuda(t, like, op, "t", has_xt ? "grad_xt" : "grad_v");
-  if (has_xt && has_v) {
-    check_cuda(*grad_v, *grad_xt, op, "grad_v", "grad_xt");
-    TORCH_CHECK(grad_v->scalar_type() == grad_xt->scalar_type() && grad_v->sizes() == grad_xt->sizes(), op,
-                ": grad_xt ", grad_xt->sizes(), " ", grad_xt->scalar_type(), " and grad_v ", grad_v->sizes(), " ",
-                grad_v->scalar_type(), " differ");
-  }
+  if (has_xt && has_v) check_cuda(*grad_v, *grad_xt, op, "grad_v", "grad_xt");
   check_floating(t, op, "t");
-  TORCH_CHECK(like.dim() >= 1 && like.size(0) > 0, op, ": gradients must have a non-empty batch dimension, got shape ",
-              like.sizes());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0), op, ": t must have shape (", like.size(0), "), got ",
-              t.sizes());
 
   c10::cuda::CUDAGuard guard(like.device());
   const auto a = has_xt ? grad_xt->contiguous() : at::Tensor();
