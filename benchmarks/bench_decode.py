@@ -31,6 +31,7 @@ import time
 import pytest
 import torch
 
+from conftest import interleaved_medians
 from dito_fast import DiTo, fast_decode
 from dito_fast.decode import resolve_settings
 from dito_fast.models.dito import decoder_gflops
@@ -112,15 +113,9 @@ def test_decode_channels_last(benchmark):
     steps, rounds = (1, 1) if smoke else (4, 5)
     runs = {cl: (lambda cl=cl: fast_decode(model, z, steps=steps, sampler="euler", seed=0, channels_last=cl))
             for cl in (False, True)}
-    times = {cl: [] for cl in runs}
     for run in runs.values():
         run()  # warm-up
-    for _ in range(rounds):
-        for cl, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[cl].append(time.perf_counter() - t0)
-    med = {cl: sorted(v)[len(v) // 2] for cl, v in times.items()}
+    med = interleaved_medians(runs, rounds)
     benchmark.pedantic(runs[True], rounds=1, warmup_rounds=0, iterations=1)
     benchmark.extra_info.update({"steps": steps, "batch": 8, "image_size": 64, "nchw_ms": med[False] * 1e3,
                                  "channels_last_ms": med[True] * 1e3, "channels_last_speedup": med[False] / med[True]})

@@ -19,12 +19,12 @@ Run: ``pytest benchmarks/bench_model.py --benchmark-json=bench_model.json`` and
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from conftest import interleaved_medians
 from dito_fast import DiTo
 from dito_fast.models.dito import decoder_gflops, encoder_gflops
 from dito_fast.ops import _cpp, _dispatch
@@ -141,7 +141,7 @@ def test_channels_last(benchmark, kind):
                     model.velocity(x, t, z)
         fn()
         fns[name] = fn
-    med = _interleaved_medians(fns, dict.fromkeys(fns), rounds)
+    med = interleaved_medians(fns, rounds)
     benchmark.pedantic(fns["channels_last"], rounds=1, warmup_rounds=0, iterations=1)
     benchmark.extra_info.update({"model": preset, "batch": 8, "image_size": SIZE, "kind": kind,
                                  "nchw_ms": med["nchw"] * 1e3, "channels_last_ms": med["channels_last"] * 1e3,
@@ -185,19 +185,6 @@ def fused_op_time(prof) -> tuple[float, float]:
     return inside * 1e-6, sum(e.cpu_time_total for e in top) * 1e-6
 
 
-def _interleaved_medians(fns: dict, env: dict, rounds: int) -> dict:
-    """Median seconds of each function, timed in alternation (ref, fused, ref, ...) so that drifts
-    in machine load hit every variant alike; ``env[name]`` is the DITO_FAST_BACKEND value for it."""
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _set_backend_env(env[name])
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
-
-
 def _set_backend_env(value):
     if value is None:
         os.environ.pop("DITO_FAST_BACKEND", None)
@@ -226,7 +213,7 @@ def test_profile_fused_share(benchmark, monkeypatch, kind):
         monkeypatch.setattr(_dispatch, "PROFILE_RANGES", False)
         inside, total = fused_op_time(prof)
         fns[ops], result[ops] = fn, {"profiled_share": inside / total}
-    for ops, sec in _interleaved_medians(fns, env, rounds).items():
+    for ops, sec in interleaved_medians(fns, rounds, before=lambda name: _set_backend_env(env[name])).items():
         result[ops]["step_s"] = sec
     _set_backend_env(env["fused"])
     benchmark.pedantic(fns["fused"], rounds=1, warmup_rounds=0, iterations=1)

@@ -3,17 +3,18 @@ every result's extra_info together with the torch version and the allocator sett
 
 Allocator (DITO_BENCH_REUSE_MEMORY, default 1): glibc serves large allocations with fresh mmap'd
 pages and returns them on free, so an op timed alone pays a page fault per 4 KiB of every
-output, up to 5x its compute time for the 8-32 MiB activations here (measured: group_norm_
-modulate_silu on 8x64x64x64, 2 threads, forward 0.84 ms -> 0.58 ms). Inside a training or
-decoding step the allocator reuses memory and no such faults occur (the model-level figures do
-not change with this setting: dito-S train step 3219 vs 3192 ms). So the op benchmarks keep freed
-memory in the process (mallopt M_TRIM_THRESHOLD and M_MMAP_THRESHOLD), which times the kernels
-as the model runs them; set DITO_BENCH_REUSE_MEMORY=0 to time cold allocations instead.
+output, which dominated every provider's time for the 8-32 MiB activations here. Inside a
+training or decoding step the allocator reuses memory and no such faults occur. So the
+benchmarks keep freed memory in the process (mallopt M_TRIM_THRESHOLD and M_MMAP_THRESHOLD),
+which times the kernels as the model runs them; DITO_BENCH_REUSE_MEMORY=0 times cold
+allocations instead (compare the two runs to see the faults' share).
 """
 
 import ctypes
 import os
 import sys
+import time
+from typing import Callable
 
 import pytest
 import torch
@@ -44,3 +45,18 @@ def _pin_threads(request):
         bench = request.getfixturevalue("benchmark")
         bench.extra_info.update({"threads": THREADS, "torch": torch.__version__, "memory_reused": MEMORY_REUSED})
     yield
+
+
+def interleaved_medians(fns: dict, rounds: int, before: Callable | None = None) -> dict:
+    """Median seconds of each function of ``fns``, timed in alternation (a, b, a, b, ...) so that
+    drifts in machine load hit every variant alike. ``before(name)`` runs untimed before each call
+    (e.g. to select a backend)."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if before is not None:
+                before(name)
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}

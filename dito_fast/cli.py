@@ -69,9 +69,9 @@ def _load_for_model(path: Path, factor: int, size: int | None):
 
 def _load_model(directory: str, device: str):
     from .models.dito import DiTo
-    from .train.trainer import resolve_device
+    from .train.distributed import rank_device
 
-    dev = resolve_device(device)
+    dev = rank_device(device, local_rank=0, distributed=False)
     return DiTo.from_pretrained(directory).to(dev).eval(), dev
 
 
