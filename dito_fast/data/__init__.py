@@ -21,7 +21,7 @@ from .builtin import (COLOR_PHOTOGRAPHS, GREYSCALE_PHOTOGRAPHS, HOLDOUT_PHOTOGRA
                       PhotoCrops, builtin_split, bundled_photographs, skimage_data_dir)
 from .folder import IMAGE_EXTENSIONS, ImageFolderDataset, list_image_files
 from .loader import (LOADERS, BatchLoader, DALIUnavailableError, TorchLoader, dali_status, make_loader,
-                     select_loader)
+                     resolve_memory_format, select_loader)
 from .sampler import StepBatchSampler, eval_shard, mix_seed, rank_slice
 from .sources import (DALI_FORMATS, DatasetSource, FileSource, Source, TarSource, check_source, expand_braces,
                       parse_file_list, resolve_source)
@@ -54,6 +54,7 @@ __all__ = [
     "expand_braces",
     "loader_resize_size",
     "make_loader",
+    "resolve_memory_format",
     "mix_seed",
     "parse_file_list",
     "rank_slice",

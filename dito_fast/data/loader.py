@@ -63,6 +63,16 @@ def dali_status() -> Tuple[bool, str]:
     return True, "installed"
 
 
+def resolve_memory_format(memory_format: str, device: Optional[torch.device] = None) -> str:
+    """``memory_format`` with "auto" made concrete for ``device`` (default: CUDA if available):
+    channels_last on the CPU, where dito_fast's Winograd convolutions work NHWC, else contiguous."""
+    if memory_format != "auto":
+        return memory_format
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+
+
 def select_loader(requested: str, source: Source, device: Optional[torch.device] = None) -> str:
     """"dali" or "torch" for ``requested`` in LOADERS.
 
@@ -328,7 +338,7 @@ def make_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 0, nu
     # Both loaders accept the formats DALI decodes, so they see the same samples (GIF is not one).
     src = check_source(src, data.check_files, formats=DALI_FORMATS)
     common = dict(image_size=data.image_size, batch_size=hi - lo, seed=seed, train=train,
-                  hflip=data.hflip, memory_format=data.memory_format, rank=rank, world_size=world_size,
+                  hflip=data.hflip, memory_format=resolve_memory_format(data.memory_format, device), rank=rank, world_size=world_size,
                   start_step=start_step, num_steps=num_steps, global_batch_size=batch_size)
     if kind == "dali":
         from .dali import DALILoader

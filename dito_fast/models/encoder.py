@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import EncoderConfig
-from ..ops import attention, group_norm_modulate_silu
+from ..ops import Conv3x3, attention, group_norm_modulate_silu
 
 
 class ResBlock(nn.Module):
@@ -21,9 +21,9 @@ class ResBlock(nn.Module):
         super().__init__()
         self.groups = groups
         self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3(in_ch, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv3x3(out_ch, out_ch)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x):

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DecoderConfig
-from ..ops import group_norm_modulate_silu
+from ..ops import Conv3x3, group_norm_modulate_silu
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -48,10 +48,10 @@ class ResBlock(nn.Module):
         super().__init__()
         self.groups, self.resample = groups, resample
         self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3(in_ch, out_ch)
         self.time_proj = nn.Linear(temb_dim, 2 * out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv3x3(out_ch, out_ch)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def _resample(self, x):

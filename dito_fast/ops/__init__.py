@@ -5,12 +5,13 @@ attention. The C++/CUDA/Triton backends plug into the same dispatchers.
 """
 
 from .attention import attention, attention_ref
+from .conv3x3 import Conv3x3, conv3x3, conv3x3_ref
 from .fm import fm_loss, fm_loss_ref, fm_noise, fm_noise_ref
 from .group_norm_modulate_silu import group_norm_modulate_silu, group_norm_modulate_silu_ref
 from .latent_layernorm import latent_layernorm, latent_layernorm_ref
 
 __all__ = [
-    "attention", "attention_ref", "fm_loss", "fm_loss_ref", "fm_noise", "fm_noise_ref",
+    "Conv3x3", "attention", "attention_ref", "conv3x3", "conv3x3_ref", "fm_loss", "fm_loss_ref", "fm_noise", "fm_noise_ref",
     "group_norm_modulate_silu", "group_norm_modulate_silu_ref", "latent_layernorm", "latent_layernorm_ref",
 ]
 
@@ -22,6 +23,7 @@ def available_backends() -> dict[str, list[str]]:
     mod = lambda name: importlib.import_module(f"{__name__}.{name}")  # noqa: E731 (functions shadow modules)
     return {
         "attention": [b.name for b in mod("attention")._BACKENDS],
+        "conv3x3": [b.name for b in mod("conv3x3")._BACKENDS],
         "fm_noise": [b.name for b in mod("fm")._NOISE_BACKENDS],
         "fm_loss": [b.name for b in mod("fm")._LOSS_BACKENDS],
         "group_norm_modulate_silu": [b.name for b in mod("group_norm_modulate_silu")._BACKENDS],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -368,6 +369,7 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
     if t_cfg.threads > 0:
         torch.set_num_threads(t_cfg.threads)
     ctx, device = distributed.setup(t_cfg.dist_backend, t_cfg.device)
+    cfg = resolve_memory_format(cfg, device)
     ok = False
     try:
         result = _train(cfg, Path(out_dir), resume, train_dataset, val_images, progress, ctx, device)
@@ -375,6 +377,16 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
         return result
     finally:
         distributed.teardown(ctx, ok)
+
+
+def resolve_memory_format(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """``cfg`` with ``data.memory_format="auto"`` made concrete: channels_last on the CPU (dito-S
+    at 64x64 on a 2-core CPU trains 1.4x faster than contiguous with the Winograd convolutions,
+    which work NHWC), contiguous on other devices and with FSDP (which shards flat parameters)."""
+    if cfg.data.memory_format != "auto":
+        return cfg
+    fmt = "contiguous" if cfg.train.parallel == "fsdp" else data.resolve_memory_format("auto", device)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, memory_format=fmt))
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, progress, ctx: DistContext,

@@ -243,8 +243,9 @@ def test_unknown_backend_lists_available():
 
 def test_available_backends():
     avail = ops.available_backends()
-    assert set(avail) == {"attention", "fm_noise", "fm_loss", "group_norm_modulate_silu", "latent_layernorm"}
-    assert all("ref" in names and "triton" in names for names in avail.values())
+    assert set(avail) == {"attention", "conv3x3", "fm_noise", "fm_loss", "group_norm_modulate_silu", "latent_layernorm"}
+    assert all("ref" in names and "triton" in names for op, names in avail.items() if op != "conv3x3")
+    assert avail["conv3x3"] == ["cpp", "ref"]  # on CUDA, ref is F.conv2d, i.e. cuDNN
     assert all(names[0] == "cpp" for op, names in avail.items() if op != "attention")
     assert avail["attention"][0] == "sdpa"
 
