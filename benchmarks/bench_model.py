@@ -8,9 +8,11 @@ dito_fast's fused ops.
   reference ops and with fused ops: the share of time the fused ops replace, the ideal speed-up
   that share allows (Amdahl: the replaced ops taking no time) and the achieved speed-up.
 
-``ops="ref"`` runs the four fused ops (fm_noise, fm_loss, latent_layernorm,
-group_norm_modulate_silu) on their eager reference through DITO_FAST_BACKEND; ``ops="fused"`` uses
-the default choice (the C++ kernels when built). Attention uses SDPA in both.
+``ops="ref"`` runs the fused ops (fm_noise, fm_loss, latent_layernorm, group_norm_modulate_silu,
+conv3x3) on their eager reference through DITO_FAST_BACKEND; ``ops="fused"`` uses the default
+choice (the C++ kernels when built). Attention uses SDPA in both. The profile benchmark also runs
+the fused ops with the model and inputs channels_last, the layout training and fast_decode use on
+the CPU by default.
 
 Run: ``pytest benchmarks/bench_model.py --benchmark-json=bench_model.json`` and
 ``python benchmarks/report.py bench_model.json``; derived figures are in each result's extra_info.
@@ -30,7 +32,11 @@ from dito_fast.models.dito import decoder_gflops, encoder_gflops
 from dito_fast.ops import _cpp, _dispatch
 
 SIZE = 64
-FUSED_OPS = ("fm_noise", "fm_loss", "latent_layernorm", "group_norm_modulate_silu")
+# Memory-bound fused ops (the replaced time could at best vanish) and the Winograd convolution
+# (compute-bound: at best 2.25x fewer multiply-adds at the same rate).
+NORM_OPS = ("fm_noise", "fm_loss", "latent_layernorm", "group_norm_modulate_silu")
+FUSED_OPS = NORM_OPS + ("conv3x3",)
+WINOGRAD_FLOP_RATIO = 36 / 16
 REF_ENV = ",".join(f"{op}=ref" for op in FUSED_OPS)
 OPS = ["ref", "fused"]
 
@@ -41,12 +47,15 @@ def _median(benchmark):
 
 
 def _use_ops(monkeypatch, ops):
+    """Select the ops; returns the memory format to run in: NCHW for the eager reference,
+    channels_last for the fused ops (what training and fast_decode use on the CPU by default)."""
     if ops == "ref":
         monkeypatch.setenv("DITO_FAST_BACKEND", REF_ENV)
-    else:
-        if not _cpp.AVAILABLE:
-            pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
-        monkeypatch.delenv("DITO_FAST_BACKEND", raising=False)
+        return torch.contiguous_format
+    if not _cpp.AVAILABLE:
+        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+    monkeypatch.delenv("DITO_FAST_BACKEND", raising=False)
+    return torch.channels_last
 
 
 def _model(preset):
@@ -58,10 +67,10 @@ def _images(batch):
     return torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
-def train_step_fn(preset, batch):
-    model = _model(preset).train()
+def train_step_fn(preset, batch, memory_format=torch.contiguous_format):
+    model = _model(preset).to(memory_format=memory_format).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = _images(batch)
+    x = _images(batch).contiguous(memory_format=memory_format)
     gen = torch.Generator().manual_seed(0)
 
     def step():
@@ -73,11 +82,11 @@ def train_step_fn(preset, batch):
     return step
 
 
-def _decoder_step_fn(preset, batch):
-    model = _model(preset).eval()
-    x_t = _images(batch)
+def _decoder_step_fn(preset, batch, memory_format=torch.contiguous_format):
+    model = _model(preset).to(memory_format=memory_format).eval()
+    x_t = _images(batch).contiguous(memory_format=memory_format)
     t = torch.full((batch,), 0.5)
-    z = torch.randn(batch, model.latent_channels, SIZE // 8, SIZE // 8)
+    z = torch.randn(batch, model.latent_channels, SIZE // 8, SIZE // 8).contiguous(memory_format=memory_format)
 
     def step():
         with torch.inference_mode():
@@ -89,8 +98,7 @@ def _decoder_step_fn(preset, batch):
 @pytest.mark.parametrize("ops", OPS)
 @pytest.mark.parametrize("preset,batch", [("dito-tiny", 16), ("dito-S", 8)])
 def test_train_step(benchmark, monkeypatch, preset, batch, ops):
-    _use_ops(monkeypatch, ops)
-    step = train_step_fn(preset, batch)
+    step = train_step_fn(preset, batch, _use_ops(monkeypatch, ops))
     benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
     med = _median(benchmark)
     if med is None:  # --benchmark-disable: the function ran once, untimed
@@ -101,8 +109,7 @@ def test_train_step(benchmark, monkeypatch, preset, batch, ops):
 @pytest.mark.parametrize("ops", OPS)
 @pytest.mark.parametrize("preset,batch", [("dito-tiny", 1), ("dito-tiny", 8), ("dito-S", 1), ("dito-S", 8)])
 def test_decoder_step(benchmark, monkeypatch, preset, batch, ops):
-    _use_ops(monkeypatch, ops)
-    step, model = _decoder_step_fn(preset, batch)
+    step, model = _decoder_step_fn(preset, batch, _use_ops(monkeypatch, ops))
     benchmark.pedantic(step, rounds=10, warmup_rounds=2, iterations=1)
     med = _median(benchmark)
     if med is None:
@@ -170,19 +177,21 @@ def test_encode(benchmark, preset):
 _NO_NODE = {"aten::to", "aten::contiguous", "aten::detach", "aten::alias", "aten::empty"}
 
 
-def fused_op_time(prof) -> tuple[float, float]:
-    """(seconds inside the fused ops' forward ranges + their backward nodes, total seconds) of a
+def fused_op_time(prof) -> tuple[dict, float]:
+    """({op: seconds inside its forward ranges + their backward nodes}, total seconds) of a
     profiled step. Backward nodes are matched to the forward ops of the ranges by autograd
     sequence number; ops that create no autograd node (aten::to, ...) are skipped because they
     carry a neighbour's number."""
     events = prof.events()
-    ranges = [e for e in events if e.name in {f"dito_fast::{op}" for op in FUSED_OPS}]
-    seqs = {c.sequence_nr for r in ranges for c in r.cpu_children if c.sequence_nr >= 0 and c.name not in _NO_NODE}
-    backward = [e for e in events if e.name.startswith("autograd::engine::evaluate_function")
-                and e.sequence_nr in seqs]
-    inside = sum(e.cpu_time_total for e in ranges) + sum(e.cpu_time_total for e in backward)
+    per_op = {}
+    for op in FUSED_OPS:
+        ranges = [e for e in events if e.name == f"dito_fast::{op}"]
+        seqs = {c.sequence_nr for r in ranges for c in r.cpu_children if c.sequence_nr >= 0 and c.name not in _NO_NODE}
+        backward = [e for e in events if e.name.startswith("autograd::engine::evaluate_function")
+                    and e.sequence_nr in seqs]
+        per_op[op] = (sum(e.cpu_time_total for e in ranges) + sum(e.cpu_time_total for e in backward)) * 1e-6
     top = [e for e in events if e.cpu_parent is None]
-    return inside * 1e-6, sum(e.cpu_time_total for e in top) * 1e-6
+    return per_op, sum(e.cpu_time_total for e in top) * 1e-6
 
 
 def _set_backend_env(value):
@@ -194,37 +203,51 @@ def _set_backend_env(value):
 
 @pytest.mark.parametrize("kind", ["train_step", "decoder_step"])
 def test_profile_fused_share(benchmark, monkeypatch, kind):
-    """dito-S at 64x64, batch 8: profile with reference ops and with fused ops, then time both
-    in alternation."""
+    """dito-S at 64x64, batch 8: profile with reference ops (NCHW, eager PyTorch) and with fused
+    ops (NCHW, and channels_last as training and fast_decode run on the CPU), then time all three
+    in alternation.
+
+    The bound: the memory-bound fused ops' share s_norm could at best take no time and the 3x3
+    convolutions' share s_conv could at best shrink by Winograd's 2.25x fewer multiply-adds, so
+    ideal = 1 / (1 - s_norm - s_conv (1 - 1/2.25)); ``saving_vs_ideal`` is the time saved over
+    the time that bound saves."""
     if not _cpp.AVAILABLE:
         pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
     rounds = 1 if benchmark.disabled else 7
     preset = "dito-tiny" if benchmark.disabled else "dito-S"  # the smoke run only checks the plumbing
     monkeypatch.setenv("DITO_FAST_BACKEND", "")  # restored by monkeypatch after the test
-    env = {"ref": REF_ENV, "fused": None}
-    fns, result = {}, {}
-    for ops in OPS:
-        _set_backend_env(env[ops])
-        fn = train_step_fn(preset, 8) if kind == "train_step" else _decoder_step_fn(preset, 8)[0]
+    variants = {"ref": (REF_ENV, torch.contiguous_format), "fused_nchw": (None, torch.contiguous_format),
+                "fused": (None, torch.channels_last)}
+    fns, shares = {}, {}
+    for name, (env, fmt) in variants.items():
+        _set_backend_env(env)
+        if kind == "train_step":
+            fn = train_step_fn(preset, 8, fmt)
+        else:
+            fn = _decoder_step_fn(preset, 8, fmt)[0]
         fn()
         monkeypatch.setattr(_dispatch, "PROFILE_RANGES", True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
         monkeypatch.setattr(_dispatch, "PROFILE_RANGES", False)
-        inside, total = fused_op_time(prof)
-        fns[ops], result[ops] = fn, {"profiled_share": inside / total}
-    for ops, sec in interleaved_medians(fns, rounds, before=lambda name: _set_backend_env(env[name])).items():
-        result[ops]["step_s"] = sec
-    _set_backend_env(env["fused"])
+        per_op, total = fused_op_time(prof)
+        fns[name], shares[name] = fn, {op: t / total for op, t in per_op.items()}
+    step = interleaved_medians(fns, rounds, before=lambda name: _set_backend_env(variants[name][0]))
+    _set_backend_env(None)
     benchmark.pedantic(fns["fused"], rounds=1, warmup_rounds=0, iterations=1)
-    ref, fused = result["ref"], result["fused"]
-    share = ref["profiled_share"]
-    replaced_s = share * ref["step_s"]  # time the reference ops take in an unprofiled step
+    s_norm = sum(shares["ref"][op] for op in NORM_OPS)
+    s_conv = shares["ref"]["conv3x3"]
+    bound_saving = s_norm + s_conv * (1 - 1 / WINOGRAD_FLOP_RATIO)  # fraction of the ref step
     info = {
         "model": preset, "batch": 8, "image_size": SIZE, "kind": kind,
-        "ref_step_ms": ref["step_s"] * 1e3, "fused_step_ms": fused["step_s"] * 1e3,
-        "replaced_share": share, "fused_ops_share_after": fused["profiled_share"],
-        "ideal_speedup": 1 / (1 - share), "achieved_speedup": ref["step_s"] / fused["step_s"],
-        "saving_vs_ideal": (ref["step_s"] - fused["step_s"]) / replaced_s if replaced_s > 0 else 0.0,
+        "ref_step_ms": step["ref"] * 1e3, "fused_nchw_step_ms": step["fused_nchw"] * 1e3,
+        "fused_step_ms": step["fused"] * 1e3,
+        "norm_ops_share": s_norm, "conv3x3_share": s_conv,
+        "norm_ops_share_after": sum(shares["fused"][op] for op in NORM_OPS),
+        "conv3x3_share_after": shares["fused"]["conv3x3"],
+        "ideal_speedup": 1 / (1 - bound_saving),
+        "achieved_speedup": step["ref"] / step["fused"],
+        "achieved_speedup_nchw": step["ref"] / step["fused_nchw"],
+        "saving_vs_ideal": (step["ref"] - step["fused"]) / (bound_saving * step["ref"]),
     }
     benchmark.extra_info.update(info)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dito_fast.ops import (
-    _cpp, fm_loss, fm_loss_ref, fm_noise, fm_noise_ref, group_norm_modulate_silu,
+    _cpp, conv3x3, conv3x3_ref, fm_loss, fm_loss_ref, fm_noise, fm_noise_ref, group_norm_modulate_silu,
     group_norm_modulate_silu_ref, latent_layernorm, latent_layernorm_ref,
 )
 
@@ -30,6 +30,11 @@ MODES = ["fwd", "full"]
 GNMS_SHAPES = [
     ("S@64 L0", 8, 64, 64, 64, 32), ("S@64 L3", 8, 256, 8, 8, 32),
     ("B@256 L0", 1, 128, 256, 256, 32), ("B@256 L3", 1, 512, 32, 32, 32),
+]
+# (label, B, C_in, C_out, H, W): the decoder's 3x3 convolutions at level 0 and level 3.
+CONV_SHAPES = [
+    ("S@64 L0", 8, 64, 64, 64, 64), ("S@64 L3", 8, 256, 256, 8, 8),
+    ("B@256 L0", 1, 128, 128, 256, 256), ("B@256 L3", 1, 512, 512, 32, 32),
 ]
 LATENT_SHAPES = [("S@64 latent", 8, 4, 8, 8), ("B@256 latent", 1, 4, 32, 32)]
 IMAGE_SHAPES = [("S@64 image", 8, 3, 64, 64), ("B@256 image", 1, 3, 256, 256)]
@@ -120,6 +125,27 @@ def test_fm_step(benchmark, shape, mode, provider):
 
     n = x.numel() * 4
     _run(benchmark, step, (pred,), (pred,), mode, 5 * n, 7 * n, label, rounds=30)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: s[0].replace(" ", "-").replace("@", ""))
+def test_conv3x3(benchmark, shape, mode, provider):
+    """3x3 convolution (channels_last, the layout the UNet runs in on the CPU): Winograd (cpp) vs
+    oneDNN's direct convolution (ref). extra_info["gflops"]: nominal direct-convolution GFLOP/s
+    (2 x multiply-adds of the direct algorithm, so Winograd can exceed the machine's GEMM rate)."""
+    label, B, C, Co, H, W = shape
+    g = torch.Generator().manual_seed(0)
+    grad = mode == "full"
+    x = torch.randn(B, C, H, W, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+    w = (torch.randn(Co, C, 3, 3, generator=g) / (3 * C**0.5)).requires_grad_(grad)
+    b = torch.randn(Co, generator=g).requires_grad_(grad)
+    fn = _provider_fn(provider, conv3x3, conv3x3_ref, benchmark)
+    _run(benchmark, fn, (x, w, b), (x, w, b), mode, 4 * B * H * W * (C + Co), 4 * B * H * W * (2 * C + 3 * Co),
+         label, rounds=10 if B * H * W * C > 1_000_000 else 30)
+    if benchmark.stats is not None:
+        flop = 2 * B * H * W * C * Co * 9 * (1 if mode == "fwd" else 3)
+        benchmark.extra_info["gflops"] = flop / _median(benchmark) / 1e9
 
 
 def test_memory_bandwidth(benchmark):

@@ -26,13 +26,15 @@ def main(path: str) -> None:
     bw = next((r["extra_info"]["gb_per_s"] for r in rows if r["name"].startswith("test_memory_bandwidth")), None)
     if bw:
         print(f"measured copy bandwidth: {bw:.1f} GB/s\n")
-    ops = defaultdict(dict)
+    ops, convs = defaultdict(dict), defaultdict(dict)
     for r in rows:
         p = r.get("params") or {}
         if "provider" in p and "mode" in p:
             key = (r["name"].split("[")[0].removeprefix("test_"), r["extra_info"].get("shape", p.get("shape")), p["mode"])
-            ops[key][p["provider"]] = r["stats"]["median"] * 1e3, r["extra_info"].get("gb_per_s")
-            ops[key]["min_bytes"] = r["extra_info"].get("min_bytes")
+            target = convs if key[0] == "conv3x3" else ops
+            target[key][p["provider"]] = r["stats"]["median"] * 1e3, r["extra_info"].get(
+                "gflops" if key[0] == "conv3x3" else "gb_per_s")
+            target[key]["min_bytes"] = r["extra_info"].get("min_bytes")
     if ops:
         # "ref / bw-bound": how many times faster than eager a kernel moving only its minimum traffic
         # at the measured copy bandwidth would be; below 3 no kernel can be 3x faster than eager
@@ -49,14 +51,28 @@ def main(path: str) -> None:
             bound = f"{ref[0] / (nbytes / bw / 1e6):.1f}x" if bw and nbytes and ref[0] else "-"
             print(f"| {op} | {shape} | {mode} | {fmt(ref[0])} | {fmt(comp[0])} | {fmt(cpp[0])} | "
                   f"{ratio(ref[0], cpp[0])} | {ratio(comp[0], cpp[0])} | {gbs} | {bound} |")
+    if convs:
+        # GFLOP/s are nominal: the direct algorithm's 2 x multiply-adds over the time, so Winograd
+        # (2.25x fewer multiply-adds) can exceed the machine's GEMM rate.
+        print("\n| 3x3 conv (channels_last) | shape | mode | ref ms | compile ms | cpp (Winograd) ms | cpp vs ref "
+              "| cpp vs compile | ref GFLOP/s | cpp GFLOP/s (nominal) |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for (op, shape, mode), prov in sorted(convs.items()):
+            ref, comp, cpp = (prov.get(k, (None, None)) for k in ("ref", "compile", "cpp"))
+            fmt = lambda v, d=3: f"{v:.{d}f}" if v is not None else "-"  # noqa: E731
+            ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b is not None else "-"  # noqa: E731
+            print(f"| {op} | {shape} | {mode} | {fmt(ref[0])} | {fmt(comp[0])} | {fmt(cpp[0])} | {ratio(ref[0], cpp[0])} "
+                  f"| {ratio(comp[0], cpp[0])} | {fmt(ref[1], 0)} | {fmt(cpp[1], 0)} |")
     prof = [r for r in rows if r["name"].startswith("test_profile_fused_share")]
     if prof:
-        print("\n| dito-S @64, batch 8 | reference ops ms | fused ops ms | share replaced | ideal speed-up | achieved | saving vs ideal |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("\n| dito-S @64, batch 8 | reference ms | fused NCHW ms | fused channels_last ms | norm ops share "
+              "| 3x3 conv share | ideal speed-up | achieved (channels_last) | achieved (NCHW) | saving vs ideal |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in prof:
             e = r["extra_info"]
-            print(f"| {e['kind']} | {e['ref_step_ms']:.0f} | {e['fused_step_ms']:.0f} | {e['replaced_share']:.1%} | "
-                  f"{e['ideal_speedup']:.3f}x | {e['achieved_speedup']:.3f}x | {e['saving_vs_ideal']:.0%} |")
+            print(f"| {e['kind']} | {e['ref_step_ms']:.0f} | {e['fused_nchw_step_ms']:.0f} | {e['fused_step_ms']:.0f} | "
+                  f"{e['norm_ops_share']:.1%} | {e['conv3x3_share']:.1%} | {e['ideal_speedup']:.2f}x | "
+                  f"{e['achieved_speedup']:.2f}x | {e['achieved_speedup_nchw']:.2f}x | {e['saving_vs_ideal']:.0%} |")
     cl = [{"kind": f"fast_decode ({r['extra_info']['steps']} Euler steps)", **r["extra_info"]}
           if r["name"].startswith("test_decode_channels_last") else r["extra_info"]
           for r in rows if r["name"].startswith(("test_channels_last", "test_decode_channels_last"))

@@ -120,8 +120,25 @@ else:
     _OP = _WGRAD = None
 
 
+# Inference: the transformed filter is kept on the weight tensor (attribute _dito_winograd) until
+# the weight changes (its version counter moves on every in-place update, e.g. an optimizer step),
+# so a decoder step does not re-transform every filter (for dito-S that would write 1.8x the
+# decoder's weights per step).
+def _inference_filter(weight: torch.Tensor) -> torch.Tensor:
+    key = (weight._version, weight.data_ptr(), weight.dtype)
+    hit = getattr(weight, "_dito_winograd", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        u = winograd_filter(weight)
+    weight._dito_winograd = (key, u)
+    return u
+
+
 def _cpp_conv3x3(x, weight, bias):
-    return _OP(x, winograd_filter(weight), bias)
+    if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling() or weight.is_inference():
+        return _OP(x, winograd_filter(weight), bias)
+    return _OP(x, _inference_filter(weight), bias)
 
 
 def _cpp_reasons(x, weight, bias) -> list[str]:

@@ -1,0 +1,172 @@
+"""conv3x3: the Winograd C++ backend against the float64 reference (F.conv2d), its transforms,
+gradcheck, opcheck, torch.compile, layouts and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dito_fast.ops import Conv3x3, conv3x3, conv3x3_ref
+from dito_fast.ops.conv3x3 import _flipped, winograd_filter, winograd_filter_grad
+
+from backend_cases import CPP_REASON, assert_close_to_ref
+
+needs_cpp = pytest.mark.skipif(bool(CPP_REASON), reason=CPP_REASON)
+# (B, C_in, C_out, H, W): odd sizes (partial tiles on both edges), batch 1, 1x1 and 1xN images,
+# channel counts that are not multiples of the vector width, a model-sized level.
+SHAPES = [(3, 33, 40, 23, 19), (1, 32, 48, 8, 8), (2, 32, 35, 1, 1), (2, 40, 32, 1, 7), (2, 64, 64, 16, 16)]
+
+
+def _grads(fn, x, w, b, seed=4):
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    y = fn(x, w, b)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y.dtype)
+    inputs = (x, w) if b is None else (x, w, b)
+    return (y.detach(), *torch.autograd.grad(y, inputs, g))
+
+
+def _inputs(shape, dtype, layout, bias=True):
+    B, C, Co, H, W = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(Co, C, 3, 3, generator=g, dtype=torch.float64) / (3 * C**0.5)).to(dtype)
+    b = torch.randn(Co, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=3)[:, :, :, ::2]
+    return x, w, b
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_cpp_matches_reference(shape, dtype, layout):
+    x, w, b = _inputs(shape, dtype, layout)
+    ours = _grads(lambda *a: conv3x3(*a, backend="cpp"), x, w, b)
+    ref64 = _grads(conv3x3_ref, x.double(), w.double(), b.double())
+    same = _grads(conv3x3_ref, x, w, b)  # oneDNN's own error in this dtype
+    for o, r, s, what in zip(ours, ref64, same, ("y", "grad x", "grad weight", "grad bias")):
+        assert o.dtype == dtype, what
+        assert_close_to_ref(o, r, dtype, s, what)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert ours[0].is_contiguous(memory_format=fmt), "the output keeps x's layout"
+
+
+@needs_cpp
+def test_without_bias_and_in_a_module():
+    x, w, _ = _inputs((2, 32, 32, 9, 10), torch.float64, "contiguous", bias=False)
+    torch.testing.assert_close(conv3x3(x, w, None, backend="cpp"), F.conv2d(x, w, None, padding=1))
+    conv = Conv3x3(32, 48).double()
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert set(conv.state_dict()) == {"weight", "bias"} and conv.weight.shape == (48, 32, 3, 3)
+
+
+def test_filter_transform_and_its_adjoint():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
+    u = winograd_filter(w)
+    assert u.shape == (16, 3, 5)
+    G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    expect = torch.einsum("ia,ocab,jb->ijco", G, w, G).reshape(16, 3, 5)
+    torch.testing.assert_close(u, expect)
+    du = torch.randn(16, 3, 5, generator=g, dtype=torch.float64)
+    # <filter(w), du> == <w, filter_grad(du)>: the weight gradient uses the exact adjoint
+    torch.testing.assert_close((u * du).sum(), (w * winograd_filter_grad(du)).sum())
+    # the input gradient's filter: the transform of the flipped filter with in/out swapped
+    torch.testing.assert_close(_flipped(u), winograd_filter(w.flip(2, 3).transpose(0, 1)))
+
+
+@needs_cpp
+def test_gradcheck_opcheck_compile():
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: conv3x3(*a, backend="cpp"), (x, w, b))
+    xf, wf = torch.randn(2, 8, 5, 6), torch.randn(6, 8, 3, 3)
+    u = winograd_filter(wf).requires_grad_()
+    torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3, (xf.requires_grad_(), u, torch.randn(6)))
+    torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3_weight_grad, (xf.detach(), torch.randn(2, 6, 5, 6)))
+    torch._dynamo.reset()
+    f = lambda a, c: conv3x3(a, c, None, backend="cpp").square().sum()  # noqa: E731
+    a1, c1 = xf.detach().clone().requires_grad_(), wf.clone().requires_grad_()
+    a2, c2 = xf.detach().clone().requires_grad_(), wf.clone().requires_grad_()
+    out_c = torch.compile(f, fullgraph=True, backend="aot_eager")(a1, c1)
+    out_e = f(a2, c2)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(a1.grad, a2.grad)
+    torch.testing.assert_close(c1.grad, c2.grad)
+
+
+@needs_cpp
+def test_non_finite_values_propagate():
+    x, w, b = _inputs((1, 32, 32, 6, 6), torch.float32, "contiguous")
+    x[0, 3, 2, 2] = float("nan")
+    y = conv3x3(x, w, b, backend="cpp")
+    ref = F.conv2d(x, w, b, padding=1)
+    assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().any()
+
+
+@needs_cpp
+def test_automatic_choice(monkeypatch):
+    monkeypatch.delenv("DITO_FAST_BACKEND", raising=False)
+    # few channels: the direct convolution (bitwise F.conv2d); enough channels: Winograd (not bitwise)
+    x, w, b = _inputs((2, 8, 8, 12, 12), torch.float32, "contiguous")
+    assert torch.equal(conv3x3(x, w, b), F.conv2d(x, w, b, padding=1))
+    x, w, b = _inputs((2, 64, 64, 12, 12), torch.float32, "contiguous")
+    y = conv3x3(x, w, b)
+    assert torch.equal(y, conv3x3(x, w, b, backend="cpp")) and not torch.equal(y, F.conv2d(x, w, b, padding=1))
+    monkeypatch.setenv("DITO_FAST_BACKEND", "conv3x3=ref")
+    assert torch.equal(conv3x3(x, w, b), F.conv2d(x, w, b, padding=1))
+
+
+@needs_cpp
+def test_cpp_declines_what_it_cannot_run():
+    x, w, b = _inputs((1, 32, 32, 4, 4), torch.float32, "contiguous")
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        conv3x3(x.half(), w.half(), b.half(), backend="cpp")
+    with pytest.raises(RuntimeError, match="autocast"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv3x3(x, w, b, backend="cpp")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the automatic choice follows autocast's policy
+        assert conv3x3(x, w, b).dtype == torch.bfloat16
+
+
+def test_errors_name_the_problem():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"weight must be \(C_out, 4, 3, 3\), got \(6, 4, 5, 5\)"):
+        conv3x3(x, torch.randn(6, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"weight must be \(C_out, 4, 3, 3\), got \(6, 3, 3, 3\)"):
+        conv3x3(x, torch.randn(6, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"bias must be \(6,\)"):
+        conv3x3(x, torch.randn(6, 4, 3, 3), torch.randn(5))
+    with pytest.raises(ValueError, match="non-empty"):
+        conv3x3(torch.randn(0, 4, 5, 5), torch.randn(6, 4, 3, 3))
+    with pytest.raises(TypeError, match="floating"):
+        conv3x3(torch.ones(1, 4, 5, 5, dtype=torch.long), torch.randn(6, 4, 3, 3))
+    if not CPP_REASON:
+        with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16, 4, C_out\)"):
+            torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 4, 6), None)
+
+
+@needs_cpp
+def test_inference_filter_cache_follows_weight_updates():
+    conv = Conv3x3(32, 32)
+    x = torch.randn(2, 32, 6, 6)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y0 = conv(x)
+            torch.testing.assert_close(y0, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+            assert torch.equal(conv(x), y0)  # cached filter, same result
+        with torch.no_grad():
+            conv.weight.mul_(-2)  # an in-place update (as an optimizer step) invalidates the cache
+        with mode():
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+    # training mode: no cache; gradients flow to the weight
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
