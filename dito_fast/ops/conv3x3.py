@@ -4,8 +4,10 @@ Backends:
 - ``cpp``: Winograd F(2x2, 3x3) on the CPU (csrc/ops/conv3x3): 16 multiply-adds per 2x2 output
   tile and channel pair instead of 36, so the GEMMs do 2.25x fewer flops than a direct
   convolution. The filter is transformed here (``winograd_filter``), the activations per tile in
-  C++; forward, input gradient (the same convolution with the flipped, transposed filter) and
-  filter gradient (in the Winograd domain, then the adjoint filter transform) all use it. float32
+  C++; forward, input gradient (the convolution with the flipped, transposed filter: the same
+  transformed filter with its tile positions permuted) and filter gradient (in the Winograd
+  domain, then the adjoint filter transform, which autograd derives from ``winograd_filter``)
+  all use it. float32
   and float64; activations are processed channels_last (an NCHW input is converted, and the
   output keeps the input's layout). Not chosen automatically for convolutions with fewer than
   ``MIN_WINOGRAD_CHANNELS`` input or output channels, where the GEMMs are too thin to pay for the
@@ -29,9 +31,6 @@ MIN_WINOGRAD_CHANNELS = 32
 # vec(U) = kron(G, G) vec(g).
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
 _KRON = torch.kron(_G, _G)  # (16, 9)
-# G (flipped g) = Q G with Q swapping rows 0 and 3, so the flipped filter's transform is U
-# with its positions permuted by Q on both axes.
-_FLIP = [3, 1, 2, 0]
 _kron_cache: dict = {}
 
 
@@ -43,27 +42,11 @@ def _kron(dtype, device):
 
 
 def winograd_filter(weight: torch.Tensor) -> torch.Tensor:
-    """Transformed filter (16, C_in, C_out) of ``weight`` (C_out, C_in, 3, 3): U_k = (G g G^T)_k
-    for each of the 16 positions k = 4i + j of a 4x4 Winograd tile. Differentiable."""
+    """Transformed filter (16, C_out, C_in) of ``weight`` (C_out, C_in, 3, 3): position k = 4i + j
+    of the 4x4 Winograd tile holds (G g G^T)_ij for every filter g. One GEMM, no copies;
+    differentiable (its backward is the adjoint transform)."""
     co, ci = weight.shape[:2]
-    u = _kron(weight.dtype, weight.device) @ weight.reshape(co * ci, 9).t()  # (16, co * ci)
-    return u.view(16, co, ci).transpose(1, 2).contiguous()
-
-
-def winograd_filter_grad(grad_u: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`winograd_filter`: the filter gradient (C_out, C_in, 3, 3) from the
-    gradient (16, C_in, C_out) of the transformed filter."""
-    _, ci, co = grad_u.shape
-    g = _kron(grad_u.dtype, grad_u.device).t() @ grad_u.transpose(1, 2).reshape(16, co * ci)  # (9, co * ci)
-    return g.t().reshape(co, ci, 3, 3)
-
-
-def _flipped(u: torch.Tensor) -> torch.Tensor:
-    """Transform of the flipped, in/out-transposed filter (16, C_out, C_in): the filter of the
-    input gradient, obtained from U by permuting positions."""
-    _, ci, co = u.shape
-    idx = torch.tensor(_FLIP, device=u.device)
-    return u.view(4, 4, ci, co)[idx][:, idx].transpose(2, 3).reshape(16, co, ci)
+    return (_kron(weight.dtype, weight.device) @ weight.reshape(co * ci, 9).t()).view(16, co, ci)
 
 
 def _check(x, weight, bias):
@@ -94,26 +77,30 @@ if _cpp.AVAILABLE:
     _WGRAD = torch.ops.dito_fast.winograd_conv3x3_weight_grad.default
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3")
-    def _(x, u, bias):
+    def _(x, u, bias, transposed):
         fmt = _cpp._format(x)
-        return x.new_empty((x.shape[0], u.shape[2], x.shape[2], x.shape[3])).contiguous(memory_format=fmt)
+        c_out = u.shape[2] if transposed else u.shape[1]
+        return x.new_empty((x.shape[0], c_out, x.shape[2], x.shape[3])).contiguous(memory_format=fmt)
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3_weight_grad")
     def _(x, grad_y):
-        return x.new_empty((16, x.shape[1], grad_y.shape[1]))
+        return x.new_empty((16, grad_y.shape[1], x.shape[1]))
 
     def _setup_context(ctx, inputs, output):
-        x, u, bias = inputs
+        x, u, bias, transposed = inputs
         ctx.save_for_backward(x, u)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.transposed = bias is not None, transposed
 
     def _backward(ctx, grad):
+        if ctx.transposed:
+            raise RuntimeError("winograd_conv3x3: the transposed convolution (an input gradient) is not differentiable; "
+                               "double backward through conv3x3's cpp backend is not supported")
         x, u = ctx.saved_tensors
-        need_x, need_u, need_b = ctx.needs_input_grad
-        gx = _OP(grad, _flipped(u), None) if need_x else None
+        need_x, need_u, need_b, _ = ctx.needs_input_grad
+        gx = _OP(grad, u, None, True) if need_x else None
         gu = _WGRAD(x, grad) if need_u else None
         gb = grad.sum(dim=(0, 2, 3)) if need_b and ctx.has_bias else None
-        return gx, gu, gb
+        return gx, gu, gb, None
 
     torch.library.register_autograd("dito_fast::winograd_conv3x3", _backward, setup_context=_setup_context)
 else:
@@ -137,8 +124,8 @@ def _inference_filter(weight: torch.Tensor) -> torch.Tensor:
 
 def _cpp_conv3x3(x, weight, bias):
     if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling() or weight.is_inference():
-        return _OP(x, winograd_filter(weight), bias)
-    return _OP(x, _inference_filter(weight), bias)
+        return _OP(x, winograd_filter(weight), bias, False)
+    return _OP(x, _inference_filter(weight), bias, False)
 
 
 def _cpp_reasons(x, weight, bias) -> list[str]:

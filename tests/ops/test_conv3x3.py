@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dito_fast.ops import Conv3x3, conv3x3, conv3x3_ref
-from dito_fast.ops.conv3x3 import _flipped, winograd_filter, winograd_filter_grad
+from dito_fast.ops.conv3x3 import winograd_filter
 
 from backend_cases import CPP_REASON, assert_close_to_ref
 
@@ -65,19 +65,23 @@ def test_without_bias_and_in_a_module():
     assert set(conv.state_dict()) == {"weight", "bias"} and conv.weight.shape == (48, 32, 3, 3)
 
 
-def test_filter_transform_and_its_adjoint():
+def test_filter_transform():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
     u = winograd_filter(w)
-    assert u.shape == (16, 3, 5)
+    assert u.shape == (16, 5, 3)
     G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-    expect = torch.einsum("ia,ocab,jb->ijco", G, w, G).reshape(16, 3, 5)
-    torch.testing.assert_close(u, expect)
-    du = torch.randn(16, 3, 5, generator=g, dtype=torch.float64)
-    # <filter(w), du> == <w, filter_grad(du)>: the weight gradient uses the exact adjoint
-    torch.testing.assert_close((u * du).sum(), (w * winograd_filter_grad(du)).sum())
-    # the input gradient's filter: the transform of the flipped filter with in/out swapped
-    torch.testing.assert_close(_flipped(u), winograd_filter(w.flip(2, 3).transpose(0, 1)))
+    torch.testing.assert_close(u, torch.einsum("ia,ocab,jb->ijoc", G, w, G).reshape(16, 5, 3))
+
+
+@needs_cpp
+def test_transposed_is_the_input_gradient():
+    """transposed=True convolves with the flipped filter, channels swapped (positions permuted in C++)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    dy = torch.randn(2, 6, 7, 5, generator=g, dtype=torch.float64)
+    out = torch.ops.dito_fast.winograd_conv3x3(dy, winograd_filter(w), None, True)
+    torch.testing.assert_close(out, F.conv2d(dy, w.flip(2, 3).transpose(0, 1), padding=1))
 
 
 @needs_cpp
@@ -88,7 +92,8 @@ def test_gradcheck_opcheck_compile():
     assert torch.autograd.gradcheck(lambda *a: conv3x3(*a, backend="cpp"), (x, w, b))
     xf, wf = torch.randn(2, 8, 5, 6), torch.randn(6, 8, 3, 3)
     u = winograd_filter(wf).requires_grad_()
-    torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3, (xf.requires_grad_(), u, torch.randn(6)))
+    torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3, (xf.requires_grad_(), u, torch.randn(6), False))
+    torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3, (torch.randn(2, 6, 5, 6), u.detach(), None, True))
     torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3_weight_grad, (xf.detach(), torch.randn(2, 6, 5, 6)))
     torch._dynamo.reset()
     f = lambda a, c: conv3x3(a, c, None, backend="cpp").square().sum()  # noqa: E731
@@ -150,8 +155,8 @@ def test_errors_name_the_problem():
     with pytest.raises(TypeError, match="floating"):
         conv3x3(torch.ones(1, 4, 5, 5, dtype=torch.long), torch.randn(6, 4, 3, 3))
     if not CPP_REASON:
-        with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16, 4, C_out\)"):
-            torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 4, 6), None)
+        with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16, C_out, 4\)"):
+            torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 6, 4), None, False)
 
 
 @needs_cpp

@@ -8,7 +8,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <dito_fast/check.h>
@@ -16,6 +15,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 
 namespace dito_fast {
 namespace {
@@ -37,15 +37,18 @@ void check_activation(const at::Tensor& x, const char* op, const char* name) {
 // Views the first 16 * n * c elements of a flat buffer as a dense (16, n, c) tensor.
 at::Tensor planes(const at::Tensor& buf, int64_t n, int64_t c) { return buf.narrow(0, 0, 16 * n * c).view({16, n, c}); }
 
-at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias) {
+at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                                bool transposed) {
   constexpr const char* op = "winograd_conv3x3";
   check_activation(x, op, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == C, op, ": u must be the transformed filter (16, ", C,
-              ", C_out), got shape ", u.sizes());
+  // u is (16, C_out, C_in) of the filter; the GEMMs multiply by u_k^T, or by u_k for transposed=True.
+  const int64_t u_in = transposed ? 1 : 2;
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(u_in) == C, op, ": u must be the transformed filter (16, ",
+              transposed ? std::to_string(C) + ", C_in" : "C_out, " + std::to_string(C), "), got shape ", u.sizes());
   TORCH_CHECK(u.scalar_type() == x.scalar_type() && u.device() == x.device(), op, ": u is ", u.scalar_type(), " on ",
               u.device(), " but x is ", x.scalar_type(), " on ", x.device());
-  const int64_t Co = u.size(2);
+  const int64_t Co = u.size(3 - u_in);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = bias->contiguous();
@@ -54,16 +57,16 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const 
                 b.scalar_type(), " on ", b.device());
   }
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto uc = u.contiguous();
+  const auto gemm_u = transposed ? u : u.transpose(1, 2);  // (16, C, Co); strided views go to BLAS as is
   auto y = at::empty({B, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t T = B * ((H + 1) / 2) * ((W + 1) / 2), n = chunk_tiles(T, C, Co, x.element_size());
   const auto vbuf = at::empty({16 * n * C}, x.options()), mbuf = at::empty({16 * n * Co}, x.options());
   for (int64_t t0 = 0; t0 < T; t0 += n) {
     const int64_t len = std::min(n, T - t0);
     auto v = planes(vbuf, len, C), m = planes(mbuf, len, Co);
-    DITO_CPU_CALL(winograd_input_transform_kernel, xc, t0, len, v);
-    at::bmm_out(m, v, uc);
-    DITO_CPU_CALL(winograd_output_transform_kernel, m, b, t0, len, y);
+    DITO_CPU_CALL(winograd_input_transform_kernel, xc, t0, len, transposed, v);
+    at::bmm_out(m, v, gemm_u);
+    DITO_CPU_CALL(winograd_output_transform_kernel, m, b, t0, len, transposed, y);
   }
   return y.contiguous(preferred_format(x));
 }
@@ -79,15 +82,19 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Co = grad_y.size(1);
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto gc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
-  auto du = at::zeros({16, C, Co}, x.options());
+  auto du = at::empty({16, Co, C}, x.options());
   const int64_t T = B * ((H + 1) / 2) * ((W + 1) / 2), n = chunk_tiles(T, C, Co, x.element_size());
   const auto vbuf = at::empty({16 * n * C}, x.options()), mbuf = at::empty({16 * n * Co}, x.options());
   for (int64_t t0 = 0; t0 < T; t0 += n) {
     const int64_t len = std::min(n, T - t0);
-    const auto v = planes(vbuf, len, C), dm = planes(mbuf, len, Co);
-    DITO_CPU_CALL(winograd_input_transform_kernel, xc, t0, len, v);
+    auto v = planes(vbuf, len, C), dm = planes(mbuf, len, Co);
+    DITO_CPU_CALL(winograd_input_transform_kernel, xc, t0, len, false, v);
     DITO_CPU_CALL(winograd_grad_output_transform_kernel, gc, t0, len, dm);
-    du.baddbmm_(v.transpose(1, 2), dm);  // dU_k += V_k^T dM_k
+    if (t0 == 0) {
+      at::bmm_out(du, dm.transpose(1, 2), v);  // dU_k = dM_k^T V_k
+    } else {
+      du.baddbmm_(dm.transpose(1, 2), v);
+    }
   }
   return du;
 }

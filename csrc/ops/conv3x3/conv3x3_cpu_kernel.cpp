@@ -55,13 +55,27 @@ struct Tiles {
 
 }  // namespace
 
-void winograd_input_transform_kernel(const at::TensorBase& x, int64_t t0, int64_t n, const at::TensorBase& v) {
+namespace {
+// Plane of position k = 4 i + j: k itself, or with "flip" (the input gradient, which convolves with
+// the flipped filter) the position (s(i), s(j)), s = (3 1 2 0): G applied to a flipped filter is
+// G with rows 0 and 3 swapped, so that filter's transform is the original's with positions so
+// permuted, and the GEMM can use the original transform's planes.
+inline int64_t plane_of(int k, bool flip) {
+  if (!flip) return k;
+  constexpr int s[4] = {3, 1, 2, 0};
+  return 4 * s[k / 4] + s[k % 4];
+}
+}  // namespace
+
+void winograd_input_transform_kernel(const at::TensorBase& x, int64_t t0, int64_t n, bool flip,
+                                     const at::TensorBase& v) {
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
   const Tiles tiles{H, W, (H + 1) / 2, (W + 1) / 2};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_input_transform", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
-    const int64_t plane = n * C;  // stride of position k in v
+    int64_t off[16];  // offset of position k's plane in v
+    for (int k = 0; k < 16; ++k) off[k] = plane_of(k, flip) * n * C;
     const std::vector<scalar_t> zeros(C, scalar_t(0));
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -87,10 +101,10 @@ void winograd_input_transform_kernel(const at::TensorBase& x, int64_t t0, int64_
             u[3][s] = d[1][s] - d[3][s];
           }
           for (int r = 0; r < 4; ++r) {  // (B^T d) B
-            st(dst + (4 * r + 0) * plane + c, u[r][0] - u[r][2], cnt);
-            st(dst + (4 * r + 1) * plane + c, u[r][1] + u[r][2], cnt);
-            st(dst + (4 * r + 2) * plane + c, u[r][2] - u[r][1], cnt);
-            st(dst + (4 * r + 3) * plane + c, u[r][1] - u[r][3], cnt);
+            st(dst + off[4 * r + 0] + c, u[r][0] - u[r][2], cnt);
+            st(dst + off[4 * r + 1] + c, u[r][1] + u[r][2], cnt);
+            st(dst + off[4 * r + 2] + c, u[r][2] - u[r][1], cnt);
+            st(dst + off[4 * r + 3] + c, u[r][1] - u[r][3], cnt);
           }
         });
       }
@@ -99,13 +113,14 @@ void winograd_input_transform_kernel(const at::TensorBase& x, int64_t t0, int64_
 }
 
 void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorBase& bias, int64_t t0, int64_t n,
-                                      const at::TensorBase& y) {
+                                      bool flip, const at::TensorBase& y) {
   const int64_t C = y.size(1), H = y.size(2), W = y.size(3);
   const Tiles tiles{H, W, (H + 1) / 2, (W + 1) / 2};
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "winograd_output_transform", [&] {
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const int64_t plane = n * C;
+    int64_t off[16];
+    for (int k = 0; k < 16; ++k) off[k] = plane_of(k, flip) * n * C;
     const std::vector<scalar_t> zeros(C, scalar_t(0));
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : zeros.data();
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
@@ -121,8 +136,8 @@ void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorB
         over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
           Vec<scalar_t> q[2][4];
           for (int s = 0; s < 4; ++s) {  // A^T M
-            const auto m0 = ld(src + (0 + s) * plane + c, cnt), m1 = ld(src + (4 + s) * plane + c, cnt);
-            const auto m2 = ld(src + (8 + s) * plane + c, cnt), m3 = ld(src + (12 + s) * plane + c, cnt);
+            const auto m0 = ld(src + off[0 + s] + c, cnt), m1 = ld(src + off[4 + s] + c, cnt);
+            const auto m2 = ld(src + off[8 + s] + c, cnt), m3 = ld(src + off[12 + s] + c, cnt);
             q[0][s] = m0 + m1 + m2;
             q[1][s] = m1 - m2 - m3;
           }
