@@ -116,7 +116,9 @@ def test_encode_then_decode(trained, tmp_path, capsys):
     # the saved latent is the model's encoding of the image
     model = DiTo.from_pretrained(out / "model").eval()
     x = torch.from_numpy(np.array(Image.open(data / "img1.png"), dtype=np.float32)).permute(2, 0, 1)[None]
-    assert torch.allclose(model.encode(x / 127.5 - 1), z, atol=1e-5)
+    # float32: oneDNN's results for this strided input and the CLI's contiguous one differ by ~2e-5
+    # (latents are O(1)); another image or model differs by O(1)
+    assert torch.allclose(model.encode(x / 127.5 - 1), z, atol=1e-4)
 
     assert main(["decode", str(out / "model"), str(lat), "--out", str(dec), "--steps", "2", "--seed", "4"]) == 0
     assert sorted(p.name for p in dec.glob("*.png")) == ["img1.png", "img2.png"]

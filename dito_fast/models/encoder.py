@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import EncoderConfig
-from ..ops import Conv3x3, attention, group_norm_modulate_silu
+from ..ops import Conv3x3, attention, conv_activation_format, group_norm_modulate_silu, memory_format_of
 
 
 class ResBlock(nn.Module):
@@ -92,7 +92,10 @@ class Encoder(nn.Module):
         self.proj = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)  # (B, c, H, W)
+        """Latent (B, latent_channels, H/f, W/f) in x's layout; inside, activations use the layout
+        the convolutions prefer (:func:`conv_activation_format`: channels_last on the CPU)."""
+        out_format = memory_format_of(x)
+        h = self.conv_in(x.contiguous(memory_format=conv_activation_format(x)))  # (B, c, H, W)
         for stage in self.down:
             for block in stage.blocks:
                 h = block(h)
@@ -100,4 +103,4 @@ class Encoder(nn.Module):
         h = self.mid_block2(self.mid_attn(self.mid_block1(h)))
         h = group_norm_modulate_silu(h, self.cfg.norm_groups, self.norm_out.weight, self.norm_out.bias,
                                      eps=self.norm_out.eps)
-        return self.proj(self.conv_out(h))  # (B, latent_channels, H/f, W/f)
+        return self.proj(self.conv_out(h)).contiguous(memory_format=out_format)  # (B, latent_channels, H/f, W/f)

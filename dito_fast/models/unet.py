@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DecoderConfig
-from ..ops import Conv3x3, group_norm_modulate_silu
+from ..ops import Conv3x3, conv_activation_format, group_norm_modulate_silu, memory_format_of
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -127,11 +127,16 @@ class UNetDecoder(nn.Module):
         return [*self.down, *self.mid, *self.up]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Model output (B, 3, H, W) in x_t's layout; inside, activations use the layout the
+        convolutions prefer (:func:`conv_activation_format`: channels_last on the CPU)."""
+        out_format, work = memory_format_of(x_t), conv_activation_format(x_t)
+        x_t, z = x_t.contiguous(memory_format=work), z.contiguous(memory_format=work)
         temb = self.embed_time(t).to(x_t.dtype)  # (B, td)
         f = x_t.shape[-1] // z.shape[-1]  # the latent factor (H, W are multiples of it; checked by DiTo)
         z_up = upsample_nearest(z.to(x_t.dtype), f)  # (B, c, H, W)
         h = self.conv_in(torch.cat([x_t, z_up], dim=1))  # (B, c0, H, W)
-        return self._trunk(h, [block.modulation(temb) for block in self.blocks])
+        out = self._trunk(h, [block.modulation(temb) for block in self.blocks])
+        return out.contiguous(memory_format=out_format)
 
     # -- decoding with the step-invariant work done once (dito_fast.decode) ------------------
     # conv_in(cat(x_t, z_up)) = conv(x_t; W[:, :3]) + conv(z_up; W[:, 3:]) + b: the second term and
@@ -154,8 +159,10 @@ class UNetDecoder(nn.Module):
                        norm=group_norm_modulate_silu) -> torch.Tensor:
         """``forward`` given ``latent_features(z)`` (B, c0, H, W) and ``time_modulations(t)``."""
         c = self.cfg.out_channels
+        out_format, work = memory_format_of(x_t), conv_activation_format(x_t)
+        x_t, z_feat = x_t.contiguous(memory_format=work), z_feat.contiguous(memory_format=work)
         h = F.conv2d(x_t, self.conv_in.weight[:, :c], None, padding=1).add_(z_feat)  # (B, c0, H, W)
-        return self._trunk(h, mods, norm)
+        return self._trunk(h, mods, norm).contiguous(memory_format=out_format)
 
     def _trunk(self, h: torch.Tensor, mods: list, norm=group_norm_modulate_silu) -> torch.Tensor:
         """Everything after the input convolution; ``mods`` holds one (scale, shift) per block."""

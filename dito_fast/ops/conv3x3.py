@@ -158,6 +158,23 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return dispatch("conv3x3", _BACKENDS, backend, x, weight, bias)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor laid out so (and not also contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_activation_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout a network of :class:`Conv3x3` layers should run in for an input like ``x``:
+    channels_last where the Winograd backend will be chosen (it works NHWC, so an NCHW activation
+    would be converted on the way in and out of every convolution), else ``x``'s own layout."""
+    if (_cpp.AVAILABLE and x.dim() == 4 and x.is_cpu and x.dtype in (torch.float32, torch.float64)
+            and env_backend("conv3x3") in (None, "cpp") and not torch.is_autocast_enabled("cpu")):
+        return torch.channels_last
+    return memory_format_of(x)
+
+
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in_ch, out_ch, 3, padding=1)`` (same parameters and state dict) whose forward
     goes through :func:`conv3x3`, so the fastest backend for the device and shape is used."""
