@@ -18,6 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import interleaved_medians
+
 from dito_fast.ops import (
     _cpp, conv3x3, conv3x3_ref, fm_loss, fm_loss_ref, fm_noise, fm_noise_ref, group_norm_modulate_silu,
     group_norm_modulate_silu_ref, latent_layernorm, latent_layernorm_ref,
@@ -146,6 +148,78 @@ def test_conv3x3(benchmark, shape, mode, provider):
     if benchmark.stats is not None:
         flop = 2 * B * H * W * C * Co * 9 * (1 if mode == "fwd" else 3)
         benchmark.extra_info["gflops"] = flop / _median(benchmark) / 1e9
+
+
+def _cases():
+    """(op, shape label, mode, builder) for every op row above; builder(provider) -> a callable."""
+    cases = []
+    for label, B, C, H, W, G in GNMS_SHAPES:
+        def build(provider, mode, B=B, C=C, H=H, W=W, G=G):
+            g, grad = torch.Generator().manual_seed(0), mode == "full"
+            args = [torch.randn(B, C, H, W, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g),
+                    torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)]
+            args = [a.requires_grad_(grad) for a in args]
+            fn = (lambda *a: group_norm_modulate_silu(a[0], G, *a[1:], backend="cpp")) if provider == "cpp" else (
+                lambda *a: group_norm_modulate_silu_ref(a[0], G, *a[1:]))
+            return fn, args
+        cases.append(("group_norm_modulate_silu", label, build))
+    for label, B, C, H, W in LATENT_SHAPES:
+        def build(provider, mode, shape=(B, C, H, W)):
+            z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(mode == "full")
+            return ((lambda a: latent_layernorm(a, backend="cpp")) if provider == "cpp" else latent_layernorm_ref), [z]
+        cases.append(("latent_layernorm", label, build))
+    for label, B, C, H, W in IMAGE_SHAPES:
+        def build(provider, mode, shape=(B, C, H, W)):
+            g = torch.Generator().manual_seed(0)
+            x, e, pred = (torch.randn(shape, generator=g) for _ in range(3))
+            t = torch.rand(shape[0], generator=g)
+            noise, loss = ((lambda *a: fm_noise(*a, backend="cpp")), (lambda *a: fm_loss(*a, backend="cpp"))) \
+                if provider == "cpp" else (fm_noise_ref, fm_loss_ref)
+
+            def step(pred_):
+                x_t, v = noise(x, e, t)
+                return loss(pred_ + x_t, v)
+            return step, [pred.requires_grad_(mode == "full")]
+        cases.append(("fm_step", label, build))
+    for label, B, C, Co, H, W in CONV_SHAPES:
+        def build(provider, mode, B=B, C=C, Co=Co, H=H, W=W):
+            g, grad = torch.Generator().manual_seed(0), mode == "full"
+            args = [torch.randn(B, C, H, W, generator=g).contiguous(memory_format=torch.channels_last),
+                    torch.randn(Co, C, 3, 3, generator=g) / (3 * C**0.5), torch.randn(Co, generator=g)]
+            args = [a.requires_grad_(grad) for a in args]
+            return ((lambda *a: conv3x3(*a, backend="cpp")) if provider == "cpp" else conv3x3_ref), args
+        cases.append(("conv3x3", label, build))
+    return [(op, label, mode, build) for op, label, build in cases for mode in MODES]
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: f"{c[0]}-{c[1].replace(' ', '-').replace('@', '')}-{c[2]}")
+def test_interleaved_ratio(benchmark, case):
+    """cpp vs the eager reference timed in alternation (ref, cpp, ref, cpp, ...), so that the
+    machine's drifts (on this VM: memory reclaim by the host makes isolated timings of large shapes
+    vary by up to 4x between runs) hit both alike. extra_info: both medians and ``speedup``."""
+    if not _cpp.AVAILABLE:
+        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+    op, label, mode, build = case
+    fns = {}
+    for provider in ("ref", "cpp"):
+        fn, args = build(provider, mode)
+
+        def call(fn=fn, args=args):
+            if mode == "fwd":
+                with torch.no_grad():
+                    fn(*args)
+            else:
+                outs = fn(*args)
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                torch.autograd.grad(outs, args, [torch.ones_like(o) for o in outs])
+        for _ in range(3):
+            call()
+        fns[provider] = call
+    rounds = 1 if benchmark.disabled else 21
+    med = interleaved_medians(fns, rounds)
+    benchmark.pedantic(fns["cpp"], rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update({"op": op, "shape": label, "mode": mode, "ref_ms": med["ref"] * 1e3,
+                                 "cpp_ms": med["cpp"] * 1e3, "speedup": med["ref"] / med["cpp"]})
 
 
 def test_memory_bandwidth(benchmark):

@@ -63,6 +63,12 @@ def main(path: str) -> None:
             ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b is not None else "-"  # noqa: E731
             print(f"| {op} | {shape} | {mode} | {fmt(ref[0])} | {fmt(comp[0])} | {fmt(cpp[0])} | {ratio(ref[0], cpp[0])} "
                   f"| {ratio(comp[0], cpp[0])} | {fmt(ref[1], 0)} | {fmt(cpp[1], 0)} |")
+    inter = [r["extra_info"] for r in rows if r["name"].startswith("test_interleaved_ratio") and "speedup" in r["extra_info"]]
+    if inter:
+        print("\n| op (ref and cpp timed in alternation) | shape | mode | ref ms | cpp ms | cpp vs ref |")
+        print("|---|---|---|---:|---:|---:|")
+        for e in sorted(inter, key=lambda e: (e["op"], e["shape"], e["mode"])):
+            print(f"| {e['op']} | {e['shape']} | {e['mode']} | {e['ref_ms']:.3f} | {e['cpp_ms']:.3f} | {e['speedup']:.2f}x |")
     prof = [r for r in rows if r["name"].startswith("test_profile_fused_share")]
     if prof:
         print("\n| dito-S @64, batch 8 | reference ms | fused NCHW ms | fused channels_last ms | norm ops share "
