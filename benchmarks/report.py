@@ -71,8 +71,8 @@ def main(path: str) -> None:
             print(f"| {e['op']} | {e['shape']} | {e['mode']} | {e['ref_ms']:.3f} | {e['cpp_ms']:.3f} | {e['speedup']:.2f}x |")
     prof = [r for r in rows if r["name"].startswith("test_profile_fused_share")]
     if prof:
-        print("\n| dito-S @64, batch 8 | reference ms | fused NCHW ms | fused channels_last ms | norm ops share "
-              "| 3x3 conv share | ideal speed-up | achieved (channels_last) | achieved (NCHW) | saving vs ideal |")
+        print("\n| dito-S @64, batch 8 | reference ms | fused, NCHW in/out ms | fused, channels_last ms | norm ops share "
+              "| 3x3 conv share | ideal speed-up | achieved (channels_last) | achieved (NCHW in/out) | saving vs ideal |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in prof:
             e = r["extra_info"]

@@ -37,7 +37,9 @@ _kron_cache: dict = {}
 def _kron(dtype, device):
     key = (dtype, device)
     if key not in _kron_cache:
-        _kron_cache[key] = _KRON.to(dtype=dtype, device=device)
+        # a normal tensor even when first asked for under inference_mode: autograd saves it later
+        with torch.inference_mode(False):
+            _kron_cache[key] = _KRON.to(dtype=dtype, device=device, copy=True)
     return _kron_cache[key]
 
 
@@ -107,25 +109,28 @@ else:
     _OP = _WGRAD = None
 
 
-# Inference: the transformed filter is kept on the weight tensor (attribute _dito_winograd) until
-# the weight changes (its version counter moves on every in-place update, e.g. an optimizer step),
-# so a decoder step does not re-transform every filter (for dito-S that would write 1.8x the
-# decoder's weights per step).
+# Inference mode: the transformed filter is kept on the weight tensor (attribute _dito_winograd)
+# until the weight changes, so a decoding step does not re-transform every filter (for dito-S that
+# would write 1.8x the decoder's weights per step). Key: the weight's version counter (moved by
+# every in-place update through the weight itself, e.g. an optimizer step or load_state_dict),
+# storage address and dtype. Writes through ``weight.data`` bypass the version counter; they are
+# not seen, as with any autograd-saved tensor. Only inference mode uses the cache (fast_decode,
+# dito_fast.encode); training and no_grad evaluation transform on every call.
 def _inference_filter(weight: torch.Tensor) -> torch.Tensor:
     key = (weight._version, weight.data_ptr(), weight.dtype)
     hit = getattr(weight, "_dito_winograd", None)
     if hit is not None and hit[0] == key:
         return hit[1]
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference mode
         u = winograd_filter(weight)
     weight._dito_winograd = (key, u)
     return u
 
 
 def _cpp_conv3x3(x, weight, bias):
-    if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling() or weight.is_inference():
-        return _OP(x, winograd_filter(weight), bias, False)
-    return _OP(x, _inference_filter(weight), bias, False)
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not weight.is_inference():
+        return _OP(x, _inference_filter(weight), bias, False)
+    return _OP(x, winograd_filter(weight), bias, False)
 
 
 def _cpp_reasons(x, weight, bias) -> list[str]:

@@ -3,6 +3,8 @@ gradcheck, opcheck, torch.compile, layouts and errors."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,15 +165,51 @@ def test_errors_name_the_problem():
 def test_inference_filter_cache_follows_weight_updates():
     conv = Conv3x3(32, 32)
     x = torch.randn(2, 32, 6, 6)
-    for mode in (torch.no_grad, torch.inference_mode):
-        with mode():
-            y0 = conv(x)
-            torch.testing.assert_close(y0, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
-            assert torch.equal(conv(x), y0)  # cached filter, same result
-        with torch.no_grad():
-            conv.weight.mul_(-2)  # an in-place update (as an optimizer step) invalidates the cache
-        with mode():
-            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
-    # training mode: no cache; gradients flow to the weight
+    with torch.inference_mode():
+        y0 = conv(x)
+        torch.testing.assert_close(y0, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+        assert torch.equal(conv(x), y0)  # cached filter, same result
+    with torch.no_grad():
+        conv.weight.mul_(-2)  # an in-place update (as an optimizer step) invalidates the cache
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+    conv.load_state_dict({"weight": torch.randn(32, 32, 3, 3) * 0.1, "bias": torch.zeros(32)})
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+    # training after inference: no cache; gradients flow to the weight
     conv(x).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+@needs_cpp
+def test_inference_first_then_gradients():
+    """Filters first transformed under inference_mode must not leak inference tensors into later
+    autograd graphs: a frozen model's input gradient, and a fresh float32 weight's gradient."""
+    conv = Conv3x3(32, 32).requires_grad_(False)
+    x = torch.randn(1, 32, 5, 5)
+    with torch.inference_mode():
+        conv(x)
+    xg = x.clone().requires_grad_()
+    conv(xg).square().sum().backward()  # frozen weights, gradient for the input (e.g. latent optimisation)
+    ref = x.clone().requires_grad_()
+    F.conv2d(ref, conv.weight, conv.bias, padding=1).square().sum().backward()
+    torch.testing.assert_close(xg.grad, ref.grad, atol=1e-4, rtol=1e-4)
+    importlib.import_module("dito_fast.ops.conv3x3")._kron_cache.clear()
+    with torch.inference_mode():
+        Conv3x3(32, 32)(x)  # the shared transform matrix is first created in inference mode
+    w = torch.randn(32, 32, 3, 3, requires_grad=True)
+    conv3x3(x, w, None, backend="cpp").sum().backward()
+    assert w.grad is not None
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_several_chunks(dtype):
+    """Enough tiles for several GEMM chunks (the last one partial): the chunked forward, input and
+    filter gradients agree with one-pass references."""
+    x, w, b = _inputs((3, 256, 256, 37, 29), dtype, "channels_last")  # 3 * 19 * 15 = 855 tiles, chunks of 256
+    ours = _grads(lambda *a: conv3x3(*a, backend="cpp"), x, w, b)
+    ref64 = _grads(conv3x3_ref, x.double(), w.double(), b.double())
+    same = _grads(conv3x3_ref, x, w, b)
+    for o, r, s, what in zip(ours, ref64, same, ("y", "grad x", "grad weight", "grad bias")):
+        assert_close_to_ref(o, r, dtype, s, what)
