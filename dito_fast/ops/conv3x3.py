@@ -48,7 +48,12 @@ def winograd_filter(weight: torch.Tensor) -> torch.Tensor:
     of the 4x4 Winograd tile holds (G g G^T)_ij for every filter g. One GEMM, no copies;
     differentiable (its backward is the adjoint transform)."""
     co, ci = weight.shape[:2]
-    return (_kron(weight.dtype, weight.device) @ weight.reshape(co * ci, 9).t()).view(16, co, ci)
+    k = _kron(weight.dtype, weight.device)
+    if weight.is_contiguous() or not weight.is_contiguous(memory_format=torch.channels_last):
+        return (k @ weight.reshape(co * ci, 9).t()).view(16, co, ci)
+    # channels_last weights (a channels_last model): (C_out, 3, 3, C_in) in memory; a strided
+    # (16, C_out, C_in) result instead of copying the weight
+    return torch.matmul(k, weight.permute(0, 2, 3, 1).reshape(co, 9, ci)).transpose(0, 1)
 
 
 def _check(x, weight, bias):

@@ -65,6 +65,13 @@ def test_without_bias_and_in_a_module():
     conv = Conv3x3(32, 48).double()
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
     assert set(conv.state_dict()) == {"weight", "bias"} and conv.weight.shape == (48, 32, 3, 3)
+    # a channels_last module (its weights channels_last too): same values, forward and gradients
+    conv = conv.to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    got = _grads(lambda a, c, d: conv3x3(a, c, d, backend="cpp"), x, conv.weight, conv.bias)
+    ref = _grads(conv3x3_ref, x, conv.weight.contiguous(), conv.bias)
+    for o, r in zip(got, ref):
+        torch.testing.assert_close(o, r)
 
 
 def test_filter_transform():
