@@ -194,15 +194,19 @@ def _cases():
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: f"{c[0]}-{c[1].replace(' ', '-').replace('@', '')}-{c[2]}")
 def test_interleaved_ratio(benchmark, case):
-    """cpp vs the eager reference timed in alternation (ref, cpp, ref, cpp, ...), so that the
-    machine's drifts (on this VM: memory reclaim by the host makes isolated timings of large shapes
-    vary by up to 4x between runs) hit both alike. extra_info: both medians and ``speedup``."""
+    """cpp vs the eager reference and torch.compile of the reference, timed in alternation (ref,
+    compile, cpp, ref, ...), so that the machine's drifts (on this VM isolated timings of large
+    shapes vary by up to 4x between runs) hit all alike. extra_info: the medians, ``speedup``
+    (cpp vs ref) and ``speedup_vs_compile``. The compile provider is left out of smoke runs."""
     if not _cpp.AVAILABLE:
         pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
     op, label, mode, build = case
     fns = {}
-    for provider in ("ref", "cpp"):
-        fn, args = build(provider, mode)
+    for provider in ("ref", "cpp") if benchmark.disabled else ("ref", "compile", "cpp"):
+        fn, args = build("ref" if provider == "compile" else provider, mode)
+        if provider == "compile":
+            torch._dynamo.reset()
+            fn = torch.compile(fn, fullgraph=True)
 
         def call(fn=fn, args=args):
             if mode == "fwd":
@@ -220,6 +224,9 @@ def test_interleaved_ratio(benchmark, case):
     benchmark.pedantic(fns["cpp"], rounds=1, warmup_rounds=0, iterations=1)
     benchmark.extra_info.update({"op": op, "shape": label, "mode": mode, "ref_ms": med["ref"] * 1e3,
                                  "cpp_ms": med["cpp"] * 1e3, "speedup": med["ref"] / med["cpp"]})
+    if "compile" in med:
+        benchmark.extra_info.update({"compile_ms": med["compile"] * 1e3,
+                                     "speedup_vs_compile": med["compile"] / med["cpp"]})
 
 
 def test_memory_bandwidth(benchmark):

@@ -65,10 +65,14 @@ def main(path: str) -> None:
                   f"| {ratio(comp[0], cpp[0])} | {fmt(ref[1], 0)} | {fmt(cpp[1], 0)} |")
     inter = [r["extra_info"] for r in rows if r["name"].startswith("test_interleaved_ratio") and "speedup" in r["extra_info"]]
     if inter:
-        print("\n| op (ref and cpp timed in alternation) | shape | mode | ref ms | cpp ms | cpp vs ref |")
-        print("|---|---|---|---:|---:|---:|")
+        print("\n| op (providers timed in alternation) | shape | mode | ref ms | compile ms | cpp ms | cpp vs ref "
+              "| cpp vs compile |")
+        print("|---|---|---|---:|---:|---:|---:|---:|")
         for e in sorted(inter, key=lambda e: (e["op"], e["shape"], e["mode"])):
-            print(f"| {e['op']} | {e['shape']} | {e['mode']} | {e['ref_ms']:.3f} | {e['cpp_ms']:.3f} | {e['speedup']:.2f}x |")
+            comp = f"{e['compile_ms']:.3f}" if "compile_ms" in e else "-"
+            vs = f"{e['speedup_vs_compile']:.2f}x" if "speedup_vs_compile" in e else "-"
+            print(f"| {e['op']} | {e['shape']} | {e['mode']} | {e['ref_ms']:.3f} | {comp} | {e['cpp_ms']:.3f} | "
+                  f"{e['speedup']:.2f}x | {vs} |")
     prof = [r for r in rows if r["name"].startswith("test_profile_fused_share")]
     if prof:
         print("\n| dito-S @64, batch 8 | reference ms | fused, NCHW in/out ms | fused, channels_last ms | norm ops share "
