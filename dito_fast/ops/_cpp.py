@@ -62,8 +62,9 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _format(x: torch.Tensor) -> torch.memory_format:
-    # Matches dito_fast::preferred_format in csrc/include/dito_fast/check.h.
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor laid out so (and not also contiguous), else contiguous;
+    the layout the C++ kernels keep (dito_fast::preferred_format in csrc/include/dito_fast/check.h)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -96,20 +97,20 @@ if AVAILABLE:
     # ---- latent_layernorm ------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::latent_layernorm")
     def _(z, eps):
-        return (torch.empty_like(z, memory_format=_format(z)),
+        return (torch.empty_like(z, memory_format=memory_format_of(z)),
                 z.new_empty((z.shape[0],), dtype=_opmath(z.dtype)))
 
     @torch.library.register_fake("dito_fast::latent_layernorm_backward")
     def _(grad_y, y, rstd):
-        return torch.empty_like(y, memory_format=_format(y))
+        return torch.empty_like(y, memory_format=memory_format_of(y))
 
     # ---- group_norm_modulate_silu ----------------------------------------------------------
     @torch.library.register_fake("dito_fast::group_norm_modulate_silu")
     def _(x, num_groups, weight, bias, scale, shift, eps, silu):
         stat = x.new_empty((x.shape[0], num_groups), dtype=_opmath(x.dtype))
-        return torch.empty_like(x, memory_format=_format(x)), stat, torch.empty_like(stat)
+        return torch.empty_like(x, memory_format=memory_format_of(x)), stat, torch.empty_like(stat)
 
     @torch.library.register_fake("dito_fast::group_norm_modulate_silu_backward")
     def _(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, silu):
         like = lambda p: torch.empty_like(p, memory_format=torch.contiguous_format) if p is not None else x.new_empty((0,))  # noqa: E731
-        return torch.empty_like(x, memory_format=_format(x)), like(weight), like(bias), like(scale), like(shift)
+        return torch.empty_like(x, memory_format=memory_format_of(x)), like(weight), like(bias), like(scale), like(shift)

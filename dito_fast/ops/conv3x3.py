@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _cpp
+from ._cpp import memory_format_of
 from ._dispatch import Backend, always_supported, dispatch, env_backend
 
 MIN_WINOGRAD_CHANNELS = 32
@@ -85,7 +86,7 @@ if _cpp.AVAILABLE:
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3")
     def _(x, u, bias, transposed):
-        fmt = _cpp._format(x)
+        fmt = memory_format_of(x)
         c_out = u.shape[2] if transposed else u.shape[1]
         return x.new_empty((x.shape[0], c_out, x.shape[2], x.shape[3])).contiguous(memory_format=fmt)
 
@@ -166,13 +167,6 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if backend is None and min(weight.shape[0], weight.shape[1]) < MIN_WINOGRAD_CHANNELS and env_backend("conv3x3") is None:
         backend = "ref"  # too few channels for the Winograd GEMMs to pay for the transforms
     return dispatch("conv3x3", _BACKENDS, backend, x, weight, bias)
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-d tensor laid out so (and not also contiguous), else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def conv_activation_format(x: torch.Tensor) -> torch.memory_format:

@@ -34,8 +34,19 @@ void check_activation(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.numel() > 0, op, ": ", name, " is empty, shape ", x.sizes());
 }
 
-// Views the first 16 * n * c elements of a flat buffer as a dense (16, n, c) tensor.
-at::Tensor planes(const at::Tensor& buf, int64_t n, int64_t c) { return buf.narrow(0, 0, 16 * n * c).view({16, n, c}); }
+// Calls body(t0, len, v, m) for the chunks of tiles of a (B, C_in -> C_out, H, W) problem, with v
+// and m dense (16, len, C_in) and (16, len, C_out) views of two buffers reused by every chunk.
+template <typename Body>
+void for_each_chunk(const at::Tensor& x, int64_t c_out, Body&& body) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t T = B * ((H + 1) / 2) * ((W + 1) / 2), n = chunk_tiles(T, C, c_out, x.element_size());
+  const auto vbuf = at::empty({16 * n * C}, x.options()), mbuf = at::empty({16 * n * c_out}, x.options());
+  for (int64_t t0 = 0; t0 < T; t0 += n) {
+    const int64_t len = std::min(n, T - t0);
+    body(t0, len, vbuf.narrow(0, 0, 16 * len * C).view({16, len, C}),
+         mbuf.narrow(0, 0, 16 * len * c_out).view({16, len, c_out}));
+  }
+}
 
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
                                 bool transposed) {
@@ -59,15 +70,11 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const 
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto gemm_u = transposed ? u : u.transpose(1, 2);  // (16, C, Co); strided views go to BLAS as is
   auto y = at::empty({B, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const int64_t T = B * ((H + 1) / 2) * ((W + 1) / 2), n = chunk_tiles(T, C, Co, x.element_size());
-  const auto vbuf = at::empty({16 * n * C}, x.options()), mbuf = at::empty({16 * n * Co}, x.options());
-  for (int64_t t0 = 0; t0 < T; t0 += n) {
-    const int64_t len = std::min(n, T - t0);
-    auto v = planes(vbuf, len, C), m = planes(mbuf, len, Co);
+  for_each_chunk(xc, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor m) {
     DITO_CPU_CALL(winograd_input_transform_kernel, xc, t0, len, transposed, v);
     at::bmm_out(m, v, gemm_u);
     DITO_CPU_CALL(winograd_output_transform_kernel, m, b, t0, len, transposed, y);
-  }
+  });
   return y.contiguous(preferred_format(x));
 }
 
@@ -79,15 +86,11 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
                   grad_y.scalar_type() == x.scalar_type(),
               op, ": grad_y ", grad_y.sizes(), " ", grad_y.scalar_type(), " does not match x ", x.sizes(), " ",
               x.scalar_type());
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Co = grad_y.size(1);
+  const int64_t C = x.size(1), Co = grad_y.size(1);
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto gc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
   auto du = at::empty({16, Co, C}, x.options());
-  const int64_t T = B * ((H + 1) / 2) * ((W + 1) / 2), n = chunk_tiles(T, C, Co, x.element_size());
-  const auto vbuf = at::empty({16 * n * C}, x.options()), mbuf = at::empty({16 * n * Co}, x.options());
-  for (int64_t t0 = 0; t0 < T; t0 += n) {
-    const int64_t len = std::min(n, T - t0);
-    auto v = planes(vbuf, len, C), dm = planes(mbuf, len, Co);
+  for_each_chunk(xc, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor dm) {
     DITO_CPU_CALL(winograd_input_transform_kernel, xc, t0, len, false, v);
     DITO_CPU_CALL(winograd_grad_output_transform_kernel, gc, t0, len, dm);
     if (t0 == 0) {
@@ -95,7 +98,7 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
     } else {
       du.baddbmm_(dm.transpose(1, 2), v);
     }
-  }
+  });
   return du;
 }
 
