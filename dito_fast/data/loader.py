@@ -338,7 +338,8 @@ def make_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 0, nu
     # Both loaders accept the formats DALI decodes, so they see the same samples (GIF is not one).
     src = check_source(src, data.check_files, formats=DALI_FORMATS)
     common = dict(image_size=data.image_size, batch_size=hi - lo, seed=seed, train=train,
-                  hflip=data.hflip, memory_format=resolve_memory_format(data.memory_format, device), rank=rank, world_size=world_size,
+                  hflip=data.hflip, memory_format=resolve_memory_format(data.memory_format, device),
+                  rank=rank, world_size=world_size,
                   start_step=start_step, num_steps=num_steps, global_batch_size=batch_size)
     if kind == "dali":
         from .dali import DALILoader

@@ -7,8 +7,7 @@ Backends:
   C++; forward, input gradient (the convolution with the flipped, transposed filter: the same
   transformed filter with its tile positions permuted) and filter gradient (in the Winograd
   domain, then the adjoint filter transform, which autograd derives from ``winograd_filter``)
-  all use it. float32
-  and float64; activations are processed channels_last (an NCHW input is converted, and the
+  all use it. float32 and float64; activations are processed channels_last (an NCHW input is converted, and the
   output keeps the input's layout). Not chosen automatically for convolutions with fewer than
   ``MIN_WINOGRAD_CHANNELS`` input or output channels, where the GEMMs are too thin to pay for the
   transforms (an explicit ``backend="cpp"`` or ``DITO_FAST_BACKEND`` still runs it).
@@ -139,17 +138,22 @@ def _cpp_conv3x3(x, weight, bias):
     return _OP(x, winograd_filter(weight), bias, False)
 
 
-def _cpp_reasons(x, weight, bias) -> list[str]:
-    reasons = []
+def _winograd_reasons(x: torch.Tensor, weight_dtype: torch.dtype) -> list[str]:
+    """Why the Winograd kernels cannot run on x with a weight of this dtype (empty: they can)."""
     if not _cpp.AVAILABLE:
         return [f"dito_fast._C is not built ({_cpp.LOAD_ERROR})"]
     if not x.is_cpu:  # meta tensors too: FLOP counters must see the convolution itself
         return [f"Winograd kernels are CPU only (x is on {x.device})"]
-    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
-        reasons.append(f"dtypes x {x.dtype}, weight {weight.dtype}: float32 or float64, both alike")
+    reasons = []
+    if x.dtype not in (torch.float32, torch.float64) or weight_dtype != x.dtype:
+        reasons.append(f"dtypes x {x.dtype}, weight {weight_dtype}: float32 or float64, both alike")
     if torch.is_autocast_enabled("cpu"):
         reasons.append("autocast is enabled (F.conv2d applies its casting policy)")
     return reasons
+
+
+def _cpp_reasons(x, weight, bias) -> list[str]:
+    return _winograd_reasons(x, weight.dtype)
 
 
 _BACKENDS = [
@@ -164,7 +168,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     (C_out, C_in, 3, 3), bias (C_out,) or None -> (B, C_out, H, W), in x's layout (contiguous or
     channels_last). Differentiable with respect to all three."""
     _check(x, weight, bias)
-    if backend is None and min(weight.shape[0], weight.shape[1]) < MIN_WINOGRAD_CHANNELS and env_backend("conv3x3") is None:
+    if (backend is None and min(weight.shape[0], weight.shape[1]) < MIN_WINOGRAD_CHANNELS
+            and env_backend("conv3x3") is None):
         backend = "ref"  # too few channels for the Winograd GEMMs to pay for the transforms
     return dispatch("conv3x3", _BACKENDS, backend, x, weight, bias)
 
@@ -173,8 +178,7 @@ def conv_activation_format(x: torch.Tensor) -> torch.memory_format:
     """The layout a network of :class:`Conv3x3` layers should run in for an input like ``x``:
     channels_last where the Winograd backend will be chosen (it works NHWC, so an NCHW activation
     would be converted on the way in and out of every convolution), else ``x``'s own layout."""
-    if (_cpp.AVAILABLE and x.dim() == 4 and x.is_cpu and x.dtype in (torch.float32, torch.float64)
-            and env_backend("conv3x3") in (None, "cpp") and not torch.is_autocast_enabled("cpu")):
+    if x.dim() == 4 and env_backend("conv3x3") in (None, "cpp") and not _winograd_reasons(x, x.dtype):
         return torch.channels_last
     return memory_format_of(x)
 
