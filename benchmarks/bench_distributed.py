@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,8 +55,19 @@ def _env(threads: int) -> dict:
     return env
 
 
-def _check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+def _launch(cmd: list[str], threads: int, timeout: float = 600) -> None:
+    """Run ``cmd`` (a torchrun or trainer launch) in its own session; on a timeout the whole
+    process group (torchrun and its workers) is killed and the output so far is reported."""
+    with subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"launch timed out after {timeout:.0f} s: {' '.join(cmd)}\n{out[-2000:]}\n"
+                                 f"{err[-5000:]}") from None
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{out[-2000:]}\n{err[-5000:]}"
 
 
 def _train(out: Path, procs: int, threads: int, steps: int, batch: int) -> dict:
@@ -69,7 +81,7 @@ def _train(out: Path, procs: int, threads: int, steps: int, batch: int) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *args]
     else:
         cmd = [sys.executable, *args]
-    _check(subprocess.run(cmd, cwd=REPO, env=_env(threads), capture_output=True, text=True, timeout=600))
+    _launch(cmd, threads)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     steady = recs[3:] or recs[-1:]
     med = lambda key: statistics.median(r[key] for r in steady)  # noqa: E731
@@ -109,7 +121,7 @@ def test_communication_share(benchmark, tmp_path):
            "--worker", str(out), "--iters", str(iters), "--batch", "8"]
 
     def launch():
-        _check(subprocess.run(cmd, cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600))
+        _launch(cmd, 1)
 
     benchmark.pedantic(launch, rounds=1, iterations=1)
     r = json.loads(out.read_text())
@@ -125,12 +137,8 @@ def test_communication_share(benchmark, tmp_path):
 def _worker(argv: list[str]) -> None:
     import argparse
 
-    import torch.distributed as dist
-
     sys.path.insert(0, str(REPO))
-    from dito_fast.models.dito import DiTo
     from dito_fast.train.distributed import setup, teardown
-    from dito_fast.train.parallel import ParallelModel, sample_seeds
 
     p = argparse.ArgumentParser()
     p.add_argument("--worker", required=True)
@@ -140,11 +148,23 @@ def _worker(argv: list[str]) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     ctx, device = setup("auto", a.device)
+    result = _measure(ctx, device, a.iters, a.batch)  # its DDP wrapper is gone before the group (see teardown)
+    if ctx.rank == 0:
+        Path(a.worker).write_text(json.dumps(result))
+    teardown(ctx)
+
+
+def _measure(ctx, device: torch.device, iters: int, batch: int) -> dict:
+    import torch.distributed as dist
+
+    from dito_fast.models.dito import DiTo
+    from dito_fast.train.parallel import ParallelModel, sample_seeds
+
     torch.manual_seed(0)
     model = DiTo.from_preset(PRESET)
     pm = ParallelModel(model, None, "ddp", ctx, device)
-    x = torch.rand(a.batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(ctx.rank)).to(device) * 2 - 1
-    seeds = sample_seeds(0, 0, ctx.rank * a.batch, (ctx.rank + 1) * a.batch)
+    x = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(ctx.rank)).to(device) * 2 - 1
+    seeds = sample_seeds(0, 0, ctx.rank * batch, (ctx.rank + 1) * batch)
 
     def sync_point():
         if device.type == "cuda":
@@ -173,19 +193,16 @@ def _worker(argv: list[str]) -> None:
 
     step(True), step(False), allreduce()  # warm-up
     synced, unsynced, reduce = [], [], []
-    for _ in range(a.iters):  # interleaved, so drifts in machine load hit both alike
+    for _ in range(iters):  # interleaved, so drifts in machine load hit both alike
         synced.append(step(True))
         unsynced.append(step(False))
         reduce.append(allreduce())
     # the slowest rank sets the pace: take the max over ranks of each median
     med = torch.tensor([statistics.median(v) for v in (synced, unsynced, reduce)], dtype=torch.float64, device=device)
     dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    if ctx.rank == 0:
-        Path(a.worker).write_text(json.dumps({
-            "step_sync_s": med[0].item(), "step_nosync_s": med[1].item(), "allreduce_s": med[2].item(),
-            "grad_mb": flat.numel() * 4 / 2**20, "world_size": ctx.world_size, "batch_per_rank": a.batch,
-            "backend": ctx.backend, "iters": a.iters}))
-    teardown(ctx)
+    return {"step_sync_s": med[0].item(), "step_nosync_s": med[1].item(), "allreduce_s": med[2].item(),
+            "grad_mb": flat.numel() * 4 / 2**20, "world_size": ctx.world_size, "batch_per_rank": batch,
+            "backend": ctx.backend, "iters": iters}
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

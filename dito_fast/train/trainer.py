@@ -27,6 +27,7 @@ import logging
 import math
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -375,6 +376,10 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
         result = _train(cfg, Path(out_dir), resume, train_dataset, val_images, progress, ctx, device)
         ok = True
         return result
+    except BaseException as e:
+        if ctx.owns_group:  # the traceback's frames hold the DDP wrapper: free it before the group (see teardown)
+            traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         distributed.teardown(ctx, ok)
 

@@ -8,11 +8,13 @@ The multi-process tests (torchrun, gloo) are in test_torchrun.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -192,6 +194,51 @@ def test_single_process_context(monkeypatch):
     assert distributed.replicas_agree(torch.nn.Linear(2, 2), ctx)
     distributed.barrier(ctx)
     distributed.teardown(ctx)
+
+
+class _Wrapper:
+    """Stands in for a DDP wrapper: module hooks put such objects in reference cycles."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_teardown_frees_unreachable_wrappers_before_destroying_the_group(monkeypatch):
+    # A DDP reducer that outlives the group destroys it holding the GIL and can deadlock with
+    # gloo's worker threads at exit, so teardown must collect such garbage first.
+    alive_at_destroy = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: alive_at_destroy.append(ref() is not None))
+    ref = weakref.ref(_Wrapper())
+    gc.disable()  # only teardown's own collection may free the cycle
+    try:
+        assert ref() is not None
+        distributed.teardown(DistContext(world_size=2, backend="gloo", owns_group=True))
+    finally:
+        gc.enable()
+    assert alive_at_destroy == [False]
+
+
+def test_failed_run_releases_its_locals_before_teardown(monkeypatch, make_run_config, tmp_path):
+    from dito_fast.train import trainer
+
+    ctx = DistContext(world_size=2, backend="gloo", owns_group=True)
+    alive_at_teardown = []
+
+    def failing_train(*args):
+        wrapper = _Wrapper()
+        wrapper.me = None  # no cycle: only this frame holds it
+        refs.append(weakref.ref(wrapper))
+        raise RuntimeError("step failed")
+
+    refs: list = []
+    monkeypatch.setattr(trainer.distributed, "setup", lambda backend, device: (ctx, torch.device("cpu")))
+    monkeypatch.setattr(trainer.distributed, "teardown",
+                        lambda c, ok: alive_at_teardown.append((ok, refs[0]() is not None)))
+    monkeypatch.setattr(trainer, "_train", failing_train)
+    with pytest.raises(RuntimeError, match="step failed"):
+        train(make_run_config(), tmp_path / "run", progress=False)
+    assert alive_at_teardown == [(False, False)]
 
 
 def test_fault_point_spec(monkeypatch):
