@@ -7,13 +7,15 @@
   solution, no larger than the baseline's). extra_info: NFE, ms per NFE, GFLOP/s and its
   fraction of the measured fp32 matmul peak, and for ``fast`` the speed-up over the baseline
   measured in the same run.
+- ``test_cpu_allocator``: one dito-B decoder step at 256x256 with glibc's default allocator and
+  with ``dito_fast.keep_freed_memory()``, each in its own process (page faults and step time).
 - ``test_peak_memory_1024``: peak resident memory of one dito-S decode step at 1024x1024, untiled
-  vs tiled (512-px tiles), each in a fresh subprocess (``resource.ru_maxrss``; the increase over
-  the process's peak before decoding).
+  vs tiled (512-px tiles), each in a fresh subprocess (VmHWM from /proc; the increase over the
+  process's peak before decoding).
 
 Weights are randomly initialised: throughput does not depend on them.
 
-Run: ``pytest benchmarks/bench_decode.py --benchmark-json=bench_decode.json`` (about 10 minutes
+Run: ``pytest benchmarks/bench_decode.py --benchmark-json=bench_decode.json`` (about 13 minutes
 on 2 cores, most of it the dito-S baselines), then ``python benchmarks/bench_decode.py
 bench_decode.json`` for the table. With ``--benchmark-disable`` (smoke test, ~1 minute) every
 case runs once with 1 step, and the memory test decodes 128x128 instead.
@@ -36,7 +38,7 @@ from dito_fast import DiTo, fast_decode
 from dito_fast.decode import resolve_settings
 from dito_fast.models.dito import decoder_gflops
 
-REF_ENV = "fm_noise=ref,fm_loss=ref,latent_layernorm=ref,group_norm_modulate_silu=ref"
+REF_ENV = "fm_noise=ref,fm_loss=ref,latent_layernorm=ref,group_norm_modulate_silu=ref,conv3x3=ref"
 BASELINE = {"sampler": "euler", "schedule": "uniform", "steps": 50}
 _RESULTS: dict = {}  # (preset, size, batch, mode) -> seconds per decode, for same-run ratios
 
@@ -122,18 +124,23 @@ def test_decode_channels_last(benchmark):
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
     from dito_fast import DiTo, fast_decode
+
+    def peak_mib():  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's before exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
     size, tile, threads = int(sys.argv[1]), (None if sys.argv[2] == "none" else int(sys.argv[2])), int(sys.argv[3])
     overlap = int(sys.argv[4])
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = DiTo.from_preset("dito-S").eval()
     z = torch.randn(1, 4, size // 8, size // 8)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_mib()
     fast_decode(model, z, steps=1, sampler="euler", seed=0, tile=tile, tile_overlap=overlap)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": after / 1024, "decode_mib": (after - before) / 1024}))
+    after = peak_mib()
+    print(json.dumps({"peak_mib": after, "decode_mib": after - before}))
 """)
 
 
@@ -161,6 +168,56 @@ def test_peak_memory_1024(benchmark):
         assert result["tiled"]["decode_mib"] < result["untiled"]["decode_mib"]
 
 
+_ALLOCATOR_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, time, torch
+    import dito_fast
+    from dito_fast import DiTo, fast_decode
+    mode, preset, size, reps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    if mode == "keep":
+        assert dito_fast.keep_freed_memory()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = DiTo.from_preset(preset).eval()
+    z = torch.randn(1, model.latent_channels, size // model.latent_factor, size // model.latent_factor)
+    times, faults = [], []
+    for i in range(reps + 1):  # the first decode (oneDNN set-up, the heap growing) is not counted
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        fast_decode(model, z, steps=1, sampler="euler", seed=0)
+        if i:
+            times.append(time.perf_counter() - t0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    print(json.dumps({"times": times, "faults": faults}))
+""")
+
+
+def test_cpu_allocator(benchmark):
+    """One decoder step (fast_decode, 1 Euler step) of dito-B at 256x256, batch 1, with glibc's
+    default allocator and with ``dito_fast.keep_freed_memory()`` (what the CLI does), each in its
+    own process (the setting is process-wide), launched in alternation. extra_info: the median
+    step time and minor page faults per step of each, and the speed-up."""
+    smoke = benchmark.disabled
+    preset, size, reps, launches = ("dito-tiny", 64, 1, 1) if smoke else ("dito-B", 256, 3, 2)
+    res = {"default": {"times": [], "faults": []}, "keep": {"times": [], "faults": []}}
+
+    def launch_all():
+        for _ in range(launches):
+            for mode in res:
+                proc = subprocess.run([sys.executable, "-c", _ALLOCATOR_SCRIPT, mode, preset, str(size), str(reps),
+                                       str(torch.get_num_threads())], capture_output=True, text=True,
+                                      env=os.environ.copy(), timeout=900)
+                assert proc.returncode == 0, proc.stderr[-3000:]
+                for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+                    res[mode][k] += v
+
+    benchmark.pedantic(launch_all, rounds=1, iterations=1)
+    med = {m: {k: sorted(v)[len(v) // 2] for k, v in r.items()} for m, r in res.items()}
+    benchmark.extra_info.update({"preset": preset, "image_size": size, "batch": 1, "steps_timed": reps * launches,
+                                 "default_step_s": med["default"]["times"], "keep_step_s": med["keep"]["times"],
+                                 "default_faults_per_step": med["default"]["faults"],
+                                 "keep_faults_per_step": med["keep"]["faults"],
+                                 "keep_speedup": med["default"]["times"] / med["keep"]["times"]})
+
+
 def report(path: str) -> None:
     """Markdown tables from a --benchmark-json file."""
     rows = json.load(open(path))["benchmarks"]
@@ -182,6 +239,11 @@ def report(path: str) -> None:
                   f"{e['untiled_step_s']:.0f} s), {e['tile']}-px tiles (overlap {e['tile_overlap']}) "
                   f"+{e['tiled_decode_mib']:.0f} MiB (peak RSS {e['tiled_peak_mib']:.0f} MiB, "
                   f"{e['tiled_step_s']:.0f} s)")
+        if r["name"].startswith("test_cpu_allocator"):
+            print(f"\n{e['preset']} {e['image_size']}x{e['image_size']}, one decoder step: glibc default "
+                  f"{e['default_step_s']:.2f} s ({e['default_faults_per_step'] / 1000:.0f}k page faults), "
+                  f"keep_freed_memory {e['keep_step_s']:.2f} s ({e['keep_faults_per_step'] / 1000:.0f}k): "
+                  f"{e['keep_speedup']:.2f}x")
 
 
 if __name__ == "__main__":

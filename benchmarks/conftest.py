@@ -2,40 +2,26 @@
 every result's extra_info together with the torch version and the allocator setting.
 
 Allocator (DITO_BENCH_REUSE_MEMORY, default 1): glibc serves large allocations with fresh mmap'd
-pages and returns them on free, so an op timed alone pays a page fault per 4 KiB of every
-output, which dominated every provider's time for the 8-32 MiB activations here. Inside a
-training or decoding step the allocator reuses memory and no such faults occur. So the
-benchmarks keep freed memory in the process (mallopt M_TRIM_THRESHOLD and M_MMAP_THRESHOLD),
-which times the kernels as the model runs them; DITO_BENCH_REUSE_MEMORY=0 times cold
-allocations instead (compare the two runs to see the faults' share).
+pages and returns them on free, so every 8-32 MiB output pays a page fault per 4 KiB, which
+dominated every provider's time when an op was timed alone, and costs a whole model step too
+(see dito_fast/allocator.py and ``bench_decode.py::test_cpu_allocator``). The benchmarks keep
+freed memory in the process (``dito_fast.keep_freed_memory``, as the CLI does), so they time the
+kernels without those faults; DITO_BENCH_REUSE_MEMORY=0 times cold allocations instead (compare
+the two runs to see the faults' share).
 """
 
-import ctypes
 import os
-import sys
 import time
 from typing import Callable
 
 import pytest
 import torch
 
+from dito_fast.allocator import keep_freed_memory
+
 THREADS = int(os.environ.get("DITO_BENCH_THREADS", "2"))
 REUSE_MEMORY = os.environ.get("DITO_BENCH_REUSE_MEMORY", "1") != "0"
-
-
-def _keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory in the heap (no trimming, no mmap for large blocks)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_trim_threshold, 2**31 - 1)) and bool(libc.mallopt(m_mmap_threshold, 2**31 - 1))
-
-
-MEMORY_REUSED = _keep_freed_memory() if REUSE_MEMORY else False
+MEMORY_REUSED = keep_freed_memory() if REUSE_MEMORY else False
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,12 @@ Public surface::
     z = model.encode(x)                                    # x: (B, 3, H, W) in [-1, 1]
     x_hat = model.decode(z, steps=50, sampler="euler", seed=0)
     images = dito_fast.fast_decode(model, z, seed=0)       # uint8 (B, 3, H, W)
+    dito_fast.keep_freed_memory()                          # once, in a CPU service (see dito_fast.allocator)
 """
 
 from __future__ import annotations
 
+from .allocator import keep_freed_memory
 from .config import PRESETS, ModelConfig, RunConfig, get_preset
 from .decode import fast_decode
 from .models.dito import DiTo
@@ -33,4 +35,4 @@ def encode(model: DiTo, x):
 presets = PRESETS
 
 __all__ = ["DiTo", "ModelConfig", "RunConfig", "PRESETS", "presets", "get_preset", "fast_decode", "load",
-           "encode", "__version__"]
+           "encode", "keep_freed_memory", "__version__"]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import config as C
+from .allocator import keep_freed_memory
 
 logger = logging.getLogger("dito_fast.cli")
 
@@ -288,6 +289,10 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dito-fast", description="DiTo diffusion-autoencoder image tokenizers")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed CPU memory in the process instead of returning it to the OS: no page "
+                        "faults on each step's large activations (a dito-B decoder step at 256x256 ran 1.27x faster "
+                        "on a 2-core CPU); the process keeps its peak heap (see dito_fast.allocator; default: on)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a tokenizer")
@@ -367,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback

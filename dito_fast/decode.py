@@ -487,6 +487,10 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
         output: "uint8" -> uint8 (B, 3, h*f, w*f) in [0, 255]; "float" -> float32 in [-1, 1].
             Always on the CPU.
         progress: True for a tqdm bar over UNet evaluations, or an object with ``update(n)``.
+
+    On the CPU, call :func:`dito_fast.keep_freed_memory` once per process: with glibc's default
+    every step's large activations are fresh pages (a dito-B step at 256x256 ran 1.27x slower
+    on the development machine); the ``dito-fast`` command line does this itself.
     """
     # -- validate everything before any work
     check_latents(z, model.latent_channels)

@@ -224,7 +224,7 @@ def test_bad_train_settings(capsys):
 
 def test_python_m_dito_fast_train_dry_run():
     proc = subprocess.run([sys.executable, "-m", "dito_fast.train", "--preset", "dito-tiny", "--dry-run",
-                           "--steps", "3", "--set", "model.flow.objective=x0"],
+                           "--no-keep-freed-memory", "--steps", "3", "--set", "model.flow.objective=x0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     cfg = json.loads(proc.stdout)
