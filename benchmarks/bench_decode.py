@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -157,7 +158,7 @@ def test_peak_memory_1024(benchmark):
         assert proc.returncode == 0, proc.stderr
         result[name] = json.loads(proc.stdout.strip().splitlines()[-1]) | {"seconds": time.perf_counter() - t0}
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    benchmark.extra_info.update({"image_size": size, "tile": tile, "tile_overlap": overlap, "preset": "dito-S",
+    benchmark.extra_info.update({"memory_reused": False, "image_size": size, "tile": tile, "tile_overlap": overlap, "preset": "dito-S",
                                  "untiled_decode_mib": result["untiled"]["decode_mib"],
                                  "tiled_decode_mib": result["tiled"]["decode_mib"],
                                  "untiled_peak_mib": result["untiled"]["peak_mib"],
@@ -210,8 +211,8 @@ def test_cpu_allocator(benchmark):
                     res[mode][k] += v
 
     benchmark.pedantic(launch_all, rounds=1, iterations=1)
-    med = {m: {k: sorted(v)[len(v) // 2] for k, v in r.items()} for m, r in res.items()}
-    benchmark.extra_info.update({"preset": preset, "image_size": size, "batch": 1, "steps_timed": reps * launches,
+    med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in res.items()}
+    benchmark.extra_info.update({"memory_reused": "default / keep: one child process each", "preset": preset, "image_size": size, "batch": 1, "steps_timed": reps * launches,
                                  "default_step_s": med["default"]["times"], "keep_step_s": med["keep"]["times"],
                                  "default_faults_per_step": med["default"]["faults"],
                                  "keep_faults_per_step": med["keep"]["faults"],

@@ -39,6 +39,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,19 +56,38 @@ def _env(threads: int) -> dict:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each worker in a session of its own, so
+    killing torchrun's process group would leave them running)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                kids = [int(c) for c in children.read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
 def _launch(cmd: list[str], threads: int, timeout: float = 600) -> None:
-    """Run ``cmd`` (a torchrun or trainer launch) in its own session; on a timeout the whole
-    process group (torchrun and its workers) is killed and the output so far is reported."""
-    with subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as proc:
+    """Run ``cmd`` (a torchrun or trainer launch), its output going to files (so no surviving
+    child can hold a pipe open); on a timeout it and every process below it are killed and
+    the output so far is reported."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=out, stderr=err, text=True)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise AssertionError(f"launch timed out after {timeout:.0f} s: {' '.join(cmd)}\n{out[-2000:]}\n"
-                                 f"{err[-5000:]}") from None
-    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{out[-2000:]}\n{err[-5000:]}"
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0), err.seek(0)
+        tail = f"{' '.join(cmd)}\n{out.read()[-2000:]}\n{err.read()[-5000:]}"
+    assert proc.returncode == 0, f"launch failed (exit {proc.returncode}; -9: killed at the {timeout:.0f} s timeout): {tail}"
 
 
 def _train(out: Path, procs: int, threads: int, steps: int, batch: int) -> dict:

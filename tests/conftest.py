@@ -2,6 +2,8 @@
 
 Threads are pinned to 1: the test tensors are tiny, and with several OpenMP threads on a busy
 2-core machine PyTorch's kernels slow down by orders of magnitude (spin-waiting threads).
+Tests that run the CLI in this process do not change its allocator (``cli.keep_freed_memory``
+is a no-op here; tests/test_allocator.py checks the real one in subprocesses).
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ import torch
 from dito_fast.config import RunConfig, apply_overrides, get_preset
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _cli_leaves_the_allocator(monkeypatch):
+    import dito_fast.cli
+
+    monkeypatch.setattr(dito_fast.cli, "keep_freed_memory", lambda: False)
 
 # dito-tiny with narrow layers: encoder f8c4 (4 levels), decoder UNet with 4 levels (factor 8).
 MICRO_MODEL_OVERRIDES = {

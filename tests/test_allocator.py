@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import dito_fast
 from dito_fast import allocator, cli
@@ -46,17 +47,64 @@ def test_kept_memory_is_reused_without_page_faults():
     assert kept["faults"] < kept["pages"] // 20, kept  # the default faulted once per page: ~16k here
 
 
-def test_keep_freed_memory_is_idempotent_and_declines_off_linux(monkeypatch):
+class _FakeLibc:
+    """libc whose mallopt records its calls and accepts or refuses them."""
+
+    def __init__(self, accept=(True, True)):
+        self.calls, self.accept = [], dict(zip((-3, -1), accept))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+        def mallopt(param, value):
+            self.calls.append((param, value))
+            return int(self.accept[param])
+        self.mallopt = mallopt
+
+
+@pytest.fixture
+def fresh_allocator(monkeypatch):
     monkeypatch.setattr(allocator, "_KEPT", False)
-    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    libs = []
+
+    def install(lib):
+        libs.append(lib)
+        monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: lib)
+        return lib
+    return install
+
+
+def test_keep_freed_memory_sets_both_thresholds_once(fresh_allocator):
+    lib = fresh_allocator(_FakeLibc())
+    assert dito_fast.keep_freed_memory() is True
+    assert sorted(lib.calls) == [(-3, 2**31 - 1), (-1, 2**31 - 1)]
+    assert dito_fast.keep_freed_memory() is True and len(lib.calls) == 2  # in force: no second mallopt
+
+
+@pytest.mark.parametrize("accept", [(False, True), (True, False)])
+def test_keep_freed_memory_reports_a_refusal(fresh_allocator, caplog, accept):
+    fresh_allocator(_FakeLibc(accept))
     assert dito_fast.keep_freed_memory() is False
-    monkeypatch.setattr(allocator, "_KEPT", True)
-    assert dito_fast.keep_freed_memory() is True  # already in force: no second mallopt
+    assert "refused" in caplog.text and allocator._KEPT is False
 
 
-@pytest.mark.parametrize("argv, calls", [(["info"], 1), (["--no-keep-freed-memory", "info"], 0)])
-def test_cli_keeps_freed_memory_unless_told_not_to(monkeypatch, capsys, argv, calls):
+def test_keep_freed_memory_declines_off_linux(fresh_allocator, monkeypatch):
+    lib = fresh_allocator(_FakeLibc())
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    assert dito_fast.keep_freed_memory() is False and lib.calls == []
+
+
+@pytest.mark.parametrize("argv, cuda, calls", [
+    (["info"], False, 1), (["--no-keep-freed-memory", "info"], False, 0), (["info"], True, 0),
+])
+def test_cli_keeps_freed_memory_when_on_the_cpu(monkeypatch, capsys, argv, cuda, calls):
     seen = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: seen.append(1) or True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert cli.main(argv) == 0
     assert len(seen) == calls
+
+
+def test_cli_device_decides():
+    args = cli.build_parser().parse_args(["encode", "model", "x.png", "--out", "o", "--device", "cpu"])
+    assert cli._runs_on_cpu(args)
+    args = cli.build_parser().parse_args(["encode", "model", "x.png", "--out", "o", "--device", "cuda:1"])
+    assert not cli._runs_on_cpu(args)

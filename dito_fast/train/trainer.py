@@ -377,11 +377,21 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
         ok = True
         return result
     except BaseException as e:
-        if ctx.owns_group:  # the traceback's frames hold the DDP wrapper: free it before the group (see teardown)
-            traceback.clear_frames(e.__traceback__)
+        if ctx.distributed:  # the tracebacks' frames hold the DDP wrapper: free it before the group (see teardown)
+            _clear_frames(e)
         raise
     finally:
         distributed.teardown(ctx, ok)
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Drop the local variables of the finished frames in ``exc``'s traceback and in those of the
+    exceptions it chains to (``__cause__``, ``__context__``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def resolve_memory_format(cfg: RunConfig, device: torch.device) -> RunConfig:

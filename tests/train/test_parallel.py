@@ -209,27 +209,38 @@ def test_teardown_frees_unreachable_wrappers_before_destroying_the_group(monkeyp
     alive_at_destroy = []
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: alive_at_destroy.append(ref() is not None))
-    ref = weakref.ref(_Wrapper())
+    was_enabled = gc.isenabled()
     gc.disable()  # only teardown's own collection may free the cycle
     try:
+        ref = weakref.ref(_Wrapper())
         assert ref() is not None
         distributed.teardown(DistContext(world_size=2, backend="gloo", owns_group=True))
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
     assert alive_at_destroy == [False]
 
 
-def test_failed_run_releases_its_locals_before_teardown(monkeypatch, make_run_config, tmp_path):
+@pytest.mark.parametrize("chained", [False, True])
+@pytest.mark.parametrize("owns_group", [True, False])
+def test_failed_run_releases_its_locals_before_teardown(monkeypatch, make_run_config, tmp_path, chained,
+                                                        owns_group):
     from dito_fast.train import trainer
 
-    ctx = DistContext(world_size=2, backend="gloo", owns_group=True)
+    ctx = DistContext(world_size=2, backend="gloo", owns_group=owns_group)
     alive_at_teardown = []
 
-    def failing_train(*args):
+    def step():
         wrapper = _Wrapper()
         wrapper.me = None  # no cycle: only this frame holds it
         refs.append(weakref.ref(wrapper))
-        raise RuntimeError("step failed")
+        raise (ValueError if chained else RuntimeError)("step failed")
+
+    def failing_train(*args):
+        try:
+            step()
+        except ValueError:  # the first error's frames stay reachable through __context__
+            raise RuntimeError("step failed, then the handler failed")
 
     refs: list = []
     monkeypatch.setattr(trainer.distributed, "setup", lambda backend, device: (ctx, torch.device("cpu")))
