@@ -124,6 +124,15 @@ def test_decode_channels_last(benchmark):
                                  "channels_last_ms": med[True] * 1e3, "channels_last_speedup": med[False] / med[True]})
 
 
+def _child(script: str, *args, timeout: float = 1800) -> dict:
+    """Run ``script`` in a fresh interpreter (this process's environment) and return the JSON
+    object it prints last."""
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                          env=os.environ.copy(), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from dito_fast import DiTo, fast_decode
@@ -153,12 +162,11 @@ def test_peak_memory_1024(benchmark):
     result = {}
     for name, t in (("untiled", None), ("tiled", tile)):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(size), str(t or "none"), str(threads),
-                               str(overlap)], capture_output=True, text=True, env=os.environ.copy())
-        assert proc.returncode == 0, proc.stderr
-        result[name] = json.loads(proc.stdout.strip().splitlines()[-1]) | {"seconds": time.perf_counter() - t0}
+        result[name] = _child(_MEMORY_SCRIPT, size, t or "none", threads, overlap) | {
+            "seconds": time.perf_counter() - t0}
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    benchmark.extra_info.update({"memory_reused": False, "image_size": size, "tile": tile, "tile_overlap": overlap, "preset": "dito-S",
+    benchmark.extra_info.update({"memory_reused": False, "image_size": size, "tile": tile, "tile_overlap": overlap,
+                                 "preset": "dito-S",
                                  "untiled_decode_mib": result["untiled"]["decode_mib"],
                                  "tiled_decode_mib": result["tiled"]["decode_mib"],
                                  "untiled_peak_mib": result["untiled"]["peak_mib"],
@@ -203,16 +211,13 @@ def test_cpu_allocator(benchmark):
     def launch_all():
         for _ in range(launches):
             for mode in res:
-                proc = subprocess.run([sys.executable, "-c", _ALLOCATOR_SCRIPT, mode, preset, str(size), str(reps),
-                                       str(torch.get_num_threads())], capture_output=True, text=True,
-                                      env=os.environ.copy(), timeout=900)
-                assert proc.returncode == 0, proc.stderr[-3000:]
-                for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+                for k, v in _child(_ALLOCATOR_SCRIPT, mode, preset, size, reps, torch.get_num_threads()).items():
                     res[mode][k] += v
 
     benchmark.pedantic(launch_all, rounds=1, iterations=1)
     med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in res.items()}
-    benchmark.extra_info.update({"memory_reused": "default / keep: one child process each", "preset": preset, "image_size": size, "batch": 1, "steps_timed": reps * launches,
+    benchmark.extra_info.update({"memory_reused": "default / keep: one child process each", "preset": preset,
+                                 "image_size": size, "batch": 1, "steps_timed": reps * launches,
                                  "default_step_s": med["default"]["times"], "keep_step_s": med["keep"]["times"],
                                  "default_faults_per_step": med["default"]["faults"],
                                  "keep_faults_per_step": med["keep"]["faults"],

@@ -87,7 +87,8 @@ def _launch(cmd: list[str], threads: int, timeout: float = 600) -> None:
             proc.wait()
         out.seek(0), err.seek(0)
         tail = f"{' '.join(cmd)}\n{out.read()[-2000:]}\n{err.read()[-5000:]}"
-    assert proc.returncode == 0, f"launch failed (exit {proc.returncode}; -9: killed at the {timeout:.0f} s timeout): {tail}"
+    assert proc.returncode == 0, (f"launch failed (exit {proc.returncode}; -9: killed at the {timeout:.0f} s "
+                                  f"timeout): {tail}")
 
 
 def _train(out: Path, procs: int, threads: int, steps: int, batch: int) -> dict:

@@ -20,8 +20,9 @@ Threads: the setting covers glibc's main arena. Blocks that other threads alloca
 per-thread arenas, whose heaps are capped at 64 MiB and still trim, so a service decoding in a
 thread pool keeps only part of the gain (measured here, blocks allocated again and again in a
 thread: 100 MiB ones still faulted every page, 20 MiB ones an eighth); starting it with
-``MALLOC_ARENA_MAX=1`` in the environment sends every thread to the main arena (then none). Other allocators (jemalloc, tcmalloc via ``LD_PRELOAD``) keep freed memory by
-design and need nothing.
+``MALLOC_ARENA_MAX=1`` in the environment sends every thread to the main arena (then none).
+Other allocators (jemalloc, tcmalloc via ``LD_PRELOAD``) keep freed memory by design and need
+nothing.
 """
 
 from __future__ import annotations
