@@ -106,6 +106,35 @@ def test_cpp_large_offset_stats():
 
 
 @needs_cpp
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cpp_silu_accuracy_wide_range(channels_last):
+    # weight = bias = scale = 0 make the pre-activation exactly a = shift, so y = silu(shift) and,
+    # for dy = 1, grad_shift = H W silu'(shift): the kernels' SiLU and SiLU' (their exp and
+    # reciprocal) against float64 over [-100, 100], where the exp's 2^n scaling and its clamps act.
+    # float32 rounding of the result alone is 6e-8; exp and reciprocal add a few ulp at most.
+    a = torch.linspace(-100, 100, 4001, dtype=torch.float32)
+    a = torch.cat([a, torch.tensor([-87.5, -20.3, -5.01, 0.0, 1e-30, 5.01, 87.5, 88.5])])
+    x = torch.randn(2, a.numel(), 4, 4, generator=torch.Generator().manual_seed(4))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    zeros = torch.zeros(a.numel())
+    shift = torch.stack([a, a.flip(0)]).requires_grad_()
+    y = group_norm_modulate_silu(x, a.numel(), zeros, zeros, torch.zeros(2, a.numel()), shift, backend="cpp")
+    y.backward(torch.ones_like(y))
+    a64 = shift.detach().double()
+    sig = torch.sigmoid(a64)
+    want_y, want_g = a64 * sig, 16 * sig * (1 + a64 * (1 - sig))
+    tiny = 1e-30  # below this the kernels' clamp exp(min(-a, 80)) departs from exact (a < -80)
+    assert torch.allclose(y.double().amax((2, 3)), want_y, rtol=1e-6, atol=tiny)
+    assert torch.allclose(y.double().amin((2, 3)), want_y, rtol=1e-6, atol=tiny)
+    # silu'(a) = s (1 + a (1 - s)) crosses zero near a = -1.28, so its error is bounded by its
+    # terms' sizes, plus a s times two ulps of s (1 - s cancels for large a: s rounds near 1).
+    terms = 16 * (sig + a64.abs() * sig * (1 - sig))
+    bound = 2e-6 * terms + 16 * a64.abs() * sig * 2**-22 + tiny
+    assert ((shift.grad.double() - want_g).abs() <= bound).all()
+
+
+@needs_cpp
 def test_opcheck():
     x, w, b, s, sh = _inputs(2, 8, 5, 3, "all", torch.float32)
     for args in [(x, 4, w, b, s, sh, 1e-5, True), (x, 2, None, None, s, None, 1e-5, False),

@@ -43,13 +43,29 @@ inline void vstore(scalar_t* p, const Vec<acc_t>& v, int64_t n = Vec<acc_t>::siz
   }
 }
 
+// Sum of the lanes of v, in double. Pairwise (a tree of independent adds), not a chain: the
+// kernels take one per channel plane, so on small planes (8x8) a sequential chain of 16 dependent
+// adds cost as much as the plane's arithmetic.
 template <typename acc_t>
 inline double hsum(const Vec<acc_t>& v) {
-  alignas(64) acc_t buf[Vec<acc_t>::size()];
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m512 x = v;
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    return _mm512_reduce_add_pd(v);
+  }
+#endif
+  constexpr int64_t V = Vec<acc_t>::size();
+  alignas(64) acc_t buf[V];
   v.store(buf);
-  double s = 0;
-  for (int64_t i = 0; i < Vec<acc_t>::size(); ++i) s += buf[i];
-  return s;
+  double d[V];
+  for (int64_t i = 0; i < V; ++i) d[i] = buf[i];
+  for (int64_t w = V / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) d[i] += d[i + w];
+  return d[0];
 }
 
 // Shifted moments of n values at p: s1 += sum(x - k), s2 += sum((x - k)^2). Vector lanes
