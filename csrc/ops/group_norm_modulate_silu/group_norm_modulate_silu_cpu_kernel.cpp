@@ -200,46 +200,43 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
   });
 }
 
-// Backward coefficients from the per-(sample, channel) sums S1, S2 (see math.h); also writes the
-// parameter gradients. Returns c1, c2, c3 per (sample, channel) and a, b of the forward fold.
+// dx = da c1 + x c2 + c3 (math::gnms_grad_coef) for the channels of group g of sample b, from their
+// sums S1, S2 (indexed b * C + c, as are c1, c2, c3).
 template <typename acc_t>
-struct BwdCoefs {
-  std::vector<acc_t> c1, c2, c3;
-};
-
-template <typename acc_t>
-BwdCoefs<acc_t> backward_coefs(const std::vector<double>& S1, const std::vector<double>& S2, const acc_t* mean,
-                               const acc_t* rstd, int64_t B, int64_t C, int64_t G, int64_t HW,
-                               const Params<acc_t>& P, const at::TensorBase& grad_weight,
-                               const at::TensorBase& grad_bias, const at::TensorBase& grad_scale,
-                               const at::TensorBase& grad_shift) {
-  const int64_t Cg = C / G;
-  const double n = static_cast<double>(Cg * HW);
-  BwdCoefs<acc_t> out{std::vector<acc_t>(B * C), std::vector<acc_t>(B * C), std::vector<acc_t>(B * C)};
-  std::vector<double> dw(C, 0.0), db(C, 0.0), ds(B * C), dsh(B * C);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t g = 0; g < G; ++g) {
-      double A = 0, Bv = 0;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        const double m = 1.0 + P.s[b * C + c], k = m * P.w[c];
-        A += k * S1[b * C + c];
-        Bv += k * S2[b * C + c];
-        dw[c] += m * S2[b * C + c];
-        db[c] += m * S1[b * C + c];
-        ds[b * C + c] = P.w[c] * S2[b * C + c] + P.b[c] * S1[b * C + c];
-        dsh[b * C + c] = S1[b * C + c];
-      }
-      A /= n;
-      Bv /= n;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        const double k = (1.0 + P.s[b * C + c]) * P.w[c];
-        const auto cf = math::gnms_grad_coef<double>(mean[b * G + g], rstd[b * G + g], k, A, Bv);
-        out.c1[b * C + c] = static_cast<acc_t>(cf.c1);
-        out.c2[b * C + c] = static_cast<acc_t>(cf.c2);
-        out.c3[b * C + c] = static_cast<acc_t>(cf.c3);
-      }
-    }
+void group_grad_coefs(const double* S1, const double* S2, double mean, double rstd, int64_t b, int64_t g,
+                      int64_t C, int64_t Cg, int64_t HW, const Params<acc_t>& P, acc_t* c1, acc_t* c2, acc_t* c3) {
+  double A = 0, Bv = 0;
+  for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+    const double k = (1.0 + P.s[b * C + c]) * P.w[c];
+    A += k * S1[b * C + c];
+    Bv += k * S2[b * C + c];
   }
+  A /= static_cast<double>(Cg * HW);
+  Bv /= static_cast<double>(Cg * HW);
+  for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+    const double k = (1.0 + P.s[b * C + c]) * P.w[c];
+    const auto cf = math::gnms_grad_coef<double>(mean, rstd, k, A, Bv);
+    c1[b * C + c] = static_cast<acc_t>(cf.c1);
+    c2[b * C + c] = static_cast<acc_t>(cf.c2);
+    c3[b * C + c] = static_cast<acc_t>(cf.c3);
+  }
+}
+
+// The parameter gradients (math.h) from the per-(sample, channel) sums S1, S2; undefined outputs
+// (absent parameters) are skipped.
+template <typename acc_t>
+void param_grads(const std::vector<double>& S1, const std::vector<double>& S2, int64_t B, int64_t C,
+                 const Params<acc_t>& P, const at::TensorBase& grad_weight, const at::TensorBase& grad_bias,
+                 const at::TensorBase& grad_scale, const at::TensorBase& grad_shift) {
+  std::vector<double> dw(C, 0.0), db(C, 0.0), ds(B * C);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t bc = b * C + c;
+      const double m = 1.0 + P.s[bc];
+      dw[c] += m * S2[bc];
+      db[c] += m * S1[bc];
+      ds[bc] = P.w[c] * S2[bc] + P.b[c] * S1[bc];
+    }
   auto write = [](const at::TensorBase& t, const std::vector<double>& v) {
     if (!t.defined()) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "gnms_param_grad", [&] {
@@ -250,10 +247,11 @@ BwdCoefs<acc_t> backward_coefs(const std::vector<double>& S1, const std::vector<
   write(grad_weight, dw);
   write(grad_bias, db);
   write(grad_scale, ds);
-  write(grad_shift, dsh);
-  return out;
+  write(grad_shift, S1);  // dshift = S1
 }
 
+// NCHW: one task per (sample, group) runs both passes, so the second pass finds the group's x and
+// da (e.g. 2 channels x 64 x 64 fp32 = 32 KiB each) still in cache.
 template <typename scalar_t, bool kSilu>
 void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t B, int64_t C, int64_t HW, int64_t G,
                    const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
@@ -263,56 +261,60 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t Cg = C / G;
   std::vector<double> S1(B * C), S2(B * C);
-  // Pass 1: per-channel sums; one task per (sample, channel) plane.
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / C, c = bc % C, g = c / Cg;
-      const acc_t m = mean[b * G + g], r = rstd[b * G + g];
-      const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
-      const Vec<acc_t> al(cf.alpha), be(cf.beta), mv(m), rv(r);
-      const scalar_t* xp = x + bc * HW;
-      const scalar_t* gp = dy + bc * HW;
-      double s1 = 0, s2 = 0;
-      int64_t i = 0;
-      while (i < HW) {
-        const int64_t bend = std::min(HW, i + 256 * V);
-        Vec<acc_t> a1(0), a2(0);
-        for (; i < bend; i += V) {
-          const int64_t n = std::min<int64_t>(V, bend - i);
-          auto xv = vload<acc_t>(xp + i, n);
-          auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
-          if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dx + bc * HW + i, da, n);
-          if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
-          a1 = a1 + da;
-          a2 = at::vec::fmadd(da, (xv - mv) * rv, a2);
+  std::vector<acc_t> k1(B * C), k2(B * C), k3(B * C);
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, g = bg % G;
+      const acc_t m = mean[bg], r = rstd[bg];
+      const Vec<acc_t> mv(m), rv(r);
+      // Pass 1: per-channel sums S1 = sum da, S2 = sum da xhat.
+      for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
+        const int64_t c = bc - b * C;
+        const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
+        const Vec<acc_t> al(cf.alpha), be(cf.beta);
+        const scalar_t* xp = x + bc * HW;
+        const scalar_t* gp = dy + bc * HW;
+        double s1 = 0, s2 = 0;
+        int64_t i = 0;
+        while (i < HW) {
+          const int64_t bend = std::min(HW, i + 256 * V);
+          Vec<acc_t> a1(0), a2(0);
+          for (; i < bend; i += V) {
+            const int64_t n = std::min<int64_t>(V, bend - i);
+            auto xv = vload<acc_t>(xp + i, n);
+            auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
+            if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dx + bc * HW + i, da, n);
+            if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
+            a1 = a1 + da;
+            a2 = at::vec::fmadd(da, (xv - mv) * rv, a2);
+          }
+          s1 += hsum(a1);
+          s2 += hsum(a2);
         }
-        s1 += hsum(a1);
-        s2 += hsum(a2);
+        S1[bc] = s1;
+        S2[bc] = s2;
       }
-      S1[bc] = s1;
-      S2[bc] = s2;
-    }
-  });
-  const auto k = backward_coefs<acc_t>(S1, S2, mean, rstd, B, C, G, HW, P, gw, gb, gs, gsh);
-  // Pass 2: dx = da c1 + x c2 + c3.
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / C, c = bc % C, g = c / Cg;
-      const auto cf = math::gnms_coef<acc_t>(mean[b * G + g], rstd[b * G + g], P.w[c], P.b[c], P.s[bc], P.sh[bc]);
-      const Vec<acc_t> al(cf.alpha), be(cf.beta), c1(k.c1[bc]), c2(k.c2[bc]), c3(k.c3[bc]);
-      const scalar_t* xp = x + bc * HW;
-      const scalar_t* gp = dy + bc * HW;
-      scalar_t* op = dx + bc * HW;
-      for (int64_t i = 0; i < HW; i += V) {
-        const int64_t n = std::min<int64_t>(V, HW - i);
-        auto xv = vload<acc_t>(xp + i, n);
-        Vec<acc_t> da;
-        if constexpr (kKeepDa<scalar_t, kSilu>) da = vload<acc_t>(op + i, n);  // stored by pass 1
-        else da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
-        vstore<acc_t>(op + i, at::vec::fmadd(da, c1, at::vec::fmadd(xv, c2, c3)), n);
+      group_grad_coefs<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, HW, P, k1.data(), k2.data(), k3.data());
+      // Pass 2: dx = da c1 + x c2 + c3.
+      for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
+        const int64_t c = bc - b * C;
+        const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
+        const Vec<acc_t> al(cf.alpha), be(cf.beta), c1(k1[bc]), c2(k2[bc]), c3(k3[bc]);
+        const scalar_t* xp = x + bc * HW;
+        const scalar_t* gp = dy + bc * HW;
+        scalar_t* op = dx + bc * HW;
+        for (int64_t i = 0; i < HW; i += V) {
+          const int64_t n = std::min<int64_t>(V, HW - i);
+          auto xv = vload<acc_t>(xp + i, n);
+          Vec<acc_t> da;
+          if constexpr (kKeepDa<scalar_t, kSilu>) da = vload<acc_t>(op + i, n);  // stored by pass 1
+          else da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
+          vstore<acc_t>(op + i, at::vec::fmadd(da, c1, at::vec::fmadd(xv, c2, c3)), n);
+        }
       }
     }
   });
+  param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
 }
 
 template <typename scalar_t, bool kSilu>
@@ -361,12 +363,17 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
         S1[b * C + c] += p1[(b * nchunk + ch) * C + c];
         S2[b * C + c] += p2[(b * nchunk + ch) * C + c];
       }
-  const auto k = backward_coefs<acc_t>(S1, S2, mean, rstd, B, C, G, HW, P, gw, gb, gs, gsh);
+  std::vector<acc_t> c1(B * C), c2(B * C), c3(B * C);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g)
+      group_grad_coefs<acc_t>(S1.data(), S2.data(), mean[b * G + g], rstd[b * G + g], b, g, C, Cg, HW, P, c1.data(),
+                              c2.data(), c3.data());
+  param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
   at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
-      const acc_t *al = alpha.data() + b * C, *be = beta.data() + b * C, *k1 = k.c1.data() + b * C,
-                  *k2 = k.c2.data() + b * C, *k3 = k.c3.data() + b * C;
+      const acc_t *al = alpha.data() + b * C, *be = beta.data() + b * C, *k1 = c1.data() + b * C,
+                  *k2 = c2.data() + b * C, *k3 = c3.data() + b * C;
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* xp = x + (b * HW + r) * C;
         const scalar_t* gp = dy + (b * HW + r) * C;
