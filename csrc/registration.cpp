@@ -29,14 +29,16 @@ TORCH_LIBRARY(dito_fast, m) {
   m.def("group_norm_modulate_silu_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, int num_groups, "
         "Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, bool silu) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // 3x3 convolution, stride 1, padding 1, by Winograd F(2x2, 3x3). u: the transformed filter
-  // (16, C_out, C_in) of a weight (C_out, C_in, 3, 3) (dito_fast/ops/conv3x3.py). transposed=False:
+  // 3x3 convolution, stride 1, padding 1, by Winograd F(MxM, 3x3), M = 2 or 4. u: the transformed
+  // filter (K, C_out, C_in) of a weight (C_out, C_in, 3, 3), K = (M + 2)^2 = 16 or 36, which gives M
+  // (dito_fast/ops/conv3x3.py). transposed=False:
   // x (B, C_in, H, W) -> (B, C_out, H, W), plus bias (C_out,). transposed=True: the input gradient of
   // that convolution (the convolution with the flipped filter, channels swapped): x (B, C_out, H, W)
   // -> (B, C_in, H, W), plus bias (C_in,).
   m.def("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, bool transposed) -> Tensor");
-  // The gradient with respect to u: (16, C_out, C_in), from x (B, C_in, H, W) and grad_y (B, C_out, H, W).
-  m.def("winograd_conv3x3_weight_grad(Tensor x, Tensor grad_y) -> Tensor");
+  // The gradient with respect to u: (K, C_out, C_in) for tile M (2 or 4), from x (B, C_in, H, W) and
+  // grad_y (B, C_out, H, W).
+  m.def("winograd_conv3x3_weight_grad(Tensor x, Tensor grad_y, int tile) -> Tensor");
 }
 
 namespace dito_fast {

@@ -1,14 +1,15 @@
 """3x3 convolution with stride 1 and padding 1 (every 3x3 convolution of the UNet and the encoder).
 
 Backends:
-- ``cpp``: Winograd F(2x2, 3x3) on the CPU (csrc/ops/conv3x3): 16 multiply-adds per 2x2 output
-  tile and channel pair instead of 36, so the GEMMs do 2.25x fewer flops than a direct
-  convolution. The filter is transformed here (``winograd_filter``), the activations per tile in
-  C++; forward, input gradient (the convolution with the flipped, transposed filter: the same
-  transformed filter with its tile positions permuted) and filter gradient (in the Winograd
-  domain, then the adjoint filter transform, which autograd derives from ``winograd_filter``)
-  all use it. float32 and float64; activations are processed channels_last (an NCHW input is converted, and the
-  output keeps the input's layout). Not chosen automatically for convolutions with fewer than
+- ``cpp``: Winograd F(MxM, 3x3) on the CPU (csrc/ops/conv3x3), M = 4 or 2 (:func:`winograd_tile`):
+  per output, the GEMMs do 2.25 (M = 4) or 4 (M = 2) multiply-adds per channel pair where a
+  direct convolution does 9. The filter is transformed here (``winograd_filter``), the activations
+  per tile in C++. The input gradient uses the same transformed filter (the convolution with the
+  flipped filter is the flipped convolution of the flipped image, and the C++ transforms read and
+  write the image flipped); the filter gradient is formed in the Winograd domain, then the
+  adjoint filter transform, which autograd derives from ``winograd_filter``. float32 and float64;
+  activations are processed channels_last (an NCHW input is converted, and the output keeps the
+  input's layout). Not chosen automatically for convolutions with fewer than
   ``MIN_WINOGRAD_CHANNELS`` input or output channels, where the GEMMs are too thin to pay for the
   transforms (an explicit ``backend="cpp"`` or ``DITO_FAST_BACKEND`` still runs it).
 - ``ref``: ``F.conv2d`` (oneDNN on CPU, cuDNN on CUDA), the specification. On CUDA this is the
@@ -16,6 +17,8 @@ Backends:
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn as nn
@@ -27,32 +30,62 @@ from ._dispatch import Backend, always_supported, dispatch, env_backend
 
 MIN_WINOGRAD_CHANNELS = 32
 
-# G of F(2x2, 3x3): U = G g G^T for a 3x3 filter g; as one matrix on flattened filters,
-# vec(U) = kron(G, G) vec(g).
-_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
-_KRON = torch.kron(_G, _G)  # (16, 9)
+# G of F(2x2, 3x3) and F(4x4, 3x3) (points 0, +-1, +-2 and infinity): U = G g G^T for a 3x3 filter
+# g; as one matrix on flattened filters, vec(U) = kron(G, G) vec(g).
+_G = {
+    2: torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64),
+    4: torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                     [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64),
+}
+_KRON = {m: torch.kron(g, g) for m, g in _G.items()}  # ((m + 2)^2, 9)
 _kron_cache: dict = {}
 
 
-def _kron(dtype, device):
-    key = (dtype, device)
+# The automatic tile: F(4x4, 3x3) once a convolution has at least this many 4x4 output tiles.
+# With fewer, its GEMMs are too short and its filter transform (36 positions against 16) too
+# large a part of the work: measured here, B=8 at 8x8 (32 tiles) is even and B=1 at 16x16
+# (16 tiles) 1.4x slower than F(2x2), while B=1 at 32x32 (64 tiles) is 1.2-1.3x faster.
+MIN_TILE4_TILES = 64
+
+
+def winograd_tile(x: torch.Tensor) -> int:
+    """Output tile M (2 or 4) of the CPU Winograd convolution of activation ``x`` (B, C, H, W).
+
+    ``DITO_FAST_WINOGRAD_TILE``: ``auto`` (default) takes 4 when ``x`` has at least
+    ``MIN_TILE4_TILES`` 4x4 output tiles, else 2; ``4`` or ``2`` forces one. F(4x4, 3x3) does 4x
+    fewer GEMM multiply-adds than a direct convolution, F(2x2, 3x3) 2.25x fewer; F(4x4)'s float32
+    error is ~1e-5 of the output's scale (F(2x2) and oneDNN: ~5e-7), far below bfloat16's rounding.
+    """
+    raw = os.environ.get("DITO_FAST_WINOGRAD_TILE", "auto").strip()
+    if raw in ("auto", ""):
+        B, _, H, W = x.shape
+        return 4 if B * ((H + 3) // 4) * ((W + 3) // 4) >= MIN_TILE4_TILES else 2
+    if raw in ("2", "4"):
+        return int(raw)
+    raise ValueError(f"DITO_FAST_WINOGRAD_TILE must be auto, 2 or 4, got {raw!r}")
+
+
+def _kron(tile, dtype, device):
+    key = (tile, dtype, device)
     if key not in _kron_cache:
         # a normal tensor even when first asked for under inference_mode: autograd saves it later
         with torch.inference_mode(False):
-            _kron_cache[key] = _KRON.to(dtype=dtype, device=device, copy=True)
+            _kron_cache[key] = _KRON[tile].to(dtype=dtype, device=device, copy=True)
     return _kron_cache[key]
 
 
-def winograd_filter(weight: torch.Tensor) -> torch.Tensor:
-    """Transformed filter (16, C_out, C_in) of ``weight`` (C_out, C_in, 3, 3): position k = 4i + j
-    of the 4x4 Winograd tile holds (G g G^T)_ij for every filter g. One GEMM, no copies;
-    differentiable (its backward is the adjoint transform)."""
+def winograd_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
+    """Transformed filter (K, C_out, C_in) of ``weight`` (C_out, C_in, 3, 3) for output tiles of
+    ``tile`` (2 or 4), K = (tile + 2)^2: position k = N i + j of the N x N Winograd tile
+    (N = tile + 2) holds (G g G^T)_ij for every filter g. One GEMM, no copies; differentiable (its
+    backward is the adjoint transform)."""
     co, ci = weight.shape[:2]
-    k = _kron(weight.dtype, weight.device)
+    k = _kron(tile, weight.dtype, weight.device)
+    K = k.shape[0]
     if weight.is_contiguous() or not weight.is_contiguous(memory_format=torch.channels_last):
-        return (k @ weight.reshape(co * ci, 9).t()).view(16, co, ci)
+        return (k @ weight.reshape(co * ci, 9).t()).view(K, co, ci)
     # channels_last weights (a channels_last model): (C_out, 3, 3, C_in) in memory; a strided
-    # (16, C_out, C_in) result instead of copying the weight
+    # (K, C_out, C_in) result instead of copying the weight
     return torch.matmul(k, weight.permute(0, 2, 3, 1).reshape(co, 9, ci)).transpose(0, 1)
 
 
@@ -90,8 +123,8 @@ if _cpp.AVAILABLE:
         return x.new_empty((x.shape[0], c_out, x.shape[2], x.shape[3])).contiguous(memory_format=fmt)
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3_weight_grad")
-    def _(x, grad_y):
-        return x.new_empty((16, grad_y.shape[1], x.shape[1]))
+    def _(x, grad_y, tile):
+        return x.new_empty(((tile + 2) ** 2, grad_y.shape[1], x.shape[1]))
 
     def _setup_context(ctx, inputs, output):
         x, u, bias, transposed = inputs
@@ -105,7 +138,7 @@ if _cpp.AVAILABLE:
         x, u = ctx.saved_tensors
         need_x, need_u, need_b, _ = ctx.needs_input_grad
         gx = _OP(grad, u, None, True) if need_x else None
-        gu = _WGRAD(x, grad) if need_u else None
+        gu = _WGRAD(x, grad, 4 if u.shape[0] == 36 else 2) if need_u else None  # 36 or 16 positions
         gb = grad.sum(dim=(0, 2, 3)) if need_b and ctx.has_bias else None
         return gx, gu, gb, None
 
@@ -121,21 +154,22 @@ else:
 # storage address and dtype. Writes through ``weight.data`` bypass the version counter; they are
 # not seen, as with any autograd-saved tensor. Only inference mode uses the cache (fast_decode,
 # dito_fast.encode); training and no_grad evaluation transform on every call.
-def _inference_filter(weight: torch.Tensor) -> torch.Tensor:
-    key = (weight._version, weight.data_ptr(), weight.dtype)
+def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
+    key = (weight._version, weight.data_ptr(), weight.dtype, tile)
     hit = getattr(weight, "_dito_winograd", None)
     if hit is not None and hit[0] == key:
         return hit[1]
     with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference mode
-        u = winograd_filter(weight)
+        u = winograd_filter(weight, tile)
     weight._dito_winograd = (key, u)
     return u
 
 
 def _cpp_conv3x3(x, weight, bias):
+    tile = winograd_tile(x)
     if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not weight.is_inference():
-        return _OP(x, _inference_filter(weight), bias, False)
-    return _OP(x, winograd_filter(weight), bias, False)
+        return _OP(x, _inference_filter(weight, tile), bias, False)
+    return _OP(x, winograd_filter(weight, tile), bias, False)
 
 
 def _winograd_reasons(x: torch.Tensor, weight_dtype: torch.dtype) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dito_fast.ops import Conv3x3, conv3x3, conv3x3_ref
-from dito_fast.ops.conv3x3 import winograd_filter
+from dito_fast.ops.conv3x3 import MIN_TILE4_TILES, winograd_filter, winograd_tile
 
 from backend_cases import CPP_REASON, assert_close_to_ref
 
@@ -18,6 +18,7 @@ needs_cpp = pytest.mark.skipif(bool(CPP_REASON), reason=CPP_REASON)
 # (B, C_in, C_out, H, W): odd sizes (partial tiles on both edges), batch 1, 1x1 and 1xN images,
 # channel counts that are not multiples of the vector width, a model-sized level.
 SHAPES = [(3, 33, 40, 23, 19), (1, 32, 48, 8, 8), (2, 32, 35, 1, 1), (2, 40, 32, 1, 7), (2, 64, 64, 16, 16)]
+TILES = ["2", "4"]  # DITO_FAST_WINOGRAD_TILE: F(2x2, 3x3) and F(4x4, 3x3)
 
 
 def _grads(fn, x, w, b, seed=4):
@@ -46,7 +47,9 @@ def _inputs(shape, dtype, layout, bias=True):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_cpp_matches_reference(shape, dtype, layout):
+@pytest.mark.parametrize("tile", TILES)
+def test_cpp_matches_reference(shape, dtype, layout, tile, monkeypatch):
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
     x, w, b = _inputs(shape, dtype, layout)
     ours = _grads(lambda *a: conv3x3(*a, backend="cpp"), x, w, b)
     ref64 = _grads(conv3x3_ref, x.double(), w.double(), b.double())
@@ -74,36 +77,66 @@ def test_without_bias_and_in_a_module():
         torch.testing.assert_close(o, r)
 
 
-def test_filter_transform():
+G2 = [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]
+G4 = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+      [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("tile,G", [(2, G2), (4, G4)], ids=["tile2", "tile4"])
+def test_filter_transform(tile, G):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
-    u = winograd_filter(w)
-    assert u.shape == (16, 5, 3)
-    G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-    torch.testing.assert_close(u, torch.einsum("ia,ocab,jb->ijoc", G, w, G).reshape(16, 5, 3))
+    u = winograd_filter(w, tile)
+    N = tile + 2
+    assert u.shape == (N * N, 5, 3)
+    G = torch.tensor(G, dtype=torch.float64)
+    torch.testing.assert_close(u, torch.einsum("ia,ocab,jb->ijoc", G, w, G).reshape(N * N, 5, 3))
+    # channels_last weights give the same transform (a strided view, not a copy of the weight)
+    torch.testing.assert_close(winograd_filter(w.contiguous(memory_format=torch.channels_last), tile), u)
 
 
 @needs_cpp
-def test_transposed_is_the_input_gradient():
-    """transposed=True convolves with the flipped filter, channels swapped (positions permuted in C++)."""
+@pytest.mark.parametrize("tile", [2, 4])
+def test_transposed_is_the_input_gradient(tile):
+    """transposed=True convolves with the flipped filter, channels swapped (the C++ transforms read
+    and write the image rotated by 180 degrees); odd sizes leave partial tiles on both edges."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
     dy = torch.randn(2, 6, 7, 5, generator=g, dtype=torch.float64)
-    out = torch.ops.dito_fast.winograd_conv3x3(dy, winograd_filter(w), None, True)
+    out = torch.ops.dito_fast.winograd_conv3x3(dy, winograd_filter(w, tile), None, True)
     torch.testing.assert_close(out, F.conv2d(dy, w.flip(2, 3).transpose(0, 1), padding=1))
 
 
+def test_tile_choice(monkeypatch):
+    monkeypatch.delenv("DITO_FAST_WINOGRAD_TILE", raising=False)
+    # auto: F(4x4) from MIN_TILE4_TILES 4x4 output tiles on (a 32x32 image has 64)
+    assert MIN_TILE4_TILES == 64
+    assert winograd_tile(torch.empty(1, 8, 32, 32)) == 4
+    assert winograd_tile(torch.empty(1, 8, 29, 32)) == 4  # partial tiles count: 8 x 8
+    assert winograd_tile(torch.empty(1, 8, 28, 32)) == 2  # 7 x 8 = 56
+    assert winograd_tile(torch.empty(8, 8, 8, 8)) == 2  # 8 x 2 x 2 = 32
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", "4")
+    assert winograd_tile(torch.empty(1, 8, 4, 4)) == 4
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", "2")
+    assert winograd_tile(torch.empty(8, 8, 64, 64)) == 2
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", "6")
+    with pytest.raises(ValueError, match="DITO_FAST_WINOGRAD_TILE must be auto, 2 or 4, got '6'"):
+        winograd_tile(torch.empty(1, 8, 4, 4))
+
+
 @needs_cpp
-def test_gradcheck_opcheck_compile():
+@pytest.mark.parametrize("tile", [2, 4])
+def test_gradcheck_opcheck_compile(tile, monkeypatch):
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", str(tile))
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: conv3x3(*a, backend="cpp"), (x, w, b))
     xf, wf = torch.randn(2, 8, 5, 6), torch.randn(6, 8, 3, 3)
-    u = winograd_filter(wf).requires_grad_()
+    u = winograd_filter(wf, tile).requires_grad_()
     torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3, (xf.requires_grad_(), u, torch.randn(6), False))
     torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3, (torch.randn(2, 6, 5, 6), u.detach(), None, True))
-    torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3_weight_grad, (xf.detach(), torch.randn(2, 6, 5, 6)))
+    torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3_weight_grad, (xf.detach(), torch.randn(2, 6, 5, 6), tile))
     torch._dynamo.reset()
     f = lambda a, c: conv3x3(a, c, None, backend="cpp").square().sum()  # noqa: E731
     a1, c1 = xf.detach().clone().requires_grad_(), wf.clone().requires_grad_()
@@ -164,8 +197,10 @@ def test_errors_name_the_problem():
     with pytest.raises(TypeError, match="floating"):
         conv3x3(torch.ones(1, 4, 5, 5, dtype=torch.long), torch.randn(6, 4, 3, 3))
     if not CPP_REASON:
-        with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16, C_out, 4\)"):
+        with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16 or 36, C_out, 4\)"):
             torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 6, 4), None, False)
+        with pytest.raises(RuntimeError, match="tile must be 2 or 4, got 3"):
+            torch.ops.dito_fast.winograd_conv3x3_weight_grad(x, x, 3)
 
 
 @needs_cpp
@@ -186,6 +221,18 @@ def test_inference_filter_cache_follows_weight_updates():
     # training after inference: no cache; gradients flow to the weight
     conv(x).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+@needs_cpp
+def test_inference_filter_cache_is_per_tile(monkeypatch):
+    conv = Conv3x3(32, 32)
+    x = torch.randn(2, 32, 6, 6)
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    for tile in ("4", "2", "4"):
+        monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
+        with torch.inference_mode():
+            torch.testing.assert_close(conv(x), ref, atol=1e-4, rtol=1e-4)
+            assert conv.weight._dito_winograd[1].shape[0] == (int(tile) + 2) ** 2
 
 
 @needs_cpp
@@ -211,10 +258,13 @@ def test_inference_first_then_gradients():
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_several_chunks(dtype):
+@pytest.mark.parametrize("tile", TILES)
+def test_several_chunks(dtype, tile, monkeypatch):
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
     """Enough tiles for several GEMM chunks (the last one partial): the chunked forward, input and
     filter gradients agree with one-pass references."""
-    x, w, b = _inputs((3, 256, 256, 37, 29), dtype, "channels_last")  # 3 * 19 * 15 = 855 tiles, chunks of 256
+    # 3 x 19 x 15 = 855 2x2 tiles in chunks of 256; 3 x 10 x 8 = 240 4x4 tiles in chunks of 113
+    x, w, b = _inputs((3, 256, 256, 37, 29), dtype, "channels_last")
     ours = _grads(lambda *a: conv3x3(*a, backend="cpp"), x, w, b)
     ref64 = _grads(conv3x3_ref, x.double(), w.double(), b.double())
     same = _grads(conv3x3_ref, x, w, b)

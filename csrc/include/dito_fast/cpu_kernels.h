@@ -46,15 +46,17 @@
                             const at::TensorBase& grad_x, const at::TensorBase& grad_weight,          \
                             const at::TensorBase& grad_bias, const at::TensorBase& grad_scale,        \
                             const at::TensorBase& grad_shift);                                        \
-  /* Winograd F(2x2,3x3) (csrc/ops/conv3x3): x, grad_y, y are NHWC-dense (channels_last) float/double; \
-     v, m, dm are dense (16, n, C) buffers for the n tiles from t0; bias (C_out,) may be undefined;   \
-     flip: positions permuted as for the flipped filter (the input gradient). */                     \
-  void winograd_input_transform_kernel(const at::TensorBase& x, int64_t t0, int64_t n, bool flip,     \
-                                       const at::TensorBase& v);                                      \
-  void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorBase& bias, int64_t t0, \
-                                        int64_t n, bool flip, const at::TensorBase& y);               \
-  void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t t0, int64_t n,     \
-                                             const at::TensorBase& dm);                               \
+  /* Winograd F(MxM,3x3), M = tile = 2 or 4 (csrc/ops/conv3x3): x, grad_y, y are NHWC-dense       \
+     (channels_last) float/double; v, m, dm are dense ((M+2)^2, n, C) buffers for the n tiles from   \
+     t0; bias (C_out,) may be undefined; flip: read and write the image rotated by 180 degrees (the  \
+     input gradient). */                                                                             \
+  void winograd_input_transform_kernel(const at::TensorBase& x, int64_t tile, int64_t t0, int64_t n, \
+                                       bool flip, const at::TensorBase& v);                          \
+  void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorBase& bias,          \
+                                        int64_t tile, int64_t t0, int64_t n, bool flip,               \
+                                        const at::TensorBase& y);                                     \
+  void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t tile, int64_t t0,  \
+                                             int64_t n, const at::TensorBase& dm);                    \
   }
 
 namespace dito_fast {

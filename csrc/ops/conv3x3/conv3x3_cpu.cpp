@@ -1,10 +1,13 @@
-// CPU entry points of the Winograd F(2x2, 3x3) convolution: checks, chunking and the GEMMs.
+// CPU entry points of the Winograd F(MxM, 3x3) convolution (M = 2 or 4): checks, chunking and the
+// GEMMs. The tile size comes with the transformed filter u: (K, C_out, C_in) with K = (M + 2)^2
+// positions, 16 for M = 2 and 36 for M = 4.
 //
 // The tiles of the output are processed in chunks sized so that a chunk's Winograd-domain buffers
-// (16 x tiles x channels, input and output side) stay around 8 MiB: each chunk is transformed
+// (K x tiles x channels, input and output side) stay around 8 MiB: each chunk is transformed
 // (conv3x3_cpu_kernel.cpp), multiplied position by position by the transformed filter with one
-// batched GEMM (at::bmm_out: 16 GEMMs of tiles x C_in by C_in x C_out) and transformed back. The
-// GEMMs do 16 multiply-adds per 2x2 output where a direct 3x3 convolution does 36 (2.25x fewer).
+// batched GEMM (at::bmm_out: K GEMMs of tiles x C_in by C_in x C_out) and transformed back. Per
+// output, the GEMMs do K / M^2 multiply-adds where a direct 3x3 convolution does 9: 4 for M = 2
+// (2.25x fewer), 2.25 for M = 4 (4x fewer).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -20,9 +23,9 @@
 namespace dito_fast {
 namespace {
 
-int64_t chunk_tiles(int64_t total, int64_t c_in, int64_t c_out, int64_t elem_size) {
+int64_t chunk_tiles(int64_t total, int64_t K, int64_t c_in, int64_t c_out, int64_t elem_size) {
   constexpr int64_t kBufferBytes = 8 << 20;
-  const int64_t n = kBufferBytes / (16 * (c_in + c_out) * elem_size);
+  const int64_t n = kBufferBytes / (K * (c_in + c_out) * elem_size);
   return std::min(total, std::max<int64_t>(n, 64));
 }
 
@@ -34,17 +37,21 @@ void check_activation(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.numel() > 0, op, ": ", name, " is empty, shape ", x.sizes());
 }
 
-// Calls body(t0, len, v, m) for the chunks of tiles of a (B, C_in -> C_out, H, W) problem, with v
-// and m dense (16, len, C_in) and (16, len, C_out) views of two buffers reused by every chunk.
+// Tile size M of a transformed filter with K positions (0 if K is neither 16 nor 36).
+int64_t tile_of(int64_t K) { return K == 16 ? 2 : K == 36 ? 4 : 0; }
+
+// Calls body(t0, len, v, m) for the chunks of M x M tiles of a (B, C_in -> C_out, H, W) problem,
+// with v and m dense (K, len, C_in) and (K, len, C_out) views of two buffers reused by every chunk.
 template <typename Body>
-void for_each_chunk(const at::Tensor& x, int64_t c_out, Body&& body) {
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t T = B * ((H + 1) / 2) * ((W + 1) / 2), n = chunk_tiles(T, C, c_out, x.element_size());
-  const auto vbuf = at::empty({16 * n * C}, x.options()), mbuf = at::empty({16 * n * c_out}, x.options());
+void for_each_chunk(const at::Tensor& x, int64_t tile, int64_t c_out, Body&& body) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = (tile + 2) * (tile + 2);
+  const int64_t T = B * ((H + tile - 1) / tile) * ((W + tile - 1) / tile);
+  const int64_t n = chunk_tiles(T, K, C, c_out, x.element_size());
+  const auto vbuf = at::empty({K * n * C}, x.options()), mbuf = at::empty({K * n * c_out}, x.options());
   for (int64_t t0 = 0; t0 < T; t0 += n) {
     const int64_t len = std::min(n, T - t0);
-    body(t0, len, vbuf.narrow(0, 0, 16 * len * C).view({16, len, C}),
-         mbuf.narrow(0, 0, 16 * len * c_out).view({16, len, c_out}));
+    body(t0, len, vbuf.narrow(0, 0, K * len * C).view({K, len, C}),
+         mbuf.narrow(0, 0, K * len * c_out).view({K, len, c_out}));
   }
 }
 
@@ -53,10 +60,13 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const 
   constexpr const char* op = "winograd_conv3x3";
   check_activation(x, op, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  // u is (16, C_out, C_in) of the filter; the GEMMs multiply by u_k^T, or by u_k for transposed=True.
+  // u is (K, C_out, C_in) of the filter; the GEMMs multiply by u_k^T, or by u_k for transposed=True
+  // (the input gradient: the image flipped on the way in and out, see conv3x3_cpu_kernel.cpp).
   const int64_t u_in = transposed ? 1 : 2;
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(u_in) == C, op, ": u must be the transformed filter (16, ",
+  TORCH_CHECK(u.dim() == 3 && tile_of(u.size(0)) && u.size(u_in) == C, op,
+              ": u must be the transformed filter (16 or 36, ",
               transposed ? std::to_string(C) + ", C_in" : "C_out, " + std::to_string(C), "), got shape ", u.sizes());
+  const int64_t tile = tile_of(u.size(0));
   TORCH_CHECK(u.scalar_type() == x.scalar_type() && u.device() == x.device(), op, ": u is ", u.scalar_type(), " on ",
               u.device(), " but x is ", x.scalar_type(), " on ", x.device());
   const int64_t Co = u.size(3 - u_in);
@@ -70,15 +80,15 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const 
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto gemm_u = transposed ? u : u.transpose(1, 2);  // (16, C, Co); strided views go to BLAS as is
   auto y = at::empty({B, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  for_each_chunk(xc, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor m) {
-    DITO_CPU_CALL(winograd_input_transform_kernel, xc, t0, len, transposed, v);
+  for_each_chunk(xc, tile, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor m) {
+    DITO_CPU_CALL(winograd_input_transform_kernel, xc, tile, t0, len, transposed, v);
     at::bmm_out(m, v, gemm_u);
-    DITO_CPU_CALL(winograd_output_transform_kernel, m, b, t0, len, transposed, y);
+    DITO_CPU_CALL(winograd_output_transform_kernel, m, b, tile, t0, len, transposed, y);
   });
   return y.contiguous(preferred_format(x));
 }
 
-at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_y) {
+at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_y, int64_t tile) {
   constexpr const char* op = "winograd_conv3x3_weight_grad";
   check_activation(x, op, "x");
   check_activation(grad_y, op, "grad_y");
@@ -86,13 +96,14 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
                   grad_y.scalar_type() == x.scalar_type(),
               op, ": grad_y ", grad_y.sizes(), " ", grad_y.scalar_type(), " does not match x ", x.sizes(), " ",
               x.scalar_type());
+  TORCH_CHECK(tile == 2 || tile == 4, op, ": tile must be 2 or 4, got ", tile);
   const int64_t C = x.size(1), Co = grad_y.size(1);
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto gc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
-  auto du = at::empty({16, Co, C}, x.options());
-  for_each_chunk(xc, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor dm) {
-    DITO_CPU_CALL(winograd_input_transform_kernel, xc, t0, len, false, v);
-    DITO_CPU_CALL(winograd_grad_output_transform_kernel, gc, t0, len, dm);
+  auto du = at::empty({(tile + 2) * (tile + 2), Co, C}, x.options());
+  for_each_chunk(xc, tile, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor dm) {
+    DITO_CPU_CALL(winograd_input_transform_kernel, xc, tile, t0, len, false, v);
+    DITO_CPU_CALL(winograd_grad_output_transform_kernel, gc, tile, t0, len, dm);
     if (t0 == 0) {
       at::bmm_out(du, dm.transpose(1, 2), v);  // dU_k = dM_k^T V_k
     } else {

@@ -1,16 +1,18 @@
-// Winograd F(2x2, 3x3) transforms of the 3x3 convolution (stride 1, padding 1), compiled once per
-// CPU capability. All activations are NHWC (channels_last); every transform is vectorised over the
-// channel dimension, which is contiguous, so a tile's 16 values of one channel never leave a
-// register. Notation (Lavin & Gray 2016): with a 4x4 input patch d, a 3x3 filter g and a 2x2
-// output y, y = A^T [(G g G^T) . (B^T d B)] A, where
-//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  A^T = [1 1 1 0; 0 1 -1 -1],
-//   G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1].
-// The filter transform (and its adjoint for the weight gradient) is a tiny matrix product done in
-// Python (dito_fast/ops/conv3x3.py); here are the per-tile transforms of the activations.
+// Winograd F(MxM, 3x3) transforms of the 3x3 convolution (stride 1, padding 1), for output tiles of
+// M = 2 or M = 4, compiled once per CPU capability. All activations are NHWC (channels_last);
+// every transform is vectorised over the channel dimension, which is contiguous, so a tile's
+// values of one channel never leave registers (or L1). Notation (Lavin & Gray 2016): with an
+// N x N input patch d (N = M + 2), a 3x3 filter g and an M x M output y,
+// y = A^T [(G g G^T) . (B^T d B)] A. The 1-D matrices are in struct Tr<M> below; G is applied to
+// the filter in Python (dito_fast/ops/conv3x3.py, with its adjoint for the weight gradient).
 //
-// Tiles: the output is covered by th x tw tiles of 2x2 (th = ceil(H/2)); tile index
+// Tiles: the output is covered by th x tw tiles of M x M (th = ceil(H / M)); tile index
 // t = (b * th + ty) * tw + tx. A chunk is the tiles [t0, t0 + n); Winograd-domain buffers are
-// (16, n, C) with C contiguous: position k = 4 i + j of the 4x4 tile, then tile, then channel.
+// (N*N, n, C) with C contiguous: position k = N i + j of the N x N tile, then tile, then channel.
+//
+// flip (the input gradient): the transforms read and write the image rotated by 180 degrees.
+// The input gradient of a correlation with g is the correlation with g flipped, which equals the
+// flipped correlation of the flipped image with g itself, so one transformed filter serves both.
 #include <ATen/Dispatch.h>
 #include <ATen/core/TensorBase.h>
 
@@ -23,6 +25,74 @@ namespace dito_fast {
 namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
+
+// The 1-D transforms: bt (u = B^T d, N -> N), at (y = A^T m, N -> M) and a (q = A e, M -> N, the
+// adjoint of at, for the gradient of the output).
+template <int M>
+struct Tr;
+
+template <>
+struct Tr<2> {
+  // B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  A^T = [1 1 1 0; 0 1 -1 -1],
+  // G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1].
+  template <typename T>
+  static void bt(const T* d, T* u) {
+    u[0] = d[0] - d[2];
+    u[1] = d[1] + d[2];
+    u[2] = d[2] - d[1];
+    u[3] = d[1] - d[3];
+  }
+  template <typename T>
+  static void at(const T* m, T* y) {
+    y[0] = m[0] + m[1] + m[2];
+    y[1] = m[1] - m[2] - m[3];
+  }
+  template <typename T>
+  static void a(const T* e, T* q) {
+    q[0] = e[0];
+    q[1] = e[0] + e[1];
+    q[2] = e[0] - e[1];
+    q[3] = T(0) - e[1];
+  }
+};
+
+template <>
+struct Tr<4> {
+  // B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1],
+  // A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1],
+  // G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1].
+  template <typename T>
+  static void bt(const T* d, T* u) {
+    const T four(4), five(5), two(2);
+    const T p = d[4] - four * d[2], q = d[3] - four * d[1];
+    const T r = d[4] - d[2], s = two * (d[3] - d[1]);
+    u[0] = four * d[0] - five * d[2] + d[4];
+    u[1] = p + q;
+    u[2] = p - q;
+    u[3] = r + s;
+    u[4] = r - s;
+    u[5] = four * d[1] - five * d[3] + d[5];
+  }
+  template <typename T>
+  static void at(const T* m, T* y) {
+    const T s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+    y[0] = m[0] + s12 + s34;
+    y[1] = d12 + T(2) * d34;
+    y[2] = s12 + T(4) * s34;
+    y[3] = d12 + T(8) * d34 + m[5];
+  }
+  template <typename T>
+  static void a(const T* e, T* q) {
+    const T p = e[0] + e[2], r = e[1] + e[3];
+    const T p4 = e[0] + T(4) * e[2], r4 = T(2) * e[1] + T(8) * e[3];
+    q[0] = e[0];
+    q[1] = p + r;
+    q[2] = p - r;
+    q[3] = p4 + r4;
+    q[4] = p4 - r4;
+    q[5] = e[3];
+  }
+};
 
 // Runs f(c, count) over [0, C) in full vectors, then one partial vector.
 template <typename scalar_t, typename F>
@@ -43,152 +113,170 @@ inline void st(scalar_t* p, const Vec<scalar_t>& v, int64_t n) {
   if (n == Vec<scalar_t>::size()) v.store(p); else v.store(p, n);
 }
 
+template <int M>
 struct Tiles {
   int64_t H, W, th, tw;
+  bool flip;
+  Tiles(int64_t H_, int64_t W_, bool flip_) : H(H_), W(W_), th((H_ + M - 1) / M), tw((W_ + M - 1) / M), flip(flip_) {}
   void locate(int64_t t, int64_t& b, int64_t& y0, int64_t& x0) const {
     const int64_t tx = t % tw, rest = t / tw;
     b = rest / th;
-    y0 = 2 * (rest % th);
-    x0 = 2 * tx;
+    y0 = M * (rest % th);
+    x0 = M * tx;
+  }
+  // Offset (in pixels) of pixel (y, x) of sample b of the (possibly flipped) image, or -1 outside.
+  int64_t pixel(int64_t b, int64_t y, int64_t x) const {
+    if (y < 0 || y >= H || x < 0 || x >= W) return -1;
+    return flip ? (b * H + H - 1 - y) * W + W - 1 - x : (b * H + y) * W + x;
   }
 };
 
-}  // namespace
-
-namespace {
-// Plane of position k = 4 i + j: k itself, or with "flip" (the input gradient, which convolves with
-// the flipped filter) the position (s(i), s(j)), s = (3 1 2 0): G applied to a flipped filter is
-// G with rows 0 and 3 swapped, so that filter's transform is the original's with positions so
-// permuted, and the GEMM can use the original transform's planes.
-inline int64_t plane_of(int k, bool flip) {
-  if (!flip) return k;
-  constexpr int s[4] = {3, 1, 2, 0};
-  return 4 * s[k / 4] + s[k % 4];
-}
-}  // namespace
-
-void winograd_input_transform_kernel(const at::TensorBase& x, int64_t t0, int64_t n, bool flip,
-                                     const at::TensorBase& v) {
-  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
-  const Tiles tiles{H, W, (H + 1) / 2, (W + 1) / 2};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_input_transform", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* vp = v.mutable_data_ptr<scalar_t>();
-    int64_t off[16];  // offset of position k's plane in v
-    for (int k = 0; k < 16; ++k) off[k] = plane_of(k, flip) * n * C;
-    const std::vector<scalar_t> zeros(C, scalar_t(0));
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        int64_t b, y0, x0;
-        tiles.locate(t0 + i, b, y0, x0);
-        const scalar_t* src[4][4];
-        for (int r = 0; r < 4; ++r) {
-          const int64_t yy = y0 - 1 + r;
-          for (int s = 0; s < 4; ++s) {
-            const int64_t xx = x0 - 1 + s;
-            src[r][s] = (yy >= 0 && yy < H && xx >= 0 && xx < W) ? xp + ((b * H + yy) * W + xx) * C : zeros.data();
-          }
+template <int M, typename scalar_t>
+void input_transform(const scalar_t* xp, int64_t H, int64_t W, int64_t C, int64_t t0, int64_t n, bool flip,
+                     scalar_t* vp) {
+  constexpr int N = M + 2;
+  const Tiles<M> tiles(H, W, flip);
+  const std::vector<scalar_t> zeros(C, scalar_t(0));
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t b, y0, x0;
+      tiles.locate(t0 + i, b, y0, x0);
+      const scalar_t* src[N][N];
+      for (int r = 0; r < N; ++r)
+        for (int s = 0; s < N; ++s) {
+          const int64_t p = tiles.pixel(b, y0 - 1 + r, x0 - 1 + s);
+          src[r][s] = p >= 0 ? xp + p * C : zeros.data();
         }
-        scalar_t* dst = vp + i * C;
-        over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
-          Vec<scalar_t> d[4][4], u[4][4];
-          for (int r = 0; r < 4; ++r)
-            for (int s = 0; s < 4; ++s) d[r][s] = ld(src[r][s] + c, cnt);
-          for (int s = 0; s < 4; ++s) {  // B^T d
-            u[0][s] = d[0][s] - d[2][s];
-            u[1][s] = d[1][s] + d[2][s];
-            u[2][s] = d[2][s] - d[1][s];
-            u[3][s] = d[1][s] - d[3][s];
-          }
-          for (int r = 0; r < 4; ++r) {  // (B^T d) B
-            st(dst + off[4 * r + 0] + c, u[r][0] - u[r][2], cnt);
-            st(dst + off[4 * r + 1] + c, u[r][1] + u[r][2], cnt);
-            st(dst + off[4 * r + 2] + c, u[r][2] - u[r][1], cnt);
-            st(dst + off[4 * r + 3] + c, u[r][1] - u[r][3], cnt);
-          }
-        });
-      }
+      scalar_t* dst = vp + i * C;
+      const int64_t plane = n * C;
+      over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
+        Vec<scalar_t> t[N][N];
+        for (int s = 0; s < N; ++s) {  // B^T d, column by column
+          Vec<scalar_t> col[N], out[N];
+          for (int r = 0; r < N; ++r) col[r] = ld(src[r][s] + c, cnt);
+          Tr<M>::bt(col, out);
+          for (int r = 0; r < N; ++r) t[r][s] = out[r];
+        }
+        for (int r = 0; r < N; ++r) {  // (B^T d) B, row by row
+          Vec<scalar_t> out[N];
+          Tr<M>::bt(t[r], out);
+          for (int j = 0; j < N; ++j) st(dst + (N * r + j) * plane + c, out[j], cnt);
+        }
+      });
+    }
+  });
+}
+
+template <int M, typename scalar_t>
+void output_transform(const scalar_t* mp, const scalar_t* bp, int64_t H, int64_t W, int64_t C, int64_t t0,
+                      int64_t n, bool flip, scalar_t* yp) {
+  constexpr int N = M + 2;
+  const Tiles<M> tiles(H, W, flip);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> sink(C);  // destination of the outputs outside the image (partial tiles)
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t b, y0, x0;
+      tiles.locate(t0 + i, b, y0, x0);
+      scalar_t* dst[M][M];
+      for (int r = 0; r < M; ++r)
+        for (int s = 0; s < M; ++s) {
+          const int64_t p = tiles.pixel(b, y0 + r, x0 + s);
+          dst[r][s] = p >= 0 ? yp + p * C : sink.data();
+        }
+      const scalar_t* src = mp + i * C;
+      const int64_t plane = n * C;
+      over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
+        Vec<scalar_t> q[M][N];
+        for (int s = 0; s < N; ++s) {  // A^T M, column by column
+          Vec<scalar_t> col[N], out[M];
+          for (int r = 0; r < N; ++r) col[r] = ld(src + (N * r + s) * plane + c, cnt);
+          Tr<M>::at(col, out);
+          for (int r = 0; r < M; ++r) q[r][s] = out[r];
+        }
+        const auto bv = ld(bp + c, cnt);
+        for (int r = 0; r < M; ++r) {  // (A^T M) A + bias
+          Vec<scalar_t> out[M];
+          Tr<M>::at(q[r], out);
+          for (int s = 0; s < M; ++s) st(dst[r][s] + c, out[s] + bv, cnt);
+        }
+      });
+    }
+  });
+}
+
+template <int M, typename scalar_t>
+void grad_output_transform(const scalar_t* gp, int64_t H, int64_t W, int64_t C, int64_t t0, int64_t n,
+                           scalar_t* dp) {
+  constexpr int N = M + 2;
+  const Tiles<M> tiles(H, W, false);
+  const std::vector<scalar_t> zeros(C, scalar_t(0));
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t b, y0, x0;
+      tiles.locate(t0 + i, b, y0, x0);
+      const scalar_t* src[M][M];
+      for (int r = 0; r < M; ++r)
+        for (int s = 0; s < M; ++s) {
+          const int64_t p = tiles.pixel(b, y0 + r, x0 + s);
+          src[r][s] = p >= 0 ? gp + p * C : zeros.data();
+        }
+      scalar_t* dst = dp + i * C;
+      const int64_t plane = n * C;
+      over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
+        // dM = A dY A^T, the adjoint of the output transform.
+        Vec<scalar_t> q[N][M];
+        for (int s = 0; s < M; ++s) {
+          Vec<scalar_t> col[M], out[N];
+          for (int r = 0; r < M; ++r) col[r] = ld(src[r][s] + c, cnt);
+          Tr<M>::a(col, out);
+          for (int r = 0; r < N; ++r) q[r][s] = out[r];
+        }
+        for (int r = 0; r < N; ++r) {
+          Vec<scalar_t> out[N];
+          Tr<M>::a(q[r], out);
+          for (int j = 0; j < N; ++j) st(dst + (N * r + j) * plane + c, out[j], cnt);
+        }
+      });
+    }
+  });
+}
+
+// Calls f.template operator()<M>() for the tile size (2 or 4; checked by the caller).
+template <typename F>
+void with_tile(int64_t tile, F&& f) {
+  if (tile == 4) f(std::integral_constant<int, 4>{}); else f(std::integral_constant<int, 2>{});
+}
+
+}  // namespace
+
+void winograd_input_transform_kernel(const at::TensorBase& x, int64_t tile, int64_t t0, int64_t n, bool flip,
+                                     const at::TensorBase& v) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_input_transform", [&] {
+    with_tile(tile, [&](auto m) {
+      input_transform<decltype(m)::value>(x.const_data_ptr<scalar_t>(), x.size(2), x.size(3), x.size(1), t0, n, flip,
+                                          v.mutable_data_ptr<scalar_t>());
     });
   });
 }
 
-void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorBase& bias, int64_t t0, int64_t n,
-                                      bool flip, const at::TensorBase& y) {
-  const int64_t C = y.size(1), H = y.size(2), W = y.size(3);
-  const Tiles tiles{H, W, (H + 1) / 2, (W + 1) / 2};
+void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorBase& bias, int64_t tile, int64_t t0,
+                                      int64_t n, bool flip, const at::TensorBase& y) {
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "winograd_output_transform", [&] {
-    const scalar_t* mp = m.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    int64_t off[16];
-    for (int k = 0; k < 16; ++k) off[k] = plane_of(k, flip) * n * C;
-    const std::vector<scalar_t> zeros(C, scalar_t(0));
+    const std::vector<scalar_t> zeros(y.size(1), scalar_t(0));
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : zeros.data();
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> sink(C);  // destination of the outputs outside the image (odd H or W)
-      for (int64_t i = begin; i < end; ++i) {
-        int64_t b, y0, x0;
-        tiles.locate(t0 + i, b, y0, x0);
-        scalar_t* dst[2][2];
-        for (int r = 0; r < 2; ++r)
-          for (int s = 0; s < 2; ++s)
-            dst[r][s] = (y0 + r < H && x0 + s < W) ? yp + ((b * H + y0 + r) * W + x0 + s) * C : sink.data();
-        const scalar_t* src = mp + i * C;
-        over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
-          Vec<scalar_t> q[2][4];
-          for (int s = 0; s < 4; ++s) {  // A^T M
-            const auto m0 = ld(src + off[0 + s] + c, cnt), m1 = ld(src + off[4 + s] + c, cnt);
-            const auto m2 = ld(src + off[8 + s] + c, cnt), m3 = ld(src + off[12 + s] + c, cnt);
-            q[0][s] = m0 + m1 + m2;
-            q[1][s] = m1 - m2 - m3;
-          }
-          const auto bv = ld(bp + c, cnt);
-          for (int r = 0; r < 2; ++r) {  // (A^T M) A + bias
-            st(dst[r][0] + c, q[r][0] + q[r][1] + q[r][2] + bv, cnt);
-            st(dst[r][1] + c, q[r][1] - q[r][2] - q[r][3] + bv, cnt);
-          }
-        });
-      }
+    with_tile(tile, [&](auto mt) {
+      output_transform<decltype(mt)::value>(m.const_data_ptr<scalar_t>(), bp, y.size(2), y.size(3), y.size(1), t0, n,
+                                            flip, y.mutable_data_ptr<scalar_t>());
     });
   });
 }
 
-void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t t0, int64_t n,
+void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t tile, int64_t t0, int64_t n,
                                            const at::TensorBase& dm) {
-  const int64_t C = grad_y.size(1), H = grad_y.size(2), W = grad_y.size(3);
-  const Tiles tiles{H, W, (H + 1) / 2, (W + 1) / 2};
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "winograd_grad_output_transform", [&] {
-    const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();
-    scalar_t* dp = dm.mutable_data_ptr<scalar_t>();
-    const int64_t plane = n * C;
-    const std::vector<scalar_t> zeros(C, scalar_t(0));
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        int64_t b, y0, x0;
-        tiles.locate(t0 + i, b, y0, x0);
-        const scalar_t* src[2][2];
-        for (int r = 0; r < 2; ++r)
-          for (int s = 0; s < 2; ++s)
-            src[r][s] = (y0 + r < H && x0 + s < W) ? gp + ((b * H + y0 + r) * W + x0 + s) * C : zeros.data();
-        scalar_t* dst = dp + i * C;
-        over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
-          // dM = A dY A^T, the adjoint of the output transform; A = [1 0; 1 1; 1 -1; 0 -1].
-          Vec<scalar_t> e[2][2], q[4][2];
-          for (int r = 0; r < 2; ++r)
-            for (int s = 0; s < 2; ++s) e[r][s] = ld(src[r][s] + c, cnt);
-          for (int s = 0; s < 2; ++s) {
-            q[0][s] = e[0][s];
-            q[1][s] = e[0][s] + e[1][s];
-            q[2][s] = e[0][s] - e[1][s];
-            q[3][s] = Vec<scalar_t>(0) - e[1][s];
-          }
-          for (int r = 0; r < 4; ++r) {
-            st(dst + (4 * r + 0) * plane + c, q[r][0], cnt);
-            st(dst + (4 * r + 1) * plane + c, q[r][0] + q[r][1], cnt);
-            st(dst + (4 * r + 2) * plane + c, q[r][0] - q[r][1], cnt);
-            st(dst + (4 * r + 3) * plane + c, Vec<scalar_t>(0) - q[r][1], cnt);
-          }
-        });
-      }
+    with_tile(tile, [&](auto m) {
+      grad_output_transform<decltype(m)::value>(grad_y.const_data_ptr<scalar_t>(), grad_y.size(2), grad_y.size(3),
+                                                grad_y.size(1), t0, n, dm.mutable_data_ptr<scalar_t>());
     });
   });
 }
