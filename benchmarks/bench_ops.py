@@ -24,6 +24,7 @@ from dito_fast.ops import (
     _cpp, conv3x3, conv3x3_ref, fm_loss, fm_loss_ref, fm_noise, fm_noise_ref, group_norm_modulate_silu,
     group_norm_modulate_silu_ref, latent_layernorm, latent_layernorm_ref,
 )
+from dito_fast.ops.conv3x3 import winograd_tile
 
 PROVIDERS = ["ref", "cpp", "compile"]
 MODES = ["fwd", "full"]
@@ -161,6 +162,41 @@ def test_conv3x3(benchmark, shape, mode, provider):
     if benchmark.stats is not None:
         flop = 2 * B * H * W * C * Co * 9 * (1 if mode == "fwd" else 3)
         benchmark.extra_info["gflops"] = flop / _median(benchmark) / 1e9
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: s[0].replace(" ", "-").replace("@", ""))
+def test_winograd_tiles(benchmark, monkeypatch, shape, mode):
+    """conv3x3's cpp backend with F(2x2, 3x3) and F(4x4, 3x3) tiles (DITO_FAST_WINOGRAD_TILE),
+    timed in alternation: the evidence for the automatic choice (``auto_tile``, by
+    ``MIN_TILE4_TILES``). extra_info: the medians and ``tile4_speedup`` (F(2x2) time over F(4x4))."""
+    if not _cpp.AVAILABLE:
+        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+    label, B, C, Co, H, W = shape
+    g, grad = torch.Generator().manual_seed(0), mode == "full"
+    x = torch.randn(B, C, H, W, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+    w = (torch.randn(Co, C, 3, 3, generator=g) / (3 * C**0.5)).requires_grad_(grad)
+    b = torch.randn(Co, generator=g).requires_grad_(grad)
+
+    def call():
+        if mode == "fwd":
+            with torch.no_grad():
+                conv3x3(x, w, b, backend="cpp")
+        else:
+            y = conv3x3(x, w, b, backend="cpp")
+            torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+
+    monkeypatch.delenv("DITO_FAST_WINOGRAD_TILE", raising=False)
+    auto = winograd_tile(x)
+    fns = {"2": call, "4": call}
+    for tile in fns:
+        monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
+        call()
+    rounds = 1 if benchmark.disabled else 11
+    med = interleaved_medians(fns, rounds, before=lambda tile: monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile))
+    benchmark.pedantic(call, rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update({"shape": label, "mode": mode, "tile2_ms": med["2"] * 1e3, "tile4_ms": med["4"] * 1e3,
+                                 "tile4_speedup": med["2"] / med["4"], "auto_tile": auto})
 
 
 def _cases():

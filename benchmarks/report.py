@@ -63,6 +63,13 @@ def main(path: str) -> None:
             ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b is not None else "-"  # noqa: E731
             print(f"| {op} | {shape} | {mode} | {fmt(ref[0])} | {fmt(comp[0])} | {fmt(cpp[0])} | {ratio(ref[0], cpp[0])} "
                   f"| {ratio(comp[0], cpp[0])} | {fmt(ref[1], 0)} | {fmt(cpp[1], 0)} |")
+    tiles = [r["extra_info"] for r in rows if r["name"].startswith("test_winograd_tiles") and "tile4_ms" in r["extra_info"]]
+    if tiles:
+        print("\n| Winograd tiles (alternated) | shape | mode | F(2x2) ms | F(4x4) ms | F(4x4) speed-up | automatic choice |")
+        print("|---|---|---|---:|---:|---:|---:|")
+        for e in sorted(tiles, key=lambda e: (e["shape"], e["mode"])):
+            print(f"| conv3x3 | {e['shape']} | {e['mode']} | {e['tile2_ms']:.3f} | {e['tile4_ms']:.3f} | "
+                  f"{e['tile4_speedup']:.2f}x | F({e['auto_tile']}x{e['auto_tile']}) |")
     inter = [r["extra_info"] for r in rows if r["name"].startswith("test_interleaved_ratio") and "speedup" in r["extra_info"]]
     if inter:
         print("\n| op (providers timed in alternation) | shape | mode | ref ms | compile ms | cpp ms | cpp vs ref "
