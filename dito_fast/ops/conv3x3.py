@@ -147,27 +147,32 @@ else:
     _OP = _WGRAD = None
 
 
-# Inference mode: the transformed filter is kept on the weight tensor (attribute _dito_winograd)
-# until the weight changes, so a decoding step does not re-transform every filter (for dito-S that
-# would write 1.8x the decoder's weights per step). Key: the weight's version counter (moved by
-# every in-place update through the weight itself, e.g. an optimizer step or load_state_dict),
-# storage address and dtype. Writes through ``weight.data`` bypass the version counter; they are
-# not seen, as with any autograd-saved tensor. Only inference mode uses the cache (fast_decode,
-# dito_fast.encode); training and no_grad evaluation transform on every call.
+# Inference mode: the transformed filters are kept on the weight tensor (attribute _dito_winograd,
+# one per tile size) until the weight changes, so a decoding step does not re-transform every
+# filter (that would write 1.8x (F(2x2)) or 4x (F(4x4)) the decoder's weights per step). Key: the
+# weight's version counter (moved by every in-place update through the weight itself, e.g. an
+# optimizer step or load_state_dict), storage address and dtype. Writes through ``weight.data``
+# bypass the version counter; they are not seen, as with any autograd-saved tensor. Only inference
+# mode uses the cache (fast_decode, dito_fast.encode); training and no_grad evaluation transform
+# on every call. The cache costs memory: F(4x4) filters are 4x the weights (dito-S's decoder:
+# 362 MB, dito-B's: 1.9 GB in float32); DITO_FAST_WINOGRAD_CACHE=0 turns it off, for a
+# re-transform per call (small next to a large image's convolutions, not next to a small one's).
 def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
-    key = (weight._version, weight.data_ptr(), weight.dtype, tile)
-    hit = getattr(weight, "_dito_winograd", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference mode
-        u = winograd_filter(weight, tile)
-    weight._dito_winograd = (key, u)
+    key = (weight._version, weight.data_ptr(), weight.dtype)
+    cache = getattr(weight, "_dito_winograd", None)
+    if cache is None or cache[0] != key:
+        cache = weight._dito_winograd = (key, {})
+    u = cache[1].get(tile)
+    if u is None:
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference mode
+            u = cache[1][tile] = winograd_filter(weight, tile)
     return u
 
 
 def _cpp_conv3x3(x, weight, bias):
     tile = winograd_tile(x)
-    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not weight.is_inference():
+    if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not weight.is_inference()
+            and os.environ.get("DITO_FAST_WINOGRAD_CACHE", "1") != "0"):
         return _OP(x, _inference_filter(weight, tile), bias, False)
     return _OP(x, winograd_filter(weight, tile), bias, False)
 

@@ -232,7 +232,13 @@ def test_inference_filter_cache_is_per_tile(monkeypatch):
         monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
         with torch.inference_mode():
             torch.testing.assert_close(conv(x), ref, atol=1e-4, rtol=1e-4)
-            assert conv.weight._dito_winograd[1].shape[0] == (int(tile) + 2) ** 2
+    cached = conv.weight._dito_winograd[1]
+    assert {t: u.shape[0] for t, u in cached.items()} == {2: 16, 4: 36}  # both kept, each transformed once
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_CACHE", "0")  # no cache: same results, nothing kept
+    fresh = Conv3x3(32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh(x), F.conv2d(x, fresh.weight, fresh.bias, padding=1), atol=1e-4, rtol=1e-4)
+    assert not hasattr(fresh.weight, "_dito_winograd")
 
 
 @needs_cpp
