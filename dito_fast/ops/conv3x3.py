@@ -53,8 +53,11 @@ def winograd_tile(x: torch.Tensor) -> int:
 
     ``DITO_FAST_WINOGRAD_TILE``: ``auto`` (default) takes 4 when ``x`` has at least
     ``MIN_TILE4_TILES`` 4x4 output tiles, else 2; ``4`` or ``2`` forces one. F(4x4, 3x3) does 4x
-    fewer GEMM multiply-adds than a direct convolution, F(2x2, 3x3) 2.25x fewer; F(4x4)'s float32
-    error is ~1e-5 of the output's scale (F(2x2) and oneDNN: ~5e-7), far below bfloat16's rounding.
+    fewer GEMM multiply-adds than a direct convolution, F(2x2, 3x3) 2.25x fewer. The costs of
+    F(4x4): float32 error up to ~1.3e-5 of the output's largest value (F(2x2) and oneDNN: 2e-7 to
+    1.8e-6), far below bfloat16's rounding; a transformed filter 4x the weight's size (F(2x2):
+    1.8x), which training keeps for the backward and inference caches; a NaN or inf input spreads
+    over the whole 4x4 output tiles around it (F(2x2): exactly the direct convolution's outputs).
     """
     raw = os.environ.get("DITO_FAST_WINOGRAD_TILE", "auto").strip()
     if raw in ("auto", ""):
@@ -155,8 +158,9 @@ else:
 # bypass the version counter; they are not seen, as with any autograd-saved tensor. Only inference
 # mode uses the cache (fast_decode, dito_fast.encode); training and no_grad evaluation transform
 # on every call. The cache costs memory: F(4x4) filters are 4x the weights (dito-S's decoder:
-# 362 MB, dito-B's: 1.9 GB in float32); DITO_FAST_WINOGRAD_CACHE=0 turns it off, for a
-# re-transform per call (small next to a large image's convolutions, not next to a small one's).
+# 362 MiB, dito-B's: 1.8 GiB in float32; 5.8x where a layer also runs F(2x2));
+# DITO_FAST_WINOGRAD_CACHE=0 turns it off, for a re-transform per call (small next to a large
+# image's convolutions, not next to a small one's).
 def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
     key = (weight._version, weight.data_ptr(), weight.dtype)
     cache = getattr(weight, "_dito_winograd", None)

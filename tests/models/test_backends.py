@@ -66,3 +66,24 @@ def test_cpu_capability_variants_agree(capability):
     assert out.returncode == 0, out.stderr[-2000:]
     # The variant used is the requested one, or a lower one where this CPU/build lacks it.
     assert out.stdout.strip() in {"default": {"DEFAULT"}, "avx2": {"AVX2", "DEFAULT"}}[capability]
+
+
+KERNEL_TESTS = [  # per-capability code: the vector exp of SiLU, both Winograd tiles' transforms
+    "tests/ops/test_group_norm_modulate_silu.py::test_cpp_silu_accuracy_wide_range",
+    "tests/ops/test_conv3x3.py::test_transposed_is_the_input_gradient",
+    "tests/ops/test_conv3x3.py::test_cpp_matches_reference",
+]
+
+
+@pytest.mark.skipif(not _cpp.AVAILABLE, reason="dito_fast._C not built")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_capability_variants_pass_kernel_tests(capability):
+    """The lower capability variants pass the accuracy tests of the code that differs per
+    capability (the rest of the suite runs the machine's best variant)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS,
+                          "-k", "wide_range or input_gradient or 3x33x40x23x19"],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]

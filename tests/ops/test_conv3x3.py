@@ -151,12 +151,26 @@ def test_gradcheck_opcheck_compile(tile, monkeypatch):
 
 
 @needs_cpp
-def test_non_finite_values_propagate():
-    x, w, b = _inputs((1, 32, 32, 6, 6), torch.float32, "contiguous")
-    x[0, 3, 2, 2] = float("nan")
-    y = conv3x3(x, w, b, backend="cpp")
-    ref = F.conv2d(x, w, b, padding=1)
-    assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().any()
+@pytest.mark.parametrize("tile", TILES)
+def test_non_finite_values_propagate(tile, monkeypatch):
+    """Every output the direct convolution makes non-finite is non-finite (an inf can come out as
+    NaN: the transforms subtract it from itself). F(2x2) makes exactly those outputs non-finite;
+    F(4x4)'s transforms mix a tile's rows and columns, so a NaN or inf can spread over the whole 4x4
+    output tiles its 3x3 neighbourhood touches (never beyond them)."""
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
+    x, w, b = _inputs((1, 32, 32, 10, 9), torch.float32, "contiguous")
+    x[0, 3, 5, 2] = float("nan")
+    x[0, 7, 0, 8] = float("inf")
+    bad = ~conv3x3(x, w, b, backend="cpp").isfinite()
+    ref = ~F.conv2d(x, w, b, padding=1).isfinite()
+    assert ref.any()
+    if tile == "2":
+        assert torch.equal(bad, ref)
+    else:
+        assert not (ref & ~bad).any()
+        hit = F.max_pool2d(ref.any(1, keepdim=True).float(), 4, ceil_mode=True)  # 4x4 tiles touched
+        tiles = hit.repeat_interleave(4, 2).repeat_interleave(4, 3)[..., :10, :9].bool()
+        assert not (bad & ~tiles).any()
 
 
 @needs_cpp
@@ -209,15 +223,15 @@ def test_inference_filter_cache_follows_weight_updates():
     x = torch.randn(2, 32, 6, 6)
     with torch.inference_mode():
         y0 = conv(x)
-        torch.testing.assert_close(y0, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y0, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
         assert torch.equal(conv(x), y0)  # cached filter, same result
     with torch.no_grad():
         conv.weight.mul_(-2)  # an in-place update (as an optimizer step) invalidates the cache
     with torch.inference_mode():
-        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
     conv.load_state_dict({"weight": torch.randn(32, 32, 3, 3) * 0.1, "bias": torch.zeros(32)})
     with torch.inference_mode():
-        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
     # training after inference: no cache; gradients flow to the weight
     conv(x).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
@@ -266,9 +280,9 @@ def test_inference_first_then_gradients():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tile", TILES)
 def test_several_chunks(dtype, tile, monkeypatch):
-    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
     """Enough tiles for several GEMM chunks (the last one partial): the chunked forward, input and
     filter gradients agree with one-pass references."""
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
     # 3 x 19 x 15 = 855 2x2 tiles in chunks of 256; 3 x 10 x 8 = 240 4x4 tiles in chunks of 113
     x, w, b = _inputs((3, 256, 256, 37, 29), dtype, "channels_last")
     ours = _grads(lambda *a: conv3x3(*a, backend="cpp"), x, w, b)

@@ -78,7 +78,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const 
                 b.scalar_type(), " on ", b.device());
   }
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto gemm_u = transposed ? u : u.transpose(1, 2);  // (16, C, Co); strided views go to BLAS as is
+  const auto gemm_u = transposed ? u : u.transpose(1, 2);  // (K, C, Co); strided views go to BLAS as is
   auto y = at::empty({B, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   for_each_chunk(xc, tile, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor m) {
     DITO_CPU_CALL(winograd_input_transform_kernel, xc, tile, t0, len, transposed, v);
