@@ -40,40 +40,37 @@ inline at::vec::Vectorized<S> exp_(const at::vec::Vectorized<S>& a) { return a.e
 // caller, caps -a at 80).
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 namespace detail {
+using VecF = at::vec::Vectorized<float>;
 constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f;
 constexpr float kExpC1 = 0.999999702f, kExpC2 = 0.499991506f, kExpC3 = 0.166676357f, kExpC4 = 0.0418979302f,
                 kExpC5 = 0.00829031225f;
-}  // namespace detail
-#endif
 #if defined(CPU_CAPABILITY_AVX512)
-template <>
-inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& a) {
-  using namespace detail;
-  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.f), _mm512_max_ps(_mm512_set1_ps(-87.f), a));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x));
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpC5), r, _mm512_set1_ps(kExpC4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return at::vec::Vectorized<float>(_mm512_scalef_ps(p, n));
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-template <>
-inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& a) {
-  using namespace detail;
-  const __m256 x = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), a));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x));
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExpC5), r, _mm256_set1_ps(kExpC4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC1));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  // 2^n: n in [-126, 127] here, placed in the exponent field (NaN lanes stay NaN through p).
+// a clamped to [-87, 88]; NaN stays NaN (max/min return their second operand when one is NaN).
+inline VecF clamp_exp_arg(const VecF& a) { return _mm512_min_ps(_mm512_set1_ps(88.f), _mm512_max_ps(_mm512_set1_ps(-87.f), a)); }
+// p 2^n for integral n in [-126, 127].
+inline VecF times_pow2(const VecF& p, const VecF& n) { return _mm512_scalef_ps(p, n); }
+#else
+inline VecF clamp_exp_arg(const VecF& a) { return _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), a)); }
+// 2^n placed in the exponent field (a NaN lane of p stays NaN whatever n's conversion gives).
+inline VecF times_pow2(const VecF& p, const VecF& n) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return at::vec::Vectorized<float>(_mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+}  // namespace detail
+
+template <>
+inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& a) {
+  using namespace detail;
+  const VecF x = clamp_exp_arg(a);
+  const VecF n = (x * VecF(kLog2e)).round();
+  const VecF r = at::vec::fmadd(n, VecF(-kLn2Lo), at::vec::fmadd(n, VecF(-kLn2Hi), x));
+  VecF p = at::vec::fmadd(VecF(kExpC5), r, VecF(kExpC4));
+  p = at::vec::fmadd(p, r, VecF(kExpC3));
+  p = at::vec::fmadd(p, r, VecF(kExpC2));
+  p = at::vec::fmadd(p, r, VecF(kExpC1));
+  p = at::vec::fmadd(p, r, VecF(1.f));
+  return times_pow2(p, n);
 }
 #endif
 #endif
