@@ -35,16 +35,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from dito_fast.testing import run_process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET, SIZE = "dito-tiny", 64
@@ -56,37 +55,11 @@ def _env(threads: int) -> dict:
     return env
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts each worker in a session of its own, so
-    killing torchrun's process group would leave them running)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for children in Path(f"/proc/{p}/task").glob("*/children"):
-            try:
-                kids = [int(c) for c in children.read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
-
-
 def _launch(cmd: list[str], threads: int, timeout: float = 600) -> None:
-    """Run ``cmd`` (a torchrun or trainer launch), its output going to files (so no surviving
-    child can hold a pipe open); on a timeout it and every process below it are killed and
-    the output so far is reported."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=out, stderr=err, text=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for pid in [*_descendants(proc.pid), proc.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-        out.seek(0), err.seek(0)
-        tail = f"{' '.join(cmd)}\n{out.read()[-2000:]}\n{err.read()[-5000:]}"
+    """Run ``cmd`` (a torchrun or trainer launch); on a timeout it and every process below it
+    are killed (``dito_fast.testing.run_process_tree``) and the output so far is reported."""
+    proc = run_process_tree(cmd, timeout=timeout, cwd=REPO, env=_env(threads))
+    tail = f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
     assert proc.returncode == 0, (f"launch failed (exit {proc.returncode}; -9: killed at the {timeout:.0f} s "
                                   f"timeout): {tail}")
 

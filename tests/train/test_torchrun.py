@@ -23,6 +23,7 @@ import torch
 from conftest import micro_run_config
 from dito_fast.config import to_dict
 from dito_fast.models.dito import DiTo
+from dito_fast.testing import run_process_tree
 from dito_fast.train import checkpoint as ckpt
 from dito_fast.train import parallel, train
 from dito_fast.train.distributed import FAULT_ENV, DistContext
@@ -39,15 +40,17 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 2e-4
 
 
 def _torchrun(args, nproc=2, max_restarts=0, env=None, timeout=150) -> subprocess.CompletedProcess:
+    """torchrun's result; on a timeout torchrun and its workers are killed (returncode -9)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", *map(str, args)]
     full_env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     full_env.update({"OMP_NUM_THREADS": "1", **(env or {})})
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return run_process_tree(cmd, timeout=timeout, cwd=REPO, env=full_env)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}; -9: killed at the timeout):\n"
+                                  f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
 
 
 def _losses(run_dir) -> list[tuple[int, float]]:
