@@ -225,9 +225,6 @@ def _cases():
             noise, loss = ((lambda *a: fm_noise(*a, backend="cpp")), (lambda *a: fm_loss(*a, backend="cpp"))) \
                 if provider == "cpp" else (fm_noise_ref, fm_loss_ref)
 
-            def step(pred_):
-                x_t, v = noise(x, e, t)
-                return loss(decoder_standin(pred_, x_t), v)
             if provider == "standin":
                 # The stand-in's forward alone (recording its graph node when mode is "full"). Its
                 # backward, a pass-through in a Python autograd node, stays in every provider's
@@ -235,6 +232,10 @@ def _cases():
                 # fixed cost each step pays once and subtracting it would flatter the ratios.
                 x_t = fm_noise_ref(x, e, t)[0]
                 return (lambda pred_: decoder_standin(pred_, x_t)), [pred.requires_grad_(mode == "full")]
+
+            def step(pred_):
+                x_t, v = noise(x, e, t)
+                return loss(decoder_standin(pred_, x_t), v)
             return step, [pred.requires_grad_(mode == "full")]
         cases.append(("fm_step", label, build))
     for label, B, C, Co, H, W in CONV_SHAPES:

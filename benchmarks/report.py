@@ -82,7 +82,7 @@ def main(path: str) -> None:
                   f"{e['speedup']:.2f}x | {vs} |")
         net = [e for e in inter if "standin_ms" in e]
         if net:
-            # The flow-matching ops alone: each step time above less the stand-in's own pass,
+            # The flow-matching ops alone: each step time above less the stand-in's forward,
             # timed in the same alternation.
             print("\n| flow-matching ops, net of the stand-in | shape | mode | stand-in ms | ref ms | compile ms "
                   "| cpp ms | cpp vs ref | cpp vs compile |")
