@@ -129,6 +129,16 @@ struct Tiles {
     if (y < 0 || y >= H || x < 0 || x >= W) return -1;
     return flip ? (b * H + H - 1 - y) * W + W - 1 - x : (b * H + y) * W + x;
   }
+  // ptr[r][s]: the C channel values of pixel (y + r, x + s) of sample b in base (NHWC), or
+  // outside (zeros to read, a sink to write) where that pixel is off the image.
+  template <int K, typename T>
+  void patch(int64_t b, int64_t y, int64_t x, T* base, int64_t C, T* outside, T* (&ptr)[K][K]) const {
+    for (int r = 0; r < K; ++r)
+      for (int s = 0; s < K; ++s) {
+        const int64_t p = pixel(b, y + r, x + s);
+        ptr[r][s] = p >= 0 ? base + p * C : outside;
+      }
+  }
 };
 
 template <int M, typename scalar_t>
@@ -142,11 +152,7 @@ void input_transform(const scalar_t* xp, int64_t H, int64_t W, int64_t C, int64_
       int64_t b, y0, x0;
       tiles.locate(t0 + i, b, y0, x0);
       const scalar_t* src[N][N];
-      for (int r = 0; r < N; ++r)
-        for (int s = 0; s < N; ++s) {
-          const int64_t p = tiles.pixel(b, y0 - 1 + r, x0 - 1 + s);
-          src[r][s] = p >= 0 ? xp + p * C : zeros.data();
-        }
+      tiles.patch(b, y0 - 1, x0 - 1, xp, C, zeros.data(), src);
       scalar_t* dst = vp + i * C;
       const int64_t plane = n * C;
       over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
@@ -178,11 +184,7 @@ void output_transform(const scalar_t* mp, const scalar_t* bp, int64_t H, int64_t
       int64_t b, y0, x0;
       tiles.locate(t0 + i, b, y0, x0);
       scalar_t* dst[M][M];
-      for (int r = 0; r < M; ++r)
-        for (int s = 0; s < M; ++s) {
-          const int64_t p = tiles.pixel(b, y0 + r, x0 + s);
-          dst[r][s] = p >= 0 ? yp + p * C : sink.data();
-        }
+      tiles.patch(b, y0, x0, yp, C, sink.data(), dst);
       const scalar_t* src = mp + i * C;
       const int64_t plane = n * C;
       over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
@@ -215,11 +217,7 @@ void grad_output_transform(const scalar_t* gp, int64_t H, int64_t W, int64_t C, 
       int64_t b, y0, x0;
       tiles.locate(t0 + i, b, y0, x0);
       const scalar_t* src[M][M];
-      for (int r = 0; r < M; ++r)
-        for (int s = 0; s < M; ++s) {
-          const int64_t p = tiles.pixel(b, y0 + r, x0 + s);
-          src[r][s] = p >= 0 ? gp + p * C : zeros.data();
-        }
+      tiles.patch(b, y0, x0, gp, C, zeros.data(), src);
       scalar_t* dst = dp + i * C;
       const int64_t plane = n * C;
       over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
