@@ -7,8 +7,10 @@
 // dx = da c1 + x c2 + c3 (math::gnms_grad_coef).
 //
 // NCHW: one task per (sample, group); the group's block is read twice, the second time mostly
-// from cache (e.g. 4 channels x 64 x 64 fp32 = 64 KiB). channels_last: tasks over (sample,
-// chunk of rows), each row vectorised across channels, with per-chunk partial sums.
+// from cache (e.g. 4 channels x 64 x 64 fp32 = 64 KiB). channels_last: each row vectorised across
+// channels; the forward runs one task per sample (up to kFusedSampleBytes, read back from cache)
+// when the samples are enough for the threads, and otherwise, like the backward, tasks over
+// (sample, chunk of rows) with per-chunk partial sums.
 #include <ATen/Dispatch.h>
 #include <ATen/core/TensorBase.h>
 
@@ -109,31 +111,51 @@ inline int64_t rows_per_chunk(int64_t HW, int64_t C) {
   return std::min(HW, target);
 }
 
-// Per-channel sums over a chunk of rows, accumulated in acc_t per row block, added into double.
+// Per-channel sums over rows [r0, r1) of row_terms(r, c, n, t1, t2) (the terms of channels c..c+n
+// of row r, zero beyond n), accumulated in acc_t and added into out1/out2 (double). Channels go in
+// blocks of kU vectors whose sums stay in registers across the rows (a store-free inner loop).
 template <typename acc_t, typename RowFn>
 inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double* out2, const RowFn& row_terms) {
-  constexpr int64_t V = Vec<acc_t>::size();
-  std::vector<acc_t> a1(C, acc_t(0)), a2(C, acc_t(0));
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t c = 0;
-    for (; c + V <= C; c += V) {
-      Vec<acc_t> t1, t2;
-      row_terms(r, c, V, t1, t2);
-      (Vec<acc_t>::loadu(a1.data() + c) + t1).store(a1.data() + c);
-      (Vec<acc_t>::loadu(a2.data() + c) + t2).store(a2.data() + c);
+  constexpr int64_t V = Vec<acc_t>::size(), kU = 4;
+  auto flush = [&](const Vec<acc_t>& a1, const Vec<acc_t>& a2, int64_t c, int64_t n) {
+    alignas(64) acc_t b1[V], b2[V];
+    a1.store(b1);
+    a2.store(b2);
+    for (int64_t j = 0; j < n; ++j) {
+      out1[c + j] += b1[j];
+      out2[c + j] += b2[j];
     }
-    if (c < C) {
-      Vec<acc_t> t1, t2;
-      row_terms(r, c, C - c, t1, t2);
-      (Vec<acc_t>::loadu(a1.data() + c, C - c) + t1).store(a1.data() + c, C - c);
-      (Vec<acc_t>::loadu(a2.data() + c, C - c) + t2).store(a2.data() + c, C - c);
-    }
+  };
+  int64_t c0 = 0;
+  for (; c0 + kU * V <= C; c0 += kU * V) {
+    Vec<acc_t> a1[kU], a2[kU];
+    for (int64_t u = 0; u < kU; ++u) a1[u] = a2[u] = Vec<acc_t>(0);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t u = 0; u < kU; ++u) {
+        Vec<acc_t> t1, t2;
+        row_terms(r, c0 + u * V, V, t1, t2);
+        a1[u] = a1[u] + t1;
+        a2[u] = a2[u] + t2;
+      }
+    for (int64_t u = 0; u < kU; ++u) flush(a1[u], a2[u], c0 + u * V, V);
   }
-  for (int64_t c = 0; c < C; ++c) {
-    out1[c] += a1[c];
-    out2[c] += a2[c];
+  for (int64_t c = c0; c < C; c += V) {
+    const int64_t n = std::min<int64_t>(V, C - c);
+    Vec<acc_t> a1(0), a2(0);
+    for (int64_t r = r0; r < r1; ++r) {
+      Vec<acc_t> t1, t2;
+      row_terms(r, c, n, t1, t2);
+      a1 = a1 + t1;
+      a2 = a2 + t2;
+    }
+    flush(a1, a2, c, n);
   }
 }
+
+// Channels-last samples up to this size run as one task each (statistics, then the normalisation
+// reading the sample back from this core's L2) when there are enough samples for the threads;
+// larger ones, or fewer samples, split their rows over tasks in two parallel passes.
+constexpr int64_t kFusedSampleBytes = 1 << 20;
 
 template <typename scalar_t, bool kSilu>
 void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t HW, int64_t G, double eps,
@@ -146,31 +168,26 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
   std::vector<acc_t> kc(B * C);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c) kc[b * C + c] = static_cast<acc_t>(x[b * HW * C + (c / Cg) * Cg]);
-  std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
-      const scalar_t* xb = x + b * HW * C;
-      const acc_t* kb = kc.data() + b * C;
-      channel_sums<acc_t>(r0, r1, C, p1.data() + task * C, p2.data() + task * C,
-                          [&](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
-                            Vec<acc_t> d = vload<acc_t>(xb + r * C + c, n) - vload<acc_t>(kb + c, n);
-                            if (n < V) d = Vec<acc_t>::set(Vec<acc_t>(0), d, n);
-                            t1 = d;
-                            t2 = d * d;
-                          });
-    }
-  });
-  // Group statistics and folded coefficients per (sample, channel).
   std::vector<acc_t> alpha(B * C), beta(B * C);
-  for (int64_t b = 0; b < B; ++b) {
+  // Shifted per-channel sums of rows [r0, r1) of sample b, added into s1, s2 (C each).
+  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2) {
+    const scalar_t* xb = x + b * HW * C;
+    const acc_t* kb = kc.data() + b * C;
+    channel_sums<acc_t>(r0, r1, C, s1, s2, [&](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
+      Vec<acc_t> d = vload<acc_t>(xb + r * C + c, n) - vload<acc_t>(kb + c, n);
+      if (n < V) d = Vec<acc_t>::set(Vec<acc_t>(0), d, n);
+      t1 = d;
+      t2 = d * d;
+    });
+  };
+  // Group statistics and the folded coefficients of sample b from its per-channel sums.
+  auto coefs = [&](int64_t b, const double* s1c, const double* s2c) {
     for (int64_t g = 0; g < G; ++g) {
       double s1 = 0, s2 = 0;
-      for (int64_t ch = 0; ch < nchunk; ++ch)
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          s1 += p1[(b * nchunk + ch) * C + c];
-          s2 += p2[(b * nchunk + ch) * C + c];
-        }
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        s1 += s1c[c];
+        s2 += s2c[c];
+      }
       double mean, rstd;
       math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), kc[b * C + g * Cg], eps, mean, rstd);
       mean_out[b * G + g] = static_cast<acc_t>(mean);
@@ -181,21 +198,55 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
         beta[b * C + c] = cf.beta;
       }
     }
+  };
+  auto normalize = [&](int64_t b, int64_t r0, int64_t r1) {
+    const acc_t* al = alpha.data() + b * C;
+    const acc_t* be = beta.data() + b * C;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* xp = x + (b * HW + r) * C;
+      scalar_t* yp = y + (b * HW + r) * C;
+      int64_t c = 0;
+      for (; c + V <= C; c += V)
+        vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c), Vec<acc_t>::loadu(al + c), Vec<acc_t>::loadu(be + c))));
+      if (c < C)
+        vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c, C - c), Vec<acc_t>::loadu(al + c, C - c), Vec<acc_t>::loadu(be + c, C - c))), C - c);
+    }
+  };
+  if (B >= at::get_num_threads() && HW * C * static_cast<int64_t>(sizeof(scalar_t)) <= kFusedSampleBytes) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> s1(C), s2(C);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+        for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), s1.data(), s2.data());
+        coefs(b, s1.data(), s2.data());
+        normalize(b, 0, HW);
+      }
+    });
+    return;
+  }
+  std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
+      sums(b, r0, std::min(HW, r0 + R), p1.data() + task * C, p2.data() + task * C);
+    }
+  });
+  std::vector<double> s1(C), s2(C);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(s1.begin(), s1.end(), 0.0);
+    std::fill(s2.begin(), s2.end(), 0.0);
+    for (int64_t ch = 0; ch < nchunk; ++ch)
+      for (int64_t c = 0; c < C; ++c) {
+        s1[c] += p1[(b * nchunk + ch) * C + c];
+        s2[c] += p2[(b * nchunk + ch) * C + c];
+      }
+    coefs(b, s1.data(), s2.data());
   }
   at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
-      const acc_t* al = alpha.data() + b * C;
-      const acc_t* be = beta.data() + b * C;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* xp = x + (b * HW + r) * C;
-        scalar_t* yp = y + (b * HW + r) * C;
-        int64_t c = 0;
-        for (; c + V <= C; c += V)
-          vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c), Vec<acc_t>::loadu(al + c), Vec<acc_t>::loadu(be + c))));
-        if (c < C)
-          vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c, C - c), Vec<acc_t>::loadu(al + c, C - c), Vec<acc_t>::loadu(be + c, C - c))), C - c);
-      }
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
+      normalize(b, r0, std::min(HW, r0 + R));
     }
   });
 }
