@@ -19,6 +19,14 @@ namespace CPU_CAPABILITY {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// Parallel work below this many values runs inline on the calling thread: waking the other
+// threads costs more than they would save. grain_for(values per task) is the at::parallel_for
+// grain size that keeps every chunk at least that large.
+constexpr int64_t kMinParallelValues = 32768;
+inline int64_t grain_for(int64_t values_per_task) {
+  return std::max<int64_t>(1, kMinParallelValues / std::max<int64_t>(values_per_task, 1));
+}
+
 // Load Vec<acc_t>::size() values (or the first n, the rest zero) starting at p.
 template <typename acc_t, typename scalar_t>
 inline Vec<acc_t> vload(const scalar_t* p, int64_t n = Vec<acc_t>::size()) {

@@ -14,8 +14,6 @@ namespace CPU_CAPABILITY {
 
 namespace {
 
-constexpr int64_t kGrain = 32768;  // elements per task: large enough to amortise a thread wake-up
-
 // Call fn(b, i0, i1) for the part [i0, i1) of sample b of every sample overlapping [begin, end)
 // of the flattened (B, N) index space.
 template <typename F>
@@ -41,7 +39,7 @@ void fm_noise_kernel(const at::TensorBase& x, const at::TensorBase& noise, const
     const double* tp = t.const_data_ptr<double>();
     scalar_t* xtp = x_t.mutable_data_ptr<scalar_t>();
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * N, kMinParallelValues, [&](int64_t begin, int64_t end) {
       for_sample_ranges(begin, end, N, [&](int64_t b, int64_t i0, int64_t i1) {
         const auto c = math::fm_coef<acc_t>(static_cast<acc_t>(tp[b]), static_cast<acc_t>(sigma_min));
         const int64_t o = b * N;
@@ -68,7 +66,7 @@ void fm_noise_backward_impl(const scalar_t* gxtp, const scalar_t* gvp, const dou
                             scalar_t* gxp, scalar_t* gep, int64_t B, int64_t N) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
-  at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * N, kMinParallelValues, [&](int64_t begin, int64_t end) {
     for_sample_ranges(begin, end, N, [&](int64_t b, int64_t i0, int64_t i1) {
       const auto c = math::fm_coef<acc_t>(static_cast<acc_t>(tp[b]), static_cast<acc_t>(sigma_min));
       const int64_t o = b * N;
@@ -108,7 +106,7 @@ void fm_loss_kernel(const at::TensorBase& pred, const at::TensorBase& target, co
   const int64_t B = pred.size(0), N = pred.numel() / std::max<int64_t>(B, 1);
   // Partial sums per (sample, chunk) so that batch 1 still uses every thread; fixed chunking
   // makes the result independent of the thread count.
-  const int64_t chunk = std::max<int64_t>(kGrain, (N + 63) / 64);
+  const int64_t chunk = std::max<int64_t>(kMinParallelValues, (N + 63) / 64);
   const int64_t nchunk = (N + chunk - 1) / chunk;
   std::vector<double> partial(B * nchunk, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fm_loss_cpu", [&] {
@@ -116,7 +114,7 @@ void fm_loss_kernel(const at::TensorBase& pred, const at::TensorBase& target, co
     constexpr int64_t V = Vec<acc_t>::size();
     const scalar_t* pp = pred.const_data_ptr<scalar_t>();
     const scalar_t* yp = target.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * nchunk, grain_for(std::min(chunk, N)), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / nchunk, i0 = (task % nchunk) * chunk, i1 = std::min(N, i0 + chunk);
         const scalar_t* p = pp + b * N;
@@ -160,7 +158,7 @@ void fm_loss_backward_kernel(const at::TensorBase& grad, const at::TensorBase& p
     const scalar_t* yp = target.const_data_ptr<scalar_t>();
     const double* gp = grad.const_data_ptr<double>();
     scalar_t* op = grad_pred.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * N, kMinParallelValues, [&](int64_t begin, int64_t end) {
       for_sample_ranges(begin, end, N, [&](int64_t b, int64_t i0, int64_t i1) {
         const acc_t k = static_cast<acc_t>(2.0 * gp[b] / static_cast<double>(N));
         const Vec<acc_t> kv(k);

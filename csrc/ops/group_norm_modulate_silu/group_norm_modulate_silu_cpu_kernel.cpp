@@ -81,7 +81,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t Cg = C / G;
-  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G, c0 = g * Cg;
       const scalar_t* xg = x + (b * C + c0) * HW;
@@ -213,7 +213,7 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
     }
   };
   if (B >= at::get_num_threads() && HW * C * static_cast<int64_t>(sizeof(scalar_t)) <= kFusedSampleBytes) {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, grain_for(HW * C), [&](int64_t begin, int64_t end) {
       std::vector<double> s1(C), s2(C);
       for (int64_t b = begin; b < end; ++b) {
         std::fill(s1.begin(), s1.end(), 0.0);
@@ -226,7 +226,7 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
     return;
   }
   std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
       sums(b, r0, std::min(HW, r0 + R), p1.data() + task * C, p2.data() + task * C);
@@ -243,7 +243,7 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       }
     coefs(b, s1.data(), s2.data());
   }
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
       normalize(b, r0, std::min(HW, r0 + R));
@@ -313,7 +313,7 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   const int64_t Cg = C / G;
   std::vector<double> S1(B * C), S2(B * C);
   std::vector<acc_t> k1(B * C), k2(B * C), k3(B * C);
-  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
       const acc_t m = mean[bg], r = rstd[bg];
@@ -388,7 +388,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       rc[bc] = rstd[bg];
     }
   std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
       const scalar_t* xb = x + b * HW * C;
@@ -420,7 +420,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       group_grad_coefs<acc_t>(S1.data(), S2.data(), mean[b * G + g], rstd[b * G + g], b, g, C, Cg, HW, P, c1.data(),
                               c2.data(), c3.data());
   param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
       const acc_t *al = alpha.data() + b * C, *be = beta.data() + b * C, *k1 = c1.data() + b * C,

@@ -21,7 +21,7 @@ void latent_layernorm_kernel(const at::TensorBase& z, double eps, const at::Tens
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     acc_t* rp = rstd.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, grain_for(N), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* p = zp + b * N;
         scalar_t* q = yp + b * N;
@@ -50,7 +50,7 @@ void latent_layernorm_backward_kernel(const at::TensorBase& grad_y, const at::Te
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const acc_t* rp = rstd.const_data_ptr<acc_t>();
     scalar_t* op = grad_z.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, grain_for(N), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* g = gp + b * N;
         const scalar_t* yy = yp + b * N;
