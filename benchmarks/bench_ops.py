@@ -260,10 +260,26 @@ def test_interleaved_ratio(benchmark, case):
     op, label, mode, build = case
     fns = {}
     providers = ("ref", "cpp") if benchmark.disabled else ("ref", "compile", "cpp")
-    for provider in providers + (("standin",) if op == "fm_step" else ()):
+    extra = ("standin",) if op == "fm_step" else ("floor",) if op in ("latent_layernorm", "group_norm_modulate_silu") else ()
+    for provider in providers + extra:
         if provider == "standin":  # timed on its own, in the same rounds
             standin, args = build(provider, mode)
             fns[provider] = lambda standin=standin, args=args: _no_grad_if(mode == "fwd", standin, *args)
+            continue
+        if provider == "floor":
+            # One differentiable ATen op (x * 1) on the op's main input, called alike: the fixed
+            # cost (Python, dispatcher, autograd) that any single-op implementation pays, so
+            # ref / floor bounds the ratio any fused op can reach in this call pattern.
+            x = build("ref", mode)[1][0]
+
+            def floor(x=x):
+                if mode == "fwd":
+                    with torch.no_grad():
+                        x * 1.0
+                else:
+                    y = x * 1.0
+                    torch.autograd.grad((y,), (x,), (torch.ones_like(y),))
+            fns[provider] = floor
             continue
         fn, args = build("ref" if provider == "compile" else provider, mode)
         if provider == "compile":
@@ -289,6 +305,8 @@ def test_interleaved_ratio(benchmark, case):
     if "compile" in med:
         benchmark.extra_info.update({"compile_ms": med["compile"] * 1e3,
                                      "speedup_vs_compile": med["compile"] / med["cpp"]})
+    if "floor" in med:
+        benchmark.extra_info.update({"floor_ms": med["floor"] * 1e3, "ref_vs_floor": med["ref"] / med["floor"]})
     if "standin" in med:
         # The flow-matching ops' own time: each provider's step less the stand-in's forward,
         # which every provider runs alike (medians of the same rounds).

@@ -80,6 +80,17 @@ def main(path: str) -> None:
             vs = f"{e['speedup_vs_compile']:.2f}x" if "speedup_vs_compile" in e else "-"
             print(f"| {e['op']} | {e['shape']} | {e['mode']} | {e['ref_ms']:.3f} | {comp} | {e['cpp_ms']:.3f} | "
                   f"{e['speedup']:.2f}x | {vs} |")
+        floors = [e for e in inter if "floor_ms" in e]
+        if floors:
+            # The floor: one differentiable ATen op (x * 1) on the same input in the same rounds;
+            # ref / floor is the highest ratio a single-op implementation could show here.
+            print("\n| fixed cost (alternated) | shape | mode | floor ms | cpp ms | ref ms | cpp / floor "
+                  "| cpp vs ref | ceiling: ref / floor |")
+            print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+            for e in sorted(floors, key=lambda e: (e["op"], e["shape"], e["mode"])):
+                print(f"| {e['op']} | {e['shape']} | {e['mode']} | {e['floor_ms']:.3f} | {e['cpp_ms']:.3f} | "
+                      f"{e['ref_ms']:.3f} | {e['cpp_ms'] / e['floor_ms']:.2f} | {e['speedup']:.2f}x | "
+                      f"{e['ref_vs_floor']:.2f}x |")
         net = [e for e in inter if "standin_ms" in e]
         if net:
             # The flow-matching ops alone: each step time above less the stand-in's forward,
