@@ -69,6 +69,11 @@ inline Vec<acc_t> activate(const Vec<acc_t>& a) {
 template <typename scalar_t, bool kSilu>
 constexpr bool kKeepDa = kSilu && std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 
+// Values summed in acc_t lanes before the partial sum moves into double (float32 stays accurate
+// for planes of any size).
+template <typename acc_t>
+constexpr int64_t kSumBlock = 256 * Vec<acc_t>::size();
+
 template <typename acc_t, bool kSilu>
 inline Vec<acc_t> act_grad(const Vec<acc_t>& a, const Vec<acc_t>& dy) {
   if constexpr (kSilu) return dy * math::silu_grad(a); else return dy;
@@ -95,11 +100,12 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       for (int64_t c = c0; c < c0 + Cg; ++c) {
         const auto cf = math::gnms_coef<acc_t>(mean, rstd, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
         const Vec<acc_t> al(cf.alpha), be(cf.beta);
-        const scalar_t* xp = x + (b * C + c) * HW;
-        scalar_t* yp = y + (b * C + c) * HW;
+        const int64_t hw = HW;  // a local: the vector stores may alias any memory (see backward_nchw)
+        const scalar_t* const xp = x + (b * C + c) * hw;
+        scalar_t* const yp = y + (b * C + c) * hw;
         int64_t i = 0;
-        for (; i + V <= HW; i += V) vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i), al, be)));
-        if (i < HW) vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i, HW - i), al, be)), HW - i);
+        for (; i + V <= hw; i += V) vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i), al, be)));
+        if (i < hw) vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i, hw - i), al, be)), hw - i);
       }
     }
   });
@@ -173,7 +179,7 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
   auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2) {
     const scalar_t* xb = x + b * HW * C;
     const acc_t* kb = kc.data() + b * C;
-    channel_sums<acc_t>(r0, r1, C, s1, s2, [&](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
+    channel_sums<acc_t>(r0, r1, C, s1, s2, [xb, kb, C](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
       Vec<acc_t> d = vload<acc_t>(xb + r * C + c, n) - vload<acc_t>(kb + c, n);
       if (n < V) d = Vec<acc_t>::set(Vec<acc_t>(0), d, n);
       t1 = d;
@@ -200,16 +206,17 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
     }
   };
   auto normalize = [&](int64_t b, int64_t r0, int64_t r1) {
-    const acc_t* al = alpha.data() + b * C;
-    const acc_t* be = beta.data() + b * C;
+    const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
+    const acc_t* const al = alpha.data() + b * nc;
+    const acc_t* const be = beta.data() + b * nc;
     for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* xp = x + (b * HW + r) * C;
-      scalar_t* yp = y + (b * HW + r) * C;
+      const scalar_t* const xp = x + (b * hw + r) * nc;
+      scalar_t* const yp = y + (b * hw + r) * nc;
       int64_t c = 0;
-      for (; c + V <= C; c += V)
+      for (; c + V <= nc; c += V)
         vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c), Vec<acc_t>::loadu(al + c), Vec<acc_t>::loadu(be + c))));
-      if (c < C)
-        vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c, C - c), Vec<acc_t>::loadu(al + c, C - c), Vec<acc_t>::loadu(be + c, C - c))), C - c);
+      if (c < nc)
+        vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c, nc - c), Vec<acc_t>::loadu(al + c, nc - c), Vec<acc_t>::loadu(be + c, nc - c))), nc - c);
     }
   };
   if (B >= at::get_num_threads() && HW * C * static_cast<int64_t>(sizeof(scalar_t)) <= kFusedSampleBytes) {
@@ -318,29 +325,34 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       const int64_t b = bg / G, g = bg % G;
       const acc_t m = mean[bg], r = rstd[bg];
       const Vec<acc_t> mv(m), rv(r);
-      // Pass 1: per-channel sums S1 = sum da, S2 = sum da xhat.
+      // Pass 1: per-channel sums S1 = sum da, S2 = sum da xhat. Everything the loops read is a
+      // local value: the vector stores may alias any memory, so values read through the
+      // lambda's reference captures would be reloaded after each one.
       for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
-        const int64_t c = bc - b * C;
+        const int64_t c = bc - b * C, hw = HW;
         const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
         const Vec<acc_t> al(cf.alpha), be(cf.beta);
-        const scalar_t* xp = x + bc * HW;
-        const scalar_t* gp = dy + bc * HW;
+        const scalar_t* const xp = x + bc * hw;
+        const scalar_t* const gp = dy + bc * hw;
+        scalar_t* const dp = dx + bc * hw;
+        Vec<acc_t> a1(0), a2(0);
+        auto step = [&](int64_t i, int64_t n) {
+          const auto xv = vload<acc_t>(xp + i, n);
+          auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
+          if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dp + i, da, n);
+          if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
+          a1 = a1 + da;
+          a2 = at::vec::fmadd(da, (xv - mv) * rv, a2);
+        };
         double s1 = 0, s2 = 0;
-        int64_t i = 0;
-        while (i < HW) {
-          const int64_t bend = std::min(HW, i + 256 * V);
-          Vec<acc_t> a1(0), a2(0);
-          for (; i < bend; i += V) {
-            const int64_t n = std::min<int64_t>(V, bend - i);
-            auto xv = vload<acc_t>(xp + i, n);
-            auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
-            if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dx + bc * HW + i, da, n);
-            if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
-            a1 = a1 + da;
-            a2 = at::vec::fmadd(da, (xv - mv) * rv, a2);
-          }
+        for (int64_t i0 = 0; i0 < hw; i0 += kSumBlock<acc_t>) {  // acc_t sums of kSumBlock values, then double
+          const int64_t i1 = std::min(hw, i0 + kSumBlock<acc_t>);
+          int64_t i = i0;
+          for (; i + V <= i1; i += V) step(i, V);
+          if (i < i1) step(i, i1 - i);
           s1 += hsum(a1);
           s2 += hsum(a2);
+          a1 = a2 = Vec<acc_t>(0);
         }
         S1[bc] = s1;
         S2[bc] = s2;
@@ -348,20 +360,22 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       group_grad_coefs<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, HW, P, k1.data(), k2.data(), k3.data());
       // Pass 2: dx = da c1 + x c2 + c3.
       for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
-        const int64_t c = bc - b * C;
+        const int64_t c = bc - b * C, hw = HW;
         const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
         const Vec<acc_t> al(cf.alpha), be(cf.beta), c1(k1[bc]), c2(k2[bc]), c3(k3[bc]);
-        const scalar_t* xp = x + bc * HW;
-        const scalar_t* gp = dy + bc * HW;
-        scalar_t* op = dx + bc * HW;
-        for (int64_t i = 0; i < HW; i += V) {
-          const int64_t n = std::min<int64_t>(V, HW - i);
-          auto xv = vload<acc_t>(xp + i, n);
+        const scalar_t* const xp = x + bc * hw;
+        const scalar_t* const gp = dy + bc * hw;
+        scalar_t* const op = dx + bc * hw;
+        auto step = [&](int64_t i, int64_t n) {
+          const auto xv = vload<acc_t>(xp + i, n);
           Vec<acc_t> da;
           if constexpr (kKeepDa<scalar_t, kSilu>) da = vload<acc_t>(op + i, n);  // stored by pass 1
           else da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
           vstore<acc_t>(op + i, at::vec::fmadd(da, c1, at::vec::fmadd(xv, c2, c3)), n);
-        }
+        };
+        int64_t i = 0;
+        for (; i + V <= hw; i += V) step(i, V);
+        if (i < hw) step(i, hw - i);
       }
     }
   });
@@ -391,16 +405,19 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
-      const scalar_t* xb = x + b * HW * C;
-      const scalar_t* gb_ = dy + b * HW * C;
-      const acc_t *al = alpha.data() + b * C, *be = beta.data() + b * C, *mm = mc.data() + b * C,
-                  *rr = rc.data() + b * C;
-      channel_sums<acc_t>(r0, r1, C, p1.data() + task * C, p2.data() + task * C,
-                          [&](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
-                            auto xv = vload<acc_t>(xb + r * C + c, n);
+      const int64_t nc = C;
+      const scalar_t* const xb = x + b * HW * nc;
+      const scalar_t* const gb_ = dy + b * HW * nc;
+      scalar_t* const db = dx + b * HW * nc;
+      const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *mm = mc.data() + b * nc,
+                  *rr = rc.data() + b * nc;
+      // Captures by value: the vector stores may alias any memory (see backward_nchw).
+      channel_sums<acc_t>(r0, r1, nc, p1.data() + task * nc, p2.data() + task * nc,
+                          [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
+                            auto xv = vload<acc_t>(xb + r * nc + c, n);
                             auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
-                            auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * C + c, n));
-                            if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dx + (b * HW + r) * C + c, da, n);
+                            auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * nc + c, n));
+                            if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(db + r * nc + c, da, n);
                             if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
                             t1 = da;
                             t2 = da * ((xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n));
@@ -423,14 +440,15 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
-      const acc_t *al = alpha.data() + b * C, *be = beta.data() + b * C, *k1 = c1.data() + b * C,
-                  *k2 = c2.data() + b * C, *k3 = c3.data() + b * C;
+      const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
+      const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *k1 = c1.data() + b * nc,
+                  *k2 = c2.data() + b * nc, *k3 = c3.data() + b * nc;
       for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* xp = x + (b * HW + r) * C;
-        const scalar_t* gp = dy + (b * HW + r) * C;
-        scalar_t* op = dx + (b * HW + r) * C;
-        for (int64_t c = 0; c < C; c += V) {
-          const int64_t n = std::min<int64_t>(V, C - c);
+        const scalar_t* const xp = x + (b * hw + r) * nc;
+        const scalar_t* const gp = dy + (b * hw + r) * nc;
+        scalar_t* const op = dx + (b * hw + r) * nc;
+        for (int64_t c = 0; c < nc; c += V) {
+          const int64_t n = nc - c < V ? nc - c : V;
           auto xv = vload<acc_t>(xp + c, n);
           Vec<acc_t> da;
           if constexpr (kKeepDa<scalar_t, kSilu>) {
