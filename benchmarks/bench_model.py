@@ -20,7 +20,11 @@ Run: ``pytest benchmarks/bench_model.py --benchmark-json=bench_model.json`` and
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -283,3 +287,47 @@ def test_profile_fused_share(benchmark, monkeypatch, kind):
         "saving_vs_ideal": (step["ref"] - step["fused"]) / (bound_saving * step["ref"]),
     }
     benchmark.extra_info.update(info)
+
+
+_TRAIN_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, time, torch
+    sys.path.insert(0, sys.argv[4])
+    from bench_model import train_step_fn
+
+    def peak_mib():  # VmHWM: this process's peak resident set
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+    preset, batch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(threads)
+    step = train_step_fn(preset, batch, torch.channels_last)
+    before = peak_mib()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"peak_mib": peak_mib(), "step_mib": peak_mib() - before, "step_s": times[-1]}))
+""")
+
+
+def test_train_peak_memory(benchmark):
+    """Peak resident memory of training steps (fused ops, 64x64) with the 3x3 convolutions' transformed
+    filters kept from forward to backward (``DITO_FAST_WINOGRAD_KEEP_FILTER=1``) and transformed again in
+    the backward (the default), each in a fresh process. extra_info: both peaks, their increase over the
+    model's set-up, and the second step's seconds."""
+    smoke = benchmark.disabled
+    preset, batch = ("dito-tiny", 2) if smoke else ("dito-S", 8)
+    result = {}
+    for name, keep in (("kept", "1"), ("recomputed", "0")):
+        env = os.environ | {"DITO_FAST_WINOGRAD_KEEP_FILTER": keep}
+        proc = subprocess.run([sys.executable, "-c", _TRAIN_MEMORY_SCRIPT, preset, str(batch),
+                               str(torch.get_num_threads()), os.path.dirname(os.path.abspath(__file__))],
+                              capture_output=True, text=True, env=env, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update({"preset": preset, "batch": batch, "image_size": SIZE,
+                                 **{f"{k}_{field}": v[field] for k, v in result.items() for field in v}})
+    if not smoke:
+        assert result["recomputed"]["peak_mib"] < result["kept"]["peak_mib"]

@@ -114,6 +114,14 @@ def main(path: str) -> None:
             print(f"| {e['kind']} | {e['ref_step_ms']:.0f} | {e['fused_nchw_step_ms']:.0f} | {e['fused_step_ms']:.0f} | "
                   f"{e['norm_ops_share']:.1%} | {e['conv3x3_share']:.1%} | {e['ideal_speedup']:.2f}x | "
                   f"{e['achieved_speedup']:.2f}x | {e['achieved_speedup_nchw']:.2f}x | {e['saving_vs_ideal']:.0%} |")
+    mem = [r["extra_info"] for r in rows if r["name"].startswith("test_train_peak_memory") and "kept_peak_mib" in r["extra_info"]]
+    if mem:
+        print("\n| training step, 3x3 conv filters (fresh processes) | peak MiB | step's increase MiB | step s |")
+        print("|---|---:|---:|---:|")
+        for e in mem:
+            for k, label in (("kept", "kept for the backward"), ("recomputed", "transformed again in the backward")):
+                print(f"| {e['preset']} @{e['image_size']}, batch {e['batch']}: {label} | {e[k + '_peak_mib']:.0f} | "
+                      f"{e[k + '_step_mib']:.0f} | {e[k + '_step_s']:.2f} |")
     cl = [{"kind": f"fast_decode ({r['extra_info']['steps']} Euler steps)", **r["extra_info"]}
           if r["name"].startswith("test_decode_channels_last") else r["extra_info"]
           for r in rows if r["name"].startswith(("test_channels_last", "test_decode_channels_last"))

@@ -19,6 +19,7 @@ Backends:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -173,12 +174,55 @@ def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
     return u
 
 
+# Training: the convolution's backward needs the transformed filter u (for the input gradient), but
+# u is 1.8x (F(2x2)) or 4x (F(4x4)) the weight, and keeping it from forward to backward would hold
+# that for every layer (dito-S's decoder: 362 MiB, dito-B's: 1.8 GiB in float32). Saved-tensor hooks
+# keep the weight instead and transform it again in the backward (one filter transform per layer,
+# small next to the layer's GEMMs). The weight's version is checked, as autograd checks the tensors
+# it saves. Under torch.compile the hooks are left out (its graphs save what they need).
+# DITO_FAST_WINOGRAD_KEEP_FILTER=1 keeps the filters instead (memory for one transform per layer;
+# benchmarks/bench_model.py::test_train_peak_memory compares the two).
+def _refilter_hooks(u: torch.Tensor, weight: torch.Tensor, tile: int):
+    # u is recognised by address and shape: autograd keeps the hooks until the backward, so they
+    # must not hold u itself
+    version, u_ptr, u_shape = weight._version, u.data_ptr(), u.shape
+
+    def pack(t):
+        if t.data_ptr() == u_ptr and t.shape == u_shape:
+            return _Refilter(weight, version, tile)
+        return t
+
+    def unpack(p):
+        if not isinstance(p, _Refilter):
+            return p
+        if p.weight._version != p.version:
+            raise RuntimeError("conv3x3: the weight was modified in place between the forward and the backward "
+                               f"(version {p.weight._version}, saved at version {p.version}); its gradient "
+                               "needs the weight the forward used")
+        with torch.no_grad():
+            return winograd_filter(p.weight, p.tile)
+
+    return pack, unpack
+
+
+@dataclass(frozen=True)
+class _Refilter:
+    weight: torch.Tensor
+    version: int
+    tile: int
+
+
 def _cpp_conv3x3(x, weight, bias):
     tile = winograd_tile(x)
     if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not weight.is_inference()
             and os.environ.get("DITO_FAST_WINOGRAD_CACHE", "1") != "0"):
         return _OP(x, _inference_filter(weight, tile), bias, False)
-    return _OP(x, winograd_filter(weight, tile), bias, False)
+    u = winograd_filter(weight, tile)
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled() or not (x.requires_grad or u.requires_grad)
+            or os.environ.get("DITO_FAST_WINOGRAD_KEEP_FILTER", "0") == "1"):
+        return _OP(x, u, bias, False)
+    with torch.autograd.graph.saved_tensors_hooks(*_refilter_hooks(u, weight, tile)):
+        return _OP(x, u, bias, False)
 
 
 def _winograd_reasons(x: torch.Tensor, weight_dtype: torch.dtype) -> list[str]:

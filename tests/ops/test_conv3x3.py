@@ -290,3 +290,48 @@ def test_several_chunks(dtype, tile, monkeypatch):
     same = _grads(conv3x3_ref, x, w, b)
     for o, r, s, what in zip(ours, ref64, same, ("y", "grad x", "grad weight", "grad bias")):
         assert_close_to_ref(o, r, dtype, s, what)
+
+
+@needs_cpp
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["weight_grad", "frozen_weight"])
+def test_training_keeps_the_weight_not_the_transformed_filter(tile, weight_grad, monkeypatch):
+    # Between forward and backward autograd holds the weight, not its transformed filter (1.8x or
+    # 4x larger), and the backward transforms it again: the filter the forward made is freed, and
+    # the gradients still match the reference.
+    import gc
+    import weakref
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
+    module = importlib.import_module("dito_fast.ops.conv3x3")
+    made = []
+
+    def recording_filter(weight, t):
+        u = winograd_filter(weight, t)
+        made.append(weakref.ref(u))
+        return u
+    monkeypatch.setattr(module, "winograd_filter", recording_filter)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, 12, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(24, 32, 3, 3, generator=g, dtype=torch.float64, requires_grad=weight_grad)
+    y = conv3x3(x, w, None, backend="cpp")
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy)
+    assert len(made) == 2  # transformed again for the input gradient
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(weight_grad)
+    F.conv2d(x2, w2, padding=1).backward(gy)
+    torch.testing.assert_close(x.grad, x2.grad)
+    if weight_grad:
+        torch.testing.assert_close(w.grad, w2.grad)
+
+
+@needs_cpp
+def test_weight_changed_between_forward_and_backward_raises():
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    w = torch.randn(32, 32, 3, 3, requires_grad=True)
+    y = conv3x3(x, w, None, backend="cpp")
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.raises(RuntimeError, match="weight was modified in place"):
+        y.sum().backward()
