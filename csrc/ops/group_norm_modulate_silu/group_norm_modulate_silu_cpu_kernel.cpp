@@ -8,9 +8,9 @@
 //
 // NCHW: one task per (sample, group); the group's block is read twice, the second time mostly
 // from cache (e.g. 4 channels x 64 x 64 fp32 = 64 KiB). channels_last: each row vectorised across
-// channels; the forward runs one task per sample (up to kFusedSampleBytes, read back from cache)
-// when the samples are enough for the threads, and otherwise, like the backward, tasks over
-// (sample, chunk of rows) with per-chunk partial sums.
+// channels; one task per sample (up to kFusedSampleBytes, read back from cache) when the samples
+// are enough for the threads, and otherwise tasks over (sample, chunk of rows) with per-chunk
+// partial sums and a second parallel pass.
 #include <ATen/Dispatch.h>
 #include <ATen/core/TensorBase.h>
 
@@ -158,7 +158,7 @@ inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double
   }
 }
 
-// Channels-last samples up to this size run as one task each (statistics, then the normalisation
+// Channels-last samples up to this size run as one task each (statistics, then the second pass
 // reading the sample back from this core's L2) when there are enough samples for the threads;
 // larger ones, or fewer samples, split their rows over tasks in two parallel passes.
 constexpr int64_t kFusedSampleBytes = 1 << 20;
@@ -401,67 +401,91 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       mc[bc] = mean[bg];
       rc[bc] = rstd[bg];
     }
-  std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
-  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
-      const int64_t nc = C;
-      const scalar_t* const xb = x + b * HW * nc;
-      const scalar_t* const gb_ = dy + b * HW * nc;
-      scalar_t* const db = dx + b * HW * nc;
-      const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *mm = mc.data() + b * nc,
-                  *rr = rc.data() + b * nc;
-      // Captures by value: the vector stores may alias any memory (see backward_nchw).
-      channel_sums<acc_t>(r0, r1, nc, p1.data() + task * nc, p2.data() + task * nc,
-                          [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
-                            auto xv = vload<acc_t>(xb + r * nc + c, n);
-                            auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
-                            auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * nc + c, n));
-                            if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(db + r * nc + c, da, n);
-                            if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
-                            t1 = da;
-                            t2 = da * ((xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n));
-                          });
-    }
-  });
   std::vector<double> S1(B * C, 0.0), S2(B * C, 0.0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t ch = 0; ch < nchunk; ++ch)
-      for (int64_t c = 0; c < C; ++c) {
-        S1[b * C + c] += p1[(b * nchunk + ch) * C + c];
-        S2[b * C + c] += p2[(b * nchunk + ch) * C + c];
-      }
   std::vector<acc_t> c1(B * C), c2(B * C), c3(B * C);
-  for (int64_t b = 0; b < B; ++b)
+  // Pass 1 over rows [r0, r1) of sample b: per-channel sums of da and da xhat added into s1, s2
+  // (C each), da kept in dx where exact. Captures by value: the vector stores may alias any memory
+  // (see backward_nchw).
+  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2) {
+    const int64_t nc = C;
+    const scalar_t* const xb = x + b * HW * nc;
+    const scalar_t* const gb_ = dy + b * HW * nc;
+    scalar_t* const db = dx + b * HW * nc;
+    const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *mm = mc.data() + b * nc,
+                *rr = rc.data() + b * nc;
+    channel_sums<acc_t>(r0, r1, nc, s1, s2, [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
+      auto xv = vload<acc_t>(xb + r * nc + c, n);
+      auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
+      auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * nc + c, n));
+      if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(db + r * nc + c, da, n);
+      if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
+      t1 = da;
+      t2 = da * ((xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n));
+    });
+  };
+  auto grad_coefs = [&](int64_t b) {
     for (int64_t g = 0; g < G; ++g)
       group_grad_coefs<acc_t>(S1.data(), S2.data(), mean[b * G + g], rstd[b * G + g], b, g, C, Cg, HW, P, c1.data(),
                               c2.data(), c3.data());
-  param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
-  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
-      const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
-      const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *k1 = c1.data() + b * nc,
-                  *k2 = c2.data() + b * nc, *k3 = c3.data() + b * nc;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* const xp = x + (b * hw + r) * nc;
-        const scalar_t* const gp = dy + (b * hw + r) * nc;
-        scalar_t* const op = dx + (b * hw + r) * nc;
-        for (int64_t c = 0; c < nc; c += V) {
-          const int64_t n = nc - c < V ? nc - c : V;
-          auto xv = vload<acc_t>(xp + c, n);
-          Vec<acc_t> da;
-          if constexpr (kKeepDa<scalar_t, kSilu>) {
-            da = vload<acc_t>(op + c, n);  // stored by pass 1
-          } else {
-            auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
-            da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gp + c, n));
-          }
-          vstore<acc_t>(op + c, at::vec::fmadd(da, vload<acc_t>(k1 + c, n), at::vec::fmadd(xv, vload<acc_t>(k2 + c, n), vload<acc_t>(k3 + c, n))), n);
+  };
+  // Pass 2 over rows [r0, r1) of sample b, last row first: after a one-task-per-sample pass 1 the
+  // last rows are the ones still in cache.
+  auto apply = [&](int64_t b, int64_t r0, int64_t r1) {
+    const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
+    const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *k1 = c1.data() + b * nc,
+                *k2 = c2.data() + b * nc, *k3 = c3.data() + b * nc;
+    for (int64_t r = r1 - 1; r >= r0; --r) {
+      const scalar_t* const xp = x + (b * hw + r) * nc;
+      const scalar_t* const gp = dy + (b * hw + r) * nc;
+      scalar_t* const op = dx + (b * hw + r) * nc;
+      for (int64_t c = 0; c < nc; c += V) {
+        const int64_t n = nc - c < V ? nc - c : V;
+        auto xv = vload<acc_t>(xp + c, n);
+        Vec<acc_t> da;
+        if constexpr (kKeepDa<scalar_t, kSilu>) {
+          da = vload<acc_t>(op + c, n);  // stored by pass 1
+        } else {
+          auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
+          da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gp + c, n));
         }
+        vstore<acc_t>(op + c, at::vec::fmadd(da, vload<acc_t>(k1 + c, n), at::vec::fmadd(xv, vload<acc_t>(k2 + c, n), vload<acc_t>(k3 + c, n))), n);
       }
     }
-  });
+  };
+  const int64_t sample_bytes = HW * C * static_cast<int64_t>(sizeof(scalar_t));
+  if (B >= at::get_num_threads() && sample_bytes <= kFusedSampleBytes) {
+    // One task per sample (x, dy and da: 3 sample sizes, mostly still in cache for pass 2).
+    at::parallel_for(0, B, grain_for(HW * C), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), S1.data() + b * C, S2.data() + b * C);
+        grad_coefs(b);
+        apply(b, 0, HW);
+      }
+    });
+  } else {
+    std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
+    at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
+        sums(b, r0, std::min(HW, r0 + R), p1.data() + task * C, p2.data() + task * C);
+      }
+    });
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t ch = 0; ch < nchunk; ++ch)
+        for (int64_t c = 0; c < C; ++c) {
+          S1[b * C + c] += p1[(b * nchunk + ch) * C + c];
+          S2[b * C + c] += p2[(b * nchunk + ch) * C + c];
+        }
+      grad_coefs(b);
+    }
+    at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
+        apply(b, r0, std::min(HW, r0 + R));
+      }
+    });
+  }
+  param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
 }
 
 inline bool is_channels_last(const at::TensorBase& x) {
