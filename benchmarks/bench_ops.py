@@ -5,7 +5,8 @@ Providers: ``ref`` (eager PyTorch, the specification), ``cpp`` (dito_fast._C), `
 takes minutes on CPU). Modes: ``fwd`` (inference, no autograd) and ``full`` (forward + backward).
 Shapes are the real ones: the UNet decoder's largest and smallest levels for dito-S at 64x64
 (batch 8) and dito-B at 256x256 (batch 1), the latent for the encoder, the image for the
-flow-matching step.
+flow-matching step. The interleaved rows of ``group_norm_modulate_silu`` come in NCHW and in
+channels_last (suffix " CL"), the layout the models run in on the CPU.
 
 Each result's extra_info holds the bytes a single fused pass must move and the achieved GB/s;
 ``test_memory_bandwidth`` measures the machine's copy bandwidth once in the same run, and
@@ -14,6 +15,8 @@ bandwidth fractions as a table.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -202,16 +205,17 @@ def test_winograd_tiles(benchmark, monkeypatch, shape, mode):
 def _cases():
     """(op, shape label, mode, builder) for every op row above; builder(provider) -> a callable."""
     cases = []
-    for label, B, C, H, W, G in GNMS_SHAPES:
-        def build(provider, mode, B=B, C=C, H=H, W=W, G=G):
+    for (label, B, C, H, W, G), fmt in itertools.product(GNMS_SHAPES, (torch.contiguous_format, torch.channels_last)):
+        # NCHW, and channels_last: the layout the models run in on the CPU (conv_activation_format)
+        def build(provider, mode, B=B, C=C, H=H, W=W, G=G, fmt=fmt):
             g, grad = torch.Generator().manual_seed(0), mode == "full"
-            args = [torch.randn(B, C, H, W, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g),
-                    torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)]
+            args = [torch.randn(B, C, H, W, generator=g).contiguous(memory_format=fmt), torch.randn(C, generator=g),
+                    torch.randn(C, generator=g), torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)]
             args = [a.requires_grad_(grad) for a in args]
             fn = (lambda *a: group_norm_modulate_silu(a[0], G, *a[1:], backend="cpp")) if provider == "cpp" else (
                 lambda *a: group_norm_modulate_silu_ref(a[0], G, *a[1:]))
             return fn, args
-        cases.append(("group_norm_modulate_silu", label, build))
+        cases.append(("group_norm_modulate_silu", label + (" CL" if fmt == torch.channels_last else ""), build))
     for label, B, C, H, W in LATENT_SHAPES:
         def build(provider, mode, shape=(B, C, H, W)):
             z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(mode == "full")
