@@ -83,8 +83,8 @@ def main(path: str) -> None:
         floors = [e for e in inter if "floor_ms" in e]
         if floors:
             # The floor: one differentiable ATen op (x * 1) on the same input in the same rounds;
-            # ref / floor is the highest ratio a single-op implementation could show here.
-            print("\n| fixed cost (alternated) | shape | mode | floor ms | cpp ms | ref ms | cpp / floor "
+            # ref / floor roughly bounds the ratio a single-op implementation could show here.
+            print("\n| one-op floor (alternated) | shape | mode | floor ms | cpp ms | ref ms | cpp / floor "
                   "| cpp vs ref | ceiling: ref / floor |")
             print("|---|---|---|---:|---:|---:|---:|---:|---:|")
             for e in sorted(floors, key=lambda e: (e["op"], e["shape"], e["mode"])):

@@ -19,6 +19,7 @@ Backends:
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -178,31 +179,16 @@ def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
 # u is 1.8x (F(2x2)) or 4x (F(4x4)) the weight, and keeping it from forward to backward would hold
 # that for every layer (dito-S's decoder: 362 MiB, dito-B's: 1.8 GiB in float32). Saved-tensor hooks
 # keep the weight instead and transform it again in the backward (one filter transform per layer,
-# small next to the layer's GEMMs). The weight's version is checked, as autograd checks the tensors
-# it saves. Under torch.compile the hooks are left out (its graphs save what they need).
-# DITO_FAST_WINOGRAD_KEEP_FILTER=1 keeps the filters instead (memory for one transform per layer;
-# benchmarks/bench_model.py::test_train_peak_memory compares the two).
-def _refilter_hooks(u: torch.Tensor, weight: torch.Tensor, tile: int):
-    # u is recognised by address and shape: autograd keeps the hooks until the backward, so they
-    # must not hold u itself
-    version, u_ptr, u_shape = weight._version, u.data_ptr(), u.shape
-
-    def pack(t):
-        if t.data_ptr() == u_ptr and t.shape == u_shape:
-            return _Refilter(weight, version, tile)
-        return t
-
-    def unpack(p):
-        if not isinstance(p, _Refilter):
-            return p
-        if p.weight._version != p.version:
-            raise RuntimeError("conv3x3: the weight was modified in place between the forward and the backward "
-                               f"(version {p.weight._version}, saved at version {p.version}); its gradient "
-                               "needs the weight the forward used")
-        with torch.no_grad():
-            return winograd_filter(p.weight, p.tile)
-
-    return pack, unpack
+# small next to the layer's GEMMs). Tensors saved under hooks escape autograd's in-place check, so
+# the hooks check the versions themselves: the weight's, and x's. They are left out, and u kept,
+# where other saved-tensor hooks are already active (activation checkpointing, save_on_cpu: only
+# the innermost hooks act, and theirs must), under torch.func transforms (which refuse such hooks)
+# and under torch.compile (its graphs save what they need). DITO_FAST_WINOGRAD_KEEP_FILTER=1 keeps
+# the filters always (memory for one transform per layer; benchmarks/bench_model.py::
+# test_train_peak_memory compares the two).
+_INPLACE_MESSAGE = ("conv3x3: {what} was modified in place between the forward and the backward (version {now}, "
+                    "saved at version {saved}); one of the variables needed for gradient computation has been "
+                    "modified by an inplace operation")
 
 
 @dataclass(frozen=True)
@@ -212,14 +198,51 @@ class _Refilter:
     tile: int
 
 
+@dataclass(frozen=True)
+class _Kept:
+    tensor: torch.Tensor
+    version: int
+
+
+def _refilter_hooks(u: torch.Tensor, weight: torch.Tensor, tile: int):
+    # u is recognised by identity through a weak reference: autograd keeps the hooks until the
+    # backward, so they must not hold u itself
+    u_ref, weight_version = weakref.ref(u), weight._version
+
+    def pack(t):
+        if t is u_ref():
+            return _Refilter(weight, weight_version, tile)
+        return _Kept(t, t._version)
+
+    def unpack(p):
+        if isinstance(p, _Kept):
+            if p.tensor._version != p.version:
+                raise RuntimeError(_INPLACE_MESSAGE.format(what="the input", now=p.tensor._version, saved=p.version))
+            return p.tensor
+        if p.weight._version != p.version:
+            raise RuntimeError(_INPLACE_MESSAGE.format(what="the weight", now=p.weight._version, saved=p.version))
+        with torch.no_grad():
+            return winograd_filter(p.weight, p.tile)
+
+    return pack, unpack
+
+
+def _refilter_in_backward(x, u, bias) -> bool:
+    """Whether this training call should save the weight instead of u (see above)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (x.requires_grad or u.requires_grad or (bias is not None and bias.requires_grad))
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+            and not torch._C._are_functorch_transforms_active()
+            and os.environ.get("DITO_FAST_WINOGRAD_KEEP_FILTER", "0") != "1")
+
+
 def _cpp_conv3x3(x, weight, bias):
     tile = winograd_tile(x)
     if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not weight.is_inference()
             and os.environ.get("DITO_FAST_WINOGRAD_CACHE", "1") != "0"):
         return _OP(x, _inference_filter(weight, tile), bias, False)
     u = winograd_filter(weight, tile)
-    if (torch.compiler.is_compiling() or not torch.is_grad_enabled() or not (x.requires_grad or u.requires_grad)
-            or os.environ.get("DITO_FAST_WINOGRAD_KEEP_FILTER", "0") == "1"):
+    if not _refilter_in_backward(x, u, bias):
         return _OP(x, u, bias, False)
     with torch.autograd.graph.saved_tensors_hooks(*_refilter_hooks(u, weight, tile)):
         return _OP(x, u, bias, False)

@@ -327,11 +327,34 @@ def test_training_keeps_the_weight_not_the_transformed_filter(tile, weight_grad,
 
 
 @needs_cpp
-def test_weight_changed_between_forward_and_backward_raises():
-    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+@pytest.mark.parametrize("changed", ["weight", "input"])
+def test_tensor_changed_between_forward_and_backward_raises(changed):
+    # Tensors saved under hooks escape autograd's own in-place check; the hooks check them.
+    x0 = torch.randn(2, 32, 8, 8, requires_grad=True)
     w = torch.randn(32, 32, 3, 3, requires_grad=True)
+    x = x0 * 1.0  # a non-leaf, so it may be changed in place
     y = conv3x3(x, w, None, backend="cpp")
     with torch.no_grad():
-        w.add_(1.0)
-    with pytest.raises(RuntimeError, match="weight was modified in place"):
+        (w if changed == "weight" else x).add_(1.0)
+    with pytest.raises(RuntimeError, match=f"{changed} was modified in place"):
         y.sum().backward()
+
+
+@needs_cpp
+def test_outer_saved_tensor_hooks_keep_their_say():
+    # Under activation checkpointing (its own saved-tensor hooks) conv3x3 leaves the saving to
+    # them: the innermost hooks are the only ones that act. Gradients match the reference.
+    from torch.utils.checkpoint import checkpoint
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 32, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 32, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    out = checkpoint(lambda a, b: conv3x3(a, b, None, backend="cpp").square().sum(), x, w, use_reentrant=False)
+    out.backward()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.conv2d(x2, w2, padding=1).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        conv3x3(x, w, None, backend="cpp").sum().backward()
+    assert any(len(shape) == 3 for shape in packed)  # the outer hooks saw the transformed filter

@@ -163,10 +163,11 @@ inline at::vec::Vectorized<float> recip_(const at::vec::Vectorized<float>& a) {
 #endif
 
 // ---- SiLU --------------------------------------------------------------------------------------
-// sigmoid(a) = 1 / (1 + exp(-a)). Scalar: exp(-a) = inf gives 1 / inf = 0. Vectorised float: the
-// clamped exp_ keeps 1 + exp(-a) <= 6e37, so the reciprocal estimate stays normal: sigmoid(a) >=
-// 1.6e-38 where the exact value is smaller (a < -87), and silu(a) = a sigmoid(a) is then off by
-// at most |a| 1.6e-38, which passes 1e-8 only for |a| > 6e29.
+// sigmoid(a) = 1 / (1 + exp(-a)). Scalar, double and DEFAULT-capability vectors: exp(-a) = inf
+// gives 1 / inf = 0 (a true division). AVX2/AVX-512 float: the clamped exp_ keeps 1 + exp(-a) <=
+// 6e37, so the reciprocal estimate stays normal: sigmoid(a) >= 1.6e-38 where the exact value is
+// smaller (a < -87), and silu(a) = a sigmoid(a) is then off by at most |a| 1.6e-38, which passes
+// 1e-8 only for |a| > 6e29.
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T a) { return recip_(T(1) + exp_(T(0) - a)); }
 
