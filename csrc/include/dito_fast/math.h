@@ -38,9 +38,9 @@ inline at::vec::Vectorized<S> exp_(const at::vec::Vectorized<S>& a) { return a.e
 //   floor(t) in [0, 1) and vscalefps multiplies by 2^floor(t) (both one instruction), 2^f is a
 //   degree-5 near-minimax polynomial (9e-8 relative error on [0, 1), fitted here). t's rounding
 //   error (up to 4e-6 absolute at |t| = 125, so 3e-6 relative in 2^t) is carried into f instead:
-//   t_lo = fma(a, log2e_lo, fma(a, log2e, -t)) makes t + t_lo exact to ~1e-12. Measured on the
-//   development machine (Xeon, AVX-512), group_norm_modulate_silu's SiLU cost about half its time
-//   with the AVX2 scheme below (benchmarks/bench_ops.py rows).
+//   t_lo = fma(a, log2e_lo, fma(a, log2e, -t)) makes t + t_lo exact to ~1e-12. On the
+//   development machine (Xeon, AVX-512) this roughly halved what SiLU adds to
+//   group_norm_modulate_silu's forward against the AVX2 scheme below (README, benchmark notes).
 // - AVX2 (no vreduceps/vscalefps): exp(a) = 2^n e^r with n = round(a log2 e), r = a - n ln2 (ln2
 //   in two parts, so r is exact to float rounding for |n| <= 128), e^r a degree-5 near-minimax
 //   polynomial on |r| <= ln2/2 (1.6e-7 relative error), 2^n placed in the exponent field (n fits

@@ -163,13 +163,54 @@ inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double
 // larger ones, or fewer samples, split their rows over tasks in two parallel passes.
 constexpr int64_t kFusedSampleBytes = 1 << 20;
 
+// The two channels_last passes, shared by the forward and the backward. sums(b, r0, r1, s1, s2)
+// adds the per-channel sums of rows [r0, r1) of sample b into s1, s2 (C each); finish(b, s1, s2)
+// turns sample b's sums into its coefficients; apply(b, r0, r1) is the second pass. S1, S2 (B * C,
+// zero) receive every sample's sums, added chunk by chunk in row order on either path.
+template <typename Sums, typename Finish, typename Apply>
+void nhwc_passes(int64_t B, int64_t C, int64_t HW, int64_t sample_bytes, double* S1, double* S2, const Sums& sums,
+                 const Finish& finish, const Apply& apply) {
+  const int64_t R = rows_per_chunk(HW, C), nchunk = (HW + R - 1) / R;
+  if (B >= at::get_num_threads() && sample_bytes <= kFusedSampleBytes) {
+    at::parallel_for(0, B, grain_for(HW * C), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), S1 + b * C, S2 + b * C);
+        finish(b, S1 + b * C, S2 + b * C);
+        apply(b, 0, HW);
+      }
+    });
+    return;
+  }
+  std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
+  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
+      sums(b, r0, std::min(HW, r0 + R), p1.data() + task * C, p2.data() + task * C);
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t ch = 0; ch < nchunk; ++ch)
+      for (int64_t c = 0; c < C; ++c) {
+        S1[b * C + c] += p1[(b * nchunk + ch) * C + c];
+        S2[b * C + c] += p2[(b * nchunk + ch) * C + c];
+      }
+    finish(b, S1 + b * C, S2 + b * C);
+  }
+  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
+      apply(b, r0, std::min(HW, r0 + R));
+    }
+  });
+}
+
 template <typename scalar_t, bool kSilu>
 void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t HW, int64_t G, double eps,
                   const Params<at::opmath_type<scalar_t>>& P, at::opmath_type<scalar_t>* mean_out,
                   at::opmath_type<scalar_t>* rstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
-  const int64_t Cg = C / G, R = rows_per_chunk(HW, C), nchunk = (HW + R - 1) / R;
+  const int64_t Cg = C / G;
   // Shift per channel: the group's first value (channel c0 of row 0), kept per channel.
   std::vector<acc_t> kc(B * C);
   for (int64_t b = 0; b < B; ++b)
@@ -219,43 +260,8 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
         vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c, nc - c), Vec<acc_t>::loadu(al + c, nc - c), Vec<acc_t>::loadu(be + c, nc - c))), nc - c);
     }
   };
-  if (B >= at::get_num_threads() && HW * C * static_cast<int64_t>(sizeof(scalar_t)) <= kFusedSampleBytes) {
-    at::parallel_for(0, B, grain_for(HW * C), [&](int64_t begin, int64_t end) {
-      std::vector<double> s1(C), s2(C);
-      for (int64_t b = begin; b < end; ++b) {
-        std::fill(s1.begin(), s1.end(), 0.0);
-        std::fill(s2.begin(), s2.end(), 0.0);
-        for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), s1.data(), s2.data());
-        coefs(b, s1.data(), s2.data());
-        normalize(b, 0, HW);
-      }
-    });
-    return;
-  }
-  std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
-  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
-      sums(b, r0, std::min(HW, r0 + R), p1.data() + task * C, p2.data() + task * C);
-    }
-  });
-  std::vector<double> s1(C), s2(C);
-  for (int64_t b = 0; b < B; ++b) {
-    std::fill(s1.begin(), s1.end(), 0.0);
-    std::fill(s2.begin(), s2.end(), 0.0);
-    for (int64_t ch = 0; ch < nchunk; ++ch)
-      for (int64_t c = 0; c < C; ++c) {
-        s1[c] += p1[(b * nchunk + ch) * C + c];
-        s2[c] += p2[(b * nchunk + ch) * C + c];
-      }
-    coefs(b, s1.data(), s2.data());
-  }
-  at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
-      normalize(b, r0, std::min(HW, r0 + R));
-    }
-  });
+  std::vector<double> S1(B * C, 0.0), S2(B * C, 0.0);
+  nhwc_passes(B, C, HW, HW * C * static_cast<int64_t>(sizeof(scalar_t)), S1.data(), S2.data(), sums, coefs, normalize);
 }
 
 // dx = da c1 + x c2 + c3 (math::gnms_grad_coef) for the channels of group g of sample b, from their
@@ -389,7 +395,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
                    const at::TensorBase& gs, const at::TensorBase& gsh) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
-  const int64_t Cg = C / G, R = rows_per_chunk(HW, C), nchunk = (HW + R - 1) / R;
+  const int64_t Cg = C / G;
   // Per-(sample, channel) forward fold and normalisation constants, expanded from groups.
   std::vector<acc_t> alpha(B * C), beta(B * C), mc(B * C), rc(B * C);
   for (int64_t b = 0; b < B; ++b)
@@ -423,7 +429,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       t2 = da * ((xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n));
     });
   };
-  auto grad_coefs = [&](int64_t b) {
+  auto grad_coefs = [&](int64_t b, const double*, const double*) {  // reads S1, S2 by sample
     for (int64_t g = 0; g < G; ++g)
       group_grad_coefs<acc_t>(S1.data(), S2.data(), mean[b * G + g], rstd[b * G + g], b, g, C, Cg, HW, P, c1.data(),
                               c2.data(), c3.data());
@@ -452,39 +458,8 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       }
     }
   };
-  const int64_t sample_bytes = HW * C * static_cast<int64_t>(sizeof(scalar_t));
-  if (B >= at::get_num_threads() && sample_bytes <= kFusedSampleBytes) {
-    // One task per sample (x, dy and da: 3 sample sizes, mostly still in cache for pass 2).
-    at::parallel_for(0, B, grain_for(HW * C), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), S1.data() + b * C, S2.data() + b * C);
-        grad_coefs(b);
-        apply(b, 0, HW);
-      }
-    });
-  } else {
-    std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
-    at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
-        sums(b, r0, std::min(HW, r0 + R), p1.data() + task * C, p2.data() + task * C);
-      }
-    });
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t ch = 0; ch < nchunk; ++ch)
-        for (int64_t c = 0; c < C; ++c) {
-          S1[b * C + c] += p1[(b * nchunk + ch) * C + c];
-          S2[b * C + c] += p2[(b * nchunk + ch) * C + c];
-        }
-      grad_coefs(b);
-    }
-    at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
-        apply(b, r0, std::min(HW, r0 + R));
-      }
-    });
-  }
+  nhwc_passes(B, C, HW, HW * C * static_cast<int64_t>(sizeof(scalar_t)), S1.data(), S2.data(), sums, grad_coefs,
+              apply);
   param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
 }
 
