@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
@@ -34,7 +33,7 @@ import time
 import pytest
 import torch
 
-from conftest import interleaved_medians
+from conftest import PEAK_MIB_SOURCE, interleaved_medians, run_child
 from dito_fast import DiTo, fast_decode
 from dito_fast.decode import resolve_settings
 from dito_fast.models.dito import decoder_gflops
@@ -124,22 +123,9 @@ def test_decode_channels_last(benchmark):
                                  "channels_last_ms": med[True] * 1e3, "channels_last_speedup": med[False] / med[True]})
 
 
-def _child(script: str, *args, timeout: float = 1800) -> dict:
-    """Run ``script`` in a fresh interpreter (this process's environment) and return the JSON
-    object it prints last."""
-    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
-                          env=os.environ.copy(), timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-_MEMORY_SCRIPT = textwrap.dedent("""
+_MEMORY_SCRIPT = PEAK_MIB_SOURCE + textwrap.dedent("""
     import json, sys, torch
     from dito_fast import DiTo, fast_decode
-
-    def peak_mib():  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's before exec)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
     size, tile, threads = int(sys.argv[1]), (None if sys.argv[2] == "none" else int(sys.argv[2])), int(sys.argv[3])
     overlap = int(sys.argv[4])
@@ -162,7 +148,7 @@ def test_peak_memory_1024(benchmark):
     result = {}
     for name, t in (("untiled", None), ("tiled", tile)):
         t0 = time.perf_counter()
-        result[name] = _child(_MEMORY_SCRIPT, size, t or "none", threads, overlap) | {
+        result[name] = run_child(_MEMORY_SCRIPT, size, t or "none", threads, overlap) | {
             "seconds": time.perf_counter() - t0}
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     benchmark.extra_info.update({"memory_reused": False, "image_size": size, "tile": tile, "tile_overlap": overlap,
@@ -211,7 +197,7 @@ def test_cpu_allocator(benchmark):
     def launch_all():
         for _ in range(launches):
             for mode in res:
-                for k, v in _child(_ALLOCATOR_SCRIPT, mode, preset, size, reps, torch.get_num_threads()).items():
+                for k, v in run_child(_ALLOCATOR_SCRIPT, mode, preset, size, reps, torch.get_num_threads()).items():
                     res[mode][k] += v
 
     benchmark.pedantic(launch_all, rounds=1, iterations=1)

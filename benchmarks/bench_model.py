@@ -20,17 +20,14 @@ Run: ``pytest benchmarks/bench_model.py --benchmark-json=bench_model.json`` and
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from conftest import interleaved_medians
+from conftest import PEAK_MIB_SOURCE, interleaved_medians, run_child
 from dito_fast import DiTo
 from dito_fast.models.dito import decoder_gflops, encoder_gflops
 from dito_fast.ops import _cpp, _dispatch
@@ -289,14 +286,10 @@ def test_profile_fused_share(benchmark, monkeypatch, kind):
     benchmark.extra_info.update(info)
 
 
-_TRAIN_MEMORY_SCRIPT = textwrap.dedent("""
+_TRAIN_MEMORY_SCRIPT = PEAK_MIB_SOURCE + textwrap.dedent("""
     import json, sys, time, torch
     sys.path.insert(0, sys.argv[4])
     from bench_model import train_step_fn
-
-    def peak_mib():  # VmHWM: this process's peak resident set
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
     preset, batch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(threads)
@@ -320,12 +313,9 @@ def test_train_peak_memory(benchmark):
     preset, batch = ("dito-tiny", 2) if smoke else ("dito-S", 8)
     result = {}
     for name, keep in (("kept", "1"), ("recomputed", "0")):
-        env = os.environ | {"DITO_FAST_WINOGRAD_KEEP_FILTER": keep}
-        proc = subprocess.run([sys.executable, "-c", _TRAIN_MEMORY_SCRIPT, preset, str(batch),
-                               str(torch.get_num_threads()), os.path.dirname(os.path.abspath(__file__))],
-                              capture_output=True, text=True, env=env, timeout=1800)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        result[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        result[name] = run_child(_TRAIN_MEMORY_SCRIPT, preset, batch, torch.get_num_threads(),
+                                 os.path.dirname(os.path.abspath(__file__)),
+                                 env={"DITO_FAST_WINOGRAD_KEEP_FILTER": keep})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     benchmark.extra_info.update({"preset": preset, "batch": batch, "image_size": SIZE,
                                  **{f"{k}_{field}": v[field] for k, v in result.items() for field in v}})

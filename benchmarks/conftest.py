@@ -10,7 +10,10 @@ kernels without those faults; DITO_BENCH_REUSE_MEMORY=0 times cold allocations i
 the two runs to see the faults' share).
 """
 
+import json
 import os
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -46,3 +49,21 @@ def interleaved_medians(fns: dict, rounds: int, before: Callable | None = None) 
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+# For scripts run by run_child: this process's peak resident set (VmHWM; ru_maxrss would include
+# the parent's before exec).
+PEAK_MIB_SOURCE = """
+def peak_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+"""
+
+
+def run_child(script: str, *args, env: dict | None = None, timeout: float = 1800) -> dict:
+    """Run ``script`` in a fresh interpreter (this process's environment, updated with ``env``)
+    and return the JSON object it prints last."""
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                          env=os.environ | (env or {}), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
