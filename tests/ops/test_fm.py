@@ -79,6 +79,30 @@ def test_noncontiguous_and_channels_last_inputs():
 
 
 @needs_cpp
+@pytest.mark.parametrize("t_dtype", [torch.float64, torch.bfloat16])
+def test_strided_per_sample_inputs(t_dtype):
+    """t and the loss's upstream gradient are read in their own dtype and stride (no conversion op):
+    a strided t of another dtype than x, and a strided gradient, give the reference's values."""
+    x, e, t = _draw((3, 3, 9, 10), torch.float32)
+    ts = torch.stack([t, 1 - t], dim=1).to(t_dtype)[:, 0]  # stride 2
+    assert ts.stride() == (2,)
+    x, e = x.requires_grad_(), e.requires_grad_()
+    xt, v = fm_noise(x, e, ts, backend="cpp")
+    xr, vr = fm_noise_ref(x.detach().double(), e.detach().double(), ts.double())
+    assert_close_to_ref(xt, xr, torch.float32)
+    assert_close_to_ref(v, vr, torch.float32)
+    gxt = torch.randn_like(xt)
+    gx, ge = torch.autograd.grad((xt,), (x, e), (gxt,))
+    assert_close_to_ref(gx, gxt.double() * (1 - ts.double()).view(-1, 1, 1, 1), torch.float32)
+    assert_close_to_ref(ge, gxt.double() * (1e-5 + ts.double() * (1 - 1e-5)).view(-1, 1, 1, 1), torch.float32)
+    p = x.detach().clone().requires_grad_()
+    w = torch.tensor([[0.5, 9.0], [-2.0, 9.0], [3.0, 9.0]])[:, 0]  # a strided upstream gradient
+    (gp,) = torch.autograd.grad((fm_loss(p, e.detach(), backend="cpp"),), (p,), (w,))
+    ref = 2 * (p.detach().double() - e.detach().double()) / p[0].numel() * w.double().view(-1, 1, 1, 1)
+    assert_close_to_ref(gp, ref, torch.float32)
+
+
+@needs_cpp
 def test_fm_loss_independent_of_threads():
     p, y, _ = _draw((1, 3, 256, 256), torch.float32)
     before = torch.get_num_threads()

@@ -44,6 +44,7 @@ inline const at::Tensor& check_fm_noise_backward(const std::optional<at::Tensor>
   TORCH_CHECK(like.dim() >= 1 && like.size(0) > 0, op, ": gradients must have a non-empty batch dimension, got shape ",
               like.sizes());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0), op, ": t must have shape (", like.size(0), "), got ", t.sizes());
+  check_floating(t, op, "t");
   return like;
 }
 

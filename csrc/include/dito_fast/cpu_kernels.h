@@ -14,17 +14,17 @@
 
 #define DITO_FAST_DECLARE_CPU_KERNELS(CAP)                                                            \
   namespace CAP {                                                                                     \
-  /* x, noise, x_t, v: (B, N) contiguous; t: (B,) double (per-sample times). */                        \
+  /* x, noise, x_t, v: (B, N) contiguous; t: (B,) floating, any stride (per-sample times). */         \
   void fm_noise_kernel(const at::TensorBase& x, const at::TensorBase& noise, const at::TensorBase& t, \
                        double sigma_min, const at::TensorBase& x_t, const at::TensorBase& v);          \
   /* grad_xt, grad_v (either may be undefined, not both), grad_x, grad_noise: (B, N) contiguous,  \
-     one dtype; t: (B,) double. */                                                                   \
+     one dtype; t: (B,) floating, any stride. */                                                     \
   void fm_noise_backward_kernel(const at::TensorBase& grad_xt, const at::TensorBase& grad_v,         \
                                 const at::TensorBase& t, double sigma_min, const at::TensorBase& grad_x, \
                                 const at::TensorBase& grad_noise);                                    \
   /* pred, target: (B, N) contiguous; loss: (B,) float32 or float64. */                               \
   void fm_loss_kernel(const at::TensorBase& pred, const at::TensorBase& target, const at::TensorBase& loss); \
-  /* grad: (B,) like loss; grad_pred: (B, N) like pred. */                                            \
+  /* grad: (B,) floating, any stride; grad_pred: (B, N) like pred. */                                 \
   void fm_loss_backward_kernel(const at::TensorBase& grad, const at::TensorBase& pred,                \
                                const at::TensorBase& target, const at::TensorBase& grad_pred);        \
   /* z, y: (B, N) dense per sample; rstd: (B,) opmath. */                                             \

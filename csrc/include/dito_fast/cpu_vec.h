@@ -5,12 +5,15 @@
 // Only this header and the kernel units depend on CPU_CAPABILITY.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/TensorBase.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 namespace dito_fast {
 namespace cpu {
@@ -25,6 +28,25 @@ using Vec = at::vec::Vectorized<T>;
 constexpr int64_t kMinParallelValues = 32768;
 inline int64_t grain_for(int64_t values_per_task) {
   return std::max<int64_t>(1, kMinParallelValues / std::max<int64_t>(values_per_task, 1));
+}
+
+// Kernels that run a compute-heavy pass over cached data (the second pass of a norm) request the
+// next block's lines meanwhile, so its memory-bound first pass finds them in L2 instead of waiting
+// on DRAM: the two overlap rather than alternate. Blocks larger than this are left to the hardware
+// prefetcher (prefetching them would evict the block being worked on from a 1-2 MiB L2).
+constexpr int64_t kPrefetchMaxBytes = 256 << 10;
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+
+// The values of a 1-d floating tensor (any dtype, any stride), in double: per-sample scalars such as
+// t or a loss gradient, read directly rather than through a conversion op per call.
+inline std::vector<double> per_sample_doubles(const at::TensorBase& t) {
+  std::vector<double> out(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "per_sample_doubles", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t stride = t.numel() > 1 ? t.stride(0) : 1;
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[static_cast<int64_t>(i) * stride]);
+  });
+  return out;
 }
 
 // Load Vec<acc_t>::size() values (or the first n, the rest zero) starting at p.
@@ -78,30 +100,38 @@ inline double hsum(const Vec<acc_t>& v) {
 
 // Shifted moments of n values at p: s1 += sum(x - k), s2 += sum((x - k)^2). Vector lanes
 // accumulate at most kBlock values each in acc_t before being added in double, which keeps
-// float32 sums accurate for planes of any size.
+// float32 sums accurate for planes of any size. Four independent accumulator pairs: one pair is a
+// chain of dependent adds (4 cycles each), which made the statistics pass latency-bound.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void shifted_moments(const scalar_t* p, int64_t n, acc_t k, double& s1, double& s2) {
-  constexpr int64_t V = Vec<acc_t>::size();
+  constexpr int64_t V = Vec<acc_t>::size(), kU = 4;
   constexpr int64_t kBlock = 256 * V;
   const Vec<acc_t> kv(k);
   int64_t i = 0;
   while (i < n) {
     const int64_t end = std::min(n, i + kBlock);
-    Vec<acc_t> a1(0), a2(0);
+    Vec<acc_t> a1[kU], a2[kU];
+    for (int64_t u = 0; u < kU; ++u) a1[u] = a2[u] = Vec<acc_t>(0);
+    for (; i + kU * V <= end; i += kU * V)
+      for (int64_t u = 0; u < kU; ++u) {
+        const Vec<acc_t> d = vload<acc_t>(p + i + u * V) - kv;
+        a1[u] = a1[u] + d;
+        a2[u] = at::vec::fmadd(d, d, a2[u]);
+      }
     for (; i + V <= end; i += V) {
-      Vec<acc_t> d = vload<acc_t>(p + i) - kv;
-      a1 = a1 + d;
-      a2 = at::vec::fmadd(d, d, a2);
+      const Vec<acc_t> d = vload<acc_t>(p + i) - kv;
+      a1[0] = a1[0] + d;
+      a2[0] = at::vec::fmadd(d, d, a2[0]);
     }
     if (i < end) {  // tail: zero lanes must not contribute (x - k) for absent x
       const int64_t r = end - i;
-      Vec<acc_t> d = Vec<acc_t>::set(Vec<acc_t>(0), vload<acc_t>(p + i, r) - kv, r);
-      a1 = a1 + d;
-      a2 = at::vec::fmadd(d, d, a2);
+      const Vec<acc_t> d = Vec<acc_t>::set(Vec<acc_t>(0), vload<acc_t>(p + i, r) - kv, r);
+      a1[1] = a1[1] + d;
+      a2[1] = at::vec::fmadd(d, d, a2[1]);
       i = end;
     }
-    s1 += hsum(a1);
-    s2 += hsum(a2);
+    s1 += hsum((a1[0] + a1[1]) + (a1[2] + a1[3]));
+    s2 += hsum((a2[0] + a2[1]) + (a2[2] + a2[3]));
   }
 }
 

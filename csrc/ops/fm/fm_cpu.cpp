@@ -18,10 +18,10 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cpu(const at::Tensor& x, const at::T
   TORCH_CHECK(x.dim() >= 1 && x.size(0) > 0, op, ": x must have a non-empty batch dimension, got shape ", x.sizes());
   TORCH_CHECK(noise.sizes() == x.sizes(), op, ": x ", x.sizes(), " and noise ", noise.sizes(), " differ in shape");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": t must have shape (", x.size(0), "), got ", t.sizes());
+  check_floating(t, op, "t");
   const auto xc = x.contiguous(), nc = noise.contiguous();
-  const auto td = t.to(at::kDouble).contiguous();
   auto x_t = at::empty_like(xc), v = at::empty_like(xc);
-  DITO_CPU_CALL(fm_noise_kernel, xc, nc, td, sigma_min, x_t, v);
+  DITO_CPU_CALL(fm_noise_kernel, xc, nc, t, sigma_min, x_t, v);
   return {x_t, v};
 }
 
@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_backward_cpu(const std::optional<at:
   const auto g = has_v ? grad_v->contiguous() : at::Tensor();
   auto grad_x = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
   auto grad_noise = at::empty_like(grad_x);
-  DITO_CPU_CALL(fm_noise_backward_kernel, a, g, t.to(at::kDouble).contiguous(), sigma_min, grad_x, grad_noise);
+  DITO_CPU_CALL(fm_noise_backward_kernel, a, g, t, sigma_min, grad_x, grad_noise);
   return {grad_x, grad_noise};
 }
 
@@ -55,9 +55,10 @@ at::Tensor fm_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, 
   constexpr const char* op = "fm_loss_backward";
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == pred.size(0), op, ": grad must have shape (", pred.size(0), "), got ", grad.sizes());
   TORCH_CHECK(target.sizes() == pred.sizes() && target.scalar_type() == pred.scalar_type(), op, ": pred and target must match");
+  check_floating(grad, op, "grad");
   const auto pc = pred.contiguous();
   auto out = at::empty_like(pc);
-  DITO_CPU_CALL(fm_loss_backward_kernel, grad.to(at::kDouble).contiguous(), pc, target.contiguous(), out);
+  DITO_CPU_CALL(fm_loss_backward_kernel, grad, pc, target.contiguous(), out);
   return out;
 }
 

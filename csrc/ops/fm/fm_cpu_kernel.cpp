@@ -36,7 +36,8 @@ void fm_noise_kernel(const at::TensorBase& x, const at::TensorBase& noise, const
     constexpr int64_t V = Vec<acc_t>::size();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* ep = noise.const_data_ptr<scalar_t>();
-    const double* tp = t.const_data_ptr<double>();
+    const auto tv = per_sample_doubles(t);
+    const double* tp = tv.data();
     scalar_t* xtp = x_t.mutable_data_ptr<scalar_t>();
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * N, kMinParallelValues, [&](int64_t begin, int64_t end) {
@@ -93,7 +94,8 @@ void fm_noise_backward_kernel(const at::TensorBase& grad_xt, const at::TensorBas
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "fm_noise_backward_cpu", [&] {
     const scalar_t* a = grad_xt.defined() ? grad_xt.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = grad_v.defined() ? grad_v.const_data_ptr<scalar_t>() : nullptr;
-    const double* tp = t.const_data_ptr<double>();
+    const auto tv = per_sample_doubles(t);
+    const double* tp = tv.data();
     scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* ge = grad_noise.mutable_data_ptr<scalar_t>();
     if (a && g) fm_noise_backward_impl<true, true>(a, g, tp, sigma_min, gx, ge, B, N);
@@ -156,7 +158,8 @@ void fm_loss_backward_kernel(const at::TensorBase& grad, const at::TensorBase& p
     constexpr int64_t V = Vec<acc_t>::size();
     const scalar_t* pp = pred.const_data_ptr<scalar_t>();
     const scalar_t* yp = target.const_data_ptr<scalar_t>();
-    const double* gp = grad.const_data_ptr<double>();
+    const auto gv = per_sample_doubles(grad);
+    const double* gp = gv.data();
     scalar_t* op = grad_pred.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * N, kMinParallelValues, [&](int64_t begin, int64_t end) {
       for_sample_ranges(begin, end, N, [&](int64_t b, int64_t i0, int64_t i1) {

@@ -26,37 +26,45 @@ namespace CPU_CAPABILITY {
 
 namespace {
 
-// Optional per-channel / per-(sample, channel) parameters, read in acc_t with defaults.
+// Optional per-channel / per-(sample, channel) parameters as acc_t arrays (contiguous tensors): the
+// tensor's own data when it already has that type, else a converted copy; an absent one reads as
+// its default (w 1, b 0, s 0, sh 0).
 template <typename acc_t>
-struct Params {
-  std::vector<acc_t> w, b, s, sh;  // (C,), (C,), (B*C,), (B*C,)
-  bool has_w = false, has_b = false, has_s = false, has_sh = false;
+class Params {
+ public:
+  Params(const at::TensorBase& weight, const at::TensorBase& bias, const at::TensorBase& scale,
+         const at::TensorBase& shift, int64_t B, int64_t C)
+      : w(view(weight, C, acc_t(1), own_[0])),
+        b(view(bias, C, acc_t(0), own_[1])),
+        s(view(scale, B * C, acc_t(0), own_[2])),
+        sh(view(shift, B * C, acc_t(0), own_[3])) {}
+  Params(const Params&) = delete;  // the pointers may point into own_
+  Params& operator=(const Params&) = delete;
+
+ private:
+  std::vector<acc_t> own_[4];
+
+ public:
+  const acc_t* const w;   // (C,)
+  const acc_t* const b;   // (C,)
+  const acc_t* const s;   // (B * C,)
+  const acc_t* const sh;  // (B * C,)
+
+ private:
+  static const acc_t* view(const at::TensorBase& t, int64_t n, acc_t fill, std::vector<acc_t>& own) {
+    if (t.defined() && t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value) return t.const_data_ptr<acc_t>();
+    if (!t.defined()) {
+      own.assign(n, fill);
+      return own.data();
+    }
+    own.resize(n);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "gnms_param", [&] {
+      const scalar_t* p = t.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) own[i] = static_cast<acc_t>(p[i]);
+    });
+    return own.data();
+  }
 };
-
-template <typename acc_t>
-std::vector<acc_t> to_acc(const at::TensorBase& t) {
-  std::vector<acc_t> out(t.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "gnms_param", [&] {
-    const scalar_t* p = t.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<acc_t>(p[i]);
-  });
-  return out;
-}
-
-template <typename acc_t>
-Params<acc_t> read_params(const at::TensorBase& weight, const at::TensorBase& bias, const at::TensorBase& scale,
-                          const at::TensorBase& shift, int64_t B, int64_t C) {
-  Params<acc_t> p;
-  p.has_w = weight.defined();
-  p.has_b = bias.defined();
-  p.has_s = scale.defined();
-  p.has_sh = shift.defined();
-  p.w = p.has_w ? to_acc<acc_t>(weight) : std::vector<acc_t>(C, acc_t(1));
-  p.b = p.has_b ? to_acc<acc_t>(bias) : std::vector<acc_t>(C, acc_t(0));
-  p.s = p.has_s ? to_acc<acc_t>(scale) : std::vector<acc_t>(B * C, acc_t(0));
-  p.sh = p.has_sh ? to_acc<acc_t>(shift) : std::vector<acc_t>(B * C, acc_t(0));
-  return p;
-}
 
 template <typename acc_t, bool kSilu>
 inline Vec<acc_t> activate(const Vec<acc_t>& a) {
@@ -85,7 +93,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
                   at::opmath_type<scalar_t>* rstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
-  const int64_t Cg = C / G;
+  const int64_t Cg = C / G, group_bytes = Cg * HW * static_cast<int64_t>(sizeof(scalar_t));
   at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G, c0 = g * Cg;
@@ -97,14 +105,20 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), k, eps, mean, rstd);
       mean_out[bg] = static_cast<acc_t>(mean);
       rstd_out[bg] = static_cast<acc_t>(rstd);
+      // While this group is normalised, the next one's lines come into L2 (its own x if none).
+      const int64_t ahead = bg + 1 < end && group_bytes <= kPrefetchMaxBytes ? Cg * HW : 0;
       for (int64_t c = c0; c < c0 + Cg; ++c) {
         const auto cf = math::gnms_coef<acc_t>(mean, rstd, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
         const Vec<acc_t> al(cf.alpha), be(cf.beta);
         const int64_t hw = HW;  // a local: the vector stores may alias any memory (see backward_nchw)
         const scalar_t* const xp = x + (b * C + c) * hw;
+        const scalar_t* const pf = xp + ahead;
         scalar_t* const yp = y + (b * C + c) * hw;
         int64_t i = 0;
-        for (; i + V <= hw; i += V) vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i), al, be)));
+        for (; i + V <= hw; i += V) {
+          prefetch_l2(pf + i);
+          vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i), al, be)));
+        }
         if (i < hw) vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i, hw - i), al, be)), hw - i);
       }
     }
@@ -163,10 +177,12 @@ inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double
 // larger ones, or fewer samples, split their rows over tasks in two parallel passes.
 constexpr int64_t kFusedSampleBytes = 1 << 20;
 
-// The two channels_last passes, shared by the forward and the backward. sums(b, r0, r1, s1, s2)
-// adds the per-channel sums of rows [r0, r1) of sample b into s1, s2 (C each); finish(b, s1, s2)
-// turns sample b's sums into its coefficients; apply(b, r0, r1) is the second pass. S1, S2 (B * C,
-// zero) receive every sample's sums, added chunk by chunk in row order on either path.
+// The two channels_last passes, shared by the forward and the backward. sums(b, r0, r1, s1, s2,
+// ahead) adds the per-channel sums of rows [r0, r1) of sample b into s1, s2 (C each); finish(b, s1,
+// s2) turns sample b's sums into its coefficients; apply(b, r0, r1, ahead) is the second pass. S1,
+// S2 (B * C, zero) receive every sample's sums, added chunk by chunk in row order on either path.
+// ahead: the offset, in values, from the rows at hand to the rows the same task takes next (0 when
+// there are none or they are too large to prefetch); the compute-heavy pass prefetches there.
 template <typename Sums, typename Finish, typename Apply>
 void nhwc_passes(int64_t B, int64_t C, int64_t HW, int64_t sample_bytes, double* S1, double* S2, const Sums& sums,
                  const Finish& finish, const Apply& apply) {
@@ -174,9 +190,10 @@ void nhwc_passes(int64_t B, int64_t C, int64_t HW, int64_t sample_bytes, double*
   if (B >= at::get_num_threads() && sample_bytes <= kFusedSampleBytes) {
     at::parallel_for(0, B, grain_for(HW * C), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), S1 + b * C, S2 + b * C);
+        const int64_t ahead = b + 1 < end && sample_bytes <= kPrefetchMaxBytes ? HW * C : 0;
+        for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), S1 + b * C, S2 + b * C, ahead);
         finish(b, S1 + b * C, S2 + b * C);
-        apply(b, 0, HW);
+        apply(b, 0, HW, ahead);
       }
     });
     return;
@@ -184,8 +201,9 @@ void nhwc_passes(int64_t B, int64_t C, int64_t HW, int64_t sample_bytes, double*
   std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
   at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
-      sums(b, r0, std::min(HW, r0 + R), p1.data() + task * C, p2.data() + task * C);
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
+      // the next task's rows follow these in memory, also across samples
+      sums(b, r0, r1, p1.data() + task * C, p2.data() + task * C, task + 1 < end ? (r1 - r0) * C : 0);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
@@ -198,8 +216,8 @@ void nhwc_passes(int64_t B, int64_t C, int64_t HW, int64_t sample_bytes, double*
   }
   at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, r0 = (task % nchunk) * R;
-      apply(b, r0, std::min(HW, r0 + R));
+      const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
+      apply(b, r0, r1, task + 1 < end ? (r1 - r0) * C : 0);
     }
   });
 }
@@ -217,7 +235,7 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
     for (int64_t c = 0; c < C; ++c) kc[b * C + c] = static_cast<acc_t>(x[b * HW * C + (c / Cg) * Cg]);
   std::vector<acc_t> alpha(B * C), beta(B * C);
   // Shifted per-channel sums of rows [r0, r1) of sample b, added into s1, s2 (C each).
-  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2) {
+  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2, int64_t /*ahead: streamed*/) {
     const scalar_t* xb = x + b * HW * C;
     const acc_t* kb = kc.data() + b * C;
     channel_sums<acc_t>(r0, r1, C, s1, s2, [xb, kb, C](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
@@ -246,16 +264,19 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       }
     }
   };
-  auto normalize = [&](int64_t b, int64_t r0, int64_t r1) {
+  auto normalize = [&](int64_t b, int64_t r0, int64_t r1, int64_t ahead) {
     const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
     const acc_t* const al = alpha.data() + b * nc;
     const acc_t* const be = beta.data() + b * nc;
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* const xp = x + (b * hw + r) * nc;
+      const scalar_t* const pf = xp + ahead;
       scalar_t* const yp = y + (b * hw + r) * nc;
       int64_t c = 0;
-      for (; c + V <= nc; c += V)
+      for (; c + V <= nc; c += V) {
+        prefetch_l2(pf + c);
         vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c), Vec<acc_t>::loadu(al + c), Vec<acc_t>::loadu(be + c))));
+      }
       if (c < nc)
         vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c, nc - c), Vec<acc_t>::loadu(al + c, nc - c), Vec<acc_t>::loadu(be + c, nc - c))), nc - c);
     }
@@ -323,12 +344,14 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
                    const at::TensorBase& gs, const at::TensorBase& gsh) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
-  const int64_t Cg = C / G;
+  const int64_t Cg = C / G, group_bytes = Cg * HW * static_cast<int64_t>(sizeof(scalar_t));
   std::vector<double> S1(B * C), S2(B * C);
   std::vector<acc_t> k1(B * C), k2(B * C), k3(B * C);
   at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
+      // Pass 1 (SiLU' per value) prefetches the next group's x and dy.
+      const int64_t ahead = bg + 1 < end && group_bytes <= kPrefetchMaxBytes ? Cg * HW : 0;
       const acc_t m = mean[bg], r = rstd[bg];
       const Vec<acc_t> mv(m), rv(r);
       // Pass 1: per-channel sums S1 = sum da, S2 = sum da xhat. Everything the loops read is a
@@ -343,6 +366,8 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
         scalar_t* const dp = dx + bc * hw;
         Vec<acc_t> a1(0), a2(0);
         auto step = [&](int64_t i, int64_t n) {
+          prefetch_l2(xp + ahead + i);
+          prefetch_l2(gp + ahead + i);
           const auto xv = vload<acc_t>(xp + i, n);
           auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
           if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dp + i, da, n);
@@ -412,7 +437,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   // Pass 1 over rows [r0, r1) of sample b: per-channel sums of da and da xhat added into s1, s2
   // (C each), da kept in dx where exact. Captures by value: the vector stores may alias any memory
   // (see backward_nchw).
-  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2) {
+  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2, int64_t ahead) {
     const int64_t nc = C;
     const scalar_t* const xb = x + b * HW * nc;
     const scalar_t* const gb_ = dy + b * HW * nc;
@@ -420,6 +445,8 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
     const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *mm = mc.data() + b * nc,
                 *rr = rc.data() + b * nc;
     channel_sums<acc_t>(r0, r1, nc, s1, s2, [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
+      prefetch_l2(xb + ahead + r * nc + c);
+      prefetch_l2(gb_ + ahead + r * nc + c);
       auto xv = vload<acc_t>(xb + r * nc + c, n);
       auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
       auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * nc + c, n));
@@ -436,7 +463,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   };
   // Pass 2 over rows [r0, r1) of sample b, last row first: after a one-task-per-sample pass 1 the
   // last rows are the ones still in cache.
-  auto apply = [&](int64_t b, int64_t r0, int64_t r1) {
+  auto apply = [&](int64_t b, int64_t r0, int64_t r1, int64_t /*ahead: prefetched by pass 1*/) {
     const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
     const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *k1 = c1.data() + b * nc,
                 *k2 = c2.data() + b * nc, *k3 = c3.data() + b * nc;
@@ -476,7 +503,7 @@ void gnms_kernel(const at::TensorBase& x, int64_t groups, const at::TensorBase& 
   const bool nhwc = is_channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gnms_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto P = read_params<acc_t>(weight, bias, scale, shift, B, C);
+    const Params<acc_t> P(weight, bias, scale, shift, B, C);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
@@ -501,7 +528,7 @@ void gnms_backward_kernel(const at::TensorBase& grad_y, const at::TensorBase& x,
   const bool nhwc = is_channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gnms_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto P = read_params<acc_t>(weight, bias, scale, shift, B, C);
+    const Params<acc_t> P(weight, bias, scale, shift, B, C);
     const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = grad_x.mutable_data_ptr<scalar_t>();
