@@ -131,11 +131,12 @@ inline int64_t rows_per_chunk(int64_t HW, int64_t C) {
   return std::min(HW, target);
 }
 
-// Per-channel sums over rows [r0, r1) of row_terms(r, c, n, t1, t2) (the terms of channels c..c+n
-// of row r, zero beyond n), accumulated in acc_t and added into out1/out2 (double). Channels go in
-// blocks of kU vectors whose sums stay in registers across the rows (a store-free inner loop).
+// Per-channel sums over rows [r0, r1), accumulated in acc_t and added into out1/out2 (double):
+// accumulate(r, c, n, a1, a2) adds the two terms of channels c..c+n of row r (zero beyond n) into
+// the running sums a1, a2 (an FMA where a term is a product). Channels go in blocks of kU vectors
+// whose sums stay in registers across the rows (a store-free inner loop).
 template <typename acc_t, typename RowFn>
-inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double* out2, const RowFn& row_terms) {
+inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double* out2, const RowFn& accumulate) {
   constexpr int64_t V = Vec<acc_t>::size(), kU = 4;
   auto flush = [&](const Vec<acc_t>& a1, const Vec<acc_t>& a2, int64_t c, int64_t n) {
     alignas(64) acc_t b1[V], b2[V];
@@ -151,23 +152,13 @@ inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double
     Vec<acc_t> a1[kU], a2[kU];
     for (int64_t u = 0; u < kU; ++u) a1[u] = a2[u] = Vec<acc_t>(0);
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t u = 0; u < kU; ++u) {
-        Vec<acc_t> t1, t2;
-        row_terms(r, c0 + u * V, V, t1, t2);
-        a1[u] = a1[u] + t1;
-        a2[u] = a2[u] + t2;
-      }
+      for (int64_t u = 0; u < kU; ++u) accumulate(r, c0 + u * V, V, a1[u], a2[u]);
     for (int64_t u = 0; u < kU; ++u) flush(a1[u], a2[u], c0 + u * V, V);
   }
   for (int64_t c = c0; c < C; c += V) {
     const int64_t n = std::min<int64_t>(V, C - c);
     Vec<acc_t> a1(0), a2(0);
-    for (int64_t r = r0; r < r1; ++r) {
-      Vec<acc_t> t1, t2;
-      row_terms(r, c, n, t1, t2);
-      a1 = a1 + t1;
-      a2 = a2 + t2;
-    }
+    for (int64_t r = r0; r < r1; ++r) accumulate(r, c, n, a1, a2);
     flush(a1, a2, c, n);
   }
 }
@@ -181,8 +172,9 @@ constexpr int64_t kFusedSampleBytes = 1 << 20;
 // ahead) adds the per-channel sums of rows [r0, r1) of sample b into s1, s2 (C each); finish(b, s1,
 // s2) turns sample b's sums into its coefficients; apply(b, r0, r1, ahead) is the second pass. S1,
 // S2 (B * C, zero) receive every sample's sums, added chunk by chunk in row order on either path.
-// ahead: the offset, in values, from the rows at hand to the rows the same task takes next (0 when
-// there are none or they are too large to prefetch); the compute-heavy pass prefetches there.
+// ahead: the offset, in values, from the rows at hand to the rows the same thread takes next (0
+// when there are none or they are too large to prefetch); the compute-heavy pass prefetches there.
+// apply goes through its rows last first (see the second parallel pass below).
 template <typename Sums, typename Finish, typename Apply>
 void nhwc_passes(int64_t B, int64_t C, int64_t HW, int64_t sample_bytes, double* S1, double* S2, const Sums& sums,
                  const Finish& finish, const Apply& apply) {
@@ -214,10 +206,13 @@ void nhwc_passes(int64_t B, int64_t C, int64_t HW, int64_t sample_bytes, double*
       }
     finish(b, S1 + b * C, S2 + b * C);
   }
+  // The second pass takes each thread's tasks (the same range as in the first: at::parallel_for
+  // splits a range alike every time) last first, so it starts on the rows still in this core's cache.
+  const auto first_row = [&](int64_t task) { return (task / nchunk) * HW + (task % nchunk) * R; };
   at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = end - 1; task >= begin; --task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
-      apply(b, r0, r1, task + 1 < end ? (r1 - r0) * C : 0);
+      apply(b, r0, r1, task > begin ? (first_row(task - 1) - first_row(task)) * C : 0);
     }
   });
 }
@@ -238,11 +233,11 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
   auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2, int64_t /*ahead: streamed*/) {
     const scalar_t* xb = x + b * HW * C;
     const acc_t* kb = kc.data() + b * C;
-    channel_sums<acc_t>(r0, r1, C, s1, s2, [xb, kb, C](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
+    channel_sums<acc_t>(r0, r1, C, s1, s2, [xb, kb, C](int64_t r, int64_t c, int64_t n, Vec<acc_t>& a1, Vec<acc_t>& a2) {
       Vec<acc_t> d = vload<acc_t>(xb + r * C + c, n) - vload<acc_t>(kb + c, n);
       if (n < V) d = Vec<acc_t>::set(Vec<acc_t>(0), d, n);
-      t1 = d;
-      t2 = d * d;
+      a1 = a1 + d;
+      a2 = at::vec::fmadd(d, d, a2);
     });
   };
   // Group statistics and the folded coefficients of sample b from its per-channel sums.
@@ -268,7 +263,7 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
     const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
     const acc_t* const al = alpha.data() + b * nc;
     const acc_t* const be = beta.data() + b * nc;
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = r1 - 1; r >= r0; --r) {  // last row first: those are still in cache
       const scalar_t* const xp = x + (b * hw + r) * nc;
       const scalar_t* const pf = xp + ahead;
       scalar_t* const yp = y + (b * hw + r) * nc;
@@ -444,7 +439,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
     scalar_t* const db = dx + b * HW * nc;
     const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *mm = mc.data() + b * nc,
                 *rr = rc.data() + b * nc;
-    channel_sums<acc_t>(r0, r1, nc, s1, s2, [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& t1, Vec<acc_t>& t2) {
+    channel_sums<acc_t>(r0, r1, nc, s1, s2, [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& a1, Vec<acc_t>& a2) {
       prefetch_l2(xb + ahead + r * nc + c);
       prefetch_l2(gb_ + ahead + r * nc + c);
       auto xv = vload<acc_t>(xb + r * nc + c, n);
@@ -452,8 +447,8 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * nc + c, n));
       if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(db + r * nc + c, da, n);
       if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
-      t1 = da;
-      t2 = da * ((xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n));
+      a1 = a1 + da;
+      a2 = at::vec::fmadd(da, (xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n), a2);
     });
   };
   auto grad_coefs = [&](int64_t b, const double*, const double*) {  // reads S1, S2 by sample
