@@ -31,10 +31,23 @@ inline int64_t grain_for(int64_t values_per_task) {
 }
 
 // Kernels that run a compute-heavy pass over cached data (the second pass of a norm) request the
-// next block's lines meanwhile, so its memory-bound first pass finds them in L2 instead of waiting
-// on DRAM: the two overlap rather than alternate. Blocks larger than this are left to the hardware
-// prefetcher (prefetching them would evict the block being worked on from a 1-2 MiB L2).
+// lines of the blocks they take next meanwhile, so the memory-bound first pass of those finds them
+// in L2 instead of waiting on DRAM: the two overlap rather than alternate. Blocks larger than
+// kPrefetchMaxBytes are left to the hardware prefetcher (prefetching them would evict the block
+// being worked on from a 1-2 MiB L2).
 constexpr int64_t kPrefetchMaxBytes = 256 << 10;
+constexpr int64_t kPrefetchMinBytes = 16 << 10;  // how far ahead at least (blocks can be 2 KiB)
+
+// The prefetch offset, in values, for the pass over block k of the equal blocks [.., end) of
+// `block` values each that one task runs in order: one block ahead, or kPrefetchMinBytes if that is
+// further; 0 where that window would leave the task's blocks (they were requested already) or the
+// blocks are too large.
+template <typename scalar_t>
+inline int64_t prefetch_ahead(int64_t k, int64_t end, int64_t block) {
+  if (block * static_cast<int64_t>(sizeof(scalar_t)) > kPrefetchMaxBytes) return 0;
+  const int64_t ahead = std::max<int64_t>(block, kPrefetchMinBytes / static_cast<int64_t>(sizeof(scalar_t)));
+  return (k + 1) * block + ahead <= end * block ? ahead : 0;
+}
 inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 // The values of a 1-d floating tensor (any dtype, any stride), in double: per-sample scalars such as

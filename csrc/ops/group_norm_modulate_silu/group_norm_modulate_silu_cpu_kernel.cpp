@@ -93,7 +93,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
                   at::opmath_type<scalar_t>* rstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
-  const int64_t Cg = C / G, group_bytes = Cg * HW * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t Cg = C / G;
   at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G, c0 = g * Cg;
@@ -106,7 +106,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       mean_out[bg] = static_cast<acc_t>(mean);
       rstd_out[bg] = static_cast<acc_t>(rstd);
       // While this group is normalised, the next one's lines come into L2 (its own x if none).
-      const int64_t ahead = bg + 1 < end && group_bytes <= kPrefetchMaxBytes ? Cg * HW : 0;
+      const int64_t ahead = prefetch_ahead<scalar_t>(bg, end, Cg * HW);
       for (int64_t c = c0; c < c0 + Cg; ++c) {
         const auto cf = math::gnms_coef<acc_t>(mean, rstd, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
         const Vec<acc_t> al(cf.alpha), be(cf.beta);
@@ -175,14 +175,15 @@ constexpr int64_t kFusedSampleBytes = 1 << 20;
 // ahead: the offset, in values, from the rows at hand to the rows the same thread takes next (0
 // when there are none or they are too large to prefetch); the compute-heavy pass prefetches there.
 // apply goes through its rows last first (see the second parallel pass below).
-template <typename Sums, typename Finish, typename Apply>
-void nhwc_passes(int64_t B, int64_t C, int64_t HW, int64_t sample_bytes, double* S1, double* S2, const Sums& sums,
-                 const Finish& finish, const Apply& apply) {
+template <typename scalar_t, typename Sums, typename Finish, typename Apply>
+void nhwc_passes(int64_t B, int64_t C, int64_t HW, double* S1, double* S2, const Sums& sums, const Finish& finish,
+                 const Apply& apply) {
+  const int64_t sample_bytes = HW * C * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t R = rows_per_chunk(HW, C), nchunk = (HW + R - 1) / R;
   if (B >= at::get_num_threads() && sample_bytes <= kFusedSampleBytes) {
     at::parallel_for(0, B, grain_for(HW * C), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t ahead = b + 1 < end && sample_bytes <= kPrefetchMaxBytes ? HW * C : 0;
+        const int64_t ahead = prefetch_ahead<scalar_t>(b, end, HW * C);
         for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), S1 + b * C, S2 + b * C, ahead);
         finish(b, S1 + b * C, S2 + b * C);
         apply(b, 0, HW, ahead);
@@ -277,7 +278,7 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
     }
   };
   std::vector<double> S1(B * C, 0.0), S2(B * C, 0.0);
-  nhwc_passes(B, C, HW, HW * C * static_cast<int64_t>(sizeof(scalar_t)), S1.data(), S2.data(), sums, coefs, normalize);
+  nhwc_passes<scalar_t>(B, C, HW, S1.data(), S2.data(), sums, coefs, normalize);
 }
 
 // dx = da c1 + x c2 + c3 (math::gnms_grad_coef) for the channels of group g of sample b, from their
@@ -339,14 +340,14 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
                    const at::TensorBase& gs, const at::TensorBase& gsh) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
-  const int64_t Cg = C / G, group_bytes = Cg * HW * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t Cg = C / G;
   std::vector<double> S1(B * C), S2(B * C);
   std::vector<acc_t> k1(B * C), k2(B * C), k3(B * C);
   at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
       // Pass 1 (SiLU' per value) prefetches the next group's x and dy.
-      const int64_t ahead = bg + 1 < end && group_bytes <= kPrefetchMaxBytes ? Cg * HW : 0;
+      const int64_t ahead = prefetch_ahead<scalar_t>(bg, end, Cg * HW);
       const acc_t m = mean[bg], r = rstd[bg];
       const Vec<acc_t> mv(m), rv(r);
       // Pass 1: per-channel sums S1 = sum da, S2 = sum da xhat. Everything the loops read is a
@@ -480,8 +481,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       }
     }
   };
-  nhwc_passes(B, C, HW, HW * C * static_cast<int64_t>(sizeof(scalar_t)), S1.data(), S2.data(), sums, grad_coefs,
-              apply);
+  nhwc_passes<scalar_t>(B, C, HW, S1.data(), S2.data(), sums, grad_coefs, apply);
   param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
 }
 
