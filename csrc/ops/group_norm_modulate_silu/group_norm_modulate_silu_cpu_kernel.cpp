@@ -10,7 +10,9 @@
 // from cache (e.g. 4 channels x 64 x 64 fp32 = 64 KiB). channels_last: each row vectorised across
 // channels; one task per sample (up to kFusedSampleBytes, read back from cache) when the samples
 // are enough for the threads, and otherwise tasks over (sample, chunk of rows) with per-chunk
-// partial sums and a second parallel pass.
+// partial sums and a second parallel pass (each thread's rows last first, so it starts on what is
+// still in cache). Either layout: the compute-heavy pass (SiLU forward, SiLU' backward) prefetches
+// the next block into L2 (cpu_vec.h prefetch_ahead).
 #include <ATen/Dispatch.h>
 #include <ATen/core/TensorBase.h>
 
@@ -191,12 +193,23 @@ void nhwc_passes(int64_t B, int64_t C, int64_t HW, double* S1, double* S2, const
     });
     return;
   }
-  std::vector<double> p1(B * nchunk * C, 0.0), p2(B * nchunk * C, 0.0);
+  // Per-chunk partial sums (B * C * C / 8 KiB doubles: 1 MiB for one 128 x 256 x 256 sample), in a
+  // buffer the calling thread keeps up to 4 MiB: allocated afresh, a block of that size is mmap'd
+  // and page-faulted in on every call.
+  const size_t n_partial = static_cast<size_t>(2 * B * nchunk * C);
+  thread_local std::vector<double> kept;
+  std::vector<double> once;
+  std::vector<double>& partial = n_partial * sizeof(double) <= (4u << 20) ? kept : once;
+  if (partial.size() < n_partial) partial.resize(n_partial);
+  double* const p1 = partial.data();
+  double* const p2 = p1 + B * nchunk * C;
   at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
+      std::fill(p1 + task * C, p1 + (task + 1) * C, 0.0);
+      std::fill(p2 + task * C, p2 + (task + 1) * C, 0.0);
       // the next task's rows follow these in memory, also across samples
-      sums(b, r0, r1, p1.data() + task * C, p2.data() + task * C, task + 1 < end ? (r1 - r0) * C : 0);
+      sums(b, r0, r1, p1 + task * C, p2 + task * C, task + 1 < end ? (r1 - r0) * C : 0);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
