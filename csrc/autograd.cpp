@@ -5,7 +5,8 @@
 // input requires grad: no graph node is built) or runs a torch::autograd::Function whose forward
 // redispatches below autograd and whose backward calls the registered backward ops
 // (fm_noise_backward, fm_loss_backward, latent_layernorm_backward,
-// group_norm_modulate_silu_backward). Keeping this in C++ rather than torch.library's Python
+// group_norm_modulate_silu_backward), also below autograd: they have no autograd formulas, and
+// going through the Autograd key would only reach the boxed autograd fallback. Keeping this in C++ rather than torch.library's Python
 // register_autograd removes the Python autograd.Function machinery from every call.
 //
 // Backward formulas are once differentiable: the backward ops have no autograd formulas of their
@@ -114,7 +115,7 @@ struct FmNoise : public torch::autograd::Function<FmNoise> {
     const auto saved = ctx->get_saved_variables();  // t
     const double sigma_min = ctx->saved_data["sigma_min"].toDouble();
     return once_differentiable("fm_noise", grads, saved, [&]() -> variable_list {
-      auto [grad_x, grad_noise] = backward_op.call(opt(grads[0]), opt(grads[1]), saved[0], sigma_min);
+      auto [grad_x, grad_noise] = call_below_autograd(backward_op, opt(grads[0]), opt(grads[1]), saved[0], sigma_min);
       return {grad_x, grad_noise, Tensor(), Tensor()};  // t and sigma_min: not differentiable
     });
   }
@@ -148,7 +149,7 @@ struct FmLoss : public torch::autograd::Function<FmLoss> {
     const auto saved = ctx->get_saved_variables();
     const bool want_pred = ctx->needs_input_grad(0), want_target = ctx->needs_input_grad(1);
     return once_differentiable("fm_loss", grads, saved, [&]() -> variable_list {
-      Tensor g = backward_op.call(grads[0], saved[0], saved[1]);
+      Tensor g = call_below_autograd(backward_op, grads[0], saved[0], saved[1]);
       return {want_pred ? g : Tensor(), want_target ? g.neg() : Tensor()};  // d/dtarget = -d/dpred
     });
   }
@@ -182,7 +183,7 @@ struct LatentLayerNorm : public torch::autograd::Function<LatentLayerNorm> {
     if (!grads[0].defined()) return {Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
     return once_differentiable("latent_layernorm", grads, saved, [&]() -> variable_list {
-      return {backward_op.call(grads[0], saved[0], saved[1]), Tensor()};
+      return {call_below_autograd(backward_op, grads[0], saved[0], saved[1]), Tensor()};
     });
   }
 };
@@ -228,7 +229,8 @@ struct GroupNormModulateSilu : public torch::autograd::Function<GroupNormModulat
     const bool silu = ctx->saved_data["silu"].toBool();
     return once_differentiable("group_norm_modulate_silu", grads, s, [&]() -> variable_list {
       auto [dx, dw, db, ds, dsh] =
-          backward_op.call(grads[0], s[0], s[1], s[2], num_groups, opt(s[3]), opt(s[4]), opt(s[5]), opt(s[6]), silu);
+          call_below_autograd(backward_op, grads[0], s[0], s[1], s[2], num_groups, opt(s[3]), opt(s[4]), opt(s[5]),
+                              opt(s[6]), silu);
       // Absent parameters come back as empty (0,) tensors: no gradient for them.
       auto keep = [](const Tensor& grad, const Tensor& param) { return param.defined() ? grad : Tensor(); };
       return {dx, Tensor(), keep(dw, s[3]), keep(db, s[4]), keep(ds, s[5]), keep(dsh, s[6]), Tensor(), Tensor()};
