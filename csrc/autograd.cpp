@@ -6,8 +6,9 @@
 // redispatches below autograd and whose backward calls the registered backward ops
 // (fm_noise_backward, fm_loss_backward, latent_layernorm_backward,
 // group_norm_modulate_silu_backward), also below autograd: they have no autograd formulas, and
-// going through the Autograd key would only reach the boxed autograd fallback. Keeping this in C++ rather than torch.library's Python
-// register_autograd removes the Python autograd.Function machinery from every call.
+// going through the Autograd key would only reach the boxed autograd fallback. Keeping this in C++
+// rather than torch.library's Python register_autograd removes the Python autograd.Function
+// machinery from every call.
 //
 // Backward formulas are once differentiable: the backward ops have no autograd formulas of their
 // own, so asking for a double backward (create_graph=True with grads or saved tensors that require

@@ -107,7 +107,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), k, eps, mean, rstd);
       mean_out[bg] = static_cast<acc_t>(mean);
       rstd_out[bg] = static_cast<acc_t>(rstd);
-      // While this group is normalised, the next one's lines come into L2 (its own x if none).
+      // While this group is normalised, lines at least one group ahead come into L2 (prefetch_ahead).
       const int64_t ahead = prefetch_ahead<scalar_t>(bg, end, Cg * HW);
       for (int64_t c = c0; c < c0 + Cg; ++c) {
         const auto cf = math::gnms_coef<acc_t>(mean, rstd, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
@@ -193,9 +193,9 @@ void nhwc_passes(int64_t B, int64_t C, int64_t HW, double* S1, double* S2, const
     });
     return;
   }
-  // Per-chunk partial sums (B * C * C / 8 KiB doubles: 1 MiB for one 128 x 256 x 256 sample), in a
-  // buffer the calling thread keeps up to 4 MiB: allocated afresh, a block of that size is mmap'd
-  // and page-faulted in on every call.
+  // Per-chunk partial sums (2 B nchunk C ~ B HW C^2 / 8192 doubles: 1 MiB for one 128 x 256 x 256
+  // sample), in a buffer the calling thread keeps up to 4 MiB: allocated afresh, a block of that
+  // size is mmap'd and page-faulted in on every call.
   const size_t n_partial = static_cast<size_t>(2 * B * nchunk * C);
   thread_local std::vector<double> kept;
   std::vector<double> once;
@@ -359,7 +359,7 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
-      // Pass 1 (SiLU' per value) prefetches the next group's x and dy.
+      // Pass 1 (SiLU' per value) prefetches x and dy at least one group ahead (prefetch_ahead).
       const int64_t ahead = prefetch_ahead<scalar_t>(bg, end, Cg * HW);
       const acc_t m = mean[bg], r = rstd[bg];
       const Vec<acc_t> mv(m), rv(r);
