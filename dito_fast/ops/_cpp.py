@@ -33,10 +33,26 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HAS_CUDA = AVAILABLE and _C.has_cuda()
 
 
+FUNCTORCH_REASON = ("torch.func transforms (grad, vjp, jacrev, vmap, ...) are active; the C++ ops' autograd "
+                    "formulas do not support them")
+
+
+def functorch_reasons() -> list[str]:
+    """[FUNCTORCH_REASON] while torch.func transforms run, else []. The ops' autograd formulas
+    (C++ torch::autograd::Functions; conv3x3's torch.library registration) cannot run under them,
+    so the dispatchers fall back to the reference. torch.compile's tracing is left alone (the
+    check would break its graph)."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return [FUNCTORCH_REASON]
+    return []
+
+
 def unsupported_reasons(*tensors: torch.Tensor | None) -> list[str]:
     """Why the C++ kernels cannot run on these tensors (empty list: they can)."""
     if not AVAILABLE:
         return [f"dito_fast._C is not built ({LOAD_ERROR})"]
+    if functorch := functorch_reasons():
+        return functorch
     # Fast path, taken on every supported call: no reason list is built.
     for t in tensors:
         # is_cpu/is_cuda/is_meta are much cheaper than t.device.type (no device object)

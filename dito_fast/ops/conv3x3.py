@@ -252,6 +252,8 @@ def _winograd_reasons(x: torch.Tensor, weight_dtype: torch.dtype) -> list[str]:
     """Why the Winograd kernels cannot run on x with a weight of this dtype (empty: they can)."""
     if not _cpp.AVAILABLE:
         return [f"dito_fast._C is not built ({_cpp.LOAD_ERROR})"]
+    if functorch := _cpp.functorch_reasons():
+        return functorch
     if not x.is_cpu:  # meta tensors too: FLOP counters must see the convolution itself
         return [f"Winograd kernels are CPU only (x is on {x.device})"]
     reasons = []
