@@ -46,6 +46,26 @@ def test_model_same_outputs_and_gradients_ref_vs_cpp(monkeypatch, images):
 
 
 @needs_cpp
+def test_torch_func_grad_through_the_model(images):
+    """torch.func.grad over the model's loss (functional_call) runs, on the reference ops the
+    dispatchers choose under the transform, and equals loss.backward() on the C++ ops."""
+    torch.manual_seed(0)
+    model = DiTo(micro_model_config()).double().train()
+    x = images.double()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (x,), {"generator": torch.Generator().manual_seed(5)}).mean()
+
+    grads = torch.func.grad(loss)(params)
+    model.zero_grad(set_to_none=True)
+    model(x, generator=torch.Generator().manual_seed(5)).mean().backward()
+    for name, p in model.named_parameters():
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(grads[name], expected, rtol=1e-8, atol=1e-10, msg=name)
+
+
+@needs_cpp
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_cpu_capability_variants_agree(capability):
     """ATEN_CPU_CAPABILITY selects the kernel variant at run time; every variant gives the same
