@@ -182,8 +182,8 @@ def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
 # small next to the layer's GEMMs). Tensors saved under hooks escape autograd's in-place check, so
 # the hooks check the versions themselves: the weight's, and x's. They are left out, and u kept,
 # where other saved-tensor hooks are already active (activation checkpointing, save_on_cpu: only
-# the innermost hooks act, and theirs must), under torch.func transforms (which refuse such hooks)
-# and under torch.compile (its graphs save what they need). DITO_FAST_WINOGRAD_KEEP_FILTER=1 keeps
+# the innermost hooks act, and theirs must) and under torch.compile (its graphs save what they
+# need); under torch.func transforms the cpp backend does not run at all (_cpp.functorch_reasons). DITO_FAST_WINOGRAD_KEEP_FILTER=1 keeps
 # the filters always (memory for one transform per layer; benchmarks/bench_model.py::
 # test_train_peak_memory compares the two).
 _INPLACE_MESSAGE = ("conv3x3: {what} was modified in place between the forward and the backward (version {now}, "
@@ -232,7 +232,6 @@ def _refilter_in_backward(x, u, bias) -> bool:
     return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and (x.requires_grad or u.requires_grad or (bias is not None and bias.requires_grad))
             and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-            and not torch._C._are_functorch_transforms_active()
             and os.environ.get("DITO_FAST_WINOGRAD_KEEP_FILTER", "0") != "1")
 
 
