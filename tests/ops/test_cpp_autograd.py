@@ -122,7 +122,8 @@ def test_fm_noise_backward_under_compile(use):
 
 
 def _func_cases():
-    """(name, f(p) -> scalar, p, f with backend="cpp") for each op with C++ autograd formulas."""
+    """(name, make, p) for each op with C++ autograd formulas: make(backend) is a function of p
+    (an input or the weight) returning a scalar, computed with that backend (None: automatic)."""
     from dito_fast.ops import conv3x3
 
     g = torch.Generator().manual_seed(3)
