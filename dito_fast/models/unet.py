@@ -28,13 +28,42 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
 def upsample_nearest(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Nearest-neighbour upsampling of (B, C, H, W) by an integer factor: the same values as
     F.interpolate(mode="nearest"), as one broadcast copy (4-5x faster than torch's CPU kernel,
-    which also makes an extra contiguous copy). A channels_last input gives a channels_last output."""
+    which also makes an extra contiguous copy). A channels_last input gives a channels_last output.
+
+    Differentiable: the gradient of each input value is the sum over its factor x factor copies,
+    computed as a sum pooling. Autograd's own gradient of the broadcast copy (a sum over the
+    broadcast dimensions of a 6-d view) took 29 ms for a (8, 128, 64, 64) channels_last gradient
+    on the 2-core development machine, the pooling 0.7 ms."""
+    return _UpsampleNearest.apply(x, factor)
+
+
+def _broadcast_upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     B, C, H, W = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    # Under torch.func transforms the NCHW path, which serves any layout (vmap cannot query one).
+    if (not torch._C._are_functorch_transforms_active() and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()):
         y = x.permute(0, 2, 3, 1)  # (B, H, W, C), a contiguous view
         y = y[:, :, None, :, None, :].expand(B, H, factor, W, factor, C).reshape(B, H * factor, W * factor, C)
         return y.permute(0, 3, 1, 2)
     return x[:, :, :, None, :, None].expand(B, C, H, factor, W, factor).reshape(B, C, H * factor, W * factor)
+
+
+class _UpsampleNearest(torch.autograd.Function):
+    generate_vmap_rule = True  # torch.func.vmap: forward and backward are plain torch ops
+
+    @staticmethod
+    def forward(x, factor):
+        return _broadcast_upsample(x, factor)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.factor = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the sum over each factor x factor block, in grad's layout (differentiable again: the
+        # pooling's gradient is an upsampling)
+        return F.avg_pool2d(grad, ctx.factor, divisor_override=1), None
 
 
 class ResBlock(nn.Module):

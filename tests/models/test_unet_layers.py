@@ -23,3 +23,40 @@ def test_upsample_nearest_matches_interpolate_and_keeps_the_layout(channels_last
     upsample_nearest(xg, factor).backward(g)
     expected = F.avg_pool2d(g, factor) * factor**2
     torch.testing.assert_close(xg.grad, expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_nearest_gradcheck_double_backward_and_layout(channels_last):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: upsample_nearest(a, 2), (x,))
+    assert torch.autograd.gradgradcheck(lambda a: upsample_nearest(a, 3), (x,))
+    y = upsample_nearest(x, 2)
+    (grad,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_upsample_nearest_half_gradient(dtype):
+    x = torch.randn(2, 3, 4, 5, dtype=dtype, requires_grad=True)
+    upsample_nearest(x, 2).sum().backward()
+    assert x.grad.dtype == dtype and torch.equal(x.grad, torch.full_like(x, 4))
+
+
+def test_upsample_nearest_under_torch_func():
+    xs = torch.randn(3, 2, 3, 4, 5, dtype=torch.float64)
+    per_sample = torch.func.vmap(lambda a: upsample_nearest(a, 2))(xs)
+    assert torch.equal(per_sample, torch.stack([upsample_nearest(a, 2) for a in xs]))
+    # d/dx sum(up(x)^2) = 2 x * (number of copies)
+    grads = torch.func.vmap(torch.func.grad(lambda a: upsample_nearest(a, 2).pow(2).sum()))(xs)
+    torch.testing.assert_close(grads, 8 * xs)
+
+
+def test_upsample_nearest_compiles_fullgraph():
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = torch.compile(lambda a: upsample_nearest(a, 2), fullgraph=True)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, torch.full_like(x, 4))
