@@ -11,8 +11,9 @@ dito_fast's fused ops.
 ``ops="ref"`` runs the fused ops (fm_noise, fm_loss, latent_layernorm, group_norm_modulate_silu,
 conv3x3) on their eager reference through DITO_FAST_BACKEND; ``ops="fused"`` uses the default
 choice (the C++ kernels when built). Attention uses SDPA in both. The profile benchmark also runs
-the fused ops with the model and inputs channels_last, the layout training and fast_decode use on
-the CPU by default.
+the fused ops with channels_last inputs, the layout training and fast_decode use on the CPU by
+default. The parameters stay in the default layout throughout, as the trainer keeps them
+(``test_optimizer_step_layout``: why).
 
 Run: ``pytest benchmarks/bench_model.py --benchmark-json=bench_model.json`` and
 ``python benchmarks/report.py bench_model.json``; derived figures are in each result's extra_info.
@@ -69,7 +70,9 @@ def _images(batch):
 
 
 def train_step_fn(preset, batch, memory_format=torch.contiguous_format):
-    model = _model(preset).to(memory_format=memory_format).train()
+    """One train step (forward, backward, fused AdamW) of ``preset`` on a batch in
+    ``memory_format``; the parameters keep the default layout, as the trainer keeps them."""
+    model = _model(preset).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = _images(batch).contiguous(memory_format=memory_format)
     gen = torch.Generator().manual_seed(0)
@@ -84,7 +87,7 @@ def train_step_fn(preset, batch, memory_format=torch.contiguous_format):
 
 
 def _decoder_step_fn(preset, batch, memory_format=torch.contiguous_format):
-    model = _model(preset).to(memory_format=memory_format).eval()
+    model = _model(preset).eval()
     x_t = _images(batch).contiguous(memory_format=memory_format)
     t = torch.full((batch,), 0.5)
     z = torch.randn(batch, model.latent_channels, SIZE // 8, SIZE // 8).contiguous(memory_format=memory_format)
@@ -122,13 +125,13 @@ def test_decoder_step(benchmark, monkeypatch, preset, batch, ops):
 
 @pytest.mark.parametrize("kind", ["train_step", "decoder_step"])
 def test_channels_last(benchmark, kind):
-    """dito-S at 64x64, batch 8, fused ops: NCHW vs channels_last (model and inputs), timed in
-    alternation. extra_info: both medians and ``channels_last_speedup``."""
+    """dito-S at 64x64, batch 8, fused ops: NCHW vs channels_last inputs, timed in alternation.
+    extra_info: both medians and ``channels_last_speedup``."""
     rounds = 1 if benchmark.disabled else 7
     preset = "dito-tiny" if benchmark.disabled else "dito-S"
     fns = {}
     for name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        model = _model(preset).to(memory_format=fmt)
+        model = _model(preset)
         x = _images(8).contiguous(memory_format=fmt)
         if kind == "train_step":
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -171,6 +174,28 @@ def test_encode(benchmark, preset):
         return
     benchmark.extra_info.update({"batch": 8, "image_size": SIZE, "images_per_s": 8 / med,
                                  "gflops_per_s": encoder_gflops(model.config, SIZE) * 8 / med})
+
+
+def test_optimizer_step_layout(benchmark):
+    """One fused AdamW step over dito-S's parameters (random gradients), the 4-d parameters
+    contiguous (what the trainer keeps) vs channels_last (``model.to(memory_format=
+    torch.channels_last)``: the fused kernel copies each such parameter, gradient and moment to a
+    contiguous tensor and back), timed in alternation. extra_info: both medians and
+    ``contiguous_speedup``."""
+    rounds = 1 if benchmark.disabled else 15
+    fns = {}
+    for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        model = _model("dito-S").to(memory_format=fmt)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        opt.step()  # creates the moments
+        fns[name] = opt.step
+    med = interleaved_medians(fns, rounds)
+    benchmark.pedantic(fns["contiguous"], rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update({"model": "dito-S", "contiguous_ms": med["contiguous"] * 1e3,
+                                 "channels_last_ms": med["channels_last"] * 1e3,
+                                 "contiguous_speedup": med["channels_last"] / med["contiguous"]})
 
 
 # ---- profile: the share of time the fused ops replace ----------------------------------------
@@ -233,9 +258,9 @@ def _set_backend_env(value):
 @pytest.mark.parametrize("kind", ["train_step", "decoder_step"])
 def test_profile_fused_share(benchmark, monkeypatch, kind):
     """dito-S at 64x64, batch 8: profile with reference ops (NCHW, eager PyTorch) and with fused
-    ops, once with NCHW model and input ("fused_nchw": the models still run their activations
-    channels_last inside on the CPU) and once with channels_last model and input, as training
-    and fast_decode run on the CPU; then time all three in alternation.
+    ops, once with NCHW input ("fused_nchw": the models still run their activations
+    channels_last inside on the CPU) and once with channels_last input, as training and
+    fast_decode run on the CPU; then time all three in alternation.
 
     The ideal: the memory-bound fused ops' share s_norm taking no time and the 3x3 convolutions'
     share s_conv shrinking by the ratio r of multiply-adds the Winograd tiles chosen per layer

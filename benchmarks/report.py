@@ -131,6 +131,13 @@ def main(path: str) -> None:
         print("|---|---:|---:|---:|")
         for e in cl:
             print(f"| {e['kind']} | {e['nchw_ms']:.0f} | {e['channels_last_ms']:.0f} | {e['channels_last_speedup']:.3f}x |")
+    opt = next((r["extra_info"] for r in rows if r["name"].startswith("test_optimizer_step_layout")
+                and "contiguous_ms" in r["extra_info"]), None)
+    if opt:
+        print("\n| fused AdamW step, dito-S parameters (alternated) | contiguous ms | channels_last ms | speed-up |")
+        print("|---|---:|---:|---:|")
+        print(f"| 4-d parameters contiguous vs channels_last | {opt['contiguous_ms']:.1f} | "
+              f"{opt['channels_last_ms']:.1f} | {opt['contiguous_speedup']:.2f}x |")
     model = [r for r in rows if r["name"].startswith(("test_train_step", "test_decoder_step", "test_encode"))]
     if model:
         print("\n| model benchmark | median ms | derived |")

@@ -99,9 +99,10 @@ class DataConfig:
     workers: int = 0  # PyTorch loader: worker processes (0 = in the training process); DALI: CPU threads
     hflip: bool = True
     loader: str = "auto"  # "auto" (DALI when installed and a GPU is present, else PyTorch), "dali", "torch"
-    # image batches NCHW-"contiguous" or "channels_last"; channels_last also puts the model in that
-    # layout for training. "auto": channels_last on the CPU (the Winograd convolutions and fused
-    # norms work NHWC there; README "Fused kernels"), contiguous on CUDA and with FSDP.
+    # image batches NCHW-"contiguous" or "channels_last" (the batches only: the parameters keep the
+    # default layout). "auto": channels_last on the CPU (the Winograd convolutions and fused norms
+    # work NHWC there, and the models convert NCHW input to it; README "Fused kernels"), contiguous
+    # on CUDA.
     memory_format: str = "auto"
     check_files: str = "header"  # screen files before training: "header" (cheap), "decode" (full), "none"
 
@@ -310,9 +311,6 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"data.loader must be auto|dali|torch, got {d.loader!r}")
     if d.memory_format not in ("auto", "contiguous", "channels_last"):
         raise ValueError(f"data.memory_format must be auto|contiguous|channels_last, got {d.memory_format!r}")
-    if d.memory_format == "channels_last" and cfg.train.parallel == "fsdp":
-        raise ValueError("data.memory_format=channels_last (a channels_last model) is not supported with "
-                         "train.parallel=fsdp; use ddp or contiguous")
     if d.check_files not in ("header", "decode", "none"):
         raise ValueError(f"data.check_files must be header|decode|none, got {d.check_files!r}")
     if d.workers < 0 or d.image_size < 1:

@@ -395,12 +395,13 @@ def _clear_frames(exc: BaseException) -> None:
 
 
 def resolve_memory_format(cfg: RunConfig, device: torch.device) -> RunConfig:
-    """``cfg`` with ``data.memory_format="auto"`` made concrete: channels_last on the CPU (dito-S
-    at 64x64 on a 2-core CPU trains 1.4x faster than contiguous with the Winograd convolutions,
-    which work NHWC), contiguous on other devices and with FSDP (which shards flat parameters)."""
+    """``cfg`` with ``data.memory_format="auto"`` made concrete: channels_last batches on the CPU
+    (the models convert NCHW input to channels_last there anyway, for the Winograd convolutions and
+    fused norms, which work NHWC), contiguous on other devices. Only the batches' layout: the
+    parameters stay in the default layout (see _train)."""
     if cfg.data.memory_format != "auto":
         return cfg
-    fmt = "contiguous" if cfg.train.parallel == "fsdp" else data.resolve_memory_format("auto", device)
+    fmt = data.resolve_memory_format("auto", device)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, memory_format=fmt))
 
 
@@ -432,9 +433,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
 
     # -- model, EMA (built identically on every rank), checkpoint weights in the full format
     torch.manual_seed(t_cfg.seed)  # weight init
+    # The parameters stay in the default layout whatever the batches' layout: the models run their
+    # activations channels_last on the CPU by themselves (ops.conv_activation_format), and torch's
+    # fused AdamW copies every channels_last parameter, gradient and moment to a contiguous tensor
+    # and back on each step (dito-S: 61 ms against 34 ms on the 2-core development machine;
+    # benchmarks/bench_model.py::test_optimizer_step_layout).
     model = DiTo(cfg.model)
-    if cfg.data.memory_format == "channels_last":  # the model follows the batches' layout (and so does the EMA)
-        model.to(memory_format=torch.channels_last)
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay > 0 else None
     out_format = "dcp" if t_cfg.parallel == "fsdp" else "safetensors"
     state, in_format = None, None

@@ -293,8 +293,10 @@ def test_metrics_split_step_time(make_run_config, tmp_path):
 # the DCP (sharded) checkpoint format, on one process
 
 
-def test_dcp_format_resumes_exactly_and_loads_unsharded(make_run_config, tmp_path):
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_dcp_format_resumes_exactly_and_loads_unsharded(make_run_config, tmp_path, memory_format):
     cfg = make_run_config(steps=4, checkpoint_every_steps=2, parallel="fsdp")
+    cfg.data.memory_format = memory_format
     full = train(cfg, tmp_path / "full", progress=False)
     step4 = tmp_path / "full" / "checkpoints" / "step_00000004"
     assert ckpt.checkpoint_format(step4) == "dcp"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from dito_fast.config import apply_overrides, validate_run_config
+from dito_fast.config import apply_overrides
 from dito_fast.data import SyntheticImages
 from dito_fast.diffusion import flow
 from dito_fast.models.dito import DiTo
@@ -359,16 +359,15 @@ def test_train_with_dali_loader(make_run_config, tmp_path, photo_shards):
 
 
 def test_channels_last_training_follows_the_contiguous_run(make_run_config, tmp_path):
-    """data.memory_format=channels_last trains a channels_last model (and EMA) on channels_last
-    batches: the same losses as the NCHW run up to rounding, exported weights that load
-    anywhere, and an exact resume."""
+    """data.memory_format=channels_last trains on channels_last batches, the parameters kept in the
+    default layout (a channels_last parameter would make the fused AdamW copy it twice a step):
+    the same losses as the NCHW run up to rounding, exported weights that load anywhere, and an
+    exact resume."""
     base = make_run_config(steps=4, checkpoint_every_steps=2)
     cl = apply_overrides(base, {"data.memory_format": "channels_last"})
     ref = train(base, tmp_path / "nchw", progress=False)
     run = train(cl, tmp_path / "cl", progress=False)
-    conv_w = [p for p in run.raw_model.parameters() if p.dim() == 4]
-    assert conv_w and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                          for p in conv_w if p.shape[-1] > 1)
+    assert all(p.is_contiguous() for p in run.raw_model.parameters())
     assert [l for _, l in run.losses] == pytest.approx([l for _, l in ref.losses], rel=1e-4)
     assert max(float((a - b).abs().max()) for a, b in zip(run.model.state_dict().values(),
                                                            ref.model.state_dict().values())) < 1e-4
@@ -378,5 +377,3 @@ def test_channels_last_training_follows_the_contiguous_run(make_run_config, tmp_
     # resume from step 2 of the channels_last run: exactly the same continuation
     rest = train(cl, tmp_path / "cl2", resume=str(tmp_path / "cl" / "checkpoints" / "step_00000002"), progress=False)
     assert rest.losses == run.losses[2:]
-    with pytest.raises(ValueError, match="not supported with train.parallel=fsdp"):
-        validate_run_config(apply_overrides(cl, {"train.parallel": "fsdp"}))
