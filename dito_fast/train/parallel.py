@@ -271,9 +271,13 @@ class ParallelModel:
             set_model_state_dict(self.ema_model, tensors["ema"])
 
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Load ``optimizer.state_dict()`` of an unsharded run (a safetensors-format checkpoint)."""
+        """Load ``optimizer.state_dict()`` of an unsharded run (a safetensors-format checkpoint).
+        Moments saved in another layout than their parameter's (runs before the trainer kept the
+        parameters contiguous had channels_last ones) take the parameter's layout: the fused AdamW
+        would otherwise copy them on every step."""
         if self.mode != "fsdp":
             optimizer.load_state_dict(state)
+            match_state_layout(optimizer)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -282,6 +286,17 @@ class ParallelModel:
         by_name = {"state": {names[i]: s for i, s in state["state"].items()},
                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
         set_optimizer_state_dict(self.model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor of ``optimizer`` (same shape as its parameter, e.g.
+    Adam's moments) its parameter's strides, copying only those that differ."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 # --------------------------------------------------------------------------------------------

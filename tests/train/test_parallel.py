@@ -375,3 +375,25 @@ def test_kill_during_checkpoint_write_keeps_previous(make_run_config, tmp_path):
     a = ckpt.load_weights(root / "step_00000005" / "model.safetensors")
     b = ckpt.load_weights(tmp_path / "ref" / "checkpoints" / "step_00000005" / "model.safetensors")
     assert _max_diff(a, b) == 0
+
+
+def test_loaded_optimizer_moments_take_their_parameters_layout(make_micro_config):
+    """A checkpoint whose Adam moments are channels_last (runs that trained a channels_last model)
+    resumes with contiguous moments for contiguous parameters: the same values, no copies per step."""
+    model = DiTo(make_micro_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for st in opt.state.values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            if st[k].dim() == 4:
+                st[k] = st[k].contiguous(memory_format=torch.channels_last)
+    saved = opt.state_dict()
+    assert any(not s["exp_avg"].is_contiguous() for s in saved["state"].values())
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ParallelModel(model, None, "single", DistContext(), torch.device("cpu")).load_full_optimizer_state(fresh, saved)
+    for i, p in enumerate(model.parameters()):
+        for k in ("exp_avg", "exp_avg_sq"):
+            loaded = fresh.state[p][k]
+            assert loaded.stride() == p.stride() and torch.equal(loaded, saved["state"][i][k])
