@@ -44,8 +44,7 @@ def _block_sums(g: torch.Tensor, f: int) -> torch.Tensor:
     each block added as slices, then the f columns."""
     if f == 1:
         return g
-    if g.device.type != "cpu" or (not torch._C._are_functorch_transforms_active()
-                                  and g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()):
+    if g.device.type != "cpu" or memory_format_of(g) == torch.channels_last:
         return F.avg_pool2d(g, f, divisor_override=1)
     B, C, H, W = g.shape[0], g.shape[1], g.shape[2] // f, g.shape[3] // f
     rows = g.contiguous().view(B, C, H, f, W * f)
@@ -61,9 +60,7 @@ def _block_sums(g: torch.Tensor, f: int) -> torch.Tensor:
 
 def _broadcast_upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     B, C, H, W = x.shape
-    # Under torch.func transforms the NCHW path, which serves any layout (vmap cannot query one).
-    if (not torch._C._are_functorch_transforms_active() and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous()):
+    if memory_format_of(x) == torch.channels_last:  # (the NCHW path below serves any layout)
         y = x.permute(0, 2, 3, 1)  # (B, H, W, C), a contiguous view
         y = y[:, :, None, :, None, :].expand(B, H, factor, W, factor, C).reshape(B, H * factor, W * factor, C)
         return y.permute(0, 3, 1, 2)

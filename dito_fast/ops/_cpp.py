@@ -80,8 +80,11 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last for a 4-d tensor laid out so (and not also contiguous), else contiguous;
-    the layout the C++ kernels keep (dito_fast::preferred_format in csrc/include/dito_fast/check.h)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    the layout the C++ kernels keep (dito_fast::preferred_format in csrc/include/dito_fast/check.h).
+    Contiguous under torch.func transforms, where the layout cannot be queried (vmap) and the C++
+    kernels do not run (functorch_reasons)."""
+    if (x.dim() == 4 and not torch._C._are_functorch_transforms_active() and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last
     return torch.contiguous_format
 
