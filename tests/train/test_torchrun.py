@@ -44,13 +44,18 @@ def _torchrun(args, nproc=2, max_restarts=0, env=None, timeout=150) -> subproces
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", *map(str, args)]
     full_env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-    full_env.update({"OMP_NUM_THREADS": "1", **(env or {})})
+    # PYTHONFAULTHANDLER: a worker that crashes (SIGSEGV) prints its Python stack (see _ok)
+    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
     return run_process_tree(cmd, timeout=timeout, cwd=REPO, env=full_env)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
+    # a crashed worker's stack (faulthandler) first: the other ranks' tracebacks would push it
+    # out of the tail
+    crash = proc.stderr.find("Fatal Python error")
+    crash_part = proc.stderr[crash:crash + 4000] + "\n...\n" if crash >= 0 else ""
     assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}; -9: killed at the timeout):\n"
-                                  f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+                                  f"{proc.stdout[-2000:]}\n{crash_part}{proc.stderr[-6000:]}")
 
 
 def _losses(run_dir) -> list[tuple[int, float]]:
