@@ -27,8 +27,8 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
 
 def upsample_nearest(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Nearest-neighbour upsampling of (B, C, H, W) by an integer factor: the same values as
-    F.interpolate(mode="nearest"), as one broadcast copy (4-5x faster than torch's CPU kernel,
-    which also makes an extra contiguous copy). A channels_last input gives a channels_last output.
+    F.interpolate(mode="nearest") (:func:`_nearest_copy`). A channels_last input gives a
+    channels_last output.
 
     Differentiable: the gradient of each input value is the sum over its factor x factor copies
     (:func:`_block_sums`). Autograd's own gradient of the broadcast copy (a sum over the broadcast
@@ -58,13 +58,19 @@ def _block_sums(g: torch.Tensor, f: int) -> torch.Tensor:
     return out
 
 
-def _broadcast_upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+def _nearest_copy(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """x (B, C, H, W) with every value repeated over a factor x factor block, in x's layout.
+    channels_last (on the CPU the C values of a pixel are one vector): ATen's nearest-upsampling
+    kernel. Other layouts: each row's values repeated along W into the first row of its block,
+    which the block's other rows then copy whole (one broadcast copy with a factor-long innermost
+    dimension, and row copies)."""
+    if memory_format_of(x) == torch.channels_last:
+        return F.interpolate(x, scale_factor=factor, mode="nearest")
     B, C, H, W = x.shape
-    if memory_format_of(x) == torch.channels_last:  # (the NCHW path below serves any layout)
-        y = x.permute(0, 2, 3, 1)  # (B, H, W, C), a contiguous view
-        y = y[:, :, None, :, None, :].expand(B, H, factor, W, factor, C).reshape(B, H * factor, W * factor, C)
-        return y.permute(0, 3, 1, 2)
-    return x[:, :, :, None, :, None].expand(B, C, H, factor, W, factor).reshape(B, C, H * factor, W * factor)
+    out = x.new_empty(B, C, H, factor, W, factor)
+    out[:, :, :, 0] = x[..., None]
+    out[:, :, :, 1:] = out[:, :, :, :1]
+    return out.view(B, C, H * factor, W * factor)
 
 
 class _UpsampleNearest(torch.autograd.Function):
@@ -72,7 +78,7 @@ class _UpsampleNearest(torch.autograd.Function):
 
     @staticmethod
     def forward(x, factor):
-        return _broadcast_upsample(x, factor)
+        return _nearest_copy(x, factor)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
