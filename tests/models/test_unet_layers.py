@@ -38,6 +38,20 @@ def test_upsample_nearest_gradcheck_double_backward_and_layout(channels_last):
     assert grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_nearest_gradient_of_a_channel_slice(channels_last):
+    """torch.cat's backward hands each input a channel slice of its gradient (not dense in either
+    layout): the block sums are right and follow the slice's layout (channels innermost: channels_last)."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    full = torch.randn(2, 7, 8, 10, dtype=torch.float64).contiguous(memory_format=fmt)
+    g = full[:, 2:5]
+    assert not g.is_contiguous() and not g.is_contiguous(memory_format=torch.channels_last)
+    (grad,) = torch.autograd.grad(upsample_nearest(x, 2), x, g)
+    torch.testing.assert_close(grad, F.avg_pool2d(g, 2) * 4)
+    assert grad.is_contiguous(memory_format=fmt)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_upsample_nearest_half_gradient(dtype):
     x = torch.randn(2, 3, 4, 5, dtype=dtype, requires_grad=True)
