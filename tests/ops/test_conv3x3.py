@@ -40,13 +40,15 @@ def _inputs(shape, dtype, layout, bias=True):
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x = torch.cat([x, x], dim=3)[:, :, :, ::2]
+    elif layout == "channel_slice":  # channels contiguous, pixels C + 3 apart: read in place
+        x = torch.cat([x, x[:, :3]], dim=1).contiguous(memory_format=torch.channels_last)[:, :C]
     return x, w, b
 
 
 @needs_cpp
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "channel_slice"])
 @pytest.mark.parametrize("tile", TILES)
 def test_cpp_matches_reference(shape, dtype, layout, tile, monkeypatch):
     monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
@@ -57,8 +59,28 @@ def test_cpp_matches_reference(shape, dtype, layout, tile, monkeypatch):
     for o, r, s, what in zip(ours, ref64, same, ("y", "grad x", "grad weight", "grad bias")):
         assert o.dtype == dtype, what
         assert_close_to_ref(o, r, dtype, s, what)
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    fmt = torch.channels_last if layout in ("channels_last", "channel_slice") else torch.contiguous_format
     assert ours[0].is_contiguous(memory_format=fmt), "the output keeps x's layout"
+
+
+@needs_cpp
+@pytest.mark.parametrize("tile", TILES)
+def test_cpp_gradient_from_a_channel_slice(tile, monkeypatch):
+    """The upstream gradient of a convolution whose output torch.cat joined with another tensor
+    is a channel slice of a channels_last tensor: the input and filter gradients read it in place
+    and match the reference's."""
+    monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
+    x, w, b = _inputs((2, 40, 36, 11, 13), torch.float64, "channels_last")
+    other = torch.randn(2, 5, 11, 13, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for fn in (lambda *a: conv3x3(*a, backend="cpp"), conv3x3_ref):
+        xi, wi, bi = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        joined = torch.cat([fn(xi, wi, bi), other], dim=1)
+        g = torch.randn(joined.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grads.append(torch.autograd.grad(joined, (xi, wi, bi), g.contiguous(memory_format=torch.channels_last)))
+    for o, r, what in zip(*grads, ("grad x", "grad weight", "grad bias")):
+        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-9, msg=what)
+    assert grads[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_cpp

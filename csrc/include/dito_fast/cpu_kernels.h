@@ -46,8 +46,9 @@
                             const at::TensorBase& grad_x, const at::TensorBase& grad_weight,          \
                             const at::TensorBase& grad_bias, const at::TensorBase& grad_scale,        \
                             const at::TensorBase& grad_shift);                                        \
-  /* Winograd F(MxM,3x3), M = tile = 2 or 4 (csrc/ops/conv3x3): x, grad_y, y are NHWC-dense       \
-     (channels_last) float/double; v, m, dm are dense ((M+2)^2, n, C) buffers for the n tiles from   \
+  /* Winograd F(MxM,3x3), M = tile = 2 or 4 (csrc/ops/conv3x3): x, grad_y, y are float/double with \
+     contiguous channels (stride(1) == 1: channels_last, or a channel slice of a channels_last       \
+     tensor); v, m, dm are dense ((M+2)^2, n, C) buffers for the n tiles from                        \
      t0; bias (C_out,) may be undefined; flip: read and write the image rotated by 180 degrees (the  \
      input gradient). */                                                                             \
   void winograd_input_transform_kernel(const at::TensorBase& x, int64_t tile, int64_t t0, int64_t n, \

@@ -37,6 +37,12 @@ void check_activation(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.numel() > 0, op, ": ", name, " is empty, shape ", x.sizes());
 }
 
+// x itself when its channels are contiguous (channels_last, or a channel slice of such a tensor,
+// which is what torch.cat's backward hands the convolutions' gradients), else a channels_last copy.
+at::Tensor channels_contiguous(const at::Tensor& x) {
+  return x.stride(1) == 1 || x.size(1) == 1 ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // Tile size M of a transformed filter with K positions (0 if K is neither 16 nor 36).
 int64_t tile_of(int64_t K) { return K == 16 ? 2 : K == 36 ? 4 : 0; }
 
@@ -77,7 +83,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const 
                 ": bias must be (", Co, ") ", x.scalar_type(), " on ", x.device(), ", got ", b.sizes(), " ",
                 b.scalar_type(), " on ", b.device());
   }
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto xc = channels_contiguous(x);
   const auto gemm_u = transposed ? u : u.transpose(1, 2);  // (K, C, Co); strided views go to BLAS as is
   auto y = at::empty({B, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   for_each_chunk(xc, tile, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor m) {
@@ -98,8 +104,8 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
               x.scalar_type());
   TORCH_CHECK(tile == 2 || tile == 4, op, ": tile must be 2 or 4, got ", tile);
   const int64_t C = x.size(1), Co = grad_y.size(1);
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto gc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto xc = channels_contiguous(x);
+  const auto gc = channels_contiguous(grad_y);
   auto du = at::empty({(tile + 2) * (tile + 2), Co, C}, x.options());
   for_each_chunk(xc, tile, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor dm) {
     DITO_CPU_CALL(winograd_input_transform_kernel, xc, tile, t0, len, false, v);

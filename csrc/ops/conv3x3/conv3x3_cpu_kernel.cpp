@@ -1,7 +1,8 @@
 // Winograd F(MxM, 3x3) transforms of the 3x3 convolution (stride 1, padding 1), for output tiles of
-// M = 2 or M = 4, compiled once per CPU capability. All activations are NHWC (channels_last);
-// every transform is vectorised over the channel dimension, which is contiguous, so a tile's
-// values of one channel never leave registers (or L1). Notation (Lavin & Gray 2016): with an
+// M = 2 or M = 4, compiled once per CPU capability. All activations are NHWC with contiguous
+// channels (channels_last, or a channel slice of a channels_last tensor, read in place: struct
+// Strides); every transform is vectorised over the channel dimension, so a tile's values of one
+// channel never leave registers (or L1). Notation (Lavin & Gray 2016): with an
 // N x N input patch d (N = M + 2), a 3x3 filter g and an M x M output y,
 // y = A^T [(G g G^T) . (B^T d B)] A. The 1-D matrices are in struct Tr<M> below; G is applied to
 // the filter in Python (dito_fast/ops/conv3x3.py, with its adjoint for the weight gradient).
@@ -113,46 +114,55 @@ inline void st(scalar_t* p, const Vec<scalar_t>& v, int64_t n) {
   if (n == Vec<scalar_t>::size()) v.store(p); else v.store(p, n);
 }
 
+// An NHWC image whose channels are contiguous: pixel (b, y, x) starts at b sb + y sy + x sx
+// (dense channels_last: sx = C, sy = W C, sb = H W C; a channel slice of a wider tensor keeps that
+// tensor's strides).
+struct Strides {
+  int64_t sb, sy, sx;
+  explicit Strides(const at::TensorBase& t) : sb(t.stride(0)), sy(t.stride(2)), sx(t.stride(3)) {}
+};
+
 template <int M>
 struct Tiles {
   int64_t H, W, th, tw;
   bool flip;
-  Tiles(int64_t H_, int64_t W_, bool flip_) : H(H_), W(W_), th((H_ + M - 1) / M), tw((W_ + M - 1) / M), flip(flip_) {}
+  Strides st;
+  Tiles(int64_t H_, int64_t W_, bool flip_, const Strides& st_)
+      : H(H_), W(W_), th((H_ + M - 1) / M), tw((W_ + M - 1) / M), flip(flip_), st(st_) {}
   void locate(int64_t t, int64_t& b, int64_t& y0, int64_t& x0) const {
     const int64_t tx = t % tw, rest = t / tw;
     b = rest / th;
     y0 = M * (rest % th);
     x0 = M * tx;
   }
-  // Offset (in pixels) of pixel (y, x) of sample b of the (possibly flipped) image, or -1 outside.
-  int64_t pixel(int64_t b, int64_t y, int64_t x) const {
-    if (y < 0 || y >= H || x < 0 || x >= W) return -1;
-    return flip ? (b * H + H - 1 - y) * W + W - 1 - x : (b * H + y) * W + x;
-  }
-  // ptr[r][s]: the C channel values of pixel (y + r, x + s) of sample b in base (NHWC), or
-  // outside (zeros to read, a sink to write) where that pixel is off the image.
+  // ptr[r][s]: the channel values of pixel (y + r, x + s) of sample b of the (possibly flipped)
+  // image at base, or outside (zeros to read, a sink to write) where that pixel is off the image.
   template <int K, typename T>
-  void patch(int64_t b, int64_t y, int64_t x, T* base, int64_t C, T* outside, T* (&ptr)[K][K]) const {
+  void patch(int64_t b, int64_t y, int64_t x, T* base, T* outside, T* (&ptr)[K][K]) const {
     for (int r = 0; r < K; ++r)
       for (int s = 0; s < K; ++s) {
-        const int64_t p = pixel(b, y + r, x + s);
-        ptr[r][s] = p >= 0 ? base + p * C : outside;
+        const int64_t yy = y + r, xx = x + s;
+        if (yy < 0 || yy >= H || xx < 0 || xx >= W) {
+          ptr[r][s] = outside;
+        } else {
+          ptr[r][s] = base + b * st.sb + (flip ? H - 1 - yy : yy) * st.sy + (flip ? W - 1 - xx : xx) * st.sx;
+        }
       }
   }
 };
 
 template <int M, typename scalar_t>
-void input_transform(const scalar_t* xp, int64_t H, int64_t W, int64_t C, int64_t t0, int64_t n, bool flip,
-                     scalar_t* vp) {
+void input_transform(const scalar_t* xp, int64_t H, int64_t W, int64_t C, const Strides& xs, int64_t t0, int64_t n,
+                     bool flip, scalar_t* vp) {
   constexpr int N = M + 2;
-  const Tiles<M> tiles(H, W, flip);
+  const Tiles<M> tiles(H, W, flip, xs);
   const std::vector<scalar_t> zeros(C, scalar_t(0));
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       int64_t b, y0, x0;
       tiles.locate(t0 + i, b, y0, x0);
       const scalar_t* src[N][N];
-      tiles.patch(b, y0 - 1, x0 - 1, xp, C, zeros.data(), src);
+      tiles.patch(b, y0 - 1, x0 - 1, xp, zeros.data(), src);
       scalar_t* dst = vp + i * C;
       const int64_t plane = n * C;
       over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
@@ -174,17 +184,17 @@ void input_transform(const scalar_t* xp, int64_t H, int64_t W, int64_t C, int64_
 }
 
 template <int M, typename scalar_t>
-void output_transform(const scalar_t* mp, const scalar_t* bp, int64_t H, int64_t W, int64_t C, int64_t t0,
-                      int64_t n, bool flip, scalar_t* yp) {
+void output_transform(const scalar_t* mp, const scalar_t* bp, int64_t H, int64_t W, int64_t C, const Strides& ys,
+                      int64_t t0, int64_t n, bool flip, scalar_t* yp) {
   constexpr int N = M + 2;
-  const Tiles<M> tiles(H, W, flip);
+  const Tiles<M> tiles(H, W, flip, ys);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> sink(C);  // destination of the outputs outside the image (partial tiles)
     for (int64_t i = begin; i < end; ++i) {
       int64_t b, y0, x0;
       tiles.locate(t0 + i, b, y0, x0);
       scalar_t* dst[M][M];
-      tiles.patch(b, y0, x0, yp, C, sink.data(), dst);
+      tiles.patch(b, y0, x0, yp, sink.data(), dst);
       const scalar_t* src = mp + i * C;
       const int64_t plane = n * C;
       over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
@@ -207,17 +217,17 @@ void output_transform(const scalar_t* mp, const scalar_t* bp, int64_t H, int64_t
 }
 
 template <int M, typename scalar_t>
-void grad_output_transform(const scalar_t* gp, int64_t H, int64_t W, int64_t C, int64_t t0, int64_t n,
-                           scalar_t* dp) {
+void grad_output_transform(const scalar_t* gp, int64_t H, int64_t W, int64_t C, const Strides& gs, int64_t t0,
+                           int64_t n, scalar_t* dp) {
   constexpr int N = M + 2;
-  const Tiles<M> tiles(H, W, false);
+  const Tiles<M> tiles(H, W, false, gs);
   const std::vector<scalar_t> zeros(C, scalar_t(0));
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       int64_t b, y0, x0;
       tiles.locate(t0 + i, b, y0, x0);
       const scalar_t* src[M][M];
-      tiles.patch(b, y0, x0, gp, C, zeros.data(), src);
+      tiles.patch(b, y0, x0, gp, zeros.data(), src);
       scalar_t* dst = dp + i * C;
       const int64_t plane = n * C;
       over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
@@ -251,8 +261,8 @@ void winograd_input_transform_kernel(const at::TensorBase& x, int64_t tile, int6
                                      const at::TensorBase& v) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_input_transform", [&] {
     with_tile(tile, [&](auto m) {
-      input_transform<decltype(m)::value>(x.const_data_ptr<scalar_t>(), x.size(2), x.size(3), x.size(1), t0, n, flip,
-                                          v.mutable_data_ptr<scalar_t>());
+      input_transform<decltype(m)::value>(x.const_data_ptr<scalar_t>(), x.size(2), x.size(3), x.size(1), Strides(x), t0,
+                                          n, flip, v.mutable_data_ptr<scalar_t>());
     });
   });
 }
@@ -263,8 +273,8 @@ void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorB
     const std::vector<scalar_t> zeros(y.size(1), scalar_t(0));
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : zeros.data();
     with_tile(tile, [&](auto mt) {
-      output_transform<decltype(mt)::value>(m.const_data_ptr<scalar_t>(), bp, y.size(2), y.size(3), y.size(1), t0, n,
-                                            flip, y.mutable_data_ptr<scalar_t>());
+      output_transform<decltype(mt)::value>(m.const_data_ptr<scalar_t>(), bp, y.size(2), y.size(3), y.size(1), Strides(y),
+                                            t0, n, flip, y.mutable_data_ptr<scalar_t>());
     });
   });
 }
@@ -274,7 +284,7 @@ void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "winograd_grad_output_transform", [&] {
     with_tile(tile, [&](auto m) {
       grad_output_transform<decltype(m)::value>(grad_y.const_data_ptr<scalar_t>(), grad_y.size(2), grad_y.size(3),
-                                                grad_y.size(1), t0, n, dm.mutable_data_ptr<scalar_t>());
+                                                grad_y.size(1), Strides(grad_y), t0, n, dm.mutable_data_ptr<scalar_t>());
     });
   });
 }
