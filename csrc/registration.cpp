@@ -37,8 +37,9 @@ TORCH_LIBRARY(dito_fast, m) {
   // -> (B, C_in, H, W), plus bias (C_in,).
   m.def("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, bool transposed) -> Tensor");
   // The gradient with respect to u: (K, C_out, C_in) for tile M (2 or 4), from x (B, C_in, H, W) and
-  // grad_y (B, C_out, H, W).
-  m.def("winograd_conv3x3_weight_grad(Tensor x, Tensor grad_y, int tile) -> Tensor");
+  // grad_y (B, C_out, H, W); with bias=True also the bias gradient (C_out,) (grad_y summed over
+  // batch and pixels, formed in the same pass over grad_y), else an empty (0,) tensor.
+  m.def("winograd_conv3x3_weight_grad(Tensor x, Tensor grad_y, int tile, bool bias) -> (Tensor, Tensor)");
 }
 
 namespace dito_fast {

@@ -128,8 +128,8 @@ if _cpp.AVAILABLE:
         return x.new_empty((x.shape[0], c_out, x.shape[2], x.shape[3])).contiguous(memory_format=fmt)
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3_weight_grad")
-    def _(x, grad_y, tile):
-        return x.new_empty(((tile + 2) ** 2, grad_y.shape[1], x.shape[1]))
+    def _(x, grad_y, tile, bias):
+        return x.new_empty(((tile + 2) ** 2, grad_y.shape[1], x.shape[1])), x.new_empty((grad_y.shape[1] if bias else 0,))
 
     def _setup_context(ctx, inputs, output):
         x, u, bias, transposed = inputs
@@ -142,9 +142,14 @@ if _cpp.AVAILABLE:
                                "double backward through conv3x3's cpp backend is not supported")
         x, u = ctx.saved_tensors
         need_x, need_u, need_b, _ = ctx.needs_input_grad
+        need_b = need_b and ctx.has_bias
         gx = _OP(grad, u, None, True) if need_x else None
-        gu = _WGRAD(x, grad, 4 if u.shape[0] == 36 else 2) if need_u else None  # 36 or 16 positions
-        gb = grad.sum(dim=(0, 2, 3)) if need_b and ctx.has_bias else None
+        gu = gb = None
+        if need_u:  # the bias gradient comes from the same pass over grad
+            gu, gb = _WGRAD(x, grad, 4 if u.shape[0] == 36 else 2, need_b)  # 36 or 16 positions
+            gb = gb if need_b else None
+        elif need_b:
+            gb = grad.sum(dim=(0, 2, 3))
         return gx, gu, gb, None
 
     torch.library.register_autograd("dito_fast::winograd_conv3x3", _backward, setup_context=_setup_context)

@@ -158,7 +158,9 @@ def test_gradcheck_opcheck_compile(tile, monkeypatch):
     u = winograd_filter(wf, tile).requires_grad_()
     torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3, (xf.requires_grad_(), u, torch.randn(6), False))
     torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3, (torch.randn(2, 6, 5, 6), u.detach(), None, True))
-    torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3_weight_grad, (xf.detach(), torch.randn(2, 6, 5, 6), tile))
+    for bias in (True, False):
+        torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3_weight_grad,
+                              (xf.detach(), torch.randn(2, 6, 5, 6), tile, bias))
     torch._dynamo.reset()
     f = lambda a, c: conv3x3(a, c, None, backend="cpp").square().sum()  # noqa: E731
     a1, c1 = xf.detach().clone().requires_grad_(), wf.clone().requires_grad_()
@@ -236,7 +238,7 @@ def test_errors_name_the_problem():
         with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16 or 36, C_out, 4\)"):
             torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 6, 4), None, False)
         with pytest.raises(RuntimeError, match="tile must be 2 or 4, got 3"):
-            torch.ops.dito_fast.winograd_conv3x3_weight_grad(x, x, 3)
+            torch.ops.dito_fast.winograd_conv3x3_weight_grad(x, x, 3, True)
 
 
 @needs_cpp

@@ -56,8 +56,11 @@
   void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorBase& bias,          \
                                         int64_t tile, int64_t t0, int64_t n, bool flip,               \
                                         const at::TensorBase& y);                                     \
+  /* bias_sums: undefined, or (at::get_num_threads(), C_out) double that each thread adds its     \
+     tiles' per-channel sums of grad_y into (row at::get_thread_num()). */                           \
   void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t tile, int64_t t0,  \
-                                             int64_t n, const at::TensorBase& dm);                    \
+                                             int64_t n, const at::TensorBase& dm,                     \
+                                             const at::TensorBase& bias_sums);                        \
   }
 
 namespace dito_fast {

@@ -8,9 +8,12 @@
 // batched GEMM (at::bmm_out: K GEMMs of tiles x C_in by C_in x C_out) and transformed back. Per
 // output, the GEMMs do K / M^2 multiply-adds where a direct 3x3 convolution does 9: 4 for M = 2
 // (2.25x fewer), 2.25 for M = 4 (4x fewer).
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <dito_fast/check.h>
@@ -19,6 +22,7 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace dito_fast {
 namespace {
@@ -94,7 +98,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const 
   return y.contiguous(preferred_format(x));
 }
 
-at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_y, int64_t tile) {
+std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_y,
+                                                                    int64_t tile, bool bias) {
   constexpr const char* op = "winograd_conv3x3_weight_grad";
   check_activation(x, op, "x");
   check_activation(grad_y, op, "grad_y");
@@ -107,16 +112,21 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   const auto xc = channels_contiguous(x);
   const auto gc = channels_contiguous(grad_y);
   auto du = at::empty({(tile + 2) * (tile + 2), Co, C}, x.options());
+  // The bias gradient (grad_y summed over batch and pixels) is formed by the pass that transforms
+  // grad_y: per-thread double sums, added up here.
+  const at::Tensor bias_sums =
+      bias ? at::zeros({at::get_num_threads(), Co}, x.options().dtype(at::kDouble)) : at::Tensor();
   for_each_chunk(xc, tile, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor dm) {
     DITO_CPU_CALL(winograd_input_transform_kernel, xc, tile, t0, len, false, v);
-    DITO_CPU_CALL(winograd_grad_output_transform_kernel, gc, tile, t0, len, dm);
+    DITO_CPU_CALL(winograd_grad_output_transform_kernel, gc, tile, t0, len, dm, bias_sums);
     if (t0 == 0) {
       at::bmm_out(du, dm.transpose(1, 2), v);  // dU_k = dM_k^T V_k
     } else {
       du.baddbmm_(dm.transpose(1, 2), v);
     }
   });
-  return du;
+  if (!bias) return {du, at::empty({0}, x.options())};
+  return {du, bias_sums.sum(0).to(x.scalar_type())};
 }
 
 }  // namespace

@@ -216,13 +216,26 @@ void output_transform(const scalar_t* mp, const scalar_t* bp, int64_t H, int64_t
   });
 }
 
+// Tiles a thread adds into its float partial bias sums before they move into double.
+constexpr int64_t kBiasFlushTiles = 16;
+
 template <int M, typename scalar_t>
 void grad_output_transform(const scalar_t* gp, int64_t H, int64_t W, int64_t C, const Strides& gs, int64_t t0,
-                           int64_t n, scalar_t* dp) {
+                           int64_t n, scalar_t* dp, double* bias_sums) {
   constexpr int N = M + 2;
   const Tiles<M> tiles(H, W, false, gs);
   const std::vector<scalar_t> zeros(C, scalar_t(0));
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    // bias_sums: a row of C per thread (at::get_thread_num()); each tile's M x M gradient values
+    // are added per channel (outside pixels read as zeros; the tiles cover every pixel once).
+    double* const acc = bias_sums ? bias_sums + at::get_thread_num() * C : nullptr;
+    std::vector<scalar_t> part(acc ? C : 0, scalar_t(0));
+    auto flush = [&] {
+      for (int64_t c = 0; c < C; ++c) {
+        acc[c] += part[c];
+        part[c] = scalar_t(0);
+      }
+    };
     for (int64_t i = begin; i < end; ++i) {
       int64_t b, y0, x0;
       tiles.locate(t0 + i, b, y0, x0);
@@ -232,10 +245,13 @@ void grad_output_transform(const scalar_t* gp, int64_t H, int64_t W, int64_t C, 
       const int64_t plane = n * C;
       over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
         // dM = A dY A^T, the adjoint of the output transform.
-        Vec<scalar_t> q[N][M];
+        Vec<scalar_t> q[N][M], total(0);
         for (int s = 0; s < M; ++s) {
           Vec<scalar_t> col[M], out[N];
-          for (int r = 0; r < M; ++r) col[r] = ld(src[r][s] + c, cnt);
+          for (int r = 0; r < M; ++r) {
+            col[r] = ld(src[r][s] + c, cnt);
+            if (acc) total = total + col[r];
+          }
           Tr<M>::a(col, out);
           for (int r = 0; r < N; ++r) q[r][s] = out[r];
         }
@@ -244,8 +260,11 @@ void grad_output_transform(const scalar_t* gp, int64_t H, int64_t W, int64_t C, 
           Tr<M>::a(q[r], out);
           for (int j = 0; j < N; ++j) st(dst + (N * r + j) * plane + c, out[j], cnt);
         }
+        if (acc) st(part.data() + c, ld(part.data() + c, cnt) + total, cnt);
       });
+      if (acc && (i - begin) % kBiasFlushTiles == kBiasFlushTiles - 1) flush();
     }
+    if (acc) flush();
   });
 }
 
@@ -280,11 +299,12 @@ void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorB
 }
 
 void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t tile, int64_t t0, int64_t n,
-                                           const at::TensorBase& dm) {
+                                           const at::TensorBase& dm, const at::TensorBase& bias_sums) {
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "winograd_grad_output_transform", [&] {
     with_tile(tile, [&](auto m) {
       grad_output_transform<decltype(m)::value>(grad_y.const_data_ptr<scalar_t>(), grad_y.size(2), grad_y.size(3),
-                                                grad_y.size(1), Strides(grad_y), t0, n, dm.mutable_data_ptr<scalar_t>());
+                                                grad_y.size(1), Strides(grad_y), t0, n, dm.mutable_data_ptr<scalar_t>(),
+                                                bias_sums.defined() ? bias_sums.mutable_data_ptr<double>() : nullptr);
     });
   });
 }
