@@ -129,7 +129,8 @@ if _cpp.AVAILABLE:
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3_weight_grad")
     def _(x, grad_y, tile, bias):
-        return x.new_empty(((tile + 2) ** 2, grad_y.shape[1], x.shape[1])), x.new_empty((grad_y.shape[1] if bias else 0,))
+        du = x.new_empty(((tile + 2) ** 2, grad_y.shape[1], x.shape[1]))
+        return du, x.new_empty((grad_y.shape[1] if bias else 0,))
 
     def _setup_context(ctx, inputs, output):
         x, u, bias, transposed = inputs

@@ -126,9 +126,9 @@ template <int M>
 struct Tiles {
   int64_t H, W, th, tw;
   bool flip;
-  Strides st;
-  Tiles(int64_t H_, int64_t W_, bool flip_, const Strides& st_)
-      : H(H_), W(W_), th((H_ + M - 1) / M), tw((W_ + M - 1) / M), flip(flip_), st(st_) {}
+  Strides strides;
+  Tiles(int64_t H_, int64_t W_, bool flip_, const Strides& strides_)
+      : H(H_), W(W_), th((H_ + M - 1) / M), tw((W_ + M - 1) / M), flip(flip_), strides(strides_) {}
   void locate(int64_t t, int64_t& b, int64_t& y0, int64_t& x0) const {
     const int64_t tx = t % tw, rest = t / tw;
     b = rest / th;
@@ -145,7 +145,8 @@ struct Tiles {
         if (yy < 0 || yy >= H || xx < 0 || xx >= W) {
           ptr[r][s] = outside;
         } else {
-          ptr[r][s] = base + b * st.sb + (flip ? H - 1 - yy : yy) * st.sy + (flip ? W - 1 - xx : xx) * st.sx;
+          ptr[r][s] = base + b * strides.sb + (flip ? H - 1 - yy : yy) * strides.sy +
+                      (flip ? W - 1 - xx : xx) * strides.sx;
         }
       }
   }
@@ -292,8 +293,8 @@ void winograd_output_transform_kernel(const at::TensorBase& m, const at::TensorB
     const std::vector<scalar_t> zeros(y.size(1), scalar_t(0));
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : zeros.data();
     with_tile(tile, [&](auto mt) {
-      output_transform<decltype(mt)::value>(m.const_data_ptr<scalar_t>(), bp, y.size(2), y.size(3), y.size(1), Strides(y),
-                                            t0, n, flip, y.mutable_data_ptr<scalar_t>());
+      output_transform<decltype(mt)::value>(m.const_data_ptr<scalar_t>(), bp, y.size(2), y.size(3), y.size(1),
+                                            Strides(y), t0, n, flip, y.mutable_data_ptr<scalar_t>());
     });
   });
 }
