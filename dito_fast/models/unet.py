@@ -31,9 +31,10 @@ def upsample_nearest(x: torch.Tensor, factor: int) -> torch.Tensor:
     channels_last output.
 
     Differentiable: the gradient of each input value is the sum over its factor x factor copies
-    (:func:`_block_sums`). Autograd's own gradient of the broadcast copy (a sum over the broadcast
-    dimensions of a 6-d view) took 29 ms for a (8, 128, 64, 64) channels_last gradient on the
-    2-core development machine and 37 ms for an NCHW one; these block sums 0.7 and 1.2 ms."""
+    (:func:`_block_sums`). When the forward was a broadcast copy, autograd formed that gradient as
+    a sum over the broadcast dimensions of a 6-d view: 29 ms for a (8, 128, 64, 64) channels_last
+    gradient on the 2-core development machine and 37 ms for an NCHW one; these block sums take
+    0.7 and 1.2 ms."""
     return _UpsampleNearest.apply(x, factor)
 
 
