@@ -17,6 +17,7 @@ bandwidth fractions as a table.
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -253,19 +254,12 @@ def _cases():
     return [(op, label, mode, build) for op, label, build in cases for mode in MODES]
 
 
-@pytest.mark.parametrize("case", _cases(), ids=lambda c: f"{c[0]}-{c[1].replace(' ', '-').replace('@', '')}-{c[2]}")
-def test_interleaved_ratio(benchmark, case):
-    """cpp vs the eager reference and torch.compile of the reference, timed in alternation (ref,
-    compile, cpp, ref, ...), so that the machine's drifts (on this VM isolated timings of large
-    shapes vary by up to 4x between runs) hit all alike. extra_info: the medians, ``speedup``
-    (cpp vs ref) and ``speedup_vs_compile``. The compile provider is left out of smoke runs."""
-    if not _cpp.AVAILABLE:
-        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
-    op, label, mode, build = case
+def _provider_calls(op, mode, build, providers) -> dict:
+    """name -> a warmed-up callable running one provider of an op row once (forward, or forward
+    and the gradients of every input). Providers: ref, compile, cpp, and for the norm ops
+    ``floor``, for the flow-matching step ``standin`` (see below)."""
     fns = {}
-    providers = ("ref", "cpp") if benchmark.disabled else ("ref", "compile", "cpp")
-    extra = ("standin",) if op == "fm_step" else ("floor",) if op in ("latent_layernorm", "group_norm_modulate_silu") else ()
-    for provider in providers + extra:
+    for provider in providers:
         if provider == "standin":  # timed on its own, in the same rounds
             standin, args = build(provider, mode)
             fns[provider] = lambda standin=standin, args=args: _no_grad_if(mode == "fwd", standin, *args)
@@ -304,6 +298,22 @@ def test_interleaved_ratio(benchmark, case):
         for _ in range(3):
             call()
         fns[provider] = call
+    return fns
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: f"{c[0]}-{c[1].replace(' ', '-').replace('@', '')}-{c[2]}")
+def test_interleaved_ratio(benchmark, case):
+    """cpp vs the eager reference and torch.compile of the reference, timed in alternation (each
+    round in a shuffled order; conftest.interleaved_medians), so that the machine's drifts (on
+    this VM isolated timings of large shapes vary by up to 4x between runs) hit all alike.
+    extra_info: the medians, ``speedup`` (cpp vs ref) and ``speedup_vs_compile``. The compile
+    provider is left out of smoke runs."""
+    if not _cpp.AVAILABLE:
+        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+    op, label, mode, build = case
+    providers = ("ref", "cpp") if benchmark.disabled else ("ref", "compile", "cpp")
+    extra = ("standin",) if op == "fm_step" else ("floor",) if op in ("latent_layernorm", "group_norm_modulate_silu") else ()
+    fns = _provider_calls(op, mode, build, providers + extra)
     rounds = 1 if benchmark.disabled else 21
     med = interleaved_medians(fns, rounds)
     benchmark.pedantic(fns["cpp"], rounds=1, warmup_rounds=0, iterations=1)
@@ -321,6 +331,35 @@ def test_interleaved_ratio(benchmark, case):
         benchmark.extra_info.update({"standin_ms": med["standin"] * 1e3, "speedup_net": net["ref"] / net["cpp"]})
         if "compile" in net:
             benchmark.extra_info["speedup_vs_compile_net"] = net["compile"] / net["cpp"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_interleaving_order_bias(benchmark, mode):
+    """Why conftest.interleaved_medians shuffles each round: the one cpp call of a small row
+    (group_norm_modulate_silu at dito-S's 8x8 level, NCHW) timed twice per round in one fixed
+    order, once right after the torch.compile'd reference and once right after the one-op
+    floor (after the reference in smoke runs, which leave compile out). extra_info: both
+    medians and ``position_ratio``, the first over the second (1.0 if the position did not
+    matter)."""
+    if not _cpp.AVAILABLE:
+        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+    op, label, _, build = next(c for c in _cases() if c[0] == "group_norm_modulate_silu" and c[1] == "S@64 L3")
+    providers = ("ref", "cpp", "floor") if benchmark.disabled else ("ref", "compile", "cpp", "floor")
+    fns = _provider_calls(op, mode, build, providers)
+    sequence = [(name, name) for name in providers] + [("cpp", "cpp_after_floor")]
+    times = {key: [] for _, key in sequence}
+    for _ in range(1 if benchmark.disabled else 41):
+        for name, key in sequence:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[key].append(time.perf_counter() - t0)
+    med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+    benchmark.pedantic(fns["cpp"], rounds=1, warmup_rounds=0, iterations=1)
+    after = "compile" if "compile" in med else "ref"
+    benchmark.extra_info.update({"op": op, "shape": label, "mode": mode, "cpp_after": after,
+                                 "cpp_ms_after_it": med["cpp"] * 1e3,
+                                 "cpp_ms_after_floor": med["cpp_after_floor"] * 1e3,
+                                 "position_ratio": med["cpp"] / med["cpp_after_floor"]})
 
 
 def _no_grad_if(flag: bool, fn, *args):

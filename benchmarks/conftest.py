@@ -12,6 +12,7 @@ the two runs to see the faults' share).
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -36,15 +37,23 @@ def _pin_threads(request):
     yield
 
 
-def interleaved_medians(fns: dict, rounds: int, before: Callable | None = None) -> dict:
-    """Median seconds of each function of ``fns``, timed in alternation (a, b, a, b, ...) so that
-    drifts in machine load hit every variant alike. ``before(name)`` runs untimed before each call
-    (e.g. to select a backend)."""
-    times = {name: [] for name in fns}
+def interleaved_medians(fns: dict, rounds: int, before: Callable | None = None, seed: int = 0) -> dict:
+    """Median seconds of each function of ``fns``, timed in alternation so that drifts in machine
+    load hit every variant alike. Each round runs every function once, in its own order (a
+    shuffle seeded by ``seed``): with one fixed order each function always runs right after the
+    same neighbour, whose footprint it pays. On this machine a small fused op timed right after
+    the torch.compile'd provider took 1.2-1.3x as long as the very same call placed after the
+    one-op floor (``bench_ops.py::test_interleaving_order_bias``). ``before(name)`` runs
+    untimed before each call (e.g. to select a backend)."""
+    names = list(fns)
+    order_rng = random.Random(seed)
+    times = {name: [] for name in names}
     for _ in range(rounds):
-        for name, fn in fns.items():
+        order_rng.shuffle(names)
+        for name in names:
             if before is not None:
                 before(name)
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

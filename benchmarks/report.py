@@ -104,6 +104,14 @@ def main(path: str) -> None:
                 vs = f"{e['speedup_vs_compile_net']:.2f}x" if "speedup_vs_compile_net" in e else "-"
                 print(f"| {e['op']} | {e['shape']} | {e['mode']} | {sd:.3f} | {e['ref_ms'] - sd:.3f} | {comp} | "
                       f"{e['cpp_ms'] - sd:.3f} | {e['speedup_net']:.2f}x | {vs} |")
+    bias = [r["extra_info"] for r in rows if r["name"].startswith("test_interleaving_order_bias")]
+    if bias:
+        # The same cpp call timed at two places of one fixed order (why the rounds are shuffled).
+        print("\n| order bias, one fixed order | shape | mode | cpp ms, right after | after the floor | ratio |")
+        print("|---|---|---|---:|---:|---:|")
+        for e in sorted(bias, key=lambda e: e["mode"]):
+            print(f"| {e['op']} | {e['shape']} | {e['mode']} | {e['cpp_ms_after_it']:.3f} (after {e['cpp_after']}) | "
+                  f"{e['cpp_ms_after_floor']:.3f} | {e['position_ratio']:.2f} |")
     prof = [r for r in rows if r["name"].startswith("test_profile_fused_share")]
     if prof:
         print("\n| dito-S @64, batch 8 | reference ms | fused, NCHW in/out ms | fused, channels_last ms | norm ops share "
