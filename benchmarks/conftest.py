@@ -42,8 +42,8 @@ def interleaved_medians(fns: dict, rounds: int, before: Callable | None = None, 
     load hit every variant alike. Each round runs every function once, in its own order (a
     shuffle seeded by ``seed``): with one fixed order each function always runs right after the
     same neighbour, whose footprint it pays. On this machine a small fused op timed right after
-    the torch.compile'd provider took 1.2-1.3x as long as the very same call placed after the
-    one-op floor (``bench_ops.py::test_interleaving_order_bias``). ``before(name)`` runs
+    the torch.compile'd provider took 1.08-2.4x as long as the very same call placed after the
+    one-op floor (``bench_ops.py::test_interleaving_order_bias``, three runs). ``before(name)`` runs
     untimed before each call (e.g. to select a backend)."""
     names = list(fns)
     order_rng = random.Random(seed)
