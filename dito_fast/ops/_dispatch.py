@@ -46,6 +46,28 @@ def _parse_env(op_name: str, value: str) -> str | None:
     return None
 
 
+# The fused ops read their environment variables on every call, so that changing one at run time
+# takes effect on the next call. os.environ.get encodes the key and decodes the value (about 1 us
+# here, a quarter of what a fused op's Python wrapper costs; that matters most on CUDA, where a
+# small op's time is the CPU's). CPython's os.environ keeps the encoded mapping as ``_data``,
+# updated by every assignment or deletion through os.environ (monkeypatch included), and getenv
+# reads it there directly; a replaced os.environ, or another implementation, is read through .get.
+_ENVIRON = os.environ
+_ENV_DATA = getattr(_ENVIRON, "_data", None)
+_ENV_KEYS: dict[str, object] = {}  # name -> its key in _ENV_DATA
+
+
+def getenv(name: str, default: str | None = None) -> str | None:
+    """``os.environ.get(name, default)``, without its encoding of the key (see above)."""
+    if os.environ is _ENVIRON and _ENV_DATA is not None:
+        key = _ENV_KEYS.get(name)
+        if key is None:
+            key = _ENV_KEYS[name] = _ENVIRON.encodekey(name)
+        raw = _ENV_DATA.get(key)
+        return default if raw is None else os.fsdecode(raw)
+    return os.environ.get(name, default)
+
+
 # (op name, raw DITO_FAST_BACKEND value) -> parsed choice. Keyed on the raw string, so changing the
 # variable at run time takes effect on the next call; bounded, since values could be arbitrary.
 _ENV_CHOICE: dict[tuple[str, str], str | None] = {}
@@ -54,14 +76,17 @@ _ENV_CHOICE: dict[tuple[str, str], str | None] = {}
 def env_backend(op_name: str) -> str | None:
     """The backend ``DITO_FAST_BACKEND`` asks for ``op_name``: either one name for every op
     (``cpp``) or per-op entries (``group_norm_modulate_silu=ref,latent_layernorm=ref``)."""
-    key = (op_name, os.environ.get("DITO_FAST_BACKEND", ""))
+    raw = getenv("DITO_FAST_BACKEND")
+    if raw is None:
+        return None
+    key = (op_name, raw)
     try:
         return _ENV_CHOICE[key]
     except KeyError:
         pass
     if len(_ENV_CHOICE) >= 1024:
         _ENV_CHOICE.clear()
-    choice = _ENV_CHOICE[key] = _parse_env(op_name, key[1])
+    choice = _ENV_CHOICE[key] = _parse_env(op_name, raw)
     return choice
 
 

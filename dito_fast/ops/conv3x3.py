@@ -18,7 +18,6 @@ Backends:
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 from . import _cpp
 from ._cpp import memory_format_of
-from ._dispatch import Backend, always_supported, dispatch, env_backend
+from ._dispatch import Backend, always_supported, dispatch, env_backend, getenv
 
 MIN_WINOGRAD_CHANNELS = 32
 
@@ -61,7 +60,7 @@ def winograd_tile(x: torch.Tensor) -> int:
     1.8x), which training keeps for the backward and inference caches; a NaN or inf input spreads
     over the whole 4x4 output tiles around it (F(2x2): exactly the direct convolution's outputs).
     """
-    raw = os.environ.get("DITO_FAST_WINOGRAD_TILE", "auto").strip()
+    raw = getenv("DITO_FAST_WINOGRAD_TILE", "auto").strip()
     if raw in ("auto", ""):
         B, _, H, W = x.shape
         return 4 if B * ((H + 3) // 4) * ((W + 3) // 4) >= MIN_TILE4_TILES else 2
@@ -238,13 +237,13 @@ def _refilter_in_backward(x, u, bias) -> bool:
     return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and (x.requires_grad or u.requires_grad or (bias is not None and bias.requires_grad))
             and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-            and os.environ.get("DITO_FAST_WINOGRAD_KEEP_FILTER", "0") != "1")
+            and getenv("DITO_FAST_WINOGRAD_KEEP_FILTER", "0") != "1")
 
 
 def _cpp_conv3x3(x, weight, bias):
     tile = winograd_tile(x)
     if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not weight.is_inference()
-            and os.environ.get("DITO_FAST_WINOGRAD_CACHE", "1") != "0"):
+            and getenv("DITO_FAST_WINOGRAD_CACHE", "1") != "0"):
         return _OP(x, _inference_filter(weight, tile), bias, False)
     u = winograd_filter(weight, tile)
     if not _refilter_in_backward(x, u, bias):

@@ -305,6 +305,24 @@ def test_dispatch_env_var(monkeypatch):
     assert dispatch("op", backends, None, 0) == "medium"
 
 
+def test_dispatch_env_var_follows_os_environ(monkeypatch):
+    # The variable is read from os.environ's encoded mapping on every call (_dispatch): setting,
+    # deleting and non-ASCII values take effect at once, and a replaced os.environ is honoured.
+    import os
+    log = []
+    backends = _recording_backends(log)
+    monkeypatch.setenv("DITO_FAST_BACKEND", "ref")
+    assert dispatch("op", backends, None, 0) == "ref"
+    monkeypatch.delenv("DITO_FAST_BACKEND")
+    assert dispatch("op", backends, None, 0) == "medium"
+    monkeypatch.setenv("DITO_FAST_BACKEND", "op=ref,\u00e9=x")
+    assert dispatch("op", backends, None, 0) == "ref"
+    monkeypatch.setattr(os, "environ", {"DITO_FAST_BACKEND": "op=ref"})
+    assert dispatch("op", backends, None, 0) == "ref"
+    monkeypatch.setattr(os, "environ", {})
+    assert dispatch("op", backends, None, 0) == "medium"
+
+
 def test_env_var_backend_real_ops(monkeypatch):
     # DITO_FAST_BACKEND=sdpa: attention uses it, the ops without an sdpa backend fall back to ref
     monkeypatch.setenv("DITO_FAST_BACKEND", "sdpa")
