@@ -40,10 +40,10 @@ inline at::vec::Vectorized<S> exp_(const at::vec::Vectorized<S>& a) { return a.e
 //   Estrin's scheme. t = a log2 e is rounded to float, an absolute error of up to |t| 6e-8 that
 //   becomes the relative error of 2^t: 6e-7 at |a| = 10, 5e-6 at the clamp. sigmoid's relative
 //   error is that times exp(-a) / (1 + exp(-a)), so it reaches 1e-6 only where a < -12 and
-//   silu(a) = a sigmoid(a) is below 1e-4 in magnitude. On the development machine (Xeon, whose
-//   512-bit instructions issue about one per cycle here) the cost is the instruction count: a
-//   correction term carried into f for t's rounding (3 more instructions) and Horner's scheme
-//   measured 1.1-1.3x slower per vector of SiLU than this (a standalone loop, 2026-12-02).
+//   silu(a) = a sigmoid(a) is below 1e-4 in magnitude. On the development machine (Xeon) SiLU's
+//   cost per vector tracks its count of 512-bit instructions: with a correction term carried
+//   into f for t's rounding (3 more instructions) and Horner's scheme it measured 1.16-1.41x
+//   slower per vector than this (a standalone loop over cached data, 2026-12-02).
 // - AVX2 (no vreduceps/vscalefps): exp(a) = 2^n e^r with n = round(a log2 e), r = a - n ln2 (ln2
 //   in two parts, so r is exact to float rounding for |n| <= 128), e^r a degree-5 near-minimax
 //   polynomial on |r| <= ln2/2 (1.6e-7 relative error), 2^n placed in the exponent field (n fits
