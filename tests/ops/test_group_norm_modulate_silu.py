@@ -152,7 +152,7 @@ def test_cpp_silu_accuracy_wide_range(channels_last):
     tiny = 1e-30  # below this the vector exp's clamp to [-87, 87] departs from exact (a < -87)
     # exp(-a) is computed as 2^t with t = -a log2 e rounded to float (csrc/include/dito_fast/math.h):
     # a relative error of up to |t| 2^-24 in exp(-a), which reaches sigmoid scaled by 1 - s. So
-    # 1e-6 relative where |a| < ~10 and up to ~1e-5 at the clamp, where |silu(a)| < 1e-36.
+    # 1e-6 relative where |a| < ~10, and up to ~1e-5 near the clamp (a = -87: |silu(a)| ~ 1e-36).
     rel = 1e-6 + 1e-7 * a64.abs() * (1 - sig)
     for got in (y.double().amax((2, 3)), y.double().amin((2, 3))):
         assert ((got - want_y).abs() <= rel * want_y.abs() + tiny).all()

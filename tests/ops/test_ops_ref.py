@@ -4,6 +4,7 @@ and for the backend dispatcher (DESIGN.md §3)."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -308,7 +309,6 @@ def test_dispatch_env_var(monkeypatch):
 def test_dispatch_env_var_follows_os_environ(monkeypatch):
     # The variable is read from os.environ's encoded mapping on every call (_dispatch): setting,
     # deleting and non-ASCII values take effect at once, and a replaced os.environ is honoured.
-    import os
     log = []
     backends = _recording_backends(log)
     monkeypatch.setenv("DITO_FAST_BACKEND", "ref")
