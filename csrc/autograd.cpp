@@ -2,27 +2,42 @@
 // (every device: CPU, CUDA, meta/fake tensors under torch.compile).
 //
 // Each op's Autograd kernel either redispatches straight below autograd (grad mode off, or no
-// input requires grad: no graph node is built) or runs a torch::autograd::Function whose forward
-// redispatches below autograd and whose backward calls the registered backward ops
+// input requires grad: no graph node is built) or runs the forward below autograd and attaches a
+// backward node to its differentiable output, as ATen's generated VariableType kernels do. The
+// nodes (torch::autograd::Node subclasses below) keep their saved tensors as SavedVariables, so
+// saved-tensor hooks (activation checkpointing, offloading) and "backward through the graph a
+// second time" errors behave as for ATen ops, and call the registered backward ops
 // (fm_noise_backward, fm_loss_backward, latent_layernorm_backward,
 // group_norm_modulate_silu_backward), also below autograd: they have no autograd formulas, and
-// going through the Autograd key would only reach the boxed autograd fallback. Keeping this in C++
-// rather than torch.library's Python register_autograd removes the Python autograd.Function
-// machinery from every call.
+// going through the Autograd key would only reach the boxed autograd fallback.
+//
+// Why not torch::autograd::Function (used here before): its generic machinery (a context with a
+// string-keyed map of saved values, per-input and per-output bookkeeping, a demangled type name
+// built on every backward call) is a large part of a small op's time. Built both ways and
+// alternated in bench_ops.py's interleaved rounds (2026-12-02, scratch), the switch took
+// latent_layernorm's forward+backward from 2.4-2.8x to 2.6-3.3x the eager reference's speed at the
+// latents, and the flow-matching step's from 2.2-3.1x to 2.5-3.0x; in a one-op stand-in (x * 2 in
+// a C++ Function, in a node, and ATen's own) the Function cost 75-91 us per forward+backward with
+// cold caches where the node and ATen's op cost 55-75 us.
 //
 // Backward formulas are once differentiable: the backward ops have no autograd formulas of their
 // own, so asking for a double backward (create_graph=True with grads or saved tensors that require
 // grad) returns gradients whose grad_fn raises "<op>: double backward is not supported" when
-// differentiated, like Python's @once_differentiable.
+// differentiated, like Python's @once_differentiable. Forward-mode AD (dual tensors) and
+// torch.func transforms are refused with an error rather than silently dropping tangents.
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/GradMode.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
-#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -31,7 +46,8 @@ namespace dito_fast {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using OptTensor = std::optional<Tensor>;
@@ -52,6 +68,19 @@ auto call_below_autograd(const c10::TypedOperatorHandle<Sig>& op, Args&&... args
 
 inline bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
 inline bool requires_grad(const OptTensor& t) { return t.has_value() && requires_grad(*t); }
+inline bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+inline bool has_tangent(const OptTensor& t) { return t.has_value() && has_tangent(*t); }
+
+// Refuses what the backward nodes cannot serve: torch.func transforms (the Python dispatchers fall
+// back to the reference there; this catches direct torch.ops calls) and forward-mode AD.
+template <typename... Ts>
+void check_autograd_support(const char* op, const Ts&... ts) {
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
+    functorch_tls->checkSupportsCppAutogradFunction();
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(!(has_tangent(ts) || ...), op,
+                              ": forward-mode AD (dual tensors) is not supported; use backend='ref'");
+}
 
 // Whether a call must record a graph node: grad mode is on and some tensor input requires grad.
 template <typename... Ts>
@@ -59,6 +88,16 @@ bool needs_graph(const Ts&... ts) {
   return c10::GradMode::is_enabled() && (requires_grad(ts) || ...);
 }
 
+// A backward node of type N whose gradient edges lead to the given inputs, in order (an absent or
+// undefined input gets an empty edge; its gradient slot in N::apply's result is then ignored).
+template <typename N, typename... Ts>
+c10::intrusive_ptr<N> make_node(const Ts&... inputs) {
+  auto node = c10::make_intrusive<N>();
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  return node;
+}
+
+inline Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 inline OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // Runs a backward body. Without create_graph (grad mode off in backward) it just calls it. With
@@ -98,34 +137,41 @@ const c10::TypedOperatorHandle<FmNoiseSig>& fm_noise_op() {
   return op;
 }
 
-struct FmNoise : public torch::autograd::Function<FmNoise> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& noise, const Tensor& t,
-                               double sigma_min) {
-    ctx->set_materialize_grads(false);  // the backward kernel skips an absent grad_xt or grad_v
-    ctx->save_for_backward({t});
-    ctx->saved_data["sigma_min"] = sigma_min;
-    auto [x_t, v] = call_below_autograd(fm_noise_op(), x, noise, t, sigma_min);
-    return {x_t, v};
-  }
+// Inputs (x, noise, t), outputs (x_t, v). Either output's gradient may be absent.
+struct FmNoiseBackward final : public Node {
+  SavedVariable t_;
+  double sigma_min_ = 0;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  std::string name() const override { return "dito_fast::FmNoiseBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    t_.reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
     static const auto backward_op = find_op<FmNoiseBackwardSig>("dito_fast::fm_noise_backward");
-    if ((!grads[0].defined() && !grads[1].defined()) || !(ctx->needs_input_grad(0) || ctx->needs_input_grad(1))) {
-      return {Tensor(), Tensor(), Tensor(), Tensor()};
+    std::lock_guard<std::mutex> lock(mutex_);
+    if ((!grads[0].defined() && !grads[1].defined()) ||
+        !(task_should_compute_output(0) || task_should_compute_output(1))) {
+      return variable_list(3);
     }
-    const auto saved = ctx->get_saved_variables();  // t
-    const double sigma_min = ctx->saved_data["sigma_min"].toDouble();
-    return once_differentiable("fm_noise", grads, saved, [&]() -> variable_list {
-      auto [grad_x, grad_noise] = call_below_autograd(backward_op, opt(grads[0]), opt(grads[1]), saved[0], sigma_min);
-      return {grad_x, grad_noise, Tensor(), Tensor()};  // t and sigma_min: not differentiable
+    const Tensor t = t_.unpack();
+    return once_differentiable("fm_noise", grads, {t}, [&]() -> variable_list {
+      auto [grad_x, grad_noise] = call_below_autograd(backward_op, opt(grads[0]), opt(grads[1]), t, sigma_min_);
+      return {grad_x, grad_noise, Tensor()};  // t: not differentiable
     });
   }
 };
 
 std::tuple<Tensor, Tensor> fm_noise_autograd(const Tensor& x, const Tensor& noise, const Tensor& t, double sigma_min) {
+  check_autograd_support("fm_noise", x, noise, t);
   if (!needs_graph(x, noise, t)) return call_below_autograd(fm_noise_op(), x, noise, t, sigma_min);
-  auto out = FmNoise::apply(x, noise, t, sigma_min);
-  return {out[0], out[1]};
+  auto node = make_node<FmNoiseBackward>(x, noise, t);
+  auto [x_t, v] = call_below_autograd(fm_noise_op(), x, noise, t, sigma_min);
+  node->t_ = SavedVariable(t, /*is_output=*/false);
+  node->sigma_min_ = sigma_min;
+  torch::autograd::set_history(x_t, node);
+  torch::autograd::set_history(v, node);
+  return {x_t, v};
 }
 
 // ---- fm_loss -------------------------------------------------------------------------------------
@@ -137,28 +183,38 @@ const c10::TypedOperatorHandle<FmLossSig>& fm_loss_op() {
   return op;
 }
 
-struct FmLoss : public torch::autograd::Function<FmLoss> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target) {
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({pred, target});
-    return call_below_autograd(fm_loss_op(), pred, target);
-  }
+// Inputs (pred, target), output the per-sample loss (B,).
+struct FmLossBackward final : public Node {
+  SavedVariable pred_, target_;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  std::string name() const override { return "dito_fast::FmLossBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pred_.reset_data();
+    target_.reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
     static const auto backward_op = find_op<FmLossBackwardSig>("dito_fast::fm_loss_backward");
-    if (!grads[0].defined()) return {Tensor(), Tensor()};
-    const auto saved = ctx->get_saved_variables();
-    const bool want_pred = ctx->needs_input_grad(0), want_target = ctx->needs_input_grad(1);
-    return once_differentiable("fm_loss", grads, saved, [&]() -> variable_list {
-      Tensor g = call_below_autograd(backward_op, grads[0], saved[0], saved[1]);
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool want_pred = task_should_compute_output(0), want_target = task_should_compute_output(1);
+    if (!grads[0].defined() || !(want_pred || want_target)) return variable_list(2);
+    const Tensor pred = pred_.unpack(), target = target_.unpack();
+    return once_differentiable("fm_loss", grads, {pred, target}, [&]() -> variable_list {
+      Tensor g = call_below_autograd(backward_op, grads[0], pred, target);
       return {want_pred ? g : Tensor(), want_target ? g.neg() : Tensor()};  // d/dtarget = -d/dpred
     });
   }
 };
 
 Tensor fm_loss_autograd(const Tensor& pred, const Tensor& target) {
+  check_autograd_support("fm_loss", pred, target);
   if (!needs_graph(pred, target)) return call_below_autograd(fm_loss_op(), pred, target);
-  return FmLoss::apply(pred, target);
+  auto node = make_node<FmLossBackward>(pred, target);
+  Tensor loss = call_below_autograd(fm_loss_op(), pred, target);
+  node->pred_ = SavedVariable(pred, false);
+  node->target_ = SavedVariable(target, false);
+  torch::autograd::set_history(loss, node);
+  return loss;
 }
 
 // ---- latent_layernorm ----------------------------------------------------------------------------
@@ -170,29 +226,36 @@ const c10::TypedOperatorHandle<LlnSig>& lln_op() {
   return op;
 }
 
-struct LatentLayerNorm : public torch::autograd::Function<LatentLayerNorm> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& z, double eps) {
-    ctx->set_materialize_grads(false);
-    auto [y, rstd] = call_below_autograd(lln_op(), z, eps);
-    ctx->save_for_backward({y, rstd});  // the backward needs only the output and 1/std
-    ctx->mark_non_differentiable({rstd});
-    return {y, rstd};
-  }
+// Input z, outputs (y, rstd); rstd is not differentiable. The backward needs only y and rstd.
+struct LatentLayerNormBackward final : public Node {
+  SavedVariable y_, rstd_;  // y is this node's own output
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  std::string name() const override { return "dito_fast::LatentLayerNormBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    y_.reset_data();
+    rstd_.reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
     static const auto backward_op = find_op<LlnBackwardSig>("dito_fast::latent_layernorm_backward");
-    if (!grads[0].defined()) return {Tensor(), Tensor()};
-    const auto saved = ctx->get_saved_variables();
-    return once_differentiable("latent_layernorm", grads, saved, [&]() -> variable_list {
-      return {call_below_autograd(backward_op, grads[0], saved[0], saved[1]), Tensor()};
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined() || !task_should_compute_output(0)) return variable_list(1);
+    const Tensor y = y_.unpack(getptr()), rstd = rstd_.unpack();
+    return once_differentiable("latent_layernorm", grads, {y, rstd}, [&]() -> variable_list {
+      return {call_below_autograd(backward_op, grads[0], y, rstd)};
     });
   }
 };
 
 std::tuple<Tensor, Tensor> lln_autograd(const Tensor& z, double eps) {
+  check_autograd_support("latent_layernorm", z);
   if (!needs_graph(z)) return call_below_autograd(lln_op(), z, eps);
-  auto out = LatentLayerNorm::apply(z, eps);
-  return {out[0], out[1]};
+  auto node = make_node<LatentLayerNormBackward>(z);
+  auto [y, rstd] = call_below_autograd(lln_op(), z, eps);
+  torch::autograd::set_history(y, node);  // before saving y: a saved output refers to its node
+  node->y_ = SavedVariable(y, /*is_output=*/true);
+  node->rstd_ = SavedVariable(rstd, false);
+  return {y, rstd};
 }
 
 // ---- group_norm_modulate_silu --------------------------------------------------------------------
@@ -207,34 +270,30 @@ const c10::TypedOperatorHandle<GnmsSig>& gnms_op() {
   return op;
 }
 
-struct GroupNormModulateSilu : public torch::autograd::Function<GroupNormModulateSilu> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t num_groups, const OptTensor& weight,
-                               const OptTensor& bias, const OptTensor& scale, const OptTensor& shift, double eps,
-                               bool silu) {
-    ctx->set_materialize_grads(false);
-    auto [y, mean, rstd] = call_below_autograd(gnms_op(), x, num_groups, weight, bias, scale, shift, eps, silu);
-    auto or_undefined = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
-    ctx->save_for_backward({x, mean, rstd, or_undefined(weight), or_undefined(bias), or_undefined(scale),
-                            or_undefined(shift)});
-    ctx->saved_data["num_groups"] = num_groups;
-    ctx->saved_data["silu"] = silu;
-    ctx->mark_non_differentiable({mean, rstd});
-    return {y, mean, rstd};
-  }
+// Inputs (x, weight, bias, scale, shift), the last four optional; outputs (y, mean, rstd), the
+// statistics not differentiable.
+struct GroupNormModulateSiluBackward final : public Node {
+  SavedVariable x_, mean_, rstd_, weight_, bias_, scale_, shift_;  // absent parameters: undefined
+  int64_t num_groups_ = 1;
+  bool silu_ = true;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  std::string name() const override { return "dito_fast::GroupNormModulateSiluBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* s : {&x_, &mean_, &rstd_, &weight_, &bias_, &scale_, &shift_}) s->reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
     static const auto backward_op = find_op<GnmsBackwardSig>("dito_fast::group_norm_modulate_silu_backward");
-    if (!grads[0].defined()) return variable_list(8);
-    const auto s = ctx->get_saved_variables();  // x, mean, rstd, weight, bias, scale, shift
-    const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
-    const bool silu = ctx->saved_data["silu"].toBool();
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return variable_list(5);
+    const variable_list s = {x_.unpack(),      mean_.unpack(),  rstd_.unpack(), weight_.unpack(),
+                             bias_.unpack(),   scale_.unpack(), shift_.unpack()};
     return once_differentiable("group_norm_modulate_silu", grads, s, [&]() -> variable_list {
-      auto [dx, dw, db, ds, dsh] =
-          call_below_autograd(backward_op, grads[0], s[0], s[1], s[2], num_groups, opt(s[3]), opt(s[4]), opt(s[5]),
-                              opt(s[6]), silu);
+      auto [dx, dw, db, ds, dsh] = call_below_autograd(backward_op, grads[0], s[0], s[1], s[2], num_groups_, opt(s[3]),
+                                                       opt(s[4]), opt(s[5]), opt(s[6]), silu_);
       // Absent parameters come back as empty (0,) tensors: no gradient for them.
       auto keep = [](const Tensor& grad, const Tensor& param) { return param.defined() ? grad : Tensor(); };
-      return {dx, Tensor(), keep(dw, s[3]), keep(db, s[4]), keep(ds, s[5]), keep(dsh, s[6]), Tensor(), Tensor()};
+      return {dx, keep(dw, s[3]), keep(db, s[4]), keep(ds, s[5]), keep(dsh, s[6])};
     });
   }
 };
@@ -242,11 +301,23 @@ struct GroupNormModulateSilu : public torch::autograd::Function<GroupNormModulat
 std::tuple<Tensor, Tensor, Tensor> gnms_autograd(const Tensor& x, int64_t num_groups, const OptTensor& weight,
                                                  const OptTensor& bias, const OptTensor& scale, const OptTensor& shift,
                                                  double eps, bool silu) {
+  check_autograd_support("group_norm_modulate_silu", x, weight, bias, scale, shift);
   if (!needs_graph(x, weight, bias, scale, shift)) {
     return call_below_autograd(gnms_op(), x, num_groups, weight, bias, scale, shift, eps, silu);
   }
-  auto out = GroupNormModulateSilu::apply(x, num_groups, weight, bias, scale, shift, eps, silu);
-  return {out[0], out[1], out[2]};
+  auto node = make_node<GroupNormModulateSiluBackward>(x, weight, bias, scale, shift);
+  auto [y, mean, rstd] = call_below_autograd(gnms_op(), x, num_groups, weight, bias, scale, shift, eps, silu);
+  node->x_ = SavedVariable(x, false);
+  node->mean_ = SavedVariable(mean, false);
+  node->rstd_ = SavedVariable(rstd, false);
+  node->weight_ = SavedVariable(or_undefined(weight), false);
+  node->bias_ = SavedVariable(or_undefined(bias), false);
+  node->scale_ = SavedVariable(or_undefined(scale), false);
+  node->shift_ = SavedVariable(or_undefined(shift), false);
+  node->num_groups_ = num_groups;
+  node->silu_ = silu;
+  torch::autograd::set_history(y, node);
+  return {y, mean, rstd};
 }
 
 }  // namespace

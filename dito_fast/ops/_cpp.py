@@ -13,6 +13,8 @@ import logging
 
 import torch
 
+from ._dispatch import autograd_mode_reasons
+
 logger = logging.getLogger(__name__)
 
 try:
@@ -33,26 +35,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HAS_CUDA = AVAILABLE and _C.has_cuda()
 
 
-FUNCTORCH_REASON = ("torch.func transforms (grad, vjp, jacrev, vmap, ...) are active; the C++ ops' autograd "
-                    "formulas do not support them")
-
-
-def functorch_reasons() -> list[str]:
-    """[FUNCTORCH_REASON] while torch.func transforms run, else []. The ops' autograd formulas
-    (C++ torch::autograd::Functions; conv3x3's torch.library registration) cannot run under them,
-    so the dispatchers fall back to the reference. torch.compile's tracing is left alone (the
-    check would break its graph)."""
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return [FUNCTORCH_REASON]
-    return []
-
-
 def unsupported_reasons(*tensors: torch.Tensor | None) -> list[str]:
     """Why the C++ kernels cannot run on these tensors (empty list: they can)."""
     if not AVAILABLE:
         return [f"dito_fast._C is not built ({LOAD_ERROR})"]
-    if functorch := functorch_reasons():
-        return functorch
+    if mode := autograd_mode_reasons():
+        return mode
     # Fast path, taken on every supported call: no reason list is built.
     for t in tensors:
         # is_cpu/is_cuda/is_meta are much cheaper than t.device.type (no device object)
@@ -82,7 +70,7 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last for a 4-d tensor laid out so (and not also contiguous), else contiguous;
     the layout the C++ kernels keep (dito_fast::preferred_format in csrc/include/dito_fast/check.h).
     Contiguous under torch.func transforms, where the layout cannot be queried (vmap) and the C++
-    kernels do not run (functorch_reasons)."""
+    kernels do not run (autograd_mode_reasons)."""
     if (x.dim() == 4 and not torch._C._are_functorch_transforms_active() and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 # When True, every dispatched call runs inside a profiler range named "dito_fast::<op>", so a
 # torch.profiler trace can attribute time to the fused ops (benchmarks/bench_model.py sets it).
@@ -30,6 +31,28 @@ class Backend:
 
 
 def always_supported(*args, **kwargs) -> list[str]:
+    return []
+
+
+FUNCTORCH_REASON = ("torch.func transforms (grad, vjp, jacrev, vmap, ...) are active; the fused ops' autograd "
+                    "formulas do not support them")
+FORWARD_AD_REASON = ("forward-mode AD is active (torch.autograd.forward_ad.dual_level); the fused ops have no "
+                     "forward-mode formulas")
+
+
+def autograd_mode_reasons() -> list[str]:
+    """Why the fused backends' autograd formulas cannot serve the current autograd mode ([] when
+    they can). They are reverse-mode only (csrc/autograd.cpp's backward nodes, the torch.library
+    registrations of conv3x3 and the Triton ops): under torch.func transforms or forward-mode AD
+    (a dual_level is open) they would fail or lose the tangents, so the cpp and triton backends
+    report these reasons and the dispatchers fall back to the reference, whose ATen ops support
+    both. torch.compile's tracing is left alone (the check would break its graph)."""
+    if torch.compiler.is_compiling():
+        return []
+    if torch._C._are_functorch_transforms_active():
+        return [FUNCTORCH_REASON]
+    if _forward_ad._current_level >= 0:
+        return [FORWARD_AD_REASON]
     return []
 
 

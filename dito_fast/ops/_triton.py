@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ._dispatch import Backend
+from ._dispatch import Backend, autograd_mode_reasons
 
 MODULES = ("fm", "latent_layernorm", "group_norm_modulate_silu", "attention")
 _loaded: dict = {}
@@ -43,7 +43,7 @@ def backend(module: str, fn_name: str, reasons_name: str = "unsupported_reasons"
     """A dispatcher entry for ``dito_fast.kernels.triton.<module>.<fn_name>``."""
 
     def reasons(*args, **kwargs) -> list[str]:
-        early = _could_run(args)
+        early = _could_run(args) or autograd_mode_reasons()
         return early or getattr(_module(module), reasons_name)(*args, **kwargs)
 
     def fn(*args, **kwargs):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import _cpp
 from ._cpp import memory_format_of
-from ._dispatch import Backend, always_supported, dispatch, env_backend, getenv
+from ._dispatch import Backend, always_supported, autograd_mode_reasons, dispatch, env_backend, getenv
 
 MIN_WINOGRAD_CHANNELS = 32
 
@@ -188,9 +188,9 @@ def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
 # the hooks check the versions themselves: the weight's, and x's. They are left out, and u kept,
 # where other saved-tensor hooks are already active (activation checkpointing, save_on_cpu: only
 # the innermost hooks act, and theirs must) and under torch.compile (its graphs save what they
-# need); under torch.func transforms the cpp backend does not run at all (_cpp.functorch_reasons). DITO_FAST_WINOGRAD_KEEP_FILTER=1 keeps
-# the filters always (memory for one transform per layer; benchmarks/bench_model.py::
-# test_train_peak_memory compares the two).
+# need); under torch.func transforms and forward-mode AD the cpp backend does not run at all
+# (_dispatch.autograd_mode_reasons). DITO_FAST_WINOGRAD_KEEP_FILTER=1 keeps the filters always (memory
+# for one transform per layer; benchmarks/bench_model.py::test_train_peak_memory compares the two).
 _INPLACE_MESSAGE = ("conv3x3: {what} was modified in place between the forward and the backward (version {now}, "
                     "saved at version {saved}); one of the variables needed for gradient computation has been "
                     "modified by an inplace operation")
@@ -256,8 +256,8 @@ def _winograd_reasons(x: torch.Tensor, weight_dtype: torch.dtype) -> list[str]:
     """Why the Winograd kernels cannot run on x with a weight of this dtype (empty: they can)."""
     if not _cpp.AVAILABLE:
         return [f"dito_fast._C is not built ({_cpp.LOAD_ERROR})"]
-    if functorch := _cpp.functorch_reasons():
-        return functorch
+    if mode := autograd_mode_reasons():
+        return mode
     if not x.is_cpu:  # meta tensors too: FLOP counters must see the convolution itself
         return [f"Winograd kernels are CPU only (x is on {x.device})"]
     reasons = []

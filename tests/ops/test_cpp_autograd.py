@@ -160,3 +160,90 @@ def test_vmap_over_the_norm_block():
     x = torch.randn(3, 8, 5, 4, generator=g)
     per_sample = torch.func.vmap(lambda xx: group_norm_modulate_silu(xx[None], 2)[0])(x)
     torch.testing.assert_close(per_sample, group_norm_modulate_silu(x, 2, backend="cpp"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", _func_cases(), ids=lambda c: c[0])
+def test_forward_ad_uses_the_reference(case):
+    """With a forward-AD level open the dispatchers choose the reference, whose directional
+    derivative equals the C++ backend's gradient dotted with the tangent; asking for cpp explicitly
+    names why it cannot run (the fused ops have no forward-mode formulas: they used to drop the
+    tangent silently)."""
+    import torch.autograd.forward_ad as fwAD
+
+    _, make, p = case
+    tangent = torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=p.dtype)
+    q = p.detach().clone().requires_grad_()
+    (grad,) = torch.autograd.grad(make("cpp")(q), (q,))
+    with fwAD.dual_level():
+        jvp = fwAD.unpack_dual(make(None)(fwAD.make_dual(p, tangent))).tangent
+        with pytest.raises(RuntimeError, match="forward-mode AD is active"):
+            make("cpp")(fwAD.make_dual(p, tangent))
+    assert jvp is not None
+    torch.testing.assert_close(jvp, (grad * tangent).sum(), rtol=1e-9, atol=1e-9)
+
+
+def _node_cases():
+    """(op, run, inputs, saved, node): run(*inputs) -> the op's differentiable output, computed by
+    the C++ backend; saved: how many tensors its backward node saves; node: that node's name."""
+    g = torch.Generator().manual_seed(6)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    t = torch.rand(2, generator=g, dtype=torch.float64)
+    return [
+        ("fm_noise", lambda x, e: torch.add(*fm_noise(x, e, t, backend="cpp")), (r(2, 4, 3, 3), r(2, 4, 3, 3)), 1,
+         "FmNoiseBackward"),  # saves t
+        ("fm_loss", lambda p, y: fm_loss(p, y, backend="cpp"), (r(2, 4, 3, 3), r(2, 4, 3, 3)), 2,
+         "FmLossBackward"),
+        ("latent_layernorm", lambda z: latent_layernorm(z, backend="cpp"), (r(2, 4, 3, 3),), 2,
+         "LatentLayerNormBackward"),  # y, rstd
+        ("group_norm_modulate_silu", lambda x, w, b, s, sh: group_norm_modulate_silu(x, 2, w, b, s, sh, backend="cpp"),
+         (r(2, 4, 3, 3), r(4), r(4), r(2, 4), r(2, 4)), 7, "GroupNormModulateSiluBackward"),  # x, mean, rstd, 4 params
+    ]
+
+
+@pytest.mark.parametrize("case", _node_cases(), ids=lambda c: c[0])
+def test_backward_nodes_save_like_aten_ops(case):
+    """The backward nodes keep their tensors as SavedVariables: saved-tensor hooks see each of them
+    (so activation checkpointing and offloading work), non-reentrant checkpointing gives the same
+    gradients, and a second backward through a freed graph raises autograd's own error."""
+    from torch.utils.checkpoint import checkpoint
+
+    op, run, inputs, saved, node_name = case
+    weight = torch.randn(run(*inputs).shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    loss = lambda *a: (run(*a) * weight).sum()  # noqa: E731
+    expected = torch.autograd.grad(loss(*inputs), inputs)
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: packed.append(x.shape) or x, lambda x: x):
+        out = run(*inputs)
+    assert len(packed) == saved, packed
+    node = out.grad_fn.next_functions[0][0] if op == "fm_noise" else out.grad_fn  # fm_noise: below the add
+    assert node.name() == f"dito_fast::{node_name}"
+    got = torch.autograd.grad(checkpoint(loss, *inputs, use_reentrant=False), inputs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    value = loss(*inputs)
+    torch.autograd.grad(value, inputs, retain_graph=True)
+    again = torch.autograd.grad(value, inputs)  # the retained graph runs again, alike
+    for a, b in zip(again, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(value, inputs)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_direct_op_call_refuses_forward_ad(op):
+    """Called through torch.ops (no dispatcher to fall back), a dual input raises instead of the
+    tangent being dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, y = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    call = {
+        "fm_noise": lambda a: torch.ops.dito_fast.fm_noise(a, y, torch.rand(2), 1e-5),
+        "fm_loss": lambda a: torch.ops.dito_fast.fm_loss(a, y),
+        "latent_layernorm": lambda a: torch.ops.dito_fast.latent_layernorm(a, 1e-5),
+        "group_norm_modulate_silu": lambda a: torch.ops.dito_fast.group_norm_modulate_silu(a, 2, None, None, None,
+                                                                                            None, 1e-5, True),
+    }[op]
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"{op}: forward-mode AD"):
+        call(fwAD.make_dual(x, torch.ones_like(x)))
