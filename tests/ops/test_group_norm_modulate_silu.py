@@ -212,6 +212,38 @@ def test_errors_before_any_kernel(backend):
         call(x[:0], 3)
 
 
+@pytest.mark.parametrize("backend", ["ref", pytest.param("cpp", marks=needs_cpp), None])
+def test_parameter_errors_alike_on_every_backend(backend):
+    """The parameters' dtype and shape checks run in the C++ op for cpp (check.h) and in Python for
+    the others: the same exception types and messages either way. A parameter on another device
+    (meta here, which would reach the fake kernel) is caught in Python before any backend runs."""
+    x = torch.randn(2, 6, 4, 4)
+    call = lambda **k: group_norm_modulate_silu(x, 3, backend=backend, **k)  # noqa: E731
+    with pytest.raises(ValueError, match=r"group_norm_modulate_silu: bias must have shape \(6,\), got \(2, 6\)$"):
+        call(bias=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match=r"shift must have shape \(2, 6\), got \(6,\)$"):
+        call(shift=torch.zeros(6))
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        call(weight=torch.ones(6, device="meta"))
+    with pytest.raises(TypeError, match="scale must be a floating tensor or None, got float"):
+        call(scale=1.5)
+    if backend != "cpp":  # explicit cpp reports the dtype as a reason it cannot run instead
+        with pytest.raises(TypeError, match="weight must be a floating tensor, got torch.int64"):
+            call(weight=torch.ones(6, dtype=torch.int64))
+
+
+@needs_cpp
+def test_cpp_op_raises_python_errors():
+    """Called through torch.ops, the C++ checks raise ValueError/TypeError with shapes printed as
+    Python tuples, as the Python wrappers do."""
+    op = torch.ops.dito_fast.group_norm_modulate_silu
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match=r"weight must have shape \(6,\), got \(5,\)$"):
+        op(x, 3, torch.ones(5), None, None, None, 1e-5, True)
+    with pytest.raises(TypeError, match="scale must be a floating tensor, got Long"):
+        op(x, 3, None, None, torch.ones(2, 6, dtype=torch.int64), None, 1e-5, True)
+
+
 @needs_cpp
 def test_unsupported_dtype_reason():
     x = torch.randn(1, 4, 2, 2, dtype=torch.complex64)

@@ -5,25 +5,37 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 
 #define DITO_CHECK(cond, op, ...) TORCH_CHECK((cond), op, ": ", __VA_ARGS__)
 
 namespace dito_fast {
 
+// These three raise Python's TypeError / ValueError with the wording of the Python wrappers' checks
+// (dito_fast/ops/*.py), which leave some of them to the C++ op (group_norm_modulate_silu's
+// parameters): the same error whichever side finds the problem.
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be a floating tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kHalf ||
-                  t.scalar_type() == at::kBFloat16,
-              op, ": ", name, " has unsupported dtype ", t.scalar_type(), " (float32/float64/float16/bfloat16)");
+  TORCH_CHECK_TYPE(t.is_floating_point(), op, ": ", name, " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kHalf ||
+                       t.scalar_type() == at::kBFloat16,
+                   op, ": ", name, " has unsupported dtype ", t.scalar_type(), " (float32/float64/float16/bfloat16)");
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na,
                               const char* nb) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", na, " is on ", a.device(), " but ", nb, " is on ", b.device());
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", na, " is on ", a.device(), " but ", nb, " is on ", b.device());
+}
+
+// A shape as Python prints the tuple: (6,), (2, 6).
+inline std::string tuple_str(at::IntArrayRef shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
 }
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name) {
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", tuple_str(shape), ", got ",
+                    tuple_str(t.sizes()));
 }
 
 // fm_noise_backward's device-independent checks (the CPU and CUDA wrappers add their own device
