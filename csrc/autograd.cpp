@@ -71,21 +71,24 @@ inline bool requires_grad(const OptTensor& t) { return t.has_value() && requires
 inline bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 inline bool has_tangent(const OptTensor& t) { return t.has_value() && has_tangent(*t); }
 
-// Refuses what the backward nodes cannot serve: torch.func transforms (the Python dispatchers fall
-// back to the reference there; this catches direct torch.ops calls) and forward-mode AD.
+// Refuses forward-mode AD, which the nodes cannot serve (its tangents would be dropped), grad mode
+// or not. The Python dispatchers fall back to the reference there; this catches direct torch.ops calls.
 template <typename... Ts>
-void check_autograd_support(const char* op, const Ts&... ts) {
-  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
-    functorch_tls->checkSupportsCppAutogradFunction();
-  }
+void check_no_tangents(const char* op, const Ts&... ts) {
   TORCH_CHECK_NOT_IMPLEMENTED(!(has_tangent(ts) || ...), op,
                               ": forward-mode AD (dual tensors) is not supported; use backend='ref'");
 }
 
 // Whether a call must record a graph node: grad mode is on and some tensor input requires grad.
+// Recording one under torch.func transforms is refused, as torch::autograd::Function refuses it
+// (the Python dispatchers fall back to the reference there; this catches direct torch.ops calls).
 template <typename... Ts>
 bool needs_graph(const Ts&... ts) {
-  return c10::GradMode::is_enabled() && (requires_grad(ts) || ...);
+  if (!(c10::GradMode::is_enabled() && (requires_grad(ts) || ...))) return false;
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
+    functorch_tls->checkSupportsCppAutogradFunction();
+  }
+  return true;
 }
 
 // A backward node of type N whose gradient edges lead to the given inputs, in order (an absent or
@@ -163,7 +166,7 @@ struct FmNoiseBackward final : public Node {
 };
 
 std::tuple<Tensor, Tensor> fm_noise_autograd(const Tensor& x, const Tensor& noise, const Tensor& t, double sigma_min) {
-  check_autograd_support("fm_noise", x, noise, t);
+  check_no_tangents("fm_noise", x, noise, t);
   if (!needs_graph(x, noise, t)) return call_below_autograd(fm_noise_op(), x, noise, t, sigma_min);
   auto node = make_node<FmNoiseBackward>(x, noise, t);
   auto [x_t, v] = call_below_autograd(fm_noise_op(), x, noise, t, sigma_min);
@@ -207,7 +210,7 @@ struct FmLossBackward final : public Node {
 };
 
 Tensor fm_loss_autograd(const Tensor& pred, const Tensor& target) {
-  check_autograd_support("fm_loss", pred, target);
+  check_no_tangents("fm_loss", pred, target);
   if (!needs_graph(pred, target)) return call_below_autograd(fm_loss_op(), pred, target);
   auto node = make_node<FmLossBackward>(pred, target);
   Tensor loss = call_below_autograd(fm_loss_op(), pred, target);
@@ -248,7 +251,7 @@ struct LatentLayerNormBackward final : public Node {
 };
 
 std::tuple<Tensor, Tensor> lln_autograd(const Tensor& z, double eps) {
-  check_autograd_support("latent_layernorm", z);
+  check_no_tangents("latent_layernorm", z);
   if (!needs_graph(z)) return call_below_autograd(lln_op(), z, eps);
   auto node = make_node<LatentLayerNormBackward>(z);
   auto [y, rstd] = call_below_autograd(lln_op(), z, eps);
@@ -301,7 +304,7 @@ struct GroupNormModulateSiluBackward final : public Node {
 std::tuple<Tensor, Tensor, Tensor> gnms_autograd(const Tensor& x, int64_t num_groups, const OptTensor& weight,
                                                  const OptTensor& bias, const OptTensor& scale, const OptTensor& shift,
                                                  double eps, bool silu) {
-  check_autograd_support("group_norm_modulate_silu", x, weight, bias, scale, shift);
+  check_no_tangents("group_norm_modulate_silu", x, weight, bias, scale, shift);
   if (!needs_graph(x, weight, bias, scale, shift)) {
     return call_below_autograd(gnms_op(), x, num_groups, weight, bias, scale, shift, eps, silu);
   }

@@ -247,3 +247,14 @@ def test_direct_op_call_refuses_forward_ad(op):
     }[op]
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"{op}: forward-mode AD"):
         call(fwAD.make_dual(x, torch.ones_like(x)))
+
+
+def test_direct_op_call_under_torch_func():
+    """Through torch.ops (no dispatcher to fall back): vmap without gradients runs (functorch's
+    per-sample fallback), while recording a backward node under a transform raises."""
+    op = torch.ops.dito_fast.latent_layernorm.default
+    x = torch.randn(3, 2, 4, 3, 3)
+    per_sample = torch.func.vmap(lambda a: op(a, 1e-5)[0])(x)
+    torch.testing.assert_close(per_sample[1], op(x[1], 1e-5)[0])
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda a: op(a, 1e-5)[0].square().sum())(x[0])
