@@ -23,8 +23,8 @@
 // Backward formulas are once differentiable: the backward ops have no autograd formulas of their
 // own, so asking for a double backward (create_graph=True with grads or saved tensors that require
 // grad) returns gradients whose grad_fn raises "<op>: double backward is not supported" when
-// differentiated, like Python's @once_differentiable. Forward-mode AD (dual tensors) and
-// torch.func transforms are refused with an error rather than silently dropping tangents.
+// differentiated, like Python's @once_differentiable. Dual tensors (forward-mode AD) are refused
+// with an error rather than their tangents dropped, and so is a node recorded under torch.func.
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
