@@ -1,7 +1,6 @@
 // Every schema of dito_fast's custom ops, in one place. Implementations register per device in
 // csrc/ops/<op>/<op>_cpu.cpp and <op>_cuda.cu (TORCH_LIBRARY_IMPL), the autograd formulas in
 // csrc/autograd.cpp; fake (meta) implementations are registered from Python (dito_fast/ops/_cpp.py).
-#include <Python.h>
 #include <torch/library.h>
 
 #include <dito_fast/cpu_kernels.h>
@@ -68,23 +67,3 @@ const char* capability_name() {
 
 }  // namespace cpu
 }  // namespace dito_fast
-
-// The Python module: importing dito_fast._C runs the registrations above.
-namespace {
-PyObject* cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(dito_fast::cpu::capability_name()); }
-PyObject* has_cuda(PyObject*, PyObject*) {
-#if defined(DITO_FAST_WITH_CUDA)
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
-PyMethodDef methods[] = {
-    {"cpu_capability", cpu_capability, METH_NOARGS, "Instruction set of the CPU kernels in use."},
-    {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were built."},
-    {nullptr, nullptr, 0, nullptr}};
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "dito_fast's C++/CUDA kernels (registered as torch.ops.dito_fast).",
-                      -1, methods};
-}  // namespace
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

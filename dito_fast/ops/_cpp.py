@@ -35,6 +35,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HAS_CUDA = AVAILABLE and _C.has_cuda()
 
 
+def direct(op_name: str):
+    """The op's direct entry point in dito_fast._C (csrc/module.cpp), None when not built; see
+    _dispatch.Backend.direct."""
+    return getattr(_C, op_name) if AVAILABLE else None
+
+
 def unsupported_reasons(*tensors: torch.Tensor | None) -> list[str]:
     """Why the C++ kernels cannot run on these tensors (empty list: they can)."""
     if not AVAILABLE:

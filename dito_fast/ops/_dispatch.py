@@ -3,10 +3,16 @@
 Each op registers its backends in priority order as ``(name, fn, unsupported_reasons)``, where
 ``unsupported_reasons(*args, **kwargs)`` returns a list of strings (empty: the backend can run).
 Choice: explicit ``backend=`` argument > ``DITO_FAST_BACKEND`` environment variable (one name
-for all ops, or ``op=name`` entries separated by commas) > the first backend with no reasons. When nothing fits, the error lists every backend's reasons.
+for all ops, or ``op=name`` entries separated by commas) > the first backend with no reasons.
+When nothing fits, the error lists every backend's reasons.
 
 This runs on every call of a fused op, so it is kept lean: the environment variable is parsed once
-per (op, raw value) and the error paths build their messages only when they are taken.
+per (op, raw value) and the error paths build their messages only when they are taken. The first
+backend may also have a ``direct`` route (the cpp backend's entry points in dito_fast._C,
+csrc/module.cpp): one C call that either runs the op, when that backend would be chosen, or returns
+NotImplemented. Whenever that backend is the one asked for or the first in line, ``dispatch`` tries
+it before anything else, which saves the selection's Python calls and torch.ops' boxed call: 15-35 us
+per call with cold caches (bench_ops.py's alternated rounds), as much as a small op's kernel.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ class Backend:
     name: str
     fn: Callable
     unsupported_reasons: Callable[..., list[str]]
+    # Optional: direct(*args) runs fn's computation, or returns NotImplemented where
+    # unsupported_reasons would not be empty (it may also decline other calls, which then take the
+    # ordinary route). Never called while torch.compile traces.
+    direct: Callable | None = None
 
 
 def always_supported(*args, **kwargs) -> list[str]:
@@ -115,6 +125,12 @@ def env_backend(op_name: str) -> str | None:
 
 def dispatch(op_name: str, backends: list[Backend], backend: str | None, *args, **kwargs):
     """Run ``op_name`` on the chosen backend (see module docstring)."""
+    first = backends[0]
+    if (first.direct is not None and not kwargs and not PROFILE_RANGES and not torch.compiler.is_compiling()
+            and (backend or env_backend(op_name)) in (None, first.name)):
+        out = first.direct(*args)
+        if out is not NotImplemented:
+            return out
     if PROFILE_RANGES:
         with torch.profiler.record_function(f"dito_fast::{op_name}"):
             return _select(op_name, backends, backend, args, kwargs).fn(*args, **kwargs)

@@ -74,12 +74,12 @@ else:
 
 
 _NOISE_BACKENDS = [
-    Backend("cpp", _cpp_noise, lambda x, noise, t, s: _cpp.unsupported_reasons(x, noise)),
+    Backend("cpp", _cpp_noise, lambda x, noise, t, s: _cpp.unsupported_reasons(x, noise), _cpp.direct("fm_noise")),
     _triton.backend("fm", "fm_noise", "fm_noise_unsupported_reasons"),
     Backend("ref", fm_noise_ref, always_supported),
 ]
 _LOSS_BACKENDS = [
-    Backend("cpp", _cpp_loss, lambda pred, target: _cpp.unsupported_reasons(pred, target)),
+    Backend("cpp", _cpp_loss, lambda pred, target: _cpp.unsupported_reasons(pred, target), _cpp.direct("fm_loss")),
     _triton.backend("fm", "fm_loss", "fm_loss_unsupported_reasons"),
     Backend("ref", fm_loss_ref, always_supported),
 ]

@@ -91,7 +91,8 @@ def _triton_gnms(x, num_groups, weight, bias, scale, shift, eps, silu):
 
 # The parameter checks: in the C++ op for cpp, in _triton_gnms for triton, in the reference for ref.
 _BACKENDS = [
-    Backend("cpp", _cpp_gnms, lambda x, g, w, b, s, sh, eps, silu: _cpp.unsupported_reasons(x, w, b, s, sh)),
+    Backend("cpp", _cpp_gnms, lambda x, g, w, b, s, sh, eps, silu: _cpp.unsupported_reasons(x, w, b, s, sh),
+            _cpp.direct("group_norm_modulate_silu")),
     Backend("triton", _triton_gnms, _TRITON.unsupported_reasons),
     Backend("ref", group_norm_modulate_silu_ref, always_supported),
 ]

@@ -40,7 +40,7 @@ def _cpp_lln(z, eps):
 
 
 _BACKENDS = [
-    Backend("cpp", _cpp_lln, lambda z, eps: _cpp.unsupported_reasons(z)),
+    Backend("cpp", _cpp_lln, lambda z, eps: _cpp.unsupported_reasons(z), _cpp.direct("latent_layernorm")),
     _triton.backend("latent_layernorm", "latent_layernorm"),
     Backend("ref", latent_layernorm_ref, always_supported),
 ]

@@ -323,6 +323,35 @@ def test_dispatch_env_var_follows_os_environ(monkeypatch):
     assert dispatch("op", backends, None, 0) == "medium"
 
 
+def test_dispatch_direct_route(monkeypatch):
+    # The first backend's direct route runs whenever that backend is asked for or first in line, and
+    # not otherwise; NotImplemented from it falls back to the ordinary selection (same backend, or
+    # the reasons error when it was asked for explicitly).
+    monkeypatch.delenv("DITO_FAST_BACKEND", raising=False)
+    log = []
+
+    def direct(x):
+        log.append("direct")
+        return NotImplemented if x < 0 else "direct"
+
+    backends = [Backend("first", lambda x: log.append("first") or "first", lambda x: ["negative"] if x < 0 else [],
+                        direct), Backend("ref", lambda x: log.append("ref") or "ref", always_supported)]
+    assert dispatch("op", backends, None, 1) == "direct"
+    assert dispatch("op", backends, "first", 1) == "direct"
+    assert dispatch("op", backends, "ref", 1) == "ref"
+    assert dispatch("op", backends, None, -1) == "ref"  # declined, and the selection agrees
+    with pytest.raises(RuntimeError, match="backend 'first' cannot run: negative"):
+        dispatch("op", backends, "first", -1)
+    monkeypatch.setenv("DITO_FAST_BACKEND", "op=ref")
+    assert dispatch("op", backends, None, 1) == "ref"
+    monkeypatch.setenv("DITO_FAST_BACKEND", "first")
+    assert dispatch("op", backends, None, 1) == "direct"
+    monkeypatch.delenv("DITO_FAST_BACKEND")
+    monkeypatch.setattr(_dispatch, "PROFILE_RANGES", True)  # profiled calls take the recorded route
+    assert dispatch("op", backends, None, 1) == "first"
+    assert log == ["direct", "direct", "ref", "direct", "ref", "direct", "ref", "direct", "first"]
+
+
 def test_env_var_backend_real_ops(monkeypatch):
     # DITO_FAST_BACKEND=sdpa: attention uses it, the ops without an sdpa backend fall back to ref
     monkeypatch.setenv("DITO_FAST_BACKEND", "sdpa")
