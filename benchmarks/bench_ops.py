@@ -25,7 +25,7 @@ import torch
 from conftest import interleaved_medians
 
 from dito_fast.ops import (
-    _cpp, conv3x3, conv3x3_ref, fm_loss, fm_loss_ref, fm_noise, fm_noise_ref, group_norm_modulate_silu,
+    _cpp, _dispatch, conv3x3, conv3x3_ref, fm_loss, fm_loss_ref, fm_noise, fm_noise_ref, group_norm_modulate_silu,
     group_norm_modulate_silu_ref, latent_layernorm, latent_layernorm_ref,
 )
 from dito_fast.ops.conv3x3 import winograd_tile
@@ -301,21 +301,37 @@ def _provider_calls(op, mode, build, providers) -> dict:
     return fns
 
 
+# Rows (dito-S's, where a call's fixed costs weigh most) that also time the cpp provider with the
+# dispatcher's direct route switched off ("boxed": the backend selection in Python, then the boxed
+# torch.ops call; dito_fast/ops/_dispatch.py), in the same rounds: what that route saves.
+ROUTE_ROWS = ("S@64 L3", "S@64 L3 CL", "S@64 latent", "S@64 image")
+
+
+def _set_route(provider: str) -> None:
+    _dispatch.DIRECT_ROUTES = provider != "boxed"
+
+
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: f"{c[0]}-{c[1].replace(' ', '-').replace('@', '')}-{c[2]}")
 def test_interleaved_ratio(benchmark, case):
     """cpp vs the eager reference and torch.compile of the reference, timed in alternation (each
     round in a shuffled order; conftest.interleaved_medians), so that the machine's drifts (on
     this VM isolated timings of large shapes vary by up to 4x between runs) hit all alike.
-    extra_info: the medians, ``speedup`` (cpp vs ref) and ``speedup_vs_compile``. The compile
-    provider is left out of smoke runs."""
+    extra_info: the medians, ``speedup`` (cpp vs ref) and ``speedup_vs_compile``; for ROUTE_ROWS
+    also ``boxed_ms``, ``speedup_boxed`` and ``saving_us`` (boxed less cpp, per call of the row).
+    The compile provider is left out of smoke runs."""
     if not _cpp.AVAILABLE:
         pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
     op, label, mode, build = case
     providers = ("ref", "cpp") if benchmark.disabled else ("ref", "compile", "cpp")
     extra = ("standin",) if op == "fm_step" else ("floor",) if op in ("latent_layernorm", "group_norm_modulate_silu") else ()
     fns = _provider_calls(op, mode, build, providers + extra)
+    if label in ROUTE_ROWS and op != "conv3x3":
+        fns["boxed"] = fns["cpp"]  # the same calls, with the direct route off (_set_route)
     rounds = 1 if benchmark.disabled else 21
-    med = interleaved_medians(fns, rounds)
+    try:
+        med = interleaved_medians(fns, rounds, before=_set_route)
+    finally:
+        _dispatch.DIRECT_ROUTES = True
     benchmark.pedantic(fns["cpp"], rounds=1, warmup_rounds=0, iterations=1)
     benchmark.extra_info.update({"op": op, "shape": label, "mode": mode, "ref_ms": med["ref"] * 1e3,
                                  "cpp_ms": med["cpp"] * 1e3, "speedup": med["ref"] / med["cpp"]})
@@ -324,6 +340,9 @@ def test_interleaved_ratio(benchmark, case):
                                      "speedup_vs_compile": med["compile"] / med["cpp"]})
     if "floor" in med:
         benchmark.extra_info.update({"floor_ms": med["floor"] * 1e3, "ref_vs_floor": med["ref"] / med["floor"]})
+    if "boxed" in med:
+        benchmark.extra_info.update({"boxed_ms": med["boxed"] * 1e3, "speedup_boxed": med["ref"] / med["boxed"],
+                                     "saving_us": (med["boxed"] - med["cpp"]) * 1e6})
     if "standin" in med:
         # The flow-matching ops' own time: each provider's step less the stand-in's forward,
         # which every provider runs alike (medians of the same rounds).

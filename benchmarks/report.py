@@ -104,6 +104,19 @@ def main(path: str) -> None:
                 vs = f"{e['speedup_vs_compile_net']:.2f}x" if "speedup_vs_compile_net" in e else "-"
                 print(f"| {e['op']} | {e['shape']} | {e['mode']} | {sd:.3f} | {e['ref_ms'] - sd:.3f} | {comp} | "
                       f"{e['cpp_ms'] - sd:.3f} | {e['speedup_net']:.2f}x | {vs} |")
+    routes = [r["extra_info"] for r in rows if "boxed_ms" in r["extra_info"]]
+    if routes:
+        # The cpp provider with and without the dispatcher's direct route, in the same rounds; the
+        # flow-matching rows net of the stand-in's forward, as in their own table.
+        print("\n| call route (alternated) | shape | mode | ref ms | direct route ms | torch.ops route ms "
+              "| saving us | cpp vs ref, direct | cpp vs ref, torch.ops |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        for e in sorted(routes, key=lambda e: (e["op"], e["mode"])):
+            sd = e.get("standin_ms", 0.0)
+            ref, cpp, boxed = e["ref_ms"] - sd, e["cpp_ms"] - sd, e["boxed_ms"] - sd
+            op = e["op"] + (" (net)" if sd else "")
+            print(f"| {op} | {e['shape']} | {e['mode']} | {ref:.3f} | {cpp:.3f} | {boxed:.3f} | "
+                  f"{e['saving_us']:.0f} | {ref / cpp:.2f}x | {ref / boxed:.2f}x |")
     bias = [r["extra_info"] for r in rows if r["name"].startswith("test_interleaving_order_bias")]
     if bias:
         # The same cpp call timed at two places of one fixed order (why the rounds are shuffled).

@@ -28,6 +28,11 @@ import torch.autograd.forward_ad as _forward_ad
 # torch.profiler trace can attribute time to the fused ops (benchmarks/bench_model.py sets it).
 PROFILE_RANGES = False
 
+# When False, no call takes a backend's direct route (see the module docstring): every call goes
+# through the selection and the backend's fn (torch.ops for cpp). bench_ops.py::test_call_routes
+# times the two routes against each other.
+DIRECT_ROUTES = True
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -126,7 +131,8 @@ def env_backend(op_name: str) -> str | None:
 def dispatch(op_name: str, backends: list[Backend], backend: str | None, *args, **kwargs):
     """Run ``op_name`` on the chosen backend (see module docstring)."""
     first = backends[0]
-    if (first.direct is not None and not kwargs and not PROFILE_RANGES and not torch.compiler.is_compiling()
+    if (first.direct is not None and DIRECT_ROUTES and not kwargs and not PROFILE_RANGES
+            and not torch.compiler.is_compiling()
             and (backend or env_backend(op_name)) in (None, first.name)):
         out = first.direct(*args)
         if out is not NotImplemented:

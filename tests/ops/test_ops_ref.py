@@ -347,9 +347,12 @@ def test_dispatch_direct_route(monkeypatch):
     monkeypatch.setenv("DITO_FAST_BACKEND", "first")
     assert dispatch("op", backends, None, 1) == "direct"
     monkeypatch.delenv("DITO_FAST_BACKEND")
+    monkeypatch.setattr(_dispatch, "DIRECT_ROUTES", False)  # switched off
+    assert dispatch("op", backends, None, 1) == "first"
+    monkeypatch.setattr(_dispatch, "DIRECT_ROUTES", True)
     monkeypatch.setattr(_dispatch, "PROFILE_RANGES", True)  # profiled calls take the recorded route
     assert dispatch("op", backends, None, 1) == "first"
-    assert log == ["direct", "direct", "ref", "direct", "ref", "direct", "ref", "direct", "first"]
+    assert log == ["direct", "direct", "ref", "direct", "ref", "direct", "ref", "direct", "first", "first"]
 
 
 def test_env_var_backend_real_ops(monkeypatch):
