@@ -28,6 +28,7 @@
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
 
 #include <dito_fast/cpu_kernels.h>
 
@@ -68,14 +69,19 @@ bool tensor_taken(PyObject* obj) {
 
 template <typename... Objs>
 bool cpp_backend_takes(Objs... objs) {
-  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) return false;
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode)) {
+    return false;
+  }
   if (torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr) return false;
   if (at::impl::torch_function_mode_enabled()) return false;
   return (tensor_taken(objs) && ...);
 }
 
 // Argument conversion; each raises TypeError naming the function and argument.
-const Tensor& tensor_arg(const char* fn, const char* name, PyObject* obj) {
+// Tensors are taken by value (a reference each, as the boxed call's stack holds): the call does
+// not depend on the Python objects staying alive and unchanged.
+Tensor tensor_arg(const char* fn, const char* name, PyObject* obj) {
   if (!THPVariable_Check(obj)) {
     throw torch::TypeError(std::string(fn) + ": " + name + " must be a tensor, got " + Py_TYPE(obj)->tp_name);
   }
@@ -136,18 +142,20 @@ PyObject* fm_noise(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   constexpr const char* fn = "fm_noise";
   check_nargs(fn, nargs, 4);
-  const Tensor& x = tensor_arg(fn, "x", args[0]);
-  const Tensor& noise = tensor_arg(fn, "noise", args[1]);
-  const Tensor& t = tensor_arg(fn, "t", args[2]);
+  const Tensor x = tensor_arg(fn, "x", args[0]);
+  const Tensor noise = tensor_arg(fn, "noise", args[1]);
+  const Tensor t = tensor_arg(fn, "t", args[2]);
   const double sigma_min = float_arg(fn, "sigma_min", args[3]);
   if (!cpp_backend_takes(args[0], args[1], args[2])) Py_RETURN_NOTIMPLEMENTED;
   using Sig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double);
   static const auto op = find_op<Sig>("dito_fast::fm_noise");
   auto [x_t, v] = without_gil([&] { return op.call(x, noise, t, sigma_min); });
-  PyObject* out = PyTuple_New(2);
+  THPObjectPtr first(THPVariable_Wrap(std::move(x_t)));
+  if (!first) throw python_error();
+  THPObjectPtr second(THPVariable_Wrap(std::move(v)));
+  if (!second) throw python_error();
+  PyObject* out = PyTuple_Pack(2, first.get(), second.get());
   if (out == nullptr) throw python_error();
-  PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(x_t)));
-  PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(v)));
   return out;
   END_HANDLE_TH_ERRORS
 }
@@ -156,8 +164,8 @@ PyObject* fm_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   constexpr const char* fn = "fm_loss";
   check_nargs(fn, nargs, 2);
-  const Tensor& pred = tensor_arg(fn, "pred", args[0]);
-  const Tensor& target = tensor_arg(fn, "target", args[1]);
+  const Tensor pred = tensor_arg(fn, "pred", args[0]);
+  const Tensor target = tensor_arg(fn, "target", args[1]);
   if (!cpp_backend_takes(args[0], args[1])) Py_RETURN_NOTIMPLEMENTED;
   using Sig = Tensor(const Tensor&, const Tensor&);
   static const auto op = find_op<Sig>("dito_fast::fm_loss");
@@ -169,7 +177,7 @@ PyObject* latent_layernorm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   constexpr const char* fn = "latent_layernorm";
   check_nargs(fn, nargs, 2);
-  const Tensor& z = tensor_arg(fn, "z", args[0]);
+  const Tensor z = tensor_arg(fn, "z", args[0]);
   const double eps = float_arg(fn, "eps", args[1]);
   if (!cpp_backend_takes(args[0])) Py_RETURN_NOTIMPLEMENTED;
   using Sig = std::tuple<Tensor, Tensor>(const Tensor&, double);
@@ -182,7 +190,7 @@ PyObject* group_norm_modulate_silu(PyObject*, PyObject* const* args, Py_ssize_t 
   HANDLE_TH_ERRORS
   constexpr const char* fn = "group_norm_modulate_silu";
   check_nargs(fn, nargs, 8);
-  const Tensor& x = tensor_arg(fn, "x", args[0]);
+  const Tensor x = tensor_arg(fn, "x", args[0]);
   const int64_t num_groups = int_arg(fn, "num_groups", args[1]);
   const OptTensor weight = optional_tensor_arg(fn, "weight", args[2]);
   const OptTensor bias = optional_tensor_arg(fn, "bias", args[3]);

@@ -92,7 +92,7 @@ def _parse_env(op_name: str, value: str) -> str | None:
 # reads it there directly; a replaced os.environ, or another implementation, is read through .get.
 _ENVIRON = os.environ
 _ENV_DATA = getattr(_ENVIRON, "_data", None)
-_ENV_KEYS: dict[str, object] = {}  # name -> its key in _ENV_DATA
+_ENV_KEYS: dict[str, object] = {}  # name -> its key in _ENV_DATA (filled below for the package's variables)
 
 
 def getenv(name: str, default: str | None = None) -> str | None:
@@ -104,6 +104,14 @@ def getenv(name: str, default: str | None = None) -> str | None:
         raw = _ENV_DATA.get(key)
         return default if raw is None else os.fsdecode(raw)
     return os.environ.get(name, default)
+
+
+# Filled at import, not on a first call under torch.compile: dynamo would record that insertion and
+# guard on it, so every compiled frame would compile again on its second call.
+for _name in ("DITO_FAST_BACKEND", "DITO_FAST_WINOGRAD_TILE", "DITO_FAST_WINOGRAD_KEEP_FILTER",
+              "DITO_FAST_WINOGRAD_CACHE"):
+    if _ENV_DATA is not None:
+        _ENV_KEYS[_name] = _ENVIRON.encodekey(_name)
 
 
 # (op name, raw DITO_FAST_BACKEND value) -> parsed choice. Keyed on the raw string, so changing the
@@ -131,9 +139,9 @@ def env_backend(op_name: str) -> str | None:
 def dispatch(op_name: str, backends: list[Backend], backend: str | None, *args, **kwargs):
     """Run ``op_name`` on the chosen backend (see module docstring)."""
     first = backends[0]
-    if (first.direct is not None and DIRECT_ROUTES and not kwargs and not PROFILE_RANGES
-            and not torch.compiler.is_compiling()
-            and (backend or env_backend(op_name)) in (None, first.name)):
+    # is_compiling first: under torch.compile the rest is not traced, so no guard is put on it
+    if (not torch.compiler.is_compiling() and first.direct is not None and DIRECT_ROUTES and not kwargs
+            and not PROFILE_RANGES and (backend or env_backend(op_name)) in (None, first.name)):
         out = first.direct(*args)
         if out is not NotImplemented:
             return out

@@ -21,7 +21,9 @@ def _check_x(x, num_groups, weight, bias, scale, shift):
     if x.numel() == 0:
         raise ValueError(f"{op}: x is empty, shape {tuple(x.shape)}")
     C = x.shape[1]
-    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"{op}: num_groups must be an int, got {type(num_groups).__name__}")
+    if num_groups <= 0 or C % num_groups:
         raise ValueError(f"{op}: {C} channels are not divisible by {num_groups} groups")
     x_cpu = x.is_cpu
     for name, p in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):

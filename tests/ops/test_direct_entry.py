@@ -160,6 +160,22 @@ def test_the_dispatcher_takes_the_direct_route(monkeypatch):
             assert sorted(calls) == ["_BACKENDS", "_BACKENDS", "_LOSS_BACKENDS", "_NOISE_BACKENDS"]
 
 
+def test_compiled_callers_do_not_recompile(monkeypatch):
+    """Under torch.compile the dispatcher decides without the direct route and without anything
+    that changes between calls: a compiled caller compiles once, whatever DIRECT_ROUTES says."""
+    from dito_fast.ops import _dispatch
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    fn = torch.compile(lambda z: latent_layernorm(z) * 2, fullgraph=True, backend="eager")
+    z = torch.randn(2, 4, 3, 3)
+    expected = latent_layernorm(z, backend="cpp") * 2
+    for route in (True, True, False, True):
+        monkeypatch.setattr(_dispatch, "DIRECT_ROUTES", route)
+        torch.testing.assert_close(fn(z), expected)
+    torch._dynamo.reset()
+
+
 def test_argument_errors():
     C = _cpp._C
     z = torch.randn(2, 4, 3, 3)

@@ -210,6 +210,9 @@ def test_errors_before_any_kernel(backend):
         call(x.long(), 3)
     with pytest.raises(ValueError, match="empty"):
         call(x[:0], 3)
+    for groups in (True, 3.0, "3"):  # bool is an int to Python, but not a group count
+        with pytest.raises(TypeError, match="num_groups must be an int"):
+            call(x, groups)
 
 
 @pytest.mark.parametrize("backend", ["ref", pytest.param("cpp", marks=needs_cpp), None])
