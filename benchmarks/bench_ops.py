@@ -352,6 +352,45 @@ def test_interleaved_ratio(benchmark, case):
             benchmark.extra_info["speedup_vs_compile_net"] = net["compile"] / net["cpp"]
 
 
+CHAIN = 8
+CHAIN_ROWS = [("group_norm_modulate_silu", "S@64 L3"), ("group_norm_modulate_silu", "S@64 L3 CL"),
+              ("group_norm_modulate_silu", "B@256 L3"), ("group_norm_modulate_silu", "B@256 L3 CL"),
+              ("latent_layernorm", "S@64 latent"), ("latent_layernorm", "B@256 latent")]
+
+
+@pytest.mark.parametrize("row", CHAIN_ROWS, ids=lambda r: f"{r[0]}-{r[1].replace(' ', '-').replace('@', '')}")
+def test_chained_ratio(benchmark, row):
+    """Forward+backward of CHAIN successive calls (each on the previous call's output, the same
+    parameters), with one ``autograd.grad`` for the first input and every parameter at the end:
+    how a model pays for the op, where what each backward pass costs once (``autograd.grad``'s
+    argument handling, the engine's start, the output gradient's ``ones_like``: about 90 us with
+    cold caches, alike for every provider) is shared by many calls. ``test_interleaved_ratio``'s
+    rows pay it on every call, which pulls the small rows' ratios toward 1. cpp and the eager
+    reference alternated as there (no torch.compile provider, to keep the run short).
+    extra_info: per-call milliseconds (chain median / CHAIN) and ``speedup``."""
+    if not _cpp.AVAILABLE:
+        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+    op, label = row
+    build = next(b for o, lab, m, b in _cases() if o == op and lab == label and m == "full")
+    fns = {}
+    for provider in ("ref", "cpp"):
+        fn, args = build(provider, "full")
+
+        def chain(fn=fn, args=args):
+            y = args[0]
+            for _ in range(CHAIN):
+                y = fn(y, *args[1:])
+            torch.autograd.grad((y,), args, (torch.ones_like(y),))
+        for _ in range(2):
+            chain()
+        fns[provider] = chain
+    med = interleaved_medians(fns, 1 if benchmark.disabled else 21)
+    benchmark.pedantic(fns["cpp"], rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update({"op": op, "shape": label, "mode": "full", "chain": CHAIN,
+                                 "ref_ms_per_call": med["ref"] / CHAIN * 1e3,
+                                 "cpp_ms_per_call": med["cpp"] / CHAIN * 1e3, "speedup": med["ref"] / med["cpp"]})
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_interleaving_order_bias(benchmark, mode):
     """Why conftest.interleaved_medians shuffles each round: the one cpp call of a small row

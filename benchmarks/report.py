@@ -117,6 +117,15 @@ def main(path: str) -> None:
             op = e["op"] + (" (net)" if sd else "")
             print(f"| {op} | {e['shape']} | {e['mode']} | {ref:.3f} | {cpp:.3f} | {boxed:.3f} | "
                   f"{e['saving_us']:.0f} | {ref / cpp:.2f}x | {ref / boxed:.2f}x |")
+    chained = [r["extra_info"] for r in rows if r["name"].startswith("test_chained_ratio") and "ref_ms_per_call" in r["extra_info"]]
+    if chained:
+        # Forward+backward of a chain of calls with one backward pass (alternated), per call.
+        print(f"\n| chained, {chained[0]['chain']} calls, one backward (alternated) | shape | mode | ref ms per call "
+              "| cpp ms per call | cpp vs ref |")
+        print("|---|---|---|---:|---:|---:|")
+        for e in sorted(chained, key=lambda e: (e["op"], e["shape"])):
+            print(f"| {e['op']} | {e['shape']} | {e['mode']} | {e['ref_ms_per_call']:.3f} | {e['cpp_ms_per_call']:.3f} | "
+                  f"{e['speedup']:.2f}x |")
     bias = [r["extra_info"] for r in rows if r["name"].startswith("test_interleaving_order_bias")]
     if bias:
         # The same cpp call timed at two places of one fixed order (why the rounds are shuffled).
