@@ -11,8 +11,9 @@ per (op, raw value) and the error paths build their messages only when they are 
 backend may also have a ``direct`` route (the cpp backend's entry points in dito_fast._C,
 csrc/module.cpp): one C call that either runs the op, when that backend would be chosen, or returns
 NotImplemented. Whenever that backend is the one asked for or the first in line, ``dispatch`` tries
-it before anything else, which saves the selection's Python calls and torch.ops' boxed call: 15-35 us
-per call with cold caches (bench_ops.py's alternated rounds), as much as a small op's kernel.
+it before anything else, which saves the selection's Python calls and torch.ops' boxed call: up to
+about 40 us per call with cold caches (bench_ops.py's alternated rounds), as much as a small op's
+kernel.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch.autograd.forward_ad as _forward_ad
 PROFILE_RANGES = False
 
 # When False, no call takes a backend's direct route (see the module docstring): every call goes
-# through the selection and the backend's fn (torch.ops for cpp). bench_ops.py::test_call_routes
-# times the two routes against each other.
+# through the selection and the backend's fn (torch.ops for cpp). bench_ops.py's ROUTE_ROWS time the
+# two routes against each other.
 DIRECT_ROUTES = True
 
 
@@ -107,7 +108,8 @@ def getenv(name: str, default: str | None = None) -> str | None:
 
 
 # Filled at import, not on a first call under torch.compile: dynamo would record that insertion and
-# guard on it, so every compiled frame would compile again on its second call.
+# guard on it, so every compiled frame would compile again on its second call (a variable missing
+# here costs a compiled caller that one extra compile, nothing else).
 for _name in ("DITO_FAST_BACKEND", "DITO_FAST_WINOGRAD_TILE", "DITO_FAST_WINOGRAD_KEEP_FILTER",
               "DITO_FAST_WINOGRAD_CACHE"):
     if _ENV_DATA is not None:
