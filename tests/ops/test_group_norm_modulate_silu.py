@@ -88,22 +88,25 @@ def test_cpp_layouts(layout):
 @pytest.mark.parametrize("shape", [(1, 72, 16, 16, 8), (4, 72, 16, 16, 8), (2, 64, 96, 96, 16)],
                          ids=["rows_split_batch1", "task_per_sample", "rows_split_large_sample"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_channels_last_task_layouts(shape, dtype):
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_cpp_task_layouts_two_threads(shape, dtype, layout):
     # The channels_last forward runs each sample of at most 1 MiB as one task when there are at
     # least as many samples as threads, and otherwise splits the rows over tasks (two passes);
-    # 72 channels cover the 64-channel register blocks and a tail.
+    # 72 channels cover the 64-channel register blocks and a tail. NCHW runs a task per (sample,
+    # group), here split over both threads.
     B, C, H, W, G = shape
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         x, *p = _inputs(B, C, H, W, "all", dtype)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
         y, grads = _run(group_norm_modulate_silu, x, G, p, True, backend="cpp")
     finally:
         torch.set_num_threads(previous)
     y64, grads64 = _run(group_norm_modulate_silu_ref, x.double(), G, [t.double() for t in p], True)
     yt, grads_t = _run(group_norm_modulate_silu_ref, x, G, p, True, upcast=False)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     assert_close_to_ref(y, y64, dtype, yt, "y")
     for name, gk, g64, gt in zip(["x", "weight", "bias", "scale", "shift"], grads, grads64, grads_t):
         assert_close_to_ref(gk, g64, dtype, gt, f"grad {name}")
