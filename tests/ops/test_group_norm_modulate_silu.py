@@ -92,8 +92,8 @@ def test_cpp_layouts(layout):
 def test_cpp_task_layouts_two_threads(shape, dtype, layout):
     # The channels_last forward runs each sample of at most 1 MiB as one task when there are at
     # least as many samples as threads, and otherwise splits the rows over tasks (two passes);
-    # 72 channels cover the 64-channel register blocks and a tail. NCHW runs a task per (sample,
-    # group), here split over both threads.
+    # 72 channels cover the 64-channel register blocks and a tail (the ids name these layouts).
+    # NCHW runs a task per (sample, group), here split over both threads.
     B, C, H, W, G = shape
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
