@@ -110,10 +110,9 @@ def getenv(name: str, default: str | None = None) -> str | None:
 # Filled at import, not on a first call under torch.compile: dynamo would record that insertion and
 # guard on it, so every compiled frame would compile again on its second call (a variable missing
 # here costs a compiled caller that one extra compile, nothing else).
-for _name in ("DITO_FAST_BACKEND", "DITO_FAST_WINOGRAD_TILE", "DITO_FAST_WINOGRAD_KEEP_FILTER",
-              "DITO_FAST_WINOGRAD_CACHE"):
-    if _ENV_DATA is not None:
-        _ENV_KEYS[_name] = _ENVIRON.encodekey(_name)
+if _ENV_DATA is not None:
+    _ENV_KEYS.update((name, _ENVIRON.encodekey(name)) for name in (
+        "DITO_FAST_BACKEND", "DITO_FAST_WINOGRAD_TILE", "DITO_FAST_WINOGRAD_KEEP_FILTER", "DITO_FAST_WINOGRAD_CACHE"))
 
 
 # (op name, raw DITO_FAST_BACKEND value) -> parsed choice. Keyed on the raw string, so changing the
