@@ -111,6 +111,49 @@ inline double hsum(const Vec<acc_t>& v) {
   return d[0];
 }
 
+// The lane sums of n vectors at once: out[j] = sum of v[j]'s lanes, for j < n <= kHsumBatch. For
+// kernels that take one sum per small plane (an 8x8 plane is 4 vectors), where a reduction per
+// vector, a chain of about a dozen dependent instructions, costs as much as the plane's arithmetic.
+// AVX-512 float: one transposing tree over 16 vectors (absent ones zero): pairs of vectors are
+// folded into one at every stage (256-bit halves, then 128-bit quarters, then pairs and single
+// lanes: 45 instructions), and a final permutation puts the sums in order; the tree adds in float
+// (4 roundings more than hsum's double, on sums the kernels form in float anyway). Elsewhere: hsum
+// of each vector.
+constexpr int64_t kHsumBatch = 16;
+
+template <typename acc_t>
+inline void hsum_batch(const Vec<acc_t>* v, int64_t n, double* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    __m512 u[kHsumBatch];
+    for (int64_t j = 0; j < kHsumBatch; ++j) u[j] = j < n ? __m512(v[j]) : _mm512_setzero_ps();
+    // w[k]: u[2k]'s 8 partial sums in lanes 0-7, u[2k + 1]'s in lanes 8-15
+    __m512 w[8];
+    for (int k = 0; k < 8; ++k)
+      w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0x44),
+                           _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0xEE));
+    // x[k]: 128-bit quarter q holds u[4k + q]'s 4 partial sums
+    __m512 x[4];
+    for (int k = 0; k < 4; ++k)
+      x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
+                           _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
+    // y[m]: quarter q holds 2 partial sums of u[8m + q], then 2 of u[8m + 4 + q]
+    __m512 y[2];
+    for (int m = 0; m < 2; ++m)
+      y[m] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * m], x[2 * m + 1], 0x44),
+                           _mm512_shuffle_ps(x[2 * m], x[2 * m + 1], 0xEE));
+    // z[4q + j] = sum of u[q + 4j]; the permutation puts sum j in lane j
+    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    alignas(64) float sums[kHsumBatch];
+    _mm512_store_ps(sums, _mm512_permutexvar_ps(order, z));
+    for (int64_t j = 0; j < n; ++j) out[j] = sums[j];
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) out[j] = hsum(v[j]);
+}
+
 // Shifted moments of n values at p: s1 += sum(x - k), s2 += sum((x - k)^2). Vector lanes
 // accumulate at most kBlock values each in acc_t before being added in double, which keeps
 // float32 sums accurate for planes of any size. Four independent accumulator pairs: one pair is a

@@ -367,7 +367,18 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       const Vec<acc_t> mv(m), rv(r);
       // Pass 1: per-channel sums S1 = sum da, S2 = sum da xhat. Everything the loops read is a
       // local value: the vector stores may alias any memory, so values read through the
-      // lambda's reference captures would be reloaded after each one.
+      // lambda's reference captures would be reloaded after each one. Each plane's lane sums
+      // (one pair per kSumBlock values) wait in a batch whose lanes are summed together
+      // (hsum_batch): a reduction per plane cost as much as an 8x8 plane's arithmetic.
+      Vec<acc_t> batch[kHsumBatch];
+      double* target[kHsumBatch];
+      int64_t queued = 0;
+      auto flush = [&] {
+        double sums[kHsumBatch];
+        hsum_batch(batch, queued, sums);
+        for (int64_t j = 0; j < queued; ++j) *target[j] += sums[j];
+        queued = 0;
+      };
       for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
         const int64_t c = bc - b * C, hw = HW;
         const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
@@ -386,19 +397,20 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
           a1 = a1 + da;
           a2 = at::vec::fmadd(da, (xv - mv) * rv, a2);
         };
-        double s1 = 0, s2 = 0;
         for (int64_t i0 = 0; i0 < hw; i0 += kSumBlock<acc_t>) {  // acc_t sums of kSumBlock values, then double
           const int64_t i1 = std::min(hw, i0 + kSumBlock<acc_t>);
           int64_t i = i0;
           for (; i + V <= i1; i += V) step(i, V);
           if (i < i1) step(i, i1 - i);
-          s1 += hsum(a1);
-          s2 += hsum(a2);
+          batch[queued] = a1;
+          target[queued++] = &S1[bc];
+          batch[queued] = a2;
+          target[queued++] = &S2[bc];
+          if (queued == kHsumBatch) flush();
           a1 = a2 = Vec<acc_t>(0);
         }
-        S1[bc] = s1;
-        S2[bc] = s2;
       }
+      if (queued) flush();
       group_grad_coefs<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, HW, P, k1.data(), k2.data(), k3.data());
       // Pass 2: dx = da c1 + x c2 + c3.
       for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
