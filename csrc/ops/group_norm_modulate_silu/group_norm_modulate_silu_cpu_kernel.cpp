@@ -369,7 +369,9 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       // local value: the vector stores may alias any memory, so values read through the
       // lambda's reference captures would be reloaded after each one. Each plane's lane sums
       // (one pair per kSumBlock values) wait in a batch whose lanes are summed together
-      // (hsum_batch): a reduction per plane cost as much as an 8x8 plane's arithmetic.
+      // (hsum_batch): a reduction per plane cost as much as an 8x8 plane's arithmetic. The sums
+      // are added into S1, S2, which start at zero.
+      static_assert(kHsumBatch % 2 == 0, "the sums are queued in pairs");
       Vec<acc_t> batch[kHsumBatch];
       double* target[kHsumBatch];
       int64_t queued = 0;
