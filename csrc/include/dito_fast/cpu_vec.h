@@ -130,11 +130,14 @@ inline double hsum(const Vec<acc_t>& v) {
 // folded into one at every stage (256-bit halves, then 128-bit quarters, then pairs and single
 // lanes: 45 instructions), and a final permutation puts the sums in order; the tree adds in float
 // (4 roundings more than hsum's double, on sums the kernels form in float anyway). Elsewhere: hsum
-// of each vector.
+// of each vector. Kept out of line: in a build where the compiler inlined it into the NCHW backward
+// (which calls it once per 16 sums), that backward ran 1.09-1.19x slower at 16x16 and 32x32 planes,
+// its source unchanged (probably the batch's 16 vectors crowding the registers of the per-value
+// loop around the call; out of line again, the slowdown went away; 2026-12-02).
 constexpr int64_t kHsumBatch = 16;
 
 template <typename acc_t>
-inline void hsum_batch(const Vec<acc_t>* v, int64_t n, double* out) {
+C10_NOINLINE void hsum_batch(const Vec<acc_t>* v, int64_t n, double* out) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     __m512 u[kHsumBatch];

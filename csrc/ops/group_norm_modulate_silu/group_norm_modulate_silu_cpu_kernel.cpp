@@ -347,8 +347,8 @@ void group_grad_coefs(const double* S1, const double* S2, double mean, double rs
 
 // The parameter gradients (math.h) from the per-(sample, channel) sums S1, S2; undefined outputs
 // (absent parameters) are skipped.
-template <typename acc_t>
-void param_grads(const std::vector<double>& S1, const std::vector<double>& S2, int64_t B, int64_t C,
+template <typename acc_t, typename Sums>
+void param_grads(const Sums& S1, const Sums& S2, int64_t B, int64_t C,
                  const Params<acc_t>& P, const at::TensorBase& grad_weight, const at::TensorBase& grad_bias,
                  const at::TensorBase& grad_scale, const at::TensorBase& grad_shift) {
   std::vector<double> dw(C, 0.0), db(C, 0.0), ds(B * C);
@@ -360,11 +360,12 @@ void param_grads(const std::vector<double>& S1, const std::vector<double>& S2, i
       db[c] += m * S1[bc];
       ds[bc] = P.w[c] * S2[bc] + P.b[c] * S1[bc];
     }
-  auto write = [](const at::TensorBase& t, const std::vector<double>& v) {
+  auto write = [](const at::TensorBase& t, const auto& v) {
     if (!t.defined()) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "gnms_param_grad", [&] {
       scalar_t* p = t.mutable_data_ptr<scalar_t>();
-      for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+      const int64_t n = t.numel();
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(v[i]);
     });
   };
   write(grad_weight, dw);
@@ -473,9 +474,12 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t Cg = C / G;
-  // Per-(sample, channel) forward fold and normalisation constants, expanded from groups.
-  std::vector<acc_t> alpha(B * C), beta(B * C), mc(B * C), rc(B * C);
-  for (int64_t b = 0; b < B; ++b)
+  const auto alpha = uninitialized<acc_t>(B * C), beta = uninitialized<acc_t>(B * C), mc = uninitialized<acc_t>(B * C),
+             rc = uninitialized<acc_t>(B * C), c1 = uninitialized<acc_t>(B * C), c2 = uninitialized<acc_t>(B * C),
+             c3 = uninitialized<acc_t>(B * C);
+  const auto S1 = uninitialized<double>(B * C), S2 = uninitialized<double>(B * C);
+  // Sample b's per-channel forward fold and normalisation constants, expanded from groups.
+  auto expand = [&](int64_t b) {
     for (int64_t g = 0; g < G; ++g)  // by group: no division per channel (see forward_nhwc)
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
         const int64_t bc = b * C + c, bg = b * G + g;
@@ -485,8 +489,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
         mc[bc] = mean[bg];
         rc[bc] = rstd[bg];
       }
-  std::vector<double> S1(B * C, 0.0), S2(B * C, 0.0);
-  std::vector<acc_t> c1(B * C), c2(B * C), c3(B * C);
+  };
   // Pass 1 over rows [r0, r1) of sample b: per-channel sums of da and da xhat added into s1, s2
   // (C each), da kept in dx where exact. Captures by value: the vector stores may alias any memory
   // (see backward_nchw).
@@ -495,8 +498,8 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
     const scalar_t* const xb = x + b * HW * nc;
     const scalar_t* const gb_ = dy + b * HW * nc;
     scalar_t* const db = dx + b * HW * nc;
-    const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *mm = mc.data() + b * nc,
-                *rr = rc.data() + b * nc;
+    const acc_t *al = alpha.get() + b * nc, *be = beta.get() + b * nc, *mm = mc.get() + b * nc,
+                *rr = rc.get() + b * nc;
     channel_sums<acc_t>(r0, r1, nc, s1, s2, [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& a1, Vec<acc_t>& a2) {
       prefetch_l2(xb + ahead + r * nc + c);
       prefetch_l2(gb_ + ahead + r * nc + c);
@@ -511,15 +514,15 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   };
   auto grad_coefs = [&](int64_t b, const double*, const double*) {  // reads S1, S2 by sample
     for (int64_t g = 0; g < G; ++g)
-      group_grad_coefs<acc_t>(S1.data(), S2.data(), mean[b * G + g], rstd[b * G + g], b, g, C, Cg, HW, P, c1.data(),
-                              c2.data(), c3.data());
+      group_grad_coefs<acc_t>(S1.get(), S2.get(), mean[b * G + g], rstd[b * G + g], b, g, C, Cg, HW, P, c1.get(),
+                              c2.get(), c3.get());
   };
   // Pass 2 over rows [r0, r1) of sample b, last row first: after a one-task-per-sample pass 1 the
   // last rows are the ones still in cache.
   auto apply = [&](int64_t b, int64_t r0, int64_t r1, int64_t /*ahead: prefetched by pass 1*/) {
     const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
-    const acc_t *al = alpha.data() + b * nc, *be = beta.data() + b * nc, *k1 = c1.data() + b * nc,
-                *k2 = c2.data() + b * nc, *k3 = c3.data() + b * nc;
+    const acc_t *al = alpha.get() + b * nc, *be = beta.get() + b * nc, *k1 = c1.get() + b * nc,
+                *k2 = c2.get() + b * nc, *k3 = c3.get() + b * nc;
     for (int64_t r = r1 - 1; r >= r0; --r) {
       const scalar_t* const xp = x + (b * hw + r) * nc;
       const scalar_t* const gp = dy + (b * hw + r) * nc;
@@ -538,9 +541,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       }
     }
   };
-  // The expansion above stays a serial loop: moving it into the tasks (prepare) and leaving these
-  // arrays uninitialised measured no gain for the backward (2026-12-02).
-  nhwc_passes<scalar_t>(B, C, HW, S1.data(), S2.data(), [](int64_t) {}, sums, grad_coefs, apply);
+  nhwc_passes<scalar_t>(B, C, HW, S1.get(), S2.get(), expand, sums, grad_coefs, apply);
   param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
 }
 
