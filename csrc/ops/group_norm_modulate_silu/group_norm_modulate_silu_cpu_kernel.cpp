@@ -347,8 +347,8 @@ void group_grad_coefs(const double* S1, const double* S2, double mean, double rs
 
 // The parameter gradients (math.h) from the per-(sample, channel) sums S1, S2; undefined outputs
 // (absent parameters) are skipped.
-template <typename acc_t, typename Sums>
-void param_grads(const Sums& S1, const Sums& S2, int64_t B, int64_t C,
+template <typename acc_t>
+void param_grads(const double* S1, const double* S2, int64_t B, int64_t C,
                  const Params<acc_t>& P, const at::TensorBase& grad_weight, const at::TensorBase& grad_bias,
                  const at::TensorBase& grad_scale, const at::TensorBase& grad_shift) {
   std::vector<double> dw(C, 0.0), db(C, 0.0), ds(B * C);
@@ -360,7 +360,7 @@ void param_grads(const Sums& S1, const Sums& S2, int64_t B, int64_t C,
       db[c] += m * S1[bc];
       ds[bc] = P.w[c] * S2[bc] + P.b[c] * S1[bc];
     }
-  auto write = [](const at::TensorBase& t, const auto& v) {
+  auto write = [](const at::TensorBase& t, const double* v) {
     if (!t.defined()) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "gnms_param_grad", [&] {
       scalar_t* p = t.mutable_data_ptr<scalar_t>();
@@ -368,9 +368,9 @@ void param_grads(const Sums& S1, const Sums& S2, int64_t B, int64_t C,
       for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(v[i]);
     });
   };
-  write(grad_weight, dw);
-  write(grad_bias, db);
-  write(grad_scale, ds);
+  write(grad_weight, dw.data());
+  write(grad_bias, db.data());
+  write(grad_scale, ds.data());
   write(grad_shift, S1);  // dshift = S1
 }
 
@@ -463,7 +463,7 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       }
     }
   });
-  param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
+  param_grads<acc_t>(S1.data(), S2.data(), B, C, P, gw, gb, gs, gsh);
 }
 
 template <typename scalar_t, bool kSilu>
@@ -542,7 +542,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
     }
   };
   nhwc_passes<scalar_t>(B, C, HW, S1.get(), S2.get(), expand, sums, grad_coefs, apply);
-  param_grads<acc_t>(S1, S2, B, C, P, gw, gb, gs, gsh);
+  param_grads<acc_t>(S1.get(), S2.get(), B, C, P, gw, gb, gs, gsh);
 }
 
 inline bool is_channels_last(const at::TensorBase& x) {
