@@ -230,17 +230,30 @@ C10_HOST_DEVICE inline GnmsCoef<A> gnms_coef(A mean, A rstd, A w, A b, A s, A sh
 //   dshift = S1, dscale = w S2 + b S1, dweight += (1 + s) S2, dbias += (1 + s) S1,
 //   and dx = rstd (k da - A - xhat B) with k = (1 + s) w and, per group of n = C_g H W values,
 //   A = sum_c k_c S1_c / n, B = sum_c k_c S2_c / n.
-// So dx = da * (rstd k) + xhat * (-rstd B) + (-rstd A) = da * c1 + x * c2 + c3 with
+// So dx = da * (rstd k) + xhat * (-rstd B) + (-rstd A) = da * c1 + x * c2 + c3 with c1 = rstd k
+// (the forward fold's alpha, gnms_coef) per channel and c2, c3 the same for every channel of the group:
 template <typename A>
-struct GnmsGradCoef {
-  A c1;  // rstd k
+struct GnmsGroupGradCoef {
   A c2;  // -rstd^2 B
   A c3;  // rstd (mean rstd B - A)
 };
 
 template <typename A>
+C10_HOST_DEVICE inline GnmsGroupGradCoef<A> gnms_group_grad_coef(A mean, A rstd, A group_a, A group_b) {
+  return {-rstd * rstd * group_b, rstd * (mean * rstd * group_b - group_a)};
+}
+
+template <typename A>
+struct GnmsGradCoef {
+  A c1;  // rstd k
+  A c2;
+  A c3;
+};
+
+template <typename A>
 C10_HOST_DEVICE inline GnmsGradCoef<A> gnms_grad_coef(A mean, A rstd, A k, A group_a, A group_b) {
-  return {rstd * k, -rstd * rstd * group_b, rstd * (mean * rstd * group_b - group_a)};
+  const auto g = gnms_group_grad_coef(mean, rstd, group_a, group_b);
+  return {rstd * k, g.c2, g.c3};
 }
 
 }  // namespace math

@@ -323,55 +323,69 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
   nhwc_passes<scalar_t>(B, C, HW, S1.get(), S2.get(), shifts, sums, coefs, normalize);
 }
 
-// dx = da c1 + x c2 + c3 (math::gnms_grad_coef) for the channels of group g of sample b, from their
-// sums S1, S2 (indexed b * C + c, as are c1, c2, c3).
+// dx = da c1 + x c2 + c3 (math::gnms_grad_coef): each channel's c1 is its forward alpha; the
+// group's c2, c3 (math::gnms_group_grad_coef) come from the sums S1, S2 (indexed b * C + c) of its
+// channels. inv_n = 1 / (Cg HW). Two chains of additions each: one chain of dependent FMAs
+// (4 cycles each) over 8 channels, and a division per sum, had made this per-group step ~10% of the
+// NCHW backward at dito-S's 8x8 level (perf, 1 thread, 2026-12-02).
 template <typename acc_t>
-void group_grad_coefs(const double* S1, const double* S2, double mean, double rstd, int64_t b, int64_t g,
-                      int64_t C, int64_t Cg, int64_t HW, const Params<acc_t>& P, acc_t* c1, acc_t* c2, acc_t* c3) {
-  double A = 0, Bv = 0;
+math::GnmsGroupGradCoef<acc_t> group_grad_coef(const double* S1, const double* S2, double mean, double rstd,
+                                               int64_t b, int64_t g, int64_t C, int64_t Cg, double inv_n,
+                                               const Params<acc_t>& P) {
+  double A[2] = {0, 0}, Bv[2] = {0, 0};
   for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
     const double k = (1.0 + P.s[b * C + c]) * P.w[c];
-    A += k * S1[b * C + c];
-    Bv += k * S2[b * C + c];
+    A[c & 1] += k * S1[b * C + c];
+    Bv[c & 1] += k * S2[b * C + c];
   }
-  A /= static_cast<double>(Cg * HW);
-  Bv /= static_cast<double>(Cg * HW);
-  for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-    const double k = (1.0 + P.s[b * C + c]) * P.w[c];
-    const auto cf = math::gnms_grad_coef<double>(mean, rstd, k, A, Bv);
-    c1[b * C + c] = static_cast<acc_t>(cf.c1);
-    c2[b * C + c] = static_cast<acc_t>(cf.c2);
-    c3[b * C + c] = static_cast<acc_t>(cf.c3);
-  }
+  const auto cf = math::gnms_group_grad_coef<double>(mean, rstd, (A[0] + A[1]) * inv_n, (Bv[0] + Bv[1]) * inv_n);
+  return {static_cast<acc_t>(cf.c2), static_cast<acc_t>(cf.c3)};
 }
 
 // The parameter gradients (math.h) from the per-(sample, channel) sums S1, S2; undefined outputs
-// (absent parameters) are skipped.
+// (absent parameters) are skipped. Runs on the calling thread after the parallel passes, so every loop
+// here is a plain loop over unaliased arrays that the compiler vectorises: written as one loop
+// through a temporary (2026-12-02), it took ~2 us of dito-S's 8x8 backward (perf, 2 threads).
 template <typename acc_t>
-void param_grads(const double* S1, const double* S2, int64_t B, int64_t C,
+void param_grads(const double* __restrict__ S1, const double* __restrict__ S2, int64_t B, int64_t C,
                  const Params<acc_t>& P, const at::TensorBase& grad_weight, const at::TensorBase& grad_bias,
                  const at::TensorBase& grad_scale, const at::TensorBase& grad_shift) {
-  std::vector<double> dw(C, 0.0), db(C, 0.0), ds(B * C);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t bc = b * C + c;
-      const double m = 1.0 + P.s[bc];
-      dw[c] += m * S2[bc];
-      db[c] += m * S1[bc];
-      ds[bc] = P.w[c] * S2[bc] + P.b[c] * S1[bc];
-    }
-  auto write = [](const at::TensorBase& t, const double* v) {
-    if (!t.defined()) return;
+  auto write = [](const at::TensorBase& t, const double* __restrict__ v) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "gnms_param_grad", [&] {
-      scalar_t* p = t.mutable_data_ptr<scalar_t>();
+      scalar_t* __restrict__ p = t.mutable_data_ptr<scalar_t>();
       const int64_t n = t.numel();
       for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(v[i]);
     });
   };
-  write(grad_weight, dw.data());
-  write(grad_bias, db.data());
-  write(grad_scale, ds.data());
-  write(grad_shift, S1);  // dshift = S1
+  if (grad_weight.defined() || grad_bias.defined()) {  // dweight = sum_b (1 + s) S2, dbias = sum_b (1 + s) S1
+    std::vector<double> dw(C, 0.0), db(C, 0.0);
+    double* __restrict__ w_sum = dw.data();
+    double* __restrict__ b_sum = db.data();
+    for (int64_t b = 0; b < B; ++b) {
+      const acc_t* __restrict__ s = P.s + b * C;
+      const double* __restrict__ s1 = S1 + b * C;
+      const double* __restrict__ s2 = S2 + b * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const double m = 1.0 + static_cast<double>(s[c]);
+        w_sum[c] += m * s2[c];
+        b_sum[c] += m * s1[c];
+      }
+    }
+    if (grad_weight.defined()) write(grad_weight, w_sum);
+    if (grad_bias.defined()) write(grad_bias, b_sum);
+  }
+  if (grad_scale.defined()) {  // dscale = w S2 + b S1
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_scale.scalar_type(), "gnms_grad_scale", [&] {
+      scalar_t* __restrict__ p = grad_scale.mutable_data_ptr<scalar_t>();
+      const acc_t* __restrict__ w = P.w;
+      const acc_t* __restrict__ bias = P.b;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c)
+          p[b * C + c] = static_cast<scalar_t>(static_cast<double>(w[c]) * S2[b * C + c] +
+                                               static_cast<double>(bias[c]) * S1[b * C + c]);
+    });
+  }
+  if (grad_shift.defined()) write(grad_shift, S1);  // dshift = S1
 }
 
 // NCHW: one task per (sample, group) runs both passes, so the second pass finds the group's x and
@@ -384,8 +398,8 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t Cg = C / G;
+  const double inv_n = 1.0 / static_cast<double>(Cg * HW);
   std::vector<double> S1(B * C), S2(B * C);
-  std::vector<acc_t> k1(B * C), k2(B * C), k3(B * C);
   at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
@@ -441,12 +455,13 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
         }
       }
       if (queued) flush();
-      group_grad_coefs<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, HW, P, k1.data(), k2.data(), k3.data());
-      // Pass 2: dx = da c1 + x c2 + c3.
+      const auto gc = group_grad_coef<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, inv_n, P);
+      const Vec<acc_t> c2(gc.c2), c3(gc.c3);
+      // Pass 2: dx = da c1 + x c2 + c3, c1 = alpha.
       for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
         const int64_t c = bc - b * C, hw = HW;
         const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
-        const Vec<acc_t> al(cf.alpha), be(cf.beta), c1(k1[bc]), c2(k2[bc]), c3(k3[bc]);
+        const Vec<acc_t> al(cf.alpha), be(cf.beta), c1(cf.alpha);
         const scalar_t* const xp = x + bc * hw;
         const scalar_t* const gp = dy + bc * hw;
         scalar_t* const op = dx + bc * hw;
@@ -474,9 +489,9 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t Cg = C / G;
+  const double inv_n = 1.0 / static_cast<double>(Cg * HW);
   const auto alpha = uninitialized<acc_t>(B * C), beta = uninitialized<acc_t>(B * C), mc = uninitialized<acc_t>(B * C),
-             rc = uninitialized<acc_t>(B * C), c1 = uninitialized<acc_t>(B * C), c2 = uninitialized<acc_t>(B * C),
-             c3 = uninitialized<acc_t>(B * C);
+             rc = uninitialized<acc_t>(B * C), c2 = uninitialized<acc_t>(B * C), c3 = uninitialized<acc_t>(B * C);
   const auto S1 = uninitialized<double>(B * C), S2 = uninitialized<double>(B * C);
   // Sample b's per-channel forward fold and normalisation constants, expanded from groups.
   auto expand = [&](int64_t b) {
@@ -513,15 +528,18 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
     });
   };
   auto grad_coefs = [&](int64_t b, const double*, const double*) {  // reads S1, S2 by sample
-    for (int64_t g = 0; g < G; ++g)
-      group_grad_coefs<acc_t>(S1.get(), S2.get(), mean[b * G + g], rstd[b * G + g], b, g, C, Cg, HW, P, c1.get(),
-                              c2.get(), c3.get());
+    for (int64_t g = 0; g < G; ++g) {
+      const auto gc = group_grad_coef<acc_t>(S1.get(), S2.get(), mean[b * G + g], rstd[b * G + g], b, g, C, Cg,
+                                             inv_n, P);
+      std::fill_n(c2.get() + b * C + g * Cg, Cg, gc.c2);
+      std::fill_n(c3.get() + b * C + g * Cg, Cg, gc.c3);
+    }
   };
   // Pass 2 over rows [r0, r1) of sample b, last row first: after a one-task-per-sample pass 1 the
   // last rows are the ones still in cache.
   auto apply = [&](int64_t b, int64_t r0, int64_t r1, int64_t /*ahead: prefetched by pass 1*/) {
     const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
-    const acc_t *al = alpha.get() + b * nc, *be = beta.get() + b * nc, *k1 = c1.get() + b * nc,
+    const acc_t *al = alpha.get() + b * nc, *be = beta.get() + b * nc, *k1 = al,  // c1 = alpha
                 *k2 = c2.get() + b * nc, *k3 = c3.get() + b * nc;
     for (int64_t r = r1 - 1; r >= r0; --r) {
       const scalar_t* const xp = x + (b * hw + r) * nc;
