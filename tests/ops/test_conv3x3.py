@@ -313,8 +313,9 @@ def test_several_chunks(dtype, tile, monkeypatch):
     """Enough tiles for several GEMM chunks: the chunked forward, input and filter gradients agree
     with one-pass references."""
     monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
-    # chunks of at most 256 2x2 or 113 4x4 tiles here, evened out: 3 x 19 x 15 = 855 2x2 tiles in
-    # 4 chunks (214, 214, 214, 213); 3 x 10 x 8 = 240 4x4 tiles in 3 chunks of 80
+    # float32: chunks of at most 256 2x2 or 113 4x4 tiles here, evened out: 3 x 19 x 15 = 855 2x2
+    # tiles in 4 chunks (214, 214, 214, 213); 3 x 10 x 8 = 240 4x4 tiles in 3 chunks of 80
+    # (float64 halves the caps: 7 chunks of up to 123, 4 chunks of 60)
     x, w, b = _inputs((3, 256, 256, 37, 29), dtype, "channels_last")
     ours = _grads(lambda *a: conv3x3(*a, backend="cpp"), x, w, b)
     ref64 = _grads(conv3x3_ref, x.double(), w.double(), b.double())

@@ -343,9 +343,10 @@ math::GnmsGroupGradCoef<acc_t> group_grad_coef(const double* S1, const double* S
 }
 
 // The parameter gradients (math.h) from the per-(sample, channel) sums S1, S2; undefined outputs
-// (absent parameters) are skipped. Runs on the calling thread after the parallel passes, so every loop
-// here is a plain loop over unaliased arrays that the compiler vectorises: written as one loop
-// through a temporary (2026-12-02), it took ~2 us of dito-S's 8x8 backward (perf, 2 threads).
+// (absent parameters) are skipped. Runs on the calling thread after the parallel passes; each loop
+// is a plain loop over unaliased arrays that the compiler vectorises. At dito-S's 8x8 level this
+// step still takes ~2% of the backward's samples (perf, 2 threads) in either form, the earlier one
+// loop through a temporary or this: most of it is reading the sums the other core wrote.
 template <typename acc_t>
 void param_grads(const double* __restrict__ S1, const double* __restrict__ S2, int64_t B, int64_t C,
                  const Params<acc_t>& P, const at::TensorBase& grad_weight, const at::TensorBase& grad_bias,
