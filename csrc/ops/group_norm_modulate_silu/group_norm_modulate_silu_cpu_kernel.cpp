@@ -458,11 +458,11 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       if (queued) flush();
       const auto gc = group_grad_coef<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, inv_n, P);
       const Vec<acc_t> c2(gc.c2), c3(gc.c3);
-      // Pass 2: dx = da c1 + x c2 + c3, c1 = alpha.
+      // Pass 2: dx = da c1 + x c2 + c3 with c1 = alpha.
       for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
         const int64_t c = bc - b * C, hw = HW;
         const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
-        const Vec<acc_t> al(cf.alpha), be(cf.beta), c1(cf.alpha);
+        const Vec<acc_t> al(cf.alpha), be(cf.beta);
         const scalar_t* const xp = x + bc * hw;
         const scalar_t* const gp = dy + bc * hw;
         scalar_t* const op = dx + bc * hw;
@@ -471,7 +471,7 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
           Vec<acc_t> da;
           if constexpr (kKeepDa<scalar_t, kSilu>) da = vload<acc_t>(op + i, n);  // stored by pass 1
           else da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
-          vstore<acc_t>(op + i, at::vec::fmadd(da, c1, at::vec::fmadd(xv, c2, c3)), n);
+          vstore<acc_t>(op + i, at::vec::fmadd(da, al, at::vec::fmadd(xv, c2, c3)), n);
         };
         int64_t i = 0;
         for (; i + V <= hw; i += V) step(i, V);
@@ -540,7 +540,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   // last rows are the ones still in cache.
   auto apply = [&](int64_t b, int64_t r0, int64_t r1, int64_t /*ahead: prefetched by pass 1*/) {
     const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
-    const acc_t *al = alpha.get() + b * nc, *be = beta.get() + b * nc, *k1 = al,  // c1 = alpha
+    const acc_t *al = alpha.get() + b * nc, *be = beta.get() + b * nc,  // al is also c1
                 *k2 = c2.get() + b * nc, *k3 = c3.get() + b * nc;
     for (int64_t r = r1 - 1; r >= r0; --r) {
       const scalar_t* const xp = x + (b * hw + r) * nc;
@@ -556,7 +556,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
           auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
           da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gp + c, n));
         }
-        vstore<acc_t>(op + c, at::vec::fmadd(da, vload<acc_t>(k1 + c, n), at::vec::fmadd(xv, vload<acc_t>(k2 + c, n), vload<acc_t>(k3 + c, n))), n);
+        vstore<acc_t>(op + c, at::vec::fmadd(da, vload<acc_t>(al + c, n), at::vec::fmadd(xv, vload<acc_t>(k2 + c, n), vload<acc_t>(k3 + c, n))), n);
       }
     }
   };
