@@ -324,10 +324,17 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
 }
 
 // dx = da c1 + x c2 + c3 (math::gnms_grad_coef): each channel's c1 is its forward alpha; the
-// group's c2, c3 (math::gnms_group_grad_coef) come from the sums S1, S2 (indexed b * C + c) of its
-// channels. inv_n = 1 / (Cg HW). Two chains of additions each: one chain of dependent FMAs
-// (4 cycles each) over 8 channels, and a division per sum, had made this per-group step ~10% of the
-// NCHW backward at dito-S's 8x8 level (perf, 1 thread, 2026-12-02).
+// group's c2, c3 (math::gnms_group_grad_coef) come from A = sum_c k_c S1_c and B = sum_c k_c S2_c
+// over its channels, k = (1 + s) w; inv_n = 1 / (Cg HW).
+template <typename acc_t>
+math::GnmsGroupGradCoef<acc_t> group_grad_coef(double A, double B, double mean, double rstd, double inv_n) {
+  const auto cf = math::gnms_group_grad_coef<double>(mean, rstd, A * inv_n, B * inv_n);
+  return {static_cast<acc_t>(cf.c2), static_cast<acc_t>(cf.c3)};
+}
+
+// The same from the per-channel sums S1, S2 (indexed b * C + c), in two chains of additions each:
+// one chain of dependent FMAs (4 cycles each) over 8 channels, and a division per sum, had made
+// this per-group step ~10% of the NCHW backward at dito-S's 8x8 level (perf, 1 thread, 2026-12-02).
 template <typename acc_t>
 math::GnmsGroupGradCoef<acc_t> group_grad_coef(const double* S1, const double* S2, double mean, double rstd,
                                                int64_t b, int64_t g, int64_t C, int64_t Cg, double inv_n,
@@ -338,8 +345,7 @@ math::GnmsGroupGradCoef<acc_t> group_grad_coef(const double* S1, const double* S
     A[c & 1] += k * S1[b * C + c];
     Bv[c & 1] += k * S2[b * C + c];
   }
-  const auto cf = math::gnms_group_grad_coef<double>(mean, rstd, (A[0] + A[1]) * inv_n, (Bv[0] + Bv[1]) * inv_n);
-  return {static_cast<acc_t>(cf.c2), static_cast<acc_t>(cf.c3)};
+  return group_grad_coef<acc_t>(A[0] + A[1], Bv[0] + Bv[1], mean, rstd, inv_n);
 }
 
 // The parameter gradients (math.h) from the per-(sample, channel) sums S1, S2; undefined outputs
@@ -401,6 +407,12 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   const int64_t Cg = C / G;
   const double inv_n = 1.0 / static_cast<double>(Cg * HW);
   std::vector<double> S1(B * C), S2(B * C);
+  // Groups of at most one block of acc_t sums (kSumBlock values) also sum k da and k da xhat in
+  // acc_t lanes as pass 1 goes, and take c2, c3 from those two sums; larger groups add up their
+  // channels' double sums afterwards. At dito-S's 8x8 level (8 channels x 64 values), against the
+  // per-channel route alone: backward 42.4-43.7 us against 44.0-44.9 us (2 threads, warm loops of
+  // the raw op, builds alternated over 5 process pairs, 2026-12-02).
+  const bool one_block = Cg * HW <= kSumBlock<acc_t>;
   at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
@@ -424,6 +436,7 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
         for (int64_t j = 0; j < queued; ++j) *target[j] += sums[j];
         queued = 0;
       };
+      Vec<acc_t> ga(0), gb(0);  // the group's k-weighted sums (one_block)
       for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
         const int64_t c = bc - b * C, hw = HW;
         const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
@@ -447,6 +460,11 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
           int64_t i = i0;
           for (; i + V <= i1; i += V) step(i, V);
           if (i < i1) step(i, i1 - i);
+          if (one_block) {
+            const Vec<acc_t> kv((acc_t(1) + P.s[bc]) * P.w[c]);
+            ga = at::vec::fmadd(a1, kv, ga);
+            gb = at::vec::fmadd(a2, kv, gb);
+          }
           batch[queued] = a1;
           target[queued++] = &S1[bc];
           batch[queued] = a2;
@@ -456,7 +474,8 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
         }
       }
       if (queued) flush();
-      const auto gc = group_grad_coef<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, inv_n, P);
+      const auto gc = one_block ? group_grad_coef<acc_t>(hsum(ga), hsum(gb), m, r, inv_n)
+                                : group_grad_coef<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, inv_n, P);
       const Vec<acc_t> c2(gc.c2), c3(gc.c3);
       // Pass 2: dx = da c1 + x c2 + c3 with c1 = alpha.
       for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
