@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -75,8 +76,7 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cuda(const at::Tensor& x, const at::
 
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous(), ec = noise.contiguous();
-  auto x_t = at::empty(xc.sizes(), xc.options());
-  auto v = at::empty(xc.sizes(), xc.options());
+  auto x_t = at::empty_like(xc), v = at::empty_like(xc);  // as the CPU op: the same strides
   const int64_t B = xc.size(0), N = xc.numel() / B;
   if (N == 0) return {x_t, v};
   const auto tc = t.to(opmath_dtype(x.scalar_type())).contiguous();
@@ -179,12 +179,13 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_backward_cuda(const std::optional<at
 constexpr int kLossThreads = 256;
 
 // Stage 1. Launch: grid (chunks, min(B, 65535)), block 256. Block (j, b) sums (p - y)^2 over the
-// packs j*256 + tid, stepping by chunks*256, of sample b. With one chunk it writes the sample's
-// mean directly into out[b]; otherwise partial[b * chunks + j].
+// packs j*256 + tid, stepping by chunks*256, of sample b (each thread in acc_t, the block tree in
+// double, as the CPU kernel's partial sums). With one chunk it writes the sample's mean directly
+// into out[b]; otherwise partial[b * chunks + j] (double).
 template <typename scalar_t, typename acc_t, int V>
 __global__ void fm_loss_partial_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ y, int64_t B,
-                                       int64_t N, acc_t* __restrict__ partial, acc_t* __restrict__ out) {
-  __shared__ acc_t sh[kWarp];
+                                       int64_t N, double* __restrict__ partial, acc_t* __restrict__ out) {
+  __shared__ double sh[kWarp];
   const int64_t npack = N / V;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t base = b * N;
@@ -198,25 +199,25 @@ __global__ void fm_loss_partial_kernel(const scalar_t* __restrict__ p, const sca
         s += d * d;
       }
     }
-    s = block_sum(s, sh);
+    const double total = block_sum(static_cast<double>(s), sh);
     if (threadIdx.x == 0) {
-      if (gridDim.x == 1) out[b] = s / static_cast<acc_t>(N);
-      else partial[b * gridDim.x + blockIdx.x] = s;
+      if (gridDim.x == 1) out[b] = static_cast<acc_t>(total / static_cast<double>(N));
+      else partial[b * gridDim.x + blockIdx.x] = total;
     }
   }
 }
 
 // Stage 2. Launch: grid (min(B, 65535)), block 256. Thread i adds partials i, i + 256, ... of
-// sample b, then a fixed block tree; out[b] = total / N.
+// sample b, then a fixed block tree, all in double; out[b] = total / N.
 template <typename acc_t>
-__global__ void fm_loss_finish_kernel(const acc_t* __restrict__ partial, int64_t B, int64_t chunks, int64_t N,
+__global__ void fm_loss_finish_kernel(const double* __restrict__ partial, int64_t B, int64_t chunks, int64_t N,
                                       acc_t* __restrict__ out) {
-  __shared__ acc_t sh[kWarp];
+  __shared__ double sh[kWarp];
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
-    acc_t s = 0;
+    double s = 0;
     for (int64_t j = threadIdx.x; j < chunks; j += blockDim.x) s += partial[b * chunks + j];
     s = block_sum(s, sh);
-    if (threadIdx.x == 0) out[b] = s / static_cast<acc_t>(N);
+    if (threadIdx.x == 0) out[b] = static_cast<acc_t>(s / static_cast<double>(N));
   }
 }
 
@@ -247,15 +248,15 @@ at::Tensor fm_loss_cuda(const at::Tensor& pred, const at::Tensor& target) {
       constexpr int V = decltype(width)::value;
       const int64_t chunks = blocks_per_sample(N / V, B, kLossThreads, 4, 1);
       at::Tensor partial;
-      if (chunks > 1) partial = at::empty({B * chunks}, pc.options().dtype(acc_dtype));
+      if (chunks > 1) partial = at::empty({B * chunks}, pc.options().dtype(at::kDouble));
       const dim3 grid(chunks, std::min(B, kMaxGridY));
       fm_loss_partial_kernel<scalar_t, acc_t, V><<<grid, kLossThreads, 0, stream>>>(
           pc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(), B, N,
-          chunks > 1 ? partial.mutable_data_ptr<acc_t>() : nullptr, loss.mutable_data_ptr<acc_t>());
+          chunks > 1 ? partial.mutable_data_ptr<double>() : nullptr, loss.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (chunks > 1) {
         fm_loss_finish_kernel<acc_t><<<std::min(B, kMaxGridY), kLossThreads, 0, stream>>>(
-            partial.const_data_ptr<acc_t>(), B, chunks, N, loss.mutable_data_ptr<acc_t>());
+            partial.const_data_ptr<double>(), B, chunks, N, loss.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     };
@@ -306,7 +307,7 @@ at::Tensor fm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred,
 
   c10::cuda::CUDAGuard guard(pred.device());
   const auto pc = pred.contiguous(), yc = target.contiguous();
-  auto out = at::empty(pc.sizes(), pc.options());
+  auto out = at::empty_like(pc);
   const int64_t B = pc.size(0), N = pc.numel() / B;
   if (N == 0) return out;
   const auto gc = grad.to(opmath_dtype(pred.scalar_type())).contiguous();

@@ -234,44 +234,46 @@ __global__ void gn_stats_cl_kernel(const scalar_t* __restrict__ x, int64_t B, in
   }
 }
 
-// Finalize. Launch: grid (B*G), block 128. Block (b, g) adds the group's partials in a fixed
-// order (NCHW: its `chunks` entries; channels_last: chunks x Cg entries, channel fastest), then
-// mean/rstd (double) and alpha/beta of the group's channels.
+// Finalize. Launch: grid (min(B*G, 2^31-1)), block 128. Block-stride over the groups: block
+// (b, g) adds the group's partials in a fixed order (NCHW: its `chunks` entries; channels_last:
+// chunks x Cg entries, channel fastest), then mean/rstd (double) and alpha/beta of the group's channels.
 template <typename scalar_t, typename acc_t>
-__global__ void gn_finalize_kernel(const scalar_t* __restrict__ x, const double* __restrict__ partial, int64_t G,
-                                   int64_t Cg, int64_t HW, int64_t chunks, bool cl, double eps, Params<acc_t> p,
-                                   acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out,
+__global__ void gn_finalize_kernel(const scalar_t* __restrict__ x, const double* __restrict__ partial, int64_t BG,
+                                   int64_t G, int64_t Cg, int64_t HW, int64_t chunks, bool cl, double eps,
+                                   Params<acc_t> p, acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out,
                                    acc_t* __restrict__ alpha, acc_t* __restrict__ beta) {
   __shared__ double sh[2 * kWarp];
-  const int64_t bg = blockIdx.x, b = bg / G, g = bg % G, C = G * Cg;
-  double d1 = 0, d2 = 0;
-  if (cl) {
-    const int64_t items = chunks * Cg;
-    for (int64_t i = threadIdx.x; i < items; i += blockDim.x) {
-      const int64_t j = i / Cg, c = g * Cg + i % Cg;
-      const double* e = partial + ((b * chunks + j) * C + c) * 2;
-      d1 += e[0];
-      d2 += e[1];
+  for (int64_t bg = blockIdx.x; bg < BG; bg += gridDim.x) {
+    const int64_t b = bg / G, g = bg % G, C = G * Cg;
+    double d1 = 0, d2 = 0;
+    if (cl) {
+      const int64_t items = chunks * Cg;
+      for (int64_t i = threadIdx.x; i < items; i += blockDim.x) {
+        const int64_t j = i / Cg, c = g * Cg + i % Cg;
+        const double* e = partial + ((b * chunks + j) * C + c) * 2;
+        d1 += e[0];
+        d2 += e[1];
+      }
+    } else {
+      add_pairs_strided(partial + bg * chunks * 2, chunks, d1, d2);
     }
-  } else {
-    add_pairs_strided(partial + bg * chunks * 2, chunks, d1, d2);
-  }
-  block_sum2(d1, d2, sh);
-  // The shift the stats kernels used: the group's first value, x[b, g Cg, 0, 0].
-  const int64_t first = cl ? b * HW * C + g * Cg : bg * Cg * HW;
-  const acc_t k = static_cast<acc_t>(x[first]);
-  double mean_d, rstd_d;
-  math::moments_to_mean_rstd<double>(d1, d2, static_cast<double>(Cg * HW), static_cast<double>(k), eps, mean_d,
-                                     rstd_d);
-  const acc_t mean = static_cast<acc_t>(mean_d), rstd = static_cast<acc_t>(rstd_d);
-  if (threadIdx.x == 0) {
-    mean_out[bg] = mean;
-    rstd_out[bg] = rstd;
-  }
-  for (int64_t c = g * Cg + threadIdx.x; c < (g + 1) * Cg; c += blockDim.x) {
-    const auto cf = channel_coef(p, mean, rstd, b, c, C);
-    alpha[b * C + c] = cf.alpha;
-    beta[b * C + c] = cf.beta;
+    block_sum2(d1, d2, sh);
+    // The shift the stats kernels used: the group's first value, x[b, g Cg, 0, 0].
+    const int64_t first = cl ? b * HW * C + g * Cg : bg * Cg * HW;
+    const acc_t k = static_cast<acc_t>(x[first]);
+    double mean_d, rstd_d;
+    math::moments_to_mean_rstd<double>(d1, d2, static_cast<double>(Cg * HW), static_cast<double>(k), eps, mean_d,
+                                       rstd_d);
+    const acc_t mean = static_cast<acc_t>(mean_d), rstd = static_cast<acc_t>(rstd_d);
+    if (threadIdx.x == 0) {
+      mean_out[bg] = mean;
+      rstd_out[bg] = rstd;
+    }
+    for (int64_t c = g * Cg + threadIdx.x; c < (g + 1) * Cg; c += blockDim.x) {
+      const auto cf = channel_coef(p, mean, rstd, b, c, C);
+      alpha[b * C + c] = cf.alpha;
+      beta[b * C + c] = cf.beta;
+    }
   }
 }
 
@@ -708,8 +710,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gnms_cuda(const at::Tensor& x, in
       at::Tensor partial;
       if (!cl) {
         const ReducePlan plan = plan_reduce(Cg * HW / V, B * G);
+        // Dynamic and static shared memory (the kernel's block-sum scratch, 2 * kWarp doubles) together
+        // within the 48 KiB a launch gets without cudaFuncSetAttribute.
         const size_t fused_smem = 2 * Cg * sizeof(acc_t);
-        if (plan.chunks == 1 && fused_smem <= 48 * 1024) {
+        if (plan.chunks == 1 && fused_smem + 2 * kWarp * sizeof(double) <= 48 * 1024) {
           const int64_t grid = std::min<int64_t>(B * G, std::numeric_limits<int32_t>::max());
           gn_fused_nchw_kernel<scalar_t, acc_t, V><<<grid, plan.threads, fused_smem, stream>>>(
               xp, B * G, G, Cg, HW, eps, p, silu, yp, mp, rp);
@@ -735,8 +739,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gnms_cuda(const at::Tensor& x, in
       auto coef = at::empty({2, B, C}, xc.options().dtype(acc));
       acc_t* alpha = coef.mutable_data_ptr<acc_t>();
       acc_t* beta = alpha + B * C;
-      gn_finalize_kernel<scalar_t, acc_t><<<B * G, 128, 0, stream>>>(xp, partial.const_data_ptr<double>(), G, Cg, HW,
-                                                                    chunks, cl, eps, p, mp, rp, alpha, beta);
+      const int64_t groups = std::min<int64_t>(B * G, std::numeric_limits<int32_t>::max());
+      gn_finalize_kernel<scalar_t, acc_t><<<groups, 128, 0, stream>>>(xp, partial.const_data_ptr<double>(), B * G, G,
+                                                                     Cg, HW, chunks, cl, eps, p, mp, rp, alpha, beta);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (!cl) {
         const dim3 grid(apply_blocks(C * HW / V, B), std::min(B, kMaxGridY));
