@@ -47,7 +47,13 @@ inline at::vec::Vectorized<S> exp_(const at::vec::Vectorized<S>& a) { return a.e
 // - AVX2 (no vreduceps/vscalefps): exp(a) = 2^n e^r with n = round(a log2 e), r = a - n ln2 (ln2
 //   in two parts, so r is exact to float rounding for |n| <= 128), e^r a degree-5 near-minimax
 //   polynomial on |r| <= ln2/2 (1.6e-7 relative error), 2^n placed in the exponent field (n fits
-//   it, a being clamped).
+//   it, a being clamped). n comes from adding 1.5 2^23 (whose float sum rounds to an integer and
+//   holds n in its low mantissa bits, which shift straight into the exponent field) instead of a
+//   round and a conversion; the sign is folded into the constants as on AVX-512 (no negation);
+//   the polynomial is evaluated by Estrin's scheme. Those shorten the chain of dependent
+//   instructions per vector, which bounds this code on the AMD EPYC (Zen 3) machine: a loop of
+//   SiLU' over cached data (the backward's pass 1) took 14.2-16.9 cycles per vector against
+//   16.9-19.1 with a round, a conversion and Horner's scheme (2026-12-02).
 #if defined(CPU_CAPABILITY_AVX512)
 namespace detail {
 constexpr float kLog2e = 1.44269504f;
@@ -74,28 +80,34 @@ template <>
 inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& a) { return detail::exp_signed(a, 1.f); }
 #elif defined(CPU_CAPABILITY_AVX2)
 namespace detail {
-using VecF = at::vec::Vectorized<float>;
-constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f;
+constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f, kRound = 12582912.f;  // 1.5 2^23
+// e^r on |r| <= ln2/2: 1 + c1 r + ... + c5 r^5
 constexpr float kExpC1 = 0.999999702f, kExpC2 = 0.499991506f, kExpC3 = 0.166676357f, kExpC4 = 0.0418979302f,
                 kExpC5 = 0.00829031225f;
+
+// exp(s a) for s = +-1.
+inline __m256 exp_signed(__m256 a, float s) {
+  // [-87, 87]; NaN stays NaN (max/min return their second operand when one is NaN).
+  const __m256 x = _mm256_min_ps(_mm256_set1_ps(87.f), _mm256_max_ps(_mm256_set1_ps(-87.f), a));
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(s * kLog2e), _mm256_set1_ps(kRound));  // kRound + n
+  const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kRound));
+  // q = x - s n ln2, so s x = n ln2 + s q: the polynomial in s q is one in q with c_k s^k.
+  __m256 q = _mm256_fmadd_ps(n, _mm256_set1_ps(-s * kLn2Hi), x);
+  q = _mm256_fmadd_ps(n, _mm256_set1_ps(-s * kLn2Lo), q);
+  const __m256 q2 = _mm256_mul_ps(q, q);
+  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(s * kExpC1), q, _mm256_set1_ps(1.f));
+  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(s * kExpC3), q, _mm256_set1_ps(kExpC2));
+  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(s * kExpC5), q, _mm256_set1_ps(kExpC4));
+  const __m256 p = _mm256_fmadd_ps(_mm256_fmadd_ps(p45, q2, p23), q2, p01);
+  // 2^n in the exponent field: t's low bits hold n (two's complement), the bits above shift out.
+  // A NaN lane of p stays NaN whatever the bits give.
+  const __m256i e = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
 }  // namespace detail
 
 template <>
-inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& a) {
-  using namespace detail;
-  // [-87, 87]; NaN stays NaN (max/min return their second operand when one is NaN).
-  const VecF x = _mm256_min_ps(_mm256_set1_ps(87.f), _mm256_max_ps(_mm256_set1_ps(-87.f), a));
-  const VecF n = (x * VecF(kLog2e)).round();
-  const VecF r = at::vec::fmadd(n, VecF(-kLn2Lo), at::vec::fmadd(n, VecF(-kLn2Hi), x));
-  VecF p = at::vec::fmadd(VecF(kExpC5), r, VecF(kExpC4));
-  p = at::vec::fmadd(p, r, VecF(kExpC3));
-  p = at::vec::fmadd(p, r, VecF(kExpC2));
-  p = at::vec::fmadd(p, r, VecF(kExpC1));
-  p = at::vec::fmadd(p, r, VecF(1.f));
-  // 2^n in the exponent field (a NaN lane of p stays NaN whatever n's conversion gives).
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& a) { return detail::exp_signed(a, 1.f); }
 #endif
 #endif
 
@@ -144,7 +156,7 @@ C10_HOST_DEVICE inline T mse_grad(T p, T y, T two_g_over_n) { return (p - y) * t
 // ---- exp(-a): sigmoid's argument -------------------------------------------------------------
 template <typename T>
 C10_HOST_DEVICE inline T exp_neg_(T a) { return exp_(T(0) - a); }
-#if !defined(__CUDACC__) && defined(CPU_CAPABILITY_AVX512)
+#if !defined(__CUDACC__) && (defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2))
 template <>
 inline at::vec::Vectorized<float> exp_neg_(at::vec::Vectorized<float> a) { return detail::exp_signed(a, -1.f); }
 #endif
@@ -166,9 +178,10 @@ inline at::vec::Vectorized<float> recip_(const at::vec::Vectorized<float>& a) {
 #elif defined(CPU_CAPABILITY_AVX2)
 template <>
 inline at::vec::Vectorized<float> recip_(const at::vec::Vectorized<float>& a) {
-  __m256 r = _mm256_rcp_ps(a);  // 12 bits: two Newton steps
-  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(2.f)));
-  return at::vec::Vectorized<float>(_mm256_mul_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(2.f))));
+  // 12 bits (relative error <= 1.5 2^-12); one Newton step, r + r (1 - a r), squares that to
+  // ~1.3e-7, about the exp polynomial's error (sigmoid measured to 2.4e-7 relative, as with two steps).
+  const __m256 r = _mm256_rcp_ps(a);
+  return at::vec::Vectorized<float>(_mm256_fmadd_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(1.f)), r));
 }
 #endif
 #endif
