@@ -2,7 +2,7 @@
 
 The C++ extension ``dito_fast._C`` is built from csrc/ when C++ sources exist there: CPU
 kernels always; CUDA kernels when torch was built with CUDA and nvcc is found
-(``DITO_FAST_USE_CUDA=auto|0|1`` overrides). Without sources, or without torch at build time,
+(``DITO_FAST_USE_CUDA`` overrides: auto, or 1/on/true/yes, or 0/off/false/no). Without sources, or without torch at build time,
 the pure-Python package installs and a message says why the extension was skipped. Install with
 ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
 """
@@ -21,6 +21,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _say(msg: str) -> None:
     print(f"[dito_fast setup] {msg}", file=sys.stderr)
+
+
+# The C++ standard of every unit, C++ and CUDA: torch 2.13 builds its extensions with C++20, and its
+# headers use C++20 features (warnings under C++17). scripts/check_cuda.sh and CMakeLists.txt use it too.
+CXX_STD = "-std=c++20"
+
+
+def _cuda_choice(value: str) -> str:
+    """DITO_FAST_USE_CUDA -> "auto", "on" or "off" (case-insensitive); anything else is an error."""
+    v = value.strip().lower()
+    for choice, spellings in (("auto", ("auto", "")), ("on", ("1", "on", "true", "yes")),
+                              ("off", ("0", "off", "false", "no"))):
+        if v in spellings:
+            return choice
+    raise ValueError(f"DITO_FAST_USE_CUDA={value!r}: expected auto, 1/on/true/yes or 0/off/false/no")
 
 
 # CPU kernel units (csrc/ops/*/*_cpu_kernel.cpp) are compiled once per instruction set into
@@ -56,28 +71,28 @@ def extension_modules():
              "(use pip install --no-build-isolation -e . with torch installed)")
         return [], {}
     os.environ.setdefault("MAX_JOBS", str(min(2, os.cpu_count() or 1)))
-    want = os.environ.get("DITO_FAST_USE_CUDA", "auto").lower()
+    want = _cuda_choice(os.environ.get("DITO_FAST_USE_CUDA", "auto"))
     use_cuda = False
-    if want in ("1", "true", "yes", "auto"):
+    if want != "off":
         if torch.version.cuda is None:
             _say("CUDA kernels skipped: this torch build has no CUDA")
         elif cpp_extension.CUDA_HOME is None:
             _say("CUDA kernels skipped: nvcc / CUDA_HOME not found")
         else:
             use_cuda = True
-        if want in ("1", "true", "yes") and not use_cuda:
-            raise RuntimeError("DITO_FAST_USE_CUDA=1 but CUDA kernels cannot be built (see message above)")
+        if want == "on" and not use_cuda:
+            raise RuntimeError("DITO_FAST_USE_CUDA asks for CUDA kernels, but they cannot be built (see message above)")
     else:
-        _say("CUDA kernels skipped: DITO_FAST_USE_CUDA=0")
+        _say("CUDA kernels skipped: DITO_FAST_USE_CUDA=" + os.environ["DITO_FAST_USE_CUDA"])
     kernels = [p for p in cpp if is_kernel_unit(p)]
     cpp = [p for p in cpp if not is_kernel_unit(p)]
     caps = cpu_capabilities()
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"] + [f"-DDITO_FAST_HAVE_{c}" for c in caps if c != "DEFAULT"]
+    cxx = ["-O3", "-g0", CXX_STD, "-fopenmp"] + [f"-DDITO_FAST_HAVE_{c}" for c in caps if c != "DEFAULT"]
     include = [os.path.join(HERE, "csrc", "include")]
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             "dito_fast._C", cpp + cu, include_dirs=include,
-            extra_compile_args={"cxx": cxx + ["-DDITO_FAST_WITH_CUDA"], "nvcc": ["-O3", "-DDITO_FAST_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx + ["-DDITO_FAST_WITH_CUDA"], "nvcc": ["-O3", CXX_STD, "-DDITO_FAST_WITH_CUDA"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension("dito_fast._C", cpp, include_dirs=include,
@@ -104,7 +119,7 @@ def extension_modules():
                 for src in units:
                     name = os.path.splitext(os.path.basename(src))[0]
                     obj = os.path.join(self.build_temp, "dito_cpu_kernels", cap, name + ".o")
-                    cmd = [cxx_bin, "-fPIC", "-O3", "-g0", "-std=c++17", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                    cmd = [cxx_bin, "-fPIC", "-O3", "-g0", CXX_STD, "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
                            f"-DCPU_CAPABILITY={cap}", *flags, *incs, "-c", src, "-o", obj]
                     stale = (not os.path.exists(obj) or os.path.getmtime(obj) < max(os.path.getmtime(src), newest_header))
                     jobs.append((obj, cmd, stale))

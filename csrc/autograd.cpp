@@ -26,6 +26,7 @@
 // differentiated, like Python's @once_differentiable. Dual tensors (forward-mode AD) are refused
 // with an error rather than their tangents dropped, and so is a node recorded under torch.func.
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -140,27 +141,40 @@ const c10::TypedOperatorHandle<FmNoiseSig>& fm_noise_op() {
   return op;
 }
 
-// Inputs (x, noise, t), outputs (x_t, v). Either output's gradient may be absent.
+// Inputs (x, noise, t), outputs (x_t, v). Either output's gradient may be absent. t's gradient,
+// sum over each sample of grad_x_t * dx_t/dt = grad_x_t * v (v does not depend on t), is rarely
+// wanted (t is sampled); it is computed with ATen ops, in the accumulation type, from x and noise,
+// which the node saves only when t requires grad.
 struct FmNoiseBackward final : public Node {
-  SavedVariable t_;
+  SavedVariable t_, x_, noise_;
   double sigma_min_ = 0;
 
   std::string name() const override { return "dito_fast::FmNoiseBackward"; }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     t_.reset_data();
+    x_.reset_data();
+    noise_.reset_data();
   }
   variable_list apply(variable_list&& grads) override {
     static const auto backward_op = find_op<FmNoiseBackwardSig>("dito_fast::fm_noise_backward");
     std::lock_guard<std::mutex> lock(mutex_);
+    const bool want_t = task_should_compute_output(2) && grads[0].defined();
     if ((!grads[0].defined() && !grads[1].defined()) ||
-        !(task_should_compute_output(0) || task_should_compute_output(1))) {
+        !(task_should_compute_output(0) || task_should_compute_output(1) || want_t)) {
       return variable_list(3);
     }
     const Tensor t = t_.unpack();
-    return once_differentiable("fm_noise", grads, {t}, [&]() -> variable_list {
+    const Tensor x = want_t ? x_.unpack() : Tensor(), noise = want_t ? noise_.unpack() : Tensor();
+    return once_differentiable("fm_noise", grads, {t, x, noise}, [&]() -> variable_list {
       auto [grad_x, grad_noise] = call_below_autograd(backward_op, opt(grads[0]), opt(grads[1]), t, sigma_min_);
-      return {grad_x, grad_noise, Tensor()};  // t: not differentiable
+      Tensor grad_t;
+      if (want_t) {
+        const auto acc = at::toOpMathType(x.scalar_type());
+        const Tensor v = noise.to(acc).mul(1.0 - sigma_min_).sub(x.to(acc));
+        grad_t = grads[0].to(acc).mul(v).reshape({x.size(0), -1}).sum(at::IntArrayRef{1}).to(t.scalar_type());
+      }
+      return {grad_x, grad_noise, grad_t};
     });
   }
 };
@@ -171,6 +185,10 @@ std::tuple<Tensor, Tensor> fm_noise_autograd(const Tensor& x, const Tensor& nois
   auto node = make_node<FmNoiseBackward>(x, noise, t);
   auto [x_t, v] = call_below_autograd(fm_noise_op(), x, noise, t, sigma_min);
   node->t_ = SavedVariable(t, /*is_output=*/false);
+  if (t.requires_grad()) {
+    node->x_ = SavedVariable(x, /*is_output=*/false);
+    node->noise_ = SavedVariable(noise, /*is_output=*/false);
+  }
   node->sigma_min_ = sigma_min;
   torch::autograd::set_history(x_t, node);
   torch::autograd::set_history(v, node);

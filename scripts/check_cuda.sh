@@ -6,7 +6,8 @@
 #
 # Usage: bash scripts/check_cuda.sh [file.cu ...]   (default: every csrc/**/*.cu)
 # nvcc: $CUDA_HOME/bin/nvcc, else /usr/local/cuda/bin/nvcc (resolved), else the nvcc on PATH.
-# With none at all it prints "SKIPPED: no nvcc" and exits 0; any compile error exits non-zero.
+# With none at all it prints "SKIPPED: no nvcc" and exits 0, or, with CHECK_CUDA_REQUIRE=1 (as
+# .ci/run sets it), fails; any compile error exits non-zero.
 # CHECK_CUDA_JOBS (default 2, at most 2) files compile at a time; CHECK_CUDA_STD (default c++20, what torch 2.13 builds CUDA extensions with)
 # picks the language standard.
 set -euo pipefail
@@ -21,6 +22,10 @@ elif command -v nvcc >/dev/null 2>&1; then
   nvcc="$(command -v nvcc)"
 fi
 if [ -z "$nvcc" ]; then
+  if [ "${CHECK_CUDA_REQUIRE:-0}" = 1 ]; then
+    echo "FAILED: no nvcc, and CHECK_CUDA_REQUIRE=1 (set CUDA_HOME to a CUDA toolkit)" >&2
+    exit 1
+  fi
   echo "SKIPPED: no nvcc (set CUDA_HOME to a CUDA toolkit to compile-check the .cu files)"
   exit 0
 fi

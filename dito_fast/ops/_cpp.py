@@ -89,14 +89,14 @@ if AVAILABLE:
     # ---- fm_noise --------------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::fm_noise")
     def _(x, noise, t, sigma_min):
-        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
-            x, memory_format=torch.contiguous_format)
+        fmt = memory_format_of(x)
+        return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, memory_format=fmt)
 
     @torch.library.register_fake("dito_fast::fm_noise_backward")
     def _(grad_xt, grad_v, t, sigma_min):
         like = grad_xt if grad_xt is not None else grad_v
-        return torch.empty_like(like, memory_format=torch.contiguous_format), torch.empty_like(
-            like, memory_format=torch.contiguous_format)
+        fmt = memory_format_of(like)
+        return torch.empty_like(like, memory_format=fmt), torch.empty_like(like, memory_format=fmt)
 
     # ---- fm_loss ---------------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::fm_loss")
@@ -105,7 +105,7 @@ if AVAILABLE:
 
     @torch.library.register_fake("dito_fast::fm_loss_backward")
     def _(grad, pred, target):
-        return torch.empty_like(pred, memory_format=torch.contiguous_format)
+        return torch.empty_like(pred, memory_format=memory_format_of(pred))
 
     # ---- latent_layernorm ------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::latent_layernorm")

@@ -35,6 +35,24 @@ PROFILE_RANGES = False
 DIRECT_ROUTES = True
 
 
+# The floating dtypes every op accepts (each backend may support fewer and say so); the dispatchers
+# refuse any other dtype (float8, complex, integers) before a backend is chosen.
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_dtype(op_name: str, name: str, t: torch.Tensor) -> None:
+    """Raise a TypeError naming ``name`` unless ``t`` has one of SUPPORTED_DTYPES."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op_name}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+
+
+# Every backend name some op has (Backend registers itself): DITO_FAST_BACKEND may name a backend
+# that one op lacks (``cpp`` for attention: that op takes its priority order), not one no op has.
+KNOWN_BACKENDS: set[str] = set()
+# The ops dispatched here, the names DITO_FAST_BACKEND's 'op=name' entries may use.
+KNOWN_OPS = frozenset({"fm_noise", "fm_loss", "latent_layernorm", "group_norm_modulate_silu", "attention", "conv3x3"})
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -44,6 +62,9 @@ class Backend:
     # unsupported_reasons would not be empty (it may also decline other calls, which then take the
     # ordinary route). Never called while torch.compile traces.
     direct: Callable | None = None
+
+    def __post_init__(self):
+        KNOWN_BACKENDS.add(self.name)
 
 
 def always_supported(*args, **kwargs) -> list[str]:
@@ -73,16 +94,29 @@ def autograd_mode_reasons() -> list[str]:
 
 
 def _parse_env(op_name: str, value: str) -> str | None:
+    """The backend ``value`` (DITO_FAST_BACKEND) names for ``op_name``, None for none. Raises
+    ValueError for a malformed value, an op name that is not one of KNOWN_OPS, or a backend name
+    that no op has: a typo would otherwise go unnoticed."""
     value = value.strip()
     if not value:
         return None
-    if "=" not in value:
-        return value
-    for entry in value.split(","):
-        op, _, name = entry.partition("=")
-        if op.strip() == op_name:
-            return name.strip() or None
-    return None
+    entries = []
+    for entry in value.split(",") if "=" in value else [f"={value}"]:
+        if not entry.strip():
+            continue
+        op, eq, name = (part.strip() for part in entry.partition("="))
+        if not eq or "=" in name or (op and op not in KNOWN_OPS):
+            raise ValueError(f"DITO_FAST_BACKEND={value!r}: expected one backend name, or 'op=name' entries "
+                             f"separated by commas with op one of {sorted(KNOWN_OPS)}")
+        if name and name not in KNOWN_BACKENDS:
+            raise ValueError(f"DITO_FAST_BACKEND={value!r} names unknown backend {name!r}; "
+                             f"known: {sorted(KNOWN_BACKENDS)}")
+        entries.append((op, name))
+    choice = None
+    for op, name in entries:
+        if op in ("", op_name):
+            choice = name or None
+    return choice
 
 
 # The fused ops read their environment variables on every call, so that changing one at run time
@@ -138,7 +172,7 @@ def env_backend(op_name: str) -> str | None:
 
 
 def dispatch(op_name: str, backends: list[Backend], backend: str | None, *args, **kwargs):
-    """Run ``op_name`` on the chosen backend (see module docstring)."""
+    """Run ``op_name`` (one of KNOWN_OPS) on the chosen backend (see module docstring)."""
     first = backends[0]
     # is_compiling first: under torch.compile the rest is not traced, so no guard is put on it
     if (not torch.compiler.is_compiling() and first.direct is not None and DIRECT_ROUTES and not kwargs
@@ -159,7 +193,8 @@ def _select(op_name: str, backends: list[Backend], backend: str | None, args: tu
             if chosen.name == requested:
                 reasons = chosen.unsupported_reasons(*args, **kwargs)
                 if reasons:
-                    raise RuntimeError(f"{op_name}: backend {requested!r} cannot run: {'; '.join(reasons)}")
+                    source = "" if backend else f" (asked for by DITO_FAST_BACKEND={getenv('DITO_FAST_BACKEND')!r})"
+                    raise RuntimeError(f"{op_name}: backend {requested!r}{source} cannot run: {'; '.join(reasons)}")
                 return chosen
         if backend is not None:
             raise ValueError(f"{op_name}: unknown backend {requested!r}; available: {[b.name for b in backends]}")

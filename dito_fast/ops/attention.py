@@ -15,11 +15,29 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._dispatch import Backend, always_supported, dispatch
+from ._dispatch import Backend, always_supported, check_dtype, dispatch
+
+
+def _check(q, k, v):
+    """q: (B, heads, N, D); k, v: (B, heads, M, D); one supported float dtype and one device."""
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(a).__name__}")
+        check_dtype("attention", name, a)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] \
+            or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention expects q of shape (B, heads, N, D) and k, v of shape (B, heads, M, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference softmax(q k^T / sqrt(D)) v in the inputs' dtype. q, k, v: (B, heads, N, D)."""
+    """Reference softmax(q k^T / sqrt(D)) v in the inputs' dtype. q: (B, heads, N, D); k, v:
+    (B, heads, M, D); returns (B, heads, N, D)."""
+    _check(q, k, v)
     w = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
     return w @ v
 
@@ -62,8 +80,6 @@ _BACKENDS = [
 
 
 def attention(q, k, v, backend: str | None = None) -> torch.Tensor:
-    """Non-causal attention, (B, heads, N, D) -> (B, heads, N, D)."""
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"attention expects q, k, v of shape (B, heads, N, D); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    """Non-causal attention: q (B, heads, N, D), k and v (B, heads, M, D) -> (B, heads, N, D)."""
+    _check(q, k, v)
     return dispatch("attention", _BACKENDS, backend, q, k, v)

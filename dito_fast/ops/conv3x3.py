@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import _cpp
 from ._cpp import memory_format_of
-from ._dispatch import Backend, always_supported, autograd_mode_reasons, dispatch, env_backend, getenv
+from ._dispatch import Backend, always_supported, autograd_mode_reasons, check_dtype, dispatch, env_backend, getenv
 
 MIN_WINOGRAD_CHANNELS = 32
 
@@ -95,13 +95,15 @@ def winograd_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
 
 def _check(x, weight, bias):
     op = "conv3x3"
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    check_dtype(op, "x", x)
     if x.dim() != 4 or x.numel() == 0:
         raise ValueError(f"{op} expects a non-empty (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
         raise ValueError(f"{op}: weight must be (C_out, {x.shape[1]}, 3, 3), got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    check_dtype(op, "weight", weight)
     if weight.device != x.device:
         raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != x.device):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _cpp, _triton
-from ._dispatch import Backend, always_supported, dispatch
+from ._dispatch import Backend, always_supported, check_dtype, dispatch
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -19,8 +19,7 @@ def _check_noise(x, noise, t):
     for name, a in (("x", x), ("noise", noise), ("t", t)):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"fm_noise: {name} must be a tensor, got {type(a).__name__}")
-        if not a.is_floating_point():
-            raise TypeError(f"fm_noise: {name} must be floating point, got {a.dtype}")
+        check_dtype("fm_noise", name, a)
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"fm_noise: x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
     if x.shape != noise.shape:
@@ -35,8 +34,9 @@ def _check_noise(x, noise, t):
 
 def _check_loss(pred, target):
     for name, a in (("pred", pred), ("target", target)):
-        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
-            raise TypeError(f"fm_loss: {name} must be a floating tensor")
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"fm_loss: {name} must be a tensor, got {type(a).__name__}")
+        check_dtype("fm_loss", name, a)
     if pred.dim() < 1 or pred.shape[0] == 0:
         raise ValueError(f"fm_loss: pred must have a non-empty batch dimension, got shape {tuple(pred.shape)}")
     if pred.shape != target.shape:
@@ -88,7 +88,9 @@ _LOSS_BACKENDS = [
 def fm_noise(x, noise, t, sigma_min: float = 1e-5, backend: str | None = None):
     """Noised sample and velocity target in one pass; see :func:`fm_noise_ref`.
 
-    Differentiable w.r.t. x and noise (not t). Outputs are contiguous.
+    Differentiable w.r.t. x, noise and t (t's gradient, the per-sample sum of grad_x_t * v, is
+    formed only when t requires grad). Outputs keep x's layout (contiguous or channels_last;
+    other layouts come out contiguous).
     """
     _check_noise(x, noise, t)
     return dispatch("fm_noise", _NOISE_BACKENDS, backend, x, noise, t, float(sigma_min))

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from . import _cpp, _triton
-from ._dispatch import Backend, always_supported, dispatch
+from ._dispatch import Backend, always_supported, check_dtype, dispatch
 
 
-def _check_x(x, num_groups, weight, bias, scale, shift):
-    """The checks every backend needs before one is chosen: x, the group count, and that each
-    parameter is None or a tensor on x's device (a meta parameter with a CPU x would otherwise
-    reach the fake kernel). The parameters' dtypes and shapes: ``_check_params``."""
+def _check_x(x, num_groups, weight, bias, scale, shift, eps=1e-5):
+    """The checks every backend needs before one is chosen: x, the group count, eps, and that each
+    parameter is None or a tensor of a supported dtype on x's device (a meta parameter with a CPU x
+    would otherwise reach the fake kernel). The parameters' shapes: ``_check_params``."""
     op = "group_norm_modulate_silu"
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{op}: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    check_dtype(op, "x", x)
     if x.dim() != 4:
         raise ValueError(f"{op} expects (B, C, H, W), got {tuple(x.shape)}")
     if x.numel() == 0:
@@ -25,18 +28,21 @@ def _check_x(x, num_groups, weight, bias, scale, shift):
         raise TypeError(f"{op}: num_groups must be an int, got {type(num_groups).__name__}")
     if num_groups <= 0 or C % num_groups:
         raise ValueError(f"{op}: {C} channels are not divisible by {num_groups} groups")
+    if not 0 <= eps < math.inf:  # also refuses NaN
+        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
     x_cpu = x.is_cpu
     for name, p in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
         if p is None:
             continue
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a floating tensor or None, got {type(p).__name__}")
+        check_dtype(op, name, p)
         if not (x_cpu and p.is_cpu) and p.device != x.device:  # is_cpu: no device objects on the common path
             raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}")
 
 
 def _check_params(x, weight, bias, scale, shift):
-    """The parameters' dtypes and shapes. The C++ op makes the same checks with the same errors
+    """The parameters' shapes. The C++ op makes the same checks with the same errors
     (csrc/include/dito_fast/check.h), so the cpp backend leaves them to it: in Python they cost
     about 3.5 us per call (warm loop, all four parameters)."""
     op = "group_norm_modulate_silu"
@@ -45,14 +51,12 @@ def _check_params(x, weight, bias, scale, shift):
                            ("shift", shift, (B, C))):
         if p is None:
             continue
-        if not p.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating tensor, got {p.dtype}")
         if p.shape != shape:  # torch.Size compares equal to a tuple
             raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
 
 
-def _check(x, num_groups, weight, bias, scale, shift):
-    _check_x(x, num_groups, weight, bias, scale, shift)
+def _check(x, num_groups, weight, bias, scale, shift, eps):
+    _check_x(x, num_groups, weight, bias, scale, shift, eps)
     _check_params(x, weight, bias, scale, shift)
 
 
@@ -63,9 +67,11 @@ def group_norm_modulate_silu_ref(x, num_groups: int, weight=None, bias=None, sca
     y = GroupNorm(x; weight, bias); y = y * (1 + scale) + shift if given; SiLU(y) if ``silu``.
     Returns the shape and dtype of x.
     """
-    _check(x, num_groups, weight, bias, scale, shift)
+    _check(x, num_groups, weight, bias, scale, shift, eps)
     half = upcast and x.dtype in (torch.float16, torch.bfloat16)
     xc = x.float() if half else x
+    # parameters of any supported dtype, computed in x's (upcast) dtype, as the C++ kernels do
+    weight, bias = (p if p is None else p.to(xc.dtype) for p in (weight, bias))
     y = F.group_norm(xc, num_groups, weight, bias, eps)
     if scale is not None:
         y = y * (1 + scale[:, :, None, None].to(y.dtype))
@@ -86,16 +92,17 @@ def _cpp_gnms(x, num_groups, weight, bias, scale, shift, eps, silu):
 _TRITON = _triton.backend("group_norm_modulate_silu", "group_norm_modulate_silu")
 
 
-def _triton_gnms(x, num_groups, weight, bias, scale, shift, eps, silu):
-    _check_params(x, weight, bias, scale, shift)
-    return _TRITON.fn(x, num_groups, weight, bias, scale, shift, eps, silu)
+def _triton_reasons(x, num_groups, weight, bias, scale, shift, eps, silu):
+    _check_params(x, weight, bias, scale, shift)  # bad shapes raise ValueError, as on the other backends
+    return _TRITON.unsupported_reasons(x, num_groups, weight, bias, scale, shift, eps, silu)
 
 
-# The parameter checks: in the C++ op for cpp, in _triton_gnms for triton, in the reference for ref.
+# The parameter shape checks: in the C++ op for cpp, before triton's reasons for triton, in the
+# reference for ref.
 _BACKENDS = [
     Backend("cpp", _cpp_gnms, lambda x, g, w, b, s, sh, eps, silu: _cpp.unsupported_reasons(x, w, b, s, sh),
             _cpp.direct("group_norm_modulate_silu")),
-    Backend("triton", _triton_gnms, _TRITON.unsupported_reasons),
+    Backend("triton", _TRITON.fn, _triton_reasons),
     Backend("ref", group_norm_modulate_silu_ref, always_supported),
 ]
 
@@ -107,6 +114,6 @@ def group_norm_modulate_silu(x, num_groups: int, weight=None, bias=None, scale=N
     x: (B, C, H, W) float, contiguous or channels_last (the output keeps x's layout);
     weight/bias: (C,); scale/shift: (B, C). Differentiable w.r.t. x and every parameter given.
     """
-    _check_x(x, num_groups, weight, bias, scale, shift)
+    _check_x(x, num_groups, weight, bias, scale, shift, eps)
     return dispatch("group_norm_modulate_silu", _BACKENDS, backend, x, num_groups, weight, bias,
                     scale, shift, float(eps), bool(silu))

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _cpp, _triton
-from ._dispatch import Backend, always_supported, dispatch
+from ._dispatch import Backend, always_supported, check_dtype, dispatch
 
 
 def _check(z, eps):
-    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-        raise TypeError(f"latent_layernorm: z must be a floating tensor, got {getattr(z, 'dtype', type(z).__name__)}")
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"latent_layernorm: z must be a tensor, got {type(z).__name__}")
+    check_dtype("latent_layernorm", "z", z)
     if z.dim() != 4:
         raise ValueError(f"latent_layernorm expects (B, C, H, W), got shape {tuple(z.shape)}")
     if z.numel() == 0:
         raise ValueError(f"latent_layernorm: z is empty, shape {tuple(z.shape)}")
-    if eps < 0:
-        raise ValueError(f"latent_layernorm: eps must be >= 0, got {eps}")
+    if not 0 <= eps < math.inf:  # also refuses NaN
+        raise ValueError(f"latent_layernorm: eps must be finite and >= 0, got {eps}")
 
 
 def latent_layernorm_ref(z: torch.Tensor, eps: float = 1e-5, upcast: bool = True) -> torch.Tensor:

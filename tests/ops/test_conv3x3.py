@@ -238,8 +238,10 @@ def test_errors_name_the_problem():
         conv3x3(x, torch.randn(6, 4, 3, 3), torch.randn(5))
     with pytest.raises(ValueError, match="non-empty"):
         conv3x3(torch.randn(0, 4, 5, 5), torch.randn(6, 4, 3, 3))
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.int64"):
         conv3x3(torch.ones(1, 4, 5, 5, dtype=torch.long), torch.randn(6, 4, 3, 3))
+    with pytest.raises(TypeError, match="weight must be float32, float64, float16 or bfloat16, got torch.float8_e4m3fn"):
+        conv3x3(x, torch.randn(6, 4, 3, 3).to(torch.float8_e4m3fn))
     if not CPP_REASON:
         with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16 or 36, C_out, 4\)"):
             torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 6, 4), None, False)

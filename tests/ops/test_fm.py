@@ -23,12 +23,12 @@ def _draw(shape, dtype, seed=0):
 
 
 def _noise_grads(fn, x, e, t, **kw):
-    x, e = x.detach().clone().requires_grad_(), e.detach().clone().requires_grad_()
+    x, e, t = (a.detach().clone().requires_grad_() for a in (x, e, t))
     xt, v = fn(x, e, t, 1e-3, **kw)
     g = torch.Generator().manual_seed(9)
     (xt * torch.randn(xt.shape, generator=g, dtype=torch.float64).to(xt.dtype)
      + v * torch.randn(v.shape, generator=g, dtype=torch.float64).to(v.dtype)).sum().backward()
-    return xt.detach(), v.detach(), x.grad, e.grad
+    return xt.detach(), v.detach(), x.grad, e.grad, t.grad
 
 
 @needs_cpp
@@ -39,7 +39,7 @@ def test_fm_noise_cpp_matches_reference(shape, dtype):
     ours = _noise_grads(fm_noise, x, e, t.to(dtype), backend="cpp")
     ref = _noise_grads(fm_noise_ref, x.double(), e.double(), t.to(dtype).double())
     same = _noise_grads(fm_noise_ref, x, e, t.to(dtype))
-    for name, a, r, s in zip(["x_t", "v", "grad x", "grad noise"], ours, ref, same):
+    for name, a, r, s in zip(["x_t", "v", "grad x", "grad noise", "grad t"], ours, ref, same, strict=True):
         assert a.dtype == dtype
         assert_close_to_ref(a, r, dtype, s, name)
 
@@ -76,6 +76,28 @@ def test_noncontiguous_and_channels_last_inputs():
     assert_close_to_ref(xt, xr, torch.float32)
     assert_close_to_ref(v, vr, torch.float32)
     assert_close_to_ref(fm_loss(xs, ecl, backend="cpp"), fm_loss_ref(xs.double(), ecl.double()), torch.float32)
+
+
+@needs_cpp
+def test_channels_last_kept():
+    # channels_last in, channels_last out (x's layout; noise and the gradients are brought to it), as
+    # the other ops and the triton backend do: a channels_last training step copies nothing here.
+    x, e, t = (a.float() for a in _draw((3, 5, 6, 7), torch.float32))
+    xcl, ecl = (a.contiguous(memory_format=torch.channels_last).requires_grad_() for a in (x, e))
+    xt, v = fm_noise(xcl, ecl, t, backend="cpp")
+    assert xt.is_contiguous(memory_format=torch.channels_last) and v.is_contiguous(memory_format=torch.channels_last)
+    pred = torch.randn_like(xt).requires_grad_()
+    loss = fm_loss(pred + xt, v, backend="cpp")
+    gx, ge, gp = torch.autograd.grad(loss.sum(), (xcl, ecl, pred))
+    assert all(g.is_contiguous(memory_format=torch.channels_last) for g in (gx, ge, gp))
+    rx, re_ = x.double().requires_grad_(), e.double().requires_grad_()
+    rxt, rv = fm_noise_ref(rx, re_, t.double())
+    rpred = pred.detach().double().requires_grad_()
+    rloss = fm_loss_ref(rpred + rxt, rv)
+    for got, want in zip((xt, v, loss, gx, ge, gp), (rxt, rv, rloss, *torch.autograd.grad(rloss.sum(), (rx, re_, rpred)))):
+        assert_close_to_ref(got.detach(), want.detach(), torch.float32)
+    # a contiguous noise with a channels_last x: x's layout wins
+    assert fm_noise(xcl.detach(), e, t, backend="cpp")[0].is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_cpp
@@ -119,8 +141,12 @@ def test_fm_loss_independent_of_threads():
 @needs_cpp
 def test_gradcheck():
     x, e, t = _draw((2, 3, 4, 5), torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: fm_noise(a, b, t, 0.01, backend="cpp"),
-                                    (x.requires_grad_(), e.requires_grad_()))
+    assert torch.autograd.gradcheck(lambda a, b, c: fm_noise(a, b, c, 0.01, backend="cpp"),
+                                    (x.requires_grad_(), e.requires_grad_(), t.requires_grad_()))
+    # t alone, and each output alone (t's gradient comes from x_t's only)
+    for out in (0, 1):
+        assert torch.autograd.gradcheck(lambda c: fm_noise(x.detach(), e.detach(), c, 0.01, backend="cpp")[out],
+                                        (t,))
     p, y, _ = _draw((3, 2, 5), torch.float64, seed=1)
     assert torch.autograd.gradcheck(lambda a, b: fm_loss(a, b, backend="cpp"), (p.requires_grad_(), y.requires_grad_()))
 
@@ -129,6 +155,10 @@ def test_gradcheck():
 def test_opcheck():
     x, e, t = _draw((2, 3, 4, 5), torch.float32)
     torch.library.opcheck(torch.ops.dito_fast.fm_noise, (x.requires_grad_(), e.requires_grad_(), t.float(), 1e-5))
+    cl = [a.detach().contiguous(memory_format=torch.channels_last) for a in (x, e)]  # layouts kept alike by the fakes
+    torch.library.opcheck(torch.ops.dito_fast.fm_noise, (cl[0].requires_grad_(), cl[1], t.float().requires_grad_(), 1e-5))
+    torch.library.opcheck(torch.ops.dito_fast.fm_noise_backward, (cl[0], None, t.float(), 1e-5))
+    torch.library.opcheck(torch.ops.dito_fast.fm_loss_backward, (torch.ones(2), cl[0], cl[1]))
     p, y, _ = _draw((3, 2, 5), torch.float32, seed=1)
     torch.library.opcheck(torch.ops.dito_fast.fm_loss, (p.clone().requires_grad_(), y.clone().requires_grad_()))
     torch.library.opcheck(torch.ops.dito_fast.fm_loss_backward, (torch.ones(3), p, y))
@@ -162,7 +192,9 @@ def test_errors(backend):
         fm_noise(x, x, torch.zeros(3), backend=backend)
     with pytest.raises(TypeError, match="differ in dtype"):
         fm_noise(x, x.double(), torch.zeros(2), backend=backend)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="pred must be float32, float64, float16 or bfloat16, got torch.int64"):
         fm_loss(x.long(), x.long(), backend=backend)
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.float8_e4m3fn"):
+        fm_noise(x.to(torch.float8_e4m3fn), x.to(torch.float8_e4m3fn), torch.zeros(2), backend=backend)
     with pytest.raises(ValueError, match="non-empty batch"):
         fm_loss(x[:0], x[:0], backend=backend)

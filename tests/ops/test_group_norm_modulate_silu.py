@@ -209,8 +209,10 @@ def test_errors_before_any_kernel(backend):
         call(x, 3, weight=torch.ones(5))
     with pytest.raises(ValueError, match=r"expects \(B, C, H, W\)"):
         call(x[0], 3)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.int64"):
         call(x.long(), 3)
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.float8_e4m3fn"):
+        call(x.to(torch.float8_e4m3fn), 3)
     with pytest.raises(ValueError, match="empty"):
         call(x[:0], 3)
     for groups in (True, 3.0, "3"):  # bool is an int to Python, but not a group count
@@ -233,9 +235,10 @@ def test_parameter_errors_alike_on_every_backend(backend):
         call(weight=torch.ones(6, device="meta"))
     with pytest.raises(TypeError, match="scale must be a floating tensor or None, got float"):
         call(scale=1.5)
-    if backend != "cpp":  # explicit cpp reports the dtype as a reason it cannot run instead
-        with pytest.raises(TypeError, match="weight must be a floating tensor, got torch.int64"):
-            call(weight=torch.ones(6, dtype=torch.int64))
+    with pytest.raises(TypeError, match="weight must be float32, float64, float16 or bfloat16, got torch.int64"):
+        call(weight=torch.ones(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="eps must be finite and >= 0, got nan"):
+        call(eps=float("nan"))
 
 
 @needs_cpp
@@ -253,5 +256,5 @@ def test_cpp_op_raises_python_errors():
 @needs_cpp
 def test_unsupported_dtype_reason():
     x = torch.randn(1, 4, 2, 2, dtype=torch.complex64)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.complex64"):
         group_norm_modulate_silu(x, 2, backend="cpp")

@@ -66,5 +66,5 @@ def test_errors(backend):
         latent_layernorm(torch.zeros(2, 3, 4), backend=backend)
     with pytest.raises(ValueError, match="empty"):
         latent_layernorm(torch.zeros(0, 3, 4, 4), backend=backend)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="z must be float32, float64, float16 or bfloat16, got torch.int64"):
         latent_layernorm(torch.zeros(1, 3, 4, 4, dtype=torch.int64), backend=backend)

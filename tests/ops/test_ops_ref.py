@@ -141,6 +141,12 @@ def test_latent_layernorm_half_precision_upcast():
 def test_latent_layernorm_errors():
     with pytest.raises(ValueError, match=r"expects \(B, C, H, W\)"):
         ops.latent_layernorm(torch.zeros(3, 4, 5))
+    z = torch.zeros(1, 2, 2, 2)
+    with pytest.raises(TypeError, match="z must be float32, float64, float16 or bfloat16, got torch.float8_e5m2"):
+        ops.latent_layernorm(z.to(torch.float8_e5m2))
+    for eps in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+            ops.latent_layernorm(z, eps=eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +221,27 @@ def test_group_norm_modulate_silu_errors():
         ops.group_norm_modulate_silu(torch.zeros(2, 4, 5, 5), 2, scale=torch.zeros(4))
     with pytest.raises(ValueError, match=r"shift must have shape \(2, 4\)"):
         ops.group_norm_modulate_silu(torch.zeros(2, 4, 5, 5), 2, shift=torch.zeros(1, 4))
+    x = torch.zeros(2, 4, 5, 5)
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.float8_e4m3fn"):
+        ops.group_norm_modulate_silu(x.to(torch.float8_e4m3fn), 2)
+    with pytest.raises(TypeError, match="weight must be float32, float64, float16 or bfloat16, got torch.int64"):
+        ops.group_norm_modulate_silu(x, 2, torch.ones(4, dtype=torch.long))
+    for eps in (float("nan"), -1e-5, float("inf")):
+        with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+            ops.group_norm_modulate_silu(x, 2, eps=eps)
+
+
+def test_group_norm_modulate_silu_parameter_dtypes():
+    # Parameters of another float dtype than x are computed in x's dtype, on every CPU backend alike.
+    x = _randn(2, 4, 3, 3).float()
+    w, b, s, sh = _randn(4), _randn(4), _randn(2, 4), _randn(2, 4)
+    for backend in ("ref", "cpp") if ops.available_backends()["group_norm_modulate_silu"][0] == "cpp" else ("ref",):
+        for dtype in (torch.float16, torch.float64):
+            ps = [p.to(dtype) for p in (w, b, s, sh)]
+            y = ops.group_norm_modulate_silu(x, 2, *ps, backend=backend)
+            assert y.dtype == torch.float32
+            expected = _hand_gn_mod_silu(x.double(), 2, *(p.double() for p in ps), 1e-5)
+            assert (y.double() - expected).abs().max() < 1e-5, (backend, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +258,25 @@ def test_attention_backends_match_hand_formula():
         ops.attention(q, k[..., :5], v[..., :5])
 
 
+def test_attention_errors():
+    q = _randn(2, 3, 5, 8).float()
+    with pytest.raises(ValueError, match=r"k, v of shape \(B, heads, M, D\); got \(2, 3, 5, 8\), \(3, 5, 8\)"):
+        ops.attention(q, q[0], q[0])  # SDPA would broadcast a 3-d k and v
+    with pytest.raises(ValueError, match=r"\(B, heads, M, D\)"):
+        ops.attention(q, q[:1], q[:1])
+    with pytest.raises(TypeError, match="q must be float32, float64, float16 or bfloat16, got torch.int64"):
+        ops.attention(q.long(), q.long(), q.long())
+    with pytest.raises(TypeError, match="k must be a tensor, got list"):
+        ops.attention(q, [1.0], q)
+    with pytest.raises(TypeError, match="must share a dtype, got torch.float32, torch.float64, torch.float32"):
+        ops.attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="must be on one device, got cpu, meta, cpu"):
+        ops.attention(q, q.to("meta"), q)
+    for backend in ("ref", "sdpa"):  # the reference checks too
+        with pytest.raises(ValueError, match=r"\(B, heads, M, D\)"):
+            ops.attention(q, q[0], q[0], backend=backend)
+
+
 # --------------------------------------------------------------------------------------------
 # dispatcher
 
@@ -245,6 +291,7 @@ def test_unknown_backend_lists_available():
 def test_available_backends():
     avail = ops.available_backends()
     assert set(avail) == {"attention", "conv3x3", "fm_noise", "fm_loss", "group_norm_modulate_silu", "latent_layernorm"}
+    assert set(avail) == _dispatch.KNOWN_OPS  # the names DITO_FAST_BACKEND's entries accept
     assert all("ref" in names and "triton" in names for op, names in avail.items() if op != "conv3x3")
     assert avail["conv3x3"] == ["cpp", "ref"]  # on CUDA, ref is F.conv2d, i.e. cuDNN
     assert all(names[0] == "cpp" for op, names in avail.items() if op != "attention")
@@ -289,7 +336,13 @@ def test_dispatch_priority_and_reasons(monkeypatch):
     assert log == ["medium", "ref"]
 
 
-def test_dispatch_env_var(monkeypatch):
+@pytest.fixture
+def toy_ops(monkeypatch):
+    """The toy op names these tests dispatch, accepted in DITO_FAST_BACKEND's 'op=name' entries."""
+    monkeypatch.setattr(_dispatch, "KNOWN_OPS", _dispatch.KNOWN_OPS | {"op", "other"})
+
+
+def test_dispatch_env_var(monkeypatch, toy_ops):
     log = []
     backends = _recording_backends(log)
     monkeypatch.setenv("DITO_FAST_BACKEND", "ref")
@@ -298,7 +351,8 @@ def test_dispatch_env_var(monkeypatch):
     monkeypatch.setenv("DITO_FAST_BACKEND", "triton")  # a backend this op lacks: fall back silently
     assert dispatch("op", backends, None, 0) == "medium"
     monkeypatch.setenv("DITO_FAST_BACKEND", "fast")  # named and present but unsupported: error
-    with pytest.raises(RuntimeError, match="needs CUDA"):
+    with pytest.raises(RuntimeError, match=r"backend 'fast' \(asked for by DITO_FAST_BACKEND='fast'\) cannot run: "
+                                           r"needs CUDA"):
         dispatch("op", backends, None, 0)
     monkeypatch.setenv("DITO_FAST_BACKEND", "other=fast, op=ref")  # per-op entries
     assert dispatch("op", backends, None, 0) == "ref"
@@ -306,7 +360,26 @@ def test_dispatch_env_var(monkeypatch):
     assert dispatch("op", backends, None, 0) == "medium"
 
 
-def test_dispatch_env_var_follows_os_environ(monkeypatch):
+def test_dispatch_env_var_rejects_typos(monkeypatch, toy_ops):
+    # A name no op has, an op name that is not one, or a malformed value: a clear error on the
+    # first call, not a silent fallback to the priority order.
+    backends = _recording_backends([])
+    for value, match in [("fsat", r"names unknown backend 'fsat'; known: \[.*'cpp'.*'ref'"),
+                         ("op=rfe", "names unknown backend 'rfe'"),
+                         ("opp=ref", r"'op=name' entries .* with op one of \[.*'group_norm_modulate_silu'"),
+                         ("op=ref,medium", "expected one backend name, or 'op=name' entries"),
+                         ("op=ref=fast", "expected one backend name")]:
+        monkeypatch.setenv("DITO_FAST_BACKEND", value)
+        with pytest.raises(ValueError, match=match):
+            dispatch("op", backends, None, 0)
+    monkeypatch.setenv("DITO_FAST_BACKEND", "latent_layernorm=cpp,attention=sdpa,op=ref,")  # a trailing comma is fine
+    assert dispatch("op", backends, None, 0) == "ref"
+    monkeypatch.setenv("DITO_FAST_BACKEND", "latent_layernorm=rfe")  # another op's entry is checked too
+    with pytest.raises(ValueError, match="unknown backend 'rfe'"):
+        ops.latent_layernorm(_randn(1, 2, 2, 2))
+
+
+def test_dispatch_env_var_follows_os_environ(monkeypatch, toy_ops):
     # The variable is read from os.environ's encoded mapping on every call (_dispatch): setting,
     # deleting and non-ASCII values take effect at once, and a replaced os.environ is honoured.
     log = []
@@ -315,15 +388,16 @@ def test_dispatch_env_var_follows_os_environ(monkeypatch):
     assert dispatch("op", backends, None, 0) == "ref"
     monkeypatch.delenv("DITO_FAST_BACKEND")
     assert dispatch("op", backends, None, 0) == "medium"
-    monkeypatch.setenv("DITO_FAST_BACKEND", "op=ref,\u00e9=x")
-    assert dispatch("op", backends, None, 0) == "ref"
+    monkeypatch.setenv("DITO_FAST_BACKEND", "op=r\u00e9f")  # decoded: the error names it
+    with pytest.raises(ValueError, match="unknown backend 'r\u00e9f'"):
+        dispatch("op", backends, None, 0)
     monkeypatch.setattr(os, "environ", {"DITO_FAST_BACKEND": "op=ref"})
     assert dispatch("op", backends, None, 0) == "ref"
     monkeypatch.setattr(os, "environ", {})
     assert dispatch("op", backends, None, 0) == "medium"
 
 
-def test_dispatch_direct_route(monkeypatch):
+def test_dispatch_direct_route(monkeypatch, toy_ops):
     # The first backend's direct route runs whenever that backend is asked for or first in line, and
     # not otherwise; NotImplemented from it falls back to the ordinary selection (same backend, or
     # the reasons error when it was asked for explicitly).

@@ -19,7 +19,10 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cpu(const at::Tensor& x, const at::T
   TORCH_CHECK(noise.sizes() == x.sizes(), op, ": x ", x.sizes(), " and noise ", noise.sizes(), " differ in shape");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": t must have shape (", x.size(0), "), got ", t.sizes());
   check_floating(t, op, "t");
-  const auto xc = x.contiguous(), nc = noise.contiguous();
+  // Elementwise within each sample: any dense layout whose samples are contiguous blocks works, so
+  // channels_last inputs are kept (and noise is brought to x's layout).
+  const auto fmt = preferred_format(x);
+  const auto xc = x.contiguous(fmt), nc = noise.contiguous(fmt);
   auto x_t = at::empty_like(xc), v = at::empty_like(xc);
   DITO_CPU_CALL(fm_noise_kernel, xc, nc, t, sigma_min, x_t, v);
   return {x_t, v};
@@ -30,9 +33,10 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_backward_cpu(const std::optional<at:
                                                          double sigma_min) {
   const at::Tensor& like = check_fm_noise_backward(grad_xt, grad_v, t);
   const bool has_xt = grad_xt.has_value() && grad_xt->defined(), has_v = grad_v.has_value() && grad_v->defined();
-  const auto a = has_xt ? grad_xt->contiguous() : at::Tensor();
-  const auto g = has_v ? grad_v->contiguous() : at::Tensor();
-  auto grad_x = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto fmt = preferred_format(like);
+  const auto a = has_xt ? grad_xt->contiguous(fmt) : at::Tensor();
+  const auto g = has_v ? grad_v->contiguous(fmt) : at::Tensor();
+  auto grad_x = at::empty(like.sizes(), like.options().memory_format(fmt));
   auto grad_noise = at::empty_like(grad_x);
   DITO_CPU_CALL(fm_noise_backward_kernel, a, g, t, sigma_min, grad_x, grad_noise);
   return {grad_x, grad_noise};
@@ -47,7 +51,8 @@ at::Tensor fm_loss_cpu(const at::Tensor& pred, const at::Tensor& target) {
   TORCH_CHECK(pred.dim() >= 1 && pred.size(0) > 0, op, ": pred must have a non-empty batch dimension, got shape ", pred.sizes());
   TORCH_CHECK(target.sizes() == pred.sizes(), op, ": pred ", pred.sizes(), " and target ", target.sizes(), " differ in shape");
   auto loss = at::empty({pred.size(0)}, pred.options().dtype(loss_dtype(pred.scalar_type())));
-  DITO_CPU_CALL(fm_loss_kernel, pred.contiguous(), target.contiguous(), loss);
+  const auto fmt = preferred_format(pred);  // the per-sample sums are taken in memory order
+  DITO_CPU_CALL(fm_loss_kernel, pred.contiguous(fmt), target.contiguous(fmt), loss);
   return loss;
 }
 
@@ -56,9 +61,10 @@ at::Tensor fm_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, 
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == pred.size(0), op, ": grad must have shape (", pred.size(0), "), got ", grad.sizes());
   TORCH_CHECK(target.sizes() == pred.sizes() && target.scalar_type() == pred.scalar_type(), op, ": pred and target must match");
   check_floating(grad, op, "grad");
-  const auto pc = pred.contiguous();
+  const auto fmt = preferred_format(pred);
+  const auto pc = pred.contiguous(fmt);
   auto out = at::empty_like(pc);
-  DITO_CPU_CALL(fm_loss_backward_kernel, grad, pc, target.contiguous(), out);
+  DITO_CPU_CALL(fm_loss_backward_kernel, grad, pc, target.contiguous(fmt), out);
   return out;
 }
 

@@ -75,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_cuda(const at::Tensor& x, const at::
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": t must have shape (", x.size(0), "), got ", t.sizes());
 
   c10::cuda::CUDAGuard guard(x.device());
-  const auto xc = x.contiguous(), ec = noise.contiguous();
+  const auto fmt = preferred_format(x);  // as the CPU op: channels_last kept
+  const auto xc = x.contiguous(fmt), ec = noise.contiguous(fmt);
   auto x_t = at::empty_like(xc), v = at::empty_like(xc);  // as the CPU op: the same strides
   const int64_t B = xc.size(0), N = xc.numel() / B;
   if (N == 0) return {x_t, v};
@@ -140,10 +141,11 @@ std::tuple<at::Tensor, at::Tensor> fm_noise_backward_cuda(const std::optional<at
   check_floating(t, op, "t");
 
   c10::cuda::CUDAGuard guard(like.device());
-  const auto a = has_xt ? grad_xt->contiguous() : at::Tensor();
-  const auto g = has_v ? grad_v->contiguous() : at::Tensor();
-  auto grad_x = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-  auto grad_noise = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto fmt = preferred_format(like);
+  const auto a = has_xt ? grad_xt->contiguous(fmt) : at::Tensor();
+  const auto g = has_v ? grad_v->contiguous(fmt) : at::Tensor();
+  auto grad_x = at::empty(like.sizes(), like.options().memory_format(fmt));
+  auto grad_noise = at::empty(like.sizes(), like.options().memory_format(fmt));
   const int64_t B = like.size(0), N = like.numel() / B;
   if (N == 0) return {grad_x, grad_noise};
   const auto tc = t.to(opmath_dtype(like.scalar_type())).contiguous();
@@ -234,7 +236,8 @@ at::Tensor fm_loss_cuda(const at::Tensor& pred, const at::Tensor& target) {
               " differ in shape");
 
   c10::cuda::CUDAGuard guard(pred.device());
-  const auto pc = pred.contiguous(), yc = target.contiguous();
+  const auto fmt = preferred_format(pred);  // as the CPU op
+  const auto pc = pred.contiguous(fmt), yc = target.contiguous(fmt);
   const int64_t B = pc.size(0), N = pc.numel() / B;
   const auto acc_dtype = opmath_dtype(pred.scalar_type());
   auto loss = at::empty({B}, pc.options().dtype(acc_dtype));
@@ -306,7 +309,8 @@ at::Tensor fm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred,
               target.sizes(), " ", target.scalar_type());
 
   c10::cuda::CUDAGuard guard(pred.device());
-  const auto pc = pred.contiguous(), yc = target.contiguous();
+  const auto fmt = preferred_format(pred);  // as the CPU op
+  const auto pc = pred.contiguous(fmt), yc = target.contiguous(fmt);
   auto out = at::empty_like(pc);
   const int64_t B = pc.size(0), N = pc.numel() / B;
   if (N == 0) return out;

@@ -167,19 +167,26 @@ if HAS_TRITON:
 
     def _fm_noise_setup(ctx, inputs, output):
         x, noise, t, sigma_min = inputs
-        ctx.save_for_backward(t)
+        # x and noise only for t's gradient (rarely wanted: t is sampled), as in csrc/autograd.cpp
+        ctx.save_for_backward(t, *((x, noise) if ctx.needs_input_grad[2] else ()))
         ctx.sigma_min = sigma_min
         ctx.x_dtype, ctx.noise_dtype = x.dtype, noise.dtype
 
     def _fm_noise_backward(ctx, grad_xt, grad_v):
-        (t,) = ctx.saved_tensors
+        t, *x_noise = ctx.saved_tensors
+        grad_t = None
+        if ctx.needs_input_grad[2] and grad_xt is not None:
+            # sum over each sample of grad_x_t * dx_t/dt = grad_x_t * v, in float32
+            x, noise = (a.float() for a in x_noise)
+            v = noise * (1 - ctx.sigma_min) - x
+            grad_t = (grad_xt.float() * v).reshape(x.shape[0], -1).sum(1).to(t.dtype)
         like = grad_xt if grad_xt is not None else grad_v
         if grad_xt is None:
             grad_xt = torch.zeros_like(like)
         if grad_v is None:
             grad_v = torch.zeros_like(like)
         dx, dnoise = _fm_noise_backward_op(grad_xt, grad_v, t, ctx.sigma_min)
-        return dx.to(ctx.x_dtype), dnoise.to(ctx.noise_dtype), None, None
+        return dx.to(ctx.x_dtype), dnoise.to(ctx.noise_dtype), grad_t, None
 
     _fm_noise_op.register_autograd(_fm_noise_backward, setup_context=_fm_noise_setup)
 
