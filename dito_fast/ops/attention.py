@@ -52,6 +52,8 @@ _XFORMERS: dict = {}
 def _xformers_reasons(q, k, v) -> list[str]:
     if q.device.type != "cuda":
         return ["xformers runs on CUDA tensors only"]
+    if q.dtype == torch.float64:
+        return ["xformers has no float64 kernels"]
     if "ops" not in _XFORMERS:
         try:
             import xformers.ops as xops  # optional; its compiled part must match this torch

@@ -305,6 +305,12 @@ def test_gpu_backends_explain_why_not_on_cpu(monkeypatch):
         ops.attention(q, q, q, backend="triton")
     with pytest.raises(RuntimeError, match="xformers runs on CUDA tensors only"):
         ops.attention(q, q, q, backend="xformers")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dito_fast.ops.attention import _xformers_reasons
+    with FakeTensorMode():  # CUDA tensors without a GPU: the dtype reason comes before importing xformers
+        qc = torch.empty(1, 1, 4, 16, device="cuda", dtype=torch.float64)
+        assert _xformers_reasons(qc, qc, qc) == ["xformers has no float64 kernels"]
     with pytest.raises(RuntimeError, match="triton.*need CUDA"):
         ops.group_norm_modulate_silu(torch.randn(1, 4, 2, 2), 2, backend="triton")
 
