@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from ._dispatch import autograd_mode_reasons
+from ._dispatch import SUPPORTED_DTYPES, autograd_mode_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,6 @@ except ImportError as exc:  # not built: pure-Python install
     LOAD_ERROR = str(exc)
     logger.warning("dito_fast._C is not available (%s); fused ops use other backends. "
                    "Build it with: pip install --no-build-isolation -e .", exc)
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
 
 _HAS_CUDA = AVAILABLE and _C.has_cuda()
 

@@ -4,7 +4,8 @@ Each op registers its backends in priority order as ``(name, fn, unsupported_rea
 ``unsupported_reasons(*args, **kwargs)`` returns a list of strings (empty: the backend can run).
 Choice: explicit ``backend=`` argument > ``DITO_FAST_BACKEND`` environment variable (one name
 for all ops, or ``op=name`` entries separated by commas) > the first backend with no reasons.
-When nothing fits, the error lists every backend's reasons.
+When nothing fits, the error lists every backend's reasons. A variable naming a backend or op that
+does not exist, or malformed, raises ValueError (``_parse_env``).
 
 This runs on every call of a fused op, so it is kept lean: the environment variable is parsed once
 per (op, raw value) and the error paths build their messages only when they are taken. The first
