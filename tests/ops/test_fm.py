@@ -170,17 +170,18 @@ def test_torch_compile_fullgraph():
     x, e, t = _draw((2, 3, 8, 8), torch.float32)
     pred = torch.randn(2, 3, 8, 8)
 
-    def step(p):
-        x_t, v = fm_noise(x, e, t.float(), backend="cpp")
+    def step(p, tt):
+        x_t, v = fm_noise(x, e, tt, backend="cpp")
         return fm_loss(p * x_t, v, backend="cpp").mean()
 
-    p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
-    out_c = torch.compile(step, fullgraph=True, backend="aot_eager")(p1)
-    out_e = step(p2)
+    (p1, t1), (p2, t2) = ((pred.clone().requires_grad_(), t.float().requires_grad_()) for _ in range(2))
+    out_c = torch.compile(step, fullgraph=True, backend="aot_eager")(p1, t1)
+    out_e = step(p2, t2)
     out_c.backward()
     out_e.backward()
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(p1.grad, p2.grad)
+    torch.testing.assert_close(t1.grad, t2.grad)  # t's gradient through the compiled graph too
 
 
 @pytest.mark.parametrize("backend", ["ref", pytest.param("cpp", marks=needs_cpp)])
