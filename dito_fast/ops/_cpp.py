@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch._prims_common import suggest_memory_format  # the Python twin of Tensor.suggest_memory_format()
 
 from ._dispatch import SUPPORTED_DTYPES, autograd_mode_reasons
 
@@ -70,14 +71,16 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-d tensor laid out so (and not also contiguous), else contiguous;
-    the layout the C++ kernels keep (dito_fast::preferred_format in csrc/include/dito_fast/check.h).
-    Contiguous under torch.func transforms, where the layout cannot be queried (vmap) and the C++
-    kernels do not run (autograd_mode_reasons)."""
-    if (x.dim() == 4 and not torch._C._are_functorch_transforms_active() and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)):
-        return torch.channels_last
-    return torch.contiguous_format
+    """The layout the C++ kernels give their outputs for activation x: what
+    ``Tensor.suggest_memory_format()`` says (dito_fast::preferred_format in
+    csrc/include/dito_fast/check.h), channels_last for 4-d tensors with channels_last-ordered
+    strides, dense or not (a channel slice of a channels_last tensor, as torch.cat's backward
+    hands out, is read in place by conv3x3), else contiguous. Contiguous under torch.func
+    transforms, where the layout cannot be queried (vmap) and the C++ kernels do not run
+    (autograd_mode_reasons)."""
+    if x.dim() != 4 or torch._C._are_functorch_transforms_active():
+        return torch.contiguous_format
+    return suggest_memory_format(x)
 
 
 if AVAILABLE:

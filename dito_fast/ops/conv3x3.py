@@ -126,7 +126,10 @@ if _cpp.AVAILABLE:
     def _(x, u, bias, transposed):
         fmt = memory_format_of(x)
         c_out = u.shape[2] if transposed else u.shape[1]
-        return x.new_empty((x.shape[0], c_out, x.shape[2], x.shape[3])).contiguous(memory_format=fmt)
+        # as the kernel: computed in channels_last, then given x's layout
+        y = torch.empty((x.shape[0], c_out, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                        memory_format=torch.channels_last)
+        return y.contiguous(memory_format=fmt)
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3_weight_grad")
     def _(x, grad_y, tile, bias):

@@ -258,3 +258,70 @@ def test_direct_op_call_under_torch_func():
     torch.testing.assert_close(per_sample[1], op(x[1], 1e-5)[0])
     with pytest.raises(RuntimeError, match="functorch transforms"):
         torch.func.grad(lambda a: op(a, 1e-5)[0].square().sum())(x[0])
+
+
+def _layouts():
+    """4-d layouts of one (2, 8, 4, 6) float32 activation: name -> tensor. The slices are not dense
+    (the kernels copy them); "cl slice" is channels_last-ordered but not dense, where
+    suggest_memory_format() says channels_last while the fakes say contiguous."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 8, 8, 6, generator=g)
+    cl = base.contiguous(memory_format=torch.channels_last)
+    return {
+        "contiguous": base[:, :, :4].contiguous(),
+        "channels_last": cl[:, :, :4].contiguous(memory_format=torch.channels_last),
+        "cl slice": cl[:, :, ::2],
+        "nchw slice": base[:, :, ::2],
+        "transposed": base[:, :, :6, :4].transpose(2, 3),
+        "1x1 channels_last": torch.randn(2, 8, 1, 1, generator=g).contiguous(memory_format=torch.channels_last),
+    }
+
+
+def _op_calls(x):
+    """(name, op, args) for every C++ op, forward and backward, on activation x (2, 8, H, W)."""
+    g = torch.Generator().manual_seed(8)
+    B, C = x.shape[:2]
+    like = lambda: torch.randn(x.shape, generator=g).to(memory_format=torch.contiguous_format)  # noqa: E731
+    t, w, b, s, sh = torch.rand(B, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g), \
+        torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)
+    ops = torch.ops.dito_fast
+    from dito_fast.ops.conv3x3 import winograd_filter
+
+    u = winograd_filter(torch.randn(6, C, 3, 3, generator=g), 2)  # (16, 6, C)
+    y, mean, rstd = ops.group_norm_modulate_silu(x, 4, w, b, s, sh, 1e-5, True)
+    z, zr = ops.latent_layernorm(x, 1e-5)
+    return [
+        ("fm_noise", ops.fm_noise, (x, like(), t, 1e-5)),
+        ("fm_noise_backward", ops.fm_noise_backward, (x, None, t, 1e-5)),
+        ("fm_loss", ops.fm_loss, (x, like())),
+        ("fm_loss_backward", ops.fm_loss_backward, (torch.ones(B), x, like())),
+        ("latent_layernorm", ops.latent_layernorm, (x, 1e-5)),
+        ("latent_layernorm_backward", ops.latent_layernorm_backward, (x, z, zr)),
+        ("group_norm_modulate_silu", ops.group_norm_modulate_silu, (x, 4, w, b, s, sh, 1e-5, True)),
+        ("group_norm_modulate_silu_backward", ops.group_norm_modulate_silu_backward,
+         (torch.randn_like(y), x, mean, rstd, 4, w, b, s, sh, True)),
+        ("winograd_conv3x3", ops.winograd_conv3x3, (x, u, torch.randn(6, generator=g), False)),
+        ("winograd_conv3x3 transposed", ops.winograd_conv3x3, (x, u.transpose(1, 2), None, True)),
+    ]
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+def test_output_strides_match_the_fakes(layout):
+    """Every C++ op gives outputs with the strides its fake kernel promises, for dense, sliced and
+    ambiguous (size-1) layouts of its activation argument: torch.compile plans buffers from the
+    fakes, so a mismatch is a wrong-stride bug under compile. opcheck checks the same and more."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = _layouts()[layout]
+    for name, op, args in _op_calls(x):
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        real, fake = ([real], [fake]) if isinstance(real, torch.Tensor) else (real, fake)
+        for i, (r, f) in enumerate(zip(real, fake)):
+            if r is None or f is None:
+                continue
+            assert r.shape == f.shape and r.stride() == f.stride(), \
+                f"{name} output {i} on a {layout} input: real strides {r.stride()}, fake {f.stride()}"
+        if layout in ("cl slice", "1x1 channels_last"):
+            torch.library.opcheck(op, args)

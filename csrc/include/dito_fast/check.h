@@ -60,8 +60,10 @@ inline const at::Tensor& check_fm_noise_backward(const std::optional<at::Tensor>
   return like;
 }
 
-// The layout a 4-d activation is processed in: channels_last when its strides say so, else
-// contiguous (non-dense inputs are copied into that format by the wrappers).
+// The layout a 4-d activation is processed in: channels_last when its strides say so (dense or
+// not: a channel slice of a channels_last tensor counts), else contiguous; non-dense inputs are
+// copied into that format by the wrappers (conv3x3 reads channels_last slices in place). The
+// fake kernels use the same rule (memory_format_of in dito_fast/ops/_cpp.py).
 inline at::MemoryFormat preferred_format(const at::Tensor& x) {
   return x.dim() == 4 ? x.suggest_memory_format() : at::MemoryFormat::Contiguous;
 }

@@ -277,7 +277,7 @@ __global__ void fm_loss_backward_kernel(const acc_t* __restrict__ g, const scala
                                         int64_t N) {
   const int64_t npack = N / V;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const acc_t k = acc_t(2) * g[b] / static_cast<acc_t>(N);
+    const acc_t k = static_cast<acc_t>(2.0 * static_cast<double>(g[b]) / static_cast<double>(N));  // as the CPU op
     const int64_t base = b * N;
     for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       const int64_t o = base + i * V;

@@ -72,6 +72,8 @@ inline TilePlan plan_tiles(int64_t cpacks, int64_t HW, int64_t B) {
   p.lanes = static_cast<int>(std::min<int64_t>(cpacks, kTileThreads));
   p.rows = kTileThreads / p.lanes;
   p.ctiles = ceil_div(cpacks, p.lanes);
+  TORCH_CHECK(p.ctiles <= kMaxGridY, "group_norm_modulate_silu: ", cpacks,
+              " channel packs are more than one launch covers on CUDA (", kMaxGridY * kTileThreads, ")");
   const int64_t by_work = ceil_div(HW, static_cast<int64_t>(p.rows) * 4);
   const int64_t resident = static_cast<int64_t>(sm_count()) * 4;
   const int64_t by_occupancy = resident / (std::min(B, kMaxGridY) * p.ctiles);
