@@ -289,6 +289,44 @@ def test_attention_fp16_several_blocks():
 
 
 # --------------------------------------------------------------------------------------------
+# 64-bit offsets (IDX64): chosen past 2^31 elements; run here on small tensors by lowering the limit
+
+
+def test_needs_int64_counts_the_furthest_element():
+    from dito_fast.kernels.triton import needs_int64
+
+    meta = lambda shape, stride: torch.empty_strided(shape, stride, device="meta")  # noqa: E731
+    assert not needs_int64(meta((2, 8, 1024, 1024), (8 << 20, 1 << 20, 1024, 1)))  # 2^24 elements
+    assert not needs_int64(meta((1, 128, 4096, 4096), (128 << 24, 1 << 24, 4096, 1)))  # last offset 2^31 - 1
+    assert needs_int64(meta((1, 129, 4096, 4096), (129 << 24, 1 << 24, 4096, 1)))
+    assert needs_int64(meta((1, 4, 3, 64), (0, 0, 2**31 - 16, 1)), lead=2)  # three rows far apart
+    assert not needs_int64(meta((1, 4, 3, 64), (0, 0, 2**29, 1)), None, lead=2)
+    assert not needs_int64(meta((0, 3, 2**20, 2**20), (1, 1, 1, 1)))  # empty
+    # the leading (batch; batch and head) dims are indexed in int64 by the kernels: not counted
+    assert not needs_int64(meta((1024, 4, 1024, 1024), (4 << 20, 1 << 20, 1024, 1)))
+    assert not needs_int64(meta((64, 64, 1024, 1024), (64 << 20, 1 << 20, 1024, 1)), lead=2)
+
+
+@pytest.fixture
+def int64_offsets(monkeypatch):
+    import dito_fast.kernels.triton as tri
+
+    monkeypatch.setattr(tri, "INT32_OFFSET_LIMIT", 0)  # every sample of more than one element
+    assert tri.needs_int64(torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_int64_offsets_group_norm_modulate_silu(int64_offsets, memory_format):
+    _gn_case((2, 8, 40, 41), 2, torch.float32, memory_format=memory_format)
+
+
+def test_int64_offsets_fm_and_attention(int64_offsets):
+    test_fm_noise((3, 12, 5, 7), torch.float32)
+    test_fm_loss((2, 3, 40, 41), torch.float32)
+    _attn_case((1, 2, 130, 32), torch.float32, transpose=True)
+
+
+# --------------------------------------------------------------------------------------------
 # CUDA only: opcheck and inductor
 
 

@@ -59,6 +59,20 @@ def tensor_reasons(optional: tuple[str, ...] = (), **tensors) -> list[str]:
     return reasons
 
 
+# Element offsets up to this fit the kernels' 32-bit index arithmetic; beyond it they are launched
+# with IDX64=True and compute offsets in int64 (a few more integer instructions per address, so
+# only where needed). Tests lower it to run the 64-bit path on small tensors.
+INT32_OFFSET_LIMIT = 2**31 - 1
+
+
+def needs_int64(*tensors, lead: int = 1) -> bool:
+    """True when, within one index of the ``lead`` leading dims (batch, or batch and head, whose
+    offsets the kernels compute in int64), an element of one of ``tensors`` (None skipped) lies
+    more than INT32_OFFSET_LIMIT elements from the first."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[lead:], t.stride()[lead:])) > INT32_OFFSET_LIMIT
+               for t in tensors if t is not None and t.numel() > 0)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from . import HAS_TRITON, MAX_GRID_YZ, next_power_of_2, tensor_reasons
+from . import HAS_TRITON, MAX_GRID_YZ, needs_int64, next_power_of_2, tensor_reasons
 
 if HAS_TRITON:
     import triton
@@ -68,10 +68,21 @@ def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
+    def _row_indices(blk, BLOCK: tl.constexpr, BLOCK_LOOP: tl.constexpr, IDX64: tl.constexpr):
+        """Rows of block ``blk`` and the offsets of one loop block, in int64 when IDX64 (row
+        offsets rows * row_stride past 2^31)."""
+        offs = tl.arange(0, BLOCK_LOOP)
+        if IDX64:
+            blk = blk.to(tl.int64)
+            offs = offs.to(tl.int64)
+        return blk * BLOCK + tl.arange(0, BLOCK), offs
+
+    @triton.jit
     def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                          H, N, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr,
+                         IDX64: tl.constexpr):
         # grid: (cdiv(N, BLOCK_M), B * H)
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -80,10 +91,9 @@ if HAS_TRITON:
         q_ptr += b * sqb + h * sqh
         k_ptr += b * skb + h * skh
         v_ptr += b * svb + h * svh
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows, offs_n = _row_indices(pid_m, BLOCK_M, BLOCK_N, IDX64)
         rmask = rows < N
         offs_d = tl.arange(0, D)
-        offs_n = tl.arange(0, BLOCK_N)
         q = tl.load(q_ptr + rows[:, None] * sqn + offs_d[None, :], mask=rmask[:, None], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -108,13 +118,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, sob, soh, son, sdb, sdh, sdn, H, N,
-                                    D: tl.constexpr, BLOCK_M: tl.constexpr):
+                                    D: tl.constexpr, BLOCK_M: tl.constexpr, IDX64: tl.constexpr):
         # grid: (cdiv(N, BLOCK_M), B * H). delta = rowsum(dO * O) in float32
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows, _ = _row_indices(pid_m, BLOCK_M, 1, IDX64)
         rmask = rows < N
         offs_d = tl.arange(0, D)
         o = tl.load(o_ptr + b * sob + h * soh + rows[:, None] * son + offs_d[None, :],
@@ -127,7 +137,8 @@ if HAS_TRITON:
     def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
                               H, N, qk_scale, sm_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              IDX64: tl.constexpr):
         # grid: (cdiv(N, BLOCK_N), B * H). One key/value block; loop over all query blocks.
         # dk/dv share the strides (sgb, sgh, sgn).
         pid_n = tl.program_id(0)
@@ -138,10 +149,9 @@ if HAS_TRITON:
         do_ptr += b * sdb + h * sdh
         lse_ptr += bh.to(tl.int64) * N
         delta_ptr += bh.to(tl.int64) * N
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols, offs_m = _row_indices(pid_n, BLOCK_N, BLOCK_M, IDX64)
         cmask = cols < N
         offs_d = tl.arange(0, D)
-        offs_m = tl.arange(0, BLOCK_M)
         k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skn + offs_d[None, :], mask=cmask[:, None], other=0.0)
         v = tl.load(v_ptr + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :], mask=cmask[:, None], other=0.0)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
@@ -169,7 +179,8 @@ if HAS_TRITON:
     def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
                             H, N, qk_scale, sm_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            IDX64: tl.constexpr):
         # grid: (cdiv(N, BLOCK_M), B * H). One query block; loop over all key/value blocks.
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -177,10 +188,9 @@ if HAS_TRITON:
         h = (bh % H).to(tl.int64)
         k_ptr += b * skb + h * skh
         v_ptr += b * svb + h * svh
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows, offs_n = _row_indices(pid_m, BLOCK_M, BLOCK_N, IDX64)
         rmask = rows < N
         offs_d = tl.arange(0, D)
-        offs_n = tl.arange(0, BLOCK_N)
         q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=rmask[:, None], other=0.0)
         do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :],
                      mask=rmask[:, None], other=0.0)
@@ -221,7 +231,7 @@ if HAS_TRITON:
         grid = (triton.cdiv(N, bm), B * H)
         wrap_triton(_attn_fwd_kernel)[grid](q, k, v, o, lse, *_s3(q), *_s3(k), *_s3(v), *_s3(o), H, N, qk_scale,
                                              D=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=_dot_precision(q.dtype),
-                                             num_warps=warps, num_stages=2)
+                                             IDX64=needs_int64(q, k, v, o, lead=2), num_warps=warps, num_stages=2)
         return o, lse
 
     @triton_op("dito_fast_triton::attention_backward", mutates_args=())
@@ -240,15 +250,18 @@ if HAS_TRITON:
         sm_scale = 1.0 / math.sqrt(D)
         qk_scale = sm_scale * _LOG2E
         prec = _dot_precision(q.dtype)
+        idx64 = needs_int64(q, k, v, o, grad, dq, dk, dv, lead=2)
         wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(N, bm), B * H)](
-            o, grad, delta, *_s3(o), *_s3(grad), H, N, D=D, BLOCK_M=bm, num_warps=4)
+            o, grad, delta, *_s3(o), *_s3(grad), H, N, D=D, BLOCK_M=bm, IDX64=idx64, num_warps=4)
         bm_kv = bm if D <= 64 else min(bm, 32)  # keeps the (BLOCK_N, D) accumulators in registers
         wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(N, bn), B * H)](
             q, k, v, grad, lse, delta, dk, dv, *_s3(q), *_s3(k), *_s3(v), *_s3(grad), *_s3(dk), H, N,
-            qk_scale, sm_scale, D=D, BLOCK_M=bm_kv, BLOCK_N=bn, DOT_PRECISION=prec, num_warps=warps, num_stages=2)
+            qk_scale, sm_scale, D=D, BLOCK_M=bm_kv, BLOCK_N=bn, DOT_PRECISION=prec, IDX64=idx64, num_warps=warps,
+            num_stages=2)
         wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(N, bm), B * H)](
             q, k, v, grad, lse, delta, dq, *_s3(q), *_s3(k), *_s3(v), *_s3(grad), *_s3(dq), H, N,
-            qk_scale, sm_scale, D=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=prec, num_warps=warps, num_stages=2)
+            qk_scale, sm_scale, D=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=prec, IDX64=idx64, num_warps=warps,
+            num_stages=2)
         return dq, dk, dv
 
     def _setup(ctx, inputs, output):

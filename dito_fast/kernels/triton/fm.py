@@ -9,7 +9,7 @@ their layout (outputs are ``empty_like`` the first input); other layouts are cop
 
 import torch
 
-from . import HAS_TRITON, MAX_GRID_YZ, dense_like, tensor_reasons
+from . import HAS_TRITON, MAX_GRID_YZ, dense_like, needs_int64, tensor_reasons
 
 if HAS_TRITON:
     import triton
@@ -76,10 +76,14 @@ def unsupported_reasons(*args, **kwargs) -> list[str]:
 if HAS_TRITON:
 
     @triton.jit
-    def _fm_noise_fwd_kernel(x_ptr, e_ptr, t_ptr, xt_ptr, v_ptr, N, sigma_min, BLOCK: tl.constexpr):
+    def _fm_noise_fwd_kernel(x_ptr, e_ptr, t_ptr, xt_ptr, v_ptr, N, sigma_min,
+                             BLOCK: tl.constexpr, IDX64: tl.constexpr):
         # grid: (cdiv(N, BLOCK), B); each sample is N contiguous elements
         b = tl.program_id(1).to(tl.int64)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        blk = tl.program_id(0)
+        if IDX64:
+            blk = blk.to(tl.int64)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         base = b * N
         t = tl.load(t_ptr + b).to(tl.float32)
@@ -92,10 +96,14 @@ if HAS_TRITON:
         tl.store(v_ptr + base + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _fm_noise_bwd_kernel(gxt_ptr, gv_ptr, t_ptr, dx_ptr, de_ptr, N, sigma_min, BLOCK: tl.constexpr):
+    def _fm_noise_bwd_kernel(gxt_ptr, gv_ptr, t_ptr, dx_ptr, de_ptr, N, sigma_min,
+                             BLOCK: tl.constexpr, IDX64: tl.constexpr):
         # dx = g_xt (1 - t) - g_v ; de = g_xt sigma(t) + g_v (1 - s)
         b = tl.program_id(1).to(tl.int64)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        blk = tl.program_id(0)
+        if IDX64:
+            blk = blk.to(tl.int64)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         base = b * N
         t = tl.load(t_ptr + b).to(tl.float32)
@@ -108,10 +116,12 @@ if HAS_TRITON:
         tl.store(de_ptr + base + offs, de.to(de_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _fm_loss_partial_kernel(p_ptr, y_ptr, part_ptr, N, NUM_CHUNKS, BLOCK: tl.constexpr):
+    def _fm_loss_partial_kernel(p_ptr, y_ptr, part_ptr, N, NUM_CHUNKS, BLOCK: tl.constexpr, IDX64: tl.constexpr):
         # grid: (NUM_CHUNKS, B); part[b, chunk] = sum over the chunk of (p - y)^2 in float32
         chunk = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
+        if IDX64:
+            chunk = chunk.to(tl.int64)
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         p = tl.load(p_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
@@ -120,10 +130,13 @@ if HAS_TRITON:
         tl.store(part_ptr + b * NUM_CHUNKS + chunk, tl.sum(d * d, axis=0))
 
     @triton.jit
-    def _fm_loss_bwd_kernel(p_ptr, y_ptr, g_ptr, dp_ptr, dy_ptr, N, BLOCK: tl.constexpr):
+    def _fm_loss_bwd_kernel(p_ptr, y_ptr, g_ptr, dp_ptr, dy_ptr, N, BLOCK: tl.constexpr, IDX64: tl.constexpr):
         # d loss_b / d pred = 2 (pred - target) / N ; the target gets the negative
         b = tl.program_id(1).to(tl.int64)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        blk = tl.program_id(0)
+        if IDX64:
+            blk = blk.to(tl.int64)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         g = tl.load(g_ptr + b).to(tl.float32)
         p = tl.load(p_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
@@ -147,7 +160,8 @@ if HAS_TRITON:
         N = x.numel() // B if B else 0
         if x.numel() > 0:
             grid = (triton.cdiv(N, _BLOCK), B)
-            wrap_triton(_fm_noise_fwd_kernel)[grid](x, noise, t, x_t, v, N, sigma_min, BLOCK=_BLOCK)
+            wrap_triton(_fm_noise_fwd_kernel)[grid](x, noise, t, x_t, v, N, sigma_min, BLOCK=_BLOCK,
+                                                    IDX64=needs_int64(x))
         return x_t, v
 
     @triton_op("dito_fast_triton::fm_noise_backward", mutates_args=())
@@ -162,7 +176,8 @@ if HAS_TRITON:
         N = grad_xt.numel() // B if B else 0
         if grad_xt.numel() > 0:
             grid = (triton.cdiv(N, _BLOCK), B)
-            wrap_triton(_fm_noise_bwd_kernel)[grid](grad_xt, grad_v, t, dx, dnoise, N, sigma_min, BLOCK=_BLOCK)
+            wrap_triton(_fm_noise_bwd_kernel)[grid](grad_xt, grad_v, t, dx, dnoise, N, sigma_min, BLOCK=_BLOCK,
+                                                    IDX64=needs_int64(grad_xt))
         return dx, dnoise
 
     def _fm_noise_setup(ctx, inputs, output):
@@ -200,7 +215,8 @@ if HAS_TRITON:
             return torch.full((B,), float("nan"), dtype=torch.float32, device=pred.device)
         chunks = triton.cdiv(N, _LOSS_BLOCK)
         part = torch.empty((B, chunks), dtype=torch.float32, device=pred.device)
-        wrap_triton(_fm_loss_partial_kernel)[(chunks, B)](pred, target, part, N, chunks, BLOCK=_LOSS_BLOCK)
+        wrap_triton(_fm_loss_partial_kernel)[(chunks, B)](pred, target, part, N, chunks, BLOCK=_LOSS_BLOCK,
+                                                           IDX64=needs_int64(pred))
         # a fixed-order sum of the partials keeps the loss deterministic
         return part.sum(dim=1) / N
 
@@ -216,7 +232,8 @@ if HAS_TRITON:
         N = pred.numel() // B if B else 0
         if pred.numel() > 0:
             grid = (triton.cdiv(N, _BLOCK), B)
-            wrap_triton(_fm_loss_bwd_kernel)[grid](pred, target, grad, dpred, dtarget, N, BLOCK=_BLOCK)
+            wrap_triton(_fm_loss_bwd_kernel)[grid](pred, target, grad, dpred, dtarget, N, BLOCK=_BLOCK,
+                                                   IDX64=needs_int64(pred))
         return dpred, dtarget
 
     def _fm_loss_setup(ctx, inputs, output):

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from . import HAS_TRITON, MAX_GRID_YZ, is_channels_last, next_power_of_2, tensor_reasons
+from . import HAS_TRITON, MAX_GRID_YZ, is_channels_last, needs_int64, next_power_of_2, tensor_reasons
 
 if HAS_TRITON:
     import triton
@@ -115,7 +115,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _gn_stats_partial_kernel(x_ptr, part_ptr, HW, Cg, G, S_PER_SPLIT, NSPLIT, sxb, sxc, sxs,
-                                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
         # grid: (B * G, NSPLIT). (count, mean, M2) of one group over one spatial range, tile by
         # tile, merged with Chan's formula. Groups vary fastest, so the programs running together
         # read neighbouring channels of the same pixels (shared cache lines in channels_last).
@@ -128,6 +128,9 @@ if HAS_TRITON:
         s_hi = tl.minimum(s_lo + S_PER_SPLIT, HW)
         offs_c = tl.arange(0, BLOCK_C)
         offs_s = tl.arange(0, BLOCK_S)
+        if IDX64:
+            offs_c = offs_c.to(tl.int64)
+            offs_s = offs_s.to(tl.int64)
         count = 0.0
         mean = 0.0
         m2 = 0.0
@@ -207,15 +210,25 @@ if HAS_TRITON:
         return tl.where(a >= 0, r, e * r)
 
     @triton.jit
+    def _tile_indices(BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
+        """Channel and spatial indices of this program's tile (grid axes 1 and 0), in int64 when
+        IDX64 (offsets cs * stride_c + ss * stride_s past 2^31)."""
+        cb = tl.program_id(1)
+        sb = tl.program_id(0)
+        if IDX64:
+            cb = cb.to(tl.int64)
+            sb = sb.to(tl.int64)
+        return cb * BLOCK_C + tl.arange(0, BLOCK_C), sb * BLOCK_S + tl.arange(0, BLOCK_S)
+
+    @triton.jit
     def _gn_apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
                          C, HW, Cg, G, sxb, sxc, sxs, syb, syc, sys,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                          HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
         # grid: (cdiv(HW, BLOCK_S), cdiv(C, BLOCK_C), B)
         b = tl.program_id(2).to(tl.int64)
-        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        ss = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cs, ss = _tile_indices(BLOCK_C, BLOCK_S, IDX64)
         cmask = cs < C
         m = cmask[:, None] & (ss < HW)[None, :]
         _, mean, _, _, alpha, beta = _gn_coeffs(b, cs, cmask, C, Cg, G, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
@@ -244,19 +257,23 @@ if HAS_TRITON:
                               s1_ptr, s2_ptr, C, HW, Cg, G, S_PER_SPLIT, NSPLIT, sxb, sxc, sxs, sdb, sdc, sds,
                               HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                               HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
         # grid: (cdiv(C, BLOCK_C), B, NSPLIT). Partial sums over one spatial range:
         # S1[b, split, c] = sum_s da, S2[b, split, c] = sum_s da * xhat
         b = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
-        cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cb = tl.program_id(0)
+        offs_s = tl.arange(0, BLOCK_S)
+        if IDX64:
+            cb = cb.to(tl.int64)
+            offs_s = offs_s.to(tl.int64)
+        cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         _, mean, rstd, _, alpha, beta = _gn_coeffs(b, cs, cmask, C, Cg, G, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
                                                    scale_ptr, shift_ptr, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
                                                    BLOCK_C)
         s_lo = split * S_PER_SPLIT
         s_hi = tl.minimum(s_lo + S_PER_SPLIT, HW)
-        offs_s = tl.arange(0, BLOCK_S)
         acc1 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
         acc2 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
         for s0 in range(s_lo, s_hi, BLOCK_S):
@@ -277,11 +294,10 @@ if HAS_TRITON:
                           ga_ptr, gb_ptr, C, HW, Cg, G, sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                           HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
         # grid: (cdiv(HW, BLOCK_S), cdiv(C, BLOCK_C), B). dx = rstd * (k da - A - xhat Bv)
         b = tl.program_id(2).to(tl.int64)
-        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        ss = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cs, ss = _tile_indices(BLOCK_C, BLOCK_S, IDX64)
         cmask = cs < C
         m = cmask[:, None] & (ss < HW)[None, :]
         grp, mean, rstd, k, alpha, beta = _gn_coeffs(b, cs, cmask, C, Cg, G, mean_ptr, rstd_ptr, w_ptr,
@@ -321,18 +337,20 @@ if HAS_TRITON:
         cl = is_channels_last(x)
         (sxb, sxc, sxs), (syb, syc, sys) = _strides(x), _strides(y)
         (w, bb, sc, sh), flags = _param_args(x, weight, bias, scale, shift)
+        idx64 = needs_int64(x, y)
         bc, bs = _tiles(C, Cg, HW, cl)
         per_split, nsplit = _split(HW, bs, B * G)
         part = torch.empty((B * G, nsplit, 3), dtype=torch.float32, device=x.device)
         wrap_triton(_gn_stats_partial_kernel)[(B * G, nsplit)](x, part, HW, Cg, G, per_split, nsplit,
-                                                                sxb, sxc, sxs, BLOCK_C=bc, BLOCK_S=bs, num_warps=4)
+                                                                sxb, sxc, sxs, BLOCK_C=bc, BLOCK_S=bs, IDX64=idx64,
+                                                                num_warps=4)
         wrap_triton(_gn_stats_finalize_kernel)[(B * G,)](part, mean, rstd, nsplit, eps,
                                                           BLOCK_P=next_power_of_2(nsplit), num_warps=1)
         bc, bs = _tiles(C, C, HW, cl)
         grid = (triton.cdiv(HW, bs), triton.cdiv(C, bc), B)
         wrap_triton(_gn_apply_kernel)[grid](x, y, mean, rstd, w, bb, sc, sh, C, HW, Cg, G,
                                              sxb, sxc, sxs, syb, syc, sys, SILU=silu,
-                                             BLOCK_C=bc, BLOCK_S=bs, num_warps=4, **flags)
+                                             BLOCK_C=bc, BLOCK_S=bs, IDX64=idx64, num_warps=4, **flags)
         return y, mean, rstd
 
     @triton_op("dito_fast_triton::group_norm_modulate_silu_backward", mutates_args=())
@@ -350,6 +368,7 @@ if HAS_TRITON:
         cl = is_channels_last(x)
         sx, sd, so = _strides(x), _strides(grad), _strides(dx)
         (w, bb, sc, sh), flags = _param_args(x, weight, bias, scale, shift)
+        idx64 = needs_int64(x, grad, dx)
         if x.numel() > 0:
             bc, bs = _tiles(C, C, HW, cl)
             per_split, nsplit = _split(HW, bs, triton.cdiv(C, bc) * B)
@@ -357,7 +376,7 @@ if HAS_TRITON:
             s2p = torch.empty((B, nsplit, C), dtype=torch.float32, device=x.device)
             wrap_triton(_gn_bwd_reduce_kernel)[(triton.cdiv(C, bc), B, nsplit)](
                 x, grad, mean, rstd, w, bb, sc, sh, s1p, s2p, C, HW, Cg, G, per_split, nsplit, *sx, *sd,
-                SILU=silu, BLOCK_C=bc, BLOCK_S=bs, num_warps=4, **flags)
+                SILU=silu, BLOCK_C=bc, BLOCK_S=bs, IDX64=idx64, num_warps=4, **flags)
             s1, s2 = s1p.sum(dim=1), s2p.sum(dim=1)  # fixed order: deterministic
         else:
             s1 = torch.zeros((B, C), dtype=torch.float32, device=x.device)
@@ -374,7 +393,7 @@ if HAS_TRITON:
             grid = (triton.cdiv(HW, bs), triton.cdiv(C, bc), B)
             wrap_triton(_gn_bwd_dx_kernel)[grid](
                 x, grad, dx, mean, rstd, w, bb, sc, sh, ga, gb, C, HW, Cg, G, *sx, *sd, *so, SILU=silu,
-                BLOCK_C=bc, BLOCK_S=bs, num_warps=4, **flags)
+                BLOCK_C=bc, BLOCK_S=bs, IDX64=idx64, num_warps=4, **flags)
         # absent parameters get distinct empty tensors (a custom op's outputs may not alias)
         dweight = (one_s * s2).sum(dim=0).to(weight.dtype) if weight is not None else x.new_empty(0)
         dbias = (one_s * s1).sum(dim=0).to(bias.dtype) if bias is not None else x.new_empty(0)
