@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _cpp
 from ._cpp import memory_format_of
@@ -106,6 +107,8 @@ def _check(x, weight, bias):
     check_dtype(op, "weight", weight)
     if weight.device != x.device:
         raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a tensor or None, got {type(bias).__name__}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != x.device):
         raise ValueError(f"{op}: bias must be ({weight.shape[0]},) {weight.dtype} on {x.device}, got "
                          f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
@@ -162,8 +165,9 @@ else:
     _OP = _WGRAD = None
 
 
-# Inference mode: the transformed filters are kept on the weight tensor (attribute _dito_winograd,
-# one per tile size) until the weight changes, so a decoding step does not re-transform every
+# Inference mode: the transformed filters are kept for the weight tensor (in _FILTER_CACHE, keyed by
+# the tensor's identity and dropped with it; not an attribute, which torch.save(module) would
+# pickle; one per tile size) until the weight changes, so a decoding step does not re-transform every
 # filter (that would write 1.8x (F(2x2)) or 4x (F(4x4)) the decoder's weights per step). Key: the
 # weight's version counter (moved by every in-place update through the weight itself, e.g. an
 # optimizer step or load_state_dict), storage address and dtype. Writes through ``weight.data``
@@ -173,11 +177,14 @@ else:
 # 362 MiB, dito-B's: 1.8 GiB in float32; 5.8x where a layer also runs F(2x2));
 # DITO_FAST_WINOGRAD_CACHE=0 turns it off, for a re-transform per call (small next to a large
 # image's convolutions, not next to a small one's).
+_FILTER_CACHE = WeakIdKeyDictionary()
+
+
 def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
     key = (weight._version, weight.data_ptr(), weight.dtype)
-    cache = getattr(weight, "_dito_winograd", None)
+    cache = _FILTER_CACHE.get(weight)
     if cache is None or cache[0] != key:
-        cache = weight._dito_winograd = (key, {})
+        cache = _FILTER_CACHE[weight] = (key, {})
     u = cache[1].get(tile)
     if u is None:
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference mode
@@ -283,6 +290,13 @@ _BACKENDS = [
 ]
 
 
+def _env_choice() -> str | None:
+    """What DITO_FAST_BACKEND asks conv3x3 to use: None also where it names a backend conv3x3
+    lacks (``triton``), which leaves conv3x3 to its priority order, as the dispatcher does."""
+    choice = env_backend("conv3x3")
+    return choice if any(b.name == choice for b in _BACKENDS) else None
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
             backend: str | None = None) -> torch.Tensor:
     """3x3 convolution, stride 1, zero padding 1: x (B, C_in, H, W) float, weight
@@ -290,7 +304,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     channels_last). Differentiable with respect to all three."""
     _check(x, weight, bias)
     if (backend is None and min(weight.shape[0], weight.shape[1]) < MIN_WINOGRAD_CHANNELS
-            and env_backend("conv3x3") is None):
+            and _env_choice() is None):
         backend = "ref"  # too few channels for the Winograd GEMMs to pay for the transforms
     return dispatch("conv3x3", _BACKENDS, backend, x, weight, bias)
 
@@ -299,7 +313,7 @@ def conv_activation_format(x: torch.Tensor) -> torch.memory_format:
     """The layout a network of :class:`Conv3x3` layers should run in for an input like ``x``:
     channels_last where the Winograd backend will be chosen (it works NHWC, so an NCHW activation
     would be converted on the way in and out of every convolution), else ``x``'s own layout."""
-    if x.dim() == 4 and env_backend("conv3x3") in (None, "cpp") and not _winograd_reasons(x, x.dtype):
+    if x.dim() == 4 and _env_choice() in (None, "cpp") and not _winograd_reasons(x, x.dtype):
         return torch.channels_last
     return memory_format_of(x)
 

@@ -5,6 +5,8 @@ x_t = (1 - t) x + (s + t (1 - s)) e,  v = dx_t/dt = (1 - s) e - x   (s = sigma_m
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _cpp, _triton
@@ -13,6 +15,13 @@ from ._dispatch import Backend, always_supported, check_dtype, dispatch
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _check_sigma_min(sigma_min):
+    if isinstance(sigma_min, bool) or not isinstance(sigma_min, numbers.Real):
+        raise TypeError(f"fm_noise: sigma_min must be a real number, got {type(sigma_min).__name__}")
+    if not 0.0 <= sigma_min < 1.0:  # NaN fails too
+        raise ValueError(f"fm_noise: sigma_min must be in [0, 1), got {sigma_min}")
 
 
 def _check_noise(x, noise, t):
@@ -39,6 +48,9 @@ def _check_loss(pred, target):
         check_dtype("fm_loss", name, a)
     if pred.dim() < 1 or pred.shape[0] == 0:
         raise ValueError(f"fm_loss: pred must have a non-empty batch dimension, got shape {tuple(pred.shape)}")
+    if pred.numel() == 0:
+        raise ValueError(f"fm_loss: each sample must have at least one value (a mean of none is undefined), "
+                         f"got shape {tuple(pred.shape)}")
     if pred.shape != target.shape:
         raise ValueError(f"fm_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     if pred.dtype != target.dtype:
@@ -50,6 +62,7 @@ def _check_loss(pred, target):
 def fm_noise_ref(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sigma_min: float = 1e-5):
     """Reference. x, noise: (B, ...) same shape and dtype; t: (B,) in [0, 1]. Returns (x_t, v) like x."""
     _check_noise(x, noise, t)
+    _check_sigma_min(sigma_min)
     tb = _per_sample(t, x)
     x_t = (1 - tb) * x + (sigma_min + tb * (1 - sigma_min)) * noise
     v = (1 - sigma_min) * noise - x
@@ -63,7 +76,7 @@ def fm_loss_ref(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     _check_loss(pred, target)
     acc = torch.promote_types(pred.dtype, torch.float32)
-    return (pred.to(acc) - target.to(acc)).square().flatten(1).mean(dim=1)
+    return (pred.to(acc) - target.to(acc)).square().reshape(pred.shape[0], -1).mean(dim=1)
 
 
 if _cpp.AVAILABLE:  # the op handles, looked up once (autograd: csrc/autograd.cpp)
@@ -93,6 +106,7 @@ def fm_noise(x, noise, t, sigma_min: float = 1e-5, backend: str | None = None):
     other layouts come out contiguous).
     """
     _check_noise(x, noise, t)
+    _check_sigma_min(sigma_min)
     return dispatch("fm_noise", _NOISE_BACKENDS, backend, x, noise, t, float(sigma_min))
 
 

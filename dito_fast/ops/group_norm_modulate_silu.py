@@ -72,7 +72,18 @@ def group_norm_modulate_silu_ref(x, num_groups: int, weight=None, bias=None, sca
     xc = x.float() if half else x
     # parameters of any supported dtype, computed in x's (upcast) dtype, as the C++ kernels do
     weight, bias = (p if p is None else p.to(xc.dtype) for p in (weight, bias))
-    y = F.group_norm(xc, num_groups, weight, bias, eps)
+    # torch.group_norm, not F.group_norm, which refuses groups of one value. torch 2.13's CPU
+    # group_norm backward crashes (a channels_last x that needs no gradient, with a weight or bias
+    # that does) or raises (a bias that needs a gradient without a weight): there the affine is
+    # applied after an affine-free group_norm, which computes the same.
+    if any(p is not None and p.requires_grad for p in (weight, bias)) and (not xc.requires_grad or weight is None):
+        y = torch.group_norm(xc, num_groups, None, None, eps)
+        if weight is not None:
+            y = y * weight[:, None, None]
+        if bias is not None:
+            y = y + bias[:, None, None]
+    else:
+        y = torch.group_norm(xc, num_groups, weight, bias, eps)
     if scale is not None:
         y = y * (1 + scale[:, :, None, None].to(y.dtype))
     if shift is not None:

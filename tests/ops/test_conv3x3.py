@@ -236,6 +236,8 @@ def test_errors_name_the_problem():
         conv3x3(x, torch.randn(6, 3, 3, 3))
     with pytest.raises(ValueError, match=r"bias must be \(6,\)"):
         conv3x3(x, torch.randn(6, 4, 3, 3), torch.randn(5))
+    with pytest.raises(TypeError, match="bias must be a tensor or None, got float"):
+        conv3x3(x, torch.randn(6, 4, 3, 3), 1.0)
     with pytest.raises(ValueError, match="non-empty"):
         conv3x3(torch.randn(0, 4, 5, 5), torch.randn(6, 4, 3, 3))
     with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.int64"):
@@ -278,13 +280,52 @@ def test_inference_filter_cache_is_per_tile(monkeypatch):
         monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
         with torch.inference_mode():
             torch.testing.assert_close(conv(x), ref, atol=1e-4, rtol=1e-4)
-    cached = conv.weight._dito_winograd[1]
+    from dito_fast.ops.conv3x3 import _FILTER_CACHE
+
+    cached = _FILTER_CACHE[conv.weight][1]
     assert {t: u.shape[0] for t, u in cached.items()} == {2: 16, 4: 36}  # both kept, each transformed once
     monkeypatch.setenv("DITO_FAST_WINOGRAD_CACHE", "0")  # no cache: same results, nothing kept
     fresh = Conv3x3(32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(fresh(x), F.conv2d(x, fresh.weight, fresh.bias, padding=1), atol=1e-4, rtol=1e-4)
-    assert not hasattr(fresh.weight, "_dito_winograd")
+    assert fresh.weight not in _FILTER_CACHE
+
+
+@needs_cpp
+def test_inference_filter_cache_is_not_saved_with_the_module(tmp_path):
+    """torch.save(module) after inference writes the weights only, not the transformed filters
+    (4x the weights for F(4x4)); the cache entry goes with its weight."""
+    import gc
+
+    from dito_fast.ops.conv3x3 import _FILTER_CACHE
+
+    conv = Conv3x3(64, 64)
+    torch.save(conv, tmp_path / "before.pt")
+    with torch.inference_mode():
+        conv(torch.randn(1, 64, 16, 16))
+    assert conv.weight in _FILTER_CACHE
+    torch.save(conv, tmp_path / "after.pt")
+    # the same up to the archive's name (the filters would add 4x the weights' 147 KiB)
+    assert abs((tmp_path / "after.pt").stat().st_size - (tmp_path / "before.pt").stat().st_size) < 1024
+    n = len(_FILTER_CACHE)
+    del conv
+    gc.collect()
+    assert len(_FILTER_CACHE) == n - 1
+
+
+@needs_cpp
+def test_backend_variable_naming_another_op_backend_keeps_the_small_channel_rule(monkeypatch):
+    """DITO_FAST_BACKEND=triton (a backend conv3x3 lacks) leaves conv3x3 to its own choice: few
+    channels still go to F.conv2d, and the activation format follows that choice."""
+    from dito_fast.ops import conv_activation_format
+
+    x, w = torch.randn(1, 4, 6, 6, requires_grad=True), torch.randn(4, 4, 3, 3)
+    expected = conv3x3(x, w).grad_fn.name()
+    big = torch.randn(1, 32, 6, 6)
+    fmt = conv_activation_format(big)
+    monkeypatch.setenv("DITO_FAST_BACKEND", "triton")
+    assert conv3x3(x, w).grad_fn.name() == expected == "ConvolutionBackward0"
+    assert conv_activation_format(big) == fmt == torch.channels_last
 
 
 @needs_cpp

@@ -62,6 +62,14 @@ def test_fm_noise_ref_errors():
         ops.fm_noise_ref(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))
     with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
         ops.fm_noise_ref(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 1))
+    a, t = torch.zeros(2, 3), torch.zeros(2)
+    for fn in (ops.fm_noise_ref, ops.fm_noise):
+        for bad in (float("nan"), -0.1, 1.0, float("inf")):
+            with pytest.raises(ValueError, match=r"sigma_min must be in \[0, 1\), got"):
+                fn(a, a, t, bad)
+        for bad in ("0.1", True, None):
+            with pytest.raises(TypeError, match="sigma_min must be a real number"):
+                fn(a, a, t, bad)
 
 
 def test_fm_loss_ref_hand_formula():
@@ -79,6 +87,14 @@ def test_fm_loss_ref_hand_formula():
                           rtol=1e-5)
     with pytest.raises(ValueError, match="differ in shape"):
         ops.fm_loss_ref(pred, target[:, :2])
+    # one value per sample: 1-d inputs, as the other backends take them
+    p1, y1 = _randn(4), _randn(4)
+    torch.testing.assert_close(ops.fm_loss_ref(p1, y1), (p1 - y1).square())
+    torch.testing.assert_close(ops.fm_loss(p1, y1), (p1 - y1).square())
+    # empty samples have no mean: refused on every backend, before any runs
+    for backend in (None, "ref"):
+        with pytest.raises(ValueError, match=r"each sample must have at least one value.*\(2, 0\)"):
+            ops.fm_loss(torch.zeros(2, 0), torch.zeros(2, 0), backend=backend)
 
 
 def test_fm_loss_gradient():
@@ -201,6 +217,45 @@ def test_group_norm_modulate_silu_noncontiguous_and_grad():
     assert torch.autograd.gradcheck(
         lambda a, s: ops.group_norm_modulate_silu_ref(a, 2, None, None, s, None, eps=1e-5),
         (_randn(2, 4, 3, 3).requires_grad_(), _randn(2, 4).requires_grad_()))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("needs", ["w", "b", "wb", "b, no weight", "x b, no weight"])
+def test_group_norm_modulate_silu_ref_parameter_gradients(layout, needs):
+    """Gradients of the reference for weight and bias when x needs none (a frozen input) or a bias
+    without a weight: cases where torch's CPU group_norm backward crashes (channels_last) or raises
+    ("tensor does not have a device"), which the reference avoids; against the hand formula."""
+    x = (_randn(2, 8, 3, 5) * 2 + 1).contiguous(memory_format=layout)
+    w, b, scale = _randn(8), _randn(8), _randn(2, 8)
+    if "no weight" in needs:
+        w = None
+    args = [x.clone().requires_grad_("x" in needs), w, b]
+    for i, name in ((1, "w"), (2, "b")):
+        if args[i] is not None:
+            args[i] = args[i].clone().requires_grad_(name in needs.split(",")[0])
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    out = ops.group_norm_modulate_silu_ref(args[0], 4, args[1], args[2], scale, None, eps=1e-5)
+    got = torch.autograd.grad(out.square().sum(), leaves)
+    torch.testing.assert_close(out, _hand_gn_mod_silu(x, 4, w, b, scale, None, 1e-5))
+    # gradients: the same formula written with differentiable torch ops (float64)
+    hx, hw, hb = (a.detach().clone().requires_grad_(a.requires_grad) if a is not None else None for a in args)
+    xg = hx.reshape(2, 4, -1)
+    xhat = (xg - xg.mean(-1, keepdim=True)) / torch.sqrt(xg.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    h = xhat.reshape(x.shape)
+    h = h * (hw[:, None, None] if hw is not None else 1) + hb[:, None, None]
+    h = F.silu(h * (1 + scale[:, :, None, None]))
+    hand_leaves = [a for a in (hx, hw, hb) if a is not None and a.requires_grad]
+    for g, e in zip(got, torch.autograd.grad(h.square().sum(), hand_leaves)):
+        torch.testing.assert_close(g, e)
+
+
+def test_group_norm_modulate_silu_ref_one_value_per_group():
+    """Groups of one value normalize to 0 (the output is the bias), on the reference as on cpp;
+    F.group_norm would refuse them ("more than 1 value per channel")."""
+    x, b = _randn(1, 4, 1, 1), _randn(4)
+    for backend in ("ref", None):
+        y = ops.group_norm_modulate_silu(x, 4, None, b, silu=False, backend=backend)
+        torch.testing.assert_close(y, b.reshape(1, 4, 1, 1))
 
 
 def test_group_norm_modulate_silu_half_precision():
