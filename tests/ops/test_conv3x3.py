@@ -121,6 +121,15 @@ def test_filter_transform(tile, G):
     torch.testing.assert_close(u, torch.einsum("ia,ocab,jb->ijoc", G, w, G).reshape(N * N, 5, 3))
     # channels_last weights give the same transform (a strided view, not a copy of the weight)
     torch.testing.assert_close(winograd_filter(w.contiguous(memory_format=torch.channels_last), tile), u)
+    # its backward is the adjoint transform, for either layout, with the weight's layout
+    du = torch.randn(u.shape, generator=g, dtype=torch.float64)
+    expected = torch.einsum("ia,ijoc,jb->ocab", G, du.reshape(N, N, 5, 3), G)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        wg = w.clone(memory_format=fmt).requires_grad_()
+        winograd_filter(wg, tile).backward(du)
+        torch.testing.assert_close(wg.grad, expected)
+        assert wg.grad.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(lambda a: winograd_filter(a, tile), (w.clone().requires_grad_(),))
 
 
 @needs_cpp
