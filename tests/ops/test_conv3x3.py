@@ -130,6 +130,11 @@ def test_filter_transform(tile, G):
         torch.testing.assert_close(wg.grad, expected)
         assert wg.grad.is_contiguous(memory_format=fmt)
     assert torch.autograd.gradcheck(lambda a: winograd_filter(a, tile), (w.clone().requires_grad_(),))
+    # and under torch.func: vmap over filter banks, forward-mode AD (a linear map: its own JVP)
+    ws = torch.stack([w, 2 * w + 1])
+    torch.testing.assert_close(torch.vmap(lambda a: winograd_filter(a, tile))(ws)[1], winograd_filter(ws[1], tile))
+    _, jvp = torch.func.jvp(lambda a: winograd_filter(a, tile), (w,), (du_w := w.flip(0),))
+    torch.testing.assert_close(jvp, winograd_filter(du_w, tile))
 
 
 @needs_cpp

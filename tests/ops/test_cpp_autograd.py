@@ -262,8 +262,8 @@ def test_direct_op_call_under_torch_func():
 
 def _layouts():
     """4-d layouts of one (2, 8, 4, 6) float32 activation: name -> tensor. The slices are not dense
-    (the kernels copy them); "cl slice" is channels_last-ordered but not dense, where
-    suggest_memory_format() says channels_last while the fakes say contiguous."""
+    (the kernels copy them, conv3x3 reads "cl slice" in place); "cl slice" is channels_last-ordered
+    but not dense: suggest_memory_format() says channels_last, where the fakes once said contiguous."""
     g = torch.Generator().manual_seed(7)
     base = torch.randn(2, 8, 8, 6, generator=g)
     cl = base.contiguous(memory_format=torch.channels_last)

@@ -249,6 +249,17 @@ def test_group_norm_modulate_silu_ref_parameter_gradients(layout, needs):
         torch.testing.assert_close(g, e)
 
 
+def test_group_norm_modulate_silu_ref_keeps_torch_affine_without_grad():
+    """Without grad mode the reference keeps torch's fused affine group_norm (one pass fewer than
+    the decomposed form the crash workaround uses), though the parameters require grad."""
+    x, w, b = _randn(2, 8, 3, 5), _randn(8).requires_grad_(), _randn(8).requires_grad_()
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx(), torch.profiler.profile() as prof:
+            ops.group_norm_modulate_silu_ref(x, 4, w, b, silu=False)
+        names = [e.name for e in prof.events()]
+        assert "aten::native_group_norm" in names and "aten::mul" not in names, names
+
+
 def test_group_norm_modulate_silu_ref_one_value_per_group():
     """Groups of one value normalize to 0 (the output is the bias), on the reference as on cpp;
     F.group_norm would refuse them ("more than 1 value per channel")."""

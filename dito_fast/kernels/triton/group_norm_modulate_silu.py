@@ -121,6 +121,8 @@ if HAS_TRITON:
         # read neighbouring channels of the same pixels (shared cache lines in channels_last).
         pid = tl.program_id(0)
         split = tl.program_id(1)
+        if IDX64:
+            split = split.to(tl.int64)  # s_lo + S_PER_SPLIT passes 2^31 for planes near that size
         b = (pid // G).to(tl.int64)
         g = pid % G
         base = x_ptr + b * sxb + (g * Cg).to(tl.int64) * sxc
@@ -267,6 +269,7 @@ if HAS_TRITON:
         if IDX64:
             cb = cb.to(tl.int64)
             offs_s = offs_s.to(tl.int64)
+            split = split.to(tl.int64)
         cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         _, mean, rstd, _, alpha, beta = _gn_coeffs(b, cs, cmask, C, Cg, G, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
