@@ -85,10 +85,9 @@ class _FilterTransform(torch.autograd.Function):
     and hands back its transpose. Autograd's own backward of ``k @ w.t()`` computes (du^T k)^T
     instead, to give the gradient w^T's strides: a GEMM with 9 output columns, 4.3-4.5x slower
     here (3.75 against 0.87 ms with the copy to the weight's layout, dito-S's 256x256-channel
-    filters, F(4x4), 2 threads, AMD EPYC; 2026-12-03). vmap and forward-mode AD work as for the
-    plain product (the transform is linear in w; k is a constant)."""
-
-    generate_vmap_rule = True
+    filters, F(4x4), 2 threads, AMD EPYC; 2026-12-03). Under torch.func transforms and
+    forward-mode AD winograd_filter uses the plain product instead (a custom jvp would stop
+    torch.compile from tracing this Function)."""
 
     @staticmethod
     def forward(w, k):
@@ -97,17 +96,11 @@ class _FilterTransform(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
-        ctx.save_for_forward(inputs[1])
 
     @staticmethod
     def backward(ctx, du):
         (k,) = ctx.saved_tensors
         return (k.t() @ du).t(), None
-
-    @staticmethod
-    def jvp(ctx, w_tangent, k_tangent):
-        (k,) = ctx.saved_tensors
-        return k @ w_tangent.t()
 
 
 def winograd_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
@@ -119,7 +112,9 @@ def winograd_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
     k = _kron(tile, weight.dtype, weight.device)
     K = k.shape[0]
     if weight.is_contiguous() or not weight.is_contiguous(memory_format=torch.channels_last):
-        return _FilterTransform.apply(weight.reshape(co * ci, 9), k).view(K, co, ci)
+        w2 = weight.reshape(co * ci, 9)
+        u = k @ w2.t() if autograd_mode_reasons() else _FilterTransform.apply(w2, k)
+        return u.view(K, co, ci)
     # channels_last weights (a channels_last model): (C_out, 3, 3, C_in) in memory; a strided
     # (K, C_out, C_in) result instead of copying the weight
     return torch.matmul(k, weight.permute(0, 2, 3, 1).reshape(co, 9, ci)).transpose(0, 1)
