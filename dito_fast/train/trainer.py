@@ -436,8 +436,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     # The parameters stay in the default layout whatever the batches' layout: the models run their
     # activations channels_last on the CPU by themselves (ops.conv_activation_format), and torch's
     # fused AdamW copies every channels_last parameter, gradient and moment to a contiguous tensor
-    # and back on each step (dito-S: 61 ms against 34 ms on the 2-core development machine;
-    # benchmarks/bench_model.py::test_optimizer_step_layout).
+    # and back on each step (dito-S: 31.8 ms against 23.0 ms per step on the 2-core development
+    # machine, 2026-12-03; benchmarks/bench_model.py::test_optimizer_step_layout).
     model = DiTo(cfg.model)
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay > 0 else None
     out_format = "dcp" if t_cfg.parallel == "fsdp" else "safetensors"
