@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
 def cmd_reconstruct(args) -> int:
     import torch
 
-    from .eval.metrics import psnr
+    from .eval.metrics import SSIM_WINDOW, psnr, ssim
     from .eval.report import save_image
 
     model, dev = _load_model(args.model, args.device)
@@ -137,7 +137,10 @@ def cmd_reconstruct(args) -> int:
             recon = model.reconstruct(x, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
                                       seed=args.seed)
         save_image(recon[0], out / f"{path.stem}.png")
-        print(f"{path} -> {out / (path.stem + '.png')}  PSNR {float(psnr(recon, x)):.2f} dB")
+        quality = f"PSNR {float(psnr(recon, x)):.2f} dB"
+        if min(x.shape[-2:]) >= SSIM_WINDOW:
+            quality += f", SSIM {float(ssim(recon, x)):.4f}"
+        print(f"{path} -> {out / (path.stem + '.png')}  {quality}")
     return 0
 
 
@@ -271,6 +274,8 @@ def cmd_demo(args) -> int:
     print(f"  DiTo, {report['decode']['steps']}-step {report['decode']['sampler']} (E[x|z]): {report['dito_psnr']:6.2f} dB")
     print(f"  DiTo, {pd['steps']}-step {pd['sampler']} (the paper's sampler): {report['dito_paper_decode_psnr']:6.2f} dB")
     print(f"  bicubic {f}x down/up baseline:           {report['bicubic_psnr']:6.2f} dB")
+    print(f"  SSIM: DiTo {report['dito_ssim']:.3f} (1-step), {report['dito_paper_decode_ssim']:.3f} "
+          f"({pd['steps']} steps), bicubic {report['bicubic_ssim']:.3f}")
     if report["dito_psnr_synthetic"] is not None:
         print(f"held-out synthetic: DiTo {report['dito_psnr_synthetic']:.2f} dB "
               f"({report['dito_paper_decode_psnr_synthetic']:.2f} dB with {pd['steps']} steps), "

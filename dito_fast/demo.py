@@ -3,7 +3,7 @@
 Built-in data = the synthetic structured images plus crops of the photographs bundled with
 scikit-image (two whole photographs are held out for evaluation; see
 :func:`dito_fast.data.builtin_split`). After training, the held-out images are reconstructed and
-compared by PSNR with "downsample 8x, bicubic upsample" of the same images, which keeps 3 numbers
+compared by PSNR (and SSIM) with "downsample 8x, bicubic upsample" of the same images, which keeps 3 numbers
 per 8x8 block against the tokenizer's 4.
 
 Decoding for the headline figure is one Euler step from t = 1, which returns the decoder's
@@ -26,7 +26,7 @@ import torch
 
 from .config import resolve_run_config, to_dict
 from .data import builtin_split
-from .eval.metrics import bicubic_baseline, psnr
+from .eval.metrics import bicubic_baseline, psnr, ssim
 from .eval.report import make_grid, save_image
 from .train.checkpoint import atomic_write_json
 from .train.trainer import _mix_seed, train
@@ -96,6 +96,7 @@ def run_demo(out_dir, max_minutes: float | None = None, steps: int | None = None
     decode_s = time.perf_counter() - t1
     baseline = bicubic_baseline(images, factor)
     p_dito, p_bic, p_paper = psnr(recon, images), psnr(baseline, images), psnr(recon_paper, images)
+    s_dito, s_bic, s_paper = ssim(recon, images), ssim(baseline, images), ssim(recon_paper, images)
     mean = lambda p, sl: float(p[sl].mean()) if len(p[sl]) else None  # noqa: E731
     synthetic = slice(n_photo, None)
 
@@ -121,8 +122,15 @@ def run_demo(out_dir, max_minutes: float | None = None, steps: int | None = None
         "bicubic_psnr_synthetic": mean(p_bic, synthetic),
         "dito_psnr_all_held_out": mean(p_dito, slice(None)),
         "bicubic_psnr_all_held_out": mean(p_bic, slice(None)),
-        "per_image": [{"dito": round(float(a), 3), "dito_paper_decode": round(float(c), 3), "bicubic": round(float(b), 3)}
-                      for a, b, c in zip(p_dito, p_bic, p_paper)],
+        "dito_ssim": mean(s_dito, primary),
+        "dito_paper_decode_ssim": mean(s_paper, primary),
+        "bicubic_ssim": mean(s_bic, primary),
+        "dito_ssim_synthetic": mean(s_dito, synthetic),
+        "bicubic_ssim_synthetic": mean(s_bic, synthetic),
+        "per_image": [{"dito": round(float(a), 3), "dito_paper_decode": round(float(c), 3), "bicubic": round(float(b), 3),
+                       "dito_ssim": round(float(d), 4), "dito_paper_decode_ssim": round(float(f), 4),
+                       "bicubic_ssim": round(float(e), 4)}
+                      for a, b, c, d, e, f in zip(p_dito, p_bic, p_paper, s_dito, s_bic, s_paper)],
         "config": to_dict(cfg),
     }
     report["beats_baseline"] = report["dito_psnr"] > report["bicubic_psnr"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dito_fast import DiTo, demo
-from dito_fast.eval.metrics import bicubic_baseline, psnr
+from dito_fast.eval.metrics import bicubic_baseline, psnr, ssim
 
 from conftest import MICRO_MODEL_OVERRIDES
 
@@ -48,3 +48,8 @@ def test_demo_writes_model_grid_and_consistent_metrics(tmp_path, micro_demo):
     assert float(psnr(paper, x)[:n].mean()) == pytest.approx(report["dito_paper_decode_psnr"], abs=1e-3)
     assert float(psnr(recon, x).mean()) == pytest.approx(report["dito_psnr_all_held_out"], abs=1e-3)
     assert float(psnr(bicubic_baseline(x, 8), x)[:n].mean()) == pytest.approx(report["bicubic_psnr"], abs=1e-6)
+    assert float(ssim(recon, x)[:n].mean()) == pytest.approx(report["dito_ssim"], abs=1e-4)
+    assert float(ssim(paper, x)[:n].mean()) == pytest.approx(report["dito_paper_decode_ssim"], abs=1e-4)
+    assert float(ssim(bicubic_baseline(x, 8), x)[:n].mean()) == pytest.approx(report["bicubic_ssim"], abs=1e-9)
+    assert [p["bicubic_ssim"] for p in report["per_image"]] == pytest.approx(
+        ssim(bicubic_baseline(x, 8), x).tolist(), abs=1e-4)

@@ -15,6 +15,40 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse)
 
 
+SSIM_WINDOW = 11  # Gaussian window of Wang et al. (2004): 11 taps, sigma 1.5
+SSIM_SIGMA = 1.5
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (B,) between x, y (B, C, H, W) in [-1, 1], as Wang et al. (2004) define it:
+    local means, variances and covariance under an 11x11 Gaussian window (sigma 1.5, population
+    moments), K1 = 0.01 and K2 = 0.03 of the data range 2, the SSIM map averaged over the
+    positions where the window fits inside the image and over the channels. Computed in float64
+    after clamping to [-1, 1]; 1 for identical images, at most 1. H and W must be at least 11.
+    (skimage.metrics.structural_similarity with gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=2 gives the same values: tests/eval.)"""
+    if x.shape != y.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    if x.dim() != 4 or min(x.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"ssim: expected (B, C, H, W) with H, W >= {SSIM_WINDOW}, got {tuple(x.shape)}")
+    x, y = x.double().clamp(-1, 1), y.double().clamp(-1, 1)
+    B, C = x.shape[:2]
+    r = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=x.device) - SSIM_WINDOW // 2
+    g = torch.exp(-r.square() / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+
+    def blur(a):  # separable Gaussian, each channel alone, valid positions only
+        a = a.reshape(B * C, 1, *a.shape[-2:])
+        a = F.conv2d(a, g.view(1, 1, -1, 1))
+        return F.conv2d(a, g.view(1, 1, 1, -1))
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx.square(), blur(y * y) - my.square(), blur(x * y) - mx * my
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx.square() + my.square() + c1) * (vx + vy + c2))
+    return s.reshape(B, -1).mean(1)
+
+
 def bicubic_baseline(x: torch.Tensor, factor: int) -> torch.Tensor:
     """The "downsample by ``factor``, bicubic upsample" reconstruction of x (B, C, H, W), the
     baseline a tokenizer with the same spatial reduction must beat. Downsampling uses

@@ -1,4 +1,4 @@
-"""Tests for dito_fast/eval: PSNR, the bicubic baseline, image grids and PNG writing."""
+"""Tests for dito_fast/eval: PSNR, SSIM, the bicubic baseline, image grids and PNG writing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dito_fast.eval.metrics import bicubic_baseline, psnr
+from dito_fast.eval.metrics import bicubic_baseline, psnr, ssim
 from dito_fast.eval.report import make_grid, save_image, to_uint8
 
 
@@ -29,6 +29,40 @@ def test_psnr_hand_formula():
     assert psnr(-torch.ones(1, 3, 2, 2), torch.ones(1, 3, 2, 2)).item() == pytest.approx(0.0)
     with pytest.raises(ValueError, match="shapes differ"):
         psnr(x, y[:, :2])
+
+
+def test_ssim_matches_scikit_image():
+    """Against an independent implementation (Wang et al.'s settings in scikit-image), on noisy and
+    on blurred real photographs, odd sizes, values outside [-1, 1] clamped first."""
+    metrics = pytest.importorskip("skimage.metrics")
+    data = pytest.importorskip("skimage.data")
+    g = torch.Generator().manual_seed(0)
+    photo = torch.from_numpy(data.astronaut()[100:140, 150:187].copy()).permute(2, 0, 1).double() / 127.5 - 1
+    x = torch.stack([photo, photo.flip(-1), torch.rand(3, 40, 37, generator=g, dtype=torch.float64) * 2 - 1])
+    noisy = x + 0.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)  # partly outside [-1, 1]
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    for y in (noisy, blurred):
+        got = ssim(y.float(), x.float())
+        assert got.dtype == torch.float64 and got.shape == (3,)
+        for i in range(3):
+            want = metrics.structural_similarity(
+                y[i].float().double().clamp(-1, 1).numpy(), x[i].float().double().numpy(), gaussian_weights=True,
+                sigma=1.5, use_sample_covariance=False, data_range=2, channel_axis=0)
+            assert got[i].item() == pytest.approx(want, abs=1e-9)
+    # on the photographs a mild blur keeps more structure than this noise (not on white noise)
+    assert ssim(blurred, x)[:2].min() > ssim(noisy, x)[:2].max()
+
+
+def test_ssim_bounds_and_errors():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 11, 16, generator=g) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    assert (ssim(x, torch.zeros_like(x)) < 0.05).all()  # no structure left
+    assert (ssim(x, x.roll(3, -1)) < 1).all()
+    with pytest.raises(ValueError, match="shapes differ"):
+        ssim(x, x[:, :2])
+    with pytest.raises(ValueError, match="H, W >= 11"):
+        ssim(x[..., :10, :], x[..., :10, :])
 
 
 def test_bicubic_baseline():
