@@ -6,12 +6,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _unit_range_pair(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y in float64 clamped to [-1, 1], after checking that their shapes agree."""
+    if x.shape != y.shape:
+        raise ValueError(f"{name}: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    return x.double().clamp(-1, 1), y.double().clamp(-1, 1)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB (B,) between x, y (B, C, H, W) in [-1, 1] (peak-to-peak range 2),
     computed in float64 after clamping to [-1, 1]. Identical images give +inf."""
-    if x.shape != y.shape:
-        raise ValueError(f"psnr: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
-    mse = (x.double().clamp(-1, 1) - y.double().clamp(-1, 1)).square().flatten(1).mean(1)
+    x, y = _unit_range_pair("psnr", x, y)
+    mse = (x - y).square().flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse)
 
 
@@ -27,11 +33,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     after clamping to [-1, 1]; 1 for identical images, at most 1. H and W must be at least 11.
     (skimage.metrics.structural_similarity with gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=2 gives the same values: tests/eval.)"""
-    if x.shape != y.shape:
-        raise ValueError(f"ssim: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    x, y = _unit_range_pair("ssim", x, y)
     if x.dim() != 4 or min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"ssim: expected (B, C, H, W) with H, W >= {SSIM_WINDOW}, got {tuple(x.shape)}")
-    x, y = x.double().clamp(-1, 1), y.double().clamp(-1, 1)
     B, C = x.shape[:2]
     r = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=x.device) - SSIM_WINDOW // 2
     g = torch.exp(-r.square() / (2 * SSIM_SIGMA**2))
