@@ -8,8 +8,9 @@
 // saved-tensor hooks (activation checkpointing, offloading) and "backward through the graph a
 // second time" errors behave as for ATen ops, and call the registered backward ops
 // (fm_noise_backward, fm_loss_backward, latent_layernorm_backward,
-// group_norm_modulate_silu_backward), also below autograd: they have no autograd formulas, and
-// going through the Autograd key would only reach the boxed autograd fallback.
+// group_norm_modulate_silu_backward), also below autograd: they have no autograd formulas of their
+// own. Called directly with inputs that require grad, their Autograd kernel (not_differentiable)
+// gives outputs that raise when differentiated.
 //
 // Why not torch::autograd::Function (used here before): its generic machinery (a context with a
 // string-keyed map of saved values, per-input and per-output bookkeeping, a demangled type name
@@ -104,6 +105,19 @@ c10::intrusive_ptr<N> make_node(const Ts&... inputs) {
 inline Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 inline OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// Outputs that differentiating raises `message` for: detached, marked as requiring grad and routed
+// through a DelayedError node (undefined outputs stay undefined).
+variable_list refuse_differentiation(const std::string& message, variable_list out) {
+  for (auto& o : out) {
+    if (o.defined()) {
+      o = o.detach();
+      o.set_requires_grad(true);
+    }
+  }
+  auto err = std::make_shared<torch::autograd::DelayedError>(message, static_cast<int64_t>(out.size()));
+  return err->apply(std::move(out));
+}
+
 // Runs a backward body. Without create_graph (grad mode off in backward) it just calls it. With
 // create_graph and incoming grads or saved tensors that require grad, it computes under no_grad
 // and routes the results through a DelayedError node, so differentiating them again raises a
@@ -121,15 +135,34 @@ variable_list once_differentiable(const char* op, const variable_list& grads, co
     at::AutoGradMode no_grad(false);
     out = body();
   }
-  for (auto& o : out) {
-    if (o.defined()) {
-      o = o.detach();
-      o.set_requires_grad(true);
+  return refuse_differentiation(std::string(op) + ": double backward is not supported", std::move(out));
+}
+
+// The Autograd kernel of the ops that have no derivative of their own (the backward ops, and
+// winograd_conv3x3_weight_grad), for direct torch.ops calls: the nodes above call them below
+// autograd. It runs the op below autograd and, when grad mode is on and a tensor input requires
+// grad, makes differentiating its outputs raise a clear error. Without it the call would reach the
+// boxed autograd fallback, which warns and then gives no gradient.
+void not_differentiable(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t n_in = op.schema().arguments().size(), n_out = op.schema().returns().size();
+  bool any = false;
+  if (c10::GradMode::is_enabled()) {
+    for (size_t i = stack->size() - n_in; i < stack->size(); ++i) {
+      const c10::IValue& v = (*stack)[i];
+      any = any || (v.isTensor() && requires_grad(v.toTensor()));
     }
   }
-  auto err = std::make_shared<torch::autograd::DelayedError>(std::string(op) + ": double backward is not supported",
-                                                             static_cast<int64_t>(out.size()));
-  return err->apply(std::move(out));
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.callBoxed(stack);
+  }
+  if (!any) return;
+  variable_list out;
+  for (size_t i = stack->size() - n_out; i < stack->size(); ++i) out.push_back((*stack)[i].toTensor());
+  out = refuse_differentiation(op.schema().name() + " has no derivative of its own (a backward formula): "
+                                                    "its outputs cannot be differentiated",
+                               std::move(out));
+  for (size_t j = 0; j < n_out; ++j) (*stack)[stack->size() - n_out + j] = std::move(out[j]);
 }
 
 // ---- fm_noise ------------------------------------------------------------------------------------
@@ -348,6 +381,10 @@ TORCH_LIBRARY_IMPL(dito_fast, Autograd, m) {
   m.impl("fm_loss", &fm_loss_autograd);
   m.impl("latent_layernorm", &lln_autograd);
   m.impl("group_norm_modulate_silu", &gnms_autograd);
+  for (const char* name : {"fm_noise_backward", "fm_loss_backward", "latent_layernorm_backward",
+                           "group_norm_modulate_silu_backward", "winograd_conv3x3_weight_grad"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
+  }
 }
 
 }  // namespace dito_fast

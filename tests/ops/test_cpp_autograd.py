@@ -3,6 +3,8 @@ fm_noise backward kernel (including absent upstream gradients), and once-differe
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -91,6 +93,54 @@ def test_double_backward_raises(op):
         assert gx.requires_grad  # once differentiable: a graph exists, but differentiating it raises
         with pytest.raises(RuntimeError, match=f"{op}: double backward is not supported"):
             gx.sum().backward()
+
+
+NOT_DIFFERENTIABLE = ["fm_noise_backward", "fm_loss_backward", "latent_layernorm_backward",
+                      "group_norm_modulate_silu_backward", "winograd_conv3x3_weight_grad"]
+
+
+def _not_differentiable_args(name, grad):
+    """Valid arguments for a direct call of ``name``, its first tensor requiring grad if ``grad``."""
+    g = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    if name == "fm_noise_backward":
+        args = [dy, x, torch.rand(2, generator=g, dtype=torch.float64), 1e-5]
+    elif name == "fm_loss_backward":
+        args = [torch.ones(2, dtype=torch.float64), dy, x]
+    elif name == "latent_layernorm_backward":
+        y, rstd = torch.ops.dito_fast.latent_layernorm(x, 1e-5)
+        args = [dy, y, rstd]
+    elif name == "group_norm_modulate_silu_backward":
+        _, mean, rstd = torch.ops.dito_fast.group_norm_modulate_silu(x, 2, None, None, None, None, 1e-5, True)
+        args = [dy, x, mean, rstd, 2, torch.randn(4, generator=g, dtype=torch.float64), None, None, None, True]
+    else:
+        args = [x, dy, 2, True]
+    if grad:
+        args[0] = args[0].clone().requires_grad_()
+    return args
+
+
+@pytest.mark.parametrize("name", NOT_DIFFERENTIABLE)
+def test_ops_without_derivatives_refuse_differentiation(name):
+    """The backward ops called directly: the same values, no graph without grad, and with an input
+    requiring grad outputs whose differentiation raises (not the autograd fallback's warning and
+    missing gradient)."""
+    op = getattr(torch.ops.dito_fast, name).default
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd")
+    plain = op(*_not_differentiable_args(name, grad=False))
+    plain = plain if isinstance(plain, tuple) else (plain,)
+    assert all(o.grad_fn is None and not o.requires_grad for o in plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the boxed autograd fallback would warn here
+        outs = op(*_not_differentiable_args(name, grad=True))
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        for a, b in zip(outs, plain):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert outs[0].requires_grad
+        with pytest.raises(RuntimeError, match=f"{name} has no derivative of its own"):
+            outs[0].sum().backward()
+    with torch.no_grad():
+        assert not op(*_not_differentiable_args(name, grad=True))[0].requires_grad
 
 
 def test_no_graph_without_grad():
