@@ -46,6 +46,7 @@ from PIL import Image
 from .loader import DALI_PIP_PACKAGE, BatchLoader, DALIUnavailableError
 from .sampler import eval_shard, mix_seed
 from .sources import DALI_FORMATS, FileSource, Source, TarSource
+from .transforms import unreadable_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +312,9 @@ class DALILoader(BatchLoader):
                         found.append((j, f"format {fmt} is not supported by DALI"))
                         continue
                     self.source.decode(j)
-                except (ValueError, OSError, SyntaxError) as e:
+                except Exception as e:
+                    if not unreadable_file_error(e):
+                        raise
                     found.append((j, str(e)))
         if not found:
             raise RuntimeError(f"the DALI pipeline failed and no unreadable file was found among the "

@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Set
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import ImageTransform, PathLike, load_image, make_generator
+from .transforms import ImageTransform, PathLike, load_image, make_generator, unreadable_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ class ImageFolderDataset(Dataset):
                 continue
             try:
                 img = load_image(self.files[i])
-            except (ValueError, OSError) as e:
+            except Exception as e:
+                if not unreadable_file_error(e):
+                    raise
                 self._bad.add(i)
                 self.num_skipped += 1
                 logger.warning("skipping unreadable image %s (%s)", self.files[i], e)

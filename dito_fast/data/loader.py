@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .sampler import StepBatchSampler, eval_shard, rank_slice
 from .sources import DALI_FORMATS, DatasetSource, Source, _EncodedSource, check_source, resolve_source
-from .transforms import crop_params_array, resize_crop_flip, uint8_batch_to_float
+from .transforms import crop_params_array, resize_crop_flip, uint8_batch_to_float, unreadable_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ __all__ = ["LOADERS", "BatchLoader", "DALIUnavailableError", "TorchLoader", "dal
 LOADERS = ("auto", "dali", "torch")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 DALI_PIP_PACKAGE = "nvidia-dali-cuda130"
-_DECODE_ERRORS = (ValueError, OSError)  # what reading/decoding an unreadable file raises
 
 
 class DALIUnavailableError(RuntimeError):
@@ -231,7 +230,9 @@ class _KeyedItems(Dataset):
                 continue
             try:
                 img = self.source.decode(j)
-            except _DECODE_ERRORS as e:
+            except Exception as e:
+                if not unreadable_file_error(e):
+                    raise
                 self.known_bad.add(j)
                 bad.append((j, str(e)))
                 continue

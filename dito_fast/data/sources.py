@@ -15,12 +15,14 @@ a text file (not .tar)            :class:`FileSource` from a file list: one ``pa
 ================================  ==========================================================
 
 :func:`check_source` screens the files once before training (format header and end-of-stream
-marker; optionally a full decode) so that neither loader meets most unreadable files mid-run.
+marker, decoding the files whose marker is missing; optionally a full decode of every file) so
+that neither loader meets most unreadable files mid-run.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import glob
 import io
 import logging
@@ -28,16 +30,17 @@ import os
 import re
 import tarfile
 import threading
+from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from .folder import IMAGE_EXTENSIONS, _normalize_extensions, list_image_files
 from .sampler import mix_seed, random_order
-from .transforms import decode_image
+from .transforms import decode_image, unreadable_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ CHECK_MODES = ("header", "decode", "none")
 # Image members of a webdataset sample, in order of preference when a key has several.
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 _TAIL_BYTES = 4096  # how far from the end a JPEG's EOI / a PNG's IEND marker is looked for
+# Shard files a TarSource keeps open per process, the least recently used closed first: one
+# descriptor per shard would exhaust a process's limit (often 1024) on large datasets.
+MAX_OPEN_SHARDS = 64
 
 
 class Source:
@@ -242,12 +248,28 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-class _MemberFile(io.RawIOBase):
-    """A read-only, seekable window [offset, offset + size) of an open file descriptor."""
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
-    def __init__(self, fd: int, offset: int, size: int):
+
+class _MemberFile(io.RawIOBase):
+    """A read-only, seekable window [offset, offset + size) of shard ``shard`` of ``source``,
+    whose file stays open (pinned in the source's table of open shards) until this is closed."""
+
+    def __init__(self, source: "TarSource", shard: int, offset: int, size: int):
         super().__init__()
-        self._fd, self._start, self._size, self._pos = fd, int(offset), int(size), 0
+        self._source, self._shard, self._entry = source, shard, None
+        self._entry = source._acquire(shard)
+        self._fd, self._start, self._size, self._pos = self._entry[0], int(offset), int(size), 0
+
+    def close(self) -> None:
+        if self._entry is not None:
+            entry, self._entry = self._entry, None
+            self._source._release(self._shard, entry)
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -264,6 +286,8 @@ class _MemberFile(io.RawIOBase):
         return self._pos
 
     def readinto(self, b) -> int:
+        if self.closed:
+            raise ValueError("read from a closed tar member")
         n = max(0, min(len(b), self._size - self._pos))
         data = _pread(self._fd, n, self._start + self._pos) if n else b""
         b[:len(data)] = data
@@ -294,7 +318,8 @@ class TarSource(_EncodedSource):
         self.sizes = np.asarray(size, np.int64)
         self.members = list(members)
         self.description = description
-        self._fds: Dict[int, int] = {}
+        # shard -> [fd, readers]: at most MAX_OPEN_SHARDS idle ones, least recently used first
+        self._fds: "OrderedDict[int, list]" = OrderedDict()
         self._lock = threading.Lock()
         # sample indices of each shard, shards in order of first appearance
         order = np.argsort(self.shard, kind="stable")
@@ -320,7 +345,7 @@ class TarSource(_EncodedSource):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_fds"] = {}
+        state["_fds"] = OrderedDict()
         del state["_lock"]
         return state
 
@@ -332,35 +357,59 @@ class TarSource(_EncodedSource):
         self.close()
 
     def close(self) -> None:
-        """Close the shard files this process opened (they reopen on the next read)."""
-        for fd in getattr(self, "_fds", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds = {}
+        """Close the shard files this process opened (they reopen on the next read); a file a
+        reader is still using closes when that read ends."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:  # partly constructed, or being unpickled
+            return
+        with lock:
+            fds, self._fds = self._fds, OrderedDict()
+            for fd, readers in fds.values():
+                if readers == 0:
+                    _close_quietly(fd)
 
-    def _fd(self, s: int) -> int:
-        # Reads use pread (no shared file position), so threads and forked workers may share fds.
-        fd = self._fds.get(s)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(s)
-                if fd is None:
-                    fd = self._fds[s] = os.open(self.shards[s], os.O_RDONLY)
-        return fd
+    # Reads use pread (no shared file position), so threads and forked workers may share a
+    # descriptor; each read pins its shard's entry (_acquire / _release), so that the table's
+    # eviction never closes a descriptor in use (whose number the next open could reuse).
+    def _acquire(self, s: int) -> list:
+        with self._lock:
+            entry = self._fds.get(s)
+            if entry is not None:
+                self._fds.move_to_end(s)
+            else:
+                idle = [k for k, (_, readers) in self._fds.items() if readers == 0]
+                for k in idle[:max(0, len(idle) - (MAX_OPEN_SHARDS - 1))]:
+                    _close_quietly(self._fds.pop(k)[0])
+                entry = self._fds[s] = [os.open(self.shards[s], os.O_RDONLY), 0]
+            entry[1] += 1
+            return entry
+
+    def _release(self, s: int, entry: list) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if entry[1] == 0 and self._fds.get(s) is not entry:  # closed (close()) while in use
+                _close_quietly(entry[0])
+
+    @contextlib.contextmanager
+    def _shard_fd(self, s: int):
+        entry = self._acquire(s)
+        try:
+            yield entry[0]
+        finally:
+            self._release(s, entry)
 
     def name(self, i: int) -> str:
         return f"{self.shards[self.shard[i]]}:{self.members[i]}"
 
     def read_bytes(self, i: int) -> bytes:
-        data = _pread(self._fd(int(self.shard[i])), int(self.sizes[i]), int(self.offset[i]))
+        with self._shard_fd(int(self.shard[i])) as fd:
+            data = _pread(fd, int(self.sizes[i]), int(self.offset[i]))
         if len(data) != self.sizes[i]:
             raise OSError(f"{self.name(i)}: tar file ends inside the member")
         return data
 
     def open(self, i: int):
-        return _MemberFile(self._fd(int(self.shard[i])), self.offset[i], self.sizes[i])
+        return _MemberFile(self, int(self.shard[i]), self.offset[i], self.sizes[i])
 
     def size(self, i: int) -> int:
         return int(self.sizes[i])
@@ -530,10 +579,17 @@ def resolve_source(spec, *, image_size: int = 64, num_synthetic: int = 10000, se
 # screening
 
 
+# The end marker of the formats whose truncation the header check looks for.
+_EOI = (b"\xff\xd9", "JPEG", "end-of-image marker")
+_END_MARKERS = {"JPEG": _EOI, "MPO": _EOI, "PNG": (b"IEND", "PNG", "IEND chunk")}
+
+
 def _check_one(source: _EncodedSource, i: int, mode: str, formats: Optional[frozenset]) -> Optional[str]:
     """Why sample ``i`` is unusable, or None. ``header``: PIL identifies the format from the
-    header (no pixel decoding) and a JPEG/PNG ends with its end marker (EOI / IEND) within the
-    last 4 KiB; ``decode``: the header check, then a full decode."""
+    header (no pixel decoding), and a JPEG/PNG whose end marker (EOI / IEND) is not within its
+    last 4 KiB, truncated or followed by other data (a phone's motion photo appends a video), is
+    decoded in full to tell which; ``decode``: the header check, then a full decode of every file.
+    Errors about the process rather than the file (``unreadable_file_error``) propagate."""
     try:
         with source.open(i) as f:
             with Image.open(f) as img:
@@ -543,14 +599,19 @@ def _check_one(source: _EncodedSource, i: int, mode: str, formats: Optional[froz
             size = source.size(i)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
-        if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
-            return "truncated JPEG (no end-of-image marker)"
-        if fmt == "PNG" and b"IEND" not in tail:
-            return "truncated PNG (no IEND chunk)"
-        if mode == "decode":
-            source.decode(i)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Exception as e:
+        if not unreadable_file_error(e):
+            raise
         return f"{type(e).__name__}: {e}"
+    marker, kind, what = _END_MARKERS.get(fmt, (None, None, None))
+    no_marker = marker is not None and marker not in tail
+    if mode == "decode" or no_marker:
+        try:
+            source.decode(i)
+        except Exception as e:
+            if not unreadable_file_error(e):
+                raise
+            return f"truncated {kind} (no {what}; {e})" if no_marker else str(e)
     return None
 
 

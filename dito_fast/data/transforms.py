@@ -7,6 +7,7 @@ This is the pixel space the flow-matching loss of DiTo (arXiv 2501.18593, eq. fo
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,8 @@ __all__ = [
     "tensor_to_pil",
     "to_rgb",
     "to_uint8",
+    "unreadable_file_error",
 ]
-
-# Modes whose pixels carry an alpha channel; they are composited onto white.
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -60,12 +59,14 @@ def make_generator(*keys: int) -> torch.Generator:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert a PIL image of any mode to 8-bit RGB.
 
-    - alpha (RGBA, LA, palette with transparency, ...) is composited onto a white background;
+    - alpha (RGBA, LA, palette with transparency, ...) is dropped: the colour channels are kept as
+      stored, as torchvision's ``convert("RGB")`` loaders and DALI's RGB decoding do, so the two
+      loaders (dito_fast.data.loader, dali) give the same pixels;
     - 16-bit / 32-bit integer greyscale ("I;16*", "I") is scaled to 8 bits (65535 -> 255);
       float greyscale ("F") is taken as [0, 1] when its maximum is <= 1, else as [0, 255];
     - everything else (L, 1, P, CMYK, YCbCr, LAB, HSV) goes through PIL's own conversion.
     """
-    if img.mode == "RGB" and "transparency" not in img.info:
+    if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -79,10 +80,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
             scale = 1.0
         grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
-    if img.mode in _ALPHA_MODES or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
 
 
@@ -116,12 +113,27 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(x), mode="RGB")
 
 
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-                  Image.DecompressionBombError)
+# OSError numbers that say the process, not the file, is in trouble (out of file descriptors or
+# memory): such an error must not get a good file skipped as unreadable.
+_PROCESS_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def unreadable_file_error(e: BaseException) -> bool:
+    """Whether ``e``, raised while reading or decoding one image file, means that file is
+    unusable (missing, unreadable, not an image, corrupt or truncated), so that a loader skips
+    and counts it. PIL's decoders raise many kinds of exception on damaged data (OSError,
+    SyntaxError, EOFError, ValueError, but also TypeError, IndexError, struct.error, ...), so any
+    ``Exception`` counts, except those about the process: MemoryError and the OSErrors of
+    ``_PROCESS_ERRNOS`` ("Too many open files", ...), which propagate."""
+    if not isinstance(e, Exception) or isinstance(e, MemoryError):
+        return False
+    return not (isinstance(e, OSError) and e.errno in _PROCESS_ERRNOS)
 
 
 def _open_verified(open_stream, name: str) -> Image.Image:
-    """Decode the image that ``open_stream()`` yields (a fresh stream per call) fully into memory."""
+    """Decode the image that ``open_stream()`` yields (a fresh stream per call) fully into memory.
+    Raises ValueError naming ``name`` for an unusable file (``unreadable_file_error``); errors
+    about the process propagate unchanged."""
     try:
         # verify() catches structural damage (e.g. bad PNG chunk CRCs) without decoding;
         # it leaves the file unusable, hence the second open, whose load() decodes every
@@ -132,7 +144,9 @@ def _open_verified(open_stream, name: str) -> Image.Image:
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except _DECODE_ERRORS as e:
+    except Exception as e:
+        if not unreadable_file_error(e):
+            raise
         raise ValueError(f"cannot read image file {name}: {type(e).__name__}: {e}") from e
 
 

@@ -214,6 +214,37 @@ def test_unscreened_unreadable_files_are_found_while_reading(kind, messy_dir):
     assert _indices(batches) == _indices(ref)
 
 
+def test_any_decoder_error_skips_the_file_but_process_errors_stop_the_run(photo_dir, tmp_path, monkeypatch):
+    # PIL raises more than OSError/ValueError on damaged data (a fuzzed TIFF gave a TypeError,
+    # which had stopped training); "Too many open files" is the process's, not the file's, and
+    # must not get good files skipped.
+    import errno
+
+    from dito_fast.data import transforms
+
+    root, files = photo_dir
+    d = tmp_path / "few"
+    d.mkdir()
+    for k in (0, 1, 4):
+        shutil.copy(files[k][0], d / os.path.basename(files[k][0]))
+    victim = Image.open(files[0][0]).size  # the only one of its size among the three
+    real = transforms.ImageOps.exif_transpose
+
+    def flaky(exc):
+        def exif_transpose(img):
+            if img.size == victim:
+                raise exc
+            return real(img)
+        return exif_transpose
+    monkeypatch.setattr(transforms.ImageOps, "exif_transpose", flaky(TypeError("bad tag")))
+    loader, batches = _run("torch", str(d), seed=0, num_steps=3, batch_size=2, check_files="none")
+    assert [os.path.basename(f) for f in loader.skipped_files] == [os.path.basename(files[0][0])]
+    assert loader.num_skipped == 1 and len(batches) == 3
+    monkeypatch.setattr(transforms.ImageOps, "exif_transpose", flaky(OSError(errno.EMFILE, "Too many open files")))
+    with pytest.raises(OSError, match="Too many open files"):
+        _run("torch", str(d), seed=0, num_steps=3, batch_size=2, check_files="none")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_empty_or_unreadable_source_is_a_clear_error(kind, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)

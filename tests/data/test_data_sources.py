@@ -167,6 +167,48 @@ def test_check_source_skips_unreadable_files(photo_dir, tmp_path):
     assert check_source(src, "none") is src
 
 
+def test_header_check_keeps_images_followed_by_other_data(photo_dir, tmp_path):
+    # A phone's motion photo appends a video after the JPEG's end marker: not truncated. The
+    # header check decodes a file whose marker is not in its last 4 KiB to tell the two apart.
+    _, files = photo_dir
+    jpeg, png = open(files[0][0], "rb").read(), open(files[1][0], "rb").read()
+    d = tmp_path / "trailing"
+    d.mkdir()
+    (d / "motion.jpg").write_bytes(jpeg + random_bytes(20000, seed=3))
+    (d / "padded.png").write_bytes(png + bytes(8192))
+    (d / "truncated.jpg").write_bytes(jpeg[: len(jpeg) - 300])
+    checked = check_source(resolve_source(str(d)), "header", DALI_FORMATS)
+    assert [os.path.basename(f) for f in checked.files] == ["motion.jpg", "padded.png"]
+    assert [(os.path.basename(n), r[:40]) for n, r in checked.skipped] == [
+        ("truncated.jpg", "truncated JPEG (no end-of-image marker; ")]
+
+
+def test_tar_source_keeps_a_bounded_set_of_shards_open(tmp_path, photo_dir, monkeypatch):
+    # One descriptor per shard had run a process out of descriptors on large datasets ("Too many
+    # open files", then whole shards skipped as unreadable): the least recently used idle shard
+    # closes beyond MAX_OPEN_SHARDS, never one a reader is using.
+    from dito_fast.data import sources
+
+    monkeypatch.setattr(sources, "MAX_OPEN_SHARDS", 3)
+    _, files = photo_dir
+    src = resolve_source(write_shards(tmp_path, files, num_shards=6))
+    first = {i: src.read_bytes(i) for i in range(len(src))}
+    assert len(src._fds) <= 3
+    member = src.open(0)  # pins its shard while open
+    pinned = src._fds[int(src.shard[0])]
+    for i in range(len(src)):  # every other shard opens and closes around it
+        assert src.read_bytes(i) == first[i]
+    assert src._fds.get(int(src.shard[0])) is pinned and pinned[1] == 1
+    member.seek(0)
+    assert member.read() == first[0]
+    src.close()  # a pinned file closes when its reader is done
+    os.fstat(pinned[0])
+    member.close()
+    with pytest.raises(OSError):
+        os.fstat(pinned[0])
+    assert src.read_bytes(5) == first[5] and check_source(src, "header") is src
+
+
 def test_check_tar_members_and_all_bad(tmp_path, photo_dir):
     _, files = photo_dir
     fake = tmp_path / "fake.jpg"

@@ -90,17 +90,46 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped():
     np.testing.assert_array_equal(v, [0, 128, 255])  # naive convert("RGB") gives 0, 255, 255
 
 
-def test_alpha_is_composited_on_white():
+def test_alpha_is_dropped_as_dali_does():
+    # The colour channels as stored, whatever the alpha: what DALI's RGB decoding gives, so the
+    # two loaders agree (compositing onto white had given white where DALI gives red).
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
-    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
     out = np.asarray(to_rgb(rgba))
-    assert tuple(out[1, 1]) == (255, 255, 255) and tuple(out[0, 0]) == (255, 0, 0)
+    assert tuple(out[1, 1]) == (255, 0, 0) and tuple(out[0, 0]) == (0, 0, 255)
     pal = Image.new("P", (2, 1))
     pal.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
     pal.putpixel((1, 0), 1)
     pal.info["transparency"] = 0
     out = np.asarray(to_rgb(pal))
-    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 1]) == (0, 255, 0)
+    assert tuple(out[0, 0]) == (0, 0, 255) and tuple(out[0, 1]) == (0, 255, 0)
+    la = Image.new("LA", (1, 1), (77, 0))
+    assert tuple(np.asarray(to_rgb(la))[0, 0]) == (77, 77, 77)
+
+
+def test_decoder_errors_of_any_kind_name_the_file_and_process_errors_propagate(tmp_path, monkeypatch):
+    import errno
+
+    from dito_fast.data import transforms
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (4, 4)).save(path)
+    # PIL's decoders raise more than OSError/ValueError on damaged data (a fuzzed TIFF gave a
+    # TypeError): any such error is the file's, reported as ValueError naming it.
+    def broken(img):
+        raise TypeError("'float' object cannot be interpreted as an integer")
+    monkeypatch.setattr(transforms.ImageOps, "exif_transpose", broken)
+    with pytest.raises(ValueError, match=r"x\.png: TypeError"):
+        load_image(path)
+    # out of file descriptors or memory: the process's trouble, not the file's
+    for exc in (OSError(errno.EMFILE, "Too many open files"), MemoryError()):
+        def fails(img, exc=exc):
+            raise exc
+        monkeypatch.setattr(transforms.ImageOps, "exif_transpose", fails)
+        with pytest.raises(type(exc)):
+            load_image(path)
+    assert transforms.unreadable_file_error(OSError(errno.EIO, "I/O error"))
+    assert not transforms.unreadable_file_error(KeyboardInterrupt())
 
 
 # ---------------------------------------------------------------- resize / crop / flip
