@@ -304,32 +304,48 @@ def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` accepting only the checkpoint's own metadata classes, torch
-    sizes/dtypes/layouts and plain containers (DCP's reader uses plain ``pickle.load``)."""
+    """Unpickles DCP's ``.metadata`` accepting only DCP's own metadata classes, torch sizes/dtypes/
+    layouts and plain containers, each named exactly (DCP's reader uses plain ``pickle.load``). A
+    dotted name is refused whatever its module: pickle resolves ``a.b`` by attribute lookup, so
+    ``(<an allowed module>, "os.system")`` would reach any function that module imported."""
 
     _ALLOWED = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                *(("torch.distributed.checkpoint.metadata", n) for n in (
+                    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                    "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
                 *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
                 *(("builtins", n) for n in ("set", "frozenset", "slice", "tuple", "list", "dict", "int", "float", "str",
                                             "bool", "bytes"))}
 
     def find_class(self, module: str, name: str):
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch":
-            obj = getattr(torch, name, None)
-            if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
-                return obj
+        if "." not in name:
+            if (module, name) in self._ALLOWED:
+                return super().find_class(module, name)
+            if module == "torch":
+                obj = getattr(torch, name, None)
+                if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                    return obj
         raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which a checkpoint should not hold")
 
 
 def _safe_reader(path: Path):
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
             with open(Path(self.path) / ".metadata", "rb") as f:
                 metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            # An entry stored as bytes is read back with torch.load(weights_only=False), i.e.
+            # unpickled; the trainer stores tensors only (sharded_state), so none is accepted.
+            entries = getattr(metadata, "state_dict_metadata", None)
+            if not isinstance(entries, dict):
+                raise pickle.UnpicklingError("the metadata holds no state_dict_metadata table")
+            not_tensors = [k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata)]
+            if not_tensors:
+                raise pickle.UnpicklingError(f"entries {not_tensors[:3]} are stored as pickled objects, not tensors "
+                                             "(dito_fast checkpoints hold tensors only, and unpickling runs code)")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

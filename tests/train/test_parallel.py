@@ -14,6 +14,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 import weakref
 from pathlib import Path
 
@@ -336,6 +337,43 @@ def test_dcp_metadata_reader_refuses_foreign_objects(make_run_config, tmp_path):
     (dcp_dir / ".metadata").write_bytes(pickle.dumps(CallsAFunction()))
     with pytest.raises(ValueError, match="refusing DCP checkpoint .*getcwd, which a checkpoint should not hold"):
         parallel.load_dcp({"x": torch.zeros(1)}, dcp_dir)
+    # a dotted name under an allowed module (protocol 4 resolves it attribute by attribute):
+    # torch.distributed.checkpoint.filesystem imports os, so this would call os.getcwd()
+    def short(text):
+        return b"\x8c" + bytes([len(text)]) + text.encode()
+    dotted = b"\x80\x04" + short("torch.distributed.checkpoint.filesystem") + short("os.getcwd") + b"\x93)R."
+    (dcp_dir / ".metadata").write_bytes(dotted)
+    with pytest.raises(ValueError, match="filesystem.os.getcwd, which a checkpoint should not hold"):
+        parallel.load_dcp({"x": torch.zeros(1)}, dcp_dir)
+
+
+_UNPICKLED = []
+
+
+def _record(*args):
+    _UNPICKLED.append(args)
+    return 0
+
+
+class _RecordsWhenUnpickled:
+    def __reduce__(self):
+        return (_record, ("unpickled",))
+
+
+def test_dcp_entries_stored_as_objects_are_refused(tmp_path):
+    # DCP writes a non-tensor value as a pickled blob (BytesStorageMetadata) and its loader
+    # unpickles it with torch.load(weights_only=False): arbitrary code from a crafted checkpoint,
+    # past the metadata reader. The trainer stores tensors only, so such entries are refused.
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": _RecordsWhenUnpickled(), "b": torch.ones(2)}},
+                 storage_writer=dcp.FileSystemWriter(str(tmp_path / "dcp")), no_dist=True)
+    template = {"model": {"w": torch.zeros(3), "b": torch.zeros(2)}}
+    with pytest.raises(ValueError, match=r"refusing DCP checkpoint .*\['model.w'\] are stored as pickled objects"):
+        parallel.load_dcp(template, tmp_path / "dcp")
+    assert _UNPICKLED == [] and torch.equal(template["model"]["w"], torch.zeros(3))
 
 
 # --------------------------------------------------------------------------------------------
