@@ -25,11 +25,13 @@ def load(directory, map_location: str = "cpu") -> DiTo:
 
 
 def encode(model: DiTo, x):
-    """``model.encode(x)`` without gradients: (B, 3, H, W) in [-1, 1] -> (B, c, H/f, W/f)."""
+    """``model.encode(x)`` without gradients: (B, 3, H, W) in [-1, 1] -> (B, c, H/f, W/f), an
+    ordinary tensor (usable in autograd, e.g. to train a latent model on it, and in place)."""
     import torch
 
-    with torch.inference_mode():
-        return model.encode(x)
+    with torch.inference_mode():  # inference mode: the convolutions' transformed filters are cached
+        z = model.encode(x)
+    return z.clone()  # outside inference mode: not an inference tensor
 
 
 presets = PRESETS

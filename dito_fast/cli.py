@@ -81,7 +81,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--steps", type=int, default=50, help="ODE steps (default 50, the paper's)")
     p.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS))
-    p.add_argument("--schedule", default="uniform", choices=SCHEDULES)
+    p.add_argument("--schedule", default="uniform", help=f"time grid: {', '.join(SCHEDULES)} (shifted[:shift], edm[:rho])")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--device", default="auto")
 

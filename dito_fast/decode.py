@@ -20,7 +20,9 @@ What it adds to ``DiTo.decode`` (same initial noise for the same seed, same ODE)
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -327,7 +329,14 @@ def capture_cuda_graph(fn: Callable, static_inputs: list[torch.Tensor], warmup_r
 
 class GraphCache:
     """A bounded LRU of captured decode loops, keyed by everything the capture depends on
-    (shapes, dtypes, device, sampler, schedule, steps, layout, compile options)."""
+    (shapes, dtypes, device, sampler, schedule, steps, layout, compile options), for one model.
+
+    A graph reads its tensors at the addresses they had at capture, so ``run`` takes the model's
+    ``weights`` (addresses and dtypes of its parameters and buffers, :func:`weights_key`) and drops
+    every graph when they differ from the previous call's: after ``model.to("cpu").to("cuda")``,
+    ``model.half()`` or ``load_state_dict(..., assign=True)`` a graph would read freed memory.
+    Calls are serialised (one lock per cache): concurrent callers share an entry's static
+    buffers, and one could otherwise replay on another's inputs."""
 
     def __init__(self, capacity: int = GRAPH_CACHE_SIZE, capture: Callable = capture_cuda_graph):
         if capacity < 1:
@@ -335,8 +344,17 @@ class GraphCache:
         self.capacity, self.capture = capacity, capture
         self.entries: OrderedDict = OrderedDict()
         self.captures = 0
+        self.weights = None
+        self.lock = threading.Lock()
 
-    def run(self, key, fn: Callable, inputs: list[torch.Tensor]) -> torch.Tensor:
+    def run(self, key, fn: Callable, inputs: list[torch.Tensor], weights=None) -> torch.Tensor:
+        with self.lock:
+            if weights != self.weights:
+                self.entries.clear()
+                self.weights = weights
+            return self._run(key, fn, inputs)
+
+    def _run(self, key, fn: Callable, inputs: list[torch.Tensor]) -> torch.Tensor:
         entry = self.entries.get(key)
         if entry is None:
             static_inputs = [t.clone() for t in inputs]
@@ -353,27 +371,51 @@ class GraphCache:
         return static_out.clone()
 
 
+def weights_key(model: torch.nn.Module) -> tuple:
+    """(address, dtype, device) of every parameter and buffer of ``model``, in order."""
+    return tuple((t.data_ptr(), t.dtype, t.device) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 class _ModelState:
-    """Per-model caches of fast_decode: compiled networks and captured graphs."""
+    """Per-model state of fast_decode: compiled networks, captured graphs, and the calls in flight
+    (the first sets eval mode, the last restores the model's mode, whatever the threads' order)."""
 
     def __init__(self):
         self.compiled: dict = {}
         self.graphs = GraphCache()
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.was_training = False
 
 
 # A cache keyed by the model object (entries die with it), not configuration.
 _STATE: "weakref.WeakKeyDictionary[DiTo, _ModelState]" = weakref.WeakKeyDictionary()
+_STATE_LOCK = threading.Lock()
 
 
 def _state(model: DiTo) -> _ModelState:
-    if model not in _STATE:
-        _STATE[model] = _ModelState()
-    return _STATE[model]
+    with _STATE_LOCK:
+        if model not in _STATE:
+            _STATE[model] = _ModelState()
+        return _STATE[model]
+
+
+def _frozen(value):
+    """A hashable form of torch.compile options (nested dicts and lists, e.g. ``options``)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set)):
+        return tuple(_frozen(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 def _compiled_net(model: DiTo, options: dict) -> Callable:
     state = _state(model)
-    key = tuple(sorted(options.items()))
+    key = _frozen(options)
     if key not in state.compiled:
         # fullgraph: the UNet, our fused ops included (registered custom ops with fake kernels),
         # must trace without graph breaks; an error here is a bug, not something to hide.
@@ -552,30 +594,46 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
         if not use_graph:
             return _sample(model, zc, nc, settings, times, progress=bar, **common)
         key = (tuple(zc.shape), zc.dtype, str(device), amp_dtype, settings, channels_last,
-               tuple(sorted(options.items())), compile is not False)
-        out = _state(model).graphs.run(key, lambda a, b: _sample(model, a, b, settings, times, **common), [zc, nc])
+               _frozen(options), compile is not False)
+        out = state.graphs.run(key, lambda a, b: _sample(model, a, b, settings, times, **common), [zc, nc],
+                               weights=weights_key(model))
         if bar is not None:
             bar.update(evals_per_chunk)
         return out
 
     out = torch.empty(B, 3, H, W, dtype=torch.uint8 if output == "uint8" else torch.float32)
-    was_training = model.training
-    model.eval()
+    state = _state(model)
+    with state.lock:  # eval mode while any call runs; the model's own mode back after the last
+        if state.calls == 0:
+            state.was_training = model.training
+            model.eval()
+        state.calls += 1
     try:
         with torch.inference_mode():
             for i in range(0, B, chunk):
                 zc = z[i:i + chunk].to(device)
                 nc = noise[i:i + chunk].to(device)
                 x = run(zc, nc, autocast_dtype)
-                if autocast_dtype is not None and not bool(torch.isfinite(x).all()):
+                finite = bool(torch.isfinite(x).all())
+                if autocast_dtype is not None and not finite:
                     # Half precision overflowed (activations beyond fp16's 65504, say): redo in fp32.
                     logger.warning("fast_decode: %s produced non-finite values for latents %d..%d; "
                                    "decoding them again in float32", autocast_dtype, i, i + zc.shape[0] - 1)
                     x = run(zc, nc, None)
+                    finite = bool(torch.isfinite(x).all())
+                if not finite:
+                    logger.warning("fast_decode: the decoder (%s weights) produced non-finite values (NaN or inf) for "
+                                   "latents %d..%d (NaN pixels are black in uint8 output)%s", param.dtype, i,
+                                   i + zc.shape[0] - 1, "; a float16 model overflows easily: decode a float32 model "
+                                   "with dtype=torch.float16, which redoes such batches in float32"
+                                   if param.dtype == torch.float16 else "")
                 x = x.clamp_(-1, 1)
                 out[i:i + chunk] = to_uint8(x).cpu() if output == "uint8" else x.float().cpu()
     finally:
-        model.train(was_training)
+        with state.lock:
+            state.calls -= 1
+            if state.calls == 0:
+                model.train(state.was_training)
         if own_bar:
             bar.close()
     return out
@@ -601,5 +659,5 @@ def receptive_field(decoder, latent_channels: int, size: int = 256, factor: int 
 
 
 __all__ = ["fast_decode", "resolve_settings", "DecodeSettings", "CachedVelocity", "TilePlan", "tile_plan",
-           "GraphCache", "capture_cuda_graph", "capture_eager", "receptive_field", "AUTO_SETTING",
+           "GraphCache", "capture_cuda_graph", "capture_eager", "weights_key", "receptive_field", "AUTO_SETTING",
            "DEFAULT_TILE_OVERLAP"]

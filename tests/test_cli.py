@@ -98,7 +98,7 @@ def test_reconstruct(trained, tmp_path, capsys):
     assert img.size == (48, 40) and img.mode == "RGB"  # 48x40 is already a multiple of 8
     # a folder, resized and center-cropped with --size
     assert main(["reconstruct", str(out / "model"), str(data), "--out", str(rec / "s"), "--size", "16",
-                 "--steps", "1", "--sampler", "heun", "--schedule", "edm"]) == 0
+                 "--steps", "1", "--sampler", "heun", "--schedule", "edm:5"]) == 0  # a parameter, as decode takes
     written = sorted(p.name for p in (rec / "s").glob("*.png"))
     assert written == [f"img{i}.png" for i in range(6)]
     assert all(Image.open(rec / "s" / n).size == (16, 16) for n in written)

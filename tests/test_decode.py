@@ -80,6 +80,42 @@ def test_restores_training_mode(micro_model, images):
     assert micro_model.training
 
 
+def test_concurrent_calls_restore_training_mode_and_agree(micro_model, images):
+    # Each call had saved and restored the mode itself: a call starting while another ran saw eval
+    # mode and restored that, leaving the model in eval mode after every call had returned.
+    import threading
+
+    z = micro_model.encode(images).detach()
+    ref = dito_fast.fast_decode(micro_model, z, steps=2, seed=0)
+    micro_model.train()
+    outs, errors = [], []
+
+    def call():
+        try:
+            outs.append(dito_fast.fast_decode(micro_model, z, steps=2, seed=0))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(outs) == 4 and all(torch.equal(o, ref) for o in outs)
+    assert micro_model.training and D._state(micro_model).calls == 0
+
+
+def test_non_finite_output_is_reported_without_autocast(micro_model, images, caplog):
+    # NaN in a float32 (or float16) model's output had become black pixels without a word
+    z = micro_model.encode(images).detach()
+    with torch.no_grad():
+        micro_model.decoder.conv_out.weight.fill_(float("nan"))
+    with caplog.at_level(logging.WARNING, logger="dito_fast.decode"):
+        out = dito_fast.fast_decode(micro_model, z, steps=1, seed=0, max_batch=2)
+    assert out.shape == (3, 3, 32, 32) and int(out.max()) == 0
+    messages = [r.message for r in caplog.records if "non-finite values" in r.message]
+    assert len(messages) == 2 and "latents 0..1" in messages[0] and "latents 2..2" in messages[1]
+
+
 def test_non_square_and_latent_dtype(micro_model):
     z = torch.randn(2, 4, 2, 5, dtype=torch.float64)
     out = dito_fast.fast_decode(micro_model, z, steps=1, sampler="euler", seed=0, output="float")
@@ -227,6 +263,53 @@ def test_graph_cache_lru_with_eager_capture():
     torch.testing.assert_close(cache.run("k3", fn, [x, y]), x * 2 + y)
     with pytest.raises(ValueError, match="capacity"):
         D.GraphCache(capacity=0)
+    # graphs read their tensors at the captured addresses: new weights (moved, converted,
+    # assigned) drop every entry
+    cache.run("k1", fn, [x, y], weights=("w", 1))
+    assert list(cache.entries) == ["k1"] and cache.captures == 4
+    cache.run("k1", fn, [x, y], weights=("w", 1))
+    assert cache.captures == 4
+
+
+def test_graph_cache_serialises_concurrent_callers():
+    # Callers of one entry share its static buffers: without the lock, thread B could copy its
+    # inputs in before thread A's replay, and A got B's result. Here A's replay waits until B
+    # replays (or for 0.5 s: with the lock B cannot get there before A is done).
+    import threading
+
+    a_waits, b_replays, results = threading.Event(), threading.Event(), {}
+
+    def capture(fn, static_inputs):
+        replay, out = D.capture_eager(fn, static_inputs)
+
+        def gated():
+            if threading.current_thread().name == "A":
+                a_waits.set()
+                b_replays.wait(0.5)
+            elif threading.current_thread().name == "B":
+                b_replays.set()
+            replay()
+        return gated, out
+
+    cache = D.GraphCache(capture=capture)
+    cache.run("k", lambda t: t * 2, [torch.zeros(3)])  # captured on this thread
+
+    def call(name, value):
+        results[name] = cache.run("k", lambda t: t * 2, [torch.full((3,), value)])
+    a = threading.Thread(target=call, args=("A", 1.0), name="A")
+    a.start()
+    a_waits.wait(5)  # A is inside run(), about to replay
+    b = threading.Thread(target=call, args=("B", 5.0), name="B")
+    b.start()
+    a.join()
+    b.join()
+    assert torch.equal(results["A"], torch.full((3,), 2.0)) and torch.equal(results["B"], torch.full((3,), 10.0))
+
+
+def test_graph_cache_key_takes_nested_compile_options():
+    assert D._frozen({"options": {"max_autotune": False, "x": [1, 2]}, "mode": None}) == \
+        (("mode", None), ("options", (("max_autotune", False), ("x", (1, 2)))))
+    hash(D._frozen({"options": {"a": {1, 2}}}))
 
 
 def test_graph_path_cpu_twin(micro_model, images, monkeypatch):
@@ -244,6 +327,9 @@ def test_graph_path_cpu_twin(micro_model, images, monkeypatch):
     assert state.graphs.captures == 2  # replayed, not captured again
     dito_fast.fast_decode(micro_model, z, steps=4, seed=1, output="float", max_batch=2)
     assert state.graphs.captures == 4  # other settings: another key
+    micro_model.load_state_dict({k: v.clone() for k, v in micro_model.state_dict().items()}, assign=True)
+    again = dito_fast.fast_decode(micro_model, z, steps=3, seed=1, output="float", max_batch=2)
+    assert torch.equal(again, plain) and state.graphs.captures == 6  # new weights' addresses: captured anew
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,7 +124,18 @@ class DiTo(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, c, H/f, W/f), x's dtype."""
         check_images(x, self.downsample_factor)
+        self._check_matches_weights(x, "images")
         return self._encode(x)
+
+    def _check_matches_weights(self, t: torch.Tensor, name: str) -> None:
+        """A clear error for input on another device, or of another dtype outside autocast, than
+        the weights (the convolutions' own messages name neither the argument nor the remedy)."""
+        p = next(self.parameters())
+        if t.device != p.device:
+            raise ValueError(f"{name} are on {t.device} but the model is on {p.device}: move one of them (.to(...))")
+        if t.dtype != p.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name} are {t.dtype} but the model's weights are {p.dtype}: convert them with "
+                            f".to({p.dtype}), or run under torch.autocast for mixed precision")
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return latent_layernorm(self.encoder(x), self.config.latent_norm_eps)
@@ -152,6 +163,7 @@ class DiTo(nn.Module):
         same result on CPU, bit for bit), else from torch's global RNG.
         """
         check_latents(z, self.latent_channels)
+        self._check_matches_weights(z, "latents")
         sampler_fn = samplers.get_sampler(sampler)
         timesteps = samplers.make_timesteps(steps, schedule)
         H, W = z.shape[-2] * self.latent_factor, z.shape[-1] * self.latent_factor

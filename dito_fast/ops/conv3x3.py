@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _cpp
@@ -191,30 +192,49 @@ else:
     _OP = _WGRAD = None
 
 
-# Inference mode: the transformed filters are kept for the weight tensor (in _FILTER_CACHE, keyed by
-# the tensor's identity and dropped with it; not an attribute, which torch.save(module) would
-# pickle; one per tile size) until the weight changes, so a decoding step does not re-transform every
-# filter (that would write 1.8x (F(2x2)) or 4x (F(4x4)) the decoder's weights per step). Key: the
-# weight's version counter (moved by every in-place update through the weight itself, e.g. an
-# optimizer step or load_state_dict), storage address and dtype. Writes through ``weight.data``
-# bypass the version counter; they are not seen, as with any autograd-saved tensor. Only inference
-# mode uses the cache (fast_decode, dito_fast.encode); training and no_grad evaluation transform
-# on every call. The cache costs memory: F(4x4) filters are 4x the weights (dito-S's decoder:
-# 362 MiB, dito-B's: 1.8 GiB in float32; 5.8x where a layer also runs F(2x2));
+# Inference mode: the transformed filters are kept for the weight (one per tile size) until it
+# changes, so a decoding step does not re-transform every filter (that would write 1.8x (F(2x2)) or
+# 4x (F(4x4)) the decoder's weights per step). _FILTER_CACHE is keyed by the weight's storage, so an
+# entry dies with the storage; not by the tensor itself, whose weak reference would make
+# torch.utils.swap_tensors refuse it (model.to/double/load_state_dict under
+# torch.__future__.set_swap_module_params_on_conversion), and not in an attribute, which
+# torch.save(module) would pickle. Per storage, one entry per view (offset, shape, strides, dtype),
+# valid while the weight's version counter stays the same (it moves with every in-place update
+# through the weight, e.g. load_state_dict or a foreach optimizer step). The fused optimizers
+# (torch.optim's fused=True Adam, AdamW, SGD) update their parameters without moving it, so every
+# optimizer step also drops its parameters' entries (a global step hook, below). Writes through
+# ``weight.data`` bypass the version counter; they are not seen, as with any autograd-saved tensor.
+# Only inference mode uses the cache (fast_decode, dito_fast.encode); training and no_grad
+# evaluation transform on every call. The cache costs memory: F(4x4) filters are 4x the weights
+# (dito-S's decoder: 362 MiB, dito-B's: 1.8 GiB in float32; 5.8x where a layer also runs F(2x2));
 # DITO_FAST_WINOGRAD_CACHE=0 turns it off, for a re-transform per call (small next to a large
 # image's convolutions, not next to a small one's).
-_FILTER_CACHE = WeakIdKeyDictionary()
+_FILTER_CACHE = WeakIdKeyDictionary()  # storage -> {(offset, shape, strides, dtype): (version, {tile: u})}
+
+
+def _drop_stepped_filters(optimizer, args, kwargs) -> None:
+    """Optimizer step post-hook (every torch.optim optimizer): forget the stepped parameters' filters."""
+    if len(_FILTER_CACHE):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                _FILTER_CACHE.pop(p.untyped_storage(), None)
+
+
+register_optimizer_step_post_hook(_drop_stepped_filters)
 
 
 def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
-    key = (weight._version, weight.data_ptr(), weight.dtype)
-    cache = _FILTER_CACHE.get(weight)
-    if cache is None or cache[0] != key:
-        cache = _FILTER_CACHE[weight] = (key, {})
-    u = cache[1].get(tile)
+    views = _FILTER_CACHE.get(weight.untyped_storage())
+    if views is None:
+        views = _FILTER_CACHE[weight.untyped_storage()] = {}
+    view = (weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype)
+    entry = views.get(view)
+    if entry is None or entry[0] != weight._version:
+        entry = views[view] = (weight._version, {})
+    u = entry[1].get(tile)
     if u is None:
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference mode
-            u = cache[1][tile] = winograd_filter(weight, tile)
+            u = entry[1][tile] = winograd_filter(weight, tile)
     return u
 
 

@@ -98,6 +98,12 @@ def test_encode_matches_module_api(micro_model, images):
     with torch.inference_mode():
         z_api = dito_fast.encode(micro_model, images)
     assert torch.equal(z_api, micro_model.encode(images))
+    # an ordinary tensor (it had been an inference tensor): a latent model can train on it
+    z = dito_fast.encode(micro_model, images)
+    assert not z.is_inference() and not z.requires_grad and torch.equal(z, z_api)
+    w = torch.ones((), requires_grad=True)
+    (z * w).sum().backward()
+    z.mul_(2)
 
 
 def test_decode_shape_and_range(micro_model, images):
@@ -260,10 +266,20 @@ def test_from_pretrained_weights_not_matching_config_shapes(micro_model, tmp_pat
     (torch.zeros(1, 3, 32, 36), ValueError, "multiples of 8"),
     (torch.zeros(0, 3, 32, 32), ValueError, "empty batch"),
     (torch.zeros(1, 3, 32, 32).numpy(), TypeError, "torch.Tensor"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.float16), TypeError, "images are torch.float16 but the model's weights"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.float64), TypeError, "images are torch.float64 but the model's weights"),
 ])
 def test_encode_rejects_bad_images(micro_model, x, exc, msg):
     with pytest.raises(exc, match=msg):
         micro_model.encode(x)
+
+
+def test_dtype_mismatch_is_fine_under_autocast_and_named_outside(micro_model, images):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = micro_model.encode(images.bfloat16())
+    with pytest.raises(TypeError, match="latents are torch.bfloat16 but the model's weights are torch.float32"):
+        micro_model.decode(z, steps=1, seed=0)
+    assert micro_model.decode(z.float(), steps=1, seed=0).dtype == torch.float32
 
 
 def test_encode_accepts_slack_at_range_edge(micro_model):

@@ -283,6 +283,33 @@ def test_inference_filter_cache_follows_weight_updates():
     # training after inference: no cache; gradients flow to the weight
     conv(x).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    # a fused optimizer step does not move the weight's version counter: the step hook drops the entry
+    version = conv.weight._version
+    torch.optim.AdamW(conv.parameters(), lr=0.5, fused=True).step()
+    assert conv.weight._version == version  # why the version alone cannot tell
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+
+
+@needs_cpp
+def test_inference_filter_cache_lets_swap_tensors_replace_the_weight():
+    # keyed by the weight's storage: a weak reference to the weight itself would make
+    # torch.utils.swap_tensors (model.to/double/load_state_dict under
+    # set_swap_module_params_on_conversion) refuse it
+    conv = Conv3x3(32, 32)
+    x = torch.randn(1, 32, 6, 6)
+    with torch.inference_mode():
+        conv(x)
+    new = torch.nn.Parameter(torch.randn(32, 32, 3, 3) * 0.1)
+    torch.utils.swap_tensors(conv.weight, new)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+    # two weights viewing one storage keep an entry each
+    flat = torch.randn(2 * 32 * 32 * 9) * 0.1
+    w0, w1 = flat[:32 * 32 * 9].view(32, 32, 3, 3), flat[32 * 32 * 9:].view(32, 32, 3, 3)
+    with torch.inference_mode():
+        for w in (w0, w1, w0):
+            torch.testing.assert_close(conv3x3(x, w), F.conv2d(x, w, padding=1), atol=1e-4, rtol=1e-4)
 
 
 @needs_cpp
@@ -296,13 +323,13 @@ def test_inference_filter_cache_is_per_tile(monkeypatch):
             torch.testing.assert_close(conv(x), ref, atol=1e-4, rtol=1e-4)
     from dito_fast.ops.conv3x3 import _FILTER_CACHE
 
-    cached = _FILTER_CACHE[conv.weight][1]
+    (cached,) = (entry[1] for entry in _FILTER_CACHE[conv.weight.untyped_storage()].values())
     assert {t: u.shape[0] for t, u in cached.items()} == {2: 16, 4: 36}  # both kept, each transformed once
     monkeypatch.setenv("DITO_FAST_WINOGRAD_CACHE", "0")  # no cache: same results, nothing kept
     fresh = Conv3x3(32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(fresh(x), F.conv2d(x, fresh.weight, fresh.bias, padding=1), atol=1e-4, rtol=1e-4)
-    assert fresh.weight not in _FILTER_CACHE
+    assert fresh.weight.untyped_storage() not in _FILTER_CACHE
 
 
 @needs_cpp
@@ -317,7 +344,7 @@ def test_inference_filter_cache_is_not_saved_with_the_module(tmp_path):
     torch.save(conv, tmp_path / "before.pt")
     with torch.inference_mode():
         conv(torch.randn(1, 64, 16, 16))
-    assert conv.weight in _FILTER_CACHE
+    assert conv.weight.untyped_storage() in _FILTER_CACHE
     torch.save(conv, tmp_path / "after.pt")
     # the same up to the archive's name (the filters would add 4x the weights' 147 KiB)
     assert abs((tmp_path / "after.pt").stat().st_size - (tmp_path / "before.pt").stat().st_size) < 1024
