@@ -100,12 +100,19 @@ def cmd_train(args) -> int:
                       ("dist_backend", "train.dist_backend")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
-    config_file = args.config
-    run_config = Path(args.out) / "config.json"
-    if args.resume is not None and args.preset is None and config_file is None and run_config.is_file():
-        config_file = str(run_config)  # resuming: the run's own resolved config, plus any overrides
+    config_file, preset = args.config, args.preset
+    if args.resume is not None and config_file is None:
+        # resuming: the settings the checkpoint (or the run) was written with, plus any overrides
+        named = Path(args.resume) / "config.json" if args.resume != "auto" else None
+        run_config = Path(args.out) / "config.json"
+        config_file = next((str(p) for p in (named, run_config) if p is not None and p.is_file()), None)
+        if config_file is not None and preset is not None:
+            saved = json.loads(Path(config_file).read_text()).get("model", {}).get("name")
+            if saved != preset:
+                raise SystemExit(f"error: --preset {preset}, but the run to resume trained {saved} ({config_file})")
+            preset = None  # the same model: the saved settings, exactly
     try:
-        cfg = C.resolve_run_config(args.preset, config_file, overrides)
+        cfg = C.resolve_run_config(preset, config_file, overrides)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e.args[0] if e.args else e}")
     if args.dry_run:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -129,7 +130,7 @@ class TrainConfig:
     val_images: int = 8
     val_sample_steps: int = 25
     checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest checkpoints kept; 0 keeps every one
     max_bad_steps: int = 20  # consecutive non-finite losses before training stops
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
     max_minutes: float = 0.0  # wall-clock budget: stop (with a checkpoint) once exceeded; 0 = none
@@ -244,9 +245,13 @@ def _coerce(key: str, value: Any, like: Any) -> Any:
         if isinstance(like, tuple):
             if isinstance(value, str):
                 value = json.loads(value if value.startswith("[") else f"[{value}]")
+            if like and len(value) != len(like):
+                raise ValueError(f"{len(value)} values for {len(like)}")
             return tuple(type(like[0])(v) for v in value) if like else tuple(value)
         if isinstance(like, (int, float)) and not isinstance(value, (int, float)):
             value = json.loads(value) if isinstance(value, str) else value
+        if isinstance(like, (int, float)) and isinstance(value, bool):  # bool is an int to Python
+            raise ValueError(value)
         if isinstance(like, float):
             return float(value)
         if isinstance(like, int):
@@ -330,6 +335,24 @@ def validate_run_config(cfg: RunConfig) -> None:
     if t.micro_batch_size < 0 or t.grad_accum_steps < 1:
         raise ValueError(f"train.micro_batch_size must be >= 0 and train.grad_accum_steps >= 1, got "
                          f"{t.micro_batch_size}, {t.grad_accum_steps}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ValueError(f"train.lr must be a finite number > 0, got {t.lr}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ValueError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise ValueError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+    if not 0.0 <= t.lr_min_ratio <= 1.0:
+        raise ValueError(f"train.lr_min_ratio must be in [0, 1] (the cosine decay's final fraction of lr), "
+                         f"got {t.lr_min_ratio}")
+    if not math.isfinite(t.max_grad_norm):
+        raise ValueError(f"train.max_grad_norm must be finite (<= 0 disables clipping), got {t.max_grad_norm}")
+    if not (math.isfinite(t.max_minutes) and t.max_minutes >= 0):
+        raise ValueError(f"train.max_minutes must be a finite number >= 0 (0: no budget), got {t.max_minutes}")
+    for name, least in (("warmup_steps", 0), ("log_every_steps", 1), ("val_every_steps", 0), ("val_images", 0),
+                        ("val_sample_steps", 1), ("checkpoint_every_steps", 0), ("keep_checkpoints", 0),
+                        ("max_bad_steps", 1), ("threads", 0)):
+        if getattr(t, name) < least:
+            raise ValueError(f"train.{name} must be >= {least}, got {getattr(t, name)}")
     if t.micro_batch_size > 0 and t.grad_accum_steps > 1:
         raise ValueError("set train.micro_batch_size or train.grad_accum_steps, not both "
                          f"(got {t.micro_batch_size} and {t.grad_accum_steps})")

@@ -154,6 +154,22 @@ def test_dry_run_with_config_file(tmp_path, capsys):
     assert cfg["train"]["batch_size"] == 5 and cfg["data"]["image_size"] == 96
 
 
+def test_resume_takes_the_settings_it_was_written_with(trained, tmp_path, capsys):
+    # resuming into another --out, or naming the preset again, had resolved the defaults (image
+    # size 64, batch 64, another model) instead of the run's settings
+    out, _, _, _ = trained
+    step = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert main(["train", "--resume", str(step), "--out", str(tmp_path / "new"), "--steps", "5", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    saved = json.loads((step / "config.json").read_text())
+    assert cfg["model"] == saved["model"] and cfg["data"] == saved["data"]
+    assert cfg["train"] == {**saved["train"], "steps": 5}
+    assert main(["train", "--resume", "--out", str(out), "--preset", "dito-tiny", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == saved["model"]
+    with pytest.raises(SystemExit, match="--preset dito-S, but the run to resume trained dito-tiny"):
+        main(["train", "--resume", str(step), "--out", str(tmp_path / "new"), "--preset", "dito-S", "--dry-run"])
+
+
 def test_info_lists_presets(capsys):
     assert main(["info"]) == 0
     stdout = capsys.readouterr().out

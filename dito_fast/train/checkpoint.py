@@ -135,6 +135,16 @@ def write_files(directory, files: dict) -> None:
             raise ValueError(f"unsupported checkpoint file type: {name}")
 
 
+def _set_aside(path: Path) -> Path:
+    """Move a checkpoint directory to a hidden temporary name (atomic; ``list_checkpoints`` ignores
+    it, ``prune_checkpoints`` removes leftovers) and return that, to be deleted: deleted in place,
+    a crash could leave a ``step_<N>`` with COMPLETE but without its weights, taken for the latest."""
+    hidden = Path(tempfile.mkdtemp(prefix=f".{path.name}.discarded.", suffix=".tmp", dir=path.parent))
+    os.replace(path, hidden / path.name)
+    _fsync_dir(path.parent)
+    return hidden
+
+
 def commit_checkpoint(run_dir, step: int, tmp) -> Path:
     """Mark the temporary directory ``tmp`` complete, rename it to ``step_<N>`` and point
     ``latest`` at it. Returns the final path."""
@@ -142,11 +152,12 @@ def commit_checkpoint(run_dir, step: int, tmp) -> Path:
     final = ckpt_root / f"step_{step:08d}"
     tmp = Path(tmp)
     atomic_write_text("complete\n", tmp / "COMPLETE")
-    if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
-        shutil.rmtree(final)
+    old = _set_aside(final) if final.exists() else None  # re-saving a step: the old one aside, whole
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     atomic_write_text(final.name + "\n", ckpt_root / "latest")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -188,7 +199,7 @@ def prune_checkpoints(run_dir, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints and stale temporary folders."""
     ckpts = list_checkpoints(run_dir)
     for p in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(_set_aside(p), ignore_errors=True)
     root = Path(run_dir) / "checkpoints"
     for p in root.glob(".step_*.tmp"):
         shutil.rmtree(p, ignore_errors=True)

@@ -91,11 +91,12 @@ def rank_device(name: str, local_rank: int, distributed: bool) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+            raise ValueError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__}, "
+                             f"{torch.cuda.device_count()} CUDA devices visible)")
         if distributed and dev.index is None:
             if local_rank >= torch.cuda.device_count():
-                raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices: "
-                                   "start at most one worker per GPU (torchrun --nproc-per-node)")
+                raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices: "
+                                 "start at most one worker per GPU (torchrun --nproc-per-node)")
             dev = torch.device("cuda", local_rank)
     return dev
 

@@ -265,9 +265,7 @@ class ParallelModel:
         load_dcp(tensors, dcp_dir)
         set_state_dict(self.model, optimizer, model_state_dict=tensors["model"],
                        optim_state_dict={"state": tensors["optim"], "param_groups": param_groups})
-        if self.ema_model is not None:
-            if "ema" not in tensors:
-                raise ValueError(f"{dcp_dir} holds no EMA weights")
+        if self.ema_model is not None:  # load_dcp has checked that the checkpoint holds its weights
             set_model_state_dict(self.ema_model, tensors["ema"])
 
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -371,13 +369,34 @@ def load_dcp(tensors: dict, path: Path) -> None:
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"not a DCP checkpoint (no .metadata): {path}")
+    from torch.distributed.checkpoint.api import CheckpointException
+
     reader = _safe_reader(path)
     try:  # checked here too, so a refused file gives this error rather than DCP's wrapped one
-        reader.read_metadata()
+        metadata = reader.read_metadata()
     except (pickle.UnpicklingError, EOFError) as e:
         raise ValueError(f"refusing DCP checkpoint {path}: {e}") from None
-    with _quiet_single_process():
-        dcp.load(tensors, storage_reader=reader, no_dist=not _dist_ready())
+    missing = sorted(set(_flat_keys(tensors)) - set(metadata.state_dict_metadata))
+    if missing:
+        groups = sorted({k.split(".", 1)[0] for k in missing})
+        raise ValueError(f"DCP checkpoint {path} lacks {len(missing)} of the tensors this model needs (in "
+                         f"{', '.join(groups)}; e.g. {missing[0]}): written for another model configuration"
+                         + (", or by a run without EMA (train.ema_decay=0)" if groups == ["ema"] else ""))
+    try:
+        with _quiet_single_process():
+            dcp.load(tensors, storage_reader=reader, no_dist=not _dist_ready())
+    except CheckpointException as e:  # a BaseException: it would pass every `except Exception`
+        first = next(iter(e.failures.values()), e) if hasattr(e, "failures") else e
+        raise ValueError(f"cannot load DCP checkpoint {path}: {type(first).__name__}: {first}") from None
+
+
+def _flat_keys(tree: dict, prefix: str = ""):
+    """DCP's keys of a nested dict of tensors: the path joined by dots."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
 
 
 def _dist_ready() -> bool:

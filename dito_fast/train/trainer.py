@@ -142,15 +142,25 @@ class _MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
         if resume_step and self.path.exists():  # drop lines past the checkpoint we resume from
-            lines = [l for l in self.path.read_text().splitlines() if l.strip()]
-            kept = [l for l in lines if json.loads(l).get("step", 0) <= resume_step]
+            kept = []
+            for lineno, line in enumerate(self.path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash (its step is past the checkpoint's)
+                    logger.warning("%s:%d is not a complete JSON record; dropped", self.path, lineno)
+                    continue
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
             ckpt.atomic_write_text("".join(l + "\n" for l in kept), self.path)
         elif self.path.exists():
             self.path.unlink()
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step: TensorBoard drops the events after the checkpoint a resume starts from
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         except Exception:  # tensorboard not installed: JSON lines only
             logger.debug("tensorboard not available; logging JSON lines only")
 
@@ -310,6 +320,39 @@ def _resume_point(run_dir: Path, resume, ctx: DistContext):
     return "ok", None
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _resume_changes(cfg: RunConfig, resume_from: Path) -> list[str]:
+    """The settings of ``cfg`` that differ from those the checkpoint was written with, as
+    "key old -> new" lines. Raises ValueError if a model setting differs (model.name aside): those
+    define what the weights are, and one that keeps the tensors' shapes (the flow objective, noise
+    synchronisation, ...) would otherwise go on training the weights for something else."""
+    path = resume_from / "config.json"
+    if not path.is_file():
+        return []
+    saved = _flat(json.loads(path.read_text()))
+    now = _flat(json.loads(json.dumps(to_dict(cfg))))  # tuples as the JSON file has them: lists
+    changed = [(k, saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(saved) | set(now))
+               if saved.get(k, "<absent>") != now.get(k, "<absent>")]
+    model = [f"{k} {a!r} -> {b!r}" for k, a, b in changed if k.startswith("model.") and k != "model.name"]
+    if model:
+        raise ValueError(f"{resume_from} holds a model trained with other settings than this run's: "
+                         f"{'; '.join(model[:6])}{' ...' if len(model) > 6 else ''}. Resume with the checkpoint's "
+                         f"model settings (its config.json), or start a new run")
+    return [f"{k} {a!r} -> {b!r}" for k, a, b in changed if not k.startswith("model.")]
+
+
+def _state_entry(state: dict, key: str, resume_from: Path):
+    if key not in state:
+        raise ValueError(f"{resume_from / 'state.pt'} has no {key!r} entry: not a complete dito_fast checkpoint")
+    return state[key]
+
+
 def _plain_model(cfg: RunConfig, state: dict[str, torch.Tensor], device: torch.device) -> DiTo:
     """An unsharded DiTo holding ``state`` (built on the meta device: no random init)."""
     with torch.device("meta"):
@@ -442,12 +485,17 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay > 0 else None
     out_format = "dcp" if t_cfg.parallel == "fsdp" else "safetensors"
     state, in_format = None, None
+    changes: list[str] = []
     if resume_from is not None:
+        changes = _resume_changes(cfg, resume_from)
         in_format = ckpt.checkpoint_format(resume_from)
         state = ckpt.load_torch(resume_from / "state.pt")
         if in_format == "safetensors":
             model.load_state_dict(ckpt.load_weights(resume_from / "model.safetensors"))
             if ema is not None:
+                if not (resume_from / "ema.safetensors").is_file() and (resume_from / "model.safetensors").is_file():
+                    raise ValueError(f"{resume_from} holds no EMA weights (written by a run with train.ema_decay=0): "
+                                     "resume with train.ema_decay=0")
                 ema.model.load_state_dict(ckpt.load_weights(resume_from / "ema.safetensors"))
 
     # -- how this rank processes its share of the global batch
@@ -478,21 +526,35 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
 
     start_step, skipped_total = 0, 0
     if resume_from is not None:
+        def need(key):
+            return _state_entry(state, key, resume_from)
         if in_format == "safetensors":
-            pm.load_full_optimizer_state(optimizer, state["optimizer"])
+            pm.load_full_optimizer_state(optimizer, need("optimizer"))
         else:
-            pm.load_sharded(resume_from / "dcp", optimizer, state["optimizer_param_groups"])
-        sched.load_state_dict(state["scheduler"])
-        start_step, skipped_total = int(state["step"]), int(state["skipped_steps"])
+            pm.load_sharded(resume_from / "dcp", optimizer, need("optimizer_param_groups"))
+        sched.load_state_dict(need("scheduler"))
+        start_step, skipped_total = int(need("step")), int(need("skipped_steps"))
         _restore_rng(state, ctx, device, t_cfg.seed, start_step)
         if ema is not None:
-            ema.updates = int(state["ema_updates"])
+            ema.updates = int(need("ema_updates"))
+        if changes:
+            logger.warning("resuming from %s with settings changed since it was written (the new values apply from "
+                           "here on): %s", resume_from, "; ".join(changes))
+        if any(c.split(" ", 1)[0] in ("train.lr", "train.betas", "train.weight_decay") for c in changes):
+            # the optimizer and scheduler states restore the old hyperparameters: this run's replace them
+            sched.base_lrs = [t_cfg.lr] * len(optimizer.param_groups)
+            for group in optimizer.param_groups:
+                group.update(initial_lr=t_cfg.lr, lr=t_cfg.lr * lr_factor(sched.last_epoch, t_cfg),
+                             betas=tuple(t_cfg.betas), weight_decay=t_cfg.weight_decay)
+            sched._last_lr = [group["lr"] for group in optimizer.param_groups]
         if int(state.get("global_batch", G)) != G:
             logger.warning("the global batch changed from %s to %d: the data position is recomputed as step x batch",
                            state.get("global_batch"), G)
         logger.info("resumed from %s at step %d (saved by world size %s, now %d)", resume_from, start_step,
                     state.get("world_size", 1), W)
     images_seen = int(state.get("images_seen", start_step * G)) if state is not None else 0
+    window = [float(v) for v in state.get("loss_window", [])] if state is not None else []
+    last_saved = start_step if resume_from is not None else -1
     event("resume" if resume_from is not None else "start", step=start_step,
           checkpoint=resume_from.name if resume_from is not None else None, parallel=mode,
           micro_batches=list(plan.micro))
@@ -514,8 +576,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
 
     def save(step: int) -> Path | None:
         # every rank takes part: RNG states are gathered, DCP shards written by each rank
+        nonlocal last_saved
+        last_saved = step
         st = {"scheduler": sched.state_dict(), "step": step, "skipped_steps": skipped_total,
               "ema_updates": ema.updates if ema is not None else 0, "images_seen": images_seen,
+              "loss_window": list(window),  # the losses since the last log line: a resume's first line averages them too
               "global_batch": G, "world_size": W, "parallel": mode, "format": out_format}
         rng = distributed.all_gather_object(_rng_state(device), ctx)
         st["cpu_rng"], st["rank_rng"] = rng[0]["cpu"], rng
@@ -567,7 +632,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                          rank=ctx.rank, world_size=W, raw_model=model)
     model.train()
     timer = _PhaseTimer(device)
-    bad_streak, window, steps_since_log = 0, [], 0
+    bad_streak, steps_since_log = 0, 0
     show_bar = (sys.stderr.isatty() if progress is None else progress) and is_main
     bar = None
     if show_bar:
@@ -618,11 +683,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
             steps_since_log += 1
 
             with timer.phase("optimizer"):
-                bad = None if math.isfinite(loss_v) else "losses"
+                bad = None if math.isfinite(loss_v) else "loss"
                 grad_norm = torch.tensor(0.0)
                 if bad is None and t_cfg.max_grad_norm > 0:
                     grad_norm = pm.clip_grad_norm(t_cfg.max_grad_norm)  # global norm: the same on every rank
-                    bad = None if torch.isfinite(grad_norm) else "gradient norms"
+                    bad = None if torch.isfinite(grad_norm) else "gradient norm"
+                step_lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler then sets the next one's)
                 if bad is None:
                     optimizer.step()
                     sched.step()
@@ -633,11 +699,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                 bad_streak += 1
                 skipped_total += 1
                 optimizer.zero_grad(set_to_none=True)
-                logger.warning("step %d: non-finite %s, skipped (%d in a row)", step, bad[:-1], bad_streak)
+                logger.warning("step %d: non-finite %s, skipped (%d in a row)", step, bad, bad_streak)
                 if bad_streak >= t_cfg.max_bad_steps:
                     event("diverged", step=step)
                     raise TrainingDivergedError(
-                        f"{bad_streak} consecutive non-finite {bad} at step {step}; stopping. The last "
+                        f"{bad_streak} consecutive steps with a non-finite {bad} at step {step}; stopping. The last "
                         f"good checkpoint is {ckpt.latest_checkpoint(run_dir)} (lower train.lr or check the data)")
             else:
                 bad_streak = 0
@@ -655,7 +721,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                     mine = [n * plan.share / dt] + [spent[k] / n for k in _PhaseTimer.PHASES]
                     rows = distributed.all_gather_rows(mine, ctx, device)  # every rank's throughput and split
                     if is_main:
-                        rec = {"step": step, "loss": sum(window) / len(window), "lr": sched.get_last_lr()[0],
+                        rec = {"step": step, "loss": sum(window) / len(window), "lr": step_lr,
                                "grad_norm": float(grad_norm), "images_per_s": n * G / dt,
                                "images_per_s_rank": mine[0], "step_time_s": dt / n,
                                **{f"{k}_s": v for k, v in zip(_PhaseTimer.PHASES, mine[1:])},
@@ -691,7 +757,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     if loader.num_skipped:
         logger.warning("%d unreadable data files were skipped", loader.num_skipped)
     if step > start_step or resume_from is None:
-        save(step)
+        if step != last_saved:  # a time-budget stop at a checkpoint step has saved it already
+            save(step)
         result.last_val = run_validation(step) or result.last_val
     if metrics is not None:
         metrics.close()

@@ -348,6 +348,32 @@ def test_config_override_coercion():
     assert get_preset("dito-tiny").decoder.level_channels == (16, 32, 64, 64)
 
 
+@pytest.mark.parametrize("key, value, msg", [
+    ("train.lr", "NaN", "train.lr must be a finite number > 0"),
+    ("train.lr", "-1e-4", "train.lr must be a finite number > 0"),
+    ("train.betas", "0.9,1.0", r"train.betas must be two numbers in \[0, 1\)"),
+    ("train.betas", "0.9", r"'train.betas': cannot use \[0.9\] \(expected tuple\)"),
+    ("train.weight_decay", "-0.1", "train.weight_decay must be a finite number >= 0"),
+    ("train.lr_min_ratio", "-1", r"train.lr_min_ratio must be in \[0, 1\]"),
+    ("train.lr_min_ratio", "3", r"train.lr_min_ratio must be in \[0, 1\]"),
+    ("train.max_grad_norm", "NaN", "train.max_grad_norm must be finite"),
+    ("train.max_minutes", "-5", "train.max_minutes must be a finite number >= 0"),
+    ("train.log_every_steps", "0", "train.log_every_steps must be >= 1"),
+    ("train.val_sample_steps", "0", "train.val_sample_steps must be >= 1"),
+    ("train.warmup_steps", "-1", "train.warmup_steps must be >= 0"),
+    ("train.val_images", "-2", "train.val_images must be >= 0"),
+    ("train.keep_checkpoints", "-1", "train.keep_checkpoints must be >= 0"),
+    ("train.max_bad_steps", "0", "train.max_bad_steps must be >= 1"),
+    ("train.threads", "-2", "train.threads must be >= 0"),
+    ("train.steps", "true", r"'train.steps': cannot use True \(expected int\)"),
+])
+def test_resolve_run_config_refuses_bad_training_values(key, value, msg):
+    # each was accepted before: a ZeroDivisionError after step 1 (log_every_steps=0), gradient
+    # ascent (lr_min_ratio=-1), clipping silently off (max_grad_norm=nan), an IndexError (one beta)...
+    with pytest.raises(ValueError, match=msg):
+        resolve_run_config("dito-tiny", overrides={key: value})
+
+
 def test_resolve_run_config_errors(tmp_path):
     with pytest.raises(ValueError, match="image_size=36 must be a multiple of 8"):
         resolve_run_config("dito-tiny", overrides={"data.image_size": 36})

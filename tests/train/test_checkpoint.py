@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,30 @@ def test_failed_checkpoint_write_leaves_nothing(tmp_path):
         ckpt.write_checkpoint(tmp_path, 2, bad)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step_00000001"]
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_replacing_or_pruning_a_checkpoint_never_leaves_it_half_deleted(tmp_path, monkeypatch):
+    # The old step_N was deleted in place: a crash mid-deletion left step_N with COMPLETE but
+    # without its weights, which latest_checkpoint returned. Now it goes aside (a hidden temporary
+    # name) before it is deleted.
+    import shutil
+
+    ckpt.write_checkpoint(tmp_path, 1, _files(1))
+    ckpt.write_checkpoint(tmp_path, 2, _files(2))
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        for f in Path(path).rglob("model.safetensors"):  # part of it gone, then the kill
+            f.unlink()
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_checkpoint(tmp_path, 2, _files(2))  # re-saving step 2 (a time-budget stop at a checkpoint step)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.prune_checkpoints(tmp_path, keep=1)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    for p in ckpt.list_checkpoints(tmp_path):  # whatever is listed is whole
+        assert ckpt.load_weights(p / "model.safetensors")["w"].shape == (2, 3)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
+    ckpt.prune_checkpoints(tmp_path, keep=1)  # the leftovers go with the next prune
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step_00000002"]

@@ -180,7 +180,7 @@ def test_backend_and_device_resolution():
         distributed.resolve_backend("tcp", "cpu")
     assert distributed.rank_device("cpu", 1, True) == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ValueError, match="CUDA is not available"):
             distributed.rank_device("cuda", 0, True)
 
 

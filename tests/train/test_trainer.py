@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 
@@ -189,6 +190,58 @@ def test_resume_from_explicit_checkpoint_dir(make_run_config, tmp_path):
     assert rest.losses == full.losses[2:]
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint directory"):
         train(cfg, tmp_path / "c", resume=str(tmp_path / "a" / "checkpoints" / "step_00000099"), progress=False)
+
+
+def test_resume_matches_the_uninterrupted_run_in_its_log(make_run_config, tmp_path):
+    # the first line after a resume averaged only the steps since the resume, and every line gave
+    # the next step's learning rate (read after the scheduler's step)
+    cfg = make_run_config(steps=6, log_every_steps=3, checkpoint_every_steps=2, warmup_steps=2, lr_decay="cosine",
+                          lr_min_ratio=0.1)
+    train(cfg, tmp_path / "full", progress=False)
+    step2 = tmp_path / "full" / "checkpoints" / "step_00000002"
+    train(cfg, tmp_path / "cut", resume=str(step2), progress=False)
+    rows = lambda run: [(r["step"], r["loss"], r["lr"]) for r in _metrics(run) if "loss" in r]  # noqa: E731
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full")  # logs at steps 3 and 6; the checkpoint is at 2
+    lrs = [lr for _, _, lr in rows(tmp_path / "full")]
+    from dito_fast.train.trainer import lr_factor
+    assert lrs == [cfg.train.lr * lr_factor(k - 1, cfg.train) for k in (3, 6)]  # the lr steps 3 and 6 used
+
+
+def test_resume_with_changed_settings(make_run_config, tmp_path, caplog):
+    cfg = make_run_config(steps=2, checkpoint_every_steps=1)
+    train(cfg, tmp_path / "a", progress=False)
+    step1 = tmp_path / "a" / "checkpoints" / "step_00000001"
+    # optimizer hyperparameters: the new values apply (the restored states had kept the old ones), and are logged
+    changed = make_run_config(steps=2, lr=5e-2, weight_decay=0.5)
+    with caplog.at_level(logging.WARNING, logger="dito_fast.train"):
+        run = train(changed, tmp_path / "b", resume=str(step1), progress=False)
+    assert "train.lr 0.001 -> 0.05" in caplog.text and "train.weight_decay 0.0 -> 0.5" in caplog.text
+    state = ckpt.load_torch(tmp_path / "b" / "checkpoints" / "step_00000002" / "state.pt")
+    group = state["optimizer"]["param_groups"][0]
+    assert group["lr"] == 5e-2 and group["weight_decay"] == 0.5 and state["scheduler"]["base_lrs"] == [5e-2]
+    assert [r["lr"] for r in _metrics(tmp_path / "b") if "lr" in r] == [5e-2]
+    assert run.step == 2
+    # a model setting that keeps every tensor's shape would train the weights for something else
+    other = apply_overrides(cfg, {"model.flow.objective": "epsilon"})
+    with pytest.raises(ValueError, match="model.flow.objective 'velocity' -> 'epsilon'"):
+        train(other, tmp_path / "c", resume=str(step1), progress=False)
+    # a checkpoint's state.pt without an entry: named
+    broken = tmp_path / "broken"
+    shutil.copytree(step1, broken)
+    state = ckpt.load_torch(broken / "state.pt")
+    del state["scheduler"]
+    ckpt.save_torch(state, broken / "state.pt")
+    with pytest.raises(ValueError, match="state.pt has no 'scheduler' entry"):
+        train(cfg, tmp_path / "d", resume=str(broken), progress=False)
+
+
+def test_resume_drops_a_metrics_line_cut_by_a_crash(make_run_config, tmp_path):
+    cfg = make_run_config(steps=3, checkpoint_every_steps=2)
+    train(cfg, tmp_path / "a", progress=False)
+    path = tmp_path / "a" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 4, "lo')  # a write cut short
+    train(make_run_config(steps=4), tmp_path / "a", resume=True, progress=False)
+    assert [r["step"] for r in _metrics(tmp_path / "a") if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_resume_without_checkpoint_starts_fresh(make_run_config, tmp_path):
