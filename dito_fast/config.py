@@ -245,8 +245,6 @@ def _coerce(key: str, value: Any, like: Any) -> Any:
         if isinstance(like, tuple):
             if isinstance(value, str):
                 value = json.loads(value if value.startswith("[") else f"[{value}]")
-            if like and len(value) != len(like):
-                raise ValueError(f"{len(value)} values for {len(like)}")
             return tuple(type(like[0])(v) for v in value) if like else tuple(value)
         if isinstance(like, (int, float)) and not isinstance(value, (int, float)):
             value = json.loads(value) if isinstance(value, str) else value

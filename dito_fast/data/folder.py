@@ -26,9 +26,9 @@ def _normalize_extensions(extensions: Iterable[str]) -> tuple:
 
 
 def list_image_files(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> List[str]:
-    """All files under ``root`` (recursive, symlinked folders followed) whose extension matches,
-    case-insensitively. Returns sorted absolute paths, so the order is the same on every run;
-    [] when nothing matches.
+    """All files under ``root`` (recursive; symlinked folders are followed, each folder entered
+    once, so a link back up the tree is no loop) whose extension matches, case-insensitively.
+    Returns sorted absolute paths, so the order is the same on every run; [] when nothing matches.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -41,8 +41,19 @@ def list_image_files(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSION
     if not os.path.isdir(root):
         raise NotADirectoryError(f"image folder is not a directory: {root}")
     files = []
+    root_stat = os.stat(root)
+    seen = {(root_stat.st_dev, root_stat.st_ino)}  # folders entered: a symlink back up the tree is a loop
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+        keep = []
+        for d in sorted(dirnames):
+            try:
+                st = os.stat(os.path.join(dirpath, d))
+            except OSError:  # a dangling link
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                keep.append(d)
+        dirnames[:] = keep
         for name in filenames:
             if os.path.splitext(name)[1].lower() in exts:
                 files.append(os.path.join(dirpath, name))

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 import pickle
 
 import numpy as np
@@ -108,6 +109,23 @@ def test_folder_all_corrupt_raises(tmp_path):
     ds = ImageFolderDataset(tmp_path, SIZE)
     with pytest.raises(RuntimeError, match="none of the 2 image files"):
         ds[0]
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    # a link back up the tree ("latest -> .") had listed every image ~40 times, until the path was too long
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "a.png")
+    Image.new("RGB", (8, 8)).save(root / "sub" / "b.png")
+    (root / "self").symlink_to(".")
+    (root / "sub" / "up").symlink_to("..")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    Image.new("RGB", (8, 8)).save(other / "c.png")
+    (root / "linked").symlink_to(other)  # a folder outside the tree, reached through a link
+    (root / "dangling").symlink_to(tmp_path / "gone")
+    names = [os.path.relpath(f, root) for f in list_image_files(root)]
+    assert names == ["a.png", os.path.join("linked", "c.png"), os.path.join("sub", "b.png")]
 
 
 def test_folder_errors_name_the_path(tmp_path):

@@ -352,7 +352,7 @@ def test_config_override_coercion():
     ("train.lr", "NaN", "train.lr must be a finite number > 0"),
     ("train.lr", "-1e-4", "train.lr must be a finite number > 0"),
     ("train.betas", "0.9,1.0", r"train.betas must be two numbers in \[0, 1\)"),
-    ("train.betas", "0.9", r"'train.betas': cannot use \[0.9\] \(expected tuple\)"),
+    ("train.betas", "0.9", r"train.betas must be two numbers in \[0, 1\), got \(0.9,\)"),
     ("train.weight_decay", "-0.1", "train.weight_decay must be a finite number >= 0"),
     ("train.lr_min_ratio", "-1", r"train.lr_min_ratio must be in \[0, 1\]"),
     ("train.lr_min_ratio", "3", r"train.lr_min_ratio must be in \[0, 1\]"),

@@ -319,7 +319,7 @@ def test_nonfinite_gradients_are_skipped(make_run_config, tmp_path, monkeypatch)
 def test_divergence_stops_and_keeps_last_good_checkpoint(make_run_config, tmp_path, monkeypatch):
     _nan_loss_on_calls(monkeypatch, lambda i: i >= 4)  # steps 5, 6, 7, ... are non-finite
     cfg = make_run_config(steps=20, checkpoint_every_steps=2, max_bad_steps=3)
-    with pytest.raises(TrainingDivergedError, match="3 consecutive non-finite losses") as e:
+    with pytest.raises(TrainingDivergedError, match="3 consecutive steps with a non-finite loss") as e:
         train(cfg, tmp_path, progress=False)
     last = tmp_path / "checkpoints" / "step_00000004"
     assert str(last) in str(e.value)
