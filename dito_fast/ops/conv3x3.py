@@ -59,8 +59,10 @@ def winograd_tile(x: torch.Tensor) -> int:
     fewer GEMM multiply-adds than a direct convolution, F(2x2, 3x3) 2.25x fewer. The costs of
     F(4x4): float32 error up to ~1.3e-5 of the output's largest value (F(2x2) and oneDNN: 2e-7 to
     1.8e-6), far below bfloat16's rounding; a transformed filter 4x the weight's size (F(2x2):
-    1.8x), which training keeps for the backward and inference caches; a NaN or inf input spreads
-    over the whole 4x4 output tiles around it (F(2x2): exactly the direct convolution's outputs).
+    1.8x), which training keeps for the backward and inference caches; a NaN input spreads over the
+    whole 4x4 output tiles around it (F(2x2): exactly the direct convolution's NaN outputs), and an
+    inf input gives NaN (inf - inf in the transforms) in the tiles around it where the direct
+    convolution gives inf, with either tile.
     """
     raw = getenv("DITO_FAST_WINOGRAD_TILE", "auto").strip()
     if raw in ("auto", ""):
@@ -134,6 +136,8 @@ def _check(x, weight, bias):
     check_dtype(op, "weight", weight)
     if weight.device != x.device:
         raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{op}: x is {x.dtype} but weight is {weight.dtype} (convert one, or run under torch.autocast)")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"{op}: bias must be a tensor or None, got {type(bias).__name__}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != x.device):
@@ -295,6 +299,7 @@ def _refilter_in_backward(x, u, bias) -> bool:
     return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and (x.requires_grad or u.requires_grad or (bias is not None and bias.requires_grad))
             and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+            and torch._C._autograd._saved_tensors_hooks_is_enabled()
             and getenv("DITO_FAST_WINOGRAD_KEEP_FILTER", "0") != "1")
 
 

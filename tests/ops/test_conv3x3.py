@@ -258,6 +258,11 @@ def test_errors_name_the_problem():
         conv3x3(torch.ones(1, 4, 5, 5, dtype=torch.long), torch.randn(6, 4, 3, 3))
     with pytest.raises(TypeError, match="weight must be float32, float64, float16 or bfloat16, got torch.float8_e4m3fn"):
         conv3x3(x, torch.randn(6, 4, 3, 3).to(torch.float8_e4m3fn))
+    for c in (4, 32):  # the reference route (few channels) had failed inside F.conv2d, naming neither
+        with pytest.raises(TypeError, match="conv3x3: x is torch.float32 but weight is torch.float64"):
+            conv3x3(torch.randn(1, c, 5, 5), torch.randn(6, c, 3, 3, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: allowed
+        conv3x3(x.bfloat16(), torch.randn(6, 4, 3, 3))
     if not CPP_REASON:
         with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16 or 36, C_out, 4\)"):
             torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 6, 4), None, False)
@@ -289,6 +294,20 @@ def test_inference_filter_cache_follows_weight_updates():
     assert conv.weight._version == version  # why the version alone cannot tell
     with torch.inference_mode():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+
+
+@needs_cpp
+def test_training_where_saved_tensor_hooks_are_disabled():
+    # the training path installs saved-tensor hooks (the weight saved instead of its transformed
+    # filter): where hooks are disabled it keeps the filter instead of raising the disabler's message
+    conv = Conv3x3(32, 32)
+    x = torch.randn(1, 32, 6, 6, requires_grad=True)
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        y = conv(x)
+    y.sum().backward()
+    ref = F.conv2d(x.detach().requires_grad_(), conv.weight.detach().requires_grad_(), conv.bias.detach(), padding=1)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    assert x.grad is not None and conv.weight.grad is not None
 
 
 @needs_cpp
