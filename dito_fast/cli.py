@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,22 +32,76 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def _image_paths(inputs: list[str]) -> list[Path]:
+def _check_outputs(jobs: list[tuple[Path, Path]]) -> None:
+    """Refuse before writing anything when two inputs would write one output (x.png and x.jpg
+    both give x.png), or an output would replace an input (--out naming the input folder)."""
+    seen: dict[Path, Path] = {}
+    for src, dst in jobs:
+        if dst in seen:
+            raise SystemExit(f"{seen[dst]} and {src} would both be written to {dst}; rename one, or give them "
+                             "separately with different --out folders")
+        seen[dst] = src
+    inputs = {src.resolve() for src, _ in jobs}
+    for src, dst in jobs:
+        if dst.resolve() in inputs:
+            raise SystemExit(f"writing {dst} would replace the input {dst}: choose another --out")
+
+
+def _image_jobs(inputs: list[str], out: Path, suffix: str) -> list[tuple[Path, Path]]:
+    """(image file, output file) for every input: a file gives ``out/<stem><suffix>``, a folder's
+    images (recursive) ``out/<path below the folder, without extension><suffix>``."""
     from .data import list_image_files
 
-    paths = []
+    jobs = []
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
             found = list_image_files(p)
             if not found:
                 raise SystemExit(f"no image files in folder {p}")
-            paths += [Path(f) for f in found]
+            jobs += [(Path(f), out / Path(f).relative_to(p.absolute()).with_suffix(suffix)) for f in found]
         elif p.is_file():
-            paths.append(p)
+            jobs.append((p, out / (p.stem + suffix)))
         else:
             raise SystemExit(f"input not found: {p}")
-    return paths
+    _check_outputs(jobs)
+    return jobs
+
+
+def _model_fingerprint(model) -> str:
+    """A short hash of a model's configuration and weights (names, shapes and 64 values strided
+    through each tensor): what encode stores with a latent and decode checks, since a latent
+    decoded by another model's decoder gives a wrong image without any error."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256(json.dumps(C.to_dict(model.config), sort_keys=True).encode())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float64)
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _shown(path) -> str:
+    """A path for messages: names that are not valid UTF-8 (kept by Python as surrogates, which
+    printing would refuse) with their odd bytes escaped."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _unreadable(path: Path, e: Exception, skipped: list) -> None:
+    skipped.append(path)
+    print(f"skipped {_shown(path)}: {_shown(str(e))}", file=sys.stderr)
+
+
+def _skipped_exit(skipped: list, total: int) -> int:
+    if skipped:
+        print(f"{len(skipped)} of {total} inputs could not be read and were skipped", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _load_for_model(path: Path, factor: int, size: int | None):
@@ -132,45 +187,58 @@ def cmd_train(args) -> int:
 def cmd_reconstruct(args) -> int:
     import torch
 
+    from .decode import fast_decode
     from .eval.metrics import SSIM_WINDOW, psnr, ssim
     from .eval.report import save_image
 
     model, dev = _load_model(args.model, args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in _image_paths(args.inputs):
-        x = _load_for_model(path, model.downsample_factor, args.size).to(dev)
+    jobs = _image_jobs(args.inputs, Path(args.out), ".png")
+    skipped: list = []
+    for path, target in jobs:
+        try:
+            x = _load_for_model(path, model.downsample_factor, args.size)
+        except ValueError as e:  # an unreadable or corrupt image: the others go on
+            _unreadable(path, e, skipped)
+            continue
         with torch.inference_mode():
-            recon = model.reconstruct(x, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
-                                      seed=args.seed)
-        save_image(recon[0], out / f"{path.stem}.png")
+            z = model.encode(x.to(dev))
+        # the same ODE as model.decode (fast_decode solves it faster, with a progress bar on a terminal)
+        recon = fast_decode(model, z, steps=args.steps, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
+                            output="float", progress=sys.stderr.isatty())
+        save_image(recon[0], target)
         quality = f"PSNR {float(psnr(recon, x)):.2f} dB"
         if min(x.shape[-2:]) >= SSIM_WINDOW:
             quality += f", SSIM {float(ssim(recon, x)):.4f}"
-        print(f"{path} -> {out / (path.stem + '.png')}  {quality}")
-    return 0
+        print(f"{_shown(path)} -> {_shown(target)}  {quality}")
+    return _skipped_exit(skipped, len(jobs))
 
 
 def cmd_encode(args) -> int:
     import torch
-    from safetensors.torch import save_file
+
+    from .train.checkpoint import save_safetensors
 
     model, dev = _load_model(args.model, args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in _image_paths(args.inputs):
-        x = _load_for_model(path, model.downsample_factor, args.size).to(dev)
+    fingerprint = _model_fingerprint(model)
+    jobs = _image_jobs(args.inputs, Path(args.out), ".safetensors")
+    skipped: list = []
+    for path, target in jobs:
+        try:
+            x = _load_for_model(path, model.downsample_factor, args.size).to(dev)
+        except ValueError as e:
+            _unreadable(path, e, skipped)
+            continue
         with torch.inference_mode():
             z = model.encode(x).cpu().contiguous()
-        target = out / f"{path.stem}.safetensors"
-        save_file({"latent": z}, str(target), metadata={"source": str(path), "model": model.config.name})
-        print(f"{path} -> {target}  latent {tuple(z.shape)}")
-    return 0
+        save_safetensors({"latent": z}, target, metadata={"source": _shown(path), "model": model.config.name,
+                                                           "model_fingerprint": fingerprint})
+        print(f"{_shown(path)} -> {_shown(target)}  latent {tuple(z.shape)}")
+    return _skipped_exit(skipped, len(jobs))
 
 
 def cmd_decode(args) -> int:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from .decode import fast_decode
     from .eval.report import save_image
@@ -179,6 +247,7 @@ def cmd_decode(args) -> int:
     from tqdm.auto import tqdm
 
     model, dev = _load_model(args.model, args.device)
+    fingerprint = _model_fingerprint(model)
     files = []
     for inp in args.inputs:
         p = Path(inp)
@@ -186,7 +255,11 @@ def cmd_decode(args) -> int:
     if not files:
         raise SystemExit("no .safetensors latent files given")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    stems: dict[str, Path] = {}
+    for f in files:  # one latent file's images are <stem>.png or <stem>_<i>.png
+        if f.stem in stems and stems[f.stem] != f:
+            raise SystemExit(f"{stems[f.stem]} and {f} would both be decoded to {out / f.stem}*.png; rename one")
+        stems[f.stem] = f
     options = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, seed=args.seed, device=dev,
                    dtype=None if args.dtype is None else getattr(torch, args.dtype), max_batch=args.max_batch,
                    tile=args.tile, tile_overlap=args.tile_overlap, tile_passes=args.tile_passes,
@@ -195,20 +268,26 @@ def cmd_decode(args) -> int:
     for f in tqdm(files, desc="files", unit="file", disable=args.no_progress or len(files) == 1):
         if not f.is_file():
             raise SystemExit(f"latent file not found: {f}")
-        try:
-            tensors = load_file(str(f))
-        except (SafetensorError, OSError) as e:
-            raise SystemExit(f"cannot read latent file {f}: {e}")
+        try:  # from bytes: a path that is not valid UTF-8 is fine too
+            data = f.read_bytes()
+            tensors = load(data)
+            meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SystemExit(f"cannot read latent file {_shown(f)}: {e}")
         if "latent" not in tensors:
-            raise SystemExit(f"{f} has no 'latent' tensor (keys: {sorted(tensors)})")
+            raise SystemExit(f"{_shown(f)} has no 'latent' tensor (keys: {sorted(tensors)})")
+        if meta.get("model_fingerprint", fingerprint) != fingerprint and not args.any_model:
+            raise SystemExit(f"{_shown(f)} was encoded by another model ({meta.get('model', '?')}, fingerprint "
+                             f"{meta['model_fingerprint']}) than {args.model} ({model.config.name}, {fingerprint}): "
+                             "its decoder would give a wrong image (--any-model decodes it anyway)")
         try:
             images = fast_decode(model, tensors["latent"], **options)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{f}: {e}") from None
+            raise ValueError(f"{_shown(f)}: {e}") from None
         for i, img in enumerate(images):
             name = f"{f.stem}.png" if len(images) == 1 else f"{f.stem}_{i}.png"
-            save_image(img.float() / 127.5 - 1, out / name)
-            tqdm.write(f"{f} -> {out / name}", file=sys.stdout)
+            save_image(img.float() / 127.5 - 1, out / name)  # (atomic)
+            tqdm.write(f"{_shown(f)} -> {_shown(out / name)}", file=sys.stdout)
     return 0
 
 
@@ -235,6 +314,8 @@ def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="UNet memory format (auto: channels_last on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--any-model", action="store_true",
+                   help="decode latents that another model encoded (their metadata's fingerprint differs)")
 
 
 def cmd_info(args) -> int:
@@ -274,8 +355,10 @@ def cmd_demo(args) -> int:
 
     report = run_demo(args.out, max_minutes=args.minutes, steps=args.steps)
     f = report["downsample_factor"]
+    resumed = report["resumed_from_step"]
     print(f"trained {report['preset']} for {report['train_steps']} steps ({report['train_seconds']:.0f} s, "
-          f"{report['threads']} threads) at {report['train_image_size']}x{report['train_image_size']}")
+          f"{report['threads']} threads) at {report['train_image_size']}x{report['train_image_size']}"
+          + (f"; continued from step {resumed} of an earlier run in {args.out} (its time not counted)" if resumed else ""))
     print(f"{report['val_images']} ({report['num_val_images']} images, {report['eval_image_size']} px):")
     pd = report["paper_decode"]
     print(f"  DiTo, {report['decode']['steps']}-step {report['decode']['sampler']} (E[x|z]): {report['dito_psnr']:6.2f} dB")
@@ -399,8 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+    except (OSError, ValueError, KeyError) as e:  # bad input or an unusable path: one clear line, no traceback
+        # KeyError's str() quotes its message; an OSError's args[0] is its errno
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         from .data import DALIUnavailableError

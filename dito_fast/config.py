@@ -81,7 +81,7 @@ class FlowConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "custom"
+    name: str = "dito-B"  # the defaults are dito-B's architecture (a label: overrides do not rename it)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)

@@ -28,7 +28,7 @@ from .config import resolve_run_config, to_dict
 from .data import builtin_split
 from .eval.metrics import bicubic_baseline, psnr, ssim
 from .eval.report import make_grid, save_image
-from .train.checkpoint import atomic_write_json
+from .train.checkpoint import atomic_write_json, latest_checkpoint
 from .train.trainer import _mix_seed, train
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ def run_demo(out_dir, max_minutes: float | None = None, steps: int | None = None
     if steps is not None:
         overrides["train.steps"] = steps
     cfg = resolve_run_config("dito-tiny", overrides=overrides)
+    earlier = latest_checkpoint(out / "run")
+    resumed_from = int(earlier.name.rsplit("_", 1)[1]) if earlier is not None else 0
+    if resumed_from:
+        logger.info("%s holds a demo run: continuing it from step %d (train_seconds counts this call only)",
+                    out / "run", resumed_from)
     t0 = time.perf_counter()
     result = train(cfg, out / "run", resume=True)
     train_s = time.perf_counter() - t0
@@ -107,6 +112,7 @@ def run_demo(out_dir, max_minutes: float | None = None, steps: int | None = None
         "train_image_size": cfg.data.image_size,
         "eval_image_size": EVAL_IMAGE_SIZE,
         "train_steps": result.step,
+        "resumed_from_step": resumed_from,  # steps an earlier call into the same folder had trained
         "train_images_seen": result.step * cfg.train.batch_size,
         "train_seconds": round(train_s, 1),
         "threads": torch.get_num_threads(),

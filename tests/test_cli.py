@@ -127,6 +127,80 @@ def test_encode_then_decode(trained, tmp_path, capsys):
     assert torch.equal(png, fast_decode(model, z, steps=2, seed=4)[0])
 
 
+def test_outputs_never_clash_or_replace_inputs(trained, tmp_path, capsys):
+    # reconstruct --out <the input folder> had replaced every input PNG by its reconstruction, and
+    # inputs of one stem (x.png, x.jpg, sub/x.png) had overwritten one another's outputs
+    out, data, _, _ = trained
+    model = str(out / "model")
+    shots = tmp_path / "shots"
+    (shots / "sub").mkdir(parents=True)
+    img = Image.open(data / "img0.png")
+    img.save(shots / "x.png")
+    img.save(shots / "sub" / "x.png")
+    before = (shots / "x.png").read_bytes()
+    with pytest.raises(SystemExit, match="would replace the input"):
+        main(["reconstruct", model, str(shots), "--out", str(shots), "--steps", "1"])
+    assert (shots / "x.png").read_bytes() == before
+    # a folder's subfolders are mirrored under --out
+    assert main(["encode", model, str(shots), "--out", str(tmp_path / "lat")]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "lat")) for p in (tmp_path / "lat").rglob("*.safetensors")) == [
+        "sub/x.safetensors", "x.safetensors"]
+    img.save(shots / "x.jpg")
+    with pytest.raises(SystemExit, match="would both be written to"):
+        main(["encode", model, str(shots), "--out", str(tmp_path / "lat2")])
+    assert not (tmp_path / "lat2").exists()
+
+
+def test_decode_refuses_latents_of_another_model(trained, tmp_path, capsys):
+    # encode records the model's fingerprint; a latent decoded by another model's decoder had
+    # given a wrong image without a word
+    out, data, _, _ = trained
+    assert main(["encode", str(out / "model"), str(data / "img1.png"), "--out", str(tmp_path / "lat")]) == 0
+    other = DiTo.from_pretrained(out / "model")
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(0.1)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="was encoded by another model"):
+        main(["decode", str(tmp_path / "other"), str(tmp_path / "lat"), "--out", str(tmp_path / "d"),
+              "--steps", "1", "--no-progress"])
+    assert main(["decode", str(tmp_path / "other"), str(tmp_path / "lat"), "--out", str(tmp_path / "d"),
+                 "--steps", "1", "--no-progress", "--any-model"]) == 0
+    assert main(["decode", str(out / "model"), str(tmp_path / "lat"), "--out", str(tmp_path / "d2"),
+                 "--steps", "1", "--no-progress"]) == 0
+
+
+def test_unreadable_inputs_are_skipped_and_the_exit_code_says_so(trained, tmp_path, capsys):
+    out, data, _, _ = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(data / "img0.png").save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+    assert main(["encode", str(out / "model"), str(folder), "--out", str(tmp_path / "lat")]) == 1
+    err = capsys.readouterr().err
+    assert "skipped" in err and "b.png" in err and "1 of 2 inputs could not be read" in err
+    assert (tmp_path / "lat" / "a.safetensors").is_file()
+
+
+def test_files_get_the_umask_mode_and_os_errors_are_one_line(trained, tmp_path, capsys):
+    import os
+    import stat
+
+    out, data, _, _ = trained
+    assert main(["encode", str(out / "model"), str(data / "img1.png"), "--out", str(tmp_path / "lat")]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "lat" / "img1.safetensors", out / "model" / "model.safetensors", out / "model" / "config.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask  # mkstemp's 0600 had been kept
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("x")
+    assert main(["encode", str(out / "model"), str(data / "img1.png"), "--out", str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "afile" in err and "Traceback" not in err  # was a traceback / 'error: 17'
+    assert main(["encode", str(out / "model"), str(data / "img1.png"), "--out", str(tmp_path / "o"),
+                 "--device", "bogus"]) == 2
+    assert "unknown device 'bogus'" in capsys.readouterr().err
+
+
 def test_decode_batch_file_writes_one_png_per_latent(trained, tmp_path, capsys):
     out, _, _, _ = trained
     save_file({"latent": torch.randn(3, 4, 2, 2)}, str(tmp_path / "batch.safetensors"))

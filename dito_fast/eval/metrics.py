@@ -7,9 +7,16 @@ import torch.nn.functional as F
 
 
 def _unit_range_pair(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y in float64 clamped to [-1, 1], after checking that their shapes agree."""
-    if x.shape != y.shape:
-        raise ValueError(f"{name}: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    """x, y in float64 clamped to [-1, 1], after checking that they are floating (B, C, H, W)
+    batches of one shape: a uint8 image (0..255, e.g. fast_decode's default output) would be
+    clamped to [-1, 1] without a word, and a single (C, H, W) image read as C images."""
+    for arg, t in (("x", x), ("y", y)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {arg} must be a floating tensor in [-1, 1], got {t.dtype} (uint8 images: "
+                            "x.float() / 127.5 - 1)")
+    if x.dim() != 4 or x.shape != y.shape:
+        raise ValueError(f"{name}: expected x and y of one shape (B, C, H, W), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)} (one image: x[None])")
     return x.double().clamp(-1, 1), y.double().clamp(-1, 1)
 
 
@@ -34,7 +41,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     (skimage.metrics.structural_similarity with gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=2 gives the same values: tests/eval.)"""
     x, y = _unit_range_pair("ssim", x, y)
-    if x.dim() != 4 or min(x.shape[-2:]) < SSIM_WINDOW:
+    if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"ssim: expected (B, C, H, W) with H, W >= {SSIM_WINDOW}, got {tuple(x.shape)}")
     B, C = x.shape[:2]
     r = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=x.device) - SSIM_WINDOW // 2

@@ -24,9 +24,14 @@ def make_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
 
 
 def save_image(x: torch.Tensor, path) -> None:
-    """Save one image (3, H, W) in [-1, 1] as PNG (or any format PIL infers from the suffix)."""
+    """Save one image (3, H, W) in [-1, 1] as PNG (or any format PIL infers from the suffix),
+    atomically (a temporary file renamed into place: never a truncated image)."""
     from PIL import Image
 
+    from ..train.checkpoint import atomic_write
+
     arr = to_uint8(x).permute(1, 2, 0).cpu().numpy()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell an image format from the file name {path}")
+    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format=fmt))

@@ -47,7 +47,16 @@ def backend(module: str, fn_name: str, reasons_name: str = "unsupported_reasons"
         return early or getattr(_module(module), reasons_name)(*args, **kwargs)
 
     def fn(*args, **kwargs):
-        return getattr(_module(module), fn_name)(*args, **kwargs)
+        op = getattr(_module(module), fn_name)
+        # Triton launches on the current CUDA device and its stream: tensors on another GPU (a
+        # model moved to cuda:1 without torch.cuda.set_device) make that device current for the
+        # call. The backward runs on autograd's per-device thread, where it already is; compiled
+        # graphs place their own device guards.
+        device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
+        if device is None or torch.compiler.is_compiling():
+            return op(*args, **kwargs)
+        with torch.cuda.device(device):
+            return op(*args, **kwargs)
 
     return Backend("triton", fn, reasons)
 

@@ -47,14 +47,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# The process's umask, read once at import (reading it means setting it): files written through a
+# temporary file get the mode a plain open() would give them, not mkstemp's 0600 (a model on a
+# shared filesystem must be readable by the other users a umask of 022 admits).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (mode 0666 less the
+    umask, as open() gives)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the temporary name carries the final one where it is valid UTF-8 (writers such as
+    # safetensors' take str paths and refuse other names)
+    named = os.fsencode(path.name).decode("utf-8", "replace") == path.name
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}." if named else ".tmp.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -73,6 +85,12 @@ def atomic_write_json(obj, path) -> None:
     _atomic(Path(path), write)
 
 
+def atomic_write(path, write) -> None:
+    """``write(tmp_path)`` into a temporary file next to ``path``, then renamed onto it: readers see
+    the old file or the whole new one, never a partial one."""
+    _atomic(Path(path), write)
+
+
 def atomic_write_text(text: str, path) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
@@ -80,10 +98,10 @@ def atomic_write_text(text: str, path) -> None:
     _atomic(Path(path), write)
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path) -> None:
+def save_safetensors(state: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     """Save tensors (made contiguous, on CPU) as safetensors, atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp))
+    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_torch(obj, path) -> None:

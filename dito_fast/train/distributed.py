@@ -88,7 +88,10 @@ def rank_device(name: str, local_rank: int, distributed: bool) -> torch.device:
     else CPU; under torchrun a CUDA device without an index becomes ``cuda:LOCAL_RANK``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:  # torch: "Expected one of cpu, cuda, ... device type at start of device string"
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:<index> ({e})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__}, "

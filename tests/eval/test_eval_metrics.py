@@ -27,8 +27,14 @@ def test_psnr_hand_formula():
     assert torch.isinf(psnr(torch.full((1, 3, 2, 2), 3.0), torch.ones(1, 3, 2, 2))).all()
     # an error of 2 everywhere (black vs white) is 0 dB
     assert psnr(-torch.ones(1, 3, 2, 2), torch.ones(1, 3, 2, 2)).item() == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(ValueError, match=r"one shape \(B, C, H, W\), got \(3, 3, 5, 7\) and \(3, 2, 5, 7\)"):
         psnr(x, y[:, :2])
+    # a single image had given one value per channel, and uint8 images (fast_decode's default
+    # output) were clamped to [-1, 1] silently (5.47 dB where the images' PSNR was 6.88)
+    with pytest.raises(ValueError, match=r"one image: x\[None\]"):
+        psnr(x[0], y[0])
+    with pytest.raises(TypeError, match="x must be a floating tensor in \\[-1, 1\\], got torch.uint8"):
+        psnr(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.ones(1, 3, 2, 2))
 
 
 def test_ssim_matches_scikit_image():
@@ -59,7 +65,7 @@ def test_ssim_bounds_and_errors():
     assert torch.allclose(ssim(x, x), torch.ones(2, dtype=torch.float64))
     assert (ssim(x, torch.zeros_like(x)) < 0.05).all()  # no structure left
     assert (ssim(x, x.roll(3, -1)) < 1).all()
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(ValueError, match="expected x and y of one shape"):
         ssim(x, x[:, :2])
     with pytest.raises(ValueError, match="H, W >= 11"):
         ssim(x[..., :10, :], x[..., :10, :])

@@ -45,7 +45,18 @@ def unsupported_reasons(q, k, v, *args, **kwargs) -> list[str]:
         reasons.append(f"head dim {q.shape[-1]} not in {HEAD_DIMS}")
     if q.shape[0] * q.shape[1] > MAX_GRID_YZ:
         reasons.append(f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the grid limit {MAX_GRID_YZ}")
+    if q.dtype == torch.float32 and q.shape[-1] == 128 and q.device.type == "cuda":
+        have = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        if have < FP32_D128_SHARED_BYTES:
+            reasons.append(f"float32 attention at head dim 128 needs {FP32_D128_SHARED_BYTES} bytes of shared memory "
+                           f"per block, this GPU allows {have} (use float16/bfloat16)")
     return reasons
+
+
+# Shared memory of the float32, head-dim-128 kernels at their 64 x 64 tiles (Triton 3.7, sm_80 and
+# sm_90 alike; the backward's dq kernel with TF32 dots is the largest): more than GPUs with 99 KiB
+# per block (A10, L4, L40, consumer cards) allow; A100 (163 KiB) and H100/H200 (227 KiB) fit.
+FP32_D128_SHARED_BYTES = 163_840
 
 
 def _blocks(N: int, D: int):
