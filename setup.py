@@ -38,6 +38,10 @@ def _cuda_choice(value: str) -> str:
     raise ValueError(f"DITO_FAST_USE_CUDA={value!r}: expected auto, 1/on/true/yes or 0/off/false/no")
 
 
+# CUDA architectures built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (A100, H100/H200,
+# and PTX for newer GPUs to compile at load time).
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
 # CPU kernel units (csrc/ops/*/*_cpu_kernel.cpp) are compiled once per instruction set into
 # namespaces of that name; the extension picks one at run time (csrc/include/dito_fast/cpu_kernels.h).
 X86_CAPABILITIES = {
@@ -74,12 +78,24 @@ def extension_modules():
     want = _cuda_choice(os.environ.get("DITO_FAST_USE_CUDA", "auto"))
     use_cuda = False
     if want != "off":
+        home = cpp_extension.CUDA_HOME
         if torch.version.cuda is None:
             _say("CUDA kernels skipped: this torch build has no CUDA")
-        elif cpp_extension.CUDA_HOME is None:
+        elif home is None:
             _say("CUDA kernels skipped: nvcc / CUDA_HOME not found")
+        elif not os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            # torch takes the folder above any `nvcc` on PATH (or /usr/local/cuda) without looking
+            # for the compiler there: a wrapper script or a runtime-only image would fail late
+            _say(f"CUDA kernels skipped: CUDA_HOME={home} has no bin/nvcc (set CUDA_HOME to a CUDA toolkit)")
+        elif not any(os.path.isdir(os.path.join(home, d)) for d in ("lib64", "lib")):
+            _say(f"CUDA kernels skipped: CUDA_HOME={home} has no lib64/ (the CUDA runtime to link)")
         else:
             use_cuda = True
+            if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+                # torch takes the architectures of the visible GPUs; with none its list is empty
+                # (and its build raises IndexError): the architectures scripts/check_cuda.sh checks
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+                _say(f"no GPU visible: building CUDA kernels for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
         if want == "on" and not use_cuda:
             raise RuntimeError("DITO_FAST_USE_CUDA asks for CUDA kernels, but they cannot be built (see message above)")
     else:
