@@ -59,7 +59,8 @@ def _image_jobs(inputs: list[str], out: Path, suffix: str) -> list[tuple[Path, P
             found = list_image_files(p)
             if not found:
                 raise SystemExit(f"no image files in folder {p}")
-            jobs += [(Path(f), out / Path(f).relative_to(p.absolute()).with_suffix(suffix)) for f in found]
+            root = Path(os.path.abspath(p))  # as list_image_files forms its paths ('..' resolved)
+            jobs += [(Path(f), out / Path(f).relative_to(root).with_suffix(suffix)) for f in found]
         elif p.is_file():
             jobs.append((p, out / (p.stem + suffix)))
         else:

@@ -339,7 +339,9 @@ def _resume_changes(cfg: RunConfig, resume_from: Path) -> list[str]:
     now = _flat(json.loads(json.dumps(to_dict(cfg))))  # tuples as the JSON file has them: lists
     changed = [(k, saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(saved) | set(now))
                if saved.get(k, "<absent>") != now.get(k, "<absent>")]
-    model = [f"{k} {a!r} -> {b!r}" for k, a, b in changed if k.startswith("model.") and k != "model.name"]
+    # a key one side lacks is a setting an older or newer version did not have: not compared
+    model = [f"{k} {a!r} -> {b!r}" for k, a, b in changed
+             if k.startswith("model.") and k != "model.name" and k in saved and k in now]
     if model:
         raise ValueError(f"{resume_from} holds a model trained with other settings than this run's: "
                          f"{'; '.join(model[:6])}{' ...' if len(model) > 6 else ''}. Resume with the checkpoint's "
