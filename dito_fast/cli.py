@@ -256,11 +256,7 @@ def cmd_decode(args) -> int:
     if not files:
         raise SystemExit("no .safetensors latent files given")
     out = Path(args.out)
-    stems: dict[str, Path] = {}
-    for f in files:  # one latent file's images are <stem>.png or <stem>_<i>.png
-        if f.stem in stems and stems[f.stem] != f:
-            raise SystemExit(f"{stems[f.stem]} and {f} would both be decoded to {out / f.stem}*.png; rename one")
-        stems[f.stem] = f
+    _check_outputs([(f, out / f.stem) for f in dict.fromkeys(files)])  # a latent file's images: <stem>[_<i>].png
     options = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, seed=args.seed, device=dev,
                    dtype=None if args.dtype is None else getattr(torch, args.dtype), max_batch=args.max_batch,
                    tile=args.tile, tile_overlap=args.tile_overlap, tile_passes=args.tile_passes,

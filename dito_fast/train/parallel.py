@@ -376,7 +376,7 @@ def load_dcp(tensors: dict, path: Path) -> None:
         metadata = reader.read_metadata()
     except (pickle.UnpicklingError, EOFError) as e:
         raise ValueError(f"refusing DCP checkpoint {path}: {e}") from None
-    missing = sorted(set(_flat_keys(tensors)) - set(metadata.state_dict_metadata))
+    missing = sorted(set(flat_dict(tensors)) - set(metadata.state_dict_metadata))
     if missing:
         groups = sorted({k.split(".", 1)[0] for k in missing})
         raise ValueError(f"DCP checkpoint {path} lacks {len(missing)} of the tensors this model needs (in "
@@ -390,13 +390,12 @@ def load_dcp(tensors: dict, path: Path) -> None:
         raise ValueError(f"cannot load DCP checkpoint {path}: {type(first).__name__}: {first}") from None
 
 
-def _flat_keys(tree: dict, prefix: str = ""):
-    """DCP's keys of a nested dict of tensors: the path joined by dots."""
+def flat_dict(tree: dict, prefix: str = "") -> dict:
+    """A nested dict flattened to {"a.b.c": leaf} (DCP's keys for a nested dict of tensors)."""
+    out = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat_keys(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}"
+        out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _dist_ready() -> bool:

@@ -43,7 +43,7 @@ from ..models.dito import DiTo, check_images
 from . import checkpoint as ckpt
 from . import distributed
 from .distributed import DistContext
-from .parallel import ParallelModel, find_micro_batch, plan_batches, sample_seeds, save_dcp
+from .parallel import ParallelModel, find_micro_batch, flat_dict, plan_batches, sample_seeds, save_dcp
 
 logger = logging.getLogger(__name__)
 
@@ -320,13 +320,6 @@ def _resume_point(run_dir: Path, resume, ctx: DistContext):
     return "ok", None
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _resume_changes(cfg: RunConfig, resume_from: Path) -> list[str]:
     """The settings of ``cfg`` that differ from those the checkpoint was written with, as
     "key old -> new" lines. Raises ValueError if a model setting differs (model.name aside): those
@@ -335,8 +328,8 @@ def _resume_changes(cfg: RunConfig, resume_from: Path) -> list[str]:
     path = resume_from / "config.json"
     if not path.is_file():
         return []
-    saved = _flat(json.loads(path.read_text()))
-    now = _flat(json.loads(json.dumps(to_dict(cfg))))  # tuples as the JSON file has them: lists
+    saved = flat_dict(json.loads(path.read_text()))
+    now = flat_dict(json.loads(json.dumps(to_dict(cfg))))  # tuples as the JSON file has them: lists
     changed = [(k, saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(saved) | set(now))
                if saved.get(k, "<absent>") != now.get(k, "<absent>")]
     # a key one side lacks is a setting an older or newer version did not have: not compared
