@@ -41,12 +41,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .loader import DALI_PIP_PACKAGE, BatchLoader, DALIUnavailableError
 from .sampler import eval_shard, mix_seed
-from .sources import DALI_FORMATS, FileSource, Source, TarSource
-from .transforms import unreadable_file_error
+from .sources import DALI_FORMATS, FileSource, Source, TarSource, _check_one
 
 logger = logging.getLogger(__name__)
 
@@ -305,17 +303,9 @@ class DALILoader(BatchLoader):
             for j in dict.fromkeys(int(c) for c in candidates):
                 if j in self._bad:
                     continue
-                try:
-                    with self.source.open(j) as f, Image.open(f) as img:
-                        fmt = img.format
-                    if fmt not in DALI_FORMATS:
-                        found.append((j, f"format {fmt} is not supported by DALI"))
-                        continue
-                    self.source.decode(j)
-                except Exception as e:
-                    if not unreadable_file_error(e):
-                        raise
-                    found.append((j, str(e)))
+                reason = _check_one(self.source, j, "decode", DALI_FORMATS)
+                if reason is not None:
+                    found.append((j, reason))
         if not found:
             raise RuntimeError(f"the DALI pipeline failed and no unreadable file was found among the "
                                f"{len(candidates)} samples it was reading: {message}")

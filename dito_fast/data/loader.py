@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .sampler import StepBatchSampler, eval_shard, rank_slice
 from .sources import DALI_FORMATS, DatasetSource, Source, _EncodedSource, check_source, resolve_source
-from .transforms import crop_params_array, resize_crop_flip, uint8_batch_to_float, unreadable_file_error
+from .transforms import crop_params_array, resize_crop_flip, uint8_batch_to_float
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +230,7 @@ class _KeyedItems(Dataset):
                 continue
             try:
                 img = self.source.decode(j)
-            except Exception as e:
-                if not unreadable_file_error(e):
-                    raise
+            except ValueError as e:  # an unusable file (decode lets the process's own errors through)
                 self.known_bad.add(j)
                 bad.append((j, str(e)))
                 continue

@@ -113,8 +113,16 @@ class _EncodedSource(Source):
         raise NotImplementedError
 
     def decode(self, i: int) -> Image.Image:
-        """Sample ``i`` as an RGB PIL image. Raises ValueError/OSError if unreadable."""
-        return decode_image(self.read_bytes(i), self.name(i))
+        """Sample ``i`` as an RGB PIL image. Raises ValueError naming the file if it is unusable
+        (unreadable, not an image, corrupt: ``unreadable_file_error``); errors about the process
+        (out of descriptors or memory) propagate."""
+        try:
+            data = self.read_bytes(i)
+        except OSError as e:
+            if not unreadable_file_error(e):
+                raise
+            raise ValueError(f"cannot read image file {self.name(i)}: {e}") from e
+        return decode_image(data, self.name(i))
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,9 +616,7 @@ def _check_one(source: _EncodedSource, i: int, mode: str, formats: Optional[froz
     if mode == "decode" or no_marker:
         try:
             source.decode(i)
-        except Exception as e:
-            if not unreadable_file_error(e):
-                raise
+        except ValueError as e:  # an unusable file (decode raises the process's errors as they are)
             return f"truncated {kind} (no {what}; {e})" if no_marker else str(e)
     return None
 
