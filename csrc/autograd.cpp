@@ -105,37 +105,43 @@ c10::intrusive_ptr<N> make_node(const Ts&... inputs) {
 inline Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 inline OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// Outputs that differentiating raises `message` for: detached, marked as requiring grad and routed
-// through a DelayedError node (undefined outputs stay undefined).
-variable_list refuse_differentiation(const std::string& message, variable_list out) {
+// Outputs that differentiating raises `message` for: fresh tensors (sharing storage and version
+// counter with `out`'s) whose grad_fn is an Error node with edges to `sources`, the tensors the
+// values were computed from (undefined outputs stay undefined). The edges matter: through them
+// `torch.autograd.grad` of anything computed from the outputs, with respect to any tensor they
+// depend on, reaches the Error node and raises, instead of skipping it and silently leaving that
+// path's contribution out (as an Error node hung on detached leaves would, Python's
+// @once_differentiable included).
+variable_list refuse_differentiation(const std::string& message, variable_list out, const variable_list& sources) {
+  auto err = c10::make_intrusive<torch::autograd::Error>(message, torch::autograd::collect_next_edges(sources));
   for (auto& o : out) {
-    if (o.defined()) {
-      o = o.detach();
-      o.set_requires_grad(true);
-    }
+    if (o.defined()) o = o.tensor_data();
+    torch::autograd::set_history(o, err);  // an undefined output keeps its slot
   }
-  auto err = std::make_shared<torch::autograd::DelayedError>(message, static_cast<int64_t>(out.size()));
-  return err->apply(std::move(out));
+  return out;
 }
 
 // Runs a backward body. Without create_graph (grad mode off in backward) it just calls it. With
 // create_graph and incoming grads or saved tensors that require grad, it computes under no_grad
-// and routes the results through a DelayedError node, so differentiating them again raises a
-// clear error instead of silently producing no (or a wrong) second-order gradient.
+// and routes the results through an Error node with edges to those tensors, so differentiating
+// them again raises a clear error instead of silently producing no (or a wrong) second-order gradient.
 template <typename F>
 variable_list once_differentiable(const char* op, const variable_list& grads, const variable_list& saved, F&& body) {
-  bool any = false;
+  variable_list sources;
   if (c10::GradMode::is_enabled()) {
-    for (const auto& g : grads) any = any || requires_grad(g);
-    for (const auto& v : saved) any = any || requires_grad(v);
+    for (const auto& v : {&grads, &saved}) {
+      for (const auto& t : *v) {
+        if (requires_grad(t)) sources.push_back(t);
+      }
+    }
   }
-  if (!any) return body();
+  if (sources.empty()) return body();
   variable_list out;
   {
     at::AutoGradMode no_grad(false);
     out = body();
   }
-  return refuse_differentiation(std::string(op) + ": double backward is not supported", std::move(out));
+  return refuse_differentiation(std::string(op) + ": double backward is not supported", std::move(out), sources);
 }
 
 // The Autograd kernel of the ops that have no derivative of their own (the backward ops, and
@@ -145,23 +151,23 @@ variable_list once_differentiable(const char* op, const variable_list& grads, co
 // boxed autograd fallback, which warns and then gives no gradient.
 void not_differentiable(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const size_t n_in = op.schema().arguments().size(), n_out = op.schema().returns().size();
-  bool any = false;
+  variable_list sources;
   if (c10::GradMode::is_enabled()) {
     for (size_t i = stack->size() - n_in; i < stack->size(); ++i) {
       const c10::IValue& v = (*stack)[i];
-      any = any || (v.isTensor() && requires_grad(v.toTensor()));
+      if (v.isTensor() && requires_grad(v.toTensor())) sources.push_back(v.toTensor());
     }
   }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.callBoxed(stack);
   }
-  if (!any) return;
+  if (sources.empty()) return;
   variable_list out;
   for (size_t i = stack->size() - n_out; i < stack->size(); ++i) out.push_back((*stack)[i].toTensor());
   out = refuse_differentiation(op.schema().name() + " has no derivative of its own (a backward formula): "
                                                     "its outputs cannot be differentiated",
-                               std::move(out));
+                               std::move(out), sources);
   for (size_t j = 0; j < n_out; ++j) (*stack)[stack->size() - n_out + j] = std::move(out[j]);
 }
 

@@ -93,6 +93,12 @@ def test_double_backward_raises(op):
         assert gx.requires_grad  # once differentiable: a graph exists, but differentiating it raises
         with pytest.raises(RuntimeError, match=f"{op}: double backward is not supported"):
             gx.sum().backward()
+        # also when only the tensors the gradient depends on are asked for: the error node's
+        # edges lead to them, so the engine cannot skip it and leave its share out (zeros)
+        for wrt in (x,) if op == "latent_layernorm" else (x, y):
+            (gx,) = torch.autograd.grad(loss if op == "fm_noise" else out.square().sum(), x, create_graph=True)
+            with pytest.raises(RuntimeError, match=f"{op}: double backward is not supported"):
+                torch.autograd.grad(gx.sum(), wrt, allow_unused=True)
 
 
 NOT_DIFFERENTIABLE = ["fm_noise_backward", "fm_loss_backward", "latent_layernorm_backward",
@@ -139,6 +145,10 @@ def test_ops_without_derivatives_refuse_differentiation(name):
         assert outs[0].requires_grad
         with pytest.raises(RuntimeError, match=f"{name} has no derivative of its own"):
             outs[0].sum().backward()
+        args = _not_differentiable_args(name, grad=True)
+        out = op(*args)
+        with pytest.raises(RuntimeError, match=f"{name} has no derivative of its own"):
+            torch.autograd.grad((out[0] if isinstance(out, tuple) else out).sum(), args[0])
     with torch.no_grad():
         assert not op(*_not_differentiable_args(name, grad=True))[0].requires_grad
 
