@@ -179,5 +179,9 @@ def flow_matching_loss(decoder, x: torch.Tensor, z: torch.Tensor, cfg: FlowConfi
         noise = draws["noise"].to(x.dtype)
     x_t, v = fm_noise(x, noise, t, cfg.sigma_min)
     out = decoder(x_t, t, z)
-    loss = fm_loss(out, training_target(x, noise, v, cfg.objective))
+    target = training_target(x, noise, v, cfg.objective)
+    # Under autocast the output is bf16/fp16 and the target float32: the loss is taken in the
+    # wider type (fm_loss accumulates in float32 either way).
+    wide = torch.promote_types(out.dtype, target.dtype)
+    loss = fm_loss(out.to(wide), target.to(wide))
     return loss, {"t": t, "noise_sync_mask": mask}

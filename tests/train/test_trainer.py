@@ -107,6 +107,17 @@ def test_train_with_noise_sync_and_other_objective(make_run_config, tmp_path):
     assert result.step == 2 and len(result.losses) == 2
 
 
+def test_train_under_bf16_autocast(make_run_config, tmp_path):
+    """precision=bf16 (what "auto" picks on CUDA): the decoder's output is bf16, the target float32;
+    the loss is taken in float32 and the steps train (this raised a dtype mismatch in fm_loss)."""
+    cfg = make_run_config(steps=2, precision="bf16", ema_decay=0.0)
+    cfg.model.flow.noise_sync_prob = 0.5
+    result = train(cfg, tmp_path, progress=False)
+    assert result.step == 2 and result.skipped_steps == 0  # finite losses and gradients, two updates
+    assert all(math.isfinite(loss) for _, loss in result.losses)
+    assert all(v.dtype == torch.float32 for v in result.model.state_dict().values())
+
+
 def test_weights_change_and_seed_matters(make_run_config, tmp_path):
     a = train(make_run_config(steps=2, ema_decay=0.0), tmp_path / "a", progress=False)
     b = train(make_run_config(steps=2, ema_decay=0.0), tmp_path / "b", progress=False)
