@@ -285,9 +285,9 @@ def resolve_run_config(preset: str | None = None, config_file: str | None = None
     return cfg
 
 
-def validate_run_config(cfg: RunConfig) -> None:
-    """Raise ``ValueError`` naming the first inconsistent setting."""
-    m, t, d = cfg.model, cfg.train, cfg.data
+def validate_model_config(m: ModelConfig) -> None:
+    """Raise ``ValueError`` naming the first inconsistent model setting (``DiTo`` calls it, so a
+    typo in a preset override or a config.json fails at construction, not silently in training)."""
     if m.flow.objective not in ("velocity", "epsilon", "x0"):
         raise ValueError(f"flow.objective must be velocity|epsilon|x0, got {m.flow.objective!r}")
     if m.flow.noise_sync_time_rule not in ("above", "independent"):
@@ -300,12 +300,24 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"flow.noise_sync_prob must be in [0, 1], got {m.flow.noise_sync_prob}")
     if not 0.0 < m.flow.noise_sync_tmax <= 1.0:
         raise ValueError(f"flow.noise_sync_tmax must be in (0, 1], got {m.flow.noise_sync_tmax}")
+    if not 0.0 <= m.flow.sigma_min < 1.0:
+        raise ValueError(f"flow.sigma_min must be in [0, 1), got {m.flow.sigma_min}")
+    if not (math.isfinite(m.flow.timescale) and m.flow.timescale > 0):
+        raise ValueError(f"flow.timescale must be a finite number > 0, got {m.flow.timescale}")
+    if not m.latent_norm_eps > 0:
+        raise ValueError(f"latent_norm_eps must be > 0, got {m.latent_norm_eps}")
     for c in m.decoder.level_channels:
         if c % m.decoder.norm_groups:
             raise ValueError(f"decoder channels {m.decoder.level_channels} must be divisible by norm_groups={m.decoder.norm_groups}")
     for mult in m.encoder.channel_mult:
         if (mult * m.encoder.base_channels) % m.encoder.norm_groups:
             raise ValueError("encoder channels must be divisible by encoder.norm_groups")
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    """Raise ``ValueError`` naming the first inconsistent setting."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    validate_model_config(m)
     unet_factor = 2 ** (len(m.decoder.level_channels) - 1)
     if d.image_size % max(m.encoder.downsample_factor, unet_factor):
         raise ValueError(f"data.image_size={d.image_size} must be a multiple of "

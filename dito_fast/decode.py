@@ -535,7 +535,7 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
     on the development machine); the ``dito-fast`` command line does this itself.
     """
     # -- validate everything before any work
-    check_latents(z, model.latent_channels)
+    check_latents(z, model.latent_channels, model.latent_factor, model.downsample_factor)
     settings = resolve_settings(sampler, steps, schedule)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -551,9 +551,6 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
     autocast_dtype = compute_dtype if compute_dtype != param.dtype else None
     f = model.latent_factor
     B, H, W = z.shape[0], z.shape[-2] * f, z.shape[-1] * f
-    if H % model.downsample_factor or W % model.downsample_factor:
-        raise ValueError(f"latents of {z.shape[-2]}x{z.shape[-1]} give {H}x{W} images; the decoder needs "
-                         f"multiples of {model.downsample_factor} pixels")
     tile_size, overlap = _check_tile(tile, tile_overlap, tile_passes, model.downsample_factor)
     if tile_size is not None and tile_size[0] >= H and tile_size[1] >= W:
         tile_size = None  # one tile: the untiled decode

@@ -95,7 +95,12 @@ def _apply_noise_sync(z: torch.Tensor, cfg: FlowConfig, u, tz_u, ez):
     tz = tz_u * cfg.noise_sync_tmax
     z_noised, _ = fm_noise(z, ez.to(z.dtype), tz, cfg.sigma_min)
     z_out = torch.where(mask.reshape(-1, *([1] * (z.dim() - 1))), z_noised, z)  # keep mask boolean
-    t_low = torch.where(mask, tz, zeros) if cfg.noise_sync_time_rule == "above" else zeros
+    if cfg.noise_sync_time_rule == "above":
+        t_low = torch.where(mask, tz, zeros)
+    elif cfg.noise_sync_time_rule == "independent":
+        t_low = zeros
+    else:
+        raise ValueError(f"unknown flow.noise_sync_time_rule {cfg.noise_sync_time_rule!r} (above|independent)")
     return z_out, t_low, mask
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, apply_overrides, from_dict, get_preset, to_dict
+from ..config import ModelConfig, apply_overrides, from_dict, get_preset, to_dict, validate_model_config
 from ..diffusion import flow, samplers
 from ..ops import latent_layernorm
 from .encoder import Encoder
@@ -54,7 +54,9 @@ def check_images(x: torch.Tensor, factor: int, name: str = "images") -> None:
                          "(convert uint8 images with x / 127.5 - 1)")
 
 
-def check_latents(z: torch.Tensor, channels: int) -> None:
+def check_latents(z: torch.Tensor, channels: int, latent_factor: int = 1, factor: int = 1) -> None:
+    """Raise ``ValueError``/``TypeError`` unless z is a finite float (B, channels, h, w) tensor,
+    B >= 1, whose images (h, w times ``latent_factor``) are multiples of ``factor`` pixels."""
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor, got {type(z).__name__}")
     if z.dim() != 4 or z.shape[1] != channels:
@@ -63,6 +65,10 @@ def check_latents(z: torch.Tensor, channels: int) -> None:
         raise TypeError(f"latents must be floating point, got dtype {z.dtype}")
     if z.shape[0] == 0:
         raise ValueError("latents: empty batch")
+    H, W = z.shape[-2] * latent_factor, z.shape[-1] * latent_factor
+    if H % factor or W % factor:
+        raise ValueError(f"latents of {z.shape[-2]}x{z.shape[-1]} give {H}x{W} images; the decoder needs "
+                         f"multiples of {factor} pixels")
     if not torch.isfinite(z).all():
         raise ValueError("latents contain NaN or inf values")
 
@@ -86,6 +92,7 @@ def make_noise(shape, seed: int | None = None, generator: torch.Generator | None
 class DiTo(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        validate_model_config(config)
         self.config = config
         self.encoder = Encoder(config.encoder)
         self.decoder = UNetDecoder(config.decoder, config.encoder.latent_channels, config.flow.timescale)
@@ -122,7 +129,8 @@ class DiTo(nn.Module):
     # -- encode / train ----------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, c, H/f, W/f), x's dtype."""
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, c, H/f, W/f), of x's dtype
+        (of the autocast dtype under autocast)."""
         check_images(x, self.downsample_factor)
         self._check_matches_weights(x, "images")
         return self._encode(x)
@@ -143,35 +151,76 @@ class DiTo(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training loss per sample (B,) for images x (B, 3, H, W) in [-1, 1] (encoder and
         decoder trained jointly through the flow-matching loss)."""
+        check_images(x, self.downsample_factor)
+        self._check_matches_weights(x, "images")
         loss, _ = flow.flow_matching_loss(self.decoder, x, self._encode(x), self.config.flow, generator)
         return loss
 
     # -- decode ------------------------------------------------------------------------------
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Velocity dx_t/dt (B, 3, H, W) at times t (B,) given latents z (any objective)."""
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
+        """Velocity dx_t/dt (B, 3, H, W) at times t (B,) in [0, 1] (or one time for the batch: a
+        float or a 0-d tensor) given latents z (B, c, H/f, W/f), for any objective. Only shapes
+        are checked (no synchronising value checks: the samplers call this every step)."""
+        B = x_t.shape[0] if isinstance(x_t, torch.Tensor) and x_t.dim() == 4 else None
+        if B is None or x_t.shape[1] != 3:
+            raise ValueError(f"x_t must have shape (B, 3, H, W), got {getattr(x_t, 'shape', type(x_t).__name__)}")
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[0] != B or z.shape[1] != self.latent_channels:
+            raise ValueError(f"z must have shape ({B}, {self.latent_channels}, h, w) for x_t of shape "
+                             f"{tuple(x_t.shape)}, got {getattr(z, 'shape', type(z).__name__)}")
+        f = self.latent_factor
+        if (z.shape[-2] * f, z.shape[-1] * f) != tuple(x_t.shape[-2:]):
+            raise ValueError(f"z of {z.shape[-2]}x{z.shape[-1]} gives {z.shape[-2] * f}x{z.shape[-1] * f} images, "
+                             f"but x_t is {x_t.shape[-2]}x{x_t.shape[-1]}")
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((B,), float(t), device=x_t.device)
+        elif t.dim() == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must have shape ({B},) (one time per sample) or be a scalar, got {tuple(t.shape)}")
         return flow.to_velocity(self.decoder(x_t, t, z), x_t, t, self.config.flow)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, steps: int = 50, sampler: str = "euler", schedule: str = "uniform",
                seed: int | None = None, generator: torch.Generator | None = None,
                noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) float in [-1, 1] (clamped).
+        """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (clamped), float32
+        (float64 for a float64 model).
 
         Defaults are the paper's (50 uniform Euler steps). The initial noise comes from ``noise``
-        if given, else from ``seed``/``generator`` (drawn on the CPU: the same seed gives the
-        same result on CPU, bit for bit), else from torch's global RNG.
+        (B, 3, h*f, w*f) if given, else from ``seed``/``generator`` (drawn on the CPU: the same
+        seed gives the same result on CPU, bit for bit), else from torch's global RNG. The ODE
+        state is kept in float32 (float64 for a float64 model) whatever the latents' and weights'
+        dtypes and under autocast, as in :func:`dito_fast.fast_decode`: only the network runs in
+        lower precision.
         """
-        check_latents(z, self.latent_channels)
+        check_latents(z, self.latent_channels, self.latent_factor, self.downsample_factor)
         self._check_matches_weights(z, "latents")
         sampler_fn = samplers.get_sampler(sampler)
         timesteps = samplers.make_timesteps(steps, schedule)
         H, W = z.shape[-2] * self.latent_factor, z.shape[-1] * self.latent_factor
+        param_dtype = next(self.parameters()).dtype
+        state_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
         if noise is None:
-            noise = make_noise((z.shape[0], 3, H, W), seed, generator, z.device, z.dtype)
-        elif noise.shape != (z.shape[0], 3, H, W):
-            raise ValueError(f"noise must have shape {(z.shape[0], 3, H, W)}, got {tuple(noise.shape)}")
-        x = sampler_fn(lambda x_t, t: self.velocity(x_t, t, z), noise, timesteps=timesteps)
+            noise = make_noise((z.shape[0], 3, H, W), seed, generator, z.device, state_dtype)
+        else:
+            if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+                raise TypeError(f"noise must be a floating torch.Tensor, got "
+                                f"{getattr(noise, 'dtype', type(noise).__name__)}")
+            if noise.shape != (z.shape[0], 3, H, W):
+                raise ValueError(f"noise must have shape {(z.shape[0], 3, H, W)}, got {tuple(noise.shape)}")
+            if noise.device != z.device:
+                raise ValueError(f"noise is on {noise.device} but the latents are on {z.device}")
+            if not torch.isfinite(noise).all():
+                raise ValueError("noise contains NaN or inf values")
+            noise = noise.to(state_dtype)
+        autocast = torch.is_autocast_enabled(z.device.type)
+
+        def velocity(x_t, t):
+            v = self.velocity(x_t if autocast else x_t.to(param_dtype), t, z)
+            return v.to(state_dtype)
+
+        x = sampler_fn(velocity, noise, timesteps=timesteps)
         return x.clamp(-1, 1)
 
     @torch.no_grad()

@@ -249,3 +249,11 @@ def test_flow_matching_loss_noise_sync(monkeypatch, rule):
     else:
         assert torch.all(t_low == 0)
         assert t_dec[mask].min() < 0.05  # noised samples can get a decoder time below their tz
+
+
+def test_noise_sync_refuses_an_unknown_time_rule():
+    """A FlowConfig passed straight to the flow functions (no DiTo to validate it): a typo in the
+    rule is an error, not a silent switch to independent times."""
+    cfg = FlowConfig(noise_sync_prob=1.0, noise_sync_time_rule="abve")
+    with pytest.raises(ValueError, match="unknown flow.noise_sync_time_rule 'abve'"):
+        flow.noise_sync(torch.randn(2, 4, 4, 4), cfg, torch.Generator().manual_seed(0))

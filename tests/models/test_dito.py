@@ -297,10 +297,79 @@ def test_encode_accepts_slack_at_range_edge(micro_model):
     (torch.zeros(1, 4, 4, 4), {"sampler": "rk4"}, ValueError, "unknown sampler 'rk4'"),
     (torch.zeros(1, 4, 4, 4), {"schedule": "cosine"}, ValueError, "unknown schedule 'cosine'"),
     (torch.zeros(1, 4, 4, 4), {"noise": torch.zeros(1, 3, 16, 16)}, ValueError, "noise must have shape"),
+    (torch.zeros(1, 4, 4, 4), {"noise": torch.zeros(1, 3, 32, 32, dtype=torch.int64)}, TypeError, "noise must be a floating"),
+    (torch.zeros(1, 4, 4, 4), {"noise": torch.full((1, 3, 32, 32), float("nan"))}, ValueError, "noise contains NaN"),
+    (torch.zeros(1, 4, 4, 4), {"noise": torch.zeros(1, 3, 32, 32, device="meta")}, ValueError, "noise is on meta"),
 ])
 def test_decode_rejects_bad_inputs(micro_model, z, kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         micro_model.decode(z, **kwargs)
+
+
+def test_decode_keeps_the_ode_state_in_float32_under_autocast(micro_model, images):
+    """bf16 latents (what encode gives under autocast) decode through a float32 ODE state: the
+    result is float32 and the same as decoding the float32 latents under autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z16 = micro_model.encode(images)
+        assert z16.dtype == torch.bfloat16
+        a = micro_model.decode(z16, steps=4, seed=0)
+        b = micro_model.decode(z16.float(), steps=4, seed=0)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ref = micro_model.decode(z16.float(), steps=4, seed=0)
+    assert (a - ref).abs().max() < 0.05  # the network in bf16, not the state
+
+
+def test_decode_checks_the_image_size_against_the_unet(make_micro_config):
+    """An encoder factor (4) below the UNet's (8): latents must give multiples of 8 pixels."""
+    model = DiTo(make_micro_config(**{"encoder.channel_mult": (1, 2, 2)})).eval()
+    assert (model.latent_factor, model.downsample_factor) == (4, 8)
+    with pytest.raises(ValueError, match="latents of 3x3 give 12x12 images; the decoder needs multiples of 8"):
+        model.decode(torch.zeros(1, 4, 3, 3), steps=1)
+    assert model.decode(torch.zeros(1, 4, 4, 2), steps=1, seed=0).shape == (1, 3, 16, 8)
+
+
+def test_forward_checks_images(micro_model):
+    with pytest.raises(ValueError, match="NaN"):
+        micro_model(torch.full((1, 3, 32, 32), float("nan")))
+    with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+        micro_model(torch.full((1, 3, 32, 32), 255.0))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        micro_model(torch.zeros(1, 3, 20, 16))
+
+
+def test_velocity_takes_a_scalar_time_and_names_bad_shapes(micro_model):
+    x_t, z = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        v = micro_model.velocity(x_t, torch.tensor([0.5, 0.5]), z)
+        torch.testing.assert_close(micro_model.velocity(x_t, 0.5, z), v, rtol=0, atol=0)
+        torch.testing.assert_close(micro_model.velocity(x_t, torch.tensor(0.5), z), v, rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+            micro_model.velocity(x_t, torch.tensor([0.5, 0.5, 0.5]), z)
+        with pytest.raises(ValueError, match="z of 4x2 gives 32x16 images, but x_t is 32x32"):
+            micro_model.velocity(x_t, 0.5, z[..., :2])
+        with pytest.raises(ValueError, match=r"z must have shape \(2, 4, h, w\)"):
+            micro_model.velocity(x_t, 0.5, z[:1])
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    ({"flow": {"noise_sync_time_rule": "abve"}}, "noise_sync_time_rule must be above|independent"),
+    ({"flow": {"noise_sync_prob": 5.0}}, r"noise_sync_prob must be in \[0, 1\]"),
+    ({"flow": {"objective": "eps"}}, "objective must be velocity|epsilon|x0"),
+    ({"flow": {"sigma_min": 1.5}}, r"sigma_min must be in \[0, 1\)"),
+    ({"decoder.norm_groups": 7}, "must be divisible by norm_groups=7"),
+])
+def test_model_config_is_validated_at_construction(overrides, msg, micro_model, tmp_path):
+    with pytest.raises(ValueError, match=msg):
+        DiTo.from_preset("dito-tiny", **overrides)
+    micro_model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for key, value in overrides.items():
+        for k, v in (value.items() if isinstance(value, dict) else [(key.split(".")[1], value)]):
+            cfg[key.split(".")[0]][k] = v
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=msg):
+        DiTo.from_pretrained(tmp_path)
 
 
 def test_unknown_preset_lists_presets():

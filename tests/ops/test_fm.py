@@ -157,8 +157,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dito_fast.fm_noise, (x.requires_grad_(), e.requires_grad_(), t.float(), 1e-5))
     cl = [a.detach().contiguous(memory_format=torch.channels_last) for a in (x, e)]  # layouts kept alike by the fakes
     torch.library.opcheck(torch.ops.dito_fast.fm_noise, (cl[0].requires_grad_(), cl[1], t.float().requires_grad_(), 1e-5))
-    torch.library.opcheck(torch.ops.dito_fast.fm_noise_backward, (cl[0], None, t.float(), 1e-5))
-    torch.library.opcheck(torch.ops.dito_fast.fm_loss_backward, (torch.ones(2), cl[0], cl[1]))
+    torch.library.opcheck(torch.ops.dito_fast.fm_noise_backward, (cl[0].detach(), None, t.float(), 1e-5))
+    torch.library.opcheck(torch.ops.dito_fast.fm_loss_backward, (torch.ones(2), cl[0].detach(), cl[1]))
     p, y, _ = _draw((3, 2, 5), torch.float32, seed=1)
     torch.library.opcheck(torch.ops.dito_fast.fm_loss, (p.clone().requires_grad_(), y.clone().requires_grad_()))
     torch.library.opcheck(torch.ops.dito_fast.fm_loss_backward, (torch.ones(3), p, y))
