@@ -9,7 +9,7 @@ Preset names (f8c4 = 8x spatial downsampling, 4 latent channels, the paper's mai
 ============  =========  =========  =====================================================
 name          encoder    decoder    notes
 ============  =========  =========  =====================================================
-dito-tiny     1.13 M     3.15 M     CPU demo/test model; 2.94 GFLOP per decoder step @64x64
+dito-tiny     0.28 M     1.23 M     CPU demo/test model; 0.92 GFLOP per decoder step @64x64
 dito-S        5.82 M     30.30 M    CPU experiments; 19.73 GFLOP per decoder step @64x64
 dito-B        34.15 M    162.78 M   paper DiTo-B (f8c4); 1588.6 GFLOP per step @256x256
 dito-L        34.15 M    338.52 M   paper DiTo-L (f8c4); 3573.1 GFLOP per step @256x256
