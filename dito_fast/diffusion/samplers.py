@@ -17,6 +17,7 @@ how they compare on a trained decoder.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable
 
 import torch
@@ -63,8 +64,13 @@ def make_timesteps(steps: int, schedule: str = "uniform", *, shift: float = 3.0,
 
     ``schedule`` may carry the parameter: ``"shifted:0.5"``, ``"edm:5"`` (see :func:`parse_schedule`).
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    steps_arg = steps
+    try:
+        steps = operator.index(steps) if not isinstance(steps, bool) else None  # numpy integers too
+    except TypeError:
+        steps = None
+    if steps is None or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps_arg!r}")
     name, params = parse_schedule(schedule)
     shift, rho = params.get("shift", shift), params.get("rho", rho)
     u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -83,6 +89,20 @@ def make_timesteps(steps: int, schedule: str = "uniform", *, shift: float = 3.0,
     return torch.cat([torch.ones(1, dtype=torch.float64), sig / (1 + sig), torch.zeros(1, dtype=torch.float64)])
 
 
+def _grid(timesteps) -> list[float]:
+    """The time grid as floats, checked: 1-D, at least 2 points, finite, in [0, 1], strictly
+    decreasing (t = 1 is noise, t = 0 the image; an increasing grid would integrate away from
+    the image without any error)."""
+    ts = torch.as_tensor(timesteps, dtype=torch.float64)
+    if ts.dim() != 1 or ts.numel() < 2:
+        raise ValueError(f"timesteps must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
+    if not (torch.isfinite(ts).all() and ts.min() >= 0 and ts.max() <= 1):
+        raise ValueError(f"timesteps must be finite and in [0, 1], got {ts.tolist()}")
+    if not (ts[1:] < ts[:-1]).all():
+        raise ValueError(f"timesteps must decrease strictly, from noise (t = 1) to the image (t = 0), got {ts.tolist()}")
+    return ts.tolist()
+
+
 def _t(value, x: torch.Tensor) -> torch.Tensor:
     # torch.full with a Python float: no host-to-device copy, so the loop can be captured in a
     # CUDA graph (values are the float64 grid rounded to float32, as before).
@@ -91,8 +111,9 @@ def _t(value, x: torch.Tensor) -> torch.Tensor:
 
 def euler(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor) -> torch.Tensor:
     """First-order Euler: x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i). NFE = steps."""
+    ts = _grid(timesteps)
     x = noise.clone()
-    for t_cur, t_next in zip(timesteps[:-1].tolist(), timesteps[1:].tolist()):
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
         x.add_(velocity_fn(x, _t(t_cur, x)), alpha=t_next - t_cur)  # dt < 0: towards the image
     return x
 
@@ -100,9 +121,10 @@ def euler(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tens
 def heun(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor) -> torch.Tensor:
     """Second-order Heun (trapezoidal predictor-corrector); the step that lands on t = 0 is an
     Euler step (EDM convention) since no evaluation is needed there. NFE = 2 * steps - 1."""
+    ts = _grid(timesteps)
     x = noise.clone()
     x_pred = torch.empty_like(x)
-    for t_cur, t_next in zip(timesteps[:-1].tolist(), timesteps[1:].tolist()):
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
         dt = t_next - t_cur
         v = velocity_fn(x, _t(t_cur, x))
         if t_next == 0.0:
@@ -146,8 +168,8 @@ def adams_bashforth(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: 
     """
     if order not in (1, 2, 3, 4):
         raise ValueError(f"order must be 1-4, got {order}")
+    ts = _grid(timesteps)
     x = noise.clone()
-    ts = timesteps.tolist()
     history: list[tuple[float, torch.Tensor]] = []  # (t, v), newest last
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         history.append((t_cur, velocity_fn(x, _t(t_cur, x))))
@@ -184,8 +206,8 @@ def dpmpp_2m(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.T
     lambda is infinite at t = 1 and t = 0, so the first two steps and the last one are first order
     (the first order step is exactly an Euler step; the last returns D = x0).
     """
+    ts = _grid(timesteps)
     x = noise.clone()
-    ts = timesteps.tolist()
     x0_prev, h_prev = None, None
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         v = velocity_fn(x, _t(t_cur, x))

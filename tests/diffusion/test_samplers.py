@@ -205,3 +205,28 @@ def test_parse_schedule():
             samplers.parse_schedule(bad)
     with pytest.raises(ValueError, match="rho must be > 0"):
         samplers.make_timesteps(4, "edm:-1")
+
+
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
+@pytest.mark.parametrize("grid, msg", [
+    (torch.linspace(0, 1, 5, dtype=torch.float64), "decrease strictly"),
+    (torch.tensor([1.0, 0.5, 0.5, 0.0], dtype=torch.float64), "decrease strictly"),
+    (torch.tensor([1.5, 0.5, 0.0], dtype=torch.float64), r"in \[0, 1\]"),
+    (torch.tensor([1.0, float("nan"), 0.0], dtype=torch.float64), r"finite and in \[0, 1\]"),
+    (torch.tensor([1.0], dtype=torch.float64), "at least 2 times"),
+    (torch.ones(2, 2, dtype=torch.float64), "1-D grid"),
+])
+def test_samplers_refuse_bad_grids(sampler, grid, msg):
+    """An increasing grid (t = 0 is the image, an easy slip) integrated away from the image
+    without a word; dpmpp_2m divided by zero."""
+    with pytest.raises(ValueError, match=msg):
+        samplers.get_sampler(sampler)(lambda x, t: torch.zeros_like(x), torch.zeros(1, 3), timesteps=grid)
+
+
+def test_samplers_take_a_partial_grid_and_numpy_steps():
+    """A grid that starts below 1 (decoding from a partly noised image) is valid, and numpy
+    integers count as integers."""
+    np = pytest.importorskip("numpy")
+    x = samplers.euler(lambda x, t: torch.ones_like(x), torch.zeros(2), timesteps=torch.tensor([0.5, 0.25, 0.0]))
+    torch.testing.assert_close(x, torch.full((2,), -0.5))
+    torch.testing.assert_close(samplers.make_timesteps(np.int64(4)), samplers.make_timesteps(4))
