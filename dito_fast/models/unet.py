@@ -17,11 +17,13 @@ from ..config import DecoderConfig
 from ..ops import Conv3x3, conv_activation_format, group_norm_modulate_silu, memory_format_of
 
 
-def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features (B, dim) of times t (B,) (already multiplied by the timescale)."""
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal features (B, dim) of times t (B,) (already multiplied by the timescale),
+    computed in ``dtype`` (float32, or float64 for a float64 model)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
@@ -173,8 +175,11 @@ class UNetDecoder(nn.Module):
 
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
         """SiLU(time embedding) (B, time_embed_dim) for t (B,) in [0, 1]; shared by all blocks."""
-        feats = timestep_features(t * self.timescale, self.cfg.time_freq_dim)  # float32 (B, time_freq_dim)
-        return F.silu(self.time_embed(feats.to(next(self.time_embed.parameters()).dtype)))
+        wdtype = next(self.time_embed.parameters()).dtype
+        fdtype = torch.float64 if wdtype == torch.float64 else torch.float32  # the features' dtype
+        feats = timestep_features(t.to(fdtype) * self.timescale if fdtype == torch.float64 else t * self.timescale,
+                                  self.cfg.time_freq_dim, dtype=fdtype)
+        return F.silu(self.time_embed(feats.to(wdtype)))
 
     @property
     def blocks(self) -> list[ResBlock]:

@@ -74,3 +74,22 @@ def test_upsample_nearest_compiles_fullgraph():
     assert y.is_contiguous(memory_format=torch.channels_last)
     y.backward(torch.ones_like(y))
     assert torch.equal(x.grad, torch.full_like(x, 4))
+
+
+def test_time_embedding_of_a_float64_model_is_float64_throughout(micro_config):
+    """The sinusoidal features follow a float64 model (they were float32 whatever the weights,
+    which limited float64 reference comparisons of the whole model to ~1e-6)."""
+    import math
+
+    from dito_fast.models.unet import UNetDecoder
+
+    torch.manual_seed(0)
+    dec = UNetDecoder(micro_config.decoder, 4, 1000.0).double()
+    t = torch.tensor([0.123456789012, 0.987654321098], dtype=torch.float64)
+    half = micro_config.decoder.time_freq_dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    args = (t * 1000.0)[:, None] * freqs[None]
+    expected = F.silu(dec.time_embed(torch.cat([torch.cos(args), torch.sin(args)], dim=1)))
+    torch.testing.assert_close(dec.embed_time(t), expected, rtol=1e-12, atol=1e-12)
+    dec32 = UNetDecoder(micro_config.decoder, 4, 1000.0)
+    assert dec32.embed_time(t.float()).dtype == torch.float32
