@@ -153,7 +153,7 @@ def cmd_train(args) -> int:
                       ("device", "train.device"), ("seed", "train.seed"), ("threads", "train.threads"),
                       ("loader", "data.loader"), ("parallel", "train.parallel"),
                       ("micro_batch_size", "train.micro_batch_size"), ("grad_accum_steps", "train.grad_accum_steps"),
-                      ("dist_backend", "train.dist_backend")):
+                      ("dist_backend", "train.dist_backend"), ("dist_timeout", "train.dist_timeout_minutes")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     config_file, preset = args.config, args.preset
@@ -427,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split each rank's share of the global batch into this many micro-batches")
     t.add_argument("--dist-backend", choices=["auto", "nccl", "gloo", "mpi", "ucc"], default=None,
                    help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
+    t.add_argument("--dist-timeout", type=float, default=None, metavar="MINUTES",
+                   help="how long a collective waits for the other ranks before the job fails "
+                        "(default 0: torch's, 10 min for NCCL, 30 for gloo)")
     t.add_argument("--out", default="runs/dito", help="run directory")
     t.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from the latest checkpoint in --out, or from the given checkpoint dir (use it with "

@@ -137,6 +137,9 @@ class TrainConfig:
     # -- data parallelism (torchrun); batch_size above is the GLOBAL batch, split across ranks
     parallel: str = "ddp"  # "ddp" (replicated model) or "fsdp" (fully_shard; DCP checkpoints), for L/XL
     dist_backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo", "mpi", "ucc"
+    # how long a collective waits for the other ranks before the job fails (rank 0 writing a large
+    # checkpoint or validating keeps the others waiting); 0 = torch's default (NCCL 10, gloo 30 min)
+    dist_timeout_minutes: float = 0.0
     micro_batch_size: int = 0  # samples per forward/backward on a rank; 0 = auto (the rank's share, halved on CUDA OOM)
     grad_accum_steps: int = 1  # split each rank's share into this many micro-batches (alternative to micro_batch_size)
 
@@ -342,6 +345,9 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"train.parallel must be ddp|fsdp, got {t.parallel!r}")
     if t.dist_backend not in ("auto", "nccl", "gloo", "mpi", "ucc"):
         raise ValueError(f"train.dist_backend must be auto|nccl|gloo|mpi|ucc, got {t.dist_backend!r}")
+    if not (math.isfinite(t.dist_timeout_minutes) and t.dist_timeout_minutes >= 0):
+        raise ValueError(f"train.dist_timeout_minutes must be a finite number >= 0 (0: torch's default), "
+                         f"got {t.dist_timeout_minutes}")
     if t.micro_batch_size < 0 or t.grad_accum_steps < 1:
         raise ValueError(f"train.micro_batch_size must be >= 0 and train.grad_accum_steps >= 1, got "
                          f"{t.micro_batch_size}, {t.grad_accum_steps}")

@@ -210,7 +210,7 @@ def test_decode_batch_file_writes_one_png_per_latent(trained, tmp_path, capsys):
 
 
 def test_dry_run_prints_resolved_config(capsys):
-    assert main(["train", "--preset", "dito-S", "--dry-run", "--steps", "7", "--lr", "3e-4",
+    assert main(["train", "--preset", "dito-S", "--dry-run", "--steps", "7", "--lr", "3e-4", "--dist-timeout", "45",
                  "--set", "model.flow.noise_sync_prob=0.1", "--set", "model.decoder.level_channels=[32,64,64,64]",
                  "--set", "train.ema_decay=0"]) == 0
     cfg = json.loads(capsys.readouterr().out)
@@ -218,6 +218,7 @@ def test_dry_run_prints_resolved_config(capsys):
     assert cfg["model"]["flow"]["noise_sync_prob"] == 0.1
     assert cfg["model"]["decoder"]["level_channels"] == [32, 64, 64, 64]
     assert cfg["train"]["steps"] == 7 and cfg["train"]["lr"] == 3e-4 and cfg["train"]["ema_decay"] == 0.0
+    assert cfg["train"]["dist_timeout_minutes"] == 45.0
 
 
 def test_dry_run_with_config_file(tmp_path, capsys):

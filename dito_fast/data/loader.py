@@ -181,6 +181,12 @@ class BatchLoader:
     def num_skipped(self) -> int:
         return len(self.source.skipped) + len(self._bad)
 
+    @property
+    def found_unreadable(self) -> List[int]:
+        """Source indices of the files this process found unreadable while reading (sorted; the
+        up-front check's are in ``source.skipped``, the same in every process)."""
+        return sorted(self._bad)
+
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         raise NotImplementedError
 

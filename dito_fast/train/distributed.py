@@ -64,9 +64,44 @@ class DistContext:
         return self.rank == 0
 
 
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def launched_by_torchrun() -> bool:
     """True when the torchrun (torch.distributed.run) environment variables are set."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    return all(k in os.environ for k in _LAUNCH_VARS)
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer (torchrun sets "
+                         "RANK, WORLD_SIZE and LOCAL_RANK)") from None
+
+
+def launch_ranks() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from the launcher's environment, checked; None for a plain
+    single process. A partial set that describes several processes (WORLD_SIZE > 1 or RANK > 0
+    without the others, as some MPI/SLURM wrappers leave it) is an error: each process would
+    otherwise train alone as rank 0 and write over the others' checkpoints."""
+    present = [k for k in _LAUNCH_VARS if k in os.environ]
+    if not present:
+        return None
+    if len(present) < len(_LAUNCH_VARS):
+        several = ("WORLD_SIZE" in present and _env_int("WORLD_SIZE") != 1) or ("RANK" in present and _env_int("RANK") != 0)
+        if several:
+            missing = [k for k in _LAUNCH_VARS if k not in present]
+            raise ValueError(f"{', '.join(f'{k}={os.environ[k]}' for k in present)} is set but {', '.join(missing)} "
+                             "is not: launch the workers with torchrun, or set RANK, WORLD_SIZE and LOCAL_RANK "
+                             "for every process")
+        return None
+    rank, world, local_rank = (_env_int(k) for k in _LAUNCH_VARS)
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        raise ValueError(f"inconsistent launch environment RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}: "
+                         "need WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
+    return rank, world, local_rank
 
 
 def resolve_backend(requested: str, device_type: str) -> str:
@@ -85,7 +120,10 @@ def resolve_backend(requested: str, device_type: str) -> str:
 
 def rank_device(name: str, local_rank: int, distributed: bool) -> torch.device:
     """The device of this worker for ``train.device`` = ``name``: "auto" is CUDA when available,
-    else CPU; under torchrun a CUDA device without an index becomes ``cuda:LOCAL_RANK``."""
+    else CPU. Under torchrun a CUDA device without an index becomes ``cuda:LOCAL_RANK``, or
+    ``cuda:0`` when each process sees one GPU (``CUDA_VISIBLE_DEVICES`` set per process); an
+    explicit index with several visible GPUs is refused for LOCAL_RANK > 0 (it would put every
+    worker of the node on that GPU)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -96,11 +134,18 @@ def rank_device(name: str, local_rank: int, distributed: bool) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__}, "
                              f"{torch.cuda.device_count()} CUDA devices visible)")
+        count = torch.cuda.device_count()
         if distributed and dev.index is None:
-            if local_rank >= torch.cuda.device_count():
-                raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices: "
-                                 "start at most one worker per GPU (torchrun --nproc-per-node)")
+            if count == 1:
+                return torch.device("cuda", 0)  # one visible GPU per process
+            if local_rank >= count:
+                raise ValueError(f"LOCAL_RANK {local_rank} but only {count} CUDA devices are visible: start at most one "
+                                 "worker per GPU (torchrun --nproc-per-node), or give each process its own GPU "
+                                 "with CUDA_VISIBLE_DEVICES")
             dev = torch.device("cuda", local_rank)
+        elif distributed and local_rank > 0 and count > 1:
+            raise ValueError(f"device {name!r} under torchrun with LOCAL_RANK {local_rank} would put every worker of "
+                             f"this node on one GPU: use 'cuda' (or 'auto'), and each worker takes cuda:LOCAL_RANK")
     return dev
 
 
@@ -133,11 +178,10 @@ def setup(backend: str = "auto", device: str = "auto", timeout_minutes: float | 
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         ctx = DistContext(rank, world, local_rank, dist.get_backend(), False, restart_count, run_id)
-    elif launched_by_torchrun():
+    elif (ranks := launch_ranks()) is not None:
         if not dist.is_available():
             raise RuntimeError("launched by torchrun but this torch build has no torch.distributed")
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ["LOCAL_RANK"])
+        rank, world, local_rank = ranks
         dev = rank_device(device, local_rank, True)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

@@ -300,13 +300,24 @@ _JOB_MARKER = ".torchrun_job"
 
 
 def _resume_point(run_dir: Path, resume, ctx: DistContext):
-    """Rank 0's decision: ("ok", checkpoint path or None) or (exception class name, message)."""
+    """Rank 0's decision: ("ok", checkpoint path or None) or (exception class name, message).
+
+    A torchrun restart (attempt > 0) of a job whose first attempt started in ``run_dir`` (the
+    marker holds its run id, written once that attempt was accepted) resumes from the job's own
+    latest complete checkpoint, whatever ``resume`` says; before the job has written one it
+    starts as the first attempt did. The first attempt clears the marker before deciding, so a
+    new job with a reused run id (``--rdzv-id``, or "none" for a static rendezvous) that is refused
+    (the folder holds another run's checkpoints) stays refused on its restarts instead of taking
+    that run over."""
     marker = run_dir / _JOB_MARKER
-    if resume is False and ctx.restart_count > 0 and ctx.run_id and marker.is_file() \
-            and marker.read_text().strip() == ctx.run_id:
-        logger.warning("torchrun restart %d of job %s: resuming from the latest complete checkpoint",
-                       ctx.restart_count, ctx.run_id)
-        resume = True
+    if ctx.restart_count == 0:
+        marker.unlink(missing_ok=True)
+    elif ctx.run_id and marker.is_file() and marker.read_text().strip() == ctx.run_id:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is not None or resume is False:
+            logger.warning("torchrun restart %d of job %s: resuming from %s", ctx.restart_count, ctx.run_id,
+                           latest if latest is not None else "the start (no checkpoint written yet)")
+            return "ok", latest
     if resume is True:
         return "ok", ckpt.latest_checkpoint(run_dir)
     if resume:
@@ -407,7 +418,7 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
     t_cfg = cfg.train
     if t_cfg.threads > 0:
         torch.set_num_threads(t_cfg.threads)
-    ctx, device = distributed.setup(t_cfg.dist_backend, t_cfg.device)
+    ctx, device = distributed.setup(t_cfg.dist_backend, t_cfg.device, t_cfg.dist_timeout_minutes or None)
     cfg = resolve_memory_format(cfg, device)
     ok = False
     try:
@@ -623,6 +634,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         logger.info("step %d: validation PSNR %.2f dB", step, res["val_psnr"])
         return res
 
+    def files_skipped() -> int:
+        # every rank calls this: the up-front check's files (the same in every process) and the
+        # union of those the ranks found unreadable while reading (each rank reads its own share)
+        found = distributed.all_gather_object(loader.found_unreadable, ctx)
+        return len(loader.source.skipped) + len(set().union(*found))
+
     result = TrainResult(run_dir=run_dir, model=model, step=start_step, skipped_steps=skipped_total,
                          rank=ctx.rank, world_size=W, raw_model=model)
     model.train()
@@ -715,6 +732,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                     n, dt = steps_since_log, now - t_last
                     mine = [n * plan.share / dt] + [spent[k] / n for k in _PhaseTimer.PHASES]
                     rows = distributed.all_gather_rows(mine, ctx, device)  # every rank's throughput and split
+                    skipped_files = files_skipped()
                     if is_main:
                         rec = {"step": step, "loss": sum(window) / len(window), "lr": step_lr,
                                "grad_norm": float(grad_norm), "images_per_s": n * G / dt,
@@ -722,7 +740,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                                **{f"{k}_s": v for k, v in zip(_PhaseTimer.PHASES, mine[1:])},
                                "skipped_steps": skipped_total, "images_seen": images_seen,
                                "threads": torch.get_num_threads(), "world_size": W,
-                               "skipped_files": loader.num_skipped}
+                               "skipped_files": skipped_files}
                         if W > 1:
                             rec["images_per_s_per_rank"] = [r[0] for r in rows]
                             rec["step_time_split_per_rank"] = [r[1:] for r in rows]
@@ -749,8 +767,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
 
     result.step, result.skipped_steps, result.images_seen = step, skipped_total, images_seen
     loader.close()
-    if loader.num_skipped:
-        logger.warning("%d unreadable data files were skipped", loader.num_skipped)
+    skipped_files = files_skipped()
+    if skipped_files and is_main:
+        logger.warning("%d unreadable data files were skipped%s", skipped_files, " (all ranks)" if W > 1 else "")
     if step > start_step or resume_from is None:
         if step != last_saved:  # a time-budget stop at a checkpoint step has saved it already
             save(step)

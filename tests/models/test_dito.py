@@ -434,6 +434,7 @@ def test_config_override_coercion():
     ("train.keep_checkpoints", "-1", "train.keep_checkpoints must be >= 0"),
     ("train.max_bad_steps", "0", "train.max_bad_steps must be >= 1"),
     ("train.threads", "-2", "train.threads must be >= 0"),
+    ("train.dist_timeout_minutes", "-1", "train.dist_timeout_minutes must be a finite number >= 0"),
     ("train.steps", "true", r"'train.steps': cannot use True \(expected int\)"),
 ])
 def test_resolve_run_config_refuses_bad_training_values(key, value, msg):

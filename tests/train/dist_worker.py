@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node=N tests/train/dist_worker.py OUT_DIR '{"steps": 6, ...}'
 
+(``train.*`` overrides by name; a ``"data"`` entry holds ``data.*`` overrides.)
+
 Initialises the gloo process group itself through ``distributed.setup`` (so ``train()`` adopts
 it and leaves it alone; a bare ``init_process_group`` would hit torchrun's shared-store problem
 on a restart, see ``distributed._attempt_store``), trains
@@ -23,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest's micro configuration
 
 from conftest import micro_run_config  # noqa: E402
+from dito_fast.config import apply_overrides  # noqa: E402
 from dito_fast.train import train  # noqa: E402
 from dito_fast.train.distributed import replica_max_difference, setup, teardown  # noqa: E402
 
@@ -32,7 +35,9 @@ def main() -> None:
     torch.set_num_threads(1)
     ctx, _ = setup("gloo", "cpu")
     assert dist.is_initialized() and ctx.owns_group
-    result = train(micro_run_config(**overrides), out, resume=True, progress=False)
+    data = overrides.pop("data", {})  # data.* settings, e.g. {"source": folder}
+    cfg = apply_overrides(micro_run_config(**overrides), {f"data.{k}": v for k, v in data.items()})
+    result = train(cfg, out, resume=True, progress=False)
     assert dist.is_initialized()  # train() adopted the group and left it alone
     diff = replica_max_difference(result.raw_model, ctx) if overrides.get("parallel", "ddp") == "ddp" else None
     report = {"rank": ctx.rank, "world_size": result.world_size, "step": result.step,

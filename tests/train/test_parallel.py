@@ -244,7 +244,7 @@ def test_failed_run_releases_its_locals_before_teardown(monkeypatch, make_run_co
             raise RuntimeError("step failed, then the handler failed")
 
     refs: list = []
-    monkeypatch.setattr(trainer.distributed, "setup", lambda backend, device: (ctx, torch.device("cpu")))
+    monkeypatch.setattr(trainer.distributed, "setup", lambda backend, device, timeout: (ctx, torch.device("cpu")))
     monkeypatch.setattr(trainer.distributed, "teardown",
                         lambda c, ok: alive_at_teardown.append((ok, refs[0]() is not None)))
     monkeypatch.setattr(trainer, "_train", failing_train)
@@ -266,13 +266,85 @@ def test_fault_point_spec(monkeypatch):
 
 def test_restart_of_the_same_job_resumes(tmp_path):
     ckpt.write_checkpoint(tmp_path, 2, {"config.json": {}})
-    (tmp_path / ".torchrun_job").write_text("job-a\n")
-    fresh = DistContext(rank=0, world_size=2, backend="gloo", restart_count=0, run_id="job-a")
-    assert _resume_point(tmp_path, False, fresh)[0] == "FileExistsError"  # first attempt: refuse
+    latest = tmp_path / "checkpoints" / "step_00000002"
+    (tmp_path / ".torchrun_job").write_text("job-a\n")  # written by job-a's accepted first attempt
     restarted = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-a")
-    assert _resume_point(tmp_path, False, restarted) == ("ok", tmp_path / "checkpoints" / "step_00000002")
+    assert _resume_point(tmp_path, False, restarted) == ("ok", latest)
+    # started with --resume <another run's checkpoint>: a restart takes the job's own latest
+    other = tmp_path / "elsewhere"
+    ckpt.write_checkpoint(other, 1, {"config.json": {}})
+    assert _resume_point(tmp_path, other / "checkpoints" / "step_00000001", restarted) == ("ok", latest)
     other_job = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-b")
     assert _resume_point(tmp_path, False, other_job)[0] == "FileExistsError"
+
+
+def test_restart_before_the_first_checkpoint_starts_again(tmp_path):
+    (tmp_path / ".torchrun_job").write_text("job-a\n")
+    restarted = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-a")
+    assert _resume_point(tmp_path, False, restarted) == ("ok", None)
+    given = tmp_path / "elsewhere"
+    ckpt.write_checkpoint(given, 1, {"config.json": {}})
+    given = given / "checkpoints" / "step_00000001"
+    assert _resume_point(tmp_path, given, restarted) == ("ok", given)  # --resume <ckpt>: as the first attempt
+
+
+def test_a_refused_job_with_a_reused_run_id_stays_refused(tmp_path):
+    """A new job aimed at an old run's folder with the old job's run id (a reused --rdzv-id, or
+    "none" with a static rendezvous): its first attempt is refused and clears the old marker, so
+    its restarts are refused too instead of taking the old run over."""
+    ckpt.write_checkpoint(tmp_path, 2, {"config.json": {}})
+    (tmp_path / ".torchrun_job").write_text("job-a\n")  # left by the old job
+    fresh = DistContext(rank=0, world_size=2, backend="gloo", restart_count=0, run_id="job-a")
+    assert _resume_point(tmp_path, False, fresh)[0] == "FileExistsError"
+    assert not (tmp_path / ".torchrun_job").exists()
+    restarted = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-a")
+    assert _resume_point(tmp_path, False, restarted)[0] == "FileExistsError"
+
+
+@pytest.mark.parametrize("env, msg", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "RANK=1, WORLD_SIZE=2 is set but LOCAL_RANK is not"),
+    ({"WORLD_SIZE": "4"}, "WORLD_SIZE=4 is set but RANK, LOCAL_RANK is not"),
+    ({"RANK": "abc", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK='abc' is not an integer"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "0 <= RANK < WORLD_SIZE"),
+    ({"RANK": "-1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "0 <= RANK < WORLD_SIZE"),
+    ({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE >= 1"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK >= 0"),
+])
+def test_launch_environment_is_checked(env, msg, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=msg):
+        distributed.setup("gloo", "cpu")
+
+
+def test_launch_environment_of_one_process(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.launch_ranks() is None
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.launch_ranks() is None  # a lone LOCAL_RANK (set by some schedulers): one process
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.launch_ranks() is None
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.launch_ranks() == (0, 1, 0)
+
+
+def test_cuda_device_per_rank(monkeypatch):
+    """Without a GPU: torch.cuda's answers patched. One visible GPU per process (CUDA_VISIBLE_DEVICES
+    per task) gives cuda:0; an explicit index for LOCAL_RANK > 0 with several GPUs is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.rank_device("cuda", 3, True) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.rank_device("auto", 3, True) == torch.device("cuda", 3)
+    assert distributed.rank_device("cuda:0", 0, True) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="would put every worker of this node on one GPU"):
+        distributed.rank_device("cuda:0", 1, True)
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        distributed.rank_device("cuda", 5, True)
+    assert distributed.rank_device("cuda:2", 0, False) == torch.device("cuda", 2)  # one process: as given
 
 
 def test_metrics_split_step_time(make_run_config, tmp_path):
