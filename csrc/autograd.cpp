@@ -141,7 +141,8 @@ variable_list once_differentiable(const char* op, const variable_list& grads, co
     at::AutoGradMode no_grad(false);
     out = body();
   }
-  return refuse_differentiation(std::string(op) + ": double backward is not supported", std::move(out), sources);
+  return refuse_differentiation(std::string(op) + ": double backward is not supported by the cpp backend "
+                                "(use backend='ref')", std::move(out), sources);
 }
 
 // The Autograd kernel of the ops that have no derivative of their own (the backward ops, and
@@ -166,7 +167,8 @@ void not_differentiable(const c10::OperatorHandle& op, torch::jit::Stack* stack)
   variable_list out;
   for (size_t i = stack->size() - n_out; i < stack->size(); ++i) out.push_back((*stack)[i].toTensor());
   out = refuse_differentiation(op.schema().name() + " has no derivative of its own (a backward formula): "
-                                                    "its outputs cannot be differentiated",
+                                                    "its outputs cannot be differentiated (double backward "
+                                                    "through the cpp backend is not supported; use backend='ref')",
                                std::move(out), sources);
   for (size_t j = 0; j < n_out; ++j) (*stack)[stack->size() - n_out + j] = std::move(out[j]);
 }

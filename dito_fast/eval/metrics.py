@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 
 def _unit_range_pair(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y in float64 clamped to [-1, 1], after checking that they are floating (B, C, H, W)
-    batches of one shape: a uint8 image (0..255, e.g. fast_decode's default output) would be
-    clamped to [-1, 1] without a word, and a single (C, H, W) image read as C images."""
+    """x, y in float64 clamped to [-1, 1], after checking that they are floating, non-empty
+    (B, C, H, W) batches of one shape with values within 2 of zero: a uint8 image (0..255, e.g.
+    fast_decode's default output) or its float copy would be clamped to [-1, 1] without a word, and
+    a single (C, H, W) image read as C images. NaN passes (and gives NaN)."""
     for arg, t in (("x", x), ("y", y)):
         if not t.is_floating_point():
             raise TypeError(f"{name}: {arg} must be a floating tensor in [-1, 1], got {t.dtype} (uint8 images: "
@@ -17,6 +18,15 @@ def _unit_range_pair(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     if x.dim() != 4 or x.shape != y.shape:
         raise ValueError(f"{name}: expected x and y of one shape (B, C, H, W), got {tuple(x.shape)} and "
                          f"{tuple(y.shape)} (one image: x[None])")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: empty batch or no channels, shape {tuple(x.shape)}")
+    for arg, t in (("x", x), ("y", y)):
+        # values well outside [-1, 1] are another range (0..255 as float), which the clamp would
+        # turn into plausible but wrong figures; a slight overshoot (a network's output) is clamped
+        big = float(t.detach().abs().nan_to_num(0.0).amax())
+        if big > 2.0:
+            raise ValueError(f"{name}: {arg} must be in [-1, 1], got values up to {big:.3g} in magnitude (images in "
+                             "0..255: x / 127.5 - 1)")
     return x.double().clamp(-1, 1), y.double().clamp(-1, 1)
 
 

@@ -1,18 +1,18 @@
 """Fused ops with several backends (DESIGN.md §3). The models call these, never a backend directly.
 
-Backends present now: ``ref`` (plain PyTorch, the specification) for every op and ``sdpa`` for
-attention. The C++/CUDA/Triton backends plug into the same dispatchers.
+Every op has ``ref`` (plain PyTorch, the specification); the C++ (CPU), CUDA and Triton backends
+and, for attention, SDPA and xformers plug into the same dispatchers (:func:`available_backends`).
 """
 
 from .attention import attention, attention_ref
-from .conv3x3 import Conv3x3, conv3x3, conv3x3_ref, conv_activation_format, memory_format_of
+from .conv3x3 import Conv3x3, clear_filter_cache, conv3x3, conv3x3_ref, conv_activation_format, memory_format_of
 from .fm import fm_loss, fm_loss_ref, fm_noise, fm_noise_ref
 from .group_norm_modulate_silu import group_norm_modulate_silu, group_norm_modulate_silu_ref
 from .latent_layernorm import latent_layernorm, latent_layernorm_ref
 
 __all__ = [
-    "Conv3x3", "attention", "attention_ref", "conv3x3", "conv3x3_ref", "conv_activation_format", "fm_loss",
-    "fm_loss_ref", "fm_noise", "fm_noise_ref",
+    "Conv3x3", "attention", "attention_ref", "clear_filter_cache", "conv3x3", "conv3x3_ref", "conv_activation_format",
+    "fm_loss", "fm_loss_ref", "fm_noise", "fm_noise_ref",
     "group_norm_modulate_silu", "group_norm_modulate_silu_ref", "latent_layernorm", "latent_layernorm_ref",
     "memory_format_of",
 ]

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _cpp
@@ -62,7 +63,9 @@ def winograd_tile(x: torch.Tensor) -> int:
     1.8x), which training keeps for the backward and inference caches; a NaN input spreads over the
     whole 4x4 output tiles around it (F(2x2): exactly the direct convolution's NaN outputs), and an
     inf input gives NaN (inf - inf in the transforms) in the tiles around it where the direct
-    convolution gives inf, with either tile.
+    convolution gives inf, with either tile; the transforms also grow values (up to ~100x for
+    F(4x4)), so float32 inputs beyond ~1e36 (F(4x4)) or ~1e38 (F(2x2)) overflow where the direct
+    convolution stays finite.
     """
     raw = getenv("DITO_FAST_WINOGRAD_TILE", "auto").strip()
     if raw in ("auto", ""):
@@ -103,7 +106,9 @@ class _FilterTransform(torch.autograd.Function):
     @staticmethod
     def backward(ctx, du):
         (k,) = ctx.saved_tensors
-        return (k.t() @ du).t(), None
+        # contiguous, as the weight's gradient of F.conv2d is: autograd.grad callers may .view it,
+        # and AccumulateGrad takes a contiguous buffer as the .grad instead of copying it
+        return (k.t() @ du).t().contiguous(), None
 
 
 def winograd_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
@@ -140,9 +145,13 @@ def _check(x, weight, bias):
         raise TypeError(f"{op}: x is {x.dtype} but weight is {weight.dtype} (convert one, or run under torch.autocast)")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"{op}: bias must be a tensor or None, got {type(bias).__name__}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != x.device):
-        raise ValueError(f"{op}: bias must be ({weight.shape[0]},) {weight.dtype} on {x.device}, got "
-                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight has no output channels (shape {tuple(weight.shape)})")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != x.device):
+        raise ValueError(f"{op}: bias must be ({weight.shape[0]},) on {x.device}, got {tuple(bias.shape)} on "
+                         f"{bias.device}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"{op}: bias is {bias.dtype} but weight is {weight.dtype}")
 
 
 def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,6 +178,16 @@ if _cpp.AVAILABLE:
     def _(x, grad_y, tile, bias):
         du = x.new_empty(((tile + 2) ** 2, grad_y.shape[1], x.shape[1]))
         return du, x.new_empty((grad_y.shape[1] if bias else 0,))
+
+    @register_flop_formula(torch.ops.dito_fast.winograd_conv3x3)
+    def _(x_shape, u_shape, bias_shape, transposed, out_shape=None, **kwargs) -> int:
+        # the nominal count of the direct convolution (as FlopCounterMode counts F.conv2d), not
+        # the Winograd GEMMs' smaller one; u is (K, C_out, C_in), transposed or not
+        return 2 * x_shape[0] * x_shape[2] * x_shape[3] * u_shape[1] * u_shape[2] * 9
+
+    @register_flop_formula(torch.ops.dito_fast.winograd_conv3x3_weight_grad)
+    def _(x_shape, grad_shape, tile, bias, out_shape=None, **kwargs) -> int:
+        return 2 * x_shape[0] * x_shape[2] * x_shape[3] * x_shape[1] * grad_shape[1] * 9
 
     def _setup_context(ctx, inputs, output):
         x, u, bias, transposed = inputs
@@ -207,8 +226,11 @@ else:
 # through the weight, e.g. load_state_dict or a foreach optimizer step). The fused optimizers
 # (torch.optim's fused=True Adam, AdamW, SGD) update their parameters without moving it, so every
 # optimizer step also drops its parameters' entries (a global step hook, below). Writes through
-# ``weight.data`` bypass the version counter; they are not seen, as with any autograd-saved tensor.
-# Only inference mode uses the cache (fast_decode, dito_fast.encode); training and no_grad
+# ``weight.data`` bypass the version counter; they are not seen, as with any autograd-saved tensor,
+# and neither are writes through another tensor sharing the weight's memory with a counter of its
+# own (a Parameter made from another's ``.data``): call :func:`clear_filter_cache` after those.
+# Weights in shared memory (``share_memory_()``, Hogwild training) are never cached: another
+# process's writes move no counter here. Only inference mode uses the cache (fast_decode, dito_fast.encode); training and no_grad
 # evaluation transform on every call. The cache costs memory: F(4x4) filters are 4x the weights
 # (dito-S's decoder: 362 MiB, dito-B's: 1.8 GiB in float32; 5.8x where a layer also runs F(2x2));
 # DITO_FAST_WINOGRAD_CACHE=0 turns it off, for a re-transform per call (small next to a large
@@ -225,6 +247,18 @@ def _drop_stepped_filters(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_drop_stepped_filters)
+
+
+def clear_filter_cache(module: nn.Module | None = None) -> None:
+    """Forget the cached Winograd filters (inference mode) of ``module``'s parameters, or of every
+    weight when ``module`` is None: to release their memory (4x the convolution weights with
+    F(4x4)) in a service that keeps the model, or after writing a weight's memory in a way its
+    version counter does not record (``.data``, another tensor over the same storage)."""
+    if module is None:
+        _FILTER_CACHE.clear()
+        return
+    for p in module.parameters():
+        _FILTER_CACHE.pop(p.untyped_storage(), None)
 
 
 def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
@@ -294,9 +328,10 @@ def _refilter_hooks(u: torch.Tensor, weight: torch.Tensor, tile: int):
     return pack, unpack
 
 
-def _refilter_in_backward(x, u, bias) -> bool:
-    """Whether this training call should save the weight instead of u (see above)."""
-    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+def _refilter_in_backward(x, weight, u, bias) -> bool:
+    """Whether this training call should save the weight instead of u (see above; a weight made
+    in inference mode has no version counter, so u is kept)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not weight.is_inference()
             and (x.requires_grad or u.requires_grad or (bias is not None and bias.requires_grad))
             and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
             and torch._C._autograd._saved_tensors_hooks_is_enabled()
@@ -306,10 +341,10 @@ def _refilter_in_backward(x, u, bias) -> bool:
 def _cpp_conv3x3(x, weight, bias):
     tile = winograd_tile(x)
     if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not weight.is_inference()
-            and getenv("DITO_FAST_WINOGRAD_CACHE", "1") != "0"):
+            and not weight.is_shared() and getenv("DITO_FAST_WINOGRAD_CACHE", "1") != "0"):
         return _OP(x, _inference_filter(weight, tile), bias, False)
     u = winograd_filter(weight, tile)
-    if not _refilter_in_backward(x, u, bias):
+    if not _refilter_in_backward(x, weight, u, bias):
         return _OP(x, u, bias, False)
     with torch.autograd.graph.saved_tensors_hooks(*_refilter_hooks(u, weight, tile)):
         return _OP(x, u, bias, False)
@@ -352,7 +387,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             backend: str | None = None) -> torch.Tensor:
     """3x3 convolution, stride 1, zero padding 1: x (B, C_in, H, W) float, weight
     (C_out, C_in, 3, 3), bias (C_out,) or None -> (B, C_out, H, W), in x's layout (contiguous or
-    channels_last). Differentiable with respect to all three."""
+    channels_last). Differentiable with respect to all three; once only with the cpp backend
+    (differentiating its gradients again raises: use ``backend="ref"`` for double backward)."""
     _check(x, weight, bias)
     if (backend is None and min(weight.shape[0], weight.shape[1]) < MIN_WINOGRAD_CHANNELS
             and _env_choice() is None):
@@ -377,4 +413,7 @@ class Conv3x3(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.kernel_size) \
+                != ((1, 1), (1, 1), (1, 1), 1, "zeros", (3, 3)):
+            return super().forward(x)  # attributes changed after construction: nn.Conv2d's own meaning
         return conv3x3(x, self.weight, self.bias)

@@ -23,8 +23,16 @@ def test_psnr_hand_formula():
         mse = float(((x[i].double() - y[i].double()) ** 2).mean())
         assert got[i].item() == pytest.approx(10 * math.log10(4.0 / mse), rel=1e-12)
     assert torch.isinf(psnr(x, x)).all()
-    # values outside [-1, 1] are clamped first
-    assert torch.isinf(psnr(torch.full((1, 3, 2, 2), 3.0), torch.ones(1, 3, 2, 2))).all()
+    # a slight overshoot is clamped first; values far outside [-1, 1] are another range (float
+    # images in 0..255 had been clamped into plausible but wrong figures)
+    assert torch.isinf(psnr(torch.full((1, 3, 2, 2), 1.2), torch.ones(1, 3, 2, 2))).all()
+    for metric, shape in ((psnr, (1, 3, 2, 2)), (ssim, (1, 3, 16, 16))):
+        with pytest.raises(ValueError, match="y must be in \\[-1, 1\\], got values up to 255"):
+            metric(torch.zeros(shape), torch.full(shape, 255.0))
+        with pytest.raises(ValueError, match="empty batch or no channels"):
+            metric(torch.zeros(0, *shape[1:]), torch.zeros(0, *shape[1:]))
+        with pytest.raises(ValueError, match="empty batch or no channels"):
+            metric(torch.zeros(1, 0, *shape[2:]), torch.zeros(1, 0, *shape[2:]))
     # an error of 2 everywhere (black vs white) is 0 dB
     assert psnr(-torch.ones(1, 3, 2, 2), torch.ones(1, 3, 2, 2)).item() == pytest.approx(0.0)
     with pytest.raises(ValueError, match=r"one shape \(B, C, H, W\), got \(3, 3, 5, 7\) and \(3, 2, 5, 7\)"):

@@ -78,12 +78,14 @@ def test_cpp_gradient_from_a_channel_slice(tile, monkeypatch):
         joined = torch.cat([fn(xi, wi, bi), other], dim=1)
         g = torch.randn(joined.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         g = g.contiguous(memory_format=torch.channels_last)
-        with torch.profiler.profile() as prof:
+        with torch.profiler.profile(record_shapes=True) as prof:
             grads.append(torch.autograd.grad(joined, (xi, wi, bi), g))
-        ops_run = ops_run or {e.name for e in prof.events()}
+        # (name, first input's shape): the slice is (2, 36, 11, 13)
+        ops_run = ops_run or {(e.name, tuple(e.input_shapes[0]) if e.input_shapes else ()) for e in prof.events()}
     # the cpp backward reads the slice in place and sums the bias gradient in its own pass
-    assert "dito_fast::winograd_conv3x3_weight_grad" in ops_run
-    assert not {"aten::copy_", "aten::clone", "aten::sum"} & ops_run, ops_run
+    assert "dito_fast::winograd_conv3x3_weight_grad" in {name for name, _ in ops_run}
+    copies = {(name, shape) for name, shape in ops_run if name in ("aten::copy_", "aten::clone", "aten::sum")}
+    assert not {c for c in copies if c[1] == (2, 36, 11, 13)}, copies
     for o, r, what in zip(*grads, ("grad x", "grad weight", "grad bias")):
         torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-9, msg=what)
     assert grads[0][0].is_contiguous(memory_format=torch.channels_last)
@@ -254,6 +256,11 @@ def test_errors_name_the_problem():
         conv3x3(x, torch.randn(6, 4, 3, 3), 1.0)
     with pytest.raises(ValueError, match="non-empty"):
         conv3x3(torch.randn(0, 4, 5, 5), torch.randn(6, 4, 3, 3))
+    for backend in (None, "ref") + (("cpp",) if not CPP_REASON else ()):  # cpp had returned (2, 0, 5, 5)
+        with pytest.raises(ValueError, match=r"weight has no output channels \(shape \(0, 40, 3, 3\)\)"):
+            conv3x3(torch.randn(2, 40, 5, 5), torch.randn(0, 40, 3, 3), backend=backend)
+    with pytest.raises(TypeError, match="bias is torch.float64 but weight is torch.float32"):
+        conv3x3(x, torch.randn(6, 4, 3, 3), torch.randn(6, dtype=torch.float64))
     with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.int64"):
         conv3x3(torch.ones(1, 4, 5, 5, dtype=torch.long), torch.randn(6, 4, 3, 3))
     with pytest.raises(TypeError, match="weight must be float32, float64, float16 or bfloat16, got torch.float8_e4m3fn"):
@@ -493,3 +500,77 @@ def test_outer_saved_tensor_hooks_keep_their_say():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
         conv3x3(x, w, None, backend="cpp").sum().backward()
     assert any(len(shape) == 3 for shape in packed)  # the outer hooks saw the transformed filter
+
+
+@needs_cpp
+def test_filter_cache_can_be_cleared_and_skips_shared_weights():
+    """Writes the version counter does not see (through .data) leave the cached filter stale until
+    clear_filter_cache; weights in shared memory (Hogwild) are never cached."""
+    from dito_fast.ops import clear_filter_cache
+    from dito_fast.ops.conv3x3 import _FILTER_CACHE
+
+    conv = Conv3x3(32, 32)
+    x = torch.randn(2, 32, 6, 6)
+    with torch.inference_mode():
+        conv(x)
+    assert conv.weight.untyped_storage() in _FILTER_CACHE
+    conv.weight.data.mul_(-1)  # not recorded by the version counter
+    clear_filter_cache(conv)
+    assert conv.weight.untyped_storage() not in _FILTER_CACHE
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+    clear_filter_cache()
+    assert len(_FILTER_CACHE) == 0
+    conv.share_memory()
+    with torch.inference_mode():
+        conv(x)
+    assert conv.weight.untyped_storage() not in _FILTER_CACHE
+
+
+@needs_cpp
+def test_weight_gradient_is_contiguous():
+    """As F.conv2d's: functional training loops .view the gradients autograd.grad returns."""
+    conv = Conv3x3(32, 40)
+    (gw,) = torch.autograd.grad(conv(torch.randn(2, 32, 8, 8)).sum(), conv.weight)
+    assert gw.is_contiguous() and gw.shape == conv.weight.shape
+    gw.view(-1)
+
+
+def test_module_with_changed_conv_attributes_follows_nn_conv2d():
+    """Conv3x3 is an nn.Conv2d: tools that change stride, dilation or padding_mode afterwards get
+    nn.Conv2d's result, not a silent stride-1 zero-padded convolution."""
+    x = torch.randn(2, 32, 9, 9)
+    for attr, value in [("stride", (2, 2)), ("dilation", (2, 2)), ("padding_mode", "reflect")]:
+        conv = Conv3x3(32, 40)
+        plain = torch.nn.Conv2d(32, 40, 3, padding=1)
+        plain.load_state_dict(conv.state_dict())
+        setattr(conv, attr, value)
+        setattr(plain, attr, value)
+        torch.testing.assert_close(conv(x), plain(x))
+
+
+@needs_cpp
+def test_weight_made_in_inference_mode_trains_the_input():
+    """A weight created under inference_mode has no version counter: the cpp backend keeps the
+    transformed filter for the backward instead of failing on the counter."""
+    with torch.inference_mode():
+        w = torch.randn(40, 32, 3, 3) * 0.1
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    conv3x3(x, w, backend="cpp").square().sum().backward()
+    x2 = x.detach().requires_grad_()
+    F.conv2d(x2, w.clone(), padding=1).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-3)
+
+
+@needs_cpp
+def test_flop_counter_counts_the_nominal_convolution():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = Conv3x3(32, 40)
+    x = torch.randn(2, 32, 16, 16, requires_grad=True)
+    nominal = 2 * 2 * 16 * 16 * 32 * 40 * 9
+    with FlopCounterMode(display=False) as counter:
+        conv(x).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    assert counts[torch.ops.dito_fast.winograd_conv3x3] == 2 * nominal  # forward and input gradient
+    assert counts[torch.ops.dito_fast.winograd_conv3x3_weight_grad] == nominal
