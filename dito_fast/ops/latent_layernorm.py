@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import _cpp, _triton
+from ._cpp import memory_format_of
 from ._dispatch import Backend, always_supported, check_dtype, dispatch
 
 
@@ -22,17 +24,16 @@ def _check(z, eps):
         raise ValueError(f"latent_layernorm: eps must be finite and >= 0, got {eps}")
 
 
-def latent_layernorm_ref(z: torch.Tensor, eps: float = 1e-5, upcast: bool = True) -> torch.Tensor:
-    """Reference: (z - mean) / sqrt(var + eps) with mean/var over dims (1, 2, 3) of each sample.
+def latent_layernorm_ref(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Reference: ATen's layer norm over (C, H, W) without affine, (z - mean) / sqrt(var + eps)
+    with the mean and biased variance of each sample (``F.layer_norm(z, z.shape[1:])``, the one
+    call an eager user would write; half precision accumulates in float32).
 
-    z: (B, C, H, W) floating. Returns the same shape and dtype. ``upcast`` computes in float32
-    for half-precision inputs.
+    z: (B, C, H, W) floating. Returns the same shape, dtype and memory format.
     """
     _check(z, eps)
-    zc = z.float() if upcast and z.dtype in (torch.float16, torch.bfloat16) else z
-    mean = zc.mean(dim=(1, 2, 3), keepdim=True)
-    var = zc.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-    return ((zc - mean) * torch.rsqrt(var + eps)).to(z.dtype)
+    y = F.layer_norm(z, z.shape[1:], eps=eps)
+    return y.contiguous(memory_format=torch.channels_last) if memory_format_of(z) == torch.channels_last else y
 
 
 _OP = torch.ops.dito_fast.latent_layernorm.default if _cpp.AVAILABLE else None  # autograd: csrc/autograd.cpp

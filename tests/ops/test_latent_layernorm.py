@@ -33,7 +33,7 @@ def test_cpp_matches_reference(shape, dtype, layout):
         z = torch.cat([z, z], dim=2)[:, :, ::2]
     y, gz = _grads(latent_layernorm, z, backend="cpp")
     y64, gz64 = _grads(latent_layernorm_ref, z.double())
-    yt, gzt = _grads(lambda a, eps: latent_layernorm_ref(a, eps, upcast=False), z)
+    yt, gzt = _grads(latent_layernorm_ref, z)  # torch's own layer norm in this dtype
     assert y.dtype == dtype and gz.dtype == dtype
     assert_close_to_ref(y, y64, dtype, yt, "y")
     assert_close_to_ref(gz, gz64, dtype, gzt, "grad z")
