@@ -173,7 +173,8 @@ class DiTo(nn.Module):
             raise ValueError(f"z of {z.shape[-2]}x{z.shape[-1]} gives {z.shape[-2] * f}x{z.shape[-1] * f} images, "
                              f"but x_t is {x_t.shape[-2]}x{x_t.shape[-1]}")
         if not isinstance(t, torch.Tensor):
-            t = torch.full((B,), float(t), device=x_t.device)
+            dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+            t = torch.full((B,), float(t), device=x_t.device, dtype=dtype)
         elif t.dim() == 0:
             t = t.expand(B)
         if t.shape != (B,):
@@ -225,7 +226,7 @@ class DiTo(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, **decode_kwargs) -> torch.Tensor:
-        """encode then decode; returns images like x."""
+        """encode then decode: images (B, 3, H, W) like x's, float32 (float64 for a float64 model)."""
         return self.decode(self.encode(x), **decode_kwargs)
 
     # -- persistence -------------------------------------------------------------------------
@@ -254,6 +255,7 @@ class DiTo(nn.Module):
                 raise FileNotFoundError(f"missing {p.name} in model directory {directory}")
         try:
             config = from_dict(ModelConfig, json.loads(cfg_path.read_text()))
+            validate_model_config(config)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"invalid model config {cfg_path}: {e}") from None
         model = cls(config)

@@ -208,6 +208,12 @@ def list_checkpoints(run_dir) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path) -> int | None:
+    """The step of a checkpoint directory named ``step_N``, else None."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def latest_checkpoint(run_dir) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None

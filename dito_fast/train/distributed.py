@@ -67,11 +67,6 @@ class DistContext:
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def launched_by_torchrun() -> bool:
-    """True when the torchrun (torch.distributed.run) environment variables are set."""
-    return all(k in os.environ for k in _LAUNCH_VARS)
-
-
 def _env_int(name: str) -> int:
     value = os.environ[name]
     try:
@@ -121,9 +116,9 @@ def resolve_backend(requested: str, device_type: str) -> str:
 def rank_device(name: str, local_rank: int, distributed: bool) -> torch.device:
     """The device of this worker for ``train.device`` = ``name``: "auto" is CUDA when available,
     else CPU. Under torchrun a CUDA device without an index becomes ``cuda:LOCAL_RANK``, or
-    ``cuda:0`` when each process sees one GPU (``CUDA_VISIBLE_DEVICES`` set per process); an
-    explicit index with several visible GPUs is refused for LOCAL_RANK > 0 (it would put every
-    worker of the node on that GPU)."""
+    ``cuda:0`` when ``CUDA_VISIBLE_DEVICES`` leaves each process one GPU; an explicit index other
+    than LOCAL_RANK with several visible GPUs is refused (it would put every worker of the node on
+    that GPU)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -136,16 +131,16 @@ def rank_device(name: str, local_rank: int, distributed: bool) -> torch.device:
                              f"{torch.cuda.device_count()} CUDA devices visible)")
         count = torch.cuda.device_count()
         if distributed and dev.index is None:
-            if count == 1:
-                return torch.device("cuda", 0)  # one visible GPU per process
+            if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
+                return torch.device("cuda", 0)  # one GPU made visible to each process
             if local_rank >= count:
                 raise ValueError(f"LOCAL_RANK {local_rank} but only {count} CUDA devices are visible: start at most one "
                                  "worker per GPU (torchrun --nproc-per-node), or give each process its own GPU "
                                  "with CUDA_VISIBLE_DEVICES")
             dev = torch.device("cuda", local_rank)
-        elif distributed and local_rank > 0 and count > 1:
-            raise ValueError(f"device {name!r} under torchrun with LOCAL_RANK {local_rank} would put every worker of "
-                             f"this node on one GPU: use 'cuda' (or 'auto'), and each worker takes cuda:LOCAL_RANK")
+        elif distributed and count > 1 and dev.index != local_rank:
+            raise ValueError(f"device {name!r} for the worker with LOCAL_RANK {local_rank}: every worker of this node "
+                             f"would use GPU {dev.index}; use 'cuda' (or 'auto'), and each worker takes cuda:LOCAL_RANK")
     return dev
 
 

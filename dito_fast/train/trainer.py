@@ -299,31 +299,51 @@ def _restore_rng(state: dict, ctx: DistContext, device: torch.device, seed: int,
 _JOB_MARKER = ".torchrun_job"
 
 
+def _read_job_marker(marker: Path) -> dict | None:
+    """The marker a torchrun job's accepted first attempt wrote (run id, start checkpoint, the
+    checkpoints the folder held then), or None (absent or unreadable)."""
+    try:
+        mine = json.loads(marker.read_text())
+        return mine if isinstance(mine, dict) and isinstance(mine.get("run_id"), str) else None
+    except (OSError, ValueError):
+        return None
+
+
 def _resume_point(run_dir: Path, resume, ctx: DistContext):
     """Rank 0's decision: ("ok", checkpoint path or None) or (exception class name, message).
 
-    A torchrun restart (attempt > 0) of a job whose first attempt started in ``run_dir`` (the
-    marker holds its run id, written once that attempt was accepted) resumes from the job's own
-    latest complete checkpoint, whatever ``resume`` says; before the job has written one it
-    starts as the first attempt did. The first attempt clears the marker before deciding, so a
-    new job with a reused run id (``--rdzv-id``, or "none" for a static rendezvous) that is refused
-    (the folder holds another run's checkpoints) stays refused on its restarts instead of taking
-    that run over."""
+    A torchrun restart (attempt > 0) of a job whose first attempt was accepted in ``run_dir`` (the
+    marker holds its run id) resumes from the newest checkpoint the job itself wrote there (one
+    the folder did not hold when the job started), whatever ``resume`` says; before the job has
+    written one it starts where the first attempt did. A first attempt whose run id is the
+    marker's (a new launch reusing ``--rdzv-id``, or "none" for a static rendezvous) clears it, so
+    if it is refused (the folder holds another run's checkpoints) its restarts stay refused
+    instead of taking that run over; another job's marker is left alone. Resuming from a given
+    checkpoint into a folder that holds newer ones is refused: they would be taken for this run's
+    (by ``--resume`` and by pruning)."""
     marker = run_dir / _JOB_MARKER
-    if ctx.restart_count == 0:
-        marker.unlink(missing_ok=True)
-    elif ctx.run_id and marker.is_file() and marker.read_text().strip() == ctx.run_id:
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is not None or resume is False:
+    mine = _read_job_marker(marker) if ctx.run_id else None
+    if mine is not None and mine["run_id"] == ctx.run_id:
+        if ctx.restart_count > 0:
+            held = set(mine.get("held", []))
+            own = [c for c in ckpt.list_checkpoints(run_dir) if c.name not in held]
+            start = own[-1] if own else (Path(mine["start"]) if mine.get("start") else None)
             logger.warning("torchrun restart %d of job %s: resuming from %s", ctx.restart_count, ctx.run_id,
-                           latest if latest is not None else "the start (no checkpoint written yet)")
-            return "ok", latest
+                           start if start is not None else "the start (no checkpoint written yet)")
+            return "ok", start
+        marker.unlink(missing_ok=True)
     if resume is True:
         return "ok", ckpt.latest_checkpoint(run_dir)
     if resume:
         path = Path(resume)
         if not (path / "COMPLETE").is_file():
             return "FileNotFoundError", f"not a complete checkpoint directory: {path}"
+        step = ckpt.checkpoint_step(path)
+        newer = [c for c in ckpt.list_checkpoints(run_dir) if step is not None and ckpt.checkpoint_step(c) > step]
+        if newer:
+            return "FileExistsError", (f"{run_dir} holds checkpoints newer than {path} ({newer[-1].name}): they "
+                                       "would be taken for this run's; choose another output directory (--out) or "
+                                       "move them away")
         return "ok", path
     if ckpt.latest_checkpoint(run_dir) is not None:
         return "FileExistsError", (f"{run_dir} already holds checkpoints; pass resume=True (--resume) to continue "
@@ -477,8 +497,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     resume_from = Path(detail) if detail is not None else None
     if is_main:
         ckpt.atomic_write_json(to_dict(cfg), run_dir / "config.json")
-        if ctx.run_id and ctx.distributed:
-            ckpt.atomic_write_text(ctx.run_id + "\n", run_dir / _JOB_MARKER)
+        if ctx.run_id and ctx.distributed and ctx.restart_count == 0:
+            ckpt.atomic_write_json({"run_id": ctx.run_id, "start": None if resume_from is None else str(resume_from),
+                                    "held": [c.name for c in ckpt.list_checkpoints(run_dir)]}, run_dir / _JOB_MARKER)
 
     # -- model, EMA (built identically on every rank), checkpoint weights in the full format
     torch.manual_seed(t_cfg.seed)  # weight init

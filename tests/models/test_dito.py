@@ -3,6 +3,7 @@ save/load, seeded decoding and input validation."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -350,6 +351,10 @@ def test_velocity_takes_a_scalar_time_and_names_bad_shapes(micro_model):
             micro_model.velocity(x_t, 0.5, z[..., :2])
         with pytest.raises(ValueError, match=r"z must have shape \(2, 4, h, w\)"):
             micro_model.velocity(x_t, 0.5, z[:1])
+        m64 = copy.deepcopy(micro_model).double()  # a Python float is not rounded to float32 there
+        t64 = torch.full((2,), 0.3, dtype=torch.float64)
+        x64, z64 = x_t.double(), z.double()
+        torch.testing.assert_close(m64.velocity(x64, 0.3, z64), m64.velocity(x64, t64, z64), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("overrides, msg", [
@@ -368,7 +373,7 @@ def test_model_config_is_validated_at_construction(overrides, msg, micro_model, 
         for k, v in (value.items() if isinstance(value, dict) else [(key.split(".")[1], value)]):
             cfg[key.split(".")[0]][k] = v
     (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(ValueError, match=f"invalid model config {tmp_path / CONFIG_NAME}: .*{msg}"):
         DiTo.from_pretrained(tmp_path)
 
 

@@ -264,28 +264,49 @@ def test_fault_point_spec(monkeypatch):
         distributed.fault_point("after_step", 1, ctx)
 
 
+def _marker(run_dir, run_id="job-a", start=None, held=()):
+    """The marker an accepted first attempt of torchrun job ``run_id`` writes."""
+    (run_dir / ".torchrun_job").write_text(json.dumps({"run_id": run_id, "start": start and str(start),
+                                                       "held": list(held)}))
+
+
+def _ctx(restart_count, run_id="job-a"):
+    return DistContext(rank=0, world_size=2, backend="gloo", restart_count=restart_count, run_id=run_id)
+
+
 def test_restart_of_the_same_job_resumes(tmp_path):
+    _marker(tmp_path)
+    assert _resume_point(tmp_path, False, _ctx(1)) == ("ok", None)  # nothing written yet: from the start
     ckpt.write_checkpoint(tmp_path, 2, {"config.json": {}})
     latest = tmp_path / "checkpoints" / "step_00000002"
-    (tmp_path / ".torchrun_job").write_text("job-a\n")  # written by job-a's accepted first attempt
-    restarted = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-a")
-    assert _resume_point(tmp_path, False, restarted) == ("ok", latest)
-    # started with --resume <another run's checkpoint>: a restart takes the job's own latest
-    other = tmp_path / "elsewhere"
-    ckpt.write_checkpoint(other, 1, {"config.json": {}})
-    assert _resume_point(tmp_path, other / "checkpoints" / "step_00000001", restarted) == ("ok", latest)
-    other_job = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-b")
-    assert _resume_point(tmp_path, False, other_job)[0] == "FileExistsError"
+    assert _resume_point(tmp_path, False, _ctx(1)) == ("ok", latest)
+    assert _resume_point(tmp_path, False, _ctx(1, "job-b"))[0] == "FileExistsError"
 
 
-def test_restart_before_the_first_checkpoint_starts_again(tmp_path):
-    (tmp_path / ".torchrun_job").write_text("job-a\n")
-    restarted = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-a")
-    assert _resume_point(tmp_path, False, restarted) == ("ok", None)
-    given = tmp_path / "elsewhere"
-    ckpt.write_checkpoint(given, 1, {"config.json": {}})
-    given = given / "checkpoints" / "step_00000001"
-    assert _resume_point(tmp_path, given, restarted) == ("ok", given)  # --resume <ckpt>: as the first attempt
+def test_restart_of_a_job_started_from_a_checkpoint(tmp_path):
+    """--resume <checkpoint>: a restart takes the newest checkpoint the job wrote in --out, or
+    the given one before the job wrote any; checkpoints the folder already held are not its own."""
+    given = tmp_path / "a"
+    ckpt.write_checkpoint(given, 3, {"config.json": {}})
+    given = given / "checkpoints" / "step_00000003"
+    run = tmp_path / "b"
+    ckpt.write_checkpoint(run, 1, {"config.json": {}})  # an older run's
+    _marker(run, start=given, held=["step_00000001"])
+    assert _resume_point(run, given, _ctx(1)) == ("ok", given)
+    ckpt.write_checkpoint(run, 5, {"config.json": {}})
+    assert _resume_point(run, given, _ctx(1)) == ("ok", run / "checkpoints" / "step_00000005")
+
+
+def test_resume_from_a_checkpoint_into_a_folder_with_newer_ones_is_refused(tmp_path):
+    """A rewind into the same folder (--resume .../step_300 with step_500 there): the newer ones
+    would be taken for this run's by --resume and by pruning."""
+    for step in (3, 4, 5):
+        ckpt.write_checkpoint(tmp_path, step, {"config.json": {}})
+    back = tmp_path / "checkpoints" / "step_00000003"
+    status, msg = _resume_point(tmp_path, back, _ctx(0))
+    assert status == "FileExistsError" and "newer than" in msg and "step_00000005" in msg
+    assert _resume_point(tmp_path, tmp_path / "checkpoints" / "step_00000005", _ctx(0)) == (
+        "ok", tmp_path / "checkpoints" / "step_00000005")
 
 
 def test_a_refused_job_with_a_reused_run_id_stays_refused(tmp_path):
@@ -293,12 +314,20 @@ def test_a_refused_job_with_a_reused_run_id_stays_refused(tmp_path):
     "none" with a static rendezvous): its first attempt is refused and clears the old marker, so
     its restarts are refused too instead of taking the old run over."""
     ckpt.write_checkpoint(tmp_path, 2, {"config.json": {}})
-    (tmp_path / ".torchrun_job").write_text("job-a\n")  # left by the old job
-    fresh = DistContext(rank=0, world_size=2, backend="gloo", restart_count=0, run_id="job-a")
-    assert _resume_point(tmp_path, False, fresh)[0] == "FileExistsError"
+    _marker(tmp_path)  # left by the old job
+    assert _resume_point(tmp_path, False, _ctx(0))[0] == "FileExistsError"
     assert not (tmp_path / ".torchrun_job").exists()
-    restarted = DistContext(rank=0, world_size=2, backend="gloo", restart_count=1, run_id="job-a")
-    assert _resume_point(tmp_path, False, restarted)[0] == "FileExistsError"
+    assert _resume_point(tmp_path, False, _ctx(1))[0] == "FileExistsError"
+
+
+def test_a_refused_intruder_leaves_the_running_jobs_marker(tmp_path):
+    """Another job, or a single process, started into a running job's folder by mistake is
+    refused and does not touch that job's marker, so the job's own restarts still resume."""
+    ckpt.write_checkpoint(tmp_path, 2, {"config.json": {}})
+    _marker(tmp_path)
+    assert _resume_point(tmp_path, False, _ctx(0, "job-b"))[0] == "FileExistsError"
+    assert _resume_point(tmp_path, False, DistContext())[0] == "FileExistsError"
+    assert _resume_point(tmp_path, False, _ctx(1)) == ("ok", tmp_path / "checkpoints" / "step_00000002")
 
 
 @pytest.mark.parametrize("env, msg", [
@@ -333,14 +362,19 @@ def test_launch_environment_of_one_process(monkeypatch):
 
 def test_cuda_device_per_rank(monkeypatch):
     """Without a GPU: torch.cuda's answers patched. One visible GPU per process (CUDA_VISIBLE_DEVICES
-    per task) gives cuda:0; an explicit index for LOCAL_RANK > 0 with several GPUs is refused."""
+    per task) gives cuda:0; an explicit index other than LOCAL_RANK with several GPUs is refused."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError, match="start at most one worker per GPU"):  # 2 workers, 1 GPU
+        distributed.rank_device("cuda", 1, True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert distributed.rank_device("cuda", 3, True) == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert distributed.rank_device("auto", 3, True) == torch.device("cuda", 3)
     assert distributed.rank_device("cuda:0", 0, True) == torch.device("cuda", 0)
-    with pytest.raises(ValueError, match="would put every worker of this node on one GPU"):
+    assert distributed.rank_device("cuda:2", 2, True) == torch.device("cuda", 2)  # --device cuda:$LOCAL_RANK
+    with pytest.raises(ValueError, match="every worker of this node would use GPU 0"):
         distributed.rank_device("cuda:0", 1, True)
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
         distributed.rank_device("cuda", 5, True)
