@@ -16,7 +16,7 @@
   alone / synced step (what it would cost with no overlap at all), and the three times.
 
 What the numbers are: two cores shared by both configurations (and by anything else running),
-gloo over loopback TCP, a 1.5 M-parameter model (5.8 MB of fp32 gradients). On GPU clusters (NCCL over NVLink/InfiniBand)
+gloo over loopback TCP, a 1.5 M-parameter model (5.8 MiB of fp32 gradients). On GPU clusters (NCCL over NVLink/InfiniBand)
 neither figure transfers; there DDP's bucketed all-reduces (25 MB buckets) start while the
 backward pass is still computing earlier layers, so the exposed share is what is left after
 the last bucket. To check it on a cluster: compare ``backward_s`` in metrics.jsonl with

@@ -41,10 +41,11 @@ def interleaved_medians(fns: dict, rounds: int, before: Callable | None = None) 
     """Median seconds of each function of ``fns``, timed in alternation so that drifts in machine
     load hit every variant alike. Each round runs every function once, in its own order (a
     shuffle with a fixed seed): with one fixed order each function always runs right after the
-    same neighbour, whose footprint it pays. On this machine a small fused op timed right after
-    the torch.compile'd provider took 1.08-2.4x as long as the very same call placed after the
-    one-op floor (``bench_ops.py::test_interleaving_order_bias``, four runs). ``before(name)`` runs
-    untimed before each call (e.g. to select a backend)."""
+    same neighbour, whose footprint it pays. A small fused op timed right after the
+    torch.compile'd provider took up to 2.4x as long as the very same call placed after the
+    one-op floor in the runs of 2026-12-01/02 (``bench_ops.py::test_interleaving_order_bias``),
+    1.04x / 1.17x (forward+backward / forward) in ``results/ops_model_2026-12-03.json``.
+    ``before(name)`` runs untimed before each call (e.g. to select a backend)."""
     names = list(fns)
     order_rng = random.Random(0)
     times = {name: [] for name in names}

@@ -214,7 +214,7 @@ def main(path: str) -> None:
                                                           ("data_wait", "forward", "backward", "optimizer")) + " |")
         print(f"\nscaling efficiency (2x1 vs 1x2): {e['scaling_efficiency']:.2f}")
     if comm:
-        print(f"communication: all-reduce of {comm['grad_mb']:.1f} MB gradients {comm['allreduce_s'] * 1e3:.1f} ms = "
+        print(f"communication: all-reduce of {comm['grad_mb']:.1f} MiB gradients {comm['allreduce_s'] * 1e3:.1f} ms = "
               f"{comm['allreduce_share']:.1%} of a synced step ({comm['step_sync_s'] * 1e3:.0f} ms); exposed "
               f"(synced - no_sync) {comm['exposed_comm_share']:.1%}")
 
