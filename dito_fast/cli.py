@@ -169,7 +169,7 @@ def cmd_train(args) -> int:
             preset = None  # the same model: the saved settings, exactly
     try:
         cfg = C.resolve_run_config(preset, config_file, overrides)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e.args[0] if e.args else e}")
     if args.dry_run:
         print(json.dumps(C.to_dict(cfg), indent=2))

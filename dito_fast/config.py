@@ -244,24 +244,41 @@ def _coerce(key: str, value: Any, like: Any) -> Any:
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
-            return bool(value)
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+                return bool(value)
+            raise ValueError(value)
         if isinstance(like, tuple):
             if isinstance(value, str):
                 value = json.loads(value if value.startswith("[") else f"[{value}]")
-            return tuple(type(like[0])(v) for v in value) if like else tuple(value)
-        if isinstance(like, (int, float)) and not isinstance(value, (int, float)):
-            value = json.loads(value) if isinstance(value, str) else value
-        if isinstance(like, (int, float)) and isinstance(value, bool):  # bool is an int to Python
-            raise ValueError(value)
-        if isinstance(like, float):
-            return float(value)
-        if isinstance(like, int):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            items = tuple(value)
+            if not like:
+                return items
+        elif isinstance(like, str):
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+        elif isinstance(like, (int, float)):
+            if isinstance(like, float) and isinstance(value, str):
+                try:
+                    return float(value)  # Python's spellings too: .5, 1., inf, 1_000
+                except ValueError:
+                    pass
+            if not isinstance(value, (int, float)):
+                value = json.loads(value) if isinstance(value, str) else value
+            if isinstance(value, bool):  # bool is an int to Python
+                raise ValueError(value)
+            if isinstance(like, float):
+                return float(value)
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
-        return value
+        else:
+            return value
     except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"config key {key!r}: cannot use {value!r} (expected {type(like).__name__})") from e
+    return tuple(_coerce(f"{key}[{i}]", v, like[0]) for i, v in enumerate(items))  # a tuple: each element
 
 
 def resolve_run_config(preset: str | None = None, config_file: str | None = None,
@@ -278,6 +295,9 @@ def resolve_run_config(preset: str | None = None, config_file: str | None = None
             raise FileNotFoundError(f"config file not found: {config_file}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"config file {config_file} is not valid JSON: {e}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"config file {config_file} must hold a JSON object of sections ({{\"model\": {{...}}, "
+                             f"\"train\": {{...}}, ...}}), got {json.dumps(data)[:80]}")
         if preset is not None and "model" in data and "name" in data["model"]:
             data = copy.deepcopy(data)
             data["model"].pop("name")
@@ -291,6 +311,26 @@ def resolve_run_config(preset: str | None = None, config_file: str | None = None
 def validate_model_config(m: ModelConfig) -> None:
     """Raise ``ValueError`` naming the first inconsistent model setting (``DiTo`` calls it, so a
     typo in a preset override or a config.json fails at construction, not silently in training)."""
+    e, dec = m.encoder, m.decoder
+    for key, chans in (("encoder.channel_mult", e.channel_mult), ("decoder.level_channels", dec.level_channels)):
+        if not chans or any(c < 1 for c in chans):
+            raise ValueError(f"{key} must be a non-empty list of positive integers, got {list(chans)}")
+    for key, value, least in (("encoder.base_channels", e.base_channels, 1), ("encoder.latent_channels",
+                              e.latent_channels, 1), ("encoder.norm_groups", e.norm_groups, 1),
+                              ("encoder.num_res_blocks", e.num_res_blocks, 0), ("decoder.norm_groups", dec.norm_groups, 1),
+                              ("decoder.num_res_blocks", dec.num_res_blocks, 0), ("decoder.time_embed_dim",
+                              dec.time_embed_dim, 1), ("decoder.time_freq_dim", dec.time_freq_dim, 2)):
+        if value < least:
+            raise ValueError(f"{key} must be >= {least}, got {value}")
+    if dec.time_freq_dim % 2:
+        raise ValueError(f"decoder.time_freq_dim must be even (cosine and sine halves), got {dec.time_freq_dim}")
+    if e.in_channels != 3 or dec.out_channels != 3:
+        raise ValueError(f"encoder.in_channels and decoder.out_channels must be 3 (RGB), got {e.in_channels}, "
+                         f"{dec.out_channels}")
+    for key, value in (("latent_norm_eps", m.latent_norm_eps), ("flow.time_logit_mean", m.flow.time_logit_mean),
+                       ("flow.time_logit_std", m.flow.time_logit_std)):
+        if not math.isfinite(value):
+            raise ValueError(f"{key} must be finite, got {value}")
     if m.flow.objective not in ("velocity", "epsilon", "x0"):
         raise ValueError(f"flow.objective must be velocity|epsilon|x0, got {m.flow.objective!r}")
     if m.flow.noise_sync_time_rule not in ("above", "independent"):
@@ -333,6 +373,11 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"data.check_files must be header|decode|none, got {d.check_files!r}")
     if d.workers < 0 or d.image_size < 1:
         raise ValueError(f"data.workers must be >= 0 and data.image_size >= 1, got {d.workers}, {d.image_size}")
+    if t.seed < 0:
+        raise ValueError(f"train.seed must be >= 0, got {t.seed}")
+    if d.source in ("synthetic", "builtin") and d.num_synthetic_images < 1:
+        raise ValueError(f"data.num_synthetic_images must be >= 1 for data.source={d.source!r}, "
+                         f"got {d.num_synthetic_images}")
     if t.steps < 1 or t.batch_size < 1:
         raise ValueError("train.steps and train.batch_size must be >= 1")
     if t.lr_decay not in ("none", "cosine"):

@@ -87,7 +87,7 @@ __all__ = [
 
 
 def make_dataset(source: "str | os.PathLike[str]", size: int, train: bool = True, seed: int = 0,
-                 num_synthetic: int = 10000) -> Dataset:
+                 num_synthetic: int = 10000, hflip: bool = True) -> Dataset:
     """Build the dataset named by ``source``; items are float32 (3, size, size) in [-1, 1].
 
     Args:
@@ -100,6 +100,7 @@ def make_dataset(source: "str | os.PathLike[str]", size: int, train: bool = True
         train: random crops/flips (True) or deterministic center/grid crops (False).
         seed: base seed of all per-item randomness.
         num_synthetic: number of synthetic images (and of photo crops for "builtin").
+        hflip: random left-right flips of the training crops (photographs and folders).
     Raises:
         ValueError: ``source`` is neither a known name nor an existing directory.
     """
@@ -110,12 +111,12 @@ def make_dataset(source: "str | os.PathLike[str]", size: int, train: bool = True
         parts: List[Dataset] = [SyntheticImages(num_synthetic, size, seed=seed)]
         photos = bundled_photographs()
         if photos:
-            parts.append(PhotoCrops(photos, size, num_crops=num_synthetic, seed=seed, train=train))
+            parts.append(PhotoCrops(photos, size, num_crops=num_synthetic, seed=seed, train=train, hflip=hflip))
         else:
             logger.info("make_dataset('builtin'): no bundled photographs, synthetic images only")
         return MixedDataset(parts)
     if os.path.isdir(source):
-        return ImageFolderDataset(source, size, train=train, seed=seed)
+        return ImageFolderDataset(source, size, train=train, seed=seed, hflip=hflip and train)
     if os.path.exists(source):
         raise ValueError(f"data source {source!r} is a file; expected 'synthetic', 'builtin' "
                          "or a directory of images")

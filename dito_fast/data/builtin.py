@@ -103,8 +103,8 @@ class PhotoCrops(Dataset):
     Item ``i`` comes from photograph ``i % len(photos)``.
 
     - train=True: the photograph is resized (bicubic) so its shorter side is a random integer
-      in [size, 2 * size], then cropped at a random position and flipped left-right with
-      p=0.5. Randomness is seeded from (seed, epoch, i); see ``set_epoch``.
+      in [size, 2 * size], then cropped at a random position and (``hflip``) flipped left-right
+      with p=0.5. Randomness is seeded from (seed, epoch, i); see ``set_epoch``.
     - train=False: deterministic. Each photograph gives k = ceil(num_crops / len(photos))
       crops on a g x g grid (g = ceil(sqrt(k))) laid evenly over the photograph resized to a
       shorter side of min(g, 2) * size; k = 1 is a center crop of the whole-photo view.
@@ -115,10 +115,11 @@ class PhotoCrops(Dataset):
         num_crops: dataset length.
         seed: base seed for train=True.
         train: random (True) or grid (False) crops.
+        hflip: random left-right flips of the train=True crops.
     """
 
     def __init__(self, photos: PhotoList, size: int, num_crops: int, seed: int = 0,
-                 train: bool = True):
+                 train: bool = True, hflip: bool = True):
         images = [p[1] if isinstance(p, tuple) else p for p in photos]
         self.names = [p[0] if isinstance(p, tuple) else f"photo{i}" for i, p in enumerate(photos)]
         if not images:
@@ -133,7 +134,7 @@ class PhotoCrops(Dataset):
         # Shrink once to the largest scale ever used, so items resize small images.
         self.photos = [resize_shorter_side(to_rgb(img), 2 * self.size)
                        if min(img.size) > 2 * self.size else to_rgb(img) for img in images]
-        self._random_crop = ImageTransform(self.size, crop="random", hflip=True)
+        self._random_crop = ImageTransform(self.size, crop="random", hflip=bool(hflip))
         self._grid = max(1, math.ceil(math.sqrt(math.ceil(self.num_crops / len(self.photos)))))
 
     def __len__(self) -> int:
@@ -181,11 +182,12 @@ HOLDOUT_PHOTOGRAPHS = ("astronaut", "coffee")
 
 
 def builtin_split(size: int, num_synthetic: int, seed: int = 0, val_seed: int = 1,
-                  num_val: int = 8) -> Tuple[Dataset, Dataset]:
+                  num_val: int = 8, hflip: bool = True) -> Tuple[Dataset, Dataset]:
     """Train / validation datasets for the "builtin" source, with whole photographs held out.
 
     Train: SyntheticImages(num_synthetic, size, seed) followed by ``num_synthetic`` random crops
-    (PhotoCrops, train=True) of the bundled colour photographs except HOLDOUT_PHOTOGRAPHS.
+    (PhotoCrops, train=True, flipped at random if ``hflip``) of the bundled colour photographs
+    except HOLDOUT_PHOTOGRAPHS.
     Validation (``num_val`` items): num_val // 2 deterministic crops of the held-out photographs,
     then synthetic images rendered with ``val_seed``. Without scikit-image both are synthetic only.
     Items are float32 (3, size, size) in [-1, 1]; both datasets have ``set_epoch``.
@@ -198,7 +200,7 @@ def builtin_split(size: int, num_synthetic: int, seed: int = 0, val_seed: int = 
     train_photos = [p for p in photos if p[0] not in held_names]
     train_parts: List[Dataset] = [SyntheticImages(num_synthetic, size, seed=seed)]
     if train_photos:
-        train_parts.append(PhotoCrops(train_photos, size, num_synthetic, seed=seed, train=True))
+        train_parts.append(PhotoCrops(train_photos, size, num_synthetic, seed=seed, train=True, hflip=hflip))
     num_photo_val = num_val // 2 if held else 0
     val_parts: List[Dataset] = []
     if num_photo_val:

@@ -201,7 +201,7 @@ class SyntheticImages(Dataset):
             return _mix(t, _color(rng), _color(rng))
         theta = rng.uniform(0, math.pi)
         u = self._xs * math.cos(theta) + self._ys * math.sin(theta)
-        period = rng.uniform(4, r / 3)
+        period = rng.uniform(4, max(4.0, r / 3))  # images under 6 pixels: a 4-pixel period
         if kind == 1:  # stripes, soft (sine) or hard (square wave)
             t = 0.5 + 0.5 * np.sin(2 * math.pi * u / period + rng.uniform(0, 2 * math.pi))
             if rng.random() < 0.5:

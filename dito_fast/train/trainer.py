@@ -77,7 +77,7 @@ def build_datasets(cfg: RunConfig) -> tuple[Dataset | data.Source, torch.Tensor]
         val = [data.SyntheticImages(max(n_val, 1), size, seed=val_seed)[i] for i in range(n_val)]
     elif d.source == "builtin":
         train_ds, val_ds = data.builtin_split(size, d.num_synthetic_images, seed=t.seed, val_seed=val_seed,
-                                         num_val=n_val)
+                                         num_val=n_val, hflip=d.hflip)
         val = [val_ds[i] for i in range(len(val_ds))]
     else:
         source = data.check_source(data.resolve_source(d, seed=t.seed), d.check_files, formats=data.DALI_FORMATS)

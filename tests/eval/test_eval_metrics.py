@@ -107,3 +107,23 @@ def test_save_image_round_trip(tmp_path):
     arr = np.array(Image.open(tmp_path / "sub" / "a.png"))
     assert arr.shape == (6, 10, 3) and arr.dtype == np.uint8
     assert torch.equal(torch.from_numpy(arr).permute(2, 0, 1), to_uint8(x))
+
+
+def test_report_helpers_name_bad_input(tmp_path):
+    """uint8 input to to_uint8 had been garbled ([0, 128, 255] -> [128, 255, 255]); rows of another
+    batch size in make_grid had raised IndexError or been cut; save_image of a (1, 3, H, W) batch
+    or a grey image had failed inside PIL."""
+    with pytest.raises(TypeError, match="floating images"):
+        to_uint8(torch.tensor([0, 128, 255], dtype=torch.uint8))
+    assert to_uint8(torch.tensor([float("nan"), 1.0])).tolist() == [0, 255]
+    with pytest.raises(ValueError, match="batches of one shape"):
+        make_grid([torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 4, 4)])
+    with pytest.raises(ValueError, match="batches of one shape"):
+        make_grid([])
+    x = torch.rand(1, 3, 6, 10) * 2 - 1
+    save_image(x, tmp_path / "b.png")
+    assert torch.equal(torch.from_numpy(np.array(Image.open(tmp_path / "b.png"))).permute(2, 0, 1), to_uint8(x[0]))
+    save_image(x[:, :1], tmp_path / "grey.png")
+    assert np.array(Image.open(tmp_path / "grey.png")).shape == (6, 10)
+    with pytest.raises(ValueError, match=r"one image \(3, H, W\)"):
+        save_image(torch.zeros(2, 3, 4, 4), tmp_path / "c.png")

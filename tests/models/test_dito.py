@@ -420,6 +420,15 @@ def test_config_override_coercion():
     assert cfg.flow.sigma_min == 1e-4 and cfg.decoder.num_res_blocks == 2
     # the preset registry itself is not modified by overrides
     assert get_preset("dito-tiny").decoder.level_channels == (16, 32, 64, 64)
+    # Python's float spellings on the command line
+    assert apply_overrides(get_preset("dito-tiny"), {"flow.sigma_min": ".5"}).flow.sigma_min == 0.5
+
+
+def test_config_file_must_hold_sections(tmp_path):
+    for text in ('["model"]', '{"model": "dito-tiny"}', '{"model": null}'):
+        (tmp_path / "c.json").write_text(text)
+        with pytest.raises(ValueError, match="must hold a JSON object of sections"):
+            resolve_run_config("dito-tiny", config_file=str(tmp_path / "c.json"))
 
 
 @pytest.mark.parametrize("key, value, msg", [
@@ -441,6 +450,21 @@ def test_config_override_coercion():
     ("train.threads", "-2", "train.threads must be >= 0"),
     ("train.dist_timeout_minutes", "-1", "train.dist_timeout_minutes must be a finite number >= 0"),
     ("train.steps", "true", r"'train.steps': cannot use True \(expected int\)"),
+    ("train.seed", "-1", "train.seed must be >= 0"),
+    ("data.num_synthetic_images", "0", "data.num_synthetic_images must be >= 1"),
+    # architectures that had been accepted and failed later, naming neither key nor cause
+    ("model.encoder.channel_mult", "[]", "encoder.channel_mult must be a non-empty list"),
+    ("model.decoder.level_channels", "[]", "decoder.level_channels must be a non-empty list"),
+    ("model.decoder.norm_groups", "0", "decoder.norm_groups must be >= 1"),  # had been a ZeroDivisionError
+    ("model.decoder.time_freq_dim", "63", "decoder.time_freq_dim must be even"),
+    ("model.encoder.latent_channels", "0", "encoder.latent_channels must be >= 1"),
+    ("model.encoder.in_channels", "1", "must be 3"),
+    ("model.latent_norm_eps", "inf", "latent_norm_eps must be finite"),
+    ("model.flow.time_logit_mean", "NaN", "flow.time_logit_mean must be finite"),
+    # types: a string field, a bool field, a tuple element
+    ("data.source", 123, r"'data.source': cannot use 123 \(expected str\)"),
+    ("data.hflip", 2, r"'data.hflip': cannot use 2 \(expected bool\)"),
+    ("model.decoder.level_channels", "32.7,64,64,64", r"'model.decoder.level_channels\[0\]': cannot use 32.7"),
 ])
 def test_resolve_run_config_refuses_bad_training_values(key, value, msg):
     # each was accepted before: a ZeroDivisionError after step 1 (log_every_steps=0), gradient
