@@ -327,8 +327,7 @@ def validate_model_config(m: ModelConfig) -> None:
     if e.in_channels != 3 or dec.out_channels != 3:
         raise ValueError(f"encoder.in_channels and decoder.out_channels must be 3 (RGB), got {e.in_channels}, "
                          f"{dec.out_channels}")
-    for key, value in (("latent_norm_eps", m.latent_norm_eps), ("flow.time_logit_mean", m.flow.time_logit_mean),
-                       ("flow.time_logit_std", m.flow.time_logit_std)):
+    for key, value in (("flow.time_logit_mean", m.flow.time_logit_mean), ("flow.time_logit_std", m.flow.time_logit_std)):
         if not math.isfinite(value):
             raise ValueError(f"{key} must be finite, got {value}")
     if m.flow.objective not in ("velocity", "epsilon", "x0"):
@@ -347,8 +346,8 @@ def validate_model_config(m: ModelConfig) -> None:
         raise ValueError(f"flow.sigma_min must be in [0, 1), got {m.flow.sigma_min}")
     if not (math.isfinite(m.flow.timescale) and m.flow.timescale > 0):
         raise ValueError(f"flow.timescale must be a finite number > 0, got {m.flow.timescale}")
-    if not m.latent_norm_eps > 0:
-        raise ValueError(f"latent_norm_eps must be > 0, got {m.latent_norm_eps}")
+    if not (math.isfinite(m.latent_norm_eps) and m.latent_norm_eps > 0):
+        raise ValueError(f"latent_norm_eps must be finite and > 0, got {m.latent_norm_eps}")
     for c in m.decoder.level_channels:
         if c % m.decoder.norm_groups:
             raise ValueError(f"decoder channels {m.decoder.level_channels} must be divisible by norm_groups={m.decoder.norm_groups}")

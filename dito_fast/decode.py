@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .diffusion import flow, samplers
 from .eval.report import to_uint8
 from .models.dito import DiTo, check_latents, make_noise
-from .ops import group_norm_modulate_silu
+from .ops import group_norm_modulate_silu, opmath_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -569,7 +569,7 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
         channels_last = device.type == "cpu"
 
     # -- the work
-    state_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    state_dtype = opmath_dtype(param.dtype)
     noise = make_noise((B, 3, H, W), seed, generator, device="cpu", dtype=state_dtype)  # whole batch up front
     times = samplers.evaluation_times(settings.sampler, settings.timesteps())
     chunk = max_batch or B

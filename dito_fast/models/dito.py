@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig, apply_overrides, from_dict, get_preset, to_dict, validate_model_config
 from ..diffusion import flow, samplers
-from ..ops import latent_layernorm
+from ..ops import latent_layernorm, opmath_dtype
 from .encoder import Encoder
 from .unet import UNetDecoder
 
@@ -173,12 +173,14 @@ class DiTo(nn.Module):
             raise ValueError(f"z of {z.shape[-2]}x{z.shape[-1]} gives {z.shape[-2] * f}x{z.shape[-1] * f} images, "
                              f"but x_t is {x_t.shape[-2]}x{x_t.shape[-1]}")
         if not isinstance(t, torch.Tensor):
-            dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-            t = torch.full((B,), float(t), device=x_t.device, dtype=dtype)
+            t = torch.full((B,), float(t), device=x_t.device, dtype=opmath_dtype(x_t.dtype))
         elif t.dim() == 0:
             t = t.expand(B)
         if t.shape != (B,):
             raise ValueError(f"t must have shape ({B},) (one time per sample) or be a scalar, got {tuple(t.shape)}")
+        return self._velocity(x_t, t, z)
+
+    def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return flow.to_velocity(self.decoder(x_t, t, z), x_t, t, self.config.flow)
 
     @torch.no_grad()
@@ -201,7 +203,7 @@ class DiTo(nn.Module):
         timesteps = samplers.make_timesteps(steps, schedule)
         H, W = z.shape[-2] * self.latent_factor, z.shape[-1] * self.latent_factor
         param_dtype = next(self.parameters()).dtype
-        state_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+        state_dtype = opmath_dtype(param_dtype)
         if noise is None:
             noise = make_noise((z.shape[0], 3, H, W), seed, generator, z.device, state_dtype)
         else:
@@ -218,7 +220,7 @@ class DiTo(nn.Module):
         autocast = torch.is_autocast_enabled(z.device.type)
 
         def velocity(x_t, t):
-            v = self.velocity(x_t if autocast else x_t.to(param_dtype), t, z)
+            v = self._velocity(x_t if autocast else x_t.to(param_dtype), t, z)  # shapes checked above
             return v.to(state_dtype)
 
         x = sampler_fn(velocity, noise, timesteps=timesteps)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DecoderConfig
-from ..ops import Conv3x3, conv_activation_format, group_norm_modulate_silu, memory_format_of
+from ..ops import Conv3x3, conv_activation_format, group_norm_modulate_silu, memory_format_of, opmath_dtype
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0,
@@ -176,8 +176,8 @@ class UNetDecoder(nn.Module):
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
         """SiLU(time embedding) (B, time_embed_dim) for t (B,) in [0, 1]; shared by all blocks."""
         wdtype = next(self.time_embed.parameters()).dtype
-        fdtype = torch.float64 if wdtype == torch.float64 else torch.float32  # the features' dtype
-        feats = timestep_features(t.to(fdtype) * self.timescale if fdtype == torch.float64 else t * self.timescale,
+        fdtype = opmath_dtype(wdtype)  # the features' dtype
+        feats = timestep_features((t.double() if fdtype == torch.float64 else t) * self.timescale,
                                   self.cfg.time_freq_dim, dtype=fdtype)
         return F.silu(self.time_embed(feats.to(wdtype)))
 

@@ -5,6 +5,7 @@ and, for attention, SDPA and xformers plug into the same dispatchers (:func:`ava
 """
 
 from .attention import attention, attention_ref
+from ._cpp import opmath_dtype
 from .conv3x3 import Conv3x3, clear_filter_cache, conv3x3, conv3x3_ref, conv_activation_format, memory_format_of
 from .fm import fm_loss, fm_loss_ref, fm_noise, fm_noise_ref
 from .group_norm_modulate_silu import group_norm_modulate_silu, group_norm_modulate_silu_ref
@@ -14,7 +15,7 @@ __all__ = [
     "Conv3x3", "attention", "attention_ref", "clear_filter_cache", "conv3x3", "conv3x3_ref", "conv_activation_format",
     "fm_loss", "fm_loss_ref", "fm_noise", "fm_noise_ref",
     "group_norm_modulate_silu", "group_norm_modulate_silu_ref", "latent_layernorm", "latent_layernorm_ref",
-    "memory_format_of",
+    "memory_format_of", "opmath_dtype",
 ]
 
 

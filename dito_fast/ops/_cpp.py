@@ -66,7 +66,8 @@ def unsupported_reasons(*tensors: torch.Tensor | None) -> list[str]:
     return sorted(set(reasons))
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation (and ODE state) dtype for ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -101,7 +102,7 @@ if AVAILABLE:
     # ---- fm_loss ---------------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::fm_loss")
     def _(pred, target):
-        return pred.new_empty((pred.shape[0],), dtype=_opmath(pred.dtype))
+        return pred.new_empty((pred.shape[0],), dtype=opmath_dtype(pred.dtype))
 
     @torch.library.register_fake("dito_fast::fm_loss_backward")
     def _(grad, pred, target):
@@ -111,7 +112,7 @@ if AVAILABLE:
     @torch.library.register_fake("dito_fast::latent_layernorm")
     def _(z, eps):
         return (torch.empty_like(z, memory_format=memory_format_of(z)),
-                z.new_empty((z.shape[0],), dtype=_opmath(z.dtype)))
+                z.new_empty((z.shape[0],), dtype=opmath_dtype(z.dtype)))
 
     @torch.library.register_fake("dito_fast::latent_layernorm_backward")
     def _(grad_y, y, rstd):
@@ -120,7 +121,7 @@ if AVAILABLE:
     # ---- group_norm_modulate_silu ----------------------------------------------------------
     @torch.library.register_fake("dito_fast::group_norm_modulate_silu")
     def _(x, num_groups, weight, bias, scale, shift, eps, silu):
-        stat = x.new_empty((x.shape[0], num_groups), dtype=_opmath(x.dtype))
+        stat = x.new_empty((x.shape[0], num_groups), dtype=opmath_dtype(x.dtype))
         return torch.empty_like(x, memory_format=memory_format_of(x)), stat, torch.empty_like(stat)
 
     @torch.library.register_fake("dito_fast::group_norm_modulate_silu_backward")

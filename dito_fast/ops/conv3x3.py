@@ -230,7 +230,8 @@ else:
 # and neither are writes through another tensor sharing the weight's memory with a counter of its
 # own (a Parameter made from another's ``.data``): call :func:`clear_filter_cache` after those.
 # Weights in shared memory (``share_memory_()``, Hogwild training) are never cached: another
-# process's writes move no counter here. Only inference mode uses the cache (fast_decode, dito_fast.encode); training and no_grad
+# process's writes move no counter here. Only inference mode uses the cache (fast_decode,
+# dito_fast.encode); training and no_grad
 # evaluation transform on every call. The cache costs memory: F(4x4) filters are 4x the weights
 # (dito-S's decoder: 362 MiB, dito-B's: 1.8 GiB in float32; 5.8x where a layer also runs F(2x2));
 # DITO_FAST_WINOGRAD_CACHE=0 turns it off, for a re-transform per call (small next to a large
