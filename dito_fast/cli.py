@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a tokenizer")
-    t.add_argument("--preset", choices=list(C.PRESETS), default=None, help="model preset (default dito-B)")
+    t.add_argument("--preset", choices=list(C.PRESETS), default=None,
+                   help="model preset (default: the one --set model.name or the config file names, else dito-B)")
     t.add_argument("--data", default=None,
                    help="'synthetic', 'builtin', a folder of images (class subfolders give labels), a text file "
                         "listing images ('path' or 'path<TAB>label' per line), or webdataset tar shards "

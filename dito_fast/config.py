@@ -81,7 +81,9 @@ class FlowConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "dito-B"  # the defaults are dito-B's architecture (a label: overrides do not rename it)
+    # The defaults are dito-B's architecture. A label: changing it changes no setting (but
+    # resolve_run_config starts from the preset a config file's or override's name names).
+    name: str = "dito-B"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -281,12 +283,33 @@ def _coerce(key: str, value: Any, like: Any) -> Any:
     return tuple(_coerce(f"{key}[{i}]", v, like[0]) for i, v in enumerate(items))  # a tuple: each element
 
 
+def _model_name(settings: dict | None):
+    """The ``model.name`` a config file's sections or an overrides dict set (nested or dotted), or None."""
+    if not settings:
+        return None
+    model = settings.get("model")
+    name = model.get("name") if isinstance(model, dict) else settings.get("model.name")
+    return name if isinstance(name, str) else None  # other types: apply_overrides names the error
+
+
 def resolve_run_config(preset: str | None = None, config_file: str | None = None,
                        overrides: dict | None = None) -> RunConfig:
-    """Preset -> config file -> explicit overrides, later ones winning."""
+    """Preset -> config file -> explicit overrides, later ones winning.
+
+    Without ``preset``, a ``model.name`` that names a preset (in the overrides, else in the config
+    file) selects that preset's architecture, which the file's and the overrides' other model
+    settings then change; any other name is a label on the defaults (dito-B's architecture). With
+    ``preset``, the file's ``model.name`` gives way to it, and an override naming another preset is
+    refused (it would label one architecture with another's name)."""
     cfg = RunConfig()
+    named = _model_name(overrides)
     if preset is not None:
+        if named is not None and named != preset and named in PRESETS:
+            raise ValueError(f"model.name={named} names another preset than {preset}: choose the architecture with "
+                             f"the preset alone")
         cfg.model = get_preset(preset)
+    elif named in PRESETS:
+        cfg.model = get_preset(named)
     if config_file is not None:
         try:
             with open(config_file) as f:
@@ -301,6 +324,8 @@ def resolve_run_config(preset: str | None = None, config_file: str | None = None
         if preset is not None and "model" in data and "name" in data["model"]:
             data = copy.deepcopy(data)
             data["model"].pop("name")
+        elif preset is None and named is None and _model_name(data) in PRESETS:
+            cfg.model = get_preset(_model_name(data))
         cfg = apply_overrides(cfg, data)
     if overrides:
         cfg = apply_overrides(cfg, overrides)

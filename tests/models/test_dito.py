@@ -502,3 +502,22 @@ def test_resolve_run_config_layering(tmp_path):
     assert cfg.model.name == "dito-tiny"  # the preset's name wins over the file's
     assert cfg.model.decoder.num_res_blocks == 2 and cfg.train.steps == 7
     assert cfg.train.lr == 0.25  # explicit overrides win over the file
+
+
+def test_model_name_of_a_preset_selects_its_architecture(tmp_path):
+    """A config file or override naming a preset (and no preset argument) gets that preset's
+    architecture, not dito-B's defaults under another name; other names stay labels."""
+    tiny = get_preset("dito-tiny")
+    (tmp_path / "c.json").write_text(json.dumps({"model": {"name": "dito-tiny", "decoder": {"num_res_blocks": 2}}}))
+    cfg = resolve_run_config(None, str(tmp_path / "c.json"))
+    assert cfg.model.name == "dito-tiny" and cfg.model.decoder.num_res_blocks == 2
+    assert cfg.model.decoder.level_channels == tiny.decoder.level_channels and cfg.model.encoder == tiny.encoder
+    cfg = resolve_run_config(None, None, {"model.name": "dito-tiny"})
+    assert cfg.model == tiny
+    cfg = resolve_run_config(None, str(tmp_path / "c.json"), {"model": {"name": "dito-S"}})  # the override wins
+    assert cfg.model.name == "dito-S" and cfg.model.decoder.level_channels == get_preset("dito-S").decoder.level_channels
+    cfg = resolve_run_config(None, None, {"model.name": "my-tokenizer"})  # not a preset: a label on the defaults
+    assert cfg.model.name == "my-tokenizer" and cfg.model.decoder == get_preset("dito-B").decoder
+    with pytest.raises(ValueError, match="names another preset than dito-tiny"):
+        resolve_run_config("dito-tiny", None, {"model.name": "dito-S"})
+    assert resolve_run_config("dito-tiny", None, {"model.name": "dito-tiny"}).model == tiny
