@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from .synthetic import SyntheticImages
-from .transforms import (ImageTransform, load_image, make_generator, pil_to_tensor,
+from .transforms import (ImageTransform, SharedEpoch, load_image, make_generator, pil_to_tensor,
                          resize_shorter_side, to_rgb)
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class PhotoCrops(Dataset):
         self.num_crops = int(num_crops)
         self.seed = int(seed)
         self.train = bool(train)
-        self.epoch = 0
+        self._epoch = SharedEpoch()
         # Shrink once to the largest scale ever used, so items resize small images.
         self.photos = [resize_shorter_side(to_rgb(img), 2 * self.size)
                        if min(img.size) > 2 * self.size else to_rgb(img) for img in images]
@@ -144,17 +144,27 @@ class PhotoCrops(Dataset):
         return (f"PhotoCrops(photos={len(self.photos)}, size={self.size}, num_crops={self.num_crops}, "
                 f"seed={self.seed}, train={self.train})")
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch used to seed per-item scales, crops and flips (train=True only)."""
-        self.epoch = int(epoch)
+        """Select the epoch used to seed per-item scales, crops and flips (train=True only), in
+        every DataLoader worker (the epoch is in shared memory)."""
+        self._epoch.set(epoch)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        return self.item_at(index, self.epoch)
+
+    def item_at(self, index: int, epoch: int) -> torch.Tensor:
+        """Crop ``index`` as epoch ``epoch`` draws it (``dataset[index]`` is ``item_at(index,
+        epoch set by set_epoch)``)."""
         if not -self.num_crops <= index < self.num_crops:
             raise IndexError(f"index {index} out of range for {self.num_crops} crops")
         index %= self.num_crops
         photo = self.photos[index % len(self.photos)]
         if self.train:
-            generator = make_generator(self.seed, self.epoch, index)
+            generator = make_generator(self.seed, epoch, index)
             shorter = int(torch.randint(self.size, 2 * self.size + 1, (), generator=generator))
             return self._random_crop(resize_shorter_side(photo, shorter), generator=generator)
         g = self._grid

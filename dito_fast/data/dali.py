@@ -23,7 +23,9 @@ Same samples, same geometry as the PyTorch loader (dito_fast/data/loader.py):
 - Unreadable files. DALI stops the whole pipeline at the first file it cannot decode, so files
   are screened before the first batch (``check_source``: format header + JPEG/PNG end marker).
   If a file still fails, the failed pipeline is dropped, the file is identified (from DALI's
-  message, or by decoding the in-flight samples with PIL), marked unreadable and replaced by the
+  message, or by decoding the in-flight samples with PIL, or failing that each in a one-sample DALI
+  pipeline: PIL reads some files DALI cannot, such as lossless WebP with EXIF data or 1-bit and
+  32-bit integer TIFF; the PyTorch loader trains on those), marked unreadable and replaced by the
   next readable index, exactly as the PyTorch loader does, and a new pipeline resumes at the
   step that failed.
 """
@@ -299,18 +301,47 @@ class DALILoader(BatchLoader):
             j = self._index_of(m.group(1).strip())
             if j is not None and j not in self._bad:
                 found.append((j, "DALI could not decode it"))
+        pending = [j for j in dict.fromkeys(int(c) for c in candidates) if j not in self._bad]
         if not found:  # DALI did not name it: find it among the in-flight samples with PIL
-            for j in dict.fromkeys(int(c) for c in candidates):
-                if j in self._bad:
-                    continue
+            for j in pending:
                 reason = _check_one(self.source, j, "decode", DALI_FORMATS)
                 if reason is not None:
                     found.append((j, reason))
+        if not found:  # files PIL reads but DALI does not (e.g. lossless WebP with EXIF, 1-bit TIFF): ask DALI
+            for j in pending:
+                reason = self._dali_rejects(j)
+                if reason is not None:
+                    found.append((j, f"DALI cannot decode it ({reason})"))
         if not found:
             raise RuntimeError(f"the DALI pipeline failed and no unreadable file was found among the "
                                f"{len(candidates)} samples it was reading: {message}")
         for j, reason in found:
             self._mark_bad(j, reason)
+
+    def _dali_rejects(self, j: int) -> Optional[str]:
+        """Why DALI's decoder (on this loader's device) refuses sample j on its own, or None: a
+        one-sample pipeline over its bytes, through the operators that read the encoded image."""
+        dali, fn, _, types, _, _ = self._dali
+        data = np.frombuffer(self.source.read_bytes(j), np.uint8)
+
+        @dali.pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id)
+        def probe():
+            encoded = fn.external_source(source=lambda: [data], batch=True, dtype=types.UINT8)
+            shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
+            decoder = "mixed" if self.device_id is not None else "cpu"
+            return fn.decoders.image(encoded, device=decoder, output_type=types.RGB), shape
+
+        pipe = probe()
+        try:
+            pipe.build()
+            pipe.run()
+            return None
+        except RuntimeError as e:
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            return (lines[-1] if lines else type(e).__name__)[:200]
+        finally:
+            if hasattr(pipe, "_shutdown"):
+                pipe._shutdown()
 
     def _index_of(self, info: str) -> Optional[int]:
         """The source index DALI's sample description refers to (a path, or tar:offset:name)."""

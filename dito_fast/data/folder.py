@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Set
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import ImageTransform, PathLike, load_image, make_generator, unreadable_file_error
+from .transforms import ImageTransform, PathLike, SharedEpoch, load_image, make_generator, unreadable_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class ImageFolderDataset(Dataset):
     Unreadable files (corrupt, truncated, not an image) are skipped: a warning names the file,
     ``num_skipped`` is incremented, the index is remembered so it is not retried, and the next
     readable file (wrapping around) is returned instead. If no file is readable, RuntimeError.
-    With a multi-process DataLoader each worker keeps its own ``num_skipped`` and bad-index set,
-    and ``set_epoch`` must be called before the workers are created (not persistent_workers).
+    With a multi-process DataLoader each worker keeps its own ``num_skipped`` and bad-index set;
+    ``set_epoch`` reaches every worker, persistent ones too (the epoch is in shared memory).
     """
 
     def __init__(self, root: PathLike, size: int, train: bool = True, hflip: Optional[bool] = None,
@@ -95,7 +95,7 @@ class ImageFolderDataset(Dataset):
                                         hflip=self.train if hflip is None else bool(hflip))
         self.size = self.transform.size
         self.seed = int(seed)
-        self.epoch = 0
+        self._epoch = SharedEpoch()
         self.num_skipped = 0
         self._bad: Set[int] = set()
         logger.info("ImageFolderDataset: %d image files under %s", len(self.files), self.root)
@@ -107,11 +107,20 @@ class ImageFolderDataset(Dataset):
         return (f"ImageFolderDataset(root={self.root!r}, num_files={len(self.files)}, "
                 f"size={self.size}, train={self.train}, seed={self.seed})")
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch used to seed per-item crops and flips."""
-        self.epoch = int(epoch)
+        """Select the epoch used to seed per-item crops and flips (in every DataLoader worker)."""
+        self._epoch.set(epoch)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        return self.item_at(index, self.epoch)
+
+    def item_at(self, index: int, epoch: int) -> torch.Tensor:
+        """Item ``index`` as epoch ``epoch`` crops and flips it (``dataset[index]`` is
+        ``item_at(index, epoch set by set_epoch)``)."""
         n = len(self.files)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
@@ -130,6 +139,6 @@ class ImageFolderDataset(Dataset):
                 logger.warning("skipping unreadable image %s (%s)", self.files[i], e)
                 continue
             # Seeded from the requested index, so a skipped file's neighbours keep their crops.
-            return self.transform(img, generator=make_generator(self.seed, self.epoch, index))
+            return self.transform(img, generator=make_generator(self.seed, epoch, index))
         raise RuntimeError(f"none of the {n} image files under {self.root} could be read "
                            f"({self.num_skipped} skipped); see the warnings above")

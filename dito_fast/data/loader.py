@@ -20,6 +20,17 @@ cheap header check before the first batch (``DataConfig.check_files``); a file t
 to decode is skipped when met: the sample at index i is replaced by the next readable index
 (i+1, i+2, ... cyclically; crop and flip still keyed by i), a warning names it, and the loader's
 ``num_skipped`` / ``skipped_files`` count every file skipped either way.
+
+Where the two loaders' samples part: a file one decoder reads and the other does not. DALI
+cannot decode some files PIL reads (lossless WebP with EXIF data, 1-bit and 32-bit integer
+TIFF): the DALI loader skips those, the PyTorch loader trains on them. With
+``check_files="none"`` the PyTorch loader also reads formats DALI lacks (GIF), which the up-front
+check removes otherwise. Pixels: 16-bit RGB images are truncated to 8 bits by PIL (v >> 8) and
+rounded by DALI (at most one grey level apart); LAB, palette and YCbCr TIFF differ by a few levels.
+
+Evaluation passes that meet unreadable files: a file found while reading is replaced by the next
+readable one, so that sample appears twice in the pass (at the end, the wrap goes back to index
+0); ranks' blocks differ in size by at most one sample, so their batch counts can differ by one.
 """
 
 from __future__ import annotations
@@ -187,6 +198,21 @@ class BatchLoader:
         up-front check's are in ``source.skipped``, the same in every process)."""
         return sorted(self._bad)
 
+    def unreadable_reasons(self) -> List[Tuple[str, str]]:
+        """(name, reason) of the files this process found unreadable while reading, by index."""
+        return [(self.source.name(i), self._bad[i]) for i in sorted(self._bad)]
+
+    def mark_unreadable(self, files: Sequence[Tuple[str, str]]) -> None:
+        """Skip (and count) files found unreadable earlier, e.g. by the run a training run resumes:
+        ``(name, reason)`` pairs as :meth:`unreadable_reasons` gives them; names this source does
+        not hold are ignored. Call before iterating."""
+        if not files:
+            return
+        index = {self.source.name(i): i for i in range(len(self.source))}
+        for name, reason in files:
+            if name in index:
+                self._bad.setdefault(index[name], str(reason))
+
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         raise NotImplementedError
 
@@ -222,7 +248,7 @@ class _KeyedItems(Dataset):
     def __getitem__(self, key):
         index, epoch = key
         if isinstance(self.source, DatasetSource):
-            x = self.source.item(index, epoch)
+            x = self.source.item(index, epoch, self.size)
             return {"image": x, "label": -1, "index": index, "bad": ()}
         params = None
         if self.train:
@@ -338,7 +364,7 @@ def make_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 0, nu
         raise ValueError(f"workers must be >= 0, got {workers}")
 
     src = resolve_source(data if source is None else source, image_size=data.image_size,
-                         num_synthetic=data.num_synthetic_images, seed=seed, train=train)
+                         num_synthetic=data.num_synthetic_images, seed=seed, train=train, hflip=data.hflip)
     kind = select_loader(data.loader if loader is None else loader, src, device)
     # Both loaders accept the formats DALI decodes, so they see the same samples (GIF is not one).
     src = check_source(src, data.check_files, formats=DALI_FORMATS)

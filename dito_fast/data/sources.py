@@ -21,6 +21,7 @@ that neither loader meets most unreadable files mid-run.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import contextlib
 import glob
@@ -36,7 +37,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from .folder import IMAGE_EXTENSIONS, _normalize_extensions, list_image_files
 from .sampler import mix_seed, random_order
@@ -505,10 +506,51 @@ def _tar_paths(spec: str) -> Optional[List[str]]:
 # procedural / in-memory datasets
 
 
+def _item_at(dataset: Dataset, index: int, epoch: int):
+    """Item ``index`` (>= 0) of ``dataset`` as epoch ``epoch`` gives it, through Subset and
+    ConcatDataset wrappers: a dataset's ``item_at(index, epoch)`` where it has one (the package's
+    datasets: no shared state, so worker processes reading items of different epochs at once do
+    not race), else its ``set_epoch(epoch)`` (when it has one) and then the item."""
+    if hasattr(dataset, "item_at"):
+        return dataset.item_at(index, epoch)
+    if isinstance(dataset, Subset):
+        return _item_at(dataset.dataset, int(dataset.indices[index]), epoch)
+    if isinstance(dataset, ConcatDataset):
+        part = bisect.bisect_right(dataset.cumulative_sizes, index)
+        return _item_at(dataset.datasets[part], index - (dataset.cumulative_sizes[part - 1] if part else 0), epoch)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    return dataset[index]
+
+
+def check_item(x, size: Optional[int], name: str) -> torch.Tensor:
+    """A dataset item as the loaders' batches hold it: a floating (3, size, size) tensor (any
+    float dtype, returned as float32), finite, in [-1, 1] (1e-3 of slack for rounding); else a
+    TypeError / ValueError naming the item and the problem."""
+    expected = f"a float (3, {size or 'S'}, {size or 'S'}) tensor in [-1, 1]"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: dataset items must be {expected} (or a tuple starting with one), got "
+                        f"{type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: dataset items must be {expected}, got dtype {x.dtype} (scale integer pixels "
+                        f"to [-1, 1] floats, e.g. x / 127.5 - 1)")
+    if x.dim() != 3 or x.shape[0] != 3 or (size is not None and tuple(x.shape[1:]) != (size, size)):
+        raise ValueError(f"{name}: dataset items must be {expected} (data.image_size), got shape {tuple(x.shape)}")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: the item holds NaN or infinite values")
+    lo, hi = x.aminmax()
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(f"{name}: values in [{float(lo):.4g}, {float(hi):.4g}]; dataset items must be in [-1, 1]")
+    return x
+
+
 class DatasetSource(Source):
-    """A torch Dataset whose items are float32 (3, S, S) tensors in [-1, 1] (already cropped),
-    e.g. SyntheticImages. ``set_epoch(epoch)`` is called before reading (per-epoch augmentation).
-    Only the PyTorch loader reads these."""
+    """A torch Dataset whose items are float (3, S, S) tensors in [-1, 1] (already cropped), or
+    tuples starting with one, e.g. SyntheticImages. ``set_epoch(epoch)`` is called before reading
+    (per-epoch augmentation), also through Subset and ConcatDataset wrappers (the package's own
+    datasets take the epoch with each item instead: ``item_at``). Only the PyTorch loader reads
+    these; it checks every item (:func:`check_item`)."""
 
     kind = "dataset"
 
@@ -520,12 +562,10 @@ class DatasetSource(Source):
     def name(self, i: int) -> str:
         return f"{self.description}[{i}]"
 
-    def item(self, index: int, epoch: int) -> torch.Tensor:
-        inner = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
-        if hasattr(inner, "set_epoch"):
-            inner.set_epoch(epoch)
-        item = self.dataset[index]
-        return item[0] if isinstance(item, (tuple, list)) else item
+    def item(self, index: int, epoch: int, size: Optional[int] = None) -> torch.Tensor:
+        """Item ``index`` at ``epoch``, checked (:func:`check_item`; ``size``: the side it must have)."""
+        item = _item_at(self.dataset, index, epoch)
+        return check_item(item[0] if isinstance(item, (tuple, list)) and item else item, size, self.name(index))
 
     def subset(self, indices: Sequence[int]) -> "DatasetSource":
         return self._derived(DatasetSource(Subset(self.dataset, [int(i) for i in indices]), self.description))
@@ -536,13 +576,14 @@ class DatasetSource(Source):
 
 
 def resolve_source(spec, *, image_size: int = 64, num_synthetic: int = 10000, seed: int = 0,
-                   train: bool = True, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> Source:
+                   train: bool = True, hflip: bool = True, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> Source:
     """Turn a data source description into a :class:`Source` (see the module docstring).
 
     Args:
         spec: a Source (returned as is), a torch Dataset (-> DatasetSource), a DataConfig (its
-            ``source``, ``image_size`` and ``num_synthetic_images``), or a string.
-        image_size, num_synthetic, seed, train: for "synthetic"/"builtin" (see make_dataset).
+            ``source``, ``image_size``, ``num_synthetic_images`` and ``hflip``), or a string.
+        image_size, num_synthetic, seed, train, hflip: for "synthetic"/"builtin" (see make_dataset;
+            the loaders flip files and shards themselves).
         extensions: image file extensions a folder is scanned for.
     Raises:
         FileNotFoundError: a named folder, list, shard or pattern matches nothing.
@@ -554,13 +595,13 @@ def resolve_source(spec, *, image_size: int = 64, num_synthetic: int = 10000, se
     if isinstance(spec, Source):
         return spec
     if isinstance(spec, DataConfig):
-        image_size, num_synthetic, spec = spec.image_size, spec.num_synthetic_images, spec.source
+        image_size, num_synthetic, hflip, spec = spec.image_size, spec.num_synthetic_images, spec.hflip, spec.source
     if isinstance(spec, Dataset):
         return DatasetSource(spec)
     spec = os.fspath(spec)
     if spec in ("synthetic", "builtin"):
-        return DatasetSource(make_dataset(spec, image_size, train=train, seed=seed, num_synthetic=num_synthetic),
-                             description=spec)
+        return DatasetSource(make_dataset(spec, image_size, train=train, seed=seed, num_synthetic=num_synthetic,
+                                          hflip=hflip), description=spec)
     pattern = _tar_paths(spec)
     if pattern is not None:
         if not pattern:
@@ -648,6 +689,8 @@ def check_source(source: Source, mode: str = "header", formats: Optional[Iterabl
     if key in source._checked:
         return source._checked[key]
     n = len(source)
+    if n == 0:
+        raise ValueError(f"data source {source.description!r} is empty (no files)")
     if n < 64 or threads <= 1:
         reasons = [_check_one(source, i, mode, fmts) for i in range(n)]
     else:

@@ -41,6 +41,27 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+class SharedEpoch:
+    """The epoch a dataset seeds its per-item randomness from, kept in shared memory so that
+    DataLoader worker processes, persistent ones included (forked or spawned), read the value the
+    main process's ``set_epoch`` last wrote instead of the one they were created with."""
+
+    def __init__(self, epoch: int = 0):
+        self._value = torch.zeros((), dtype=torch.int64)
+        try:
+            self._value.share_memory_()
+        except RuntimeError as e:  # no shared memory here: workers see the epoch they started with
+            logger.warning("SharedEpoch: shared memory unavailable (%s); set_epoch will not reach persistent "
+                           "DataLoader workers", e)
+        self.set(epoch)
+
+    def get(self) -> int:
+        return int(self._value)
+
+    def set(self, epoch: int) -> None:
+        self._value.fill_(int(epoch))
+
+
 def make_generator(*keys: int) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded from a tuple of non-negative ints.
 

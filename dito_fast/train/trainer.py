@@ -84,16 +84,18 @@ def build_datasets(cfg: RunConfig) -> tuple[Dataset | data.Source, torch.Tensor]
         n = len(source)
         n_val = min(n_val, n // 5)
         val_idx = sorted({round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)})
-        val = []
+        val, unreadable = [], []
         for i in val_idx:
             try:
                 arr = data.resize_crop_flip(source.decode(i), size)  # center crop
             except (ValueError, OSError) as e:
                 logger.warning("validation image %s unreadable (%s); left out", source.name(i), e)
+                unreadable.append((source.name(i), str(e)))
                 continue
             val.append(data.uint8_batch_to_float(torch.from_numpy(arr)[None])[0])
         held = set(val_idx)
         train_ds = source.subset([i for i in range(n) if i not in held]) if held else source
+        train_ds.skipped += unreadable  # counted with the files the check removed (skipped_files)
     val_batch = torch.stack(val) if val else torch.empty(0, 3, size, size)
     return train_ds, val_batch
 
@@ -594,6 +596,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     n_remaining = max(t_cfg.steps - start_step, 0)
     loader = data.make_loader(cfg, ctx.rank, W, start_step=start_step, num_steps=n_remaining,
                               source=train_dataset, device=device)
+    if state is not None:
+        loader.mark_unreadable([tuple(f) for f in state.get("unreadable_files", [])])
     val_images = val_images.to(device)
 
     metrics = _MetricsLog(run_dir, start_step) if is_main else None
@@ -611,6 +615,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
               "global_batch": G, "world_size": W, "parallel": mode, "format": out_format}
         rng = distributed.all_gather_object(_rng_state(device), ctx)
         st["cpu_rng"], st["rank_rng"] = rng[0]["cpu"], rng
+        # files the ranks found unreadable while reading: a resume skips and counts them from its start
+        found = distributed.all_gather_object(loader.unreadable_reasons(), ctx)
+        st["unreadable_files"] = sorted({tuple(f) for rank_files in found for f in rank_files})
         path = None
         if out_format == "dcp":
             tmp = distributed.broadcast_object(str(ckpt.begin_checkpoint(run_dir, step)) if is_main else None, ctx)

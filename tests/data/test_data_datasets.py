@@ -1,6 +1,7 @@
 """Tests for dito_fast/data: ImageFolderDataset, SyntheticImages, bundled photographs, make_dataset."""
 
 import io
+import itertools
 import logging
 import os
 import pickle
@@ -341,19 +342,40 @@ def test_builtin_source_follows_data_hflip():
     from dito_fast.data.transforms import make_generator, resize_shorter_side
     from dito_fast.train.trainer import build_datasets
 
+    from dito_fast.data import make_loader
+
     flips = {}
-    for hflip in (True, False):
+    for (hflip, via) in itertools.product((True, False), ("trainer", "make_loader")):
         cfg = resolve_run_config("dito-tiny", None, {"data.source": "builtin", "data.hflip": hflip,
                                                      "data.num_synthetic_images": 20})
-        crops = build_datasets(cfg)[0].datasets[1]
+        if via == "trainer":
+            crops = build_datasets(cfg)[0].datasets[1]
+        else:  # the public loader had hard-coded the flips on for this source
+            crops = make_loader(cfg, num_steps=1, loader="torch").source.dataset.datasets[1]
         plain = ImageTransform(crops.size, crop="random", hflip=False)
-        flips[hflip] = 0
+        flips[hflip, via] = 0
         for i in range(len(crops)):
             g = make_generator(crops.seed, crops.epoch, i)
             shorter = int(torch.randint(crops.size, 2 * crops.size + 1, (), generator=g))
             ref = plain(resize_shorter_side(crops.photos[i % len(crops.photos)], shorter), generator=g)
-            flips[hflip] += not torch.equal(crops[i], ref)
-    assert flips[False] == 0 and flips[True] > 0
+            flips[hflip, via] += not torch.equal(crops[i], ref)
+    for via in ("trainer", "make_loader"):
+        assert flips[False, via] == 0 and flips[True, via] > 0
+
+
+def test_set_epoch_reaches_persistent_workers(photo_dir):
+    """A plain DataLoader with persistent workers: set_epoch in the main process had not reached
+    the workers, which repeated epoch 0's crops and flips every epoch."""
+    ds = ImageFolderDataset(photo_dir[0], 16, train=True, seed=0)
+    expected = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        expected.append(torch.stack([ds[i] for i in range(len(ds))]))
+    assert not torch.equal(expected[0], expected[1])
+    loader = DataLoader(ds, batch_size=len(ds), num_workers=2, persistent_workers=True)
+    for epoch in (0, 1, 0):
+        ds.set_epoch(epoch)
+        assert torch.equal(next(iter(loader)), expected[epoch])
 
 
 @pytest.mark.parametrize("size", [4, 5])

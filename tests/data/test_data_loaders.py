@@ -214,6 +214,25 @@ def test_unscreened_unreadable_files_are_found_while_reading(kind, messy_dir):
     assert _indices(batches) == _indices(ref)
 
 
+@pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+def test_dali_skips_an_image_only_pil_reads(photo_dir, tmp_path):
+    # A valid 1-bit TIFF: PIL (and so the screening and the PyTorch loader) reads it, DALI's
+    # decoder refuses it with a message naming no file; the run had stopped with "no unreadable
+    # file was found". DALI now tests the in-flight samples one by one and skips that file.
+    root, files = photo_dir
+    d = tmp_path / "bilevel"
+    d.mkdir()
+    for k in (0, 1, 4):
+        shutil.copy(files[k][0], d / os.path.basename(files[k][0]))
+    Image.open(files[0][0]).convert("1").save(d / "zz_bilevel.tif")
+    loader, batches = _run("dali", str(d), seed=0, num_steps=4, batch_size=2)
+    assert [os.path.basename(f) for f in loader.skipped_files] == ["zz_bilevel.tif"] and loader.num_skipped == 1
+    assert "DALI cannot decode it" in next(iter(loader._bad.values()))
+    assert len(batches) == 4 and all(torch.isfinite(b["image"]).all() for b in batches)
+    torch_loader, _ = _run("torch", str(d), seed=0, num_steps=4, batch_size=2)
+    assert torch_loader.num_skipped == 0  # the two loaders' streams differ for such files (documented)
+
+
 def test_any_decoder_error_skips_the_file_but_process_errors_stop_the_run(photo_dir, tmp_path, monkeypatch):
     # PIL raises more than OSError/ValueError on damaged data (a fuzzed TIFF gave a TypeError,
     # which had stopped training); "Too many open files" is the process's, not the file's, and

@@ -100,9 +100,77 @@ def test_procedural_sources_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         resolve_source(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="'files' is empty"):
+        check_source(FileSource([]))
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(ValueError, match="must name .tar shards"):
         resolve_source(str(tmp_path / "*.txt"))
+
+
+class _Items(torch.utils.data.Dataset):
+    """n items made by fn(i); records the epochs set_epoch received."""
+
+    def __init__(self, fn, n=4):
+        self.fn, self.n, self.epochs = fn, n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.fn(i)
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+
+@pytest.mark.parametrize("item,error,match", [
+    (lambda i: torch.zeros(3, 24, 24), ValueError, r"got shape \(3, 24, 24\)"),  # a valid multiple, wrong size
+    (lambda i: torch.zeros(16, 16, 3), ValueError, r"got shape \(16, 16, 3\)"),  # channels last
+    (lambda i: torch.full((3, 16, 16), 200.0), ValueError, r"values in \[200, 200\]"),  # 0..255 floats
+    (lambda i: torch.full((3, 16, 16), float("nan")), ValueError, "NaN"),
+    (lambda i: torch.zeros(3, 16, 16, dtype=torch.uint8), TypeError, "dtype torch.uint8"),
+    (lambda i: Image.new("RGB", (16, 16)), TypeError, "got Image"),
+])
+def test_dataset_items_are_checked(item, error, match):
+    # items of a user Dataset had reached the batches unchecked (a wrong size trained at that size)
+    src = DatasetSource(_Items(item), description="mine")
+    with pytest.raises(error, match=r"mine\[2\]: .*" + match):
+        src.item(2, 0, size=16)
+    good = DatasetSource(_Items(lambda i: (torch.rand(3, 16, 16, dtype=torch.float64) * 2 - 1, 5)))
+    x = good.item(1, 0, size=16)
+    assert x.dtype == torch.float32 and x.shape == (3, 16, 16)
+
+
+def test_loader_checks_dataset_items():
+    from dito_fast.data import make_loader
+
+    ds = _Items(lambda i: torch.zeros(3, 24, 24))
+    loader = make_loader(DataConfig(source="x", image_size=16), batch_size=2, source=ds, loader="torch", num_steps=1,
+                         device="cpu")
+    with pytest.raises(ValueError, match=r"got shape \(3, 24, 24\)"):
+        next(iter(loader))
+
+
+def test_set_epoch_reaches_wrapped_datasets():
+    # ConcatDataset and nested Subsets had kept their datasets at epoch 0
+    a, b = _Items(lambda i: torch.zeros(3, 4, 4)), _Items(lambda i: torch.full((3, 4, 4), 0.5))
+    wrapped = torch.utils.data.Subset(torch.utils.data.Subset(torch.utils.data.ConcatDataset([a, b]), range(8)), [1, 6])
+    src = DatasetSource(wrapped)
+    assert src.item(0, 3, size=4).max() == 0 and a.epochs == [3] and b.epochs == []  # item 1 of a
+    assert src.item(1, 5, size=4).min() == 0.5 and b.epochs == [5]  # item 2 of b
+
+
+def test_worker_processes_read_items_of_their_own_epochs(photo_dir):
+    # The epoch of the package's datasets is shared with worker processes (set_epoch reaches
+    # persistent workers); the loaders pass each item's epoch instead of setting it, so workers
+    # reading items of different epochs at once cannot change each other's crops.
+    from dito_fast.data import ImageFolderDataset, make_loader
+
+    ds = ImageFolderDataset(photo_dir[0], 16, train=True, seed=0)
+    runs = [list(make_loader(DataConfig(source="x", image_size=16, workers=w), batch_size=5, source=ds,
+                             loader="torch", num_steps=6, device="cpu")) for w in (0, 2)]
+    for b0, b2 in zip(*runs):
+        assert torch.equal(b0["index"], b2["index"]) and torch.equal(b0["image"], b2["image"])
 
 
 def test_expand_braces():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 
 import pytest
@@ -408,6 +409,50 @@ def test_exact_resume_from_tar_shards(make_run_config, tmp_path, photo_shards):
     assert rest.losses == full.losses[3:]
     assert _state_equal(rest.model, full.model)
     assert _metrics(tmp_path / "full")[0]["skipped_files"] == 0
+
+
+def test_resume_keeps_counting_files_found_unreadable(make_run_config, tmp_path, photo_dir):
+    # A PNG whose pixel data is corrupt passes the header check and is found while reading. The
+    # resumed run had forgotten it (skipped_files dropped back to 0 until it was met again).
+    from data_helpers import corrupt_middle
+    from PIL import Image
+
+    d = tmp_path / "photos"
+    shutil.copytree(photo_dir[0], d)
+    bad = d / "objects" / "zz_corrupt.png"  # a middle file: the first and last are held out for validation
+    Image.open(photo_dir[1][11][0]).convert("RGB").save(bad)
+    bad.write_bytes(corrupt_middle(bad.read_bytes()))
+    # 13 files, 2 held out: 11 trained on in batches of 2, so the first 6 steps read every one
+    cfg = make_run_config(steps=8, checkpoint_every_steps=6)
+    cfg.data.source, cfg.data.loader = str(d), "torch"
+    train(cfg, tmp_path / "full", progress=False)
+    full = {m["step"]: m["skipped_files"] for m in _metrics(tmp_path / "full") if "skipped_files" in m}
+    assert full[6] == full[8] == 1
+    state = ckpt.load_torch(tmp_path / "full" / "checkpoints" / "step_00000006" / "state.pt")
+    assert [os.path.basename(name) for name, _ in state["unreadable_files"]] == ["zz_corrupt.png"]
+    shutil.rmtree(tmp_path / "full" / "checkpoints" / "step_00000008")
+    train(cfg, tmp_path / "full", resume=True, progress=False)
+    resumed = [m["skipped_files"] for m in _metrics(tmp_path / "full") if "skipped_files" in m and m["step"] > 6]
+    assert resumed == [1, 1]
+
+
+def test_unreadable_validation_file_is_counted(make_run_config, tmp_path, photo_dir):
+    # a held-out file that fails to decode was left out of both sets without being counted
+    from data_helpers import corrupt_middle
+    from PIL import Image
+
+    from dito_fast.train.trainer import build_datasets
+
+    d = tmp_path / "photos"
+    shutil.copytree(photo_dir[0], d)
+    bad = d / "people" / "zz_corrupt.png"  # the last file: held out for validation
+    Image.open(photo_dir[1][11][0]).convert("RGB").save(bad)
+    bad.write_bytes(corrupt_middle(bad.read_bytes()))
+    cfg = make_run_config()
+    cfg.data.source = str(d)
+    train_ds, val = build_datasets(cfg)
+    assert len(val) == 1 and len(train_ds) == 11
+    assert [os.path.basename(name) for name, _ in train_ds.skipped] == ["zz_corrupt.png"]
 
 
 def test_train_with_dali_loader(make_run_config, tmp_path, photo_shards):
