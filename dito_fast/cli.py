@@ -255,37 +255,61 @@ def cmd_decode(args) -> int:
         files += sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
     if not files:
         raise SystemExit("no .safetensors latent files given")
+    files = list(dict.fromkeys(files))
     out = Path(args.out)
-    _check_outputs([(f, out / f.stem) for f in dict.fromkeys(files)])  # a latent file's images: <stem>[_<i>].png
+    # Every file's header first: a missing or unreadable file, another model's latents, or two
+    # files writing one image (a.safetensors holding 2 latents writes a_0.png and a_1.png, as
+    # a_0.safetensors's one latent would) stop the command before anything is decoded.
+    counts = {}
+    for f in files:
+        shape, meta = _latent_header(f)
+        if meta.get("model_fingerprint", fingerprint) != fingerprint and not args.any_model:
+            raise SystemExit(f"{_shown(f)} was encoded by another model ({meta.get('model', '?')}, fingerprint "
+                             f"{meta['model_fingerprint']}) than {args.model} ({model.config.name}, {fingerprint}): "
+                             "its decoder would give a wrong image (--any-model decodes it anyway)")
+        counts[f] = shape[0] if shape else 1
+    names = {f: [f"{f.stem}.png"] if counts[f] == 1 else [f"{f.stem}_{i}.png" for i in range(counts[f])]
+             for f in files}
+    _check_outputs([(f, out / name) for f in files for name in names[f]])
     options = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, seed=args.seed, device=dev,
                    dtype=None if args.dtype is None else getattr(torch, args.dtype), max_batch=args.max_batch,
                    tile=args.tile, tile_overlap=args.tile_overlap, tile_passes=args.tile_passes,
                    compile=args.compile, cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
                    channels_last={"on": True, "off": False}.get(args.channels_last, "auto"), progress=not args.no_progress)
     for f in tqdm(files, desc="files", unit="file", disable=args.no_progress or len(files) == 1):
-        if not f.is_file():
-            raise SystemExit(f"latent file not found: {f}")
         try:  # from bytes: a path that is not valid UTF-8 is fine too
-            data = f.read_bytes()
-            tensors = load(data)
-            meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+            latent = load(f.read_bytes())["latent"]
         except (SafetensorError, OSError, ValueError) as e:
             raise SystemExit(f"cannot read latent file {_shown(f)}: {e}")
-        if "latent" not in tensors:
-            raise SystemExit(f"{_shown(f)} has no 'latent' tensor (keys: {sorted(tensors)})")
-        if meta.get("model_fingerprint", fingerprint) != fingerprint and not args.any_model:
-            raise SystemExit(f"{_shown(f)} was encoded by another model ({meta.get('model', '?')}, fingerprint "
-                             f"{meta['model_fingerprint']}) than {args.model} ({model.config.name}, {fingerprint}): "
-                             "its decoder would give a wrong image (--any-model decodes it anyway)")
         try:
-            images = fast_decode(model, tensors["latent"], **options)
+            images = fast_decode(model, latent, **options)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{_shown(f)}: {e}") from None
-        for i, img in enumerate(images):
-            name = f"{f.stem}.png" if len(images) == 1 else f"{f.stem}_{i}.png"
+        for img, name in zip(images, names[f]):
             save_image(img.float() / 127.5 - 1, out / name)  # (atomic)
             tqdm.write(f"{_shown(f)} -> {_shown(out / name)}", file=sys.stdout)
     return 0
+
+
+def _latent_header(path: Path) -> tuple[list, dict]:
+    """(shape of the 'latent' tensor, metadata) from a safetensors file's header alone."""
+    if not path.is_file():
+        raise SystemExit(f"latent file not found: {_shown(path)}")
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= 100_000_000:  # safetensors' own limit on the header
+                raise ValueError(f"header length {n} is not that of a safetensors file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError) as e:  # json and UTF-8 decode errors are ValueErrors
+        raise SystemExit(f"cannot read latent file {_shown(path)}: {e}")
+    if not isinstance(header.get("latent"), dict):
+        keys = sorted(k for k in header if k != "__metadata__")
+        raise SystemExit(f"{_shown(path)} has no 'latent' tensor (keys: {keys})")
+    shape = header["latent"].get("shape")
+    return (shape if isinstance(shape, list) else []), header.get("__metadata__") or {}
 
 
 def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:

@@ -124,7 +124,8 @@ class CachedVelocity:
         self.times, self.tiles, self.progress = times, tiles, progress
         B, device = z.shape[0], z.device
         # SiLU(time embedding) -> (scale, shift) for every block, for every evaluation time.
-        self.mods = [self.decoder.time_modulations(torch.full((B,), t, device=device), self.param_dtype)
+        t_dtype = opmath_dtype(self.param_dtype)  # the samplers' time dtype: float32, float64 for float64
+        self.mods = [self.decoder.time_modulations(torch.full((B,), t, device=device, dtype=t_dtype), self.param_dtype)
                      for t in times]
         self.z_feat = None if tiles is not None else self.decoder.latent_features(self.z, self.factor)
         self.calls = 0
@@ -187,7 +188,7 @@ class ImageNorm:
         for s1, s2, n, eps in self.sums:
             mean = s1 / n
             var = (s2 / n - mean * mean).clamp_min(0)
-            self.stats.append((mean.float(), (var + eps).rsqrt().float()))
+            self.stats.append((mean, (var + eps).rsqrt()))  # float64; calls take their input's opmath type
         self.sums = []
 
     def __call__(self, x, num_groups: int, weight=None, bias=None, scale=None, shift=None, eps: float = 1e-5):
@@ -205,13 +206,14 @@ class ImageNorm:
             self.sums[k][2] += part.shape[-1]
         if self.stats is None:
             return group_norm_modulate_silu(x, num_groups, weight, bias, scale, shift, eps=eps)
-        mean, rstd = self.stats[k]
-        y = x.float().reshape(B, num_groups, -1)
+        dt = opmath_dtype(x.dtype)  # float32, float64 for a float64 model
+        mean, rstd = (v.to(dt) for v in self.stats[k])
+        y = x.to(dt).reshape(B, num_groups, -1)
         y = ((y - mean[:, :, None]) * rstd[:, :, None]).reshape(B, C, h, w)
         if weight is not None:
-            y = y * weight.float()[:, None, None] + bias.float()[:, None, None]
+            y = y * weight.to(dt)[:, None, None] + bias.to(dt)[:, None, None]
         if scale is not None:
-            y = y * (1 + scale.float()[:, :, None, None]) + shift.float()[:, :, None, None]
+            y = y * (1 + scale.to(dt)[:, :, None, None]) + shift.to(dt)[:, :, None, None]
         return F.silu(y).to(x.dtype)
 
 
@@ -385,7 +387,7 @@ class _ModelState:
         self.graphs = GraphCache()
         self.lock = threading.Lock()
         self.calls = 0
-        self.was_training = False
+        self.was_training: list = []  # the modules in training mode when the first running call began
 
 
 # A cache keyed by the model object (entries die with it), not configuration.
@@ -437,8 +439,10 @@ def _check_dtype(dtype, param_dtype: torch.dtype, device: torch.device) -> torch
     if dtype == param_dtype:
         return dtype
     if dtype not in HALF_DTYPES or param_dtype != torch.float32:
-        raise ValueError(f"cannot decode in {dtype} with a {param_dtype} model: use dtype=None, torch.float16 or "
-                         "torch.bfloat16 (half precision runs the float32 model under autocast)")
+        hint = ("dtype=None, torch.float16 or torch.bfloat16 (half precision runs the float32 model under "
+                "autocast)" if param_dtype == torch.float32 else
+                f"dtype=None (half precision runs a float32 model under autocast: model.float() first)")
+        raise ValueError(f"cannot decode in {dtype} with a {param_dtype} model: use {hint}")
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ValueError(f"dtype torch.bfloat16 is not supported on {torch.cuda.get_device_name(device)}; "
                          "use torch.float16 or torch.float32")
@@ -447,8 +451,13 @@ def _check_dtype(dtype, param_dtype: torch.dtype, device: torch.device) -> torch
     return dtype
 
 
-def _check_tile(tile, overlap, passes, factor: int) -> tuple[tuple[int, int] | None, int]:
+def _check_tile(tile, overlap, passes, factor: int, height: int, width: int) -> tuple[tuple[int, int] | None, int]:
+    """The tile size clipped to the image (None when one tile covers it) and the overlap, checked."""
+    if passes not in (1, 2) or isinstance(passes, bool):
+        raise ValueError(f"tile_passes must be 1 or 2, got {passes!r}")
     if tile is None:
+        if overlap is not None or passes != 1:
+            raise ValueError("tile_overlap and tile_passes=2 apply to tiled decodes: give tile too")
         return None, 0
     size = (tile, tile) if isinstance(tile, int) and not isinstance(tile, bool) else tile
     if (not isinstance(size, (tuple, list)) or len(size) != 2
@@ -461,11 +470,14 @@ def _check_tile(tile, overlap, passes, factor: int) -> tuple[tuple[int, int] | N
         if v % factor or (name == "tile" and v <= 0):
             kind = "a positive multiple" if name == "tile" else "a multiple"
             raise ValueError(f"{name} must be {kind} of {factor} pixels (the latent grid), got {v}")
-    if min(size) <= overlap:
-        raise ValueError(f"tile {tuple(size)} must be larger than tile_overlap {overlap}")
-    if passes not in (1, 2):
-        raise ValueError(f"tile_passes must be 1 or 2, got {passes!r}")
-    return (size[0], size[1]), overlap
+    size = (min(size[0], height), min(size[1], width))
+    if size == (height, width):
+        return None, overlap  # one tile: the untiled decode
+    for s, length in zip(size, (height, width)):
+        if s < length and s <= overlap:  # an axis split into tiles
+            raise ValueError(f"tile {tuple(tile) if not isinstance(tile, int) else tile} must be larger than "
+                             f"tile_overlap {overlap} along the axes it splits (the image is {height}x{width})")
+    return size, overlap
 
 
 def _use_cuda_graph(device: torch.device, cuda_graph, tiled: bool) -> bool:
@@ -503,9 +515,9 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
             ``schedule`` given with it override its own). Samplers: ``euler``, ``heun``, ``ab2``,
             ``ab3``, ``dpmpp_2m``; schedules: ``uniform``, ``shifted[:shift]``, ``edm[:rho]``.
             An explicit sampler defaults to 50 uniform steps.
-        seed / generator: source of the initial noise, drawn on the CPU for the whole batch (the
-            same noise as ``model.decode`` with that seed, on every device, for any chunking or
-            tiling). Neither: torch's global RNG.
+        seed / generator: source of the initial noise for the whole batch, drawn on the CPU (a
+            CUDA ``generator`` draws on its device) before any chunking or tiling: the same noise
+            as ``model.decode`` with that seed or generator. Neither: torch's global RNG.
         dtype: compute dtype: None (the model's, float32), torch.float16 or torch.bfloat16
             (autocast: convolutions in half precision with float32 accumulation, normalisation
             statistics and the ODE state in float32). A chunk whose half-precision result is not
@@ -517,9 +529,11 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
             memory is bounded by the tile size. ``tile_overlap`` (pixels, default
             :data:`DEFAULT_TILE_OVERLAP` >= the decoder's measured receptive field).
             ``tile_passes=2`` estimates image-wide GroupNorm statistics first (2x the cost; see
-            :class:`ImageNorm`).
+            :class:`ImageNorm`). A tile as large as the image is the untiled decode; ``tile_overlap``
+            and ``tile_passes=2`` without ``tile`` are errors.
         compile: torch.compile the UNet (fullgraph); a dict is passed to torch.compile
-            (e.g. ``{"backend": "aot_eager"}``). The first call per shape compiles (slow).
+            (e.g. ``{"backend": "aot_eager"}``). The first call per shape compiles (slow). Tiled
+            decodes with ``tile_passes=2`` run their norm-replacing passes eagerly.
         cuda_graph: "auto" (on CUDA and untiled), True or False: capture the whole sampling loop
             as a CUDA graph per (shape, dtype, settings), kept in a per-model LRU of
             :data:`GRAPH_CACHE_SIZE`. The first call per key costs one extra decode (warm-up).
@@ -530,6 +544,12 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
             Always on the CPU.
         progress: True for a tqdm bar over UNet evaluations, or an object with ``update(n)``.
 
+    Weights: on the CPU, inference keeps each 3x3 convolution's Winograd-transformed filters
+    until the weight changes (its version counter moves: ``load_state_dict``, optimizer steps,
+    in-place ops). Writes through ``param.data`` do not move it (an EMA swap such as
+    ``p.data.copy_(ema_p)``): call :func:`dito_fast.ops.clear_filter_cache` after those, or
+    write under ``torch.no_grad()`` without ``.data``.
+
     On the CPU, call :func:`dito_fast.keep_freed_memory` once per process: with glibc's default
     every step's large activations are fresh pages (a dito-B step at 256x256 ran 1.27x slower
     on the development machine); the ``dito-fast`` command line does this itself.
@@ -539,7 +559,7 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
     settings = resolve_settings(sampler, steps, schedule)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
     param = next(model.parameters())
     device = param.device if device is None else torch.device(device)
@@ -551,10 +571,8 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
     autocast_dtype = compute_dtype if compute_dtype != param.dtype else None
     f = model.latent_factor
     B, H, W = z.shape[0], z.shape[-2] * f, z.shape[-1] * f
-    tile_size, overlap = _check_tile(tile, tile_overlap, tile_passes, model.downsample_factor)
-    if tile_size is not None and tile_size[0] >= H and tile_size[1] >= W:
-        tile_size = None  # one tile: the untiled decode
-    if cuda_graph not in ("auto", True, False):
+    tile_size, overlap = _check_tile(tile, tile_overlap, tile_passes, model.downsample_factor, H, W)
+    if not (cuda_graph == "auto" or cuda_graph is True or cuda_graph is False):
         raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
     if cuda_graph is True and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, the model is on {device}")
@@ -563,7 +581,7 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
     use_graph = _use_cuda_graph(device, cuda_graph, tile_size is not None)
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
-    if channels_last not in ("auto", True, False):
+    if not (channels_last == "auto" or channels_last is True or channels_last is False):
         raise ValueError(f"channels_last must be 'auto', True or False, got {channels_last!r}")
     if channels_last == "auto":
         channels_last = device.type == "cpu"
@@ -571,7 +589,7 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
     # -- the work
     state_dtype = opmath_dtype(param.dtype)
     noise = make_noise((B, 3, H, W), seed, generator, device="cpu", dtype=state_dtype)  # whole batch up front
-    times = samplers.evaluation_times(settings.sampler, settings.timesteps())
+    times = samplers.evaluation_times(settings.sampler, settings.timesteps(), dtype=state_dtype)
     chunk = max_batch or B
     tiles = (tile_plan(H, W, tile_size, overlap, model.downsample_factor, tile_passes, state_dtype, device)
              if tile_size is not None else None)
@@ -602,7 +620,7 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
     state = _state(model)
     with state.lock:  # eval mode while any call runs; the model's own mode back after the last
         if state.calls == 0:
-            state.was_training = model.training
+            state.was_training = [m for m in model.modules() if m.training]  # each module's own mode
             model.eval()
         state.calls += 1
     try:
@@ -630,7 +648,9 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
         with state.lock:
             state.calls -= 1
             if state.calls == 0:
-                model.train(state.was_training)
+                for m in state.was_training:
+                    m.training = True  # module by module (Module.train would recurse into eval-mode children)
+                state.was_training = []
         if own_bar:
             bar.close()
     return out
@@ -648,8 +668,8 @@ def receptive_field(decoder, latent_channels: int, size: int = 256, factor: int 
     z = torch.randn(1, latent_channels, size // factor, size // factor, generator=g).to(param)
     out = decoder(x, torch.full((1,), t, device=param.device), z)
     c = size // 2
-    out[0, :, c, c].sum().backward()
-    grad = x.grad[0].abs().amax(0)  # (H, W)
+    (grad,) = torch.autograd.grad(out[0, :, c, c].sum(), x)  # the parameters' .grad stay as they are
+    grad = grad[0].abs().amax(0)  # (H, W)
     mask = grad > threshold * grad.max()
     ys, xs = torch.nonzero(mask, as_tuple=True)
     return int(torch.maximum((ys - c).abs(), (xs - c).abs()).max())

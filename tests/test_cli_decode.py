@@ -73,3 +73,26 @@ def test_decode_unknown_sampler_is_argparse_error(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["decode", str(model_dir), "x.safetensors", "--out", str(tmp_path), "--sampler", "ddim"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_decode_checks_every_file_before_decoding(model_dir, tmp_path):
+    # a.safetensors (2 latents) writes a_0.png and a_1.png, as a_0.safetensors (1 latent) writes
+    # a_0.png: the run had overwritten one with the other and exited 0. A missing or unreadable
+    # file after a good one had stopped the run after writing the good file's images.
+    lat, out = tmp_path / "lat", tmp_path / "o"
+    lat.mkdir()
+    save_file({"latent": torch.zeros(2, 4, 2, 2)}, str(lat / "a.safetensors"))
+    save_file({"latent": torch.zeros(1, 4, 2, 2)}, str(lat / "a_0.safetensors"))
+    with pytest.raises(SystemExit, match="would both be written to"):
+        main(["decode", str(model_dir), str(lat), "--out", str(out), "--steps", "1", "--no-progress"])
+    for bad, msg in ((tmp_path / "ghost.safetensors", "latent file not found"),
+                     (tmp_path / "junk.safetensors", "cannot read latent file")):
+        if "junk" in bad.name:
+            bad.write_bytes(b"\x10" + bytes(40))
+        with pytest.raises(SystemExit, match=msg):
+            main(["decode", str(model_dir), str(lat / "a.safetensors"), str(bad), "--out", str(out), "--steps", "1",
+                  "--no-progress"])
+    assert not out.exists()
+    assert main(["decode", str(model_dir), str(lat / "a.safetensors"), "--out", str(out), "--steps", "1",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_0.png", "a_1.png"]

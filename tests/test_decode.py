@@ -8,12 +8,14 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dito_fast
 from dito_fast import decode as D
 from dito_fast.diffusion import samplers
 from dito_fast.eval.metrics import psnr
 from dito_fast.eval.report import to_uint8
+from dito_fast.decode import ImageNorm, tile_plan
 from dito_fast.models.dito import make_noise
 
 
@@ -452,7 +454,12 @@ def test_rejects_bad_latents(micro_model, z, exc, msg):
     (dict(tile=36), ValueError, "tile must be a positive multiple of 8"),
     (dict(tile=(32, 20)), ValueError, "tile must be a positive multiple of 8"),
     (dict(tile=32, tile_overlap=12), ValueError, "tile_overlap must be a multiple of 8"),
-    (dict(tile=32, tile_overlap=32), ValueError, "larger than tile_overlap"),
+    (dict(tile=16, tile_overlap=16), ValueError, "larger than tile_overlap 16 along the axes it splits"),
+    (dict(tile_overlap=16), ValueError, "give tile too"),
+    (dict(tile_passes=2), ValueError, "give tile too"),
+    (dict(max_batch=True), ValueError, "max_batch must be an int >= 1"),
+    (dict(cuda_graph=1), ValueError, "cuda_graph must be"),
+    (dict(channels_last=1), ValueError, "channels_last must be"),
     (dict(tile="big"), ValueError, "tile must be an int"),
     (dict(tile=32, tile_overlap=8, tile_passes=3), ValueError, "tile_passes must be 1 or 2"),
     (dict(dtype=torch.float64), ValueError, "cannot decode in torch.float64 with a torch.float32 model"),
@@ -469,3 +476,68 @@ def test_rejects_bad_latents(micro_model, z, exc, msg):
 def test_rejects_bad_options(micro_model, kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         dito_fast.fast_decode(micro_model, torch.zeros(1, 4, 4, 4), **kwargs)
+
+
+def test_tiles_split_only_the_axes_they_must(micro_model):
+    """The overlap only matters along axes a tile splits: a tile as large as the image is the
+    untiled decode, and a tile as tall as a wide image splits its columns only (both had been
+    refused for a tile smaller than the default 96-px overlap)."""
+    z = torch.randn(1, 4, 4, 24, generator=torch.Generator().manual_seed(0))  # a 32x192 image
+    kw = dict(steps=1, seed=0, output="float")
+    assert torch.equal(dito_fast.fast_decode(micro_model, z[..., :4], tile=64, **kw),
+                       dito_fast.fast_decode(micro_model, z[..., :4], **kw))
+    torch.testing.assert_close(dito_fast.fast_decode(micro_model, z, tile=(32, 128), **kw),
+                               dito_fast.fast_decode(micro_model, z, tile=(64, 128), **kw), rtol=0, atol=0)
+
+
+def test_image_norm_gathers_image_wide_statistics():
+    """tile_passes=2: the statistics ImageNorm gathers over the tiles' owned regions, at every
+    layer's own resolution, are the whole image's per-(sample, group) mean and 1/std, and a
+    frozen call applies them as GroupNorm -> modulation -> SiLU."""
+    g = torch.Generator().manual_seed(0)
+    B, C, G, H, W = 2, 8, 4, 16, 48
+    layers = [torch.randn(B, C, H, W, generator=g) * 2 + 1, torch.randn(B, C, H // 2, W // 2, generator=g) - 3]
+    plan = tile_plan(H, W, (16, 24), 8, grid=4)
+    assert len(plan.slices) > 2
+    norm = ImageNorm()
+    norm.recording = True
+    for (ys, xs), owned in zip(plan.slices, plan.owned):
+        norm.start_tile(owned, ys.stop - ys.start)
+        for k, x in enumerate(layers):
+            d = 2 ** k
+            norm(x[:, :, ys.start // d:ys.stop // d, xs.start // d:xs.stop // d], G)
+    norm.freeze()
+    for (mean, rstd), x in zip(norm.stats, layers):
+        xg = x.double().reshape(B, G, -1)
+        torch.testing.assert_close(mean, xg.mean(-1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rstd, (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-10, atol=0)
+    w, b, sc, sh = (torch.randn(*shape, generator=g) for shape in ((C,), (C,), (B, C), (B, C)))
+    norm.start_tile((0, H, 0, W), H)
+    out = norm(layers[0], G, w, b, sc, sh)
+    ref = F.silu(F.group_norm(layers[0], G, w, b, eps=1e-5) * (1 + sc[:, :, None, None]) + sh[:, :, None, None])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # a float64 input gets float64 arithmetic (it had been rounded to float32)
+    norm.start_tile((0, H, 0, W), H)
+    out64 = norm(layers[0].double(), G, w.double(), b.double(), sc.double(), sh.double())
+    ref64 = F.silu(F.group_norm(layers[0].double(), G, w.double(), b.double(), eps=1e-5)
+                   * (1 + sc.double()[:, :, None, None]) + sh.double()[:, :, None, None])
+    assert out64.dtype == torch.float64 and (out64 - ref64).abs().max() < 1e-12
+
+
+def test_decode_restores_each_modules_mode(micro_model):
+    micro_model.train()
+    micro_model.encoder.eval()
+    dito_fast.fast_decode(micro_model, torch.zeros(1, 4, 2, 2), steps=1, seed=0)
+    assert micro_model.training and micro_model.decoder.training and not micro_model.encoder.training
+
+
+def test_receptive_field_leaves_parameter_gradients_alone(micro_model):
+    from dito_fast.decode import receptive_field
+
+    receptive_field(micro_model.decoder, 4, size=32)
+    assert all(p.grad is None for p in micro_model.parameters())
+
+
+def test_float64_model_dtype_error_does_not_suggest_half_precision(micro_model):
+    with pytest.raises(ValueError, match=r"use dtype=None \(half precision runs a float32 model"):
+        dito_fast.fast_decode(micro_model.double(), torch.zeros(1, 4, 2, 2), steps=1, dtype=torch.float16)

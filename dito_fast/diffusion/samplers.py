@@ -2,7 +2,8 @@
 
 Every sampler integrates dx/dt = v(x, t) from t = 1 (x = noise) down to t = 0 along a decreasing
 time grid ``timesteps`` (steps + 1 values from 1.0 to 0.0, see :func:`make_timesteps`).
-``velocity_fn(x, t)`` takes x (B, ...) and a (B,) float32 time tensor on x's device and returns
+``velocity_fn(x, t)`` takes x (B, ...) and a (B,) time tensor on x's device (float32; float64
+for a float64 state) and returns
 v like x, as a new tensor (samplers may use it as scratch space). Samplers never modify
 ``noise``: they copy it once and update that copy in place (one state buffer per decode, no
 allocation per step besides the velocity itself).
@@ -105,8 +106,9 @@ def _grid(timesteps) -> list[float]:
 
 def _t(value, x: torch.Tensor) -> torch.Tensor:
     # torch.full with a Python float: no host-to-device copy, so the loop can be captured in a
-    # CUDA graph (values are the float64 grid rounded to float32, as before).
-    return torch.full((x.shape[0],), float(value), device=x.device, dtype=torch.float32)
+    # CUDA graph. The float64 grid rounded to float32, or kept for a float64 state.
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.full((x.shape[0],), float(value), device=x.device, dtype=dtype)
 
 
 def euler(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor) -> torch.Tensor:
@@ -242,17 +244,18 @@ def get_sampler(name: str) -> Callable:
     return SAMPLERS[name]
 
 
-def evaluation_times(sampler: str, timesteps: torch.Tensor) -> list[float]:
-    """The times (float32 values, in call order) at which ``sampler`` evaluates the velocity on
-    this grid, found by a dry run on a 1-element state (samplers choose times from the grid
-    only, never from x). Used to precompute everything that depends on t alone."""
+def evaluation_times(sampler: str, timesteps: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[float]:
+    """The times (in call order, as the velocity sees them for a state of ``dtype``: float32
+    values, or float64 ones) at which ``sampler`` evaluates the velocity on this grid, found by a
+    dry run on a 1-element state (samplers choose times from the grid only, never from x). Used
+    to precompute everything that depends on t alone."""
     times: list[float] = []
 
     def record(x, t):
         times.append(float(t[0]))
         return torch.zeros_like(x)
 
-    get_sampler(sampler)(record, torch.zeros(1), timesteps=timesteps)
+    get_sampler(sampler)(record, torch.zeros(1, dtype=dtype), timesteps=timesteps)
     return times
 
 

@@ -68,8 +68,7 @@ def test_nfe_and_times(sampler, steps):
     assert len(calls) == samplers.nfe(sampler, steps)
     times = torch.stack(calls)[:, 0].double()
     assert times[0] == 1.0 and times.min() > 0  # t = 0 is never evaluated
-    grid = samplers.make_timesteps(steps).float().double()
-    assert set(times.tolist()) <= set(grid.tolist())
+    assert set(times.tolist()) <= set(samplers.make_timesteps(steps).tolist())  # float64 state: float64 times
 
 
 def test_samplers_keep_dtype_and_shape():
@@ -190,8 +189,15 @@ def test_evaluation_times_predict_the_calls(sampler, schedule):
     noise = X1.clone()
     samplers.get_sampler(sampler)(_velocity(calls), noise, timesteps=ts)
     assert torch.equal(noise, X1)  # the noise is not modified
-    assert [float(t[0]) for t in calls] == samplers.evaluation_times(sampler, ts)
     assert len(calls) == samplers.nfe(sampler, 5)
+    # a float64 state (X1) sees float64 times, the grid's own values (they had been rounded to
+    # float32); a float32 state float32 ones
+    assert all(t.dtype == torch.float64 for t in calls) and {float(t[0]) for t in calls} <= set(ts.tolist())
+    assert [float(t[0]) for t in calls] == samplers.evaluation_times(sampler, ts, dtype=torch.float64)
+    calls32 = []
+    samplers.get_sampler(sampler)(_velocity(calls32), X1.float(), timesteps=ts)
+    assert all(t.dtype == torch.float32 for t in calls32)
+    assert [float(t[0]) for t in calls32] == samplers.evaluation_times(sampler, ts)
 
 
 def test_parse_schedule():
