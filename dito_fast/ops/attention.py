@@ -1,10 +1,12 @@
 """Attention over (B, heads, N, D) tensors.
 
 Backends in priority order: ``sdpa`` (torch's scaled_dot_product_attention, the default
-everywhere), ``xformers`` (memory-efficient attention; only when xformers is installed, imports
-and the tensors are on CUDA), ``triton`` (our flash-attention forward/backward; CUDA, or CPU under
-TRITON_INTERPRET=1) and ``ref`` (the specification). Pick one with ``backend=`` or
-DITO_FAST_BACKEND (e.g. ``attention=triton``).
+everywhere; under torch.func transforms and forward-mode AD it runs SDPA's math kernel, the one
+with forward-mode formulas), ``xformers`` (memory-efficient attention; only when xformers is
+installed, imports and the tensors are on CUDA), ``triton`` (our flash-attention
+forward/backward; CUDA, or CPU under TRITON_INTERPRET=1; self-attention shapes only: k and v of
+q's shape, head dims 16/32/64/128, batch x heads <= 65535, float32/float16/bfloat16) and ``ref``
+(the specification). Pick one with ``backend=`` or DITO_FAST_BACKEND (e.g. ``attention=triton``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from . import _triton
-from ._dispatch import Backend, always_supported, check_dtype, dispatch
+from ._dispatch import Backend, always_supported, autograd_mode_reasons, check_dtype, dispatch
 
 
 def _check(q, k, v):
@@ -34,15 +38,24 @@ def _check(q, k, v):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference softmax(q k^T / sqrt(D)) v in the inputs' dtype. q: (B, heads, N, D); k, v:
-    (B, heads, M, D); returns (B, heads, N, D)."""
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+    """Reference softmax(q k^T / sqrt(D)) v. q: (B, heads, N, D); k, v: (B, heads, M, D); returns
+    (B, heads, N, D) in the inputs' dtype, computed in float32 for float16/bfloat16 inputs when
+    ``upcast`` (else in their dtype)."""
     _check(q, k, v)
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
     w = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
-    return w @ v
+    return (w @ v).to(dtype)
 
 
 def _sdpa(q, k, v):
+    if autograd_mode_reasons():
+        # torch.func transforms or forward-mode AD: SDPA's fused CPU (flash) kernel has no
+        # forward-mode formula (a jvp raised); its math kernel has, and batching rules.
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 

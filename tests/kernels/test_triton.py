@@ -91,7 +91,11 @@ def test_unsupported_reasons_without_interpreter(monkeypatch):
     reasons = latent_layernorm.unsupported_reasons(x)
     assert reasons and all("TRITON_INTERPRET" in r for r in reasons)
     assert any("not cuda" in r for r in fm.fm_noise_unsupported_reasons(x, x, torch.zeros(2)))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the checks read the variable when called
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set after the kernels were defined: still compiled kernels
+    assert any("set before" in r for r in latent_layernorm.unsupported_reasons(x))
+    import dito_fast.kernels.triton as kt
+
+    monkeypatch.setattr(kt, "_INTERPRET", True)  # as if set before the import
     assert latent_layernorm.unsupported_reasons(x) == []
     assert any("float64" in r for r in fm.fm_loss_unsupported_reasons(x.double(), x.double()))
     assert any("same shape" in r for r in fm.fm_loss_unsupported_reasons(x, x[:, :2]))
@@ -104,3 +108,4 @@ def test_unsupported_reasons_without_interpreter(monkeypatch):
     assert any("share the shape" in r for r in attention.unsupported_reasons(q, q[:, :1], q))
     assert any("share a dtype" in r for r in attention.unsupported_reasons(q, q.half(), q))
     assert any("head dim 512" in r for r in attention.unsupported_reasons(*(torch.zeros(1, 1, 4, 512),) * 3))
+    assert any("bfloat16 tl.dot" in r for r in attention.unsupported_reasons(q.bfloat16(), q.bfloat16(), q.bfloat16()))

@@ -267,7 +267,8 @@ def _attn_case(shape, dtype, transpose=False):
             a, b, c = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (a, b, c))
         return tri_attn.attention(a, b, c)
 
-    (o,), _ = _compare("attention", kernel, ops.attention_ref, [q, k, v], [g], dtype)
+    # the yardstick is PyTorch's own computation in dtype (no upcast)
+    (o,), _ = _compare("attention", kernel, ops.attention_ref, [q, k, v], [g], dtype, ref_kwargs={"upcast": False})
     assert o.dtype == dtype
 
 
@@ -286,6 +287,39 @@ def test_attention_more_shapes(shape, transpose):
 
 def test_attention_fp16_several_blocks():
     _attn_case((1, 1, 130, 32), torch.float16)
+
+
+def test_attention_very_negative_logits():
+    # logits near -100 (row log-sum-exp near -144 in base 2): the key columns past N in the last
+    # block have exp2(0 - lse) = inf, which only the column mask keeps out of dq (NaN without it)
+    g = _gen(7)
+    base = torch.randn(1, 2, 1, 16, generator=g, dtype=torch.float64)
+    q = (5 * base.sign() + 0.3 * torch.randn(1, 2, 37, 16, generator=g, dtype=torch.float64)).float()
+    k = (-5 * base.sign() + 0.3 * torch.randn(1, 2, 37, 16, generator=g, dtype=torch.float64)).float()
+    v = _randn((1, 2, 37, 16), torch.float32, 8)
+    logits = q.double() @ k.double().transpose(-1, -2) / 4
+    assert logits.max() < -60
+    _compare("attention", tri_attn.attention, ops.attention_ref, [q, k, v], [_randn((1, 2, 37, 16), torch.float32, 9)],
+             torch.float32, ref_kwargs={"upcast": False})
+
+
+def test_attention_through_the_dispatcher_with_strided_inputs():
+    # non-unit last-dim strides (copied), k and v expanded over the batch (stride 0)
+    q = _randn((2, 20, 2, 16), torch.float32, 11).permute(0, 2, 1, 3)
+    k = _randn((1, 2, 20, 16), torch.float32, 12).expand(2, -1, -1, -1)
+    v = _randn((2, 2, 16, 20), torch.float32, 13).transpose(-1, -2)
+    got = ops.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton")
+    _check("attention (dispatcher)", got, ops.attention_ref(q.double(), k.double(), v.double()),
+           ops.attention_ref(q, k, v))
+
+
+def test_attention_op_checks_shapes():
+    # the registered op itself: a shorter k or v had been read past its end
+    q = torch.zeros(1, 1, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="one shape"):
+        tri_attn.attention(q, q[:, :, :4], q[:, :, :4])
+    with pytest.raises(ValueError, match="one shape"):
+        torch.ops.dito_fast_triton.attention(q[..., :8], q[..., :8], q[..., :8])
 
 
 # --------------------------------------------------------------------------------------------

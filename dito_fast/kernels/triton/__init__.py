@@ -6,8 +6,11 @@ Every module imports without triton installed; its ``unsupported_reasons`` then 
 ``torch.library.wrap_triton``, so autograd and ``torch.compile(fullgraph=True)`` see them.
 
 Kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
-triton was imported (the tests use this). All arithmetic is done in float32, whatever the
-storage dtype (float32, float16, bfloat16).
+these modules were imported (the tests use this): ``@triton.jit`` chooses the interpreter when a
+kernel is defined. Loads are converted to float32 and reductions, normalisation and softmax
+statistics run in float32, whatever the storage dtype (float32, float16, bfloat16); attention's
+matrix products take their operands in the storage dtype (P and dS rounded to it) with float32
+accumulation, and float32 products may use TF32 where torch allows it.
 """
 
 import os
@@ -28,9 +31,15 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GRID_YZ = 65535
 
 
+# Whether the kernels below were defined for Triton's CPU interpreter: the variable counts when
+# they are defined, at import (set later, the reasons would accept CPU tensors that the compiled
+# kernels then fail to launch with "0 active drivers").
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    """True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRET
 
 
 def tensor_reasons(optional: tuple[str, ...] = (), **tensors) -> list[str]:
@@ -51,7 +60,8 @@ def tensor_reasons(optional: tuple[str, ...] = (), **tensors) -> list[str]:
         devices.add(t.device)
         if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
             reasons.append(f"{name} is on {t.device.type}, not cuda"
-                           + ("" if t.device.type != "cpu" else " (CPU needs TRITON_INTERPRET=1)"))
+                           + ("" if t.device.type != "cpu" else
+                              " (CPU needs TRITON_INTERPRET=1 set before dito_fast's Triton kernels are imported)"))
         if t.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
     if len(devices) > 1:

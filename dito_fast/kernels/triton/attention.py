@@ -13,13 +13,16 @@ Backward recomputes P blockwise from the saved log-sum-exp:
 No atomics: every gradient element is written by exactly one program (deterministic).
 Matrix products use tl.dot with float32 accumulation; float32 inputs use IEEE products unless
 torch.get_float32_matmul_precision() allows TF32.
+Precision limit (as in flash-attention, which also keeps one float32 log-sum-exp per row): rows
+whose logits reach thousands in magnitude get gradients with ~1e-4 relative error (the rounding of
+the stored log-sum-exp scales the recomputed P), where the forward stays exact to float32.
 """
 
 import math
 
 import torch
 
-from . import HAS_TRITON, MAX_GRID_YZ, needs_int64, next_power_of_2, tensor_reasons
+from . import HAS_TRITON, MAX_GRID_YZ, interpreting, needs_int64, next_power_of_2, tensor_reasons
 
 if HAS_TRITON:
     import triton
@@ -43,6 +46,8 @@ def unsupported_reasons(q, k, v, *args, **kwargs) -> list[str]:
         reasons.append(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
         reasons.append(f"head dim {q.shape[-1]} not in {HEAD_DIMS}")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreting():
+        reasons.append("Triton's interpreter computes bfloat16 tl.dot wrongly (errors of 1e9 measured, Triton 3.7)")
     if q.shape[0] * q.shape[1] > MAX_GRID_YZ:
         reasons.append(f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the grid limit {MAX_GRID_YZ}")
     if q.dtype == torch.float32 and q.shape[-1] == 128 and q.device.type == "cuda":
@@ -53,14 +58,16 @@ def unsupported_reasons(q, k, v, *args, **kwargs) -> list[str]:
     return reasons
 
 
-# Shared memory of the float32, head-dim-128 kernels at their 64 x 64 tiles (Triton 3.7, sm_80 and
-# sm_90 alike; the backward's dq kernel with TF32 dots is the largest): more than GPUs with 99 KiB
-# per block (A10, L4, L40, consumer cards) allow; A100 (163 KiB) and H100/H200 (227 KiB) fit.
+# Shared memory of the float32, head-dim-128 kernels at their 64 x 64 tiles (Triton 3.7; the
+# backward's dq kernel with TF32 dots is the largest: 163,840 bytes compiled for sm_80/sm_86,
+# 196,608 for sm_90): more than GPUs with 99 KiB per block (A10, L4, L40, consumer cards) allow;
+# A100 (163 KiB) and H100/H200 (227 KiB) fit. The check uses the sm_80 figure.
 FP32_D128_SHARED_BYTES = 163_840
 
 
 def _blocks(N: int, D: int):
-    """(BLOCK_M, BLOCK_N, num_warps): 64 x 64 tiles (32 x 64 at D = 128 in backward), less for short N."""
+    """(BLOCK_M, BLOCK_N, num_warps): 64 x 64 tiles, less for short N (the backward's dk/dv kernel
+    takes 32-row query blocks at D = 128)."""
     bm = max(16, min(64, next_power_of_2(N)))
     bn = max(16, min(64, next_power_of_2(N)))
     return bm, bn, 4 if D <= 64 else 8
@@ -226,11 +233,17 @@ if HAS_TRITON:
     # ----------------------------------------------------------------------------------------
     # registered ops
 
+    def _check_shapes(q, k, v):
+        if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape or q.shape[-1] not in HEAD_DIMS:
+            raise ValueError(f"dito_fast_triton::attention needs q, k, v of one shape (B, heads, N, D) with D in "
+                             f"{HEAD_DIMS}, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
     def _s3(t):  # (batch, head, row) strides; the last dim has unit stride
         return t.stride(0), t.stride(1), t.stride(2)
 
     @triton_op("dito_fast_triton::attention", mutates_args=())
     def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_shapes(q, k, v)  # a shorter k or v would be read past its end
         q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
         B, H, N, D = q.shape
         o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
