@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cpp, _triton
-from ._dispatch import Backend, always_supported, check_dtype, dispatch
+from ._dispatch import Backend, always_supported, autograd_mode_reasons, check_dtype, dispatch
 
 
 def _check_x(x, num_groups, weight, bias, scale, shift, eps=1e-5):
@@ -80,6 +80,13 @@ def group_norm_modulate_silu_ref(x, num_groups: int, weight=None, bias=None, sca
     # (1, 512, 32, 32) and (8, 256, 8, 8) in a scratch loop, 2 threads, 2026-12-03). Not
     # avoided: the same crash when x needs a gradient but autograd prunes it (autograd.grad for the
     # parameters alone of a channels_last x), which only shows at backward time.
+    # torch 2.13's group_norm has no forward-mode (jvp) path for channels_last input ("view size is
+    # not compatible"): under torch.func transforms and forward-mode AD it gets a contiguous copy,
+    # and the result x's layout back.
+    channels_last = xc.dim() == 4 and not xc.is_contiguous() and xc.is_contiguous(memory_format=torch.channels_last)
+    relayout = channels_last and bool(autograd_mode_reasons())
+    if relayout:
+        xc = xc.contiguous()
     params_need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (weight, bias))
     if params_need_grad and (not xc.requires_grad or weight is None):
         y = torch.group_norm(xc, num_groups, None, None, eps)
@@ -95,6 +102,8 @@ def group_norm_modulate_silu_ref(x, num_groups: int, weight=None, bias=None, sca
         y = y + shift[:, :, None, None].to(y.dtype)
     if silu:
         y = F.silu(y)
+    if relayout:
+        y = y.contiguous(memory_format=torch.channels_last)
     return y.to(x.dtype)
 
 

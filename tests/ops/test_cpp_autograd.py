@@ -385,3 +385,20 @@ def test_output_strides_match_the_fakes(layout):
                 f"{name} output {i} on a {layout} input: real strides {r.stride()}, fake {f.stride()}"
         if layout in ("cl slice", "1x1 channels_last"):
             torch.library.opcheck(op, args)
+
+
+def test_jvp_of_the_norm_block_on_channels_last_input():
+    """torch's group_norm has no jvp for channels_last input ("view size is not compatible"): the
+    reference, which the dispatcher takes under torch.func, gives it a contiguous copy; the result
+    keeps x's layout and equals the jvp on the contiguous input."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 8, 5, 4, generator=g, dtype=torch.float64)
+    w, b, s, sh = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((8,), (8,), (2, 8), (2, 8)))
+    tangent = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    fn = lambda a: group_norm_modulate_silu(a, 2, w, b, s, sh)  # noqa: E731
+    out, jvp = torch.func.jvp(fn, (x.contiguous(memory_format=torch.channels_last),),
+                              (tangent.contiguous(memory_format=torch.channels_last),))
+    ref_out, ref_jvp = torch.func.jvp(fn, (x,), (tangent,))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(jvp, ref_jvp, rtol=0, atol=1e-12)
