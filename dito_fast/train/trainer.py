@@ -573,9 +573,13 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
             # the optimizer and scheduler states restore the old hyperparameters: this run's replace them
             sched.base_lrs = [t_cfg.lr] * len(optimizer.param_groups)
             for group in optimizer.param_groups:
-                group.update(initial_lr=t_cfg.lr, lr=t_cfg.lr * lr_factor(sched.last_epoch, t_cfg),
-                             betas=tuple(t_cfg.betas), weight_decay=t_cfg.weight_decay)
-            sched._last_lr = [group["lr"] for group in optimizer.param_groups]
+                group.update(initial_lr=t_cfg.lr, betas=tuple(t_cfg.betas), weight_decay=t_cfg.weight_decay)
+        # The next step's rate from this run's schedule: the restored one is the old schedule's (a
+        # run extended with more train.steps had taken its first resumed step at the old end's rate).
+        # Unchanged settings give the very value the scheduler stored.
+        for group, base in zip(optimizer.param_groups, sched.base_lrs):
+            group["lr"] = base * lr_factor(sched.last_epoch, t_cfg)
+        sched._last_lr = [group["lr"] for group in optimizer.param_groups]
         if int(state.get("global_batch", G)) != G:
             logger.warning("the global batch changed from %s to %d: the data position is recomputed as step x batch",
                            state.get("global_batch"), G)
@@ -609,7 +613,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         # every rank takes part: RNG states are gathered, DCP shards written by each rank
         nonlocal last_saved
         last_saved = step
-        st = {"scheduler": sched.state_dict(), "step": step, "skipped_steps": skipped_total,
+        st = {"scheduler": sched.state_dict(), "step": step, "skipped_steps": skipped_total, "bad_streak": bad_streak,
               "ema_updates": ema.updates if ema is not None else 0, "images_seen": images_seen,
               "loss_window": list(window),  # the losses since the last log line: a resume's first line averages them too
               "global_batch": G, "world_size": W, "parallel": mode, "format": out_format}
@@ -672,7 +676,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                          rank=ctx.rank, world_size=W, raw_model=model)
     model.train()
     timer = _PhaseTimer(device)
-    bad_streak, steps_since_log = 0, 0
+    bad_streak = int(state.get("bad_streak", 0)) if state is not None else 0  # a streak goes on across a resume
+    steps_since_log, last_validated = 0, -1
     show_bar = (sys.stderr.isatty() if progress is None else progress) and is_main
     bar = None
     if show_bar:
@@ -725,8 +730,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
             with timer.phase("optimizer"):
                 bad = None if math.isfinite(loss_v) else "loss"
                 grad_norm = torch.tensor(0.0)
-                if bad is None and t_cfg.max_grad_norm > 0:
-                    grad_norm = pm.clip_grad_norm(t_cfg.max_grad_norm)  # global norm: the same on every rank
+                if bad is None:
+                    # the global norm (the same on every rank), also without clipping (max_norm inf):
+                    # a finite loss can come with a non-finite gradient
+                    grad_norm = pm.clip_grad_norm(t_cfg.max_grad_norm if t_cfg.max_grad_norm > 0 else math.inf)
                     bad = None if torch.isfinite(grad_norm) else "gradient norm"
                 step_lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler then sets the next one's)
                 if bad is None:
@@ -742,53 +749,66 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                 logger.warning("step %d: non-finite %s, skipped (%d in a row)", step, bad, bad_streak)
                 if bad_streak >= t_cfg.max_bad_steps:
                     event("diverged", step=step)
+                    last = ckpt.latest_checkpoint(run_dir)
                     raise TrainingDivergedError(
-                        f"{bad_streak} consecutive steps with a non-finite {bad} at step {step}; stopping. The last "
-                        f"good checkpoint is {ckpt.latest_checkpoint(run_dir)} (lower train.lr or check the data)")
+                        f"{bad_streak} consecutive steps with a non-finite {bad} at step {step}; stopping. The "
+                        f"weights are step {step - bad_streak}'s (skipped steps leave them); "
+                        + (f"the latest checkpoint is {last}" if last is not None else "no checkpoint was written")
+                        + " (lower train.lr or check the data)")
             else:
                 bad_streak = 0
                 result.losses.append((step, loss_v))
                 window.append(loss_v)
                 distributed.fault_point("after_step", step, ctx)
-                if bar is not None:
-                    bar.update(1)
+            if bar is not None:
+                bar.update(1)
+                if bad is None:
                     bar.set_postfix(loss=f"{loss_v:.4f}")
 
-                if step % t_cfg.log_every_steps == 0 or step == t_cfg.steps:
-                    now = time.perf_counter()
-                    spent = timer.read()
-                    n, dt = steps_since_log, now - t_last
-                    mine = [n * plan.share / dt] + [spent[k] / n for k in _PhaseTimer.PHASES]
-                    rows = distributed.all_gather_rows(mine, ctx, device)  # every rank's throughput and split
-                    skipped_files = files_skipped()
-                    if is_main:
-                        rec = {"step": step, "loss": sum(window) / len(window), "lr": step_lr,
-                               "grad_norm": float(grad_norm), "images_per_s": n * G / dt,
-                               "images_per_s_rank": mine[0], "step_time_s": dt / n,
-                               **{f"{k}_s": v for k, v in zip(_PhaseTimer.PHASES, mine[1:])},
-                               "skipped_steps": skipped_total, "images_seen": images_seen,
-                               "threads": torch.get_num_threads(), "world_size": W,
-                               "skipped_files": skipped_files}
-                        if W > 1:
-                            rec["images_per_s_per_rank"] = [r[0] for r in rows]
-                            rec["step_time_split_per_rank"] = [r[1:] for r in rows]
-                        metrics.write(rec)
-                        logger.info("step %d/%d loss %.4f  %.1f img/s (%d rank(s))", step, t_cfg.steps, rec["loss"],
-                                    rec["images_per_s"], W)
-                    window, t_last, steps_since_log = [], now, 0
-                    timer.reset()
-                t_book = time.perf_counter()
-                if t_cfg.val_every_steps > 0 and step % t_cfg.val_every_steps == 0 and step != t_cfg.steps:
-                    result.last_val = run_validation(step) or result.last_val
-                if t_cfg.checkpoint_every_steps > 0 and step % t_cfg.checkpoint_every_steps == 0 \
-                        and step != t_cfg.steps:
-                    save(step)
-                t_last += time.perf_counter() - t_book  # throughput counts training steps only
+            # The periodic work, after skipped steps too (their weights are the last good ones)
+            if step % t_cfg.log_every_steps == 0 or step == t_cfg.steps:
+                now = time.perf_counter()
+                spent = timer.read()
+                n, dt = steps_since_log, now - t_last
+                mine = [n * plan.share / dt] + [spent[k] / n for k in _PhaseTimer.PHASES]
+                rows = distributed.all_gather_rows(mine, ctx, device)  # every rank's throughput and split
+                skipped_files = files_skipped()
+                if is_main:
+                    # loss: the mean over the good steps since the last record (None: all skipped)
+                    rec = {"step": step, "loss": sum(window) / len(window) if window else None, "lr": step_lr,
+                           "grad_norm": float(grad_norm), "images_per_s": n * G / dt,
+                           "images_per_s_rank": mine[0], "step_time_s": dt / n,
+                           **{f"{k}_s": v for k, v in zip(_PhaseTimer.PHASES, mine[1:])},
+                           "skipped_steps": skipped_total, "images_seen": images_seen,
+                           "threads": torch.get_num_threads(), "world_size": W,
+                           "skipped_files": skipped_files}
+                    if W > 1:
+                        rec["images_per_s_per_rank"] = [r[0] for r in rows]
+                        rec["step_time_split_per_rank"] = [r[1:] for r in rows]
+                    metrics.write(rec)
+                    logger.info("step %d/%d loss %s  %.1f img/s (%d rank(s))", step, t_cfg.steps,
+                                "n/a (skipped)" if rec["loss"] is None else f"{rec['loss']:.4f}",
+                                rec["images_per_s"], W)
+                window, t_last, steps_since_log = [], now, 0
+                timer.reset()
+            t_book = time.perf_counter()
+            if t_cfg.val_every_steps > 0 and step % t_cfg.val_every_steps == 0 and step != t_cfg.steps:
+                result.last_val = run_validation(step) or result.last_val
+                last_validated = step
+            if t_cfg.checkpoint_every_steps > 0 and step % t_cfg.checkpoint_every_steps == 0 \
+                    and step != t_cfg.steps:
+                save(step)
+            t_last += time.perf_counter() - t_book  # throughput counts training steps only
             if stop:
                 logger.warning("stopping at step %d: the %.1f-minute budget is spent", step, t_cfg.max_minutes)
                 event("stop", step=step, reason="max_minutes")
                 break
             t_fetch = time.perf_counter()
+    except BaseException:  # a diverged run, a data error, Ctrl-C: release the loader and the logs too
+        loader.close()
+        if metrics is not None:
+            metrics.close()
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -801,7 +821,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     if step > start_step or resume_from is None:
         if step != last_saved:  # a time-budget stop at a checkpoint step has saved it already
             save(step)
-        result.last_val = run_validation(step) or result.last_val
+        if step != last_validated:  # nor validate twice at a validation step
+            result.last_val = run_validation(step) or result.last_val
     if metrics is not None:
         metrics.close()
     if mode == "ddp" and not distributed.replicas_agree(model, ctx):

@@ -333,18 +333,98 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(make_run_config, tmp_pa
     cfg = make_run_config(steps=20, checkpoint_every_steps=2, max_bad_steps=3)
     with pytest.raises(TrainingDivergedError, match="3 consecutive steps with a non-finite loss") as e:
         train(cfg, tmp_path, progress=False)
-    last = tmp_path / "checkpoints" / "step_00000004"
-    assert str(last) in str(e.value)
+    # skipped steps 5 and 6 leave the weights at step 4's; step 6's checkpoint is still written (a
+    # skip on a checkpoint step had dropped it), with the streak, so a resume goes on counting it
+    last = tmp_path / "checkpoints" / "step_00000006"
+    assert "weights are step 4's" in str(e.value) and f"the latest checkpoint is {last}" in str(e.value)
     assert ckpt.latest_checkpoint(tmp_path) == last
     assert not (tmp_path / "model").exists()  # nothing exported from a diverged run
-    # the last good checkpoint loads into a model and training resumes from it
+    good = ckpt.load_weights(tmp_path / "checkpoints" / "step_00000004" / "model.safetensors")
+    kept = ckpt.load_weights(last / "model.safetensors")
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+    assert ckpt.load_torch(last / "state.pt")["bad_streak"] == 2
+    # the checkpoint loads into a model and training resumes from it
     model = DiTo(cfg.model)
-    model.load_state_dict(ckpt.load_weights(last / "model.safetensors"))
+    model.load_state_dict(kept)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     monkeypatch.undo()
-    rest = train(make_run_config(steps=6, checkpoint_every_steps=2, max_bad_steps=3), tmp_path, resume=True,
+    rest = train(make_run_config(steps=8, checkpoint_every_steps=2, max_bad_steps=3), tmp_path, resume=True,
                  progress=False)
-    assert [s for s, _ in rest.losses] == [5, 6] and rest.skipped_steps == 0
+    assert [s for s, _ in rest.losses] == [7, 8] and rest.skipped_steps == 2
+
+
+def test_skipped_steps_keep_the_periodic_work_and_the_streak(make_run_config, tmp_path, monkeypatch):
+    # steps 5 and 6 non-finite: step 6 still logs, validates and checkpoints (all had been dropped
+    # on a skipped step), the checkpoint carries the streak, and a resume where step 7 is also
+    # non-finite stops there as the uninterrupted run does (the streak had restarted at 0)
+    from dito_fast.train import trainer as trainer_mod
+
+    calls = _nan_loss_on_calls(monkeypatch, lambda i: i >= 4)
+    validated = []
+    real_validate = trainer_mod.validate
+    monkeypatch.setattr(trainer_mod, "validate", lambda net, *a, **k: validated.append(1) or real_validate(net, *a, **k))
+    cfg = make_run_config(steps=6, checkpoint_every_steps=3, val_every_steps=3, max_bad_steps=3)
+    result = train(cfg, tmp_path, progress=False)
+    assert result.skipped_steps == 2 and calls["n"] == 6
+    records = [m for m in _metrics(tmp_path) if "skipped_steps" in m]
+    assert [m["step"] for m in records] == [1, 2, 3, 4, 5, 6] and records[-1]["loss"] is None
+    assert [m["step"] for m in _metrics(tmp_path) if "val_psnr" in m] == [3, 6] and len(validated) == 2
+    assert ckpt.load_torch(tmp_path / "checkpoints" / "step_00000006" / "state.pt")["bad_streak"] == 2
+    with pytest.raises(TrainingDivergedError, match="at step 7"):
+        train(make_run_config(steps=9, max_bad_steps=3), tmp_path, resume=True, progress=False)
+
+
+def test_nonfinite_gradient_is_skipped_without_clipping(make_run_config, tmp_path, monkeypatch):
+    # with train.max_grad_norm=0 the norm had not been taken, and a NaN gradient under a finite
+    # loss reached the weights (then every later step and the export)
+    real = flow.fm_loss
+    calls = {"n": 0}
+
+    def fm_loss(pred, target, backend=None):
+        loss = real(pred, target)
+        calls["n"] += 1
+        if calls["n"] == 2:  # + sqrt(0 |p|): the value 0, the gradient inf * 0 = NaN
+            loss = loss + torch.sqrt(pred.reshape(pred.shape[0], -1)[:, 0].abs() * 0)
+        return loss
+    monkeypatch.setattr(flow, "fm_loss", fm_loss)
+    result = train(make_run_config(steps=3, max_grad_norm=0.0), tmp_path, progress=False)
+    assert result.skipped_steps == 1 and [s for s, _ in result.losses] == [1, 3]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_resume_follows_a_changed_schedule(make_run_config, tmp_path):
+    # extending a cosine run: the first resumed step had kept the old schedule's rate (0 at its end)
+    from dito_fast.train.trainer import lr_factor
+
+    train(make_run_config(steps=4, lr_decay="cosine", lr_min_ratio=0.0, warmup_steps=0), tmp_path, progress=False)
+    longer = make_run_config(steps=8, lr_decay="cosine", lr_min_ratio=0.0, warmup_steps=0)
+    train(longer, tmp_path, resume=True, progress=False)
+    lrs = {m["step"]: m["lr"] for m in _metrics(tmp_path) if "lr" in m}
+    for step in (5, 6, 7, 8):
+        assert lrs[step] == pytest.approx(longer.train.lr * lr_factor(step - 1, longer.train), rel=1e-12)
+
+
+def test_time_budget_stop_on_a_validation_step_validates_once(make_run_config, tmp_path, monkeypatch):
+    from dito_fast.train import trainer as trainer_mod
+
+    validated = []
+    real_validate = trainer_mod.validate
+    monkeypatch.setattr(trainer_mod, "validate", lambda net, *a, **k: validated.append(1) or real_validate(net, *a, **k))
+    result = train(make_run_config(steps=5, val_every_steps=1, max_minutes=1e-9), tmp_path, progress=False)
+    assert result.step == 1 and len(validated) == 1  # the stop had run a second, identical decode
+    assert [m["step"] for m in _metrics(tmp_path) if "val_psnr" in m] == [1]
+
+
+def test_a_failed_run_closes_its_logs(make_run_config, tmp_path, monkeypatch):
+    from dito_fast.train import trainer as trainer_mod
+
+    closed = []
+    real_close = trainer_mod._MetricsLog.close
+    monkeypatch.setattr(trainer_mod._MetricsLog, "close", lambda self: closed.append(1) or real_close(self))
+    _nan_loss_on_calls(monkeypatch, lambda i: True)
+    with pytest.raises(TrainingDivergedError, match="no checkpoint was written"):
+        train(make_run_config(steps=5, max_bad_steps=2), tmp_path, progress=False)
+    assert closed == [1]
 
 
 # --------------------------------------------------------------------------------------------
