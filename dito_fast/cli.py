@@ -249,14 +249,20 @@ def cmd_decode(args) -> int:
 
     model, dev = _load_model(args.model, args.device)
     fingerprint = _model_fingerprint(model)
-    files = []
+    out = Path(args.out)
+    # latent file -> its images' path without the ending: a folder's files (recursive, as encode
+    # writes them) mirror their subfolders under --out, a named file goes to --out itself
+    bases: dict[Path, Path] = {}
     for inp in args.inputs:
         p = Path(inp)
-        files += sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
-    if not files:
+        if p.is_dir():
+            for f in sorted(p.rglob("*.safetensors")):
+                bases.setdefault(f, out / f.relative_to(p).with_suffix(""))
+        else:
+            bases.setdefault(p, out / p.stem)
+    if not bases:
         raise SystemExit("no .safetensors latent files given")
-    files = list(dict.fromkeys(files))
-    out = Path(args.out)
+    files = list(bases)
     # Every file's header first: a missing or unreadable file, another model's latents, or two
     # files writing one image (a.safetensors holding 2 latents writes a_0.png and a_1.png, as
     # a_0.safetensors's one latent would) stop the command before anything is decoded.
@@ -268,9 +274,9 @@ def cmd_decode(args) -> int:
                              f"{meta['model_fingerprint']}) than {args.model} ({model.config.name}, {fingerprint}): "
                              "its decoder would give a wrong image (--any-model decodes it anyway)")
         counts[f] = shape[0] if shape else 1
-    names = {f: [f"{f.stem}.png"] if counts[f] == 1 else [f"{f.stem}_{i}.png" for i in range(counts[f])]
-             for f in files}
-    _check_outputs([(f, out / name) for f in files for name in names[f]])
+    names = {f: [bases[f].with_name(bases[f].name + ".png")] if counts[f] == 1 else
+             [bases[f].with_name(f"{bases[f].name}_{i}.png") for i in range(counts[f])] for f in files}
+    _check_outputs([(f, name) for f in files for name in names[f]])
     options = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, seed=args.seed, device=dev,
                    dtype=None if args.dtype is None else getattr(torch, args.dtype), max_batch=args.max_batch,
                    tile=args.tile, tile_overlap=args.tile_overlap, tile_passes=args.tile_passes,
@@ -286,8 +292,8 @@ def cmd_decode(args) -> int:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{_shown(f)}: {e}") from None
         for img, name in zip(images, names[f]):
-            save_image(img.float() / 127.5 - 1, out / name)  # (atomic)
-            tqdm.write(f"{_shown(f)} -> {_shown(out / name)}", file=sys.stdout)
+            save_image(img.float() / 127.5 - 1, name)  # (atomic; creates the folder)
+            tqdm.write(f"{_shown(f)} -> {_shown(name)}", file=sys.stdout)
     return 0
 
 
@@ -427,21 +433,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model preset (default: the one --set model.name or the config file names, else dito-B)")
     t.add_argument("--data", default=None,
                    help="'synthetic', 'builtin', a folder of images (class subfolders give labels), a text file "
-                        "listing images ('path' or 'path<TAB>label' per line), or webdataset tar shards "
+                        "listing images ('path', 'path<TAB>label' or 'path label' per line), or webdataset tar shards "
                         "('x.tar', 'shards-{000..099}.tar', 'dir/*.tar')")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--image-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--steps", type=int, default=None, help="training steps (train.steps)")
+    t.add_argument("--batch-size", type=int, default=None, help="global batch size over all ranks (train.batch_size)")
+    t.add_argument("--image-size", type=int, default=None, help="training crop side in pixels (data.image_size)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (train.lr)")
     t.add_argument("--workers", type=int, default=None,
                    help="data loading: PyTorch DataLoader worker processes (0 = in the training process), "
                         "or DALI CPU threads")
     t.add_argument("--loader", choices=["auto", "dali", "torch"], default=None,
                    help="data loader: 'dali' (NVIDIA DALI; GPU decoding when training on a GPU), 'torch' "
                         "(PIL + DataLoader workers), 'auto' (DALI when installed and a GPU is present; default)")
-    t.add_argument("--device", default=None)
-    t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (train.device)")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads (train.threads; 0 = torch's default)")
+    t.add_argument("--seed", type=int, default=None, help="seed of weights, data order and noise (train.seed)")
     t.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
                    help="under torchrun: 'ddp' (replicated model; default) or 'fsdp' (sharded parameters, gradients "
                         "and optimizer state, for dito-L/XL; checkpoints resumable at another world size)")
@@ -474,16 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_reconstruct)
 
     e = sub.add_parser("encode", help="images -> latents (.safetensors, one file per image)")
-    e.add_argument("model")
-    e.add_argument("inputs", nargs="+")
+    e.add_argument("model", help="model directory (config.json + model.safetensors)")
+    e.add_argument("inputs", nargs="+", help="image files or folders (recursive; subfolders mirrored under --out)")
     e.add_argument("--out", required=True)
-    e.add_argument("--size", type=int, default=None)
+    e.add_argument("--size", type=int, default=None, help="resize+center-crop to this size")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_encode)
 
     d = sub.add_parser("decode", help="latents (.safetensors) -> PNG images")
-    d.add_argument("model")
-    d.add_argument("inputs", nargs="+", help=".safetensors files or folders of them")
+    d.add_argument("model", help="model directory (config.json + model.safetensors)")
+    d.add_argument("inputs", nargs="+", help=".safetensors files, or folders of them (searched recursively; "
+                   "subfolders are mirrored under --out, as encode writes them)")
     d.add_argument("--out", required=True)
     _add_fast_decode_args(d)
     d.set_defaults(func=cmd_decode)

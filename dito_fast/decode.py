@@ -538,8 +538,9 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
             as a CUDA graph per (shape, dtype, settings), kept in a per-model LRU of
             :data:`GRAPH_CACHE_SIZE`. The first call per key costs one extra decode (warm-up).
         channels_last: run the UNet in channels_last memory format: True, False or "auto" (True on
-            the CPU, where it measured 1.06-1.07x faster for dito-S at 64x64, batch 8, and no
-            slower at batch 1; False elsewhere: not measured on a GPU).
+            the CPU, where it measured 1.04x faster for dito-S at 64x64, batch 8
+            (``benchmarks/results/decode_channels_last_2026-12-01.json``); False elsewhere: not
+            measured on a GPU).
         output: "uint8" -> uint8 (B, 3, h*f, w*f) in [0, 255]; "float" -> float32 in [-1, 1].
             Always on the CPU.
         progress: True for a tqdm bar over UNet evaluations, or an object with ``update(n)``.

@@ -96,3 +96,14 @@ def test_decode_checks_every_file_before_decoding(model_dir, tmp_path):
     assert main(["decode", str(model_dir), str(lat / "a.safetensors"), "--out", str(out), "--steps", "1",
                  "--no-progress"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_0.png", "a_1.png"]
+
+
+def test_decode_mirrors_the_folders_encode_writes(model_dir, tmp_path):
+    # encode mirrors an input folder's subfolders; decode had read the top level only (class
+    # folders gave "no .safetensors latent files given", nested ones were skipped silently)
+    lat, out = tmp_path / "lat", tmp_path / "o"
+    for rel in ("a", "cat/0", "dog/0"):
+        (lat / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latent": torch.zeros(1, 4, 2, 2)}, str(lat / f"{rel}.safetensors"))
+    assert main(["decode", str(model_dir), str(lat), "--out", str(out), "--steps", "1", "--no-progress"]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a.png", "cat/0.png", "dog/0.png"]
