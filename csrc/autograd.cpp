@@ -213,7 +213,9 @@ struct FmNoiseBackward final : public Node {
       if (want_t) {
         const auto acc = at::toOpMathType(x.scalar_type());
         const Tensor v = noise.to(acc).mul(1.0 - sigma_min_).sub(x.to(acc));
-        grad_t = grads[0].to(acc).mul(v).reshape({x.size(0), -1}).sum(at::IntArrayRef{1}).to(t.scalar_type());
+        // per-sample sums; the batch size stays symbolic under torch.compile's dynamic shapes
+        grad_t = grads[0].to(acc).mul(v).reshape_symint({x.sym_size(0), -1}).sum(at::IntArrayRef{1});
+        grad_t = grad_t.to(t.scalar_type());
       }
       return {grad_x, grad_noise, grad_t};
     });

@@ -84,17 +84,29 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return suggest_memory_format(x)
 
 
+def one_device(op: str, **tensors) -> None:
+    """The fake kernels' device check (the C++ kernels have their own): a call mixing a meta
+    tensor into CPU ones reaches the fake kernel, which had returned uninitialised CPU tensors."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        torch._check(t.device == first.device,
+                     lambda: f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+
+
 if AVAILABLE:
     # Autograd formulas are registered in C++ (csrc/autograd.cpp); here only the fake kernels.
 
     # ---- fm_noise --------------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::fm_noise")
     def _(x, noise, t, sigma_min):
+        one_device("fm_noise", x=x, noise=noise, t=t)
         fmt = memory_format_of(x)
         return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, memory_format=fmt)
 
     @torch.library.register_fake("dito_fast::fm_noise_backward")
     def _(grad_xt, grad_v, t, sigma_min):
+        one_device("fm_noise_backward", grad_xt=grad_xt, grad_v=grad_v, t=t)
         like = grad_xt if grad_xt is not None else grad_v
         fmt = memory_format_of(like)
         return torch.empty_like(like, memory_format=fmt), torch.empty_like(like, memory_format=fmt)
@@ -102,10 +114,12 @@ if AVAILABLE:
     # ---- fm_loss ---------------------------------------------------------------------------
     @torch.library.register_fake("dito_fast::fm_loss")
     def _(pred, target):
+        one_device("fm_loss", pred=pred, target=target)
         return pred.new_empty((pred.shape[0],), dtype=opmath_dtype(pred.dtype))
 
     @torch.library.register_fake("dito_fast::fm_loss_backward")
     def _(grad, pred, target):
+        one_device("fm_loss_backward", pred=pred, grad=grad, target=target)
         return torch.empty_like(pred, memory_format=memory_format_of(pred))
 
     # ---- latent_layernorm ------------------------------------------------------------------
@@ -116,15 +130,19 @@ if AVAILABLE:
 
     @torch.library.register_fake("dito_fast::latent_layernorm_backward")
     def _(grad_y, y, rstd):
+        one_device("latent_layernorm_backward", y=y, grad_y=grad_y, rstd=rstd)
         return torch.empty_like(y, memory_format=memory_format_of(y))
 
     # ---- group_norm_modulate_silu ----------------------------------------------------------
     @torch.library.register_fake("dito_fast::group_norm_modulate_silu")
     def _(x, num_groups, weight, bias, scale, shift, eps, silu):
+        one_device("group_norm_modulate_silu", x=x, weight=weight, bias=bias, scale=scale, shift=shift)
         stat = x.new_empty((x.shape[0], num_groups), dtype=opmath_dtype(x.dtype))
         return torch.empty_like(x, memory_format=memory_format_of(x)), stat, torch.empty_like(stat)
 
     @torch.library.register_fake("dito_fast::group_norm_modulate_silu_backward")
     def _(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, silu):
+        one_device("group_norm_modulate_silu_backward", x=x, grad_y=grad_y, mean=mean, rstd=rstd, weight=weight,
+                    bias=bias, scale=scale, shift=shift)
         like = lambda p: torch.empty_like(p, memory_format=torch.contiguous_format) if p is not None else x.new_empty((0,))  # noqa: E731
         return torch.empty_like(x, memory_format=memory_format_of(x)), like(weight), like(bias), like(scale), like(shift)

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _cpp
-from ._cpp import memory_format_of
+from ._cpp import memory_format_of, one_device
 from ._dispatch import Backend, always_supported, autograd_mode_reasons, check_dtype, dispatch, env_backend, getenv
 
 MIN_WINOGRAD_CHANNELS = 32
@@ -167,6 +167,7 @@ if _cpp.AVAILABLE:
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3")
     def _(x, u, bias, transposed):
+        one_device("winograd_conv3x3", x=x, u=u, bias=bias)
         fmt = memory_format_of(x)
         c_out = u.shape[2] if transposed else u.shape[1]
         # as the kernel: computed in channels_last, then given x's layout
@@ -176,6 +177,7 @@ if _cpp.AVAILABLE:
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3_weight_grad")
     def _(x, grad_y, tile, bias):
+        one_device("winograd_conv3x3_weight_grad", x=x, grad_y=grad_y)
         du = x.new_empty(((tile + 2) ** 2, grad_y.shape[1], x.shape[1]))
         return du, x.new_empty((grad_y.shape[1] if bias else 0,))
 

@@ -402,3 +402,48 @@ def test_jvp_of_the_norm_block_on_channels_last_input():
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     torch.testing.assert_close(jvp, ref_jvp, rtol=0, atol=1e-12)
+
+
+def test_ops_refuse_wrong_statistics_and_mixed_devices():
+    """The backward reads B * groups values of mean and rstd (a shorter pair had been read past
+    its end, giving NaN); a meta tensor among CPU ones reached the fake kernels, which had returned
+    uninitialised CPU tensors."""
+    x = torch.randn(4, 8, 3, 3)
+    y, mean, rstd = torch.ops.dito_fast.group_norm_modulate_silu(x, 4, None, None, None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"mean and rstd must have shape \(4, 4\)"):
+        torch.ops.dito_fast.group_norm_modulate_silu_backward(torch.ones_like(y), x, mean[:1, :1], rstd[:1, :1], 4,
+                                                              None, None, None, None, True)
+    with pytest.raises(TypeError, match="mean must be a floating tensor"):
+        torch.ops.dito_fast.group_norm_modulate_silu_backward(torch.ones_like(y), x, mean.long(), rstd, 4,
+                                                              None, None, None, None, True)
+    with pytest.raises(RuntimeError, match="t is on meta but x is on cpu"):
+        torch.ops.dito_fast.fm_noise(x, x, torch.rand(4, device="meta"), 1e-5)
+    with pytest.raises(RuntimeError, match="weight is on meta but x is on cpu"):
+        torch.ops.dito_fast.group_norm_modulate_silu(x, 4, torch.ones(8, device="meta"), None, None, None, 1e-5, True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_norm_ops_do_not_depend_on_the_thread_count(channels_last):
+    """group_norm_modulate_silu and latent_layernorm, forward and backward: bitwise the same on one
+    and on two threads (fixed chunking of every sum)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 64, 16, 16, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    p = [torch.randn(64, generator=g), torch.randn(64, generator=g), torch.randn(3, 64, generator=g),
+         torch.randn(3, 64, generator=g)]
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_() for t in (x, *p)]
+            y = group_norm_modulate_silu(leaves[0], 8, *leaves[1:], backend="cpp")
+            z = leaves[0].detach().clone().requires_grad_()
+            w = latent_layernorm(z, backend="cpp")
+            (y * y).sum().backward()
+            (w * w.detach().flip(-1)).sum().backward()
+            results.append([y, w] + [t.grad for t in leaves] + [z.grad])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -199,3 +199,26 @@ def test_errors(backend):
         fm_noise(x.to(torch.float8_e4m3fn), x.to(torch.float8_e4m3fn), torch.zeros(2), backend=backend)
     with pytest.raises(ValueError, match="non-empty batch"):
         fm_loss(x[:0], x[:0], backend=backend)
+
+
+@needs_cpp
+def test_compile_keeps_a_dynamic_batch_with_t_gradient():
+    # fm_noise's t gradient reshaped by the concrete batch size, which specialised a batch marked
+    # dynamic (ConstraintViolationError under torch.compile) whenever t required a gradient
+    import torch._dynamo
+
+    def f(x, e, t):
+        x_t, v = fm_noise(x, e, t, backend="cpp")
+        return (x_t * v).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for B in (3, 5):
+        x, e = torch.randn(B, 2, 3, 4), torch.randn(B, 2, 3, 4)
+        t = torch.rand(B, requires_grad=True)
+        for a in (x, e, t):
+            torch._dynamo.mark_dynamic(a, 0)
+        compiled(x, e, t).backward()
+        t_ref = t.detach().clone().requires_grad_()
+        f(x, e, t_ref).backward()
+        torch.testing.assert_close(t.grad, t_ref.grad)

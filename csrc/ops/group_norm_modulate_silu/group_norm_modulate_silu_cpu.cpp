@@ -7,6 +7,8 @@
 #include <dito_fast/check.h>
 #include <dito_fast/cpu_kernels.h>
 
+#include <utility>
+
 namespace dito_fast {
 namespace {
 
@@ -58,7 +60,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gnms_back
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, bool silu) {
   check_inputs(x, groups, weight, bias, scale, shift);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), kOp, "_backward: grad_y ", grad_y.sizes(), " and x ", x.sizes(), " differ in shape");
+  constexpr const char* op = "group_norm_modulate_silu_backward";
+  check_floating(grad_y, op, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y ", grad_y.sizes(), " and x ", x.sizes(), " differ in shape");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"}, {rstd, "rstd"}}) {
+    // the kernels read B * groups values of each (a shorter one had been read past its end)
+    check_floating(t, op, name);
+    check_same_device(t, x, op, name, "x");
+    TORCH_CHECK(t.numel() == x.size(0) * groups, op, ": mean and rstd must have shape (", x.size(0), ", ", groups,
+                "), got ", mean.sizes(), " and ", rstd.sizes());
+  }
   const auto fmt = preferred_format(x);
   const auto xc = x.contiguous(fmt);
   const auto gc = grad_y.to(x.scalar_type()).contiguous(fmt);

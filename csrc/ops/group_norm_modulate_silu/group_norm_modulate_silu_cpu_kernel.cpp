@@ -5,6 +5,9 @@
 // Backward recomputes a from x (nothing but mean/rstd is saved): pass 1 forms the per-channel
 // sums S1 = sum da, S2 = sum da xhat (keeping da in dx's buffer for fp32/fp64); pass 2 writes
 // dx = da c1 + x c2 + c3 (math::gnms_grad_coef).
+// Groups far from zero (|mean| rstd > kShiftAbove, see shift_group) run in coordinates shifted by
+// their first value k: a = (x - k) alpha' + beta', dx = da c1 + (x - k) c2 + c3' with the
+// coefficients of the shifted mean (mean - k).
 //
 // NCHW: one task per (sample, group); the group's block is read twice, the second time mostly
 // from cache (e.g. 4 channels x 64 x 64 fp32 = 64 KiB). channels_last: each row vectorised across
@@ -20,6 +23,8 @@
 #include <dito_fast/cpu_vec.h>
 #include <dito_fast/math.h>
 
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace dito_fast {
@@ -89,6 +94,44 @@ inline Vec<acc_t> act_grad(const Vec<acc_t>& a, const Vec<acc_t>& dy) {
   if constexpr (kSilu) return dy * math::silu_grad(a); else return dy;
 }
 
+// Folding x alpha + beta makes two terms of size |mean| rstd cancel: an error of about |mean| rstd
+// 2^-24 a few times over (at mean 300, std 0.01, 3x PyTorch's own float32 error; a constant group
+// has rstd 1/sqrt(eps)). Groups past this ratio are normalised in coordinates shifted by their
+// first value k (x - k is exact for values near k, and mean - k is formed in double). Below it the
+// error stays under 1e-5 of the output, and the subtraction per value, which cost the large-plane
+// kernels 7-10% when applied to every group (2026-12-03), is left out. The forward and the
+// backward decide alike, from the saved mean and rstd.
+constexpr double kShiftAbove = 16;
+
+template <typename acc_t>
+inline bool shift_group(acc_t mean, acc_t rstd) {
+  return std::abs(static_cast<double>(mean)) * static_cast<double>(rstd) > kShiftAbove;
+}
+
+// body(std::true_type) where shift, else body(std::false_type): two compiled loops.
+template <typename Body>
+C10_ALWAYS_INLINE void with_shift(bool shift, const Body& body) {
+  if (shift) body(std::true_type{}); else body(std::false_type{});
+}
+
+template <bool kShift, typename acc_t>
+inline Vec<acc_t> shifted(const Vec<acc_t>& x, const Vec<acc_t>& k) {
+  if constexpr (kShift) return x - k; else return x;
+}
+
+// The folded coefficients (math::gnms_coef) for a group's mean m (less k where shifted): in
+// double where the group is shifted, in acc_t where it is not (nothing to gain there, and the
+// double arithmetic per channel cost the NCHW backward at dito-S's 8x8 level 8%).
+template <bool kShift, typename acc_t>
+inline math::GnmsCoef<acc_t> fold(double m, acc_t r, acc_t w, acc_t b, acc_t s, acc_t sh) {
+  if constexpr (kShift) {
+    const auto cf = math::gnms_coef<double>(m, r, w, b, s, sh);
+    return {static_cast<acc_t>(cf.alpha), static_cast<acc_t>(cf.beta)};
+  } else {
+    return math::gnms_coef<acc_t>(static_cast<acc_t>(m), r, w, b, s, sh);
+  }
+}
+
 // NCHW forward: groups up to this size are software-pipelined (see forward_nchw). Pipelined, against
 // not (2 threads, warm loops of the raw op, old and new builds alternated, 2026-12-02): groups of
 // 1 KiB 0.80x the time, 2 KiB (dito-S's 8x8 level) 0.86-0.88x, 4 KiB 0.94x, 8 KiB no change,
@@ -108,8 +151,9 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
   // stalling them between groups. Larger groups compute their statistics first: there the SiLU
   // pass is long enough to hide that chain, and two groups' data would crowd L1.
   const bool pipelined = Cg * HW * static_cast<int64_t>(sizeof(scalar_t)) <= kPipelineMaxBytes;
+  std::vector<double> shifted_mean(B * G);  // mean - (first value) in double, for shifted groups
   at::parallel_for(0, B * G, grain_for(Cg * HW), [&](int64_t begin, int64_t end) {
-    // Group bg's statistics into mean_out[bg], rstd_out[bg].
+    // Group bg's statistics into mean_out[bg], rstd_out[bg], shifted_mean[bg].
     auto stats = [&](int64_t bg) {
       const scalar_t* xg = x + bg * Cg * HW;  // (b C + g Cg) HW
       const acc_t k = static_cast<acc_t>(xg[0]);
@@ -119,6 +163,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), k, eps, mean, rstd);
       mean_out[bg] = static_cast<acc_t>(mean);
       rstd_out[bg] = static_cast<acc_t>(rstd);
+      shifted_mean[bg] = mean - static_cast<double>(k);
     };
     if (pipelined) stats(begin);
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -126,22 +171,33 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       else if (bg + 1 < end) stats(bg + 1);
       const int64_t b = bg / G, c0 = (bg % G) * Cg;
       const acc_t mean = mean_out[bg], rstd = rstd_out[bg];
+      const bool shift = shift_group(mean, rstd);
+      const double ms = shift ? shifted_mean[bg] : static_cast<double>(mean);
+      const acc_t k = static_cast<acc_t>(x[bg * Cg * HW]);
       // While this group is normalised, lines at least one group ahead come into L2 (prefetch_ahead).
       const int64_t ahead = prefetch_ahead<scalar_t>(bg, end, Cg * HW);
-      for (int64_t c = c0; c < c0 + Cg; ++c) {
-        const auto cf = math::gnms_coef<acc_t>(mean, rstd, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
-        const Vec<acc_t> al(cf.alpha), be(cf.beta);
-        const int64_t hw = HW;  // a local: the vector stores may alias any memory (see backward_nchw)
-        const scalar_t* const xp = x + (b * C + c) * hw;
-        const scalar_t* const pf = xp + ahead;
-        scalar_t* const yp = y + (b * C + c) * hw;
-        int64_t i = 0;
-        for (; i + V <= hw; i += V) {
-          prefetch_l2(pf + i);
-          vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i), al, be)));
+      with_shift(shift, [&](auto S) C10_ALWAYS_INLINE_ATTRIBUTE {
+        constexpr bool kShift = decltype(S)::value;
+        const Vec<acc_t> kv(k);  // a local (see backward_nchw)
+        for (int64_t c = c0; c < c0 + Cg; ++c) {
+          const auto cf = fold<kShift>(ms, rstd, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
+          const Vec<acc_t> al(cf.alpha), be(cf.beta);
+          const int64_t hw = HW;  // a local: the vector stores may alias any memory (see backward_nchw)
+          const scalar_t* const xp = x + (b * C + c) * hw;
+          const scalar_t* const pf = xp + ahead;
+          scalar_t* const yp = y + (b * C + c) * hw;
+          int64_t i = 0;
+          for (; i + V <= hw; i += V) {
+            prefetch_l2(pf + i);
+            const auto xv = shifted<kShift>(vload<acc_t>(xp + i), kv);
+            vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(xv, al, be)));
+          }
+          if (i < hw) {
+            const auto xv = shifted<kShift>(vload<acc_t>(xp + i, hw - i), kv);
+            vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(xv, al, be)), hw - i);
+          }
         }
-        if (i < hw) vstore<acc_t>(yp + i, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + i, hw - i), al, be)), hw - i);
-      }
+      });
     }
   });
 }
@@ -288,8 +344,13 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       a2 = at::vec::fmadd(d, d, a2);
     });
   };
-  // Group statistics and the folded coefficients of sample b from its per-channel sums.
+  // Group statistics and the folded coefficients of sample b from its per-channel sums; the
+  // sample's groups are shifted (shift_group) when any of them needs it.
+  std::vector<char> shift(B);
+  std::vector<double> shifted_mean(B * G);  // mean - k per group, in double
   auto coefs = [&](int64_t b, const double* s1c, const double* s2c) {
+    double* const ms = shifted_mean.data() + b * G;
+    bool any = false;
     for (int64_t g = 0; g < G; ++g) {
       double s1 = 0, s2 = 0;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
@@ -297,32 +358,52 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
         s2 += s2c[c];
       }
       double mean, rstd;
-      math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), kc[b * C + g * Cg], eps, mean, rstd);
-      mean_out[b * G + g] = static_cast<acc_t>(mean);
-      rstd_out[b * G + g] = static_cast<acc_t>(rstd);
+      const double k = kc[b * C + g * Cg];
+      math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), k, eps, mean, rstd);
+      const acc_t m = mean_out[b * G + g] = static_cast<acc_t>(mean);
+      const acc_t r = rstd_out[b * G + g] = static_cast<acc_t>(rstd);
+      ms[g] = mean - k;
+      any = any || shift_group(m, r);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {  // unshifted (the common case)
+        const auto cf = fold<false>(m, r, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
+        alpha[b * C + c] = cf.alpha;
+        beta[b * C + c] = cf.beta;
+      }
+    }
+    shift[b] = any;
+    for (int64_t g = 0; any && g < G; ++g) {  // shifted: every group of the sample, folded again
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        const auto cf = math::gnms_coef<acc_t>(mean, rstd, P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
+        const auto cf = fold<true>(ms[g], rstd_out[b * G + g], P.w[c], P.b[c], P.s[b * C + c], P.sh[b * C + c]);
         alpha[b * C + c] = cf.alpha;
         beta[b * C + c] = cf.beta;
       }
     }
   };
   auto normalize = [&](int64_t b, int64_t r0, int64_t r1, int64_t ahead) {
-    const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
-    const acc_t* const al = alpha.get() + b * nc;
-    const acc_t* const be = beta.get() + b * nc;
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* const xp = x + (b * hw + r) * nc;
-      const scalar_t* const pf = xp + ahead;
-      scalar_t* const yp = y + (b * hw + r) * nc;
-      int64_t c = 0;
-      for (; c + V <= nc; c += V) {
-        prefetch_l2(pf + c);
-        vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c), Vec<acc_t>::loadu(al + c), Vec<acc_t>::loadu(be + c))));
+    with_shift(shift[b], [&](auto S) C10_ALWAYS_INLINE_ATTRIBUTE {
+      constexpr bool kShift = decltype(S)::value;
+      const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
+      const acc_t* const al = alpha.get() + b * nc;
+      const acc_t* const be = beta.get() + b * nc;
+      const acc_t* const kk = kc.get() + b * nc;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* const xp = x + (b * hw + r) * nc;
+        const scalar_t* const pf = xp + ahead;
+        scalar_t* const yp = y + (b * hw + r) * nc;
+        int64_t c = 0;
+        for (; c + V <= nc; c += V) {
+          prefetch_l2(pf + c);
+          auto xs = vload<acc_t>(xp + c);
+          if constexpr (kShift) xs = xs - Vec<acc_t>::loadu(kk + c);
+          vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(xs, Vec<acc_t>::loadu(al + c), Vec<acc_t>::loadu(be + c))));
+        }
+        if (c < nc) {
+          auto xs = vload<acc_t>(xp + c, nc - c);
+          if constexpr (kShift) xs = xs - Vec<acc_t>::loadu(kk + c, nc - c);
+          vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(xs, Vec<acc_t>::loadu(al + c, nc - c), Vec<acc_t>::loadu(be + c, nc - c))), nc - c);
+        }
       }
-      if (c < nc)
-        vstore<acc_t>(yp + c, activate<acc_t, kSilu>(at::vec::fmadd(vload<acc_t>(xp + c, nc - c), Vec<acc_t>::loadu(al + c, nc - c), Vec<acc_t>::loadu(be + c, nc - c))), nc - c);
-    }
+    });
   };
   nhwc_passes<scalar_t>(B, C, HW, S1.get(), S2.get(), shifts, sums, coefs, normalize);
 }
@@ -422,84 +503,91 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
       const int64_t b = bg / G, g = bg % G;
       // Pass 1 (SiLU' per value) prefetches x and dy at least one group ahead (prefetch_ahead).
       const int64_t ahead = prefetch_ahead<scalar_t>(bg, end, Cg * HW);
-      const acc_t m = mean[bg], r = rstd[bg];
-      const Vec<acc_t> mv(m), rv(r);
-      // Pass 1: per-channel sums S1 = sum da, S2 = sum da xhat. Everything the loops read is a
-      // local value: the vector stores may alias any memory, so values read through the
-      // lambda's reference captures would be reloaded after each one. Each plane's lane sums
-      // (one pair per kSumBlock values) wait in a batch whose lanes are summed together
-      // (hsum_batch): a reduction per plane cost as much as an 8x8 plane's arithmetic. The sums
-      // are added into S1, S2, which start at zero.
-      static_assert(kHsumBatch % 2 == 0, "the sums are queued in pairs");
-      Vec<acc_t> batch[kHsumBatch];
-      double* target[kHsumBatch];
-      int64_t queued = 0;
-      auto flush = [&] {
-        double sums[kHsumBatch];
-        hsum_batch(batch, queued, sums);
-        for (int64_t j = 0; j < queued; ++j) *target[j] += sums[j];
-        queued = 0;
-      };
-      Vec<acc_t> ga(0), gb(0);  // the group's k-weighted sums (one_block)
-      for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
-        const int64_t c = bc - b * C, hw = HW;
-        const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
-        const Vec<acc_t> al(cf.alpha), be(cf.beta);
-        const scalar_t* const xp = x + bc * hw;
-        const scalar_t* const gp = dy + bc * hw;
-        scalar_t* const dp = dx + bc * hw;
-        Vec<acc_t> a1(0), a2(0);
-        auto step = [&](int64_t i, int64_t n) {
-          prefetch_l2(xp + ahead + i);
-          prefetch_l2(gp + ahead + i);
-          const auto xv = vload<acc_t>(xp + i, n);
-          auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
-          if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dp + i, da, n);
-          if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
-          a1 = a1 + da;
-          a2 = at::vec::fmadd(da, (xv - mv) * rv, a2);
+      // Groups far from zero run in coordinates shifted by their first value k (shift_group)
+      const acc_t r = rstd[bg];
+      const bool shift = shift_group(mean[bg], r);
+      const acc_t k = shift ? static_cast<acc_t>(x[bg * Cg * HW]) : acc_t(0);
+      const double m = static_cast<double>(mean[bg]) - k;  // the (shifted) mean, exact
+      with_shift(shift, [&](auto S) C10_ALWAYS_INLINE_ATTRIBUTE {
+        constexpr bool kShift = decltype(S)::value;
+        const Vec<acc_t> kv(k), mv(static_cast<acc_t>(m)), rv(r);
+        // Pass 1: per-channel sums S1 = sum da, S2 = sum da xhat. Everything the loops read is a
+        // local value: the vector stores may alias any memory, so values read through the
+        // lambda's reference captures would be reloaded after each one. Each plane's lane sums
+        // (one pair per kSumBlock values) wait in a batch whose lanes are summed together
+        // (hsum_batch): a reduction per plane cost as much as an 8x8 plane's arithmetic. The sums
+        // are added into S1, S2, which start at zero.
+        static_assert(kHsumBatch % 2 == 0, "the sums are queued in pairs");
+        Vec<acc_t> batch[kHsumBatch];
+        double* target[kHsumBatch];
+        int64_t queued = 0;
+        auto flush = [&] {
+          double sums[kHsumBatch];
+          hsum_batch(batch, queued, sums);
+          for (int64_t j = 0; j < queued; ++j) *target[j] += sums[j];
+          queued = 0;
         };
-        for (int64_t i0 = 0; i0 < hw; i0 += kSumBlock<acc_t>) {  // acc_t sums of kSumBlock values, then double
-          const int64_t i1 = std::min(hw, i0 + kSumBlock<acc_t>);
-          int64_t i = i0;
-          for (; i + V <= i1; i += V) step(i, V);
-          if (i < i1) step(i, i1 - i);
-          if (one_block) {
-            const Vec<acc_t> kv((acc_t(1) + P.s[bc]) * P.w[c]);
-            ga = at::vec::fmadd(a1, kv, ga);
-            gb = at::vec::fmadd(a2, kv, gb);
+        Vec<acc_t> ga(0), gb(0);  // the group's k-weighted sums (one_block)
+        for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
+          const int64_t c = bc - b * C, hw = HW;
+          const auto cf = fold<kShift>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
+          const Vec<acc_t> al(cf.alpha), be(cf.beta);
+          const scalar_t* const xp = x + bc * hw;
+          const scalar_t* const gp = dy + bc * hw;
+          scalar_t* const dp = dx + bc * hw;
+          Vec<acc_t> a1(0), a2(0);
+          auto step = [&](int64_t i, int64_t n) {
+            prefetch_l2(xp + ahead + i);
+            prefetch_l2(gp + ahead + i);
+            const auto xv = shifted<kShift>(vload<acc_t>(xp + i, n), kv);
+            auto da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
+            if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(dp + i, da, n);
+            if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
+            a1 = a1 + da;
+            a2 = at::vec::fmadd(da, (xv - mv) * rv, a2);
+          };
+          for (int64_t i0 = 0; i0 < hw; i0 += kSumBlock<acc_t>) {  // acc_t sums of kSumBlock values, then double
+            const int64_t i1 = std::min(hw, i0 + kSumBlock<acc_t>);
+            int64_t i = i0;
+            for (; i + V <= i1; i += V) step(i, V);
+            if (i < i1) step(i, i1 - i);
+            if (one_block) {
+              const Vec<acc_t> kv((acc_t(1) + P.s[bc]) * P.w[c]);
+              ga = at::vec::fmadd(a1, kv, ga);
+              gb = at::vec::fmadd(a2, kv, gb);
+            }
+            batch[queued] = a1;
+            target[queued++] = &S1[bc];
+            batch[queued] = a2;
+            target[queued++] = &S2[bc];
+            if (queued == kHsumBatch) flush();
+            a1 = a2 = Vec<acc_t>(0);
           }
-          batch[queued] = a1;
-          target[queued++] = &S1[bc];
-          batch[queued] = a2;
-          target[queued++] = &S2[bc];
-          if (queued == kHsumBatch) flush();
-          a1 = a2 = Vec<acc_t>(0);
         }
-      }
-      if (queued) flush();
-      const auto gc = one_block ? group_grad_coef<acc_t>(hsum(ga), hsum(gb), m, r, inv_n)
-                                : group_grad_coef<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, inv_n, P);
-      const Vec<acc_t> c2(gc.c2), c3(gc.c3);
-      // Pass 2: dx = da c1 + x c2 + c3 with c1 = alpha.
-      for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
-        const int64_t c = bc - b * C, hw = HW;
-        const auto cf = math::gnms_coef<acc_t>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
-        const Vec<acc_t> al(cf.alpha), be(cf.beta);
-        const scalar_t* const xp = x + bc * hw;
-        const scalar_t* const gp = dy + bc * hw;
-        scalar_t* const op = dx + bc * hw;
-        auto step = [&](int64_t i, int64_t n) {
-          const auto xv = vload<acc_t>(xp + i, n);
-          Vec<acc_t> da;
-          if constexpr (kKeepDa<scalar_t, kSilu>) da = vload<acc_t>(op + i, n);  // stored by pass 1
-          else da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
-          vstore<acc_t>(op + i, at::vec::fmadd(da, al, at::vec::fmadd(xv, c2, c3)), n);
-        };
-        int64_t i = 0;
-        for (; i + V <= hw; i += V) step(i, V);
-        if (i < hw) step(i, hw - i);
-      }
+        if (queued) flush();
+        const auto gc = one_block ? group_grad_coef<acc_t>(hsum(ga), hsum(gb), m, r, inv_n)
+                                  : group_grad_coef<acc_t>(S1.data(), S2.data(), m, r, b, g, C, Cg, inv_n, P);
+        const Vec<acc_t> c2(gc.c2), c3(gc.c3);
+        // Pass 2: dx = da c1 + x c2 + c3 with c1 = alpha.
+        for (int64_t bc = b * C + g * Cg; bc < b * C + (g + 1) * Cg; ++bc) {
+          const int64_t c = bc - b * C, hw = HW;
+          const auto cf = fold<kShift>(m, r, P.w[c], P.b[c], P.s[bc], P.sh[bc]);
+          const Vec<acc_t> al(cf.alpha), be(cf.beta);
+          const scalar_t* const xp = x + bc * hw;
+          const scalar_t* const gp = dy + bc * hw;
+          scalar_t* const op = dx + bc * hw;
+          auto step = [&](int64_t i, int64_t n) {
+            const auto xv = shifted<kShift>(vload<acc_t>(xp + i, n), kv);
+            Vec<acc_t> da;
+            if constexpr (kKeepDa<scalar_t, kSilu>) da = vload<acc_t>(op + i, n);  // stored by pass 1
+            else da = act_grad<acc_t, kSilu>(at::vec::fmadd(xv, al, be), vload<acc_t>(gp + i, n));
+            vstore<acc_t>(op + i, at::vec::fmadd(da, al, at::vec::fmadd(xv, c2, c3)), n);
+          };
+          int64_t i = 0;
+          for (; i + V <= hw; i += V) step(i, V);
+          if (i < hw) step(i, hw - i);
+        }
+      });
     }
   });
   param_grads<acc_t>(S1.data(), S2.data(), B, C, P, gw, gb, gs, gsh);
@@ -515,19 +603,33 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   const int64_t Cg = C / G;
   const double inv_n = 1.0 / static_cast<double>(Cg * HW);
   const auto alpha = uninitialized<acc_t>(B * C), beta = uninitialized<acc_t>(B * C), mc = uninitialized<acc_t>(B * C),
-             rc = uninitialized<acc_t>(B * C), c2 = uninitialized<acc_t>(B * C), c3 = uninitialized<acc_t>(B * C);
+             rc = uninitialized<acc_t>(B * C), c2 = uninitialized<acc_t>(B * C), c3 = uninitialized<acc_t>(B * C),
+             kc = uninitialized<acc_t>(B * C);
+  std::vector<double> shifted_mean(B * G);  // the group's mean, less k where sample b is shifted
+  std::vector<char> shift(B);
   const auto S1 = uninitialized<double>(B * C), S2 = uninitialized<double>(B * C);
-  // Sample b's per-channel forward fold and normalisation constants, expanded from groups.
+  // Sample b's per-channel forward fold and normalisation constants, expanded from groups; in
+  // coordinates shifted by each group's first value k when any group of the sample is far from
+  // zero, as the forward decides (shift_group).
   auto expand = [&](int64_t b) {
-    for (int64_t g = 0; g < G; ++g)  // by group: no division per channel (see forward_nhwc)
+    bool any = false;
+    for (int64_t g = 0; g < G; ++g) any = any || shift_group(mean[b * G + g], rstd[b * G + g]);
+    shift[b] = any;
+    for (int64_t g = 0; g < G; ++g) {  // by group: no division per channel (see forward_nhwc)
+      const int64_t bg = b * G + g;
+      const acc_t k = any ? static_cast<acc_t>(x[b * HW * C + g * Cg]) : acc_t(0);
+      const double m = shifted_mean[bg] = static_cast<double>(mean[bg]) - k;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        const int64_t bc = b * C + c, bg = b * G + g;
-        const auto cf = math::gnms_coef<acc_t>(mean[bg], rstd[bg], P.w[c], P.b[c], P.s[bc], P.sh[bc]);
+        const int64_t bc = b * C + c;
+        const auto cf = any ? fold<true>(m, rstd[bg], P.w[c], P.b[c], P.s[bc], P.sh[bc])
+                            : fold<false>(m, rstd[bg], P.w[c], P.b[c], P.s[bc], P.sh[bc]);
         alpha[bc] = cf.alpha;
         beta[bc] = cf.beta;
-        mc[bc] = mean[bg];
+        mc[bc] = static_cast<acc_t>(m);
         rc[bc] = rstd[bg];
+        kc[bc] = k;
       }
+    }
   };
   // Pass 1 over rows [r0, r1) of sample b: per-channel sums of da and da xhat added into s1, s2
   // (C each), da kept in dx where exact. Captures by value: the vector stores may alias any memory
@@ -538,23 +640,27 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
     const scalar_t* const gb_ = dy + b * HW * nc;
     scalar_t* const db = dx + b * HW * nc;
     const acc_t *al = alpha.get() + b * nc, *be = beta.get() + b * nc, *mm = mc.get() + b * nc,
-                *rr = rc.get() + b * nc;
-    channel_sums<acc_t>(r0, r1, nc, s1, s2, [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& a1, Vec<acc_t>& a2) {
-      prefetch_l2(xb + ahead + r * nc + c);
-      prefetch_l2(gb_ + ahead + r * nc + c);
-      auto xv = vload<acc_t>(xb + r * nc + c, n);
-      auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
-      auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * nc + c, n));
-      if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(db + r * nc + c, da, n);
-      if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
-      a1 = a1 + da;
-      a2 = at::vec::fmadd(da, (xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n), a2);
+                *rr = rc.get() + b * nc, *kk = kc.get() + b * nc;
+    with_shift(shift[b], [=](auto S) C10_ALWAYS_INLINE_ATTRIBUTE {
+      constexpr bool kShift = decltype(S)::value;
+      channel_sums<acc_t>(r0, r1, nc, s1, s2, [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& a1, Vec<acc_t>& a2) {
+        prefetch_l2(xb + ahead + r * nc + c);
+        prefetch_l2(gb_ + ahead + r * nc + c);
+        auto xv = vload<acc_t>(xb + r * nc + c, n);
+        if constexpr (kShift) xv = xv - vload<acc_t>(kk + c, n);
+        auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
+        auto da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gb_ + r * nc + c, n));
+        if constexpr (kKeepDa<scalar_t, kSilu>) vstore<acc_t>(db + r * nc + c, da, n);
+        if (n < V) da = Vec<acc_t>::set(Vec<acc_t>(0), da, n);
+        a1 = a1 + da;
+        a2 = at::vec::fmadd(da, (xv - vload<acc_t>(mm + c, n)) * vload<acc_t>(rr + c, n), a2);
+      });
     });
   };
   auto grad_coefs = [&](int64_t b, const double*, const double*) {  // reads S1, S2 by sample
     for (int64_t g = 0; g < G; ++g) {
-      const auto gc = group_grad_coef<acc_t>(S1.get(), S2.get(), mean[b * G + g], rstd[b * G + g], b, g, C, Cg,
-                                             inv_n, P);
+      const auto gc = group_grad_coef<acc_t>(S1.get(), S2.get(), shifted_mean[b * G + g], rstd[b * G + g], b, g, C,
+                                             Cg, inv_n, P);
       std::fill_n(c2.get() + b * C + g * Cg, Cg, gc.c2);
       std::fill_n(c3.get() + b * C + g * Cg, Cg, gc.c3);
     }
@@ -563,24 +669,28 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   auto apply = [&](int64_t b, int64_t r0, int64_t r1, int64_t /*ahead: prefetched by pass 1*/) {
     const int64_t nc = C, hw = HW;  // locals: the vector stores may alias any memory
     const acc_t *al = alpha.get() + b * nc, *be = beta.get() + b * nc,  // al is also c1
-                *k2 = c2.get() + b * nc, *k3 = c3.get() + b * nc;
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* const xp = x + (b * hw + r) * nc;
-      const scalar_t* const gp = dy + (b * hw + r) * nc;
-      scalar_t* const op = dx + (b * hw + r) * nc;
-      for (int64_t c = 0; c < nc; c += V) {
-        const int64_t n = nc - c < V ? nc - c : V;
-        auto xv = vload<acc_t>(xp + c, n);
-        Vec<acc_t> da;
-        if constexpr (kKeepDa<scalar_t, kSilu>) {
-          da = vload<acc_t>(op + c, n);  // stored by pass 1
-        } else {
-          auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
-          da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gp + c, n));
+                *k2 = c2.get() + b * nc, *k3 = c3.get() + b * nc, *kk = kc.get() + b * nc;
+    with_shift(shift[b], [=](auto S) C10_ALWAYS_INLINE_ATTRIBUTE {
+      constexpr bool kShift = decltype(S)::value;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* const xp = x + (b * hw + r) * nc;
+        const scalar_t* const gp = dy + (b * hw + r) * nc;
+        scalar_t* const op = dx + (b * hw + r) * nc;
+        for (int64_t c = 0; c < nc; c += V) {
+          const int64_t n = nc - c < V ? nc - c : V;
+          auto xv = vload<acc_t>(xp + c, n);
+          if constexpr (kShift) xv = xv - vload<acc_t>(kk + c, n);
+          Vec<acc_t> da;
+          if constexpr (kKeepDa<scalar_t, kSilu>) {
+            da = vload<acc_t>(op + c, n);  // stored by pass 1
+          } else {
+            auto a = at::vec::fmadd(xv, vload<acc_t>(al + c, n), vload<acc_t>(be + c, n));
+            da = act_grad<acc_t, kSilu>(a, vload<acc_t>(gp + c, n));
+          }
+          vstore<acc_t>(op + c, at::vec::fmadd(da, vload<acc_t>(al + c, n), at::vec::fmadd(xv, vload<acc_t>(k2 + c, n), vload<acc_t>(k3 + c, n))), n);
         }
-        vstore<acc_t>(op + c, at::vec::fmadd(da, vload<acc_t>(al + c, n), at::vec::fmadd(xv, vload<acc_t>(k2 + c, n), vload<acc_t>(k3 + c, n))), n);
       }
-    }
+    });
   };
   nhwc_passes<scalar_t>(B, C, HW, S1.get(), S2.get(), expand, sums, grad_coefs, apply);
   param_grads<acc_t>(S1.get(), S2.get(), B, C, P, gw, gb, gs, gsh);

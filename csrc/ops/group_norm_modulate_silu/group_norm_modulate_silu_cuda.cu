@@ -769,6 +769,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gnms_back
   check_inputs(x, groups, weight, bias, scale, shift, op);
   check_floating(grad_y, op, "grad_y");
   check_same_device(grad_y, x, op, "grad_y", "x");
+  check_floating(mean, op, "mean");
+  check_floating(rstd, op, "rstd");
   check_same_device(mean, x, op, "mean", "x");
   check_same_device(rstd, x, op, "rstd", "x");
   TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y ", grad_y.sizes(), " and x ", x.sizes(), " differ in shape");
