@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -609,8 +610,11 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
         common = dict(autocast_dtype=amp_dtype, net=net, channels_last=channels_last, tiles=tiles)
         if not use_graph:
             return _sample(model, zc, nc, settings, times, progress=bar, **common)
+        # and what changes the captured kernels without changing the shapes: the backend choice,
+        # TF32 for float32 matmuls and convolutions
         key = (tuple(zc.shape), zc.dtype, str(device), amp_dtype, settings, channels_last,
-               _frozen(options), compile is not False)
+               _frozen(options), compile is not False, os.environ.get("DITO_FAST_BACKEND", ""),
+               torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
         out = state.graphs.run(key, lambda a, b: _sample(model, a, b, settings, times, **common), [zc, nc],
                                weights=weights_key(model))
         if bar is not None:
