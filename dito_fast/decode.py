@@ -454,23 +454,22 @@ def _check_dtype(dtype, param_dtype: torch.dtype, device: torch.device) -> torch
 
 def _check_tile(tile, overlap, passes, factor: int, height: int, width: int) -> tuple[tuple[int, int] | None, int]:
     """The tile size clipped to the image (None when one tile covers it) and the overlap, checked."""
+    # tile_overlap and tile_passes are checked whether or not they apply (no tile, or one tile
+    # covering the image: the untiled decode, which ignores them)
     if passes not in (1, 2) or isinstance(passes, bool):
         raise ValueError(f"tile_passes must be 1 or 2, got {passes!r}")
+    overlap = DEFAULT_TILE_OVERLAP if overlap is None else overlap
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0 or overlap % factor:
+        raise ValueError(f"tile_overlap must be a multiple of {factor} pixels (the latent grid), >= 0, got {overlap!r}")
     if tile is None:
-        if overlap is not None or passes != 1:
-            raise ValueError("tile_overlap and tile_passes=2 apply to tiled decodes: give tile too")
         return None, 0
     size = (tile, tile) if isinstance(tile, int) and not isinstance(tile, bool) else tile
     if (not isinstance(size, (tuple, list)) or len(size) != 2
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)):
         raise ValueError(f"tile must be an int or (height, width) in pixels, got {tile!r}")
-    overlap = DEFAULT_TILE_OVERLAP if overlap is None else overlap
-    if not isinstance(overlap, int) or overlap < 0:
-        raise ValueError(f"tile_overlap must be an int >= 0 (pixels), got {overlap!r}")
-    for name, v in (("tile", size[0]), ("tile", size[1]), ("tile_overlap", overlap)):
-        if v % factor or (name == "tile" and v <= 0):
-            kind = "a positive multiple" if name == "tile" else "a multiple"
-            raise ValueError(f"{name} must be {kind} of {factor} pixels (the latent grid), got {v}")
+    for v in size:
+        if v % factor or v <= 0:
+            raise ValueError(f"tile must be a positive multiple of {factor} pixels (the latent grid), got {v}")
     size = (min(size[0], height), min(size[1], width))
     if size == (height, width):
         return None, overlap  # one tile: the untiled decode
@@ -530,8 +529,8 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
             memory is bounded by the tile size. ``tile_overlap`` (pixels, default
             :data:`DEFAULT_TILE_OVERLAP` >= the decoder's measured receptive field).
             ``tile_passes=2`` estimates image-wide GroupNorm statistics first (2x the cost; see
-            :class:`ImageNorm`). A tile as large as the image is the untiled decode; ``tile_overlap``
-            and ``tile_passes=2`` without ``tile`` are errors.
+            :class:`ImageNorm`). Without ``tile``, or with a tile as large as the image, the decode
+            is untiled (``tile_overlap`` and ``tile_passes`` are checked but do not apply).
         compile: torch.compile the UNet (fullgraph); a dict is passed to torch.compile
             (e.g. ``{"backend": "aot_eager"}``). The first call per shape compiles (slow). Tiled
             decodes with ``tile_passes=2`` run their norm-replacing passes eagerly.

@@ -455,8 +455,8 @@ def test_rejects_bad_latents(micro_model, z, exc, msg):
     (dict(tile=(32, 20)), ValueError, "tile must be a positive multiple of 8"),
     (dict(tile=32, tile_overlap=12), ValueError, "tile_overlap must be a multiple of 8"),
     (dict(tile=16, tile_overlap=16), ValueError, "larger than tile_overlap 16 along the axes it splits"),
-    (dict(tile_overlap=16), ValueError, "give tile too"),
-    (dict(tile_passes=2), ValueError, "give tile too"),
+    (dict(tile_overlap=12), ValueError, "tile_overlap must be a multiple of 8"),  # checked without a tile too
+    (dict(tile_passes=0), ValueError, "tile_passes must be 1 or 2"),
     (dict(max_batch=True), ValueError, "max_batch must be an int >= 1"),
     (dict(cuda_graph=1), ValueError, "cuda_graph must be"),
     (dict(channels_last=1), ValueError, "channels_last must be"),

@@ -552,9 +552,9 @@ void backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
             for (; i + V <= i1; i += V) step(i, V);
             if (i < i1) step(i, i1 - i);
             if (one_block) {
-              const Vec<acc_t> kv((acc_t(1) + P.s[bc]) * P.w[c]);
-              ga = at::vec::fmadd(a1, kv, ga);
-              gb = at::vec::fmadd(a2, kv, gb);
+              const Vec<acc_t> kw((acc_t(1) + P.s[bc]) * P.w[c]);  // (1 + s) w
+              ga = at::vec::fmadd(a1, kw, ga);
+              gb = at::vec::fmadd(a2, kw, gb);
             }
             batch[queued] = a1;
             target[queued++] = &S1[bc];
