@@ -428,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "dito_fast.allocator; default: on)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a tokenizer")
+    t = sub.add_parser("train", help="train a tokenizer",
+                       epilog="Global flags: -v/--verbose and --[no-]keep-freed-memory go before 'train' "
+                              "(dito-fast -v train ...); python -m dito_fast.train takes them anywhere.")
     t.add_argument("--preset", choices=list(C.PRESETS), default=None,
                    help="model preset (default: the one --set model.name or the config file names, else dito-B)")
     t.add_argument("--data", default=None,
