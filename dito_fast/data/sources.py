@@ -507,20 +507,32 @@ def _tar_paths(spec: str) -> Optional[List[str]]:
 
 
 def _item_at(dataset: Dataset, index: int, epoch: int):
-    """Item ``index`` (>= 0) of ``dataset`` as epoch ``epoch`` gives it, through Subset and
-    ConcatDataset wrappers: a dataset's ``item_at(index, epoch)`` where it has one (the package's
-    datasets: no shared state, so worker processes reading items of different epochs at once do
-    not race), else its ``set_epoch(epoch)`` (when it has one) and then the item."""
+    """Item ``index`` (>= 0) of ``dataset`` as epoch ``epoch`` gives it: a dataset's
+    ``item_at(index, epoch)`` where it has one (the package's datasets: no shared state, so worker
+    processes reading items of different epochs at once do not race), through plain Subset and
+    ConcatDataset wrappers; else ``set_epoch(epoch)`` (on the dataset, or on what its wrappers
+    hold) and then the item, by the dataset's own ``__getitem__``."""
     if hasattr(dataset, "item_at"):
         return dataset.item_at(index, epoch)
-    if isinstance(dataset, Subset):
+    getitem = type(dataset).__getitem__  # a wrapper subclass with its own __getitem__ is used as it is
+    if isinstance(dataset, Subset) and getitem is Subset.__getitem__:
         return _item_at(dataset.dataset, int(dataset.indices[index]), epoch)
-    if isinstance(dataset, ConcatDataset):
+    if isinstance(dataset, ConcatDataset) and getitem is ConcatDataset.__getitem__:
         part = bisect.bisect_right(dataset.cumulative_sizes, index)
         return _item_at(dataset.datasets[part], index - (dataset.cumulative_sizes[part - 1] if part else 0), epoch)
+    _set_epoch(dataset, epoch)
+    return dataset[index]
+
+
+def _set_epoch(dataset: Dataset, epoch: int) -> None:
+    """``set_epoch`` of ``dataset``, or of the datasets its Subset / ConcatDataset wrappers hold."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
-    return dataset[index]
+    elif isinstance(dataset, Subset):
+        _set_epoch(dataset.dataset, epoch)
+    elif isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            _set_epoch(part, epoch)
 
 
 def check_item(x, size: Optional[int], name: str) -> torch.Tensor:

@@ -141,6 +141,21 @@ def test_dataset_items_are_checked(item, error, match):
     assert x.dtype == torch.float32 and x.shape == (3, 16, 16)
 
 
+def test_wrapper_subclasses_keep_their_own_getitem():
+    # a Subset subclass that transforms its items is read through its __getitem__, and set_epoch
+    # still reaches the dataset it wraps
+    class Negated(torch.utils.data.Subset):
+        def __getitem__(self, i):
+            return -super().__getitem__(i)
+
+        def __getitems__(self, indices):  # torch asks for it beside __getitem__
+            return [self[i] for i in indices]
+
+    inner = _Items(lambda i: torch.full((3, 4, 4), 0.25))
+    src = DatasetSource(Negated(inner, [0, 1]))
+    assert src.item(1, 4, size=4).max() == -0.25 and inner.epochs == [4]
+
+
 def test_loader_checks_dataset_items():
     from dito_fast.data import make_loader
 
