@@ -442,7 +442,7 @@ def _check_dtype(dtype, param_dtype: torch.dtype, device: torch.device) -> torch
     if dtype not in HALF_DTYPES or param_dtype != torch.float32:
         hint = ("dtype=None, torch.float16 or torch.bfloat16 (half precision runs the float32 model under "
                 "autocast)" if param_dtype == torch.float32 else
-                f"dtype=None (half precision runs a float32 model under autocast: model.float() first)")
+                "dtype=None (half precision runs a float32 model under autocast: model.float() first)")
         raise ValueError(f"cannot decode in {dtype} with a {param_dtype} model: use {hint}")
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ValueError(f"dtype torch.bfloat16 is not supported on {torch.cuda.get_device_name(device)}; "
