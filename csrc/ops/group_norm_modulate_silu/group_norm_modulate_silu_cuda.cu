@@ -1,22 +1,32 @@
 // CUDA kernels of group_norm_modulate_silu (GroupNorm -> (1 + scale), shift -> SiLU) and its
 // backward, for NCHW-contiguous and channels_last x (processed natively, outputs in x's format).
 //
+// Every group runs in coordinates shifted by its first value k = x[b, g Cg, 0, 0] (group_shift):
+// its statistics are sums of x - k, and the folded pre-activation is a = (x - k) alpha + beta with
+// alpha, beta from the shifted mean mean - k (math::gnms_coef, in double). Folded around zero
+// instead (a = x alpha + beta), a group far from zero (|mean| rstd large: mean 300, std 0.01; or a
+// constant group, rstd = 1/sqrt(eps)) cancels two terms of size |mean| rstd in float. The CPU
+// kernels shift only such groups (to keep their common path's arithmetic); here the subtraction is
+// free next to the memory traffic, so every group is shifted.
+//
 // Forward (math.h: moments_to_mean_rstd, gnms_coef, silu):
-//   1. stats: shifted sums per (sample, group), shift k = the group's first value x[b, g Cg, 0, 0];
+//   1. stats: shifted sums per (sample, group);
 //      NCHW: a group is one contiguous run of Cg*HW values; channels_last: (sample, row-chunk)
 //      tiles with threads across channels, giving per-(sample, chunk, channel) partials.
 //   2. finalize: one block per group adds its partials in a fixed order (double), writes mean and
-//      rstd, and folds the per-(sample, channel) coefficients a = x alpha + beta.
-//   3. apply: y = silu(x alpha + beta) (or without SiLU), one FMA per element.
+//      rstd, and folds the per-(sample, channel) coefficients alpha, beta and the shift k.
+//   3. apply: y = silu((x - k) alpha + beta) (or without SiLU).
 //   NCHW with enough groups to fill the GPU runs 1-3 as one fused kernel (one block per group,
 //   the second read of the group mostly from L2).
 // Backward (math.h: gnms_coef, silu_grad, gnms_grad_coef), nothing saved but mean/rstd:
 //   1. sums: per (sample, channel) partials of S1 = sum da and S2' = sum da (x - mean), where
-//      da = dy silu'(a) (or dy), a recomputed from x; NCHW: per plane, channels_last: tiles.
+//      da = dy silu'(a) (or dy), a recomputed from x, both in the group's shifted coordinates;
+//      NCHW: per plane, channels_last: tiles.
 //   2. channel finalize: S1, S2 = rstd S2' per (sample, channel) in double; dshift, dscale.
-//   3. group finalize: A, B per group -> (alpha, beta, c1, c2, c3) per (sample, channel).
+//   3. group finalize: A, B per group -> (alpha, beta, c1, c2, c3, k) per (sample, channel).
 //   4. dweight, dbias: per channel, sums over the batch in order (only when weight/bias exist).
-//   5. apply: dx = da c1 + x c2 + c3.
+//   5. apply: dx = da c1 + (x - k) c2 + c3 (c3 from the shifted mean: the two last terms no
+//      longer cancel for groups far from zero).
 // All cross-thread and cross-block sums use fixed trees and fixed orders (no atomics): results
 // are deterministic for a given GPU model.
 #include <ATen/Dispatch.h>
@@ -102,11 +112,22 @@ __device__ __forceinline__ acc_t param_s(const Params<acc_t>& p, int64_t bc) { r
 template <typename acc_t>
 __device__ __forceinline__ acc_t param_sh(const Params<acc_t>& p, int64_t bc) { return p.shift ? p.shift[bc] : acc_t(0); }
 
+// alpha, beta of channel c of sample b for shifted coordinates: a = (x - k) alpha + beta, from the
+// shifted mean ms = mean - k; in double, as the CPU kernels fold their shifted groups (per channel:
+// nothing next to a pass over x).
 template <typename acc_t>
-__device__ __forceinline__ math::GnmsCoef<acc_t> channel_coef(const Params<acc_t>& p, acc_t mean, acc_t rstd,
+__device__ __forceinline__ math::GnmsCoef<acc_t> channel_coef(const Params<acc_t>& p, double ms, double rstd,
                                                              int64_t b, int64_t c, int64_t C) {
-  return math::gnms_coef<acc_t>(mean, rstd, param_w(p, c), param_b(p, c), param_s(p, b * C + c),
-                                param_sh(p, b * C + c));
+  const auto cf = math::gnms_coef<double>(ms, rstd, param_w(p, c), param_b(p, c), param_s(p, b * C + c),
+                                          param_sh(p, b * C + c));
+  return {static_cast<acc_t>(cf.alpha), static_cast<acc_t>(cf.beta)};
+}
+
+// The shift k of group g of sample b: its first value x[b, g Cg, 0, 0], NCHW or channels_last.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t group_shift(const scalar_t* x, int64_t b, int64_t g, int64_t C, int64_t Cg,
+                                             int64_t HW, bool cl) {
+  return static_cast<acc_t>(x[cl ? b * HW * C + g * Cg : (b * C + g * Cg) * HW]);
 }
 
 template <typename acc_t>
@@ -145,14 +166,13 @@ __global__ void gn_fused_nchw_kernel(const scalar_t* __restrict__ x, int64_t BG,
     block_sum2(d1, d2, sh);
     double mean_d, rstd_d;
     math::moments_to_mean_rstd<double>(d1, d2, static_cast<double>(L), static_cast<double>(k), eps, mean_d, rstd_d);
-    const acc_t mean = static_cast<acc_t>(mean_d), rstd = static_cast<acc_t>(rstd_d);
     if (threadIdx.x == 0) {
-      mean_out[bg] = mean;
-      rstd_out[bg] = rstd;
+      mean_out[bg] = static_cast<acc_t>(mean_d);
+      rstd_out[bg] = static_cast<acc_t>(rstd_d);
     }
     const int64_t b = bg / G, c0 = (bg % G) * Cg;
     for (int64_t c = threadIdx.x; c < Cg; c += blockDim.x) {
-      const auto cf = channel_coef(p, mean, rstd, b, c0 + c, C);
+      const auto cf = channel_coef(p, mean_d - static_cast<double>(k), rstd_d, b, c0 + c, C);
       s_alpha[c] = cf.alpha;
       s_beta[c] = cf.beta;
     }
@@ -164,7 +184,7 @@ __global__ void gn_fused_nchw_kernel(const scalar_t* __restrict__ x, int64_t BG,
       const auto xv = load_pack<V>(xg + i * V);
       Pack<scalar_t, V> out;
 #pragma unroll
-      for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate(static_cast<acc_t>(xv.v[q]) * al + be, silu));
+      for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate((static_cast<acc_t>(xv.v[q]) - k) * al + be, silu));
       store_pack<V>(yg + i * V, out);
     }
     __syncthreads();  // s_alpha/s_beta are rewritten for the next group
@@ -238,12 +258,13 @@ __global__ void gn_stats_cl_kernel(const scalar_t* __restrict__ x, int64_t B, in
 
 // Finalize. Launch: grid (min(B*G, 2^31-1)), block 128. Block-stride over the groups: block
 // (b, g) adds the group's partials in a fixed order (NCHW: its `chunks` entries; channels_last:
-// chunks x Cg entries, channel fastest), then mean/rstd (double) and alpha/beta of the group's channels.
+// chunks x Cg entries, channel fastest), then mean/rstd (double) and alpha, beta and the shift k
+// of the group's channels.
 template <typename scalar_t, typename acc_t>
 __global__ void gn_finalize_kernel(const scalar_t* __restrict__ x, const double* __restrict__ partial, int64_t BG,
                                    int64_t G, int64_t Cg, int64_t HW, int64_t chunks, bool cl, double eps,
                                    Params<acc_t> p, acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out,
-                                   acc_t* __restrict__ alpha, acc_t* __restrict__ beta) {
+                                   acc_t* __restrict__ alpha, acc_t* __restrict__ beta, acc_t* __restrict__ kshift) {
   __shared__ double sh[2 * kWarp];
   for (int64_t bg = blockIdx.x; bg < BG; bg += gridDim.x) {
     const int64_t b = bg / G, g = bg % G, C = G * Cg;
@@ -260,31 +281,30 @@ __global__ void gn_finalize_kernel(const scalar_t* __restrict__ x, const double*
       add_pairs_strided(partial + bg * chunks * 2, chunks, d1, d2);
     }
     block_sum2(d1, d2, sh);
-    // The shift the stats kernels used: the group's first value, x[b, g Cg, 0, 0].
-    const int64_t first = cl ? b * HW * C + g * Cg : bg * Cg * HW;
-    const acc_t k = static_cast<acc_t>(x[first]);
+    // The shift the stats kernels used.
+    const acc_t k = group_shift<scalar_t, acc_t>(x, b, g, C, Cg, HW, cl);
     double mean_d, rstd_d;
     math::moments_to_mean_rstd<double>(d1, d2, static_cast<double>(Cg * HW), static_cast<double>(k), eps, mean_d,
                                        rstd_d);
-    const acc_t mean = static_cast<acc_t>(mean_d), rstd = static_cast<acc_t>(rstd_d);
     if (threadIdx.x == 0) {
-      mean_out[bg] = mean;
-      rstd_out[bg] = rstd;
+      mean_out[bg] = static_cast<acc_t>(mean_d);
+      rstd_out[bg] = static_cast<acc_t>(rstd_d);
     }
     for (int64_t c = g * Cg + threadIdx.x; c < (g + 1) * Cg; c += blockDim.x) {
-      const auto cf = channel_coef(p, mean, rstd, b, c, C);
+      const auto cf = channel_coef(p, mean_d - static_cast<double>(k), rstd_d, b, c, C);
       alpha[b * C + c] = cf.alpha;
       beta[b * C + c] = cf.beta;
+      kshift[b * C + c] = k;
     }
   }
 }
 
 // NCHW apply. Launch: grid (bx, min(B, 65535)), block 256; grid-stride over the packs of sample b,
-// channel c = (pack offset) / HW: y = act(x alpha[b, c] + beta[b, c]).
+// channel c = (pack offset) / HW: y = act((x - k[b, c]) alpha[b, c] + beta[b, c]).
 template <typename scalar_t, typename acc_t, int V>
 __global__ void gn_apply_nchw_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ alpha,
-                                     const acc_t* __restrict__ beta, int64_t B, int64_t C, int64_t HW, bool silu,
-                                     scalar_t* __restrict__ y) {
+                                     const acc_t* __restrict__ beta, const acc_t* __restrict__ kshift, int64_t B,
+                                     int64_t C, int64_t HW, bool silu, scalar_t* __restrict__ y) {
   const int64_t N = C * HW, npack = N / V;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const scalar_t* xb = x + b * N;
@@ -292,32 +312,33 @@ __global__ void gn_apply_nchw_kernel(const scalar_t* __restrict__ x, const acc_t
     for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       // N < 2^31 (checked on the host): 32-bit division.
       const int64_t c = static_cast<uint32_t>(i * V) / static_cast<uint32_t>(HW);
-      const acc_t al = alpha[b * C + c], be = beta[b * C + c];
+      const acc_t al = alpha[b * C + c], be = beta[b * C + c], k = kshift[b * C + c];
       const auto xv = load_pack<V>(xb + i * V);
       Pack<scalar_t, V> out;
 #pragma unroll
-      for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate(static_cast<acc_t>(xv.v[q]) * al + be, silu));
+      for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate((static_cast<acc_t>(xv.v[q]) - k) * al + be, silu));
       store_pack<V>(yb + i * V, out);
     }
   }
 }
 
 // channels_last apply. Launch: like gn_stats_cl_kernel (no smem). Thread (lane, row) loads
-// alpha/beta of its V channels once and walks rows hw = start + row, stepping by rows.
+// alpha, beta and k of its V channels once and walks rows hw = start + row, stepping by rows.
 template <typename scalar_t, typename acc_t, int V>
 __global__ void gn_apply_cl_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ alpha,
-                                   const acc_t* __restrict__ beta, int64_t B, int64_t C, int64_t HW, int64_t rpc,
-                                   bool silu, scalar_t* __restrict__ y) {
+                                   const acc_t* __restrict__ beta, const acc_t* __restrict__ kshift, int64_t B,
+                                   int64_t C, int64_t HW, int64_t rpc, bool silu, scalar_t* __restrict__ y) {
   const int lane = threadIdx.x, row = threadIdx.y, lanes = blockDim.x, rows = blockDim.y;
   const int64_t cv = static_cast<int64_t>(blockIdx.z) * lanes + lane;
   if (cv >= C / V) return;
   const int64_t hw0 = blockIdx.x * rpc, hw1 = std::min(HW, hw0 + rpc);
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    acc_t al[V], be[V];
+    acc_t al[V], be[V], ks[V];
 #pragma unroll
     for (int q = 0; q < V; ++q) {
       al[q] = alpha[b * C + cv * V + q];
       be[q] = beta[b * C + cv * V + q];
+      ks[q] = kshift[b * C + cv * V + q];
     }
     const int64_t base = b * HW * C + cv * V;
     int64_t hw = hw0 + row;
@@ -329,7 +350,7 @@ __global__ void gn_apply_cl_kernel(const scalar_t* __restrict__ x, const acc_t* 
       for (int u = 0; u < 4; ++u) {
         Pack<scalar_t, V> out;
 #pragma unroll
-        for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate(static_cast<acc_t>(xv[u].v[q]) * al[q] + be[q], silu));
+        for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate((static_cast<acc_t>(xv[u].v[q]) - ks[q]) * al[q] + be[q], silu));
         store_pack<V>(y + base + (hw + u * rows) * C, out);
       }
     }
@@ -337,7 +358,7 @@ __global__ void gn_apply_cl_kernel(const scalar_t* __restrict__ x, const acc_t* 
       const auto xv = load_pack<V>(x + base + hw * C);
       Pack<scalar_t, V> out;
 #pragma unroll
-      for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate(static_cast<acc_t>(xv.v[q]) * al[q] + be[q], silu));
+      for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(activate((static_cast<acc_t>(xv.v[q]) - ks[q]) * al[q] + be[q], silu));
       store_pack<V>(y + base + hw * C, out);
     }
   }
@@ -347,13 +368,14 @@ __global__ void gn_apply_cl_kernel(const scalar_t* __restrict__ x, const acc_t* 
 // Backward
 // =====================================================================================================
 
-// Per element: a = x alpha + beta, da = dy silu'(a) (or dy); accumulate S1 += da, S2' += da (x - mean).
+// Per element, in the group's shifted coordinates (xs = x - k, ms = mean - k): a = xs alpha + beta,
+// da = dy silu'(a) (or dy); accumulate S1 += da, S2' += da (xs - ms) = da (x - mean).
 template <typename acc_t>
-__device__ __forceinline__ void bwd_terms(acc_t xa, acc_t dya, acc_t al, acc_t be, acc_t mean, bool silu, acc_t& s1,
+__device__ __forceinline__ void bwd_terms(acc_t xs, acc_t dya, acc_t al, acc_t be, acc_t ms, bool silu, acc_t& s1,
                                           acc_t& s2) {
-  const acc_t da = act_grad(xa * al + be, dya, silu);
+  const acc_t da = act_grad(xs * al + be, dya, silu);
   s1 += da;
-  s2 += da * (xa - mean);
+  s2 += da * (xs - ms);
 }
 
 // NCHW sums. Launch: grid (chunks, min(B*C, 65535)), block T. Plane s = (b, c) is the contiguous run
@@ -368,8 +390,11 @@ __global__ void gnb_sums_nchw_kernel(const scalar_t* __restrict__ dy, const scal
   const int64_t S = B * C, npack = HW / V, Cg = C / G;
   for (int64_t s = blockIdx.y; s < S; s += gridDim.y) {
     const int64_t b = s / C, c = s % C, bg = b * G + c / Cg;
-    const acc_t m = mean[bg];
-    const auto cf = channel_coef(p, m, rstd[bg], b, c, C);
+    const acc_t k = group_shift<scalar_t, acc_t>(x, b, c / Cg, C, Cg, HW, false);
+    // the shifted mean in double, as gnb_group_kernel forms it (the same alpha, beta in both passes)
+    const double md = static_cast<double>(mean[bg]) - static_cast<double>(k);
+    const acc_t m = static_cast<acc_t>(md);
+    const auto cf = channel_coef(p, md, rstd[bg], b, c, C);
     const scalar_t* xs = x + s * HW;
     const scalar_t* gs = dy + s * HW;
     acc_t s1 = 0, s2 = 0;
@@ -378,7 +403,7 @@ __global__ void gnb_sums_nchw_kernel(const scalar_t* __restrict__ dy, const scal
       const auto gv = load_pack<V>(gs + i * V);
 #pragma unroll
       for (int q = 0; q < V; ++q) {
-        bwd_terms(static_cast<acc_t>(xv.v[q]), static_cast<acc_t>(gv.v[q]), cf.alpha, cf.beta, m, silu, s1, s2);
+        bwd_terms(static_cast<acc_t>(xv.v[q]) - k, static_cast<acc_t>(gv.v[q]), cf.alpha, cf.beta, m, silu, s1, s2);
       }
     }
     block_sum2_store(s1, s2, sh, partial + (s * gridDim.x + blockIdx.x) * 2);
@@ -402,7 +427,7 @@ __global__ void gnb_sums_cl_kernel(const scalar_t* __restrict__ dy, const scalar
   const int64_t Cg = C / G;
   const int64_t hw0 = blockIdx.x * rpc, hw1 = std::min(HW, hw0 + rpc);
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    acc_t al[V], be[V], mu[V], s1[V], s2[V];
+    acc_t al[V], be[V], mu[V], ks[V], s1[V], s2[V];
 #pragma unroll
     for (int q = 0; q < V; ++q) {
       s1[q] = 0;
@@ -410,10 +435,13 @@ __global__ void gnb_sums_cl_kernel(const scalar_t* __restrict__ dy, const scalar
       al[q] = 0;
       be[q] = 0;
       mu[q] = 0;
+      ks[q] = 0;
       if (active) {
         const int64_t c = cv * V + q, bg = b * G + c / Cg;
-        mu[q] = mean[bg];
-        const auto cf = channel_coef(p, mu[q], rstd[bg], b, c, C);
+        ks[q] = group_shift<scalar_t, acc_t>(x, b, c / Cg, C, Cg, HW, true);
+        const double md = static_cast<double>(mean[bg]) - static_cast<double>(ks[q]);  // as gnb_group_kernel
+        mu[q] = static_cast<acc_t>(md);
+        const auto cf = channel_coef(p, md, rstd[bg], b, c, C);
         al[q] = cf.alpha;
         be[q] = cf.beta;
       }
@@ -432,8 +460,8 @@ __global__ void gnb_sums_cl_kernel(const scalar_t* __restrict__ dy, const scalar
         for (int u = 0; u < 4; ++u) {
 #pragma unroll
           for (int q = 0; q < V; ++q) {
-            bwd_terms(static_cast<acc_t>(xv[u].v[q]), static_cast<acc_t>(gv[u].v[q]), al[q], be[q], mu[q], silu,
-                      s1[q], s2[q]);
+            bwd_terms(static_cast<acc_t>(xv[u].v[q]) - ks[q], static_cast<acc_t>(gv[u].v[q]), al[q], be[q], mu[q],
+                      silu, s1[q], s2[q]);
           }
         }
       }
@@ -442,7 +470,8 @@ __global__ void gnb_sums_cl_kernel(const scalar_t* __restrict__ dy, const scalar
         const auto gv = load_pack<V>(dy + base + hw * C);
 #pragma unroll
         for (int q = 0; q < V; ++q) {
-          bwd_terms(static_cast<acc_t>(xv.v[q]), static_cast<acc_t>(gv.v[q]), al[q], be[q], mu[q], silu, s1[q], s2[q]);
+          bwd_terms(static_cast<acc_t>(xv.v[q]) - ks[q], static_cast<acc_t>(gv.v[q]), al[q], be[q], mu[q], silu, s1[q],
+                    s2[q]);
         }
       }
     }
@@ -501,12 +530,13 @@ __global__ void gnb_channel_kernel(const double* __restrict__ partial, int64_t B
 
 // Group finalize. Launch: grid (ceil(B*G / 8)), block 256 = 8 warps, one warp per group (b, g).
 // Lanes walk the group's channels: A = sum k S1 / n, B = sum k S2 / n with k = (1 + s) w (double,
-// fixed shuffle tree), then per channel alpha/beta (math::gnms_coef) and c1, c2, c3
-// (math::gnms_grad_coef) into ws (5 arrays of B*C acc_t).
-template <typename acc_t>
-__global__ void gnb_group_kernel(const double* __restrict__ ws_s, const acc_t* __restrict__ mean,
-                                 const acc_t* __restrict__ rstd, Params<acc_t> p, int64_t B, int64_t C, int64_t G,
-                                 int64_t HW, acc_t* __restrict__ coef) {
+// fixed shuffle tree), then per channel alpha/beta (math::gnms_coef), c1, c2, c3
+// (math::gnms_grad_coef), both from the shifted mean, and the group's shift into coef (6 arrays
+// of B*C acc_t).
+template <typename scalar_t, typename acc_t>
+__global__ void gnb_group_kernel(const double* __restrict__ ws_s, const scalar_t* __restrict__ x,
+                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, Params<acc_t> p,
+                                 int64_t B, int64_t C, int64_t G, int64_t HW, bool cl, acc_t* __restrict__ coef) {
   const int lane = threadIdx.x % kWarp;
   const int64_t bg = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (bg >= B * G) return;  // whole warps leave together
@@ -523,7 +553,8 @@ __global__ void gnb_group_kernel(const double* __restrict__ ws_s, const acc_t* _
   const double n = static_cast<double>(Cg * HW);
   A /= n;
   Bv /= n;
-  const acc_t m = mean[bg], r = rstd[bg];
+  const acc_t ks = group_shift<scalar_t, acc_t>(x, b, g, C, Cg, HW, cl);
+  const double m = static_cast<double>(mean[bg]) - static_cast<double>(ks), r = rstd[bg];  // shifted mean
   for (int64_t c = g * Cg + lane; c < (g + 1) * Cg; c += kWarp) {
     const int64_t bc = b * C + c;
     const auto cf = channel_coef(p, m, r, b, c, C);
@@ -534,6 +565,7 @@ __global__ void gnb_group_kernel(const double* __restrict__ ws_s, const acc_t* _
     coef[2 * BC + bc] = static_cast<acc_t>(gc.c1);
     coef[3 * BC + bc] = static_cast<acc_t>(gc.c2);
     coef[4 * BC + bc] = static_cast<acc_t>(gc.c3);
+    coef[5 * BC + bc] = ks;
   }
 }
 
@@ -555,11 +587,14 @@ __global__ void gnb_param_kernel(const double* __restrict__ ws_s, Params<acc_t> 
   if (dbias != nullptr) dbias[c] = static_cast<acc_t>(db);
 }
 
-// dx = da c1 + x c2 + c3 for one element.
+// dx = da c1 + (x - k) c2 + c3 for one element; coefficients k = (alpha, beta, c1, c2, c3, shift).
+constexpr int kCoefs = 6;
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t bwd_dx(acc_t xa, acc_t dya, const acc_t* k, bool silu) {
-  const acc_t da = act_grad(xa * k[0] + k[1], dya, silu);
-  return da * k[2] + (xa * k[3] + k[4]);
+  const acc_t xs = xa - k[5];
+  const acc_t da = act_grad(xs * k[0] + k[1], dya, silu);
+  return da * k[2] + (xs * k[3] + k[4]);
 }
 
 // NCHW backward apply. Launch: like gn_apply_nchw_kernel.
@@ -572,7 +607,9 @@ __global__ void gnb_apply_nchw_kernel(const scalar_t* __restrict__ dy, const sca
     for (int64_t i = grid_stride_first(); i < npack; i += grid_stride_step()) {
       const int64_t c = static_cast<uint32_t>(i * V) / static_cast<uint32_t>(HW);
       const int64_t bc = b * C + c;
-      const acc_t k[5] = {coef[bc], coef[BC + bc], coef[2 * BC + bc], coef[3 * BC + bc], coef[4 * BC + bc]};
+      acc_t k[kCoefs];
+#pragma unroll
+      for (int e = 0; e < kCoefs; ++e) k[e] = coef[e * BC + bc];
       const int64_t o = b * N + i * V;
       const auto xv = load_pack<V>(x + o);
       const auto gv = load_pack<V>(dy + o);
@@ -586,7 +623,7 @@ __global__ void gnb_apply_nchw_kernel(const scalar_t* __restrict__ dy, const sca
   }
 }
 
-// channels_last backward apply. Launch: like gn_apply_cl_kernel; each thread loads the five
+// channels_last backward apply. Launch: like gn_apply_cl_kernel; each thread loads the six
 // coefficients of its V channels once.
 template <typename scalar_t, typename acc_t, int V>
 __global__ void gnb_apply_cl_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
@@ -597,12 +634,12 @@ __global__ void gnb_apply_cl_kernel(const scalar_t* __restrict__ dy, const scala
   if (cv >= C / V) return;
   const int64_t hw0 = blockIdx.x * rpc, hw1 = std::min(HW, hw0 + rpc), BC = B * C;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    acc_t k[V][5];
+    acc_t k[V][kCoefs];
 #pragma unroll
     for (int q = 0; q < V; ++q) {
       const int64_t bc = b * C + cv * V + q;
 #pragma unroll
-      for (int e = 0; e < 5; ++e) k[q][e] = coef[e * BC + bc];
+      for (int e = 0; e < kCoefs; ++e) k[q][e] = coef[e * BC + bc];
     }
     const int64_t base = b * HW * C + cv * V;
     int64_t hw = hw0 + row;
@@ -738,20 +775,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gnms_cuda(const at::Tensor& x, in
             xp, B, C, HW, Cg, plan.rows_per_chunk, partial.mutable_data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      auto coef = at::empty({2, B, C}, xc.options().dtype(acc));
+      auto coef = at::empty({3, B, C}, xc.options().dtype(acc));
       acc_t* alpha = coef.mutable_data_ptr<acc_t>();
       acc_t* beta = alpha + B * C;
+      acc_t* kshift = beta + B * C;
       const int64_t groups = std::min<int64_t>(B * G, std::numeric_limits<int32_t>::max());
       gn_finalize_kernel<scalar_t, acc_t><<<groups, 128, 0, stream>>>(xp, partial.const_data_ptr<double>(), B * G, G,
-                                                                     Cg, HW, chunks, cl, eps, p, mp, rp, alpha, beta);
+                                                                     Cg, HW, chunks, cl, eps, p, mp, rp, alpha, beta,
+                                                                     kshift);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (!cl) {
         const dim3 grid(apply_blocks(C * HW / V, B), std::min(B, kMaxGridY));
-        gn_apply_nchw_kernel<scalar_t, acc_t, V><<<grid, kApplyThreads, 0, stream>>>(xp, alpha, beta, B, C, HW, silu, yp);
+        gn_apply_nchw_kernel<scalar_t, acc_t, V><<<grid, kApplyThreads, 0, stream>>>(xp, alpha, beta, kshift, B, C, HW, silu,
+                                                                                     yp);
       } else {
         const TilePlan plan = plan_tiles(C / V, HW, B);
         const dim3 grid(plan.chunks, std::min(B, kMaxGridY), plan.ctiles), block(plan.lanes, plan.rows);
-        gn_apply_cl_kernel<scalar_t, acc_t, V><<<grid, block, 0, stream>>>(xp, alpha, beta, B, C, HW,
+        gn_apply_cl_kernel<scalar_t, acc_t, V><<<grid, block, 0, stream>>>(xp, alpha, beta, kshift, B, C, HW,
                                                                          plan.rows_per_chunk, silu, yp);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -838,11 +878,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gnms_back
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       // 3. per-group coefficients
-      auto coef = at::empty({5, B, C}, xc.options().dtype(acc));
+      auto coef = at::empty({kCoefs, B, C}, xc.options().dtype(acc));
       {
         constexpr int kWarpsPerBlock = 8;
-        gnb_group_kernel<acc_t><<<ceil_div(B * G, kWarpsPerBlock), kWarpsPerBlock * kWarp, 0, stream>>>(
-            ws_s.const_data_ptr<double>(), mp, rp, p, B, C, G, HW, coef.mutable_data_ptr<acc_t>());
+        gnb_group_kernel<scalar_t, acc_t><<<ceil_div(B * G, kWarpsPerBlock), kWarpsPerBlock * kWarp, 0, stream>>>(
+            ws_s.const_data_ptr<double>(), xp, mp, rp, p, B, C, G, HW, cl, coef.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       // 4. dweight, dbias
