@@ -19,9 +19,10 @@ from .models.dito import DiTo
 __version__ = "0.1.0"
 
 
-def load(directory, map_location: str = "cpu") -> DiTo:
-    """Load a model saved with ``save_pretrained`` (``config.json`` + ``model.safetensors``)."""
-    return DiTo.from_pretrained(directory, map_location=map_location)
+def load(directory, map_location="cpu", dtype=None) -> DiTo:
+    """Load a model saved with ``save_pretrained`` (``config.json`` + ``model.safetensors``), in
+    eval mode, on ``map_location``, in ``dtype`` (None: the saved one); see DiTo.from_pretrained."""
+    return DiTo.from_pretrained(directory, map_location=map_location, dtype=dtype)
 
 
 def encode(model: DiTo, x):

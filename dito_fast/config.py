@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -161,7 +162,7 @@ def _f8c4_encoder() -> EncoderConfig:
     return EncoderConfig()
 
 
-PRESETS: dict[str, ModelConfig] = {
+_PRESETS: dict[str, ModelConfig] = {
     "dito-tiny": ModelConfig(
         name="dito-tiny",
         encoder=EncoderConfig(base_channels=16, channel_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8),
@@ -185,11 +186,34 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+class _Presets(Mapping):
+    """The preset registry, read-only: a lookup returns a fresh copy, so that no caller's edit of
+    a config it was given changes the preset for everyone else."""
+
+    def __getitem__(self, name: str) -> ModelConfig:
+        return get_preset(name)
+
+    def __iter__(self):
+        return iter(_PRESETS)
+
+    def __len__(self) -> int:
+        return len(_PRESETS)
+
+    def __contains__(self, name) -> bool:
+        return name in _PRESETS
+
+    def __repr__(self) -> str:
+        return f"presets({', '.join(_PRESETS)})"
+
+
+PRESETS: Mapping[str, ModelConfig] = _Presets()
+
+
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of a named preset; unknown names raise ``KeyError`` listing the known ones."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])
+    if name not in _PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(_PRESETS)}")
+    return copy.deepcopy(_PRESETS[name])
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +226,8 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(cls: type, data: dict) -> Any:
     """Build dataclass ``cls`` from a (possibly partial) nested dict; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}: expected a dict of settings, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
     if unknown:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .diffusion import flow, samplers
 from .eval.report import to_uint8
-from .models.dito import DiTo, check_latents, make_noise
+from .models.dito import DiTo, check_latents, initial_noise
 from .ops import group_norm_modulate_silu, opmath_dtype
 
 logger = logging.getLogger(__name__)
@@ -499,7 +499,8 @@ def _sample(model: DiTo, z: torch.Tensor, noise: torch.Tensor, settings: DecodeS
 
 
 def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampler: str = "auto",
-                schedule: str | None = None, seed: int | None = None, generator: torch.Generator | None = None,
+                schedule: str | None = None, seed: int | list[int] | None = None,
+                generator: torch.Generator | list[torch.Generator] | None = None, noise: torch.Tensor | None = None,
                 dtype: torch.dtype | None = None, device=None, max_batch: int | None = None,
                 tile: int | tuple[int, int] | None = None, tile_overlap: int | None = None, tile_passes: int = 1,
                 compile: bool | dict = False, cuda_graph: bool | str = "auto", channels_last: bool | str = "auto",
@@ -515,9 +516,12 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
             ``schedule`` given with it override its own). Samplers: ``euler``, ``heun``, ``ab2``,
             ``ab3``, ``dpmpp_2m``; schedules: ``uniform``, ``shifted[:shift]``, ``edm[:rho]``.
             An explicit sampler defaults to 50 uniform steps.
-        seed / generator: source of the initial noise for the whole batch, drawn on the CPU (a
-            CUDA ``generator`` draws on its device) before any chunking or tiling: the same noise
-            as ``model.decode`` with that seed or generator. Neither: torch's global RNG.
+        seed / generator / noise: the initial noise, drawn before any chunking or tiling: the
+            same noise as ``model.decode`` with the same argument. ``seed``: an int for the batch,
+            or a list of B ints, one per sample (an image's noise then does not depend on the batch
+            it is decoded in: :func:`~dito_fast.models.dito.make_noise`); drawn on the CPU. ``generator``: a ``torch.Generator`` or a list of B
+            (each draws on its device). ``noise``: the noise itself, (B, 3, h*f, w*f) floating.
+            None of them: torch's global RNG.
         dtype: compute dtype: None (the model's, float32), torch.float16 or torch.bfloat16
             (autocast: convolutions in half precision with float32 accumulation, normalisation
             statistics and the ODE state in float32). A chunk whose half-precision result is not
@@ -543,7 +547,8 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
             measured on a GPU).
         output: "uint8" -> uint8 (B, 3, h*f, w*f) in [0, 255]; "float" -> float32 in [-1, 1].
             Always on the CPU.
-        progress: True for a tqdm bar over UNet evaluations, or an object with ``update(n)``.
+        progress: True for a tqdm bar over UNet evaluations, False/None, or an object with
+            ``update(n)``.
 
     Weights: on the CPU, inference keeps each 3x3 convolution's Winograd-transformed filters
     until the weight changes (its version counter moves: ``load_state_dict``, optimizer steps,
@@ -586,10 +591,12 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
         raise ValueError(f"channels_last must be 'auto', True or False, got {channels_last!r}")
     if channels_last == "auto":
         channels_last = device.type == "cpu"
+    if not (progress is True or progress is False or progress is None or callable(getattr(progress, "update", None))):
+        raise TypeError(f"progress must be True, False, None or an object with update(n), got {progress!r}")
+    state_dtype = opmath_dtype(param.dtype)
+    noise = initial_noise((B, 3, H, W), noise, seed, generator, device="cpu", dtype=state_dtype)  # whole batch
 
     # -- the work
-    state_dtype = opmath_dtype(param.dtype)
-    noise = make_noise((B, 3, H, W), seed, generator, device="cpu", dtype=state_dtype)  # whole batch up front
     times = samplers.evaluation_times(settings.sampler, settings.timesteps(), dtype=state_dtype)
     chunk = max_batch or B
     tiles = (tile_plan(H, W, tile_size, overlap, model.downsample_factor, tile_passes, state_dtype, device)

@@ -76,6 +76,24 @@ def test_chunking_and_seed(micro_model, images):
                                                       output="float"))
 
 
+def test_noise_and_per_sample_seeds_as_model_decode(micro_model, images):
+    z = micro_model.encode(images)
+    kw = dict(steps=3, sampler="euler", output="float")
+    noise = make_noise((3, 3, 32, 32), seed=3)
+    _close(dito_fast.fast_decode(micro_model, z, noise=noise, **kw), micro_model.decode(z, steps=3, noise=noise))
+    batch = dito_fast.fast_decode(micro_model, z, seed=[4, 5, 6], max_batch=2, **kw)
+    for i, s in enumerate([4, 5, 6]):  # an image does not depend on its batch (but for float rounding)
+        _close(batch[i:i + 1], dito_fast.fast_decode(micro_model, z[i:i + 1], seed=s, **kw))
+    with pytest.raises(ValueError, match="pass noise, seed or generator, not several"):
+        dito_fast.fast_decode(micro_model, z, noise=noise, seed=0)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        dito_fast.fast_decode(micro_model, z, noise=noise[:2])
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
 def test_restores_training_mode(micro_model, images):
     micro_model.train()
     dito_fast.fast_decode(micro_model, micro_model.encode(images), steps=1, seed=0)
@@ -206,6 +224,8 @@ def test_progress_counts_network_evaluations(micro_model):
     dito_fast.fast_decode(micro_model, torch.randn(1, 4, 4, 8), steps=2, sampler="euler", seed=0, tile=32,
                           tile_overlap=8, progress=c)
     assert c.n == 2 * 3  # two steps, three tiles (0, 24, 32 along the width)
+    with pytest.raises(TypeError, match="progress must be True, False, None or an object with update"):
+        dito_fast.fast_decode(micro_model, torch.randn(1, 4, 2, 2), steps=1, progress="yes")
 
 
 # --------------------------------------------------------------------------------------------

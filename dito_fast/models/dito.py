@@ -8,8 +8,10 @@ the flow ODE from Gaussian noise (``decode``).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import numbers
 import os
 from pathlib import Path
 
@@ -50,8 +52,10 @@ def check_images(x: torch.Tensor, factor: int, name: str = "images") -> None:
         raise ValueError(f"{name} contain NaN or inf values")
     lo, hi = float(x.min()), float(x.max())
     if lo < -1.001 or hi > 1.001:
-        raise ValueError(f"{name} must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                         "(convert uint8 images with x / 127.5 - 1)")
+        # far outside: another range (0..255 as floats); slightly: a resize's overshoot, say
+        hint = ("convert uint8 images with x / 127.5 - 1" if max(-lo, hi) > 2 else
+                "clamp them with x.clamp(-1, 1), e.g. after a bicubic resize, which overshoots")
+        raise ValueError(f"{name} must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] ({hint})")
 
 
 def check_latents(z: torch.Tensor, channels: int, latent_factor: int = 1, factor: int = 1) -> None:
@@ -73,16 +77,68 @@ def check_latents(z: torch.Tensor, channels: int, latent_factor: int = 1, factor
         raise ValueError("latents contain NaN or inf values")
 
 
-def make_noise(shape, seed: int | None = None, generator: torch.Generator | None = None,
+def _check_seed(seed, what: str = "seed") -> int:
+    # torch.Generator.manual_seed takes [-2^63, 2^64); a float or a string would be truncated or parsed
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
+        raise TypeError(f"{what} must be an int in [-2**63, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def make_noise(shape, seed: int | list[int] | None = None,
+               generator: torch.Generator | list[torch.Generator] | None = None,
                device=None, dtype=torch.float32) -> torch.Tensor:
-    """Initial decoding noise. Drawn on the CPU from ``generator`` or ``seed`` (so a seed gives the
-    same noise on every device), then moved. Without either, uses torch's global RNG."""
+    """Initial decoding noise of ``shape`` (B, ...), in ``dtype`` on ``device``.
+
+    Source: ``seed``, an int for the whole batch or a list of B ints, one per sample; or
+    ``generator``, a ``torch.Generator`` for the whole batch or a list of B generators. Seeds draw
+    on the CPU (the same noise on every device), generators on their own device. With one source
+    per sample, a sample's noise does not depend on its batch: row i of a batch with
+    ``seed=[..., s, ...]`` is, bit for bit, the noise of ``seed=s`` (or ``seed=[s]``) for a batch
+    of one, so a decoded image depends on its batch only through the network's float rounding at
+    another batch size. Neither: torch's global RNG (CPU)."""
     if generator is not None and seed is not None:
         raise ValueError("pass either seed or generator, not both")
-    if seed is not None:
-        generator = torch.Generator().manual_seed(int(seed))
+    B = shape[0]
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != B:
+            raise ValueError(f"seed: a list of one seed per sample needs {B} seeds, got {len(seed)}")
+        generator = [torch.Generator().manual_seed(_check_seed(s, f"seed[{i}]")) for i, s in enumerate(seed)]
+    elif seed is not None:
+        generator = torch.Generator().manual_seed(_check_seed(seed))
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != B:
+            raise ValueError(f"generator: a list of one generator per sample needs {B} generators, got "
+                             f"{len(generator)}")
+        for i, g in enumerate(generator):
+            if not isinstance(g, torch.Generator):
+                raise TypeError(f"generator[{i}] must be a torch.Generator, got {type(g).__name__}")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(device=device)
+                for g in generator]
+        return torch.stack(rows).to(dtype=dtype)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, one per sample, got "
+                        f"{type(generator).__name__} (for an int, pass seed=)")
     gen_device = generator.device if generator is not None else "cpu"
     return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def initial_noise(shape, noise: torch.Tensor | None = None, seed=None, generator=None, device=None,
+                  dtype=torch.float32) -> torch.Tensor:
+    """The decoders' initial noise: ``noise`` (a finite float tensor of ``shape`` on any device
+    with values, moved to ``device`` and ``dtype``) if given, else :func:`make_noise` from ``seed`` or ``generator``."""
+    if noise is None:
+        return make_noise(shape, seed, generator, device, dtype)
+    if seed is not None or generator is not None:
+        raise ValueError("pass noise, seed or generator, not several")
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating torch.Tensor, got {getattr(noise, 'dtype', type(noise).__name__)}")
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+    if noise.is_meta:
+        raise ValueError("noise is on meta: a meta tensor holds no values")
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or inf values")
+    return noise.to(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +149,7 @@ class DiTo(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         validate_model_config(config)
-        self.config = config
+        self.config = copy.deepcopy(config)  # the model's own: editing the caller's object changes nothing here
         self.encoder = Encoder(config.encoder)
         self.decoder = UNetDecoder(config.decoder, config.encoder.latent_channels, config.flow.timescale)
         self.initialize_weights()
@@ -185,14 +241,17 @@ class DiTo(nn.Module):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, steps: int = 50, sampler: str = "euler", schedule: str = "uniform",
-               seed: int | None = None, generator: torch.Generator | None = None,
+               seed: int | list[int] | None = None,
+               generator: torch.Generator | list[torch.Generator] | None = None,
                noise: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (clamped), float32
         (float64 for a float64 model).
 
         Defaults are the paper's (50 uniform Euler steps). The initial noise comes from ``noise``
-        (B, 3, h*f, w*f) if given, else from ``seed``/``generator`` (drawn on the CPU: the same
-        seed gives the same result on CPU, bit for bit), else from torch's global RNG. The ODE
+        (B, 3, h*f, w*f) if given, else from ``seed``/``generator`` (an int or generator for the
+        batch, or a list of them, one per sample: :func:`make_noise`; seeds draw on the CPU, so a
+        seed gives the same noise on every device), else from torch's global RNG. NaN or inf in the
+        result (an overflowing float16 model) are logged as a warning. The ODE
         state is kept in float32 (float64 for a float64 model) whatever the latents' and weights'
         dtypes and under autocast, as in :func:`dito_fast.fast_decode`: only the network runs in
         lower precision.
@@ -204,19 +263,7 @@ class DiTo(nn.Module):
         H, W = z.shape[-2] * self.latent_factor, z.shape[-1] * self.latent_factor
         param_dtype = next(self.parameters()).dtype
         state_dtype = opmath_dtype(param_dtype)
-        if noise is None:
-            noise = make_noise((z.shape[0], 3, H, W), seed, generator, z.device, state_dtype)
-        else:
-            if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
-                raise TypeError(f"noise must be a floating torch.Tensor, got "
-                                f"{getattr(noise, 'dtype', type(noise).__name__)}")
-            if noise.shape != (z.shape[0], 3, H, W):
-                raise ValueError(f"noise must have shape {(z.shape[0], 3, H, W)}, got {tuple(noise.shape)}")
-            if noise.device != z.device:
-                raise ValueError(f"noise is on {noise.device} but the latents are on {z.device}")
-            if not torch.isfinite(noise).all():
-                raise ValueError("noise contains NaN or inf values")
-            noise = noise.to(state_dtype)
+        noise = initial_noise((z.shape[0], 3, H, W), noise, seed, generator, z.device, state_dtype)
         autocast = torch.is_autocast_enabled(z.device.type)
 
         def velocity(x_t, t):
@@ -224,6 +271,11 @@ class DiTo(nn.Module):
             return v.to(state_dtype)
 
         x = sampler_fn(velocity, noise, timesteps=timesteps)
+        if not bool(torch.isfinite(x).all()):
+            logger.warning("DiTo.decode: the decoder (%s weights) produced non-finite values (NaN or inf)%s",
+                           param_dtype, "; a float16 model overflows easily: dito_fast.fast_decode of a float32 "
+                           "model with dtype=torch.float16 redoes such batches in float32"
+                           if param_dtype == torch.float16 else "")
         return x.clamp(-1, 1)
 
     @torch.no_grad()
@@ -243,28 +295,55 @@ class DiTo(nn.Module):
         atomic_write_json(to_dict(self.config), directory / CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "DiTo":
-        """Load a model written by :meth:`save_pretrained`. Missing files, unreadable JSON or
-        weights that do not match the config raise errors naming the file."""
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "DiTo":
+        """Load a model written by :meth:`save_pretrained`, in eval mode.
+
+        ``map_location``: the device the model is put on (a string or ``torch.device``).
+        ``dtype``: the parameters' dtype; None (default) keeps the saved one (a bfloat16 model
+        loads as bfloat16). Missing files, unreadable JSON or weights that do not match the config
+        raise errors naming the file; a training run's directory (``dito-fast train --out``) is
+        pointed to its ``model/`` export."""
         from safetensors.torch import load_file
 
+        try:
+            device = torch.device(map_location)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"map_location: {map_location!r} is not a device ({e})") from None
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None (the saved one), got {dtype!r}")
         directory = Path(directory)
         cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if directory.is_file():
+            raise NotADirectoryError(f"{directory} is a file; from_pretrained takes the directory that holds "
+                                     f"{CONFIG_NAME} and {WEIGHTS_NAME}")
         if not directory.is_dir():
             raise FileNotFoundError(f"model directory not found: {directory}")
+        if not w_path.is_file() and (directory / "model" / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"missing {WEIGHTS_NAME} in {directory}: this looks like a training run's "
+                                    f"directory; its model is exported to {directory / 'model'}")
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise FileNotFoundError(f"missing {p.name} in model directory {directory}")
         try:
-            config = from_dict(ModelConfig, json.loads(cfg_path.read_text()))
+            data = json.loads(cfg_path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object of model settings, got {type(data).__name__}")
+            if {"model", "train"} <= set(data):
+                raise ValueError("this is a training run's config (model/data/train sections); load the run's "
+                                 "model/ directory, or its checkpoints with dito_fast.train")
+            config = from_dict(ModelConfig, data)
             validate_model_config(config)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"invalid model config {cfg_path}: {e}") from None
-        model = cls(config)
         try:
-            state = load_file(str(w_path), device=map_location)
+            state = load_file(str(w_path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"cannot read weights {w_path}: {e}") from None
+        if dtype is None:  # the saved floating dtype (float32 if there are several)
+            saved = {t.dtype for t in state.values() if t.is_floating_point()}
+            dtype = saved.pop() if len(saved) == 1 else torch.float32
+        model = cls(config).to(dtype)
         # Compare keys and shapes first: load_state_dict raises a bare RuntimeError on a shape
         # mismatch even with strict=False, which would not name the files.
         expected = model.state_dict()
@@ -278,7 +357,7 @@ class DiTo(nn.Module):
                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
                              f"size mismatch {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
         model.load_state_dict(state)
-        return model
+        return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,5 +394,5 @@ def encoder_gflops(config: ModelConfig, image_size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-__all__ = ["DiTo", "check_images", "check_latents", "make_noise", "count_parameters", "decoder_gflops",
+__all__ = ["DiTo", "check_images", "check_latents", "make_noise", "initial_noise", "count_parameters", "decoder_gflops",
            "encoder_gflops"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -178,6 +179,49 @@ def test_make_noise_seed_and_generator_exclusive():
     assert torch.equal(make_noise((2, 3), seed=5), make_noise((2, 3), seed=5))
 
 
+def test_one_seed_per_sample_makes_an_image_independent_of_its_batch(micro_model, images):
+    noise = make_noise((3, 3, 32, 32), seed=[5, 6, 7])
+    for i, s in enumerate([5, 6, 7]):  # bit for bit, and seed=[s] for a batch of one is seed=s
+        assert torch.equal(noise[i:i + 1], make_noise((1, 3, 32, 32), seed=s))
+        assert torch.equal(noise[i:i + 1], make_noise((1, 3, 32, 32), seed=[s]))
+    z = micro_model.encode(images)
+    batch = micro_model.decode(z, steps=3, seed=[5, 6, 7])
+    for i, s in enumerate([5, 6, 7]):  # the same image up to the convolutions' rounding at another batch size
+        torch.testing.assert_close(batch[i:i + 1], micro_model.decode(z[i:i + 1], steps=3, seed=s), atol=2e-5, rtol=0)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    assert torch.equal(micro_model.decode(z, steps=3, generator=gens), batch)
+    assert not torch.equal(batch, micro_model.decode(z, steps=3, seed=5))  # one seed: one draw for the batch
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", [
+    ({"seed": 1.5}, TypeError, "seed must be an int"),
+    ({"seed": "7"}, TypeError, "seed must be an int"),
+    ({"seed": True}, TypeError, "seed must be an int"),
+    ({"seed": 2**64}, TypeError, "seed must be an int"),
+    ({"seed": [1, 2]}, ValueError, "needs 3 seeds, got 2"),
+    ({"seed": [1, 2.5, 3]}, TypeError, r"seed\[1\] must be an int"),
+    ({"generator": 0}, TypeError, "for an int, pass seed="),
+    ({"generator": [torch.Generator()]}, ValueError, "needs 3 generators, got 1"),
+    ({"generator": [torch.Generator(), 1, torch.Generator()]}, TypeError, r"generator\[1\] must be"),
+])
+def test_make_noise_names_bad_seeds_and_generators(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        make_noise((3, 3, 8, 8), **kwargs)
+
+
+def test_model_keeps_its_own_config_and_presets_are_read_only(micro_config):
+    model = DiTo(micro_config)
+    micro_config.flow.objective = "x0"  # the caller's object, edited after construction
+    assert model.config.flow.objective == "velocity"
+    preset = dito_fast.presets["dito-tiny"]
+    preset.decoder.num_res_blocks = 5
+    assert dito_fast.presets["dito-tiny"].decoder.num_res_blocks == 1
+    assert get_preset("dito-tiny").decoder.num_res_blocks == 1
+    assert "dito-B" in PRESETS and list(PRESETS) == list(dito_fast.presets) and len(PRESETS) >= 5
+    with pytest.raises(TypeError):
+        PRESETS["mine"] = preset  # noqa  (a read-only mapping)
+
+
 # --------------------------------------------------------------------------------------------
 # save_pretrained / from_pretrained
 
@@ -197,6 +241,38 @@ def test_save_load_round_trip(micro_model, images, tmp_path):
 def test_from_pretrained_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         DiTo.from_pretrained(tmp_path / "nope")
+
+
+def test_from_pretrained_device_dtype_and_mode(micro_model, images, tmp_path):
+    micro_model.train().save_pretrained(tmp_path / "f32")
+    loaded = DiTo.from_pretrained(tmp_path / "f32", map_location=torch.device("cpu"))
+    assert not loaded.training and next(loaded.parameters()).dtype == torch.float32  # eval, like diffusers
+    assert next(DiTo.from_pretrained(tmp_path / "f32", dtype=torch.float64).parameters()).dtype == torch.float64
+    DiTo(micro_model.config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    bf16 = dito_fast.load(tmp_path / "bf16")  # the saved dtype by default
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.encode(images.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="map_location: 'gpu0' is not a device"):
+        DiTo.from_pretrained(tmp_path / "f32", map_location="gpu0")
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        DiTo.from_pretrained(tmp_path / "f32", dtype=torch.int32)
+
+
+def test_from_pretrained_names_what_it_was_given_instead(micro_model, tmp_path):
+    micro_model.save_pretrained(tmp_path / "run" / "model")
+    with pytest.raises(NotADirectoryError, match="is a file; from_pretrained takes the directory"):
+        DiTo.from_pretrained(tmp_path / "run" / "model" / WEIGHTS_NAME)
+    # a training run's directory: its run config.json, its model exported under model/
+    (tmp_path / "run" / CONFIG_NAME).write_text(json.dumps({"model": {}, "data": {}, "train": {}}))
+    with pytest.raises(FileNotFoundError, match="training run's directory; its model is exported to"):
+        DiTo.from_pretrained(tmp_path / "run")
+    (tmp_path / "run" / WEIGHTS_NAME).write_bytes((tmp_path / "run" / "model" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ValueError, match="training run's config"):
+        DiTo.from_pretrained(tmp_path / "run")
+    for bad in ('"dito-tiny"', "null", "[1, 2]"):
+        (tmp_path / "run" / "model" / CONFIG_NAME).write_text(bad)
+        with pytest.raises(ValueError, match="expected a JSON object of model settings"):
+            DiTo.from_pretrained(tmp_path / "run" / "model")
 
 
 @pytest.mark.parametrize("missing", [CONFIG_NAME, WEIGHTS_NAME])
@@ -285,6 +361,22 @@ def test_dtype_mismatch_is_fine_under_autocast_and_named_outside(micro_model, im
 
 def test_encode_accepts_slack_at_range_edge(micro_model):
     micro_model.encode(torch.full((1, 3, 32, 32), 1.0005))  # within the documented 1e-3 slack
+
+
+def test_out_of_range_hint_fits_the_values(micro_model):
+    with pytest.raises(ValueError, match=r"clamp them with x.clamp\(-1, 1\)"):  # a resize's overshoot
+        micro_model.encode(torch.full((1, 3, 32, 32), 1.21))
+    with pytest.raises(ValueError, match="convert uint8 images"):  # 0..255 as floats
+        micro_model.encode(torch.full((1, 3, 32, 32), 200.0))
+
+
+def test_decode_warns_of_non_finite_output(micro_model, images, caplog):
+    z = micro_model.encode(images)
+    with torch.no_grad():
+        micro_model.decoder.conv_out.bias.fill_(float("nan"))
+    with caplog.at_level(logging.WARNING, logger="dito_fast.models.dito"):
+        micro_model.decode(z, steps=1, seed=0)
+    assert any("non-finite values" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("z, kwargs, exc, msg", [
