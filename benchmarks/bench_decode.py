@@ -211,31 +211,10 @@ def test_cpu_allocator(benchmark):
 
 
 def report(path: str) -> None:
-    """Markdown tables from a --benchmark-json file."""
-    rows = json.load(open(path))["benchmarks"]
-    print("| preset | size | batch | mode | sampler | NFE | images/s | ms/NFE | GFLOP/s | of matmul peak | speed-up |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        e = r["extra_info"]
-        if r["name"].startswith("test_decode") and "nfe" in e:
-            sp = (f"{e['speedup_vs_baseline']:.2f}x ({e['speedup_per_nfe']:.2f}x per NFE)"
-                  if "speedup_vs_baseline" in e else "")
-            print(f"| {e['preset']} | {e['image_size']} | {e['batch']} | {e['mode']} | {e['sampler']} {e['schedule']} "
-                  f"{e['steps']} | {e['nfe']} | {e['images_per_s']:.3f} | {e['ms_per_nfe']:.1f} | "
-                  f"{e['gflops_per_s']:.0f} | {e['peak_fraction']:.0%} | {sp} |")
-    for r in rows:
-        e = r["extra_info"]
-        if r["name"].startswith("test_peak_memory"):
-            print(f"\n{e['preset']} {e['image_size']}x{e['image_size']}, one step: untiled "
-                  f"+{e['untiled_decode_mib']:.0f} MiB (peak RSS {e['untiled_peak_mib']:.0f} MiB, "
-                  f"{e['untiled_step_s']:.0f} s), {e['tile']}-px tiles (overlap {e['tile_overlap']}) "
-                  f"+{e['tiled_decode_mib']:.0f} MiB (peak RSS {e['tiled_peak_mib']:.0f} MiB, "
-                  f"{e['tiled_step_s']:.0f} s)")
-        if r["name"].startswith("test_cpu_allocator"):
-            print(f"\n{e['preset']} {e['image_size']}x{e['image_size']}, one decoder step: glibc default "
-                  f"{e['default_step_s']:.2f} s ({e['default_faults_per_step'] / 1000:.0f}k page faults), "
-                  f"keep_freed_memory {e['keep_step_s']:.2f} s ({e['keep_faults_per_step'] / 1000:.0f}k): "
-                  f"{e['keep_speedup']:.2f}x")
+    """Markdown tables from a --benchmark-json file (benchmarks/report.py prints the same tables)."""
+    from report import decode_tables
+
+    decode_tables(json.load(open(path))["benchmarks"])
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def main(path: str) -> None:
     for r in rows:
         p = r.get("params") or {}
         if "provider" in p and "mode" in p:
-            key = (r["name"].split("[")[0].removeprefix("test_"), r["extra_info"].get("shape", p.get("shape")), p["mode"])
+            shape = r["extra_info"].get("shape", p.get("shape"))
+            shape = tuple(shape) if isinstance(shape, list) else shape  # older rows: the shape parameter itself
+            key = (r["name"].split("[")[0].removeprefix("test_"), shape, p["mode"])
             target = convs if key[0] == "conv3x3" else ops
             target[key][p["provider"]] = r["stats"]["median"] * 1e3, r["extra_info"].get(
                 "gflops" if key[0] == "conv3x3" else "gb_per_s")
@@ -149,7 +151,7 @@ def main(path: str) -> None:
             # runs before 2026-12-02 had no NCHW in/out variant
             nchw, nchw_x = e.get("fused_nchw_step_ms"), e.get("achieved_speedup_nchw")
             print(f"| {e['kind']} | {e['ref_step_ms']:.0f} | {'-' if nchw is None else f'{nchw:.0f}'} | "
-                  f"{e['fused_step_ms']:.0f} | {e.get('norm_ops_share', e.get('replaced_share', 0)):.1%} | {e.get('conv3x3_share', 0):.1%} | "
+                  f"{e['fused_step_ms']:.0f} | {e.get('norm_ops_share', e.get('replaced_share', 0)):.1%} | {_pct(e.get('conv3x3_share'))} | "
                   f"{e['ideal_speedup']:.2f}x | {e['achieved_speedup']:.2f}x | "
                   f"{'-' if nchw_x is None else f'{nchw_x:.2f}x'} | {e['saving_vs_ideal']:.0%} |")
     mem = [r["extra_info"] for r in rows if r["name"].startswith("test_train_peak_memory") and "kept_peak_mib" in r["extra_info"]]
@@ -217,6 +219,38 @@ def main(path: str) -> None:
         print(f"communication: all-reduce of {comm['grad_mb']:.1f} MiB gradients {comm['allreduce_s'] * 1e3:.1f} ms = "
               f"{comm['allreduce_share']:.1%} of a synced step ({comm['step_sync_s'] * 1e3:.0f} ms); exposed "
               f"(synced - no_sync) {comm['exposed_comm_share']:.1%}")
+    decode_tables(rows)
+
+
+def decode_tables(rows) -> None:
+    """fast_decode's tables (bench_decode.py's rows), printed when the run has any."""
+    decode = [r["extra_info"] for r in rows if r["name"].startswith("test_decode") and "nfe" in r["extra_info"]]
+    if decode:
+        print("\n| preset | size | batch | mode | sampler | NFE | images/s | ms/NFE | GFLOP/s | of matmul peak | speed-up |")
+        print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+        for e in decode:
+            sp = (f"{e['speedup_vs_baseline']:.2f}x ({e['speedup_per_nfe']:.2f}x per NFE)"
+                  if "speedup_vs_baseline" in e else "")
+            print(f"| {e['preset']} | {e['image_size']} | {e['batch']} | {e['mode']} | {e['sampler']} {e['schedule']} "
+                  f"{e['steps']} | {e['nfe']} | {e['images_per_s']:.3f} | {e['ms_per_nfe']:.1f} | "
+                  f"{e['gflops_per_s']:.0f} | {e['peak_fraction']:.0%} | {sp} |")
+    for r in rows:
+        e = r["extra_info"]
+        if r["name"].startswith("test_peak_memory") and "untiled_decode_mib" in e:
+            print(f"\n{e['preset']} {e['image_size']}x{e['image_size']}, one step: untiled "
+                  f"+{e['untiled_decode_mib']:.0f} MiB (peak RSS {e['untiled_peak_mib']:.0f} MiB, "
+                  f"{e['untiled_step_s']:.0f} s), {e['tile']}-px tiles (overlap {e['tile_overlap']}) "
+                  f"+{e['tiled_decode_mib']:.0f} MiB (peak RSS {e['tiled_peak_mib']:.0f} MiB, "
+                  f"{e['tiled_step_s']:.0f} s)")
+        if r["name"].startswith("test_cpu_allocator") and "keep_speedup" in e:
+            print(f"\n{e['preset']} {e['image_size']}x{e['image_size']}, one decoder step: glibc default "
+                  f"{e['default_step_s']:.2f} s ({e['default_faults_per_step'] / 1000:.0f}k page faults), "
+                  f"keep_freed_memory {e['keep_step_s']:.2f} s ({e['keep_faults_per_step'] / 1000:.0f}k): "
+                  f"{e['keep_speedup']:.2f}x")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.1%}"  # "-": not recorded by that run
 
 
 if __name__ == "__main__":

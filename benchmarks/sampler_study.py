@@ -13,7 +13,8 @@ converged solution is at least that of 50-step uniform Euler, the paper's sample
 also measures the decoder's receptive field (dito_fast.decode.receptive_field) for the trained
 model and for randomly initialised dito-tiny and dito-S, which sets the default tile overlap.
 
-Run (about 8 minutes on one thread):
+Run (2-3 minutes on one thread for the demo's 32x32 model: 135 s recorded in
+benchmarks/results/sampler_study.md):
 
     python benchmarks/sampler_study.py /path/to/trained/model --out benchmarks/results/sampler_study.md
 
@@ -43,16 +44,25 @@ SAMPLERS = ["euler", "heun", "ab2", "ab3", "dpmpp_2m"]
 EXTRA = [("euler", "uniform", 25), ("euler", "uniform", 50)]  # the paper's setting and half of it
 
 
-def eval_images(num: int) -> torch.Tensor:
-    """The demo's held-out evaluation images (crops of the held-out photographs first)."""
+def eval_images(num: int) -> tuple[torch.Tensor, str]:
+    """Up to ``num`` of the demo's held-out evaluation images: the crops of the held-out
+    photographs, or (without scikit-image, which bundles them) its unseen synthetic images; and
+    what they are, for the report."""
     from dito_fast import demo
     from dito_fast.data import builtin_split
+    from dito_fast.data.builtin import PhotoCrops
     from dito_fast.train.trainer import _mix_seed
 
     seed = demo.DEMO_SETTINGS["train.seed"]
     _, val = builtin_split(demo.EVAL_IMAGE_SIZE, 1, seed=seed, val_seed=_mix_seed(seed, 0xD3140) % 2**31,
                            num_val=demo.EVAL_PHOTOS + demo.EVAL_SYNTHETIC)
-    return torch.stack([val[i] for i in range(min(num, demo.EVAL_PHOTOS))])
+    first = val.datasets[0]
+    if isinstance(first, PhotoCrops):
+        images, label = [first[i] for i in range(min(num, len(first)))], "held-out photograph crops"
+    else:
+        images, label = [first[i] for i in range(min(num, len(first)))], "unseen synthetic images"
+        print("scikit-image is not installed: the study runs on the demo's synthetic images", flush=True)
+    return torch.stack(images), label
 
 
 def steps_for(sampler: str, nfe: int) -> int | None:
@@ -95,7 +105,7 @@ def main(argv=None) -> int:
 
     model = DiTo.from_pretrained(args.model).eval()
     weights_sha = hashlib.sha256((Path(args.model) / "model.safetensors").read_bytes()).hexdigest()[:12]
-    x = eval_images(args.images)
+    x, images_label = eval_images(args.images)
     with torch.inference_mode():
         z = model.encode(x)
 
@@ -134,6 +144,7 @@ def main(argv=None) -> int:
 
     meta = {"model": str(args.model), "model_name": model.config.name, "weights_sha256": weights_sha,
             "objective": model.config.flow.objective, "images": int(x.shape[0]), "image_size": int(x.shape[-1]),
+            "images_label": images_label,
             "seed": args.seed, "reference": f"heun {args.ref_steps} uniform", "reference_check_db": ref_check,
             "reference_gt_db": ref_gt, "commit": git_commit(), "torch": torch.__version__, "threads": args.threads,
             "seconds": round(time.perf_counter() - t_start, 1)}
@@ -153,8 +164,9 @@ def write_report(path: Path, rows, euler50, best, rf, meta) -> None:
         f"Produced by `benchmarks/sampler_study.py` at commit {meta['commit']} (torch {meta['torch']}, "
         f"{meta['threads']} thread, {meta['seconds']:.0f} s).",
         f"Model: `{meta['model']}` ({meta['model_name']}, {meta['objective']} objective, "
-        f"model.safetensors sha256 {meta['weights_sha256']}...), trained by `dito-fast demo` settings at 32x32.",
-        f"Images: the demo's {meta['images']} held-out photograph crops ({meta['image_size']}x{meta['image_size']}); "
+        f"model.safetensors sha256 {meta['weights_sha256']}...).",
+        f"Images: the demo's {meta['images']} {meta.get('images_label', 'held-out photograph crops')} "
+        f"({meta['image_size']}x{meta['image_size']}); "
         f"initial noise seed {meta['seed']}, the same for every setting.",
         f"Converged solution: {meta['reference']} steps (its half-step run agrees to "
         f"{meta['reference_check_db']:.1f} dB; it is {meta['reference_gt_db']:.2f} dB from the ground truth).",

@@ -26,6 +26,7 @@ import torch
 
 from .config import resolve_run_config, to_dict
 from .data import builtin_split
+from .data.builtin import PhotoCrops
 from .eval.metrics import bicubic_baseline, psnr, ssim
 from .eval.report import make_grid, save_image
 from .train.checkpoint import atomic_write_json, latest_checkpoint
@@ -89,7 +90,8 @@ def run_demo(out_dir, max_minutes: float | None = None, steps: int | None = None
                               val_seed=_mix_seed(cfg.train.seed, 0xD3140) % 2**31,
                               num_val=EVAL_PHOTOS + EVAL_SYNTHETIC)
     images = torch.stack([val_ds[i] for i in range(len(val_ds))])
-    n_photo = EVAL_PHOTOS if len(val_ds.datasets) > 1 else 0
+    # the photograph crops come first (builtin_split makes half of num_val of them)
+    n_photo = len(val_ds.datasets[0]) if isinstance(val_ds.datasets[0], PhotoCrops) else 0
     if not n_photo:
         logger.warning("scikit-image is not installed: evaluating on synthetic images only")
     primary = slice(0, n_photo) if n_photo else slice(0, len(images))

@@ -23,7 +23,9 @@ def _unit_range_pair(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     for arg, t in (("x", x), ("y", y)):
         # values well outside [-1, 1] are another range (0..255 as float), which the clamp would
         # turn into plausible but wrong figures; a slight overshoot (a network's output) is clamped
-        big = float(t.detach().abs().nan_to_num(0.0).amax())
+        big = float(t.detach().abs().nan_to_num(0.0, posinf=float("inf")).amax())
+        if big == float("inf"):
+            raise ValueError(f"{name}: {arg} contains inf values")
         if big > 2.0:
             raise ValueError(f"{name}: {arg} must be in [-1, 1], got values up to {big:.3g} in magnitude (images in "
                              "0..255: x / 127.5 - 1)")

@@ -29,6 +29,8 @@ def test_psnr_hand_formula():
     for metric, shape in ((psnr, (1, 3, 2, 2)), (ssim, (1, 3, 16, 16))):
         with pytest.raises(ValueError, match="y must be in \\[-1, 1\\], got values up to 255"):
             metric(torch.zeros(shape), torch.full(shape, 255.0))
+        with pytest.raises(ValueError, match="x contains inf values"):  # had read "values up to 3.4e+38"
+            metric(torch.full(shape, float("inf")), torch.zeros(shape))
         with pytest.raises(ValueError, match="empty batch or no channels"):
             metric(torch.zeros(0, *shape[1:]), torch.zeros(0, *shape[1:]))
         with pytest.raises(ValueError, match="empty batch or no channels"):

@@ -33,6 +33,17 @@ def test_atomic_writers_leave_no_temporaries(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_json_is_strict_json(tmp_path):
+    # an exact reconstruction's PSNR (+inf) or a diverged figure (NaN) had been written as
+    # Infinity / NaN, which strict parsers (jq, JavaScript) refuse
+    ckpt.atomic_write_json({"psnr": float("inf"), "per_image": [1.5, float("nan"), -float("inf")]}, tmp_path / "m.json")
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {"psnr": None,
+                                                                                   "per_image": [1.5, None, None]}
+
+
 def test_failed_write_keeps_old_file(tmp_path):
     path = tmp_path / "x.json"
     ckpt.atomic_write_json({"v": 1}, path)
