@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .sampler import StepBatchSampler, eval_shard, rank_slice
+from .sampler import StepBatchSampler, eval_shard, mix_seed, rank_slice
 from .sources import DALI_FORMATS, DatasetSource, Source, _EncodedSource, check_source, resolve_source
 from .transforms import crop_params_array, resize_crop_flip, uint8_batch_to_float
 
@@ -298,8 +298,11 @@ class TorchLoader(BatchLoader):
             batches = self.eval_batches()
         items = _KeyedItems(self.source, self.image_size, self.seed, self.train, self.hflip, set(self._bad))
         extra = {"prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
+        # the workers' seeds from this loader's own generator, not from torch's global RNG: iterating
+        # a loader then draws nothing from it (a resumed run's restored RNG stays as saved)
+        seeds = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, self.start_step, int(self.train)))
         dl = DataLoader(items, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
-                        pin_memory=self.pin_memory, persistent_workers=False, **extra)
+                        pin_memory=self.pin_memory, persistent_workers=False, generator=seeds, **extra)
         for batch in dl:
             for j, reason in batch.pop("bad"):
                 self._mark_bad(j, reason)

@@ -239,5 +239,8 @@ def prune_checkpoints(run_dir, keep: int) -> None:
     for p in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(_set_aside(p), ignore_errors=True)
     root = Path(run_dir) / "checkpoints"
-    for p in root.glob(".step_*.tmp"):
-        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".*.tmp"):  # folders (and `latest`'s file) a crash left half written or set aside
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 import traceback
@@ -279,6 +280,40 @@ def _rng_state(device: torch.device) -> dict:
     return st
 
 
+# Settings each node may resolve its own way (its GPUs, cores, loader and file checks); every other
+# setting must be the same on every rank (_check_same_settings).
+HOST_LOCAL_SETTINGS = ("train.device", "train.threads", "train.micro_batch_size", "train.dist_timeout_minutes",
+                       "data.workers", "data.loader", "data.check_files")
+
+
+def _flat_settings(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flat_settings(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _check_same_settings(cfg: RunConfig, ctx: DistContext) -> None:
+    """Raise on every rank, naming the settings, when the ranks resolved different configs (a node
+    given another --seed, batch size or config file had trained on without a word: other data, a
+    diverging replica, or a collective left waiting). HOST_LOCAL_SETTINGS may differ."""
+    if not ctx.distributed:
+        return
+    mine = {k: v for k, v in _flat_settings(to_dict(cfg)).items() if k not in HOST_LOCAL_SETTINGS}
+    every = distributed.all_gather_object(mine, ctx)
+    keys = sorted({k for other in every for k in other} | set(every[0]))
+    differ = [k for k in keys if any(other.get(k) != every[0].get(k) for other in every)]
+    if differ:
+        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {other.get(k)!r}" for r, other in enumerate(every))
+                           for k in differ[:5])
+        raise ValueError(f"the ranks resolved different settings ({detail}{'; ...' if len(differ) > 5 else ''}): "
+                         f"start every rank with the same command line and config (only "
+                         f"{', '.join(HOST_LOCAL_SETTINGS)} may differ)")
+
+
 def _restore_rng(state: dict, ctx: DistContext, device: torch.device, seed: int, step: int) -> None:
     """This rank's saved RNG states when the world size is unchanged; otherwise a fresh seed
     from (seed, rank, step). (Training draws no numbers from these generators: the noise comes
@@ -497,6 +532,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     if status != "ok":
         raise {"FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError}[status](detail)
     resume_from = Path(detail) if detail is not None else None
+    _check_same_settings(cfg, ctx)
     if is_main:
         ckpt.atomic_write_json(to_dict(cfg), run_dir / "config.json")
         if ctx.run_id and ctx.distributed and ctx.restart_count == 0:
@@ -512,6 +548,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     # machine, 2026-12-03; benchmarks/bench_model.py::test_optimizer_step_layout).
     model = DiTo(cfg.model)
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay > 0 else None
+    # Then each rank its own stream of torch's global RNG (training's noise and data do not draw
+    # from it: per-sample generators), replaced by the checkpoint's when resuming.
+    torch.manual_seed(mix_seed(t_cfg.seed, ctx.rank, 0))
     out_format = "dcp" if t_cfg.parallel == "fsdp" else "safetensors"
     state, in_format = None, None
     changes: list[str] = []
@@ -622,24 +661,29 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         # files the ranks found unreadable while reading: a resume skips and counts them from its start
         found = distributed.all_gather_object(loader.unreadable_reasons(), ctx)
         st["unreadable_files"] = sorted({tuple(f) for rank_files in found for f in rank_files})
-        path = None
-        if out_format == "dcp":
-            tmp = distributed.broadcast_object(str(ckpt.begin_checkpoint(run_dir, step)) if is_main else None, ctx)
-            tensors, st["optimizer_param_groups"] = pm.sharded_state(optimizer)
-            save_dcp(tensors, Path(tmp) / "dcp")  # returns once every rank's shards and the metadata are written
-            if is_main:
-                ckpt.write_files(tmp, {"config.json": to_dict(cfg), "state.pt": st})
+        path, tmp = None, None
+        try:  # a failed write (a full disk, say) removes its half-written folder; the previous checkpoint stays
+            if out_format == "dcp":
+                tmp = distributed.broadcast_object(str(ckpt.begin_checkpoint(run_dir, step)) if is_main else None, ctx)
+                tensors, st["optimizer_param_groups"] = pm.sharded_state(optimizer)
+                save_dcp(tensors, Path(tmp) / "dcp")  # returns once every rank's shards and the metadata are written
+                if is_main:
+                    ckpt.write_files(tmp, {"config.json": to_dict(cfg), "state.pt": st})
+                    distributed.fault_point("checkpoint_write", step, ctx)
+                    path = ckpt.commit_checkpoint(run_dir, step, tmp)
+            elif is_main:
+                st["optimizer"] = optimizer.state_dict()
+                files = {"model.safetensors": model.state_dict(), "config.json": to_dict(cfg), "state.pt": st}
+                if ema is not None:
+                    files["ema.safetensors"] = ema.model.state_dict()
+                tmp = ckpt.begin_checkpoint(run_dir, step)
+                ckpt.write_files(tmp, files)
                 distributed.fault_point("checkpoint_write", step, ctx)
                 path = ckpt.commit_checkpoint(run_dir, step, tmp)
-        elif is_main:
-            st["optimizer"] = optimizer.state_dict()
-            files = {"model.safetensors": model.state_dict(), "config.json": to_dict(cfg), "state.pt": st}
-            if ema is not None:
-                files["ema.safetensors"] = ema.model.state_dict()
-            tmp = ckpt.begin_checkpoint(run_dir, step)
-            ckpt.write_files(tmp, files)
-            distributed.fault_point("checkpoint_write", step, ctx)
-            path = ckpt.commit_checkpoint(run_dir, step, tmp)
+        except BaseException:
+            if is_main and tmp is not None and Path(tmp).exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         distributed.barrier(ctx)  # rank 0 has committed before any rank goes on
         if is_main:
             ckpt.prune_checkpoints(run_dir, t_cfg.keep_checkpoints)

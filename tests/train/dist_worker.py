@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node=N tests/train/dist_worker.py OUT_DIR '{"steps": 6, ...}'
 
-(``train.*`` overrides by name; a ``"data"`` entry holds ``data.*`` overrides.)
+(``train.*`` overrides by name; a ``"data"`` entry holds ``data.*`` overrides, a
+``"rank_overrides"`` entry ``{"1": {...}}`` overrides that only rank 1 applies.)
 
 Initialises the gloo process group itself through ``distributed.setup`` (so ``train()`` adopts
 it and leaves it alone; a bare ``init_process_group`` would hit torchrun's shared-store problem
@@ -35,6 +36,7 @@ def main() -> None:
     torch.set_num_threads(1)
     ctx, _ = setup("gloo", "cpu")
     assert dist.is_initialized() and ctx.owns_group
+    overrides.update(overrides.pop("rank_overrides", {}).get(str(ctx.rank), {}))  # {"1": {"seed": 7}}: rank 1's own
     data = overrides.pop("data", {})  # data.* settings, e.g. {"source": folder}
     cfg = apply_overrides(micro_run_config(**overrides), {f"data.{k}": v for k, v in data.items()})
     result = train(cfg, out, resume=True, progress=False)

@@ -92,9 +92,10 @@ def test_write_list_latest_prune(tmp_path):
     assert torch.equal(ckpt.load_weights(latest / "model.safetensors")["w"], torch.zeros(1))
     # pruning keeps the newest N and removes stale temporaries
     (tmp_path / "checkpoints" / ".step_00000011.xyz.tmp").mkdir()
+    (tmp_path / "checkpoints" / ".latest.abc.tmp").write_text("step_00000011\n")  # a kill while `latest` was replaced
     ckpt.prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000010"]
-    assert not list((tmp_path / "checkpoints").glob(".step_*"))
+    assert not list((tmp_path / "checkpoints").glob(".*"))
     ckpt.prune_checkpoints(tmp_path, keep=0)  # 0 keeps everything
     assert len(ckpt.list_checkpoints(tmp_path)) == 2
 

@@ -197,6 +197,16 @@ def test_skipped_files_count_every_rank(tmp_path):
     assert counts[-1] == len(bad) and counts == sorted(counts)
 
 
+def test_a_rank_with_other_settings_stops_the_job(tmp_path):
+    """Rank 1 started with another seed (another node's command line): every rank refuses before
+    training, naming the setting; it had trained on (other data on rank 1) and exited 0."""
+    out = tmp_path / "run"
+    proc = _torchrun([WORKER, out, json.dumps({**BASE, "rank_overrides": {"1": {"seed": 7}}})])
+    assert proc.returncode != 0
+    assert "different settings (train.seed: rank 0 0, rank 1 7)" in proc.stderr
+    assert not (out / "metrics.jsonl").exists() or "loss" not in (out / "metrics.jsonl").read_text()
+
+
 # --------------------------------------------------------------------------------------------
 # FSDP: sharded checkpoints, a kill while writing one, resume at another world size
 

@@ -156,6 +156,61 @@ def test_exact_resume(make_run_config, tmp_path):
     assert s_full["ema_updates"] == s_res["ema_updates"] == N
 
 
+def test_global_rng_resumes_exactly(make_run_config, tmp_path):
+    """torch's global RNG (training itself draws nothing from it) after a resumed run is where
+    the uninterrupted run's is: the loader no longer takes its workers' seeds from it, which had
+    moved it once more on every resume. And a run's stream is its own, set from (seed, rank)."""
+    train(make_run_config(steps=4, checkpoint_every_steps=2), tmp_path / "full", progress=False)
+    full = torch.get_rng_state()
+    train(make_run_config(steps=2, checkpoint_every_steps=2), tmp_path / "part", progress=False)
+    torch.manual_seed(12345)  # whatever happens between the two processes
+    train(make_run_config(steps=4, checkpoint_every_steps=2), tmp_path / "part", resume=True, progress=False)
+    assert torch.equal(torch.get_rng_state(), full)
+    torch.manual_seed(make_run_config().train.seed)
+    assert not torch.equal(torch.get_rng_state(), full)  # not the weight-init stream
+
+
+def test_ranks_with_different_settings_are_refused(make_run_config, monkeypatch):
+    """What every rank resolved is compared before training (torchrun with one node given another
+    seed or batch size had trained on without a word); host-local settings may differ."""
+    from dito_fast.train import distributed, trainer
+
+    ctx = distributed.DistContext(rank=0, world_size=2, backend="gloo")
+    cfg = make_run_config()
+    other = {"train.seed": 7, "train.batch_size": 6}
+
+    def gather(obj, ctx_):
+        return [obj, {**obj, **other}]
+    monkeypatch.setattr(distributed, "all_gather_object", gather)
+    with pytest.raises(ValueError, match=r"different settings \(train.batch_size: rank 0 2, rank 1 6; "
+                                         r"train.seed: rank 0 0, rank 1 7\)"):
+        trainer._check_same_settings(cfg, ctx)
+    # host-local settings may differ: rank 1 with other threads and workers is accepted
+    rank1 = []
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj, ctx_: rank1.append(obj) or [obj])
+    trainer._check_same_settings(apply_overrides(cfg, {"train.threads": 3, "data.workers": 2}), ctx)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj, ctx_: [obj, rank1[0]])
+    trainer._check_same_settings(cfg, ctx)
+
+
+def test_failed_checkpoint_write_leaves_no_temporary_folder(make_run_config, tmp_path, monkeypatch):
+    cfg = make_run_config(steps=4, checkpoint_every_steps=2)
+    real, calls = ckpt.write_files, []
+
+    def full_disk(directory, files):  # the disk fills up while step 4's checkpoint is written
+        calls.append(directory)
+        real(directory, files)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ckpt, "write_files", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, tmp_path / "run", progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+    assert not list(root.glob(".*.tmp"))
+    assert ckpt.load_weights(root / "step_00000002" / "model.safetensors")
+
+
 class _CrashingDataset(Dataset):
     """Wraps a dataset and raises after ``crash_after`` item reads (a simulated kill)."""
 
