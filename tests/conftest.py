@@ -16,6 +16,25 @@ from dito_fast.config import RunConfig, apply_overrides, get_preset
 torch.set_num_threads(1)
 
 
+def _cpp_reason(device: str) -> str:
+    """Why the C++ ops have no kernels on ``device`` here ("" when they have)."""
+    from dito_fast.ops import _cpp
+
+    if not _cpp.AVAILABLE:
+        return f"dito_fast._C not built: {_cpp.LOAD_ERROR}"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if device == "cuda" and not _cpp._C.has_cuda():
+        return "dito_fast._C was built without CUDA kernels"
+    return ""
+
+
+# The devices the C++ ops' kernels are tested on: the CPU, and CUDA where there is a GPU and the
+# extension has CUDA kernels (skipped with the reason elsewhere).
+CPP_DEVICES = [pytest.param(d, marks=pytest.mark.skipif(bool(_cpp_reason(d)), reason=_cpp_reason(d)))
+               for d in ("cpu", "cuda")]
+
+
 @pytest.fixture(autouse=True)
 def _cli_leaves_the_allocator(monkeypatch):
     import dito_fast.cli

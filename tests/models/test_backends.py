@@ -12,7 +12,7 @@ import torch
 from dito_fast.models.dito import DiTo
 from dito_fast.ops import _cpp
 
-from conftest import micro_model_config
+from conftest import CPP_DEVICES, micro_model_config
 
 needs_cpp = pytest.mark.skipif(not _cpp.AVAILABLE, reason=f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
 
@@ -20,16 +20,18 @@ needs_cpp = pytest.mark.skipif(not _cpp.AVAILABLE, reason=f"dito_fast._C not bui
 def _loss_and_grads(monkeypatch, backend, model, x):
     monkeypatch.setenv("DITO_FAST_BACKEND", backend)
     model.zero_grad(set_to_none=True)
-    loss = model(x, generator=torch.Generator().manual_seed(5)).mean()
+    loss = model(x, generator=torch.Generator(x.device).manual_seed(5)).mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@needs_cpp
-def test_model_same_outputs_and_gradients_ref_vs_cpp(monkeypatch, images):
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_model_same_outputs_and_gradients_ref_vs_cpp(device, monkeypatch, images):
+    """The micro DiTo in float64 on ``device`` (the CPU; CUDA on a GPU machine): the training loss
+    and every gradient with the reference ops and with the C++ ops, and a 3-step reconstruction."""
     torch.manual_seed(0)
-    model = DiTo(micro_model_config()).double().train()
-    x = images.double()
+    model = DiTo(micro_model_config()).double().to(device).train()
+    x = images.double().to(device)
     loss_ref, g_ref = _loss_and_grads(monkeypatch, "ref", model, x)
     loss_cpp, g_cpp = _loss_and_grads(monkeypatch, "cpp", model, x)
     torch.testing.assert_close(loss_cpp, loss_ref, rtol=1e-10, atol=1e-12)
@@ -42,6 +44,7 @@ def test_model_same_outputs_and_gradients_ref_vs_cpp(monkeypatch, images):
     for backend in ("ref", "cpp"):
         monkeypatch.setenv("DITO_FAST_BACKEND", backend)
         outs[backend] = model.reconstruct(x, steps=3, seed=0)
+    assert outs["cpp"].device.type == device
     torch.testing.assert_close(outs["cpp"], outs["ref"], rtol=1e-9, atol=1e-9)
 
 

@@ -6,7 +6,7 @@ The per-op files (test_fm.py, test_latent_layernorm.py, test_group_norm_modulate
 the CPU kernels in depth; this file runs one compact set of cases through one harness on every
 device, so that a GPU machine has the CUDA kernels' outputs and gradients checked (dtypes, odd
 shapes, both layouts, the vectorised and chunked launch plans, groups far from zero, gradcheck,
-opcheck, the model with ref vs cpp ops). The "cpu" cases run everywhere and keep the harness
+opcheck; the model with ref vs cpp ops: tests/models/test_backends.py). The "cpu" cases run everywhere and keep the harness
 itself tested; the "cuda" cases skip, with the reason, on machines without a GPU (DESIGN.md §4).
 """
 
@@ -15,26 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dito_fast.models.dito import DiTo
-from dito_fast.ops import (_cpp, fm_loss, fm_loss_ref, fm_noise, fm_noise_ref, group_norm_modulate_silu,
+from dito_fast.ops import (fm_loss, fm_loss_ref, fm_noise, fm_noise_ref, group_norm_modulate_silu,
                            group_norm_modulate_silu_ref, latent_layernorm, latent_layernorm_ref)
 
-from backend_cases import CPP_REASON, assert_close_to_ref
-from conftest import micro_model_config
+from backend_cases import assert_close_to_ref
+from conftest import CPP_DEVICES
 
 
-def _cuda_reason() -> str:
-    if CPP_REASON:
-        return CPP_REASON
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    if not _cpp._C.has_cuda():
-        return "dito_fast._C was built without CUDA kernels"
-    return ""
-
-
-DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(bool(CPP_REASON), reason=CPP_REASON)),
-           pytest.param("cuda", marks=pytest.mark.skipif(bool(_cuda_reason()), reason=_cuda_reason()))]
+DEVICES = CPP_DEVICES
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -227,32 +215,3 @@ def test_opcheck(device):
     t = torch.rand(2, device=device)
     torch.library.opcheck(ops.fm_noise, grad(x, torch.randn_like(x), t, 1e-5))
     torch.library.opcheck(ops.fm_loss, grad(x, torch.randn_like(x)))
-
-
-# ---- the model --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-def test_model_same_loss_and_gradients_ref_vs_cpp(device, monkeypatch, images):
-    """The micro DiTo in float64 on ``device``: one training loss and every parameter's gradient
-    with the reference ops and with the C++ ops, and a 3-step reconstruction."""
-    torch.manual_seed(0)
-    model = DiTo(micro_model_config()).double().to(device).train()
-    x = images.double().to(device)
-    results = {}
-    for backend in ("ref", "cpp"):
-        monkeypatch.setenv("DITO_FAST_BACKEND", backend)
-        model.zero_grad(set_to_none=True)
-        loss = model(x, generator=torch.Generator(device).manual_seed(5)).mean()
-        loss.backward()
-        results[backend] = loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
-    (loss_ref, g_ref), (loss_cpp, g_cpp) = results["ref"], results["cpp"]
-    torch.testing.assert_close(loss_cpp, loss_ref, rtol=1e-10, atol=1e-12)
-    assert g_ref.keys() == g_cpp.keys() and len(g_ref) == len(list(model.parameters()))
-    for name in g_ref:
-        torch.testing.assert_close(g_cpp[name], g_ref[name], rtol=1e-8, atol=1e-10, msg=name)
-    model.eval()
-    outs = {}
-    for backend in ("ref", "cpp"):
-        monkeypatch.setenv("DITO_FAST_BACKEND", backend)
-        outs[backend] = model.reconstruct(x, steps=3, seed=0)
-    assert outs["cpp"].device.type == device
-    torch.testing.assert_close(outs["cpp"], outs["ref"], rtol=1e-9, atol=1e-9)
