@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 # steps, same noise) is at least that of the paper's 50-step Euler, measured by
 # benchmarks/sampler_study.py on the trained dito-tiny and the demo's 16 held-out photograph crops
 # (benchmarks/results/sampler_study.md): Euler-50 is 49.72 dB from the converged solution;
-# third-order Adams-Bashforth with 12 uniform steps 49.74 dB with 12 NFE (4.2x fewer; the next
+# three-step Adams-Bashforth (Euler start) with 12 uniform steps 49.74 dB with 12 NFE (4.2x fewer; the next
 # best at 12 NFE: ab3 shifted:0.5 49.3 dB, ab2 shifted:0.5 49.1 dB; at 10 NFE none passes 47 dB).
 # When ``steps`` or ``schedule`` is given with "auto", it replaces the value below.
 AUTO_SETTING = {"sampler": "ab3", "schedule": "uniform", "steps": 12}

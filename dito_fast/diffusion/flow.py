@@ -146,7 +146,9 @@ def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cfg: Flow
     """Convert a network output under ``cfg.objective`` into the velocity dx_t/dt.
 
     epsilon: x0 = (x_t - sigma(t) e) / (1 - t), clamped to [-1, 1] (the data range) because the
-    division is ill-conditioned as t -> 1; x0: e = (x_t - (1 - t) x0) / sigma(t). In both cases
+    division is ill-conditioned as t -> 1, and 0 at t = 1 itself, where e says nothing of x0 (a
+    floor of 1e-3 under 1 - t had scaled x0 by (1 - t) / 1e-3 for every t in (0.999, 1), which
+    grids of over 1000 steps evaluate); x0: e = (x_t - (1 - t) x0) / sigma(t). In both cases
     v = (1 - s) e - x0.
     """
     s = cfg.sigma_min
@@ -154,7 +156,8 @@ def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cfg: Flow
         return out
     tb = _bc(t, x_t)
     if cfg.objective == "epsilon":
-        x0 = ((x_t - sigma(tb, s) * out) / (1 - tb).clamp_min(1e-3)).clamp(-1, 1)
+        den = 1 - tb
+        x0 = torch.where(den > 0, (x_t - sigma(tb, s) * out) / torch.where(den > 0, den, 1), 0).clamp(-1, 1)
         return (1 - s) * out - x0
     if cfg.objective == "x0":
         eps = (x_t - (1 - tb) * out) / sigma(tb, s)

@@ -80,7 +80,9 @@ def make_timesteps(steps: int, schedule: str = "uniform", *, shift: float = 3.0,
     if name == "shifted":
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
-        return shift * u / (1 + (shift - 1) * u)
+        # shift u / (1 + (shift - 1) u), in the form that gives exactly 1 at u = 1 and 0 at u = 0
+        # (the other rounded t_0 to 1 + 2^-52 for shift 0.1, which the grid check then refused)
+        return u / (u + (1 - u) / shift)
     if rho <= 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     if steps < 2:
@@ -166,7 +168,9 @@ def adams_bashforth(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: 
 
     Step i integrates the polynomial through the last min(order, i + 1) velocities over
     [t_i, t_{i+1}]: the first steps warm up with lower orders (the first is an Euler step).
-    With a constant step h, order 2 is x + h (3/2 v_i - 1/2 v_{i-1}).
+    With a constant step h, order 2 is x + h (3/2 v_i - 1/2 v_{i-1}). The Euler start's local
+    error O(h^2) carries to the end, so order 3 and 4 converge at order 2 globally (measured on
+    a closed-form flow: 1.96 for order 3 on uniform grids), with a smaller constant than order 2.
     """
     if order not in (1, 2, 3, 4):
         raise ValueError(f"order must be 1-4, got {order}")
@@ -188,7 +192,8 @@ def ab2(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor
 
 
 def ab3(velocity_fn: VelocityFn, noise: torch.Tensor, *, timesteps: torch.Tensor) -> torch.Tensor:
-    """Third-order Adams-Bashforth (see :func:`adams_bashforth`). NFE = steps."""
+    """Three-step Adams-Bashforth (see :func:`adams_bashforth`: with its Euler start, globally
+    second order). NFE = steps."""
     return adams_bashforth(velocity_fn, noise, timesteps=timesteps, order=3)
 
 

@@ -165,6 +165,20 @@ def test_to_velocity_epsilon_is_finite_at_t1():
     e = torch.randn(2, 3, 4, 4)
     v = flow.to_velocity(e, e.clone(), torch.ones(2), cfg)
     assert torch.isfinite(v).all()
+    # t = 1: the exact epsilon says nothing of x0, taken as 0 (v = (1 - s) e)
+    assert torch.allclose(v, (1 - cfg.sigma_min) * e)
+
+
+def test_to_velocity_epsilon_exact_just_below_t1():
+    # a floor of 1e-3 under 1 - t had scaled x0 by (1 - t) / 1e-3 for t in (0.999, 1): an exact
+    # epsilon gave a velocity off by 0.45 at t = 0.9999 (grids of over 1000 steps evaluate there)
+    g = torch.Generator().manual_seed(1)
+    cfg = FlowConfig(objective="epsilon")
+    x = torch.rand(4, 3, 5, 5, generator=g, dtype=torch.float64) - 0.5
+    e = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.999, 0.9995, 0.9999, 0.99999], dtype=torch.float64)
+    x_t, v = _hand_xt_v(x, e, t, cfg.sigma_min)
+    assert torch.allclose(flow.to_velocity(e, x_t, t, cfg), v, rtol=0, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------

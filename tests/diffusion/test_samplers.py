@@ -87,6 +87,15 @@ def test_make_timesteps_monotone(schedule, steps):
     assert torch.all(ts[1:] < ts[:-1])
 
 
+@pytest.mark.parametrize("shift", [0.08, 0.1, 0.2, 0.3, 0.5, 3.0, 7.5])
+def test_shifted_grid_ends_exactly_at_1_and_0(shift):
+    # shift u / (1 + (shift - 1) u) rounded t_0 to 1 + 2^-52 for shift 0.1 or 0.2 (every sampler
+    # then refused the grid) and to 1 - 2^-53 for 0.3 (dpmpp_2m's first step taken as second order)
+    ts = samplers.make_timesteps(7, f"shifted:{shift}")
+    assert ts[0].item() == 1.0 and ts[-1].item() == 0.0 and bool((ts.diff() < 0).all())
+    samplers.euler(lambda x, t: x, torch.ones(1, 3), timesteps=ts)
+
+
 def test_make_timesteps_values():
     assert torch.allclose(samplers.make_timesteps(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
     shifted = samplers.make_timesteps(4, "shifted", shift=3.0)
