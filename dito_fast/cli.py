@@ -18,6 +18,11 @@ from .allocator import keep_freed_memory
 logger = logging.getLogger("dito_fast.cli")
 
 
+class UsageError(Exception):
+    """A mistake in the command (arguments, paths, files): one line, exit status 2, no traceback.
+    Exit status 1 is left for partial success (some inputs skipped) and a diverged training run."""
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 
@@ -27,46 +32,65 @@ def _parse_set(items: list[str]) -> dict:
     for item in items or []:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise SystemExit(f"--set expects key=value (e.g. train.lr=2e-4), got {item!r}")
+            raise UsageError(f"--set expects key=value (e.g. train.lr=2e-4), got {item!r}")
         out[key.strip()] = value.strip()
     return out
 
 
-def _check_outputs(jobs: list[tuple[Path, Path]]) -> None:
-    """Refuse before writing anything when two inputs would write one output (x.png and x.jpg
-    both give x.png), or an output would replace an input (--out naming the input folder)."""
+def _check_outputs(jobs: list[tuple[Path, Path]], out: Path, overwrite: bool) -> None:
+    """Refuse before writing anything when --out is a file, two inputs would write one output
+    (x.png and x.jpg both give x.png), an output would replace an input (--out naming the input
+    folder), or, without ``overwrite``, an output file exists already (a user's own x.png beside
+    x.jpg)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {_shown(out)} is a file; it must be a folder (created if missing)")
     seen: dict[Path, Path] = {}
     for src, dst in jobs:
         if dst in seen:
-            raise SystemExit(f"{seen[dst]} and {src} would both be written to {dst}; rename one, or give them "
-                             "separately with different --out folders")
+            raise UsageError(f"{_shown(seen[dst])} and {_shown(src)} would both be written to {_shown(dst)}; rename "
+                             "one, or give them separately with different --out folders")
         seen[dst] = src
     inputs = {src.resolve() for src, _ in jobs}
     for src, dst in jobs:
         if dst.resolve() in inputs:
-            raise SystemExit(f"writing {dst} would replace the input {dst}: choose another --out")
+            raise UsageError(f"writing {_shown(dst)} would replace the input {_shown(dst)}: choose another --out")
+    existing = [dst for _, dst in jobs if dst.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(_shown(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise UsageError(f"{len(existing)} output file(s) exist already ({shown}): pass --overwrite to replace them, "
+                         "or choose another --out")
 
 
-def _image_jobs(inputs: list[str], out: Path, suffix: str) -> list[tuple[Path, Path]]:
+def _image_jobs(inputs: list[str], out: Path, suffix: str, overwrite: bool) -> list[tuple[Path, Path]]:
     """(image file, output file) for every input: a file gives ``out/<stem><suffix>``, a folder's
-    images (recursive) ``out/<path below the folder, without extension><suffix>``."""
+    images (recursive) ``out/<path below the folder, without extension><suffix>``. A file named
+    twice is taken once."""
     from .data import list_image_files
 
-    jobs = []
+    jobs, taken = [], set()
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
             found = list_image_files(p)
             if not found:
-                raise SystemExit(f"no image files in folder {p}")
+                raise UsageError(f"no image files in folder {_shown(p)}")
             root = Path(os.path.abspath(p))  # as list_image_files forms its paths ('..' resolved)
-            jobs += [(Path(f), out / Path(f).relative_to(root).with_suffix(suffix)) for f in found]
+            new = [(Path(f), out / Path(f).relative_to(root).with_suffix(suffix)) for f in found]
         elif p.is_file():
-            jobs.append((p, out / (p.stem + suffix)))
+            new = [(p, out / (p.stem + suffix))]
         else:
-            raise SystemExit(f"input not found: {p}")
-    _check_outputs(jobs)
+            raise UsageError(f"input not found: {_shown(p)}")
+        for src, dst in new:
+            if (src.resolve(), dst) not in taken:
+                taken.add((src.resolve(), dst))
+                jobs.append((src, dst))
+    _check_outputs(jobs, out, overwrite)
     return jobs
+
+
+def _check_size(size: int | None, factor: int) -> None:
+    if size is not None and (size <= 0 or size % factor):
+        raise UsageError(f"--size must be a positive multiple of {factor} (the model's downsampling), got {size}")
 
 
 def _model_fingerprint(model) -> str:
@@ -113,13 +137,11 @@ def _load_for_model(path: Path, factor: int, size: int | None):
 
     img = load_image(path)
     if size is not None:
-        if size % factor:
-            raise SystemExit(f"--size {size} must be a multiple of {factor}")
         return ImageTransform(size, crop="center")(img)[None]
     x = pil_to_tensor(img)
     H, W = (x.shape[-2] // factor) * factor, (x.shape[-1] // factor) * factor
-    if H == 0 or W == 0:
-        raise SystemExit(f"{path}: image {x.shape[-1]}x{x.shape[-2]} is smaller than {factor} pixels")
+    if H == 0 or W == 0:  # this image is skipped, the others go on
+        raise ValueError(f"image {x.shape[-1]}x{x.shape[-2]} is smaller than {factor} pixels")
     top, left = (x.shape[-2] - H) // 2, (x.shape[-1] - W) // 2
     return x[None, :, top:top + H, left:left + W]
 
@@ -165,12 +187,17 @@ def cmd_train(args) -> int:
         if config_file is not None and preset is not None:
             saved = json.loads(Path(config_file).read_text()).get("model", {}).get("name")
             if saved != preset:
-                raise SystemExit(f"error: --preset {preset}, but the run to resume trained {saved} ({config_file})")
+                raise UsageError(f"--preset {preset}, but the run to resume trained {saved} ({config_file})")
             preset = None  # the same model: the saved settings, exactly
+        if (config_file is None and preset is None and "model.name" not in overrides
+                and args.resume == "auto" and not (Path(args.out) / "checkpoints").is_dir()):
+            # a mistyped --out had started a fresh dito-B run (the default) under --resume
+            raise UsageError(f"nothing to resume in {args.out}: no checkpoints and no config.json there; to start a "
+                             "new run there, drop --resume or name the model (--preset, --config)")
     try:
         cfg = C.resolve_run_config(preset, config_file, overrides)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e.args[0] if e.args else e}")
+        raise UsageError(e.args[0] if e.args else str(e)) from None
     if args.dry_run:
         print(json.dumps(C.to_dict(cfg), indent=2))
         return 0
@@ -193,7 +220,8 @@ def cmd_reconstruct(args) -> int:
     from .eval.report import save_image
 
     model, dev = _load_model(args.model, args.device)
-    jobs = _image_jobs(args.inputs, Path(args.out), ".png")
+    _check_size(args.size, model.downsample_factor)
+    jobs = _image_jobs(args.inputs, Path(args.out), ".png", args.overwrite)
     skipped: list = []
     for path, target in jobs:
         try:
@@ -220,8 +248,9 @@ def cmd_encode(args) -> int:
     from .train.checkpoint import save_safetensors
 
     model, dev = _load_model(args.model, args.device)
+    _check_size(args.size, model.downsample_factor)
     fingerprint = _model_fingerprint(model)
-    jobs = _image_jobs(args.inputs, Path(args.out), ".safetensors")
+    jobs = _image_jobs(args.inputs, Path(args.out), ".safetensors", args.overwrite)
     skipped: list = []
     for path, target in jobs:
         try:
@@ -261,32 +290,36 @@ def cmd_decode(args) -> int:
         else:
             bases.setdefault(p, out / p.stem)
     if not bases:
-        raise SystemExit("no .safetensors latent files given")
+        raise UsageError("no .safetensors latent files given")
     files = list(bases)
     # Every file's header first: a missing or unreadable file, another model's latents, or two
     # files writing one image (a.safetensors holding 2 latents writes a_0.png and a_1.png, as
     # a_0.safetensors's one latent would) stop the command before anything is decoded.
     counts = {}
     for f in files:
-        shape, meta = _latent_header(f)
+        shape, dtype, meta = _latent_header(f)
         if meta.get("model_fingerprint", fingerprint) != fingerprint and not args.any_model:
-            raise SystemExit(f"{_shown(f)} was encoded by another model ({meta.get('model', '?')}, fingerprint "
+            raise UsageError(f"{_shown(f)} was encoded by another model ({meta.get('model', '?')}, fingerprint "
                              f"{meta['model_fingerprint']}) than {args.model} ({model.config.name}, {fingerprint}): "
                              "its decoder would give a wrong image (--any-model decodes it anyway)")
-        counts[f] = shape[0] if shape else 1
+        if len(shape) != 4 or shape[0] < 1 or shape[1] != model.latent_channels or dtype not in _FLOAT_DTYPES:
+            raise UsageError(f"{_shown(f)}: its latent is {dtype} {tuple(shape)}; this model decodes floating latents "
+                             f"of shape (B, {model.latent_channels}, h, w), B >= 1")
+        counts[f] = shape[0]
     names = {f: [bases[f].with_name(bases[f].name + ".png")] if counts[f] == 1 else
              [bases[f].with_name(f"{bases[f].name}_{i}.png") for i in range(counts[f])] for f in files}
-    _check_outputs([(f, name) for f in files for name in names[f]])
+    _check_outputs([(f, name) for f in files for name in names[f]], out, args.overwrite)
+    progress = not args.no_progress and sys.stderr.isatty()  # no bars in a redirected log
     options = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, seed=args.seed, device=dev,
                    dtype=None if args.dtype is None else getattr(torch, args.dtype), max_batch=args.max_batch,
                    tile=args.tile, tile_overlap=args.tile_overlap, tile_passes=args.tile_passes,
                    compile=args.compile, cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
-                   channels_last={"on": True, "off": False}.get(args.channels_last, "auto"), progress=not args.no_progress)
-    for f in tqdm(files, desc="files", unit="file", disable=args.no_progress or len(files) == 1):
+                   channels_last={"on": True, "off": False}.get(args.channels_last, "auto"), progress=progress)
+    for f in tqdm(files, desc="files", unit="file", disable=not progress or len(files) == 1):
         try:  # from bytes: a path that is not valid UTF-8 is fine too
             latent = load(f.read_bytes())["latent"]
         except (SafetensorError, OSError, ValueError) as e:
-            raise SystemExit(f"cannot read latent file {_shown(f)}: {e}")
+            raise UsageError(f"cannot read latent file {_shown(f)}: {e}") from None
         try:
             images = fast_decode(model, latent, **options)
         except (ValueError, TypeError) as e:
@@ -297,10 +330,13 @@ def cmd_decode(args) -> int:
     return 0
 
 
-def _latent_header(path: Path) -> tuple[list, dict]:
-    """(shape of the 'latent' tensor, metadata) from a safetensors file's header alone."""
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
+
+
+def _latent_header(path: Path) -> tuple[list, str, dict]:
+    """(shape and dtype of the 'latent' tensor, metadata) from a safetensors file's header alone."""
     if not path.is_file():
-        raise SystemExit(f"latent file not found: {_shown(path)}")
+        raise UsageError(f"latent file not found: {_shown(path)}")
     try:
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
@@ -310,12 +346,13 @@ def _latent_header(path: Path) -> tuple[list, dict]:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (OSError, ValueError) as e:  # json and UTF-8 decode errors are ValueErrors
-        raise SystemExit(f"cannot read latent file {_shown(path)}: {e}")
+        raise UsageError(f"cannot read latent file {_shown(path)}: {e}") from None
     if not isinstance(header.get("latent"), dict):
         keys = sorted(k for k in header if k != "__metadata__")
-        raise SystemExit(f"{_shown(path)} has no 'latent' tensor (keys: {keys})")
+        raise UsageError(f"{_shown(path)} has no 'latent' tensor (keys: {keys})")
     shape = header["latent"].get("shape")
-    return (shape if isinstance(shape, list) else []), header.get("__metadata__") or {}
+    shape = [d for d in shape if isinstance(d, int)] if isinstance(shape, list) else []
+    return shape, str(header["latent"].get("dtype")), header.get("__metadata__") or {}
 
 
 def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:
@@ -478,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", help="image files or folders")
     r.add_argument("--out", required=True)
     r.add_argument("--size", type=int, default=None, help="resize+center-crop to this size")
+    r.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     _add_decode_args(r)
     r.set_defaults(func=cmd_reconstruct)
 
@@ -486,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("inputs", nargs="+", help="image files or folders (recursive; subfolders mirrored under --out)")
     e.add_argument("--out", required=True)
     e.add_argument("--size", type=int, default=None, help="resize+center-crop to this size")
+    e.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_encode)
 
@@ -494,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("inputs", nargs="+", help=".safetensors files, or folders of them (searched recursively; "
                    "subfolders are mirrored under --out, as encode writes them)")
     d.add_argument("--out", required=True)
+    d.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     _add_fast_decode_args(d)
     d.set_defaults(func=cmd_decode)
 
@@ -508,14 +548,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's preemption, torchrun stopping its workers) unwinds like Ctrl-C: open
+    files, loaders and logs are closed, a checkpoint being written is removed (the previous one
+    stays the latest), and the command exits with one line."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a thread): leave the default
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("PIL").setLevel(logging.INFO)  # -v: not every PNG chunk PIL reads
     if args.keep_freed_memory and _runs_on_cpu(args):
         keep_freed_memory()
+    if argv is None:  # the command itself, not a caller's thread
+        _interrupt_on_sigterm()
     try:
         return args.func(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = (f"; continue with: dito-fast train --out {args.out} --resume (from its latest checkpoint)"
+                if args.command == "train" else "; files written so far are complete")
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `dito-fast info | head -1`: the reader left; nothing to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (OSError, ValueError, KeyError) as e:  # bad input or an unusable path: one clear line, no traceback
         # KeyError's str() quotes its message; an OSError's args[0] is its errno
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

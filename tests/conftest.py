@@ -144,3 +144,15 @@ def tar_pattern(photo_dir, tmp_path_factory):
     from data_helpers import write_shards
 
     return write_shards(tmp_path_factory.mktemp("shards"), photo_dir[1])
+
+
+def cli_usage_error(capsys, match: str | None, argv: list[str]) -> str:
+    """``dito-fast argv`` refuses with exit status 2 and one "error: ..." line (containing
+    ``match``), no traceback; returns that line."""
+    from dito_fast.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert match is None or match in err, err
+    return err

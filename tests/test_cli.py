@@ -17,6 +17,7 @@ from dito_fast import PRESETS
 from dito_fast.cli import main
 from dito_fast.decode import fast_decode
 from dito_fast.models.dito import DiTo
+from conftest import cli_usage_error as _usage_error
 
 
 def _write_images(folder: Path, n: int = 6, size=(48, 40)) -> list[Path]:
@@ -138,16 +139,14 @@ def test_outputs_never_clash_or_replace_inputs(trained, tmp_path, capsys):
     img.save(shots / "x.png")
     img.save(shots / "sub" / "x.png")
     before = (shots / "x.png").read_bytes()
-    with pytest.raises(SystemExit, match="would replace the input"):
-        main(["reconstruct", model, str(shots), "--out", str(shots), "--steps", "1"])
+    _usage_error(capsys, "would replace the input", ["reconstruct", model, str(shots), "--out", str(shots), "--steps", "1"])
     assert (shots / "x.png").read_bytes() == before
     # a folder's subfolders are mirrored under --out
     assert main(["encode", model, str(shots), "--out", str(tmp_path / "lat")]) == 0
     assert sorted(str(p.relative_to(tmp_path / "lat")) for p in (tmp_path / "lat").rglob("*.safetensors")) == [
         "sub/x.safetensors", "x.safetensors"]
     img.save(shots / "x.jpg")
-    with pytest.raises(SystemExit, match="would both be written to"):
-        main(["encode", model, str(shots), "--out", str(tmp_path / "lat2")])
+    _usage_error(capsys, "would both be written to", ["encode", model, str(shots), "--out", str(tmp_path / "lat2")])
     assert not (tmp_path / "lat2").exists()
 
 
@@ -160,8 +159,7 @@ def test_decode_refuses_latents_of_another_model(trained, tmp_path, capsys):
     with torch.no_grad():
         other.decoder.conv_out.bias.add_(0.1)
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(SystemExit, match="was encoded by another model"):
-        main(["decode", str(tmp_path / "other"), str(tmp_path / "lat"), "--out", str(tmp_path / "d"),
+    _usage_error(capsys, "was encoded by another model", ["decode", str(tmp_path / "other"), str(tmp_path / "lat"), "--out", str(tmp_path / "d"),
               "--steps", "1", "--no-progress"])
     assert main(["decode", str(tmp_path / "other"), str(tmp_path / "lat"), "--out", str(tmp_path / "d"),
                  "--steps", "1", "--no-progress", "--any-model"]) == 0
@@ -241,8 +239,7 @@ def test_resume_takes_the_settings_it_was_written_with(trained, tmp_path, capsys
     assert cfg["train"] == {**saved["train"], "steps": 5}
     assert main(["train", "--resume", "--out", str(out), "--preset", "dito-tiny", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == saved["model"]
-    with pytest.raises(SystemExit, match="--preset dito-S, but the run to resume trained dito-tiny"):
-        main(["train", "--resume", str(step), "--out", str(tmp_path / "new"), "--preset", "dito-S", "--dry-run"])
+    _usage_error(capsys, "--preset dito-S, but the run to resume trained dito-tiny", ["train", "--resume", str(step), "--out", str(tmp_path / "new"), "--preset", "dito-S", "--dry-run"])
 
 
 def test_info_lists_presets(capsys):
@@ -265,6 +262,97 @@ def test_missing_model_dir(tmp_path, capsys):
     assert "model directory not found" in capsys.readouterr().err
 
 
+def test_existing_outputs_are_kept_unless_overwrite(trained, tmp_path, capsys):
+    # reconstruct photos/holiday.jpg --out photos had replaced the user's own holiday.png
+    out, data, _, _ = trained
+    model = str(out / "model")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.open(data / "img0.png").save(photos / "holiday.jpg")
+    Image.open(data / "img1.png").save(photos / "holiday.png")  # another picture, the user's
+    before = (photos / "holiday.png").read_bytes()
+    _usage_error(capsys, "1 output file(s) exist already", ["reconstruct", model, str(photos / "holiday.jpg"),
+                                                             "--out", str(photos), "--steps", "1"])
+    assert (photos / "holiday.png").read_bytes() == before
+    assert main(["reconstruct", model, str(photos / "holiday.jpg"), "--out", str(photos), "--steps", "1",
+                 "--overwrite"]) == 0
+    assert (photos / "holiday.png").read_bytes() != before
+    capsys.readouterr()
+    assert main(["encode", model, str(photos / "holiday.jpg"), "--out", str(tmp_path / "lat")]) == 0
+    _usage_error(capsys, "pass --overwrite", ["encode", model, str(photos / "holiday.jpg"), "--out", str(tmp_path / "lat")])
+    _usage_error(capsys, "pass --overwrite", ["decode", model, str(tmp_path / "lat"), "--out", str(photos), "--steps", "1",
+                                              "--no-progress"])
+    _usage_error(capsys, "is a file; it must be a folder", ["encode", model, str(photos / "holiday.jpg"),
+                                                            "--out", str(photos / "holiday.png")])
+    # the same file named twice is encoded once
+    assert main(["encode", model, str(photos / "holiday.jpg"), str(photos / "holiday.jpg"), "--out",
+                 str(tmp_path / "lat2")]) == 0
+
+
+def test_an_image_too_small_is_skipped_and_the_rest_done(trained, tmp_path, capsys):
+    out, data, _, _ = trained
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.open(data / "img0.png").save(imgs / "a_first.png")
+    Image.new("RGB", (4, 4)).save(imgs / "b_tiny.png")
+    Image.open(data / "img1.png").save(imgs / "c_last.png")
+    assert main(["encode", str(out / "model"), str(imgs), "--out", str(tmp_path / "lat")]) == 1  # partly done
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["a_first.safetensors", "c_last.safetensors"]
+    err = capsys.readouterr().err
+    assert "b_tiny.png: image 4x4 is smaller than 8 pixels" in err and "1 of 3 inputs could not be read" in err
+
+
+def test_resume_with_nothing_to_resume_is_refused(tmp_path, capsys):
+    # a mistyped --out under --resume had started a fresh dito-B run (the default preset)
+    _usage_error(capsys, "nothing to resume in", ["train", "--out", str(tmp_path / "runs" / "tinyy"), "--resume",
+                                                  "--steps", "2"])
+    assert not (tmp_path / "runs").exists()
+    assert main(["train", "--out", str(tmp_path / "new"), "--resume", "--preset", "dito-tiny", "--dry-run"]) == 0
+
+
+def test_decode_checks_latent_shapes_and_dtypes_first(trained, tmp_path, capsys):
+    out, _, _, _ = trained
+    lat = tmp_path / "lat"
+    lat.mkdir()
+    save_file({"latent": torch.zeros(1, 4, 4, 4)}, str(lat / "a.safetensors"))
+    save_file({"latent": torch.zeros(1, 3, 4, 4)}, str(lat / "z.safetensors"))
+    _usage_error(capsys, "z.safetensors: its latent is F32 (1, 3, 4, 4)", ["decode", str(out / "model"), str(lat),
+                                                                          "--out", str(tmp_path / "o"), "--steps", "1"])
+    (lat / "z.safetensors").unlink()
+    save_file({"latent": torch.zeros(1, 4, 4, 4, dtype=torch.int32)}, str(lat / "i.safetensors"))
+    _usage_error(capsys, "its latent is I32", ["decode", str(out / "model"), str(lat), "--out", str(tmp_path / "o"),
+                                               "--steps", "1"])
+    assert not (tmp_path / "o").exists()  # nothing decoded before the refusal
+
+
+def test_interrupts_end_with_one_line(monkeypatch, capsys):
+    import signal
+
+    import dito_fast.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; files written so far are complete"
+    # SIGTERM (preemption, torchrun stopping its workers) unwinds like Ctrl-C
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cli._interrupt_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path):
+    # `dito-fast info | head -1` had printed "error: [Errno 32] Broken pipe" (here the reader, true,
+    # is gone before the command writes anything)
+    proc = subprocess.run(f"{sys.executable} -m dito_fast.cli info | true", shell=True, capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.stderr == ""
+
+
 def test_unknown_preset_is_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--preset", "dito-XXL", "--dry-run"])
@@ -273,44 +361,37 @@ def test_unknown_preset_is_argparse_error(capsys):
     assert "invalid choice" in err and "dito-XXL" in err
 
 
-def test_missing_input_file(trained, tmp_path):
+def test_missing_input_file(trained, tmp_path, capsys):
     out, _, _, _ = trained
-    with pytest.raises(SystemExit) as e:
-        main(["encode", str(out / "model"), str(tmp_path / "ghost.png"), "--out", str(tmp_path / "o")])
-    assert "input not found" in str(e.value.code) and "ghost.png" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        main(["decode", str(out / "model"), str(tmp_path / "ghost.safetensors"), "--out", str(tmp_path / "o")])
-    assert "latent file not found" in str(e.value.code)
+    err = _usage_error(capsys, None, ["encode", str(out / "model"), str(tmp_path / "ghost.png"), "--out", str(tmp_path / "o")])
+    assert "input not found" in err and "ghost.png" in err
+    err = _usage_error(capsys, None, ["decode", str(out / "model"), str(tmp_path / "ghost.safetensors"), "--out", str(tmp_path / "o")])
+    assert "latent file not found" in err
     save_file({"z": torch.zeros(1)}, str(tmp_path / "wrong.safetensors"))
-    with pytest.raises(SystemExit) as e:
-        main(["decode", str(out / "model"), str(tmp_path / "wrong.safetensors"), "--out", str(tmp_path / "o")])
-    assert "no 'latent' tensor" in str(e.value.code)
+    err = _usage_error(capsys, None, ["decode", str(out / "model"), str(tmp_path / "wrong.safetensors"), "--out", str(tmp_path / "o")])
+    assert "no 'latent' tensor" in err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as e:
-        main(["encode", str(out / "model"), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
-    assert "no image files" in str(e.value.code)
+    err = _usage_error(capsys, None, ["encode", str(out / "model"), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert "no image files" in err
     img = _write_images(tmp_path / "imgs", n=1)[0]
-    with pytest.raises(SystemExit) as e:
-        main(["encode", str(out / "model"), str(img), "--size", "30", "--out", str(tmp_path / "o")])
-    assert "--size 30 must be a multiple of 8" in str(e.value.code)
+    err = _usage_error(capsys, None, ["encode", str(out / "model"), str(img), "--size", "30", "--out", str(tmp_path / "o")])
+    assert "--size must be a positive multiple of 8 (the model's downsampling), got 30" in err
+    for bad in ("0", "-8"):  # had passed the check and made every image "unreadable"
+        err = _usage_error(capsys, None, ["encode", str(out / "model"), str(img), "--size", bad, "--out", str(tmp_path / "o")])
+        assert f"got {bad}" in err
 
 
 def test_bad_train_settings(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--preset", "dito-tiny", "--dry-run", "--set", "train.lr"])
-    assert "key=value" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--preset", "dito-tiny", "--dry-run", "--set", "train.nonsense=1"])
-    assert "unknown config key" in str(e.value.code) and "nonsense" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--preset", "dito-tiny", "--dry-run", "--set", "train.steps=many"])
-    assert "cannot use 'many'" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--preset", "dito-tiny", "--dry-run", "--image-size", "36"])
-    assert "multiple of 8" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--preset", "dito-tiny", "--dry-run", "--config", "/nonexistent/c.json"])
-    assert "config file not found" in str(e.value.code)
+    err = _usage_error(capsys, None, ["train", "--preset", "dito-tiny", "--dry-run", "--set", "train.lr"])
+    assert "key=value" in err
+    err = _usage_error(capsys, None, ["train", "--preset", "dito-tiny", "--dry-run", "--set", "train.nonsense=1"])
+    assert "unknown config key" in err and "nonsense" in err
+    err = _usage_error(capsys, None, ["train", "--preset", "dito-tiny", "--dry-run", "--set", "train.steps=many"])
+    assert "cannot use 'many'" in err
+    err = _usage_error(capsys, None, ["train", "--preset", "dito-tiny", "--dry-run", "--image-size", "36"])
+    assert "multiple of 8" in err
+    err = _usage_error(capsys, None, ["train", "--preset", "dito-tiny", "--dry-run", "--config", "/nonexistent/c.json"])
+    assert "config file not found" in err
 
 
 def test_python_m_dito_fast_train_dry_run():

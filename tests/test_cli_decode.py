@@ -3,6 +3,8 @@ and clear errors (one line, exit code 2) for bad options."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,8 @@ from safetensors.torch import save_file
 
 from dito_fast.cli import main
 from dito_fast.decode import fast_decode
+
+from conftest import cli_usage_error as _usage_error
 
 
 @pytest.fixture
@@ -23,16 +27,20 @@ def _png(path):
     return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
 
 
-def test_decode_options_match_fast_decode(micro_model, model_dir, tmp_path, capsys):
+def test_decode_options_match_fast_decode(micro_model, model_dir, tmp_path, capsys, monkeypatch):
     z = torch.randn(2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
     save_file({"latent": z}, str(tmp_path / "lat.safetensors"))
     out = tmp_path / "out"
-    assert main(["decode", str(model_dir), str(tmp_path / "lat.safetensors"), "--out", str(out), "--sampler", "ab2",
-                 "--steps", "3", "--schedule", "shifted:0.5", "--seed", "5", "--max-batch", "1", "--tile", "32",
-                 "--tile-overlap", "16", "--channels-last", "on", "--dtype", "bfloat16"]) == 0
+    argv = ["decode", str(model_dir), str(tmp_path / "lat.safetensors"), "--out", str(out), "--sampler", "ab2",
+            "--steps", "3", "--schedule", "shifted:0.5", "--seed", "5", "--max-batch", "1", "--tile", "32",
+            "--tile-overlap", "16", "--channels-last", "on", "--dtype", "bfloat16"]
+    assert main(argv) == 0
     captured = capsys.readouterr()
     assert "lat_0.png" in captured.out and "lat_1.png" in captured.out
-    assert "decode" in captured.err  # the progress bar (tqdm, on stderr)
+    assert captured.err == ""  # no progress bars into a redirected log (5 KB of them for 9 tiny latents)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # on a terminal: the bar (tqdm, on stderr)
+    assert main([*argv, "--overwrite"]) == 0
+    assert "decode" in capsys.readouterr().err
     ref = fast_decode(micro_model, z, sampler="ab2", steps=3, schedule="shifted:0.5", seed=5, max_batch=1, tile=32,
                       tile_overlap=16, channels_last=True, dtype=torch.bfloat16)
     for i in range(2):
@@ -75,7 +83,7 @@ def test_decode_unknown_sampler_is_argparse_error(model_dir, tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-def test_decode_checks_every_file_before_decoding(model_dir, tmp_path):
+def test_decode_checks_every_file_before_decoding(model_dir, tmp_path, capsys):
     # a.safetensors (2 latents) writes a_0.png and a_1.png, as a_0.safetensors (1 latent) writes
     # a_0.png: the run had overwritten one with the other and exited 0. A missing or unreadable
     # file after a good one had stopped the run after writing the good file's images.
@@ -83,14 +91,12 @@ def test_decode_checks_every_file_before_decoding(model_dir, tmp_path):
     lat.mkdir()
     save_file({"latent": torch.zeros(2, 4, 2, 2)}, str(lat / "a.safetensors"))
     save_file({"latent": torch.zeros(1, 4, 2, 2)}, str(lat / "a_0.safetensors"))
-    with pytest.raises(SystemExit, match="would both be written to"):
-        main(["decode", str(model_dir), str(lat), "--out", str(out), "--steps", "1", "--no-progress"])
+    _usage_error(capsys, "would both be written to", ["decode", str(model_dir), str(lat), "--out", str(out), "--steps", "1", "--no-progress"])
     for bad, msg in ((tmp_path / "ghost.safetensors", "latent file not found"),
                      (tmp_path / "junk.safetensors", "cannot read latent file")):
         if "junk" in bad.name:
             bad.write_bytes(b"\x10" + bytes(40))
-        with pytest.raises(SystemExit, match=msg):
-            main(["decode", str(model_dir), str(lat / "a.safetensors"), str(bad), "--out", str(out), "--steps", "1",
+        _usage_error(capsys, msg, ["decode", str(model_dir), str(lat / "a.safetensors"), str(bad), "--out", str(out), "--steps", "1",
                   "--no-progress"])
     assert not out.exists()
     assert main(["decode", str(model_dir), str(lat / "a.safetensors"), "--out", str(out), "--steps", "1",

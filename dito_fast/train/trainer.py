@@ -370,7 +370,10 @@ def _resume_point(run_dir: Path, resume, ctx: DistContext):
             return "ok", start
         marker.unlink(missing_ok=True)
     if resume is True:
-        return "ok", ckpt.latest_checkpoint(run_dir)
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            logger.warning("resume: no checkpoint in %s; starting at step 0", run_dir)
+        return "ok", latest
     if resume:
         path = Path(resume)
         if not (path / "COMPLETE").is_file():
