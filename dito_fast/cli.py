@@ -6,6 +6,7 @@ Only this module prints; the library logs through ``logging``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -548,18 +549,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler's preemption, torchrun stopping its workers) unwinds like Ctrl-C: open
-    files, loaders and logs are closed, a checkpoint being written is removed (the previous one
-    stays the latest), and the command exits with one line."""
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the command runs, SIGTERM (a scheduler's preemption) unwinds like Ctrl-C: open files,
+    loaders and logs are closed, a checkpoint being written is removed (the previous one stays the
+    latest), and the command exits with one line. Not under torchrun (WORLD_SIZE > 1), whose agent
+    stops its workers with SIGTERM and expects them gone at once, even inside a collective; nor
+    outside the main thread, where Python cannot set handlers."""
     import signal
+    import threading
 
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (main() called from a thread): leave the default
-        pass
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -569,10 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("PIL").setLevel(logging.INFO)  # -v: not every PNG chunk PIL reads
     if args.keep_freed_memory and _runs_on_cpu(args):
         keep_freed_memory()
-    if argv is None:  # the command itself, not a caller's thread
-        _interrupt_on_sigterm()
     try:
-        return args.func(args)
+        with _sigterm_interrupts():
+            return args.func(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -335,14 +335,15 @@ def test_interrupts_end_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_info", interrupted)
     assert main(["info"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted; files written so far are complete"
-    # SIGTERM (preemption, torchrun stopping its workers) unwinds like Ctrl-C
+    # SIGTERM (a scheduler's preemption) unwinds like Ctrl-C while a command runs
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        cli._interrupt_on_sigterm()
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGTERM)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+    def terminated(args):
+        signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "cmd_info", terminated)
+    assert main(["info"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is previous  # restored after the command
 
 
 def test_a_closed_pipe_is_not_an_error(tmp_path):
