@@ -207,7 +207,9 @@ def cmd_train(args) -> int:
     resume = args.resume if args.resume not in (None, "auto") else args.resume == "auto"
     result = train(cfg, args.out, resume=resume, progress=None)
     if result.rank == 0:  # under torchrun: one summary for the job
-        print(f"trained {result.step} steps ({result.skipped_steps} skipped); model: {result.run_dir / 'model'}")
+        stopped = {"requested": " (stopped early on request; --resume continues)",
+                   "max_minutes": " (the time budget was spent; --resume continues)"}.get(result.stopped_early, "")
+        print(f"trained {result.step} steps ({result.skipped_steps} skipped){stopped}; model: {result.run_dir / 'model'}")
         if result.last_val:
             print(f"validation PSNR: {result.last_val['val_psnr']:.2f} dB")
     return 0
@@ -550,16 +552,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts():
-    """While the command runs, SIGTERM (a scheduler's preemption) unwinds like Ctrl-C: open files,
-    loaders and logs are closed, a checkpoint being written is removed (the previous one stays the
-    latest), and the command exits with one line. Not under torchrun (WORLD_SIZE > 1), whose agent
-    stops its workers with SIGTERM and expects them gone at once, even inside a collective; nor
-    outside the main thread, where Python cannot set handlers."""
+def _sigterm_handled(train: bool):
+    """While the command runs, SIGTERM (a scheduler's preemption notice): for ``train``, the first
+    one stops training after the current step with a checkpoint and the exported model
+    (``dito_fast.train.request_stop``), a second one interrupts; for the other commands it unwinds
+    like Ctrl-C (open files closed, outputs written so far complete). Not under torchrun
+    (WORLD_SIZE > 1), whose agent stops its workers with SIGTERM and expects them gone at once,
+    even inside a collective; nor outside the main thread, where Python cannot set handlers."""
     import signal
     import threading
 
+    asked = []
+
     def handler(signum, frame):
+        if train and not asked:
+            from .train import request_stop
+
+            asked.append(signum)
+            request_stop()
+            print("SIGTERM: stopping after this step with a checkpoint (again to interrupt now)", file=sys.stderr)
+            return
         raise KeyboardInterrupt(f"signal {signum}")
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or threading.current_thread() is not threading.main_thread():
         yield
@@ -579,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_freed_memory and _runs_on_cpu(args):
         keep_freed_memory()
     try:
-        with _sigterm_interrupts():
+        with _sigterm_handled(train=args.command == "train"):
             return args.func(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -346,6 +346,38 @@ def test_interrupts_end_with_one_line(monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is previous  # restored after the command
 
 
+def test_sigterm_stops_training_with_a_checkpoint(tmp_path):
+    """A scheduler's preemption notice (SIGTERM) to `dito-fast train`: the step under way ends, a
+    checkpoint and the exported model are written, exit status 0 (it had died with the signal,
+    leaving a half-written checkpoint folder)."""
+    import signal
+    import time
+
+    from conftest import MICRO_CLI_SETS
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "dito_fast.cli", "train", "--preset", "dito-tiny", "--data", "synthetic",
+            "--steps", "100000", "--batch-size", "2", "--image-size", "32", "--out", str(out), "--device", "cpu",
+            "--set", "train.val_every_steps=0", "--set", "train.log_every_steps=1", "--set", "train.threads=1"]
+    for item in MICRO_CLI_SETS:
+        argv += ["--set", item]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("loss") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped early on request" in stdout and "SIGTERM: stopping after this step" in stderr
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert (out / "checkpoints" / latest / "COMPLETE").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+
+
 def test_a_closed_pipe_is_not_an_error(tmp_path):
     # `dito-fast info | head -1` had printed "error: [Errno 32] Broken pipe" (here the reader, true,
     # is gone before the command writes anything)

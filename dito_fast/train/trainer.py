@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -184,6 +185,19 @@ class _MetricsLog:
 # the loop
 
 
+# Set by request_stop (a signal handler, another thread); cleared when a run starts.
+_STOP_REQUESTED = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the running :func:`train` to stop after its current step: it writes a checkpoint and
+    exports the model (no final validation), as when ``train.max_minutes`` is spent, and returns
+    normally (``TrainResult.stopped_early``). Safe to call from a signal handler or another thread;
+    ``dito-fast train`` calls it on SIGTERM (a scheduler's preemption notice). Under torchrun every
+    rank stops at the same step once any rank was asked."""
+    _STOP_REQUESTED.set()
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -197,6 +211,7 @@ class TrainResult:
     rank: int = 0
     world_size: int = 1
     raw_model: DiTo | None = None  # the trained (not averaged) weights; sharded in place under FSDP
+    stopped_early: str | None = None  # "max_minutes" or "requested" (request_stop) when it stopped before train.steps
 
 
 def lr_factor(step: int, t_cfg) -> float:
@@ -736,6 +751,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         weights = torch.ones(plan.slots, device=device)
         weights[plan.share:] = 0
     step = start_step
+    _STOP_REQUESTED.clear()  # a request made before this run started is not for it
     t_start = t_last = t_fetch = time.perf_counter()
     try:
         for batch in loader:
@@ -766,11 +782,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                 loss_sum += per.detach().sum().double()
                 lo += m
 
-            # what every rank must agree on: the global loss (finite?) and the time budget
+            # what every rank must agree on: the global loss (finite?), the time budget, a stop request
             over = t_cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * t_cfg.max_minutes
-            agreed = torch.stack([loss_sum, torch.tensor(float(over), dtype=torch.float64, device=device)])
-            total_loss, n_over = distributed.all_reduce_(agreed, ctx).tolist()
-            loss_v, stop = total_loss / G, n_over > 0
+            agreed = torch.tensor([0.0, float(over), float(_STOP_REQUESTED.is_set())], dtype=torch.float64,
+                                  device=device)
+            agreed[0] = loss_sum
+            total_loss, n_over, n_requested = distributed.all_reduce_(agreed, ctx).tolist()
+            loss_v = total_loss / G
+            stop = "requested" if n_requested > 0 else "max_minutes" if n_over > 0 else None
             images_seen += G
             steps_since_log += 1
 
@@ -847,8 +866,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                 save(step)
             t_last += time.perf_counter() - t_book  # throughput counts training steps only
             if stop:
-                logger.warning("stopping at step %d: the %.1f-minute budget is spent", step, t_cfg.max_minutes)
-                event("stop", step=step, reason="max_minutes")
+                logger.warning("stopping at step %d: %s", step, "a stop was requested (request_stop, SIGTERM)"
+                               if stop == "requested" else f"the {t_cfg.max_minutes:.1f}-minute budget is spent")
+                event("stop", step=step, reason=stop)
+                result.stopped_early = stop
                 break
             t_fetch = time.perf_counter()
     except BaseException:  # a diverged run, a data error, Ctrl-C: release the loader and the logs too
@@ -868,7 +889,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     if step > start_step or resume_from is None:
         if step != last_saved:  # a time-budget stop at a checkpoint step has saved it already
             save(step)
-        if step != last_validated:  # nor validate twice at a validation step
+        # nor validate twice at a validation step, nor when asked to stop (a preemption's grace
+        # period is for the checkpoint and the export)
+        if step != last_validated and result.stopped_early != "requested":
             result.last_val = run_validation(step) or result.last_val
     if metrics is not None:
         metrics.close()

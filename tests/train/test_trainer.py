@@ -29,6 +29,10 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _events(run_dir):
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
 # --------------------------------------------------------------------------------------------
 # learning
 
@@ -468,6 +472,49 @@ def test_time_budget_stop_on_a_validation_step_validates_once(make_run_config, t
     result = train(make_run_config(steps=5, val_every_steps=1, max_minutes=1e-9), tmp_path, progress=False)
     assert result.step == 1 and len(validated) == 1  # the stop had run a second, identical decode
     assert [m["step"] for m in _metrics(tmp_path) if "val_psnr" in m] == [1]
+
+
+class _StopAfterReads(Dataset):
+    """Wraps a dataset and calls request_stop (as dito-fast train's SIGTERM handler does) once
+    ``reads`` items were read."""
+
+    def __init__(self, ds, reads):
+        self.ds, self.reads, self.n = ds, reads, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def set_epoch(self, epoch):
+        self.ds.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        from dito_fast.train import request_stop
+
+        self.n += 1
+        if self.n == self.reads:
+            request_stop()
+        return self.ds[i]
+
+
+def test_a_requested_stop_checkpoints_exports_and_resumes_exactly(make_run_config, tmp_path, monkeypatch):
+    """request_stop (SIGTERM in dito-fast train): the step under way finishes, a checkpoint and
+    the exported model follow at once (no final validation), and a resume continues the run."""
+    from dito_fast.train import trainer as trainer_mod
+
+    cfg = make_run_config(steps=6, checkpoint_every_steps=0, val_every_steps=0)
+    full = train(cfg, tmp_path / "full", progress=False)
+    validated = []
+    real_validate = trainer_mod.validate
+    monkeypatch.setattr(trainer_mod, "validate", lambda net, *a, **k: validated.append(1) or real_validate(net, *a, **k))
+    ds = SyntheticImages(cfg.data.num_synthetic_images, cfg.data.image_size, seed=cfg.train.seed)
+    part = train(cfg, tmp_path / "run", train_dataset=_StopAfterReads(ds, reads=3 * 2 - 1), progress=False)
+    assert part.stopped_early == "requested" and part.step == 3 and not validated
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000003"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert [e["reason"] for e in _events(tmp_path / "run") if e["event"] == "stop"] == ["requested"]
+    rest = train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert rest.stopped_early is None and rest.losses == full.losses[3:]  # the request was for the first run only
+    assert _state_equal(rest.model, full.model)
 
 
 def test_a_failed_run_closes_its_logs(make_run_config, tmp_path, monkeypatch):
