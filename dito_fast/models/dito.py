@@ -124,8 +124,9 @@ def make_noise(shape, seed: int | list[int] | None = None,
 
 def initial_noise(shape, noise: torch.Tensor | None = None, seed=None, generator=None, device=None,
                   dtype=torch.float32) -> torch.Tensor:
-    """The decoders' initial noise: ``noise`` (a finite float tensor of ``shape`` on any device
-    with values, moved to ``device`` and ``dtype``) if given, else :func:`make_noise` from ``seed`` or ``generator``."""
+    """The decoders' initial noise: ``noise`` if given (a finite float tensor of ``shape``, on
+    any device but meta; moved to ``device`` and ``dtype``), else :func:`make_noise` from
+    ``seed`` or ``generator``."""
     if noise is None:
         return make_noise(shape, seed, generator, device, dtype)
     if seed is not None or generator is not None:
