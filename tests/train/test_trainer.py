@@ -215,11 +215,12 @@ def test_failed_checkpoint_write_leaves_no_temporary_folder(make_run_config, tmp
     assert ckpt.load_weights(root / "step_00000002" / "model.safetensors")
 
 
-class _CrashingDataset(Dataset):
-    """Wraps a dataset and raises after ``crash_after`` item reads (a simulated kill)."""
+class _OnRead(Dataset):
+    """Wraps a dataset and runs ``action()`` when item read number ``at`` (1-based) is asked for,
+    before reading it: a simulated kill (raise) or a stop request."""
 
-    def __init__(self, ds, crash_after):
-        self.ds, self.crash_after, self.reads = ds, crash_after, 0
+    def __init__(self, ds, at, action):
+        self.ds, self.at, self.action, self.reads = ds, at, action, 0
 
     def __len__(self):
         return len(self.ds)
@@ -229,9 +230,13 @@ class _CrashingDataset(Dataset):
 
     def __getitem__(self, i):
         self.reads += 1
-        if self.reads > self.crash_after:
-            raise RuntimeError("simulated crash")
+        if self.reads == self.at:
+            self.action()
         return self.ds[i]
+
+
+def _simulated_crash():
+    raise RuntimeError("simulated crash")
 
 
 def test_resume_after_crash_mid_run(make_run_config, tmp_path):
@@ -240,7 +245,7 @@ def test_resume_after_crash_mid_run(make_run_config, tmp_path):
     full = train(cfg, tmp_path / "full", progress=False)
     ds = SyntheticImages(cfg.data.num_synthetic_images, cfg.data.image_size, seed=cfg.train.seed)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, tmp_path / "crash", train_dataset=_CrashingDataset(ds, crash_after=4 * 2), progress=False)
+        train(cfg, tmp_path / "crash", train_dataset=_OnRead(ds, 4 * 2 + 1, _simulated_crash), progress=False)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "crash")] == ["step_00000003"]
     # a fresh start refuses to overwrite the interrupted run
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
@@ -474,28 +479,6 @@ def test_time_budget_stop_on_a_validation_step_validates_once(make_run_config, t
     assert [m["step"] for m in _metrics(tmp_path) if "val_psnr" in m] == [1]
 
 
-class _StopAfterReads(Dataset):
-    """Wraps a dataset and calls request_stop (as dito-fast train's SIGTERM handler does) once
-    ``reads`` items were read."""
-
-    def __init__(self, ds, reads):
-        self.ds, self.reads, self.n = ds, reads, 0
-
-    def __len__(self):
-        return len(self.ds)
-
-    def set_epoch(self, epoch):
-        self.ds.set_epoch(epoch)
-
-    def __getitem__(self, i):
-        from dito_fast.train import request_stop
-
-        self.n += 1
-        if self.n == self.reads:
-            request_stop()
-        return self.ds[i]
-
-
 def test_a_requested_stop_checkpoints_exports_and_resumes_exactly(make_run_config, tmp_path, monkeypatch):
     """request_stop (SIGTERM in dito-fast train): the step under way finishes, a checkpoint and
     the exported model follow at once (no final validation), and a resume continues the run."""
@@ -506,8 +489,10 @@ def test_a_requested_stop_checkpoints_exports_and_resumes_exactly(make_run_confi
     validated = []
     real_validate = trainer_mod.validate
     monkeypatch.setattr(trainer_mod, "validate", lambda net, *a, **k: validated.append(1) or real_validate(net, *a, **k))
+    from dito_fast.train import request_stop
+
     ds = SyntheticImages(cfg.data.num_synthetic_images, cfg.data.image_size, seed=cfg.train.seed)
-    part = train(cfg, tmp_path / "run", train_dataset=_StopAfterReads(ds, reads=3 * 2 - 1), progress=False)
+    part = train(cfg, tmp_path / "run", train_dataset=_OnRead(ds, 3 * 2 - 1, request_stop), progress=False)
     assert part.stopped_early == "requested" and part.step == 3 and not validated
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000003"]
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
