@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    model = DiTo.from_pretrained(args.model).eval()
+    model = DiTo.from_pretrained(args.model, dtype=torch.float32)  # (eval mode) a half-precision save too
     weights_sha = hashlib.sha256((Path(args.model) / "model.safetensors").read_bytes()).hexdigest()[:12]
     x, images_label = eval_images(args.images)
     with torch.inference_mode():

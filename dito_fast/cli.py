@@ -151,8 +151,20 @@ def _load_model(directory: str, device: str):
     from .models.dito import DiTo
     from .train.distributed import rank_device
 
+    import torch
+
     dev = rank_device(device, local_rank=0, distributed=False)
-    return DiTo.from_pretrained(directory).to(dev).eval(), dev
+    # float32 whatever the saved dtype: the commands feed float32 images and latents (--dtype runs
+    # decode in half precision under autocast)
+    return DiTo.from_pretrained(directory, map_location=dev, dtype=torch.float32), dev
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: an int torch.Generator takes, [-2^63, 2^64)."""
+    value = int(text)
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text} is out of range [-2**63, 2**64)")
+    return value
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -161,7 +173,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="ODE steps (default 50, the paper's)")
     p.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS))
     p.add_argument("--schedule", default="uniform", help=f"time grid: {', '.join(SCHEDULES)} (shifted[:shift], edm[:rho])")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise")
     p.add_argument("--device", default="auto")
 
 
@@ -367,7 +379,7 @@ def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: auto's, or 50 for a named sampler)")
     p.add_argument("--schedule", default=None,
                    help="time grid: uniform, shifted[:shift], edm[:rho] (default: auto's, or uniform)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute dtype (half precision: autocast, NaN guard falls back to float32)")

@@ -38,7 +38,7 @@ def test_decode_tables_are_printed(capsys):
     assert "one step: untiled" in out and "keep_freed_memory" in out
 
 
-def _row(name, **extra):
+def _row(name):
     rows = json.loads((BENCH / "results" / "ops_model_2026-12-03.json").read_text())["benchmarks"]
     return copy.deepcopy(next(r for r in rows if r["name"].startswith(name)))
 

@@ -378,6 +378,20 @@ def test_sigterm_stops_training_with_a_checkpoint(tmp_path):
     assert not list((out / "checkpoints").glob(".*.tmp"))
 
 
+def test_commands_take_a_half_precision_save(trained, tmp_path, capsys):
+    # from_pretrained keeps the saved dtype; the commands load float32 (they feed float32 images)
+    out, data, _, _ = trained
+    DiTo.from_pretrained(out / "model").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert main(["encode", str(tmp_path / "bf16"), str(data / "img0.png"), "--out", str(tmp_path / "lat")]) == 0
+    assert main(["reconstruct", str(tmp_path / "bf16"), str(data / "img0.png"), "--out", str(tmp_path / "rec"),
+                 "--steps", "1"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # an argparse error (exit 2), not a traceback from the generator
+        main(["reconstruct", str(tmp_path / "bf16"), str(data / "img0.png"), "--out", str(tmp_path / "r2"),
+              "--seed", str(2**64)])
+    assert e.value.code == 2 and "out of range" in capsys.readouterr().err
+
+
 def test_a_closed_pipe_is_not_an_error(tmp_path):
     # `dito-fast info | head -1` had printed "error: [Errno 32] Broken pipe" (here the reader, true,
     # is gone before the command writes anything)

@@ -185,14 +185,16 @@ class _MetricsLog:
 # the loop
 
 
-# Set by request_stop (a signal handler, another thread); cleared when a run starts.
+# Set by request_stop (a signal handler, another thread); cleared when a run's training loop ends.
+# One per process: it stops whichever run is training (runs in parallel threads would share it).
 _STOP_REQUESTED = threading.Event()
 
 
 def request_stop() -> None:
-    """Ask the running :func:`train` to stop after its current step: it writes a checkpoint and
-    exports the model (no final validation), as when ``train.max_minutes`` is spent, and returns
-    normally (``TrainResult.stopped_early``). Safe to call from a signal handler or another thread;
+    """Ask the running :func:`train` (or, if it is still setting up or not started yet, the next
+    one) to stop after its current step: it writes a checkpoint and exports the model (no final
+    validation), as when ``train.max_minutes`` is spent, and returns normally
+    (``TrainResult.stopped_early``). Safe to call from a signal handler or another thread;
     ``dito-fast train`` calls it on SIGTERM (a scheduler's preemption notice). Under torchrun every
     rank stops at the same step once any rank was asked."""
     _STOP_REQUESTED.set()
@@ -751,7 +753,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         weights = torch.ones(plan.slots, device=device)
         weights[plan.share:] = 0
     step = start_step
-    _STOP_REQUESTED.clear()  # a request made before this run started is not for it
     t_start = t_last = t_fetch = time.perf_counter()
     try:
         for batch in loader:
@@ -865,7 +866,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                     and step != t_cfg.steps:
                 save(step)
             t_last += time.perf_counter() - t_book  # throughput counts training steps only
-            if stop:
+            if stop and step < t_cfg.steps:  # (on the last step: the run has simply ended)
                 logger.warning("stopping at step %d: %s", step, "a stop was requested (request_stop, SIGTERM)"
                                if stop == "requested" else f"the {t_cfg.max_minutes:.1f}-minute budget is spent")
                 event("stop", step=step, reason=stop)
@@ -878,6 +879,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
             metrics.close()
         raise
     finally:
+        # the request, if any, was for this run (made before it or during it): the next run starts without it
+        _STOP_REQUESTED.clear()
         if bar is not None:
             bar.close()
 

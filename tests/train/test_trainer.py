@@ -502,6 +502,21 @@ def test_a_requested_stop_checkpoints_exports_and_resumes_exactly(make_run_confi
     assert _state_equal(rest.model, full.model)
 
 
+def test_a_stop_requested_during_set_up_or_on_the_last_step(make_run_config, tmp_path):
+    from dito_fast.train import request_stop
+
+    request_stop()  # before the loop (dito-fast train's SIGTERM while the run sets up): not lost
+    early = train(make_run_config(steps=4, val_every_steps=0), tmp_path / "a", progress=False)
+    assert early.stopped_early == "requested" and early.step == 1
+    later = train(make_run_config(steps=2, val_every_steps=0), tmp_path / "b", progress=False)
+    assert later.stopped_early is None and later.step == 2  # the request was the first run's
+    # a request on the last step: the run has ended normally, with its final validation
+    cfg = make_run_config(steps=3, val_every_steps=0)
+    ds = SyntheticImages(cfg.data.num_synthetic_images, cfg.data.image_size, seed=cfg.train.seed)
+    last = train(cfg, tmp_path / "c", train_dataset=_OnRead(ds, 3 * 2, request_stop), progress=False)
+    assert last.stopped_early is None and last.step == 3 and "val_psnr" in last.last_val
+
+
 def test_a_failed_run_closes_its_logs(make_run_config, tmp_path, monkeypatch):
     from dito_fast.train import trainer as trainer_mod
 
