@@ -160,11 +160,13 @@ def _load_model(directory: str, device: str):
 
 
 def _seed(text: str) -> int:
-    """argparse type of --seed: an int torch.Generator takes, [-2^63, 2^64)."""
-    value = int(text)
-    if not -2**63 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"{text} is out of range [-2**63, 2**64)")
-    return value
+    """argparse type of --seed: an int torch.Generator takes (models.dito's check)."""
+    from .models.dito import _check_seed
+
+    try:
+        return _check_seed(int(text))
+    except TypeError:
+        raise argparse.ArgumentTypeError(f"{text} is out of range [-2**63, 2**64)") from None
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:

@@ -303,23 +303,13 @@ HOST_LOCAL_SETTINGS = ("train.device", "train.threads", "train.micro_batch_size"
                        "data.workers", "data.loader", "data.check_files")
 
 
-def _flat_settings(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flat_settings(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
 def _check_same_settings(cfg: RunConfig, ctx: DistContext) -> None:
     """Raise on every rank, naming the settings, when the ranks resolved different configs (a node
     given another --seed, batch size or config file had trained on without a word: other data, a
     diverging replica, or a collective left waiting). HOST_LOCAL_SETTINGS may differ."""
     if not ctx.distributed:
         return
-    mine = {k: v for k, v in _flat_settings(to_dict(cfg)).items() if k not in HOST_LOCAL_SETTINGS}
+    mine = {k: v for k, v in flat_dict(to_dict(cfg)).items() if k not in HOST_LOCAL_SETTINGS}
     every = distributed.all_gather_object(mine, ctx)
     keys = sorted({k for other in every for k in other} | set(every[0]))
     differ = [k for k in keys if any(other.get(k) != every[0].get(k) for other in every)]
