@@ -1,4 +1,4 @@
-"""The ``dito-fast`` command: train, reconstruct, encode, decode, info, demo.
+"""The ``dito-fast`` command: train, export, reconstruct, encode, decode, info, demo.
 
 Only this module prints; the library logs through ``logging``.
 """
@@ -55,7 +55,7 @@ def _check_outputs(jobs: list[tuple[Path, Path]], out: Path, overwrite: bool) ->
     for src, dst in jobs:
         if dst.resolve() in inputs:
             raise UsageError(f"writing {_shown(dst)} would replace the input {_shown(dst)}: choose another --out")
-    existing = [dst for _, dst in jobs if dst.exists()]
+    existing = [dst for _, dst in jobs if os.path.lexists(dst)]  # a dangling symlink too: writing would follow it
     if existing and not overwrite:
         shown = ", ".join(_shown(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise UsageError(f"{len(existing)} output file(s) exist already ({shown}): pass --overwrite to replace them, "
@@ -226,6 +226,17 @@ def cmd_train(args) -> int:
         print(f"trained {result.step} steps ({result.skipped_steps} skipped){stopped}; model: {result.run_dir / 'model'}")
         if result.last_val:
             print(f"validation PSNR: {result.last_val['val_psnr']:.2f} dB")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .train import export_checkpoint
+
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, weights=args.weights, overwrite=args.overwrite)
+    except FileExistsError as e:
+        raise UsageError(f"{e} (--overwrite)") from None
+    print(f"exported {path} to {args.out}")
     return 0
 
 
@@ -526,6 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config value, e.g. --set model.flow.noise_sync_prob=0.1")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="write a training checkpoint's model as a model directory",
+                       description="Write the model of a training checkpoint (any step; either checkpoint format, "
+                                   "FSDP's DCP shards included) as config.json + model.safetensors, the directory "
+                                   "reconstruct/encode/decode and DiTo.from_pretrained load. The run is not resumed.")
+    x.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a run directory (its newest "
+                   "complete checkpoint)")
+    x.add_argument("--out", required=True, help="model directory to write (created if missing)")
+    x.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                   help="'ema' (the EMA weights, as the run's own export), 'model' (the raw trained weights), "
+                        "'auto' (EMA when the checkpoint holds them; default)")
+    x.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("reconstruct", help="encode and decode images")
     r.add_argument("model", help="model directory (config.json + model.safetensors)")
