@@ -78,15 +78,15 @@ def _atomic(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def _finite_json(obj):
+def finite_json(obj):
     """obj with every non-finite float (a PSNR of identical images is +inf; a diverged loss NaN)
     as None: JSON has no Infinity or NaN, and strict parsers (jq, JavaScript) refuse them."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_json(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 
@@ -94,7 +94,7 @@ def atomic_write_json(obj, path) -> None:
     """obj as strict JSON (non-finite floats written as null), written atomically."""
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(_finite_json(obj), f, indent=2, sort_keys=False, allow_nan=False)
+            json.dump(finite_json(obj), f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")
     _atomic(Path(path), write)
 

@@ -169,8 +169,8 @@ class _MetricsLog:
             logger.debug("tensorboard not available; logging JSON lines only")
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.path, "a") as f:  # strict JSON lines: a NaN loss or an inf PSNR as null
+            f.write(json.dumps(ckpt.finite_json(record), allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -530,8 +530,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     def event(kind: str, **fields) -> None:
         if is_main:
             with open(events_path, "a") as f:
-                f.write(json.dumps({"event": kind, "time": time.time(), "attempt": ctx.restart_count,
-                                    "world_size": W, **fields}) + "\n")
+                f.write(json.dumps(ckpt.finite_json({"event": kind, "time": time.time(), "attempt": ctx.restart_count,
+                                                     "world_size": W, **fields}), allow_nan=False) + "\n")
 
     # -- resume point: decided by rank 0, the same on every rank
     decision = None
@@ -543,11 +543,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         raise {"FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError}[status](detail)
     resume_from = Path(detail) if detail is not None else None
     _check_same_settings(cfg, ctx)
-    if is_main:
-        ckpt.atomic_write_json(to_dict(cfg), run_dir / "config.json")
-        if ctx.run_id and ctx.distributed and ctx.restart_count == 0:
-            ckpt.atomic_write_json({"run_id": ctx.run_id, "start": None if resume_from is None else str(resume_from),
-                                    "held": [c.name for c in ckpt.list_checkpoints(run_dir)]}, run_dir / _JOB_MARKER)
 
     # -- model, EMA (built identically on every rank), checkpoint weights in the full format
     torch.manual_seed(t_cfg.seed)  # weight init
@@ -637,15 +632,24 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     images_seen = int(state.get("images_seen", start_step * G)) if state is not None else 0
     window = [float(v) for v in state.get("loss_window", [])] if state is not None else []
     last_saved = start_step if resume_from is not None else -1
-    event("resume" if resume_from is not None else "start", step=start_step,
-          checkpoint=resume_from.name if resume_from is not None else None, parallel=mode,
-          micro_batches=list(plan.micro))
+    if start_step > t_cfg.steps:
+        raise ValueError(f"{resume_from} is at step {start_step}, past train.steps={t_cfg.steps}: nothing to train. "
+                         "Give more steps, or write that checkpoint's model with dito_fast.train.export_checkpoint "
+                         "(dito-fast export)")
 
-    # -- data
+    # -- data (built before the run's files are written: a bad data source leaves the folder as it was)
     if train_dataset is None or val_images is None:
         built_train, built_val = build_datasets(cfg)
         train_dataset = train_dataset if train_dataset is not None else built_train
         val_images = val_images if val_images is not None else built_val
+    if is_main:
+        ckpt.atomic_write_json(to_dict(cfg), run_dir / "config.json")
+        if ctx.run_id and ctx.distributed and ctx.restart_count == 0:
+            ckpt.atomic_write_json({"run_id": ctx.run_id, "start": None if resume_from is None else str(resume_from),
+                                    "held": [c.name for c in ckpt.list_checkpoints(run_dir)]}, run_dir / _JOB_MARKER)
+    event("resume" if resume_from is not None else "start", step=start_step,
+          checkpoint=resume_from.name if resume_from is not None else None, parallel=mode,
+          micro_batches=list(plan.micro))
     n_remaining = max(t_cfg.steps - start_step, 0)
     loader = data.make_loader(cfg, ctx.rank, W, start_step=start_step, num_steps=n_remaining,
                               source=train_dataset, device=device)

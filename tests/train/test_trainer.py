@@ -326,6 +326,24 @@ def test_resume_without_checkpoint_starts_fresh(make_run_config, tmp_path):
     assert a.losses == b.losses
 
 
+def test_a_run_that_fails_to_start_writes_no_run_files(make_run_config, tmp_path):
+    cfg = make_run_config(steps=2)
+    cfg.data.source = str(tmp_path / "no_such_folder")
+    with pytest.raises(FileNotFoundError):
+        train(cfg, tmp_path / "run", progress=False)
+    assert list((tmp_path / "run").iterdir()) == []  # no config.json, no start event
+
+
+def test_resuming_past_the_last_step_is_refused_and_changes_nothing(make_run_config, tmp_path):
+    train(make_run_config(steps=4), tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="at step 4, past train.steps=2: nothing to train.*export"):
+        train(make_run_config(steps=2), tmp_path, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # at its step exactly: nothing to train, the model exported again (what a finished run's restart does)
+    assert train(make_run_config(steps=4), tmp_path, resume=True, progress=False).step == 4
+
+
 def test_interrupted_checkpoints_never_latest(make_run_config, tmp_path):
     cfg2 = make_run_config(steps=2)
     train(cfg2, tmp_path, progress=False)
@@ -376,6 +394,21 @@ def test_nonfinite_steps_are_skipped(make_run_config, tmp_path, monkeypatch, cap
     state = ckpt.load_torch(tmp_path / "checkpoints" / "step_00000006" / "state.pt")
     assert state["skipped_steps"] == 2
     assert all(int(s["step"]) == 4 for s in state["optimizer"]["state"].values())
+
+
+def test_metrics_and_events_are_strict_json(tmp_path):
+    """jq and JavaScript refuse NaN/Infinity: a non-finite value (a PSNR of identical images, a
+    diverged loss) is written as null."""
+    from dito_fast.train.trainer import _MetricsLog
+
+    log = _MetricsLog(tmp_path, 0)
+    log.write({"step": 1, "val_psnr": math.inf, "loss": math.nan, "lr": 1e-3})
+    log.close()
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert record == {"step": 1, "val_psnr": None, "loss": None, "lr": 1e-3}
 
 
 def test_nonfinite_gradients_are_skipped(make_run_config, tmp_path, monkeypatch):
