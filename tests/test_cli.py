@@ -278,6 +278,12 @@ def test_existing_outputs_are_kept_unless_overwrite(trained, tmp_path, capsys):
                  "--overwrite"]) == 0
     assert (photos / "holiday.png").read_bytes() != before
     capsys.readouterr()
+    dangling = tmp_path / "links"
+    dangling.mkdir()
+    (dangling / "holiday.png").symlink_to(tmp_path / "elsewhere.png")  # a link whose target is gone (or not yet made)
+    _usage_error(capsys, "1 output file(s) exist already", ["reconstruct", model, str(photos / "holiday.jpg"),
+                                                             "--out", str(dangling), "--steps", "1"])
+    assert (dangling / "holiday.png").is_symlink()
     assert main(["encode", model, str(photos / "holiday.jpg"), "--out", str(tmp_path / "lat")]) == 0
     _usage_error(capsys, "pass --overwrite", ["encode", model, str(photos / "holiday.jpg"), "--out", str(tmp_path / "lat")])
     _usage_error(capsys, "pass --overwrite", ["decode", model, str(tmp_path / "lat"), "--out", str(photos), "--steps", "1",

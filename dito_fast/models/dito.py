@@ -192,13 +192,14 @@ class DiTo(nn.Module):
         self._check_matches_weights(x, "images")
         return self._encode(x)
 
-    def _check_matches_weights(self, t: torch.Tensor, name: str) -> None:
-        """A clear error for input on another device, or of another dtype outside autocast, than
-        the weights (the convolutions' own messages name neither the argument nor the remedy)."""
+    def _check_matches_weights(self, t: torch.Tensor, name: str, dtype: bool = True) -> None:
+        """A clear error for input on another device, or (``dtype``) of another dtype outside
+        autocast, than the weights (the convolutions' own messages name neither the argument nor
+        the remedy)."""
         p = next(self.parameters())
         if t.device != p.device:
             raise ValueError(f"{name} are on {t.device} but the model is on {p.device}: move one of them (.to(...))")
-        if t.dtype != p.dtype and not torch.is_autocast_enabled(t.device.type):
+        if dtype and t.dtype != p.dtype and not torch.is_autocast_enabled(t.device.type):
             raise TypeError(f"{name} are {t.dtype} but the model's weights are {p.dtype}: convert them with "
                             f".to({p.dtype}), or run under torch.autocast for mixed precision")
 
@@ -255,10 +256,11 @@ class DiTo(nn.Module):
         result (an overflowing float16 model) are logged as a warning. The ODE
         state is kept in float32 (float64 for a float64 model) whatever the latents' and weights'
         dtypes and under autocast, as in :func:`dito_fast.fast_decode`: only the network runs in
-        lower precision.
+        lower precision. Latents of any floating dtype are taken (bfloat16 ones from a latent
+        diffusion model, say): outside autocast they are converted to the weights' dtype.
         """
         check_latents(z, self.latent_channels, self.latent_factor, self.downsample_factor)
-        self._check_matches_weights(z, "latents")
+        self._check_matches_weights(z, "latents", dtype=False)
         sampler_fn = samplers.get_sampler(sampler)
         timesteps = samplers.make_timesteps(steps, schedule)
         H, W = z.shape[-2] * self.latent_factor, z.shape[-1] * self.latent_factor
@@ -266,6 +268,8 @@ class DiTo(nn.Module):
         state_dtype = opmath_dtype(param_dtype)
         noise = initial_noise((z.shape[0], 3, H, W), noise, seed, generator, z.device, state_dtype)
         autocast = torch.is_autocast_enabled(z.device.type)
+        if not autocast:  # latents of any floating dtype (bf16 from a diffusion model, say), as fast_decode
+            z = z.to(param_dtype)
 
         def velocity(x_t, t):
             v = self._velocity(x_t if autocast else x_t.to(param_dtype), t, z)  # shapes checked above
@@ -311,6 +315,9 @@ class DiTo(nn.Module):
             device = torch.device(map_location)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"map_location: {map_location!r} is not a device ({e})") from None
+        if device.type == "meta":
+            raise ValueError("map_location='meta' would load a model without its weights; for shapes alone build "
+                             "DiTo(config) under `with torch.device('meta'):`")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype or None (the saved one), got {dtype!r}")
         directory = Path(directory)

@@ -254,6 +254,8 @@ def test_from_pretrained_device_dtype_and_mode(micro_model, images, tmp_path):
     assert bf16.encode(images.bfloat16()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="map_location: 'gpu0' is not a device"):
         DiTo.from_pretrained(tmp_path / "f32", map_location="gpu0")
+    with pytest.raises(ValueError, match="without its weights"):
+        DiTo.from_pretrained(tmp_path / "f32", map_location="meta")
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         DiTo.from_pretrained(tmp_path / "f32", dtype=torch.int32)
 
@@ -354,9 +356,14 @@ def test_encode_rejects_bad_images(micro_model, x, exc, msg):
 def test_dtype_mismatch_is_fine_under_autocast_and_named_outside(micro_model, images):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = micro_model.encode(images.bfloat16())
-    with pytest.raises(TypeError, match="latents are torch.bfloat16 but the model's weights are torch.float32"):
-        micro_model.decode(z, steps=1, seed=0)
-    assert micro_model.decode(z.float(), steps=1, seed=0).dtype == torch.float32
+    assert z.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="images are torch.bfloat16 but the model's weights are torch.float32"):
+        micro_model.encode(images.bfloat16())  # encode keeps x's dtype (a gradient path): no silent conversion
+    # decode (float32 images whatever its input) takes latents of any floating dtype, as fast_decode does
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        out = micro_model.decode(z.to(dtype), steps=2, seed=0)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, micro_model.decode(z.to(dtype).float(), steps=2, seed=0))
 
 
 def test_encode_accepts_slack_at_range_edge(micro_model):
