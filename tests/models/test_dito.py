@@ -238,6 +238,19 @@ def test_save_load_round_trip(micro_model, images, tmp_path):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
+def test_from_pretrained_leaves_the_global_rng_alone(micro_model, tmp_path):
+    """Loading builds the model without a random init (meta device, then the saved tensors): it
+    draws nothing from torch's global RNG, so a caller's seeded noise is the same with or without
+    a load in between, and the parameters are trainable tensors of their own."""
+    micro_model.save_pretrained(tmp_path)
+    before = torch.get_rng_state()
+    loaded = DiTo.from_pretrained(tmp_path)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(p.requires_grad and p.is_contiguous() and p.device.type == "cpu" for p in loaded.parameters())
+    loaded.train()(torch.zeros(1, 3, 32, 32), torch.Generator().manual_seed(0)).sum().backward()
+    assert all(p.grad is not None for p in loaded.encoder.parameters())
+
+
 def test_from_pretrained_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         DiTo.from_pretrained(tmp_path / "nope")
