@@ -9,11 +9,9 @@ the flow ODE from Gaussian noise (``decode``).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import numbers
 import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,13 +19,12 @@ import torch.nn as nn
 from ..config import ModelConfig, apply_overrides, from_dict, get_preset, to_dict, validate_model_config
 from ..diffusion import flow, samplers
 from ..ops import latent_layernorm, opmath_dtype
+from ._pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained  # noqa: F401 (names re-exported)
 from .encoder import Encoder
 from .unet import UNetDecoder
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,12 +289,7 @@ class DiTo(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``."""
-        from ..train.checkpoint import atomic_write_json, save_safetensors
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors(self.state_dict(), directory / WEIGHTS_NAME)
-        atomic_write_json(to_dict(self.config), directory / CONFIG_NAME)
+        save_pretrained(self, to_dict(self.config), directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -308,65 +300,18 @@ class DiTo(nn.Module):
         ``dtype``: the parameters' dtype; None (default) keeps the saved one (a bfloat16 model
         loads as bfloat16). Missing files, unreadable JSON or weights that do not match the config
         raise errors naming the file; a training run's directory (``dito-fast train --out``) is
-        pointed to its ``model/`` export."""
-        from safetensors.torch import load_file
+        pointed to its ``model/`` export. No random init (the model is built on the meta device)
+        and no draw from torch's global RNG."""
+        return load_pretrained(directory, _parse_config, cls, map_location, dtype)
 
-        try:
-            device = torch.device(map_location)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"map_location: {map_location!r} is not a device ({e})") from None
-        if device.type == "meta":
-            raise ValueError("map_location='meta' would load a model without its weights; for shapes alone build "
-                             "DiTo(config) under `with torch.device('meta'):`")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype or None (the saved one), got {dtype!r}")
-        directory = Path(directory)
-        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if directory.is_file():
-            raise NotADirectoryError(f"{directory} is a file; from_pretrained takes the directory that holds "
-                                     f"{CONFIG_NAME} and {WEIGHTS_NAME}")
-        if not directory.is_dir():
-            raise FileNotFoundError(f"model directory not found: {directory}")
-        if not w_path.is_file() and (directory / "model" / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"missing {WEIGHTS_NAME} in {directory}: this looks like a training run's "
-                                    f"directory; its model is exported to {directory / 'model'}")
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"missing {p.name} in model directory {directory}")
-        try:
-            data = json.loads(cfg_path.read_text())
-            if not isinstance(data, dict):
-                raise TypeError(f"expected a JSON object of model settings, got {type(data).__name__}")
-            if {"model", "train"} <= set(data):
-                raise ValueError("this is a training run's config (model/data/train sections); load the run's "
-                                 "model/ directory, or its checkpoints with dito_fast.train")
-            config = from_dict(ModelConfig, data)
-            validate_model_config(config)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"invalid model config {cfg_path}: {e}") from None
-        try:
-            state = load_file(str(w_path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"cannot read weights {w_path}: {e}") from None
-        if dtype is None:  # the saved floating dtype (float32 if there are several)
-            saved = {t.dtype for t in state.values() if t.is_floating_point()}
-            dtype = saved.pop() if len(saved) == 1 else torch.float32
-        with torch.device("meta"):  # no random init to overwrite (dito-B: 3.8 of 4.2 s on a 2-core CPU)
-            model = cls(config)
-        # Compare keys and shapes first: load_state_dict raises a bare RuntimeError on a shape
-        # mismatch even with strict=False, which would not name the files.
-        expected = model.state_dict()
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        wrong = [f"{k}: {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
-                 if k in state and state[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            raise ValueError(f"weights {w_path} do not match config {cfg_path}: "
-                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-                             f"size mismatch {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
-        model.load_state_dict(state, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+
+def _parse_config(data: dict) -> ModelConfig:
+    if {"model", "train"} <= set(data):
+        raise ValueError("this is a training run's config (model/data/train sections); load the run's "
+                         "model/ directory, or its checkpoints with dito_fast.train")
+    config = from_dict(ModelConfig, data)
+    validate_model_config(config)
+    return config
 
 
 # --------------------------------------------------------------------------------------------

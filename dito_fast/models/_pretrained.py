@@ -1,0 +1,94 @@
+"""``save_pretrained`` / ``from_pretrained`` for the package's models: a directory holding
+``config.json`` (the model's settings) and ``model.safetensors`` (its tensors), diffusers' layout.
+Loading builds the module on the meta device (no random init, no draw from torch's global RNG)
+and assigns the saved tensors after checking their names and shapes against the config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save_pretrained(module: nn.Module, settings: dict, directory: str | os.PathLike) -> None:
+    """Write ``settings`` as config.json and ``module``'s state dict as model.safetensors (each
+    atomically) into ``directory`` (created if missing)."""
+    from ..train.checkpoint import atomic_write_json, save_safetensors
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors(module.state_dict(), directory / WEIGHTS_NAME)
+    atomic_write_json(settings, directory / CONFIG_NAME)
+
+
+def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], Any],
+                    build: Callable[[Any], nn.Module], map_location: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """The module saved in ``directory``, in eval mode on ``map_location``, in ``dtype`` (None: the
+    saved floating dtype, float32 if there are several).
+
+    ``parse_config(json_data)`` turns config.json's content into a config, raising KeyError,
+    TypeError or ValueError when it is not one; ``build(config)`` makes the module (run on the meta
+    device). Errors name the file at fault: a missing directory or file, unreadable JSON or
+    weights, tensors that do not match the config."""
+    from safetensors.torch import load_file
+
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"map_location: {map_location!r} is not a device ({e})") from None
+    if device.type == "meta":
+        raise ValueError("map_location='meta' would load a model without its weights; for shapes alone build "
+                         "the model from its config under `with torch.device('meta'):`")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None (the saved one), got {dtype!r}")
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if directory.is_file():
+        raise NotADirectoryError(f"{directory} is a file; from_pretrained takes the directory that holds "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory not found: {directory}")
+    if not w_path.is_file() and (directory / "model" / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"missing {WEIGHTS_NAME} in {directory}: this looks like a training run's "
+                                f"directory; its model is exported to {directory / 'model'}")
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"missing {p.name} in model directory {directory}")
+    try:
+        data = json.loads(cfg_path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object of model settings, got {type(data).__name__}")
+        config = parse_config(data)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"invalid model config {cfg_path}: {e}") from None
+    try:
+        state = load_file(str(w_path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"cannot read weights {w_path}: {e}") from None
+    if dtype is None:
+        saved = {t.dtype for t in state.values() if t.is_floating_point()}
+        dtype = saved.pop() if len(saved) == 1 else torch.float32
+    with torch.device("meta"):  # no random init to overwrite (dito-B: 3.8 of 4.2 s on a 2-core CPU)
+        model = build(config)
+    # Compare names and shapes first: load_state_dict raises a bare RuntimeError on a shape
+    # mismatch even with strict=False, which would not name the files.
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"weights {w_path} do not match config {cfg_path}: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+                         f"size mismatch {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
+    model.load_state_dict(state, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
