@@ -7,6 +7,7 @@ Public surface::
     x_hat = model.decode(z, steps=50, sampler="euler", seed=0)
     images = dito_fast.fast_decode(model, z, seed=0)       # uint8 (B, 3, H, W)
     dito_fast.keep_freed_memory()                          # once, in a CPU service (see dito_fast.allocator)
+    dit = dito_fast.DiT.from_preset("DiT-B/2", latent_size=32) # the downstream latent diffusion model
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from .allocator import keep_freed_memory
 from .config import PRESETS, ModelConfig, RunConfig, get_preset
 from .decode import fast_decode
+from .models.dit import DiT, DiTConfig
 from .models.dito import DiTo
 
 __version__ = "0.1.0"
@@ -37,5 +39,5 @@ def encode(model: DiTo, x):
 
 presets = PRESETS
 
-__all__ = ["DiTo", "ModelConfig", "RunConfig", "PRESETS", "presets", "get_preset", "fast_decode", "load",
+__all__ = ["DiTo", "DiT", "DiTConfig", "ModelConfig", "RunConfig", "PRESETS", "presets", "get_preset", "fast_decode", "load",
            "encode", "keep_freed_memory", "__version__"]
