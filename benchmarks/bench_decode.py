@@ -23,10 +23,7 @@ case runs once with 1 step, and the memory test decodes 128x128 instead.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import sys
 import textwrap
 import time
 
@@ -209,13 +206,3 @@ def test_cpu_allocator(benchmark):
                                  "keep_faults_per_step": med["keep"]["faults"],
                                  "keep_speedup": med["default"]["times"] / med["keep"]["times"]})
 
-
-def report(path: str) -> None:
-    """Markdown tables from a --benchmark-json file (benchmarks/report.py prints the same tables)."""
-    from report import decode_tables
-
-    decode_tables(json.load(open(path))["benchmarks"])
-
-
-if __name__ == "__main__":
-    report(sys.argv[1])

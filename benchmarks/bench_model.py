@@ -55,7 +55,7 @@ def _use_ops(monkeypatch, ops):
         monkeypatch.setenv("DITO_FAST_BACKEND", REF_ENV)
         return torch.contiguous_format
     if not _cpp.AVAILABLE:
-        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+        pytest.skip(f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}")
     monkeypatch.delenv("DITO_FAST_BACKEND", raising=False)
     return torch.channels_last
 
@@ -269,7 +269,7 @@ def test_profile_fused_share(benchmark, monkeypatch, kind):
     It is an estimate, not a strict bound: the reference convolutions may run below the GEMM
     rate, and the layout change also speeds up other ops, so the ratio can exceed 1."""
     if not _cpp.AVAILABLE:
-        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+        pytest.skip(f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}")
     rounds = 1 if benchmark.disabled else 7
     preset = "dito-tiny" if benchmark.disabled else "dito-S"  # the smoke run only checks the plumbing
     monkeypatch.setenv("DITO_FAST_BACKEND", "")  # restored by monkeypatch after the test

@@ -72,7 +72,7 @@ def _median(benchmark):
 def _provider_fn(provider, fused, ref, benchmark):
     if provider == "cpp":
         if not _cpp.AVAILABLE:
-            pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+            pytest.skip(f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}")
         return lambda *a, **k: fused(*a, backend="cpp", **k)
     if provider == "compile":
         if benchmark.disabled:
@@ -186,7 +186,7 @@ def test_winograd_tiles(benchmark, monkeypatch, shape, mode):
     timed in alternation: the evidence for the automatic choice (``auto_tile``, by
     ``MIN_TILE4_TILES``). extra_info: the medians and ``tile4_speedup`` (F(2x2) time over F(4x4))."""
     if not _cpp.AVAILABLE:
-        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+        pytest.skip(f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}")
     label, B, C, Co, H, W = shape
     g, grad = torch.Generator().manual_seed(0), mode == "full"
     x = torch.randn(B, C, H, W, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
@@ -331,7 +331,7 @@ def test_interleaved_ratio(benchmark, case):
     also ``boxed_ms``, ``speedup_boxed`` and ``saving_us`` (boxed less cpp, per call of the row).
     The compile provider is left out of smoke runs."""
     if not _cpp.AVAILABLE:
-        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+        pytest.skip(f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}")
     op, label, mode, build = case
     providers = ("ref", "cpp") if benchmark.disabled else ("ref", "compile", "cpp")
     extra = ("standin",) if op == "fm_step" else ("floor",) if op in ("latent_layernorm", "group_norm_modulate_silu") else ()
@@ -380,7 +380,7 @@ def test_chained_ratio(benchmark, row):
     reference alternated as there (no torch.compile provider, to keep the run short).
     extra_info: per-call milliseconds (chain median / CHAIN) and ``speedup``."""
     if not _cpp.AVAILABLE:
-        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+        pytest.skip(f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}")
     op, label = row
     build = next(b for o, lab, m, b in _cases() if o == op and lab == label and m == "full")
     fns = {}
@@ -411,7 +411,7 @@ def test_interleaving_order_bias(benchmark, mode):
     medians and ``position_ratio``, the first over the second (1.0 if the position did not
     matter)."""
     if not _cpp.AVAILABLE:
-        pytest.skip(f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+        pytest.skip(f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}")
     op, label, _, build = next(c for c in _cases() if c[0] == "group_norm_modulate_silu" and c[1] == "S@64 L3")
     providers = ("ref", "cpp", "floor") if benchmark.disabled else ("ref", "compile", "cpp", "floor")
     fns = _provider_calls(op, mode, build, providers)

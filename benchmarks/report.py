@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections import defaultdict
 
 
@@ -254,4 +253,9 @@ def _pct(value) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print the README's tables from a pytest-benchmark JSON file "
+                                                 "(pytest benchmarks --benchmark-json=FILE).")
+    parser.add_argument("json", help="a --benchmark-json file, e.g. benchmarks/results/ops_model_2026-12-03.json")
+    main(parser.parse_args().json)

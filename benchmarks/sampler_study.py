@@ -85,7 +85,9 @@ def git_commit() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("model", help="trained model directory (config.json + model.safetensors)")
-    p.add_argument("--out", default="benchmarks/results/sampler_study.md")
+    p.add_argument("--out", default="sampler_study.md",
+                   help="markdown file to write (its JSON beside it); the committed study is "
+                        "benchmarks/results/sampler_study.md, replaced only when named here")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--ref-steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)

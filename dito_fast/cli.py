@@ -436,7 +436,7 @@ def cmd_info(args) -> int:
         print(f"C++ extension: CPU kernels {_cpp._C.cpu_capability()}, CUDA kernels "
               f"{'built' if _cpp._C.has_cuda() else 'not built'}")
     else:
-        print(f"C++ extension: not built ({_cpp.LOAD_ERROR})")
+        print(f"C++ extension: unavailable ({_cpp.LOAD_ERROR})")
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
     return 0
@@ -530,8 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0: torch's, 10 min for NCCL, 30 for gloo)")
     t.add_argument("--out", default="runs/dito", help="run directory")
     t.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from the latest checkpoint in --out, or from the given checkpoint dir (use it with "
-                        "torchrun --max-restarts so restarted workers continue the run)")
+                   help="resume from the latest complete checkpoint in --out, or from the given checkpoint dir, "
+                        "with the settings it was written with (under torchrun --max-restarts, restarted workers "
+                        "resume by themselves from the job's own newest checkpoint)")
     t.add_argument("--config", default=None, help="JSON file with (part of) a run config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set model.flow.noise_sync_prob=0.1")

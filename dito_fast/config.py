@@ -186,34 +186,38 @@ _PRESETS: dict[str, ModelConfig] = {
 }
 
 
-class _Presets(Mapping):
-    """The preset registry, read-only: a lookup returns a fresh copy, so that no caller's edit of
-    a config it was given changes the preset for everyone else."""
+class Presets(Mapping):
+    """A preset registry, read-only: a lookup returns a fresh copy, so that no caller's edit of a
+    config it was given changes the preset for everyone else; an unknown name raises KeyError
+    listing the known ones."""
 
-    def __getitem__(self, name: str) -> ModelConfig:
-        return get_preset(name)
+    def __init__(self, registry: dict, kind: str = "preset"):
+        self._registry, self._kind = registry, kind
+
+    def __getitem__(self, name: str):
+        if name not in self._registry:
+            raise KeyError(f"unknown {self._kind} {name!r}; known: {', '.join(self._registry)}")
+        return copy.deepcopy(self._registry[name])
 
     def __iter__(self):
-        return iter(_PRESETS)
+        return iter(self._registry)
 
     def __len__(self) -> int:
-        return len(_PRESETS)
+        return len(self._registry)
 
     def __contains__(self, name) -> bool:
-        return name in _PRESETS
+        return name in self._registry
 
     def __repr__(self) -> str:
-        return f"presets({', '.join(_PRESETS)})"
+        return f"presets({', '.join(self._registry)})"
 
 
-PRESETS: Mapping[str, ModelConfig] = _Presets()
+PRESETS: Mapping[str, ModelConfig] = Presets(_PRESETS)
 
 
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of a named preset; unknown names raise ``KeyError`` listing the known ones."""
-    if name not in _PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(_PRESETS)}")
-    return copy.deepcopy(_PRESETS[name])
+    return PRESETS[name]
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def _cpp_reason(device: str) -> str:
     from dito_fast.ops import _cpp
 
     if not _cpp.AVAILABLE:
-        return f"dito_fast._C not built: {_cpp.LOAD_ERROR}"
+        return f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}"
     if device == "cuda" and not torch.cuda.is_available():
         return "needs a CUDA GPU"
     if device == "cuda" and not _cpp._C.has_cuda():

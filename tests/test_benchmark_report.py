@@ -57,3 +57,14 @@ def test_op_rows_without_a_shape_label(tmp_path, capsys):
         del r["extra_info"]["shape"]
     out = _print(rows, tmp_path, capsys)
     assert "group_norm_modulate_silu" in out and "S@64 L0" in out
+
+
+def test_command_line_usage():
+    """A usage mistake gets argparse's message, not a traceback."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(BENCH / "report.py")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "usage: report.py" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, str(BENCH / "report.py"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "--benchmark-json" in out.stdout

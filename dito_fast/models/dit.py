@@ -24,12 +24,12 @@ import copy
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
+from ..config import Presets
 from ..diffusion import flow, samplers
 from ..ops import attention, fm_loss, fm_noise, opmath_dtype
 from ._pretrained import load_pretrained, save_pretrained
@@ -390,30 +390,16 @@ _DIT_PRESETS = {f"DiT-{s}/{p}": DiTConfig(name=f"DiT-{s}/{p}", patch_size=p, hid
                 for s, (d, n, h) in _SIZES.items() for p in (2, 4, 8)}
 
 
-class _Presets(Mapping):
-    """Read-only view of the presets: each lookup returns a fresh copy."""
-
-    def __getitem__(self, name: str) -> DiTConfig:
-        return copy.deepcopy(_DIT_PRESETS[name])
-
-    def __iter__(self):
-        return iter(_DIT_PRESETS)
-
-    def __len__(self) -> int:
-        return len(_DIT_PRESETS)
-
-
-DIT_PRESETS = _Presets()
+DIT_PRESETS = Presets(_DIT_PRESETS, "DiT preset")  # read-only; each lookup a fresh copy
 
 
 def get_dit_preset(name: str, **overrides) -> DiTConfig:
     """A copy of preset ``name`` with ``overrides`` (DiTConfig fields) applied."""
-    if name not in _DIT_PRESETS:
-        raise KeyError(f"unknown DiT preset {name!r}; choose from {sorted(_DIT_PRESETS)}")
+    config = DIT_PRESETS[name]
     unknown = set(overrides) - {f.name for f in dataclasses.fields(DiTConfig)}
     if unknown:
         raise KeyError(f"unknown DiTConfig keys: {sorted(unknown)}")
-    return dataclasses.replace(DIT_PRESETS[name], **overrides)
+    return dataclasses.replace(config, **overrides)
 
 
 __all__ = ["DiT", "DiTConfig", "DIT_PRESETS", "get_dit_preset", "validate_dit_config", "sincos_positions"]

@@ -23,12 +23,17 @@ try:
 
     AVAILABLE = True
     LOAD_ERROR = ""
-except ImportError as exc:  # not built: pure-Python install
+except ImportError as exc:  # not built (a pure-Python install), or built for another torch/Python
+    import importlib.util
+
     _C = None
     AVAILABLE = False
-    LOAD_ERROR = str(exc)
-    logger.warning("dito_fast._C is not available (%s); fused ops use other backends. "
-                   "Build it with: pip install --no-build-isolation -e .", exc)
+    # A missing submodule reads "cannot import name '_C' from partially initialized module", which
+    # points at a circular import: say which case this is.
+    LOAD_ERROR = ("not built" if importlib.util.find_spec("dito_fast._C") is None
+                  else f"built but cannot be loaded: {exc}")
+    logger.warning("dito_fast._C is %s; fused ops use other backends. Build it with: pip install "
+                   "--no-build-isolation -e .", LOAD_ERROR)
 
 _HAS_CUDA = AVAILABLE and _C.has_cuda()
 
@@ -42,7 +47,7 @@ def direct(op_name: str):
 def unsupported_reasons(*tensors: torch.Tensor | None) -> list[str]:
     """Why the C++ kernels cannot run on these tensors (empty list: they can)."""
     if not AVAILABLE:
-        return [f"dito_fast._C is not built ({LOAD_ERROR})"]
+        return [f"dito_fast._C is unavailable ({LOAD_ERROR})"]
     if mode := autograd_mode_reasons():
         return mode
     # Fast path, taken on every supported call: no reason list is built.

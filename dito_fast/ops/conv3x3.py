@@ -356,7 +356,7 @@ def _cpp_conv3x3(x, weight, bias):
 def _winograd_reasons(x: torch.Tensor, weight_dtype: torch.dtype) -> list[str]:
     """Why the Winograd kernels cannot run on x with a weight of this dtype (empty: they can)."""
     if not _cpp.AVAILABLE:
-        return [f"dito_fast._C is not built ({_cpp.LOAD_ERROR})"]
+        return [f"dito_fast._C is unavailable ({_cpp.LOAD_ERROR})"]
     if mode := autograd_mode_reasons():
         return mode
     if not x.is_cpu:  # meta tensors too: FLOP counters must see the convolution itself

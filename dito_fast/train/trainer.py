@@ -867,7 +867,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                 result.stopped_early = stop
                 break
             t_fetch = time.perf_counter()
-    except BaseException:  # a diverged run, a data error, Ctrl-C: release the loader and the logs too
+    except BaseException as e:  # a diverged run, a data error, Ctrl-C: release the loader and the logs too
+        if not isinstance(e, TrainingDivergedError):  # (that one has its own "diverged" event)
+            event("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", step=step,
+                  error=f"{type(e).__name__}: {e}"[:500])
         loader.close()
         if metrics is not None:
             metrics.close()

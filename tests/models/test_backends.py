@@ -14,7 +14,7 @@ from dito_fast.ops import _cpp
 
 from conftest import CPP_DEVICES, micro_model_config
 
-needs_cpp = pytest.mark.skipif(not _cpp.AVAILABLE, reason=f"dito_fast._C not built: {_cpp.LOAD_ERROR}")
+needs_cpp = pytest.mark.skipif(not _cpp.AVAILABLE, reason=f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}")
 
 
 def _loss_and_grads(monkeypatch, backend, model, x):

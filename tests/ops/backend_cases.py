@@ -9,7 +9,7 @@ from dito_fast.ops import _cpp
 
 # Backends compared against the reference in this process (Triton runs in its own interpreter
 # process: tests/kernels). `cpp` is skipped with a reason when the extension is not built.
-CPP_REASON = "" if _cpp.AVAILABLE else f"dito_fast._C not built: {_cpp.LOAD_ERROR}"
+CPP_REASON = "" if _cpp.AVAILABLE else f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}"
 
 # fp32/fp64: absolute/relative tolerance against the float64 reference, or (for ill-conditioned
 # cases such as a 2-value group) within FACTOR x the error of PyTorch's own same-dtype computation.

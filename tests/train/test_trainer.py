@@ -247,6 +247,8 @@ def test_resume_after_crash_mid_run(make_run_config, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, tmp_path / "crash", train_dataset=_OnRead(ds, 4 * 2 + 1, _simulated_crash), progress=False)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "crash")] == ["step_00000003"]
+    last = _events(tmp_path / "crash")[-1]  # the log says how the run ended
+    assert last["event"] == "failed" and last["step"] == 4 and last["error"] == "RuntimeError: simulated crash"
     # a fresh start refuses to overwrite the interrupted run
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         train(cfg, tmp_path / "crash", progress=False)
@@ -560,6 +562,17 @@ def test_a_failed_run_closes_its_logs(make_run_config, tmp_path, monkeypatch):
     with pytest.raises(TrainingDivergedError, match="no checkpoint was written"):
         train(make_run_config(steps=5, max_bad_steps=2), tmp_path, progress=False)
     assert closed == [1]
+    assert [e["event"] for e in _events(tmp_path)] == ["start", "diverged"]  # one event for the end
+
+
+def test_an_interrupted_run_logs_its_end(make_run_config, tmp_path):
+    def interrupt():
+        raise KeyboardInterrupt
+    ds = SyntheticImages(16, 32, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_run_config(steps=4), tmp_path, train_dataset=_OnRead(ds, 2 * 2, interrupt), progress=False)
+    # read 4 is the second step's batch: one step done
+    assert [(e["event"], e["step"]) for e in _events(tmp_path)] == [("start", 0), ("interrupted", 1)]
 
 
 # --------------------------------------------------------------------------------------------
