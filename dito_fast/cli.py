@@ -232,10 +232,7 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from .train import export_checkpoint
 
-    try:
-        path = export_checkpoint(args.checkpoint, args.out, weights=args.weights, overwrite=args.overwrite)
-    except FileExistsError as e:
-        raise UsageError(f"{e} (--overwrite)") from None
+    path = export_checkpoint(args.checkpoint, args.out, weights=args.weights, overwrite=args.overwrite)
     print(f"exported {path} to {args.out}")
     return 0
 

@@ -81,8 +81,9 @@ def validate_dit_config(c: DiTConfig) -> None:
 
 
 def sincos_positions(dim: int, gh: int, gw: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position table (gh * gw, dim), row-major over the patch grid: half
-    the features encode the row, half the column, each as sin and cos of 1/10000^(k/(dim/4))."""
+    """Fixed 2-D sine-cosine position table (gh * gw, dim), row-major over the patch grid: the
+    first half of the features encodes the column, the second the row (the DiT and MAE tables'
+    order), each as sin then cos of position x 1/10000^(k/(dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim / 4))
 
     def one_axis(pos):  # (n,) -> (n, dim / 2)
@@ -90,7 +91,7 @@ def sincos_positions(dim: int, gh: int, gw: int, device=None, dtype=torch.float3
         return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     rows = one_axis(torch.arange(gh, device=device)).repeat_interleave(gw, dim=0)  # (gh gw, dim / 2)
     cols = one_axis(torch.arange(gw, device=device)).repeat(gh, 1)
-    return torch.cat([rows, cols], dim=1).to(dtype)
+    return torch.cat([cols, rows], dim=1).to(dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -254,7 +255,8 @@ class DiT(nn.Module):
             drop = torch.rand(B, generator=generator, device=z.device) < self.config.class_dropout_prob
             y = torch.where(drop, torch.full_like(y, self.null_label), y)
         z_t, v = fm_noise(z, noise, t, self.config.sigma_min)
-        return fm_loss(self(z_t, t, y), v)
+        pred = self(z_t, t, y)
+        return fm_loss(pred.to(v.dtype), v)  # under autocast pred is bf16/fp16: the loss in z's dtype
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -278,7 +280,9 @@ class DiT(nn.Module):
         else:
             if not isinstance(y, torch.Tensor):
                 y = torch.as_tensor(y)
-            B = y.shape[0] if y.dim() == 1 else -1
+            if y.dim() != 1 or y.shape[0] == 0:
+                raise ValueError(f"y must be a 1-D tensor of labels (B >= 1,), got shape {tuple(y.shape)}")
+            B = y.shape[0]
             if batch_size is not None and batch_size != B:
                 raise ValueError(f"batch_size {batch_size} does not match the {B} labels")
             y = self._check_labels(y.to(device), B, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -61,8 +62,13 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"output {out_dir} is a file; give a directory to write the model into")
-    if not overwrite and any((out_dir / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME)):
-        raise FileExistsError(f"{out_dir} already holds a model; choose another directory or overwrite it")
+    if out_dir.exists() and (out_dir.resolve() in (path.resolve(), Path(source).resolve())
+                             or _holds_run_config(out_dir / CONFIG_NAME)):
+        # --overwrite would put a model's config.json over the run's or the checkpoint's
+        raise ValueError(f"{out_dir} is a training run or a checkpoint: export into another directory")
+    if not overwrite and any(os.path.lexists(out_dir / n) for n in (CONFIG_NAME, WEIGHTS_NAME)):
+        raise FileExistsError(f"{out_dir} already holds a model; choose another directory or overwrite it "
+                              "(overwrite=True, --overwrite)")
     config = _model_config(path)
     fmt = ckpt.checkpoint_format(path)
     has_ema = (path / "ema.safetensors").is_file() if fmt == "safetensors" else _dcp_has(path, "ema")
@@ -87,6 +93,15 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
     model.save_pretrained(out_dir)
     logger.info("exported the %s weights of %s (step %s) to %s", which, path, ckpt.checkpoint_step(path), out_dir)
     return path
+
+
+def _holds_run_config(cfg_path: Path) -> bool:
+    """Whether ``cfg_path`` is a training run's (or a checkpoint's) config.json."""
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "train" in data
 
 
 def _model_config(path: Path) -> ModelConfig:

@@ -543,6 +543,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         raise {"FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError}[status](detail)
     resume_from = Path(detail) if detail is not None else None
     _check_same_settings(cfg, ctx)
+    if is_main and ctx.run_id and ctx.distributed and ctx.restart_count == 0:
+        # at once: a first attempt that fails later in its set-up still marks the job, so that its
+        # restarts resume by themselves (from the job's own checkpoints) whatever --resume said
+        ckpt.atomic_write_json({"run_id": ctx.run_id, "start": None if resume_from is None else str(resume_from),
+                                "held": [c.name for c in ckpt.list_checkpoints(run_dir)]}, run_dir / _JOB_MARKER)
 
     # -- model, EMA (built identically on every rank), checkpoint weights in the full format
     torch.manual_seed(t_cfg.seed)  # weight init
@@ -644,9 +649,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         val_images = val_images if val_images is not None else built_val
     if is_main:
         ckpt.atomic_write_json(to_dict(cfg), run_dir / "config.json")
-        if ctx.run_id and ctx.distributed and ctx.restart_count == 0:
-            ckpt.atomic_write_json({"run_id": ctx.run_id, "start": None if resume_from is None else str(resume_from),
-                                    "held": [c.name for c in ckpt.list_checkpoints(run_dir)]}, run_dir / _JOB_MARKER)
     event("resume" if resume_from is not None else "start", step=start_step,
           checkpoint=resume_from.name if resume_from is not None else None, parallel=mode,
           micro_batches=list(plan.micro))

@@ -76,9 +76,10 @@ def test_forward_follows_its_definition():
 def test_sincos_positions():
     pos = sincos_positions(8, 3, 4)
     assert pos.shape == (12, 8)
-    # token (r, c): the first half encodes r, the second c
-    assert torch.equal(pos[1 * 4 + 2, :4], pos[1 * 4 + 0, :4]) and torch.equal(pos[1 * 4 + 2, 4:], pos[0 * 4 + 2, 4:])
-    torch.testing.assert_close(pos[5, :4], torch.tensor([math.sin(1), math.sin(1e-2), math.cos(1), math.cos(1e-2)]))
+    # token (r, c) = r * 4 + c: the first half encodes the column c, the second the row r (DiT's order)
+    assert torch.equal(pos[1 * 4 + 2, :4], pos[0 * 4 + 2, :4]) and torch.equal(pos[1 * 4 + 2, 4:], pos[1 * 4 + 0, 4:])
+    torch.testing.assert_close(pos[6], torch.tensor([math.sin(2), math.sin(2e-2), math.cos(2), math.cos(2e-2),
+                                                     math.sin(1), math.sin(1e-2), math.cos(1), math.cos(1e-2)]))
 
 
 def test_attention_is_the_reference():
@@ -105,6 +106,18 @@ def test_loss_is_flow_matching_with_label_dropout():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_loss_under_bf16_autocast():
+    """Mixed-precision training: the network runs in bfloat16, the loss compares in float32."""
+    model = live(tiny())
+    z, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(z, y, generator=torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and loss.shape == (2,)
+    loss.mean().backward()
+    reference = model.loss(z, y, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, reference, rtol=0.1, atol=0.05)
 
 
 def test_a_tiny_dit_learns_four_latents():
@@ -182,6 +195,7 @@ def test_save_and_load_round_trip(tmp_path):
     (lambda m: m.sample(steps=2), ValueError, "give batch_size"),
     (lambda m: m.sample(batch_size=2, cfg_scale=2.0), ValueError, "give y"),
     (lambda m: m.sample(torch.tensor([1]), latent_size=7), ValueError, "multiples of the patch size"),
+    (lambda m: m.sample(torch.tensor(1)), ValueError, r"1-D tensor of labels \(B >= 1,\), got shape \(\)"),
 ])
 def test_bad_input_is_named(call, exc, match):
     with pytest.raises(exc, match=match):

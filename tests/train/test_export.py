@@ -87,6 +87,13 @@ def test_export_refuses_bad_sources_and_existing_models(run, tmp_path):
     assert _same(_weights(tmp_path / "m"), ckpt.load_weights(run / "checkpoints" / "step_00000002" / "ema.safetensors"))
     export_checkpoint(run, tmp_path / "m", overwrite=True)
     assert _same(_weights(tmp_path / "m"), _weights(run / "model"))
+    # never over the run or a checkpoint, --overwrite or not: their config.json is the run's
+    step2 = run / "checkpoints" / "step_00000002"
+    for target in (step2, run, run / "checkpoints" / ".." / "checkpoints" / "step_00000002"):
+        before = (step2 / "config.json").read_bytes(), (run / "config.json").read_bytes()
+        with pytest.raises(ValueError, match="is a training run or a checkpoint"):
+            export_checkpoint(step2, target, overwrite=True)
+        assert ((step2 / "config.json").read_bytes(), (run / "config.json").read_bytes()) == before
 
 
 def test_export_names_a_checkpoint_whose_weights_do_not_match_its_config(run, tmp_path):

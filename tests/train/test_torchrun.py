@@ -262,3 +262,50 @@ def test_fsdp_checkpoint_saved_by_two_loads_in_one(fsdp_run, one_process, tmp_pa
                 resume=str(fsdp_run / "checkpoints" / "step_00000002"), progress=False)
     assert [l for _, l in one.losses] == pytest.approx([l for _, l in _losses(fsdp_run)[2:]], rel=LOSS_RTOL)
     assert _max_diff(one.model.state_dict(), ema.state_dict()) < WEIGHT_ATOL
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_restart_after_a_failed_set_up_still_resumes_by_itself(tmp_path, monkeypatch):
+    """torchrun's environment emulated in this process (one worker, gloo): attempt 0 fails while
+    building its data (a transient mount error), attempt 1 trains and crashes after its step-2
+    checkpoint, attempt 2, started like the others without --resume, resumes from that checkpoint.
+    The job marker must be written before the set-up that can fail (it had been moved after the
+    data build, and attempt 2 then refused the folder as another run's)."""
+    from dito_fast.train import trainer as trainer_mod
+
+    from test_trainer import _OnRead, _simulated_crash  # the crash tests' helpers
+
+    out, cfg = tmp_path / "run", micro_run_config(steps=6, checkpoint_every_steps=2, threads=1)
+    real_build = trainer_mod.build_datasets
+
+    def attempt(n: int, build):
+        monkeypatch.setattr(trainer_mod, "build_datasets", build)
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port()), "TORCHELASTIC_RUN_ID": "job-7",
+                           "TORCHELASTIC_RESTART_COUNT": str(n)}.items():
+            monkeypatch.setenv(key, value)
+        return train(cfg, out, resume=False, progress=False)
+
+    def no_data(c):
+        raise OSError("simulated transient data-mount error")
+
+    def crash_at_step_4(c):
+        ds, val = real_build(c)
+        return _OnRead(ds, 2 * 3 + 1, _simulated_crash), val
+
+    with pytest.raises(OSError, match="data-mount"):
+        attempt(0, no_data)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        attempt(1, crash_at_step_4)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000002"]
+    result = attempt(2, real_build)
+    assert result.step == 6
+    assert [(e["event"], e["attempt"]) for e in _events(out) if e["event"] in ("start", "resume")] == [
+        ("start", 1), ("resume", 2)]
