@@ -28,6 +28,22 @@ def save_pretrained(module: nn.Module, settings: dict, directory: str | os.PathL
     atomic_write_json(settings, directory / CONFIG_NAME)
 
 
+def state_mismatch(model: nn.Module, state: dict) -> str:
+    """How ``state``'s names and shapes differ from ``model``'s state dict ("" when they agree).
+    Checked before loading: load_state_dict raises a bare RuntimeError on a shape mismatch even
+    with strict=False, which would not name the files."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or wrong):
+        return ""
+    return (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"size mismatch {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
+
+
 def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], Any],
                     build: Callable[[Any], nn.Module], map_location: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> nn.Module:
@@ -78,17 +94,8 @@ def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], 
         dtype = saved.pop() if len(saved) == 1 else torch.float32
     with torch.device("meta"):  # no random init to overwrite (dito-B: 3.8 of 4.2 s on a 2-core CPU)
         model = build(config)
-    # Compare names and shapes first: load_state_dict raises a bare RuntimeError on a shape
-    # mismatch even with strict=False, which would not name the files.
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"weights {w_path} do not match config {cfg_path}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-                         f"size mismatch {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
+    problem = state_mismatch(model, state)
+    if problem:
+        raise ValueError(f"weights {w_path} do not match config {cfg_path}: {problem}")
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype).eval()

@@ -26,7 +26,6 @@ from .unet import UNetDecoder
 logger = logging.getLogger(__name__)
 
 
-
 # --------------------------------------------------------------------------------------------
 # input checks (clear errors naming the problem)
 

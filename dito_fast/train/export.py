@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, from_dict, validate_model_config
-from ..models.dito import CONFIG_NAME, WEIGHTS_NAME, DiTo
+from ..models._pretrained import CONFIG_NAME, WEIGHTS_NAME, state_mismatch
+from ..models.dito import DiTo
 from . import checkpoint as ckpt
 from .parallel import load_dcp
 
@@ -83,12 +84,9 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
     else:
         state = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
         load_dcp({which: state}, path / "dcp")
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: the {which} weights do not match its config.json (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, other shapes {wrong[:3]})")
+    problem = state_mismatch(model, state)
+    if problem:
+        raise ValueError(f"{path}: the {which} weights do not match its config.json: {problem}")
     model.load_state_dict(state, assign=True)
     model.save_pretrained(out_dir)
     logger.info("exported the %s weights of %s (step %s) to %s", which, path, ckpt.checkpoint_step(path), out_dir)
