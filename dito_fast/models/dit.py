@@ -21,7 +21,6 @@ Usage (see README "Downstream: a DiT on DiTo latents")::
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -29,11 +28,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from ..config import Presets
+from ..config import Presets, apply_overrides, from_dict
 from ..diffusion import flow, samplers
 from ..ops import attention, fm_loss, fm_noise, opmath_dtype
 from ._pretrained import load_pretrained, save_pretrained
-from .dito import initial_noise
+from .dito import check_matches_weights, initial_noise
 from .unet import timestep_features
 
 
@@ -322,12 +321,7 @@ class DiT(nn.Module):
         if z.shape[2] % c.patch_size or z.shape[3] % c.patch_size:
             raise ValueError(f"{name}: h and w must be multiples of the patch size {c.patch_size}, got "
                              f"{z.shape[2]}x{z.shape[3]}")
-        w = self.x_embed.weight
-        if z.device != w.device:
-            raise ValueError(f"{name} is on {z.device} but the model is on {w.device}: move one of them")
-        if z.dtype != w.dtype and not torch.is_autocast_enabled(z.device.type):
-            raise TypeError(f"{name} is {z.dtype} but the model's weights are {w.dtype}: convert it, or run "
-                            "under torch.autocast")
+        check_matches_weights(z, self, name)
         return tuple(z.shape)
 
     def _check_times(self, t, B: int, like: torch.Tensor) -> torch.Tensor:
@@ -377,11 +371,7 @@ def _size(size, patch: int) -> tuple[int, int]:
 
 
 def _parse_config(data: dict) -> DiTConfig:
-    known = {f.name for f in dataclasses.fields(DiTConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise KeyError(f"unknown DiTConfig keys: {sorted(unknown)}")
-    config = DiTConfig(**data)
+    config = from_dict(DiTConfig, data)
     validate_dit_config(config)
     return config
 
@@ -399,11 +389,7 @@ DIT_PRESETS = Presets(_DIT_PRESETS, "DiT preset")  # read-only; each lookup a fr
 
 def get_dit_preset(name: str, **overrides) -> DiTConfig:
     """A copy of preset ``name`` with ``overrides`` (DiTConfig fields) applied."""
-    config = DIT_PRESETS[name]
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(DiTConfig)}
-    if unknown:
-        raise KeyError(f"unknown DiTConfig keys: {sorted(unknown)}")
-    return dataclasses.replace(config, **overrides)
+    return apply_overrides(DIT_PRESETS[name], overrides)
 
 
 __all__ = ["DiT", "DiTConfig", "DIT_PRESETS", "get_dit_preset", "validate_dit_config", "sincos_positions"]

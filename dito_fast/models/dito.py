@@ -73,6 +73,18 @@ def check_latents(z: torch.Tensor, channels: int, latent_factor: int = 1, factor
         raise ValueError("latents contain NaN or inf values")
 
 
+def check_matches_weights(t: torch.Tensor, model: nn.Module, name: str, dtype: bool = True) -> None:
+    """A clear error for input on another device than ``model``'s weights, or (``dtype``) of
+    another dtype outside autocast (the layers' own messages name neither the argument nor the
+    remedy)."""
+    p = next(model.parameters())
+    if t.device != p.device:
+        raise ValueError(f"{name} are on {t.device} but the model is on {p.device}: move one of them (.to(...))")
+    if dtype and t.dtype != p.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(f"{name} are {t.dtype} but the model's weights are {p.dtype}: convert them with "
+                        f".to({p.dtype}), or run under torch.autocast for mixed precision")
+
+
 def _check_seed(seed, what: str = "seed") -> int:
     # torch.Generator.manual_seed takes [-2^63, 2^64); a float or a string would be truncated or parsed
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
@@ -185,19 +197,8 @@ class DiTo(nn.Module):
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, c, H/f, W/f), of x's dtype
         (of the autocast dtype under autocast)."""
         check_images(x, self.downsample_factor)
-        self._check_matches_weights(x, "images")
+        check_matches_weights(x, self, "images")
         return self._encode(x)
-
-    def _check_matches_weights(self, t: torch.Tensor, name: str, dtype: bool = True) -> None:
-        """A clear error for input on another device, or (``dtype``) of another dtype outside
-        autocast, than the weights (the convolutions' own messages name neither the argument nor
-        the remedy)."""
-        p = next(self.parameters())
-        if t.device != p.device:
-            raise ValueError(f"{name} are on {t.device} but the model is on {p.device}: move one of them (.to(...))")
-        if dtype and t.dtype != p.dtype and not torch.is_autocast_enabled(t.device.type):
-            raise TypeError(f"{name} are {t.dtype} but the model's weights are {p.dtype}: convert them with "
-                            f".to({p.dtype}), or run under torch.autocast for mixed precision")
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return latent_layernorm(self.encoder(x), self.config.latent_norm_eps)
@@ -206,7 +207,7 @@ class DiTo(nn.Module):
         """Training loss per sample (B,) for images x (B, 3, H, W) in [-1, 1] (encoder and
         decoder trained jointly through the flow-matching loss)."""
         check_images(x, self.downsample_factor)
-        self._check_matches_weights(x, "images")
+        check_matches_weights(x, self, "images")
         loss, _ = flow.flow_matching_loss(self.decoder, x, self._encode(x), self.config.flow, generator)
         return loss
 
@@ -256,7 +257,7 @@ class DiTo(nn.Module):
         diffusion model, say): outside autocast they are converted to the weights' dtype.
         """
         check_latents(z, self.latent_channels, self.latent_factor, self.downsample_factor)
-        self._check_matches_weights(z, "latents", dtype=False)
+        check_matches_weights(z, self, "latents", dtype=False)
         sampler_fn = samplers.get_sampler(sampler)
         timesteps = samplers.make_timesteps(steps, schedule)
         H, W = z.shape[-2] * self.latent_factor, z.shape[-1] * self.latent_factor
