@@ -298,7 +298,6 @@ def cmd_decode(args) -> int:
     from .decode import fast_decode
     from .eval.report import save_image
 
-    import torch
     from tqdm.auto import tqdm
 
     model, dev = _load_model(args.model, args.device)
@@ -335,11 +334,7 @@ def cmd_decode(args) -> int:
              [bases[f].with_name(f"{bases[f].name}_{i}.png") for i in range(counts[f])] for f in files}
     _check_outputs([(f, name) for f in files for name in names[f]], out, args.overwrite)
     progress = not args.no_progress and sys.stderr.isatty()  # no bars in a redirected log
-    options = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, seed=args.seed, device=dev,
-                   dtype=None if args.dtype is None else getattr(torch, args.dtype), max_batch=args.max_batch,
-                   tile=args.tile, tile_overlap=args.tile_overlap, tile_passes=args.tile_passes,
-                   compile=args.compile, cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
-                   channels_last={"on": True, "off": False}.get(args.channels_last, "auto"), progress=progress)
+    options = dict(_fast_decode_options(args), seed=args.seed, device=dev, progress=progress)
     for f in tqdm(files, desc="files", unit="file", disable=not progress or len(files) == 1):
         try:  # from bytes: a path that is not valid UTF-8 is fine too
             latent = load(f.read_bytes())["latent"]
@@ -380,6 +375,18 @@ def _latent_header(path: Path) -> tuple[list, str, dict]:
     return shape, str(header["latent"].get("dtype")), header.get("__metadata__") or {}
 
 
+def _fast_decode_options(args) -> dict:
+    """fast_decode's keyword arguments from _add_fast_decode_args's options (but seed, device and
+    progress, which each command sets)."""
+    import torch
+
+    return dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                dtype=None if args.dtype is None else getattr(torch, args.dtype), max_batch=args.max_batch,
+                tile=args.tile, tile_overlap=args.tile_overlap, tile_passes=args.tile_passes,
+                compile=args.compile, cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
+                channels_last={"on": True, "off": False}.get(args.channels_last, "auto"))
+
+
 def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:
     """The options of dito_fast.fast_decode (see its docstring)."""
     from .diffusion.samplers import SAMPLERS
@@ -403,8 +410,48 @@ def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="UNet memory format (auto: channels_last on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--any-model", action="store_true",
-                   help="decode latents that another model encoded (their metadata's fingerprint differs)")
+
+
+def cmd_evaluate(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .eval.evaluate import evaluate_reconstruction, image_batches
+    from .eval.fid import FeatureStats, InceptionFeatures
+    from .train.checkpoint import atomic_write_json
+
+    if (args.fid_reference or args.save_stats) and not args.fid_weights:
+        raise UsageError("--fid-reference and --save-stats need --fid-weights (the features are Inception's)")
+    if args.save_stats and args.fid_reference:
+        raise UsageError("--save-stats writes the originals' statistics, which --fid-reference replaces: "
+                         "give one of them")
+    model, dev = _load_model(args.model, args.device)
+    _check_size(args.size, model.downsample_factor)
+    features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if args.fid_weights else None
+    reference = FeatureStats.load(args.fid_reference) if args.fid_reference else None
+    skipped: list = []
+    try:
+        batches = image_batches(args.data, args.size, args.batch_size, limit=args.limit, workers=args.workers,
+                                skipped=skipped)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    progress = not args.no_progress and sys.stderr.isatty()
+    with tqdm(desc="evaluate", unit="image", disable=not progress) as bar:
+        report, stats = evaluate_reconstruction(model, batches, features=features, reference=reference,
+                                                seed=args.seed, progress=bar, **_fast_decode_options(args))
+    report.skipped = [_shown(Path(p)) for p in skipped]
+    quality = f"PSNR {report.psnr:.2f} dB"
+    if report.ssim is not None:
+        quality += f", SSIM {report.ssim:.4f}"
+    if report.rfid is not None:
+        quality += f", rFID {report.rfid:.3f}"
+    print(f"{report.num_images} images: {quality} ({report.seconds:.1f} s)")
+    if args.save_stats and stats is not None:
+        stats.save(args.save_stats)
+        print(f"feature statistics of the originals: {args.save_stats}")
+    if args.json:
+        atomic_write_json(report.to_dict(), args.json)
+        print(f"report: {args.json}")
+    return _skipped_exit(skipped, report.num_images + len(skipped))
 
 
 def cmd_info(args) -> int:
@@ -573,8 +620,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "subfolders are mirrored under --out, as encode writes them)")
     d.add_argument("--out", required=True)
     d.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
+    d.add_argument("--any-model", action="store_true",
+                   help="decode latents that another model encoded (their metadata's fingerprint differs)")
     _add_fast_decode_args(d)
     d.set_defaults(func=cmd_decode)
+
+    v = sub.add_parser("evaluate", help="reconstruction PSNR, SSIM and rFID over an image set",
+                       description="Encode and decode every image of a set and report mean PSNR and SSIM, and "
+                                   "rFID with --fid-weights (original and reconstruction compared as 8-bit images; "
+                                   "image i's decode noise is seeded with --seed + i).")
+    v.add_argument("model", help="model directory (config.json + model.safetensors)")
+    v.add_argument("data", help="a folder of images (recursive, sorted), or 'builtin' / 'synthetic'")
+    v.add_argument("--size", type=int, required=True,
+                   help="resize the shorter side to this and center-crop (a multiple of the model's factor)")
+    v.add_argument("--batch-size", type=int, default=8, help="images encoded and decoded at once (default 8)")
+    v.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    v.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this one)")
+    v.add_argument("--fid-weights", default=None,
+                   help="Inception weights for rFID: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a "
+                        ".safetensors copy); none are downloaded")
+    v.add_argument("--fid-reference", default=None,
+                   help="feature statistics to compare with (.safetensors from --save-stats, or pytorch-fid's .npz); "
+                        "default: the originals' own")
+    v.add_argument("--save-stats", default=None, help="write the originals' feature statistics here (.safetensors)")
+    v.add_argument("--json", default=None, help="write the report (settings, means, per-image PSNR) here")
+    _add_fast_decode_args(v)
+    v.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("info", help="presets (parameters, GFLOPs per decoder step) and backends")
     i.set_defaults(func=cmd_info)

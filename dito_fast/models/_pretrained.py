@@ -28,11 +28,11 @@ def save_pretrained(module: nn.Module, settings: dict, directory: str | os.PathL
     atomic_write_json(settings, directory / CONFIG_NAME)
 
 
-def state_mismatch(model: nn.Module, state: dict) -> str:
-    """How ``state``'s names and shapes differ from ``model``'s state dict ("" when they agree).
-    Checked before loading: load_state_dict raises a bare RuntimeError on a shape mismatch even
-    with strict=False, which would not name the files."""
-    expected = model.state_dict()
+def state_mismatch(model: nn.Module | dict, state: dict) -> str:
+    """How ``state``'s names and shapes differ from ``model``'s state dict (or a dict of the
+    expected tensors) ("" when they agree). Checked before loading: load_state_dict raises a bare
+    RuntimeError on a shape mismatch even with strict=False, which would not name the files."""
+    expected = model if isinstance(model, dict) else model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k}: {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
