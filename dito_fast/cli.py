@@ -417,27 +417,40 @@ def cmd_evaluate(args) -> int:
 
     from .eval.evaluate import evaluate_reconstruction, image_batches
     from .eval.fid import FeatureStats, InceptionFeatures
+    from .models.dito import DiTo
+    from .train import distributed
     from .train.checkpoint import atomic_write_json
+
+    import torch
 
     if (args.fid_reference or args.save_stats) and not args.fid_weights:
         raise UsageError("--fid-reference and --save-stats need --fid-weights (the features are Inception's)")
     if args.save_stats and args.fid_reference:
         raise UsageError("--save-stats writes the originals' statistics, which --fid-reference replaces: "
                          "give one of them")
-    model, dev = _load_model(args.model, args.device)
-    _check_size(args.size, model.downsample_factor)
-    features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if args.fid_weights else None
-    reference = FeatureStats.load(args.fid_reference) if args.fid_reference else None
-    skipped: list = []
+    ctx, dev = distributed.setup(device=args.device)  # under torchrun: each rank takes every world_size-th image
+    ok = False
     try:
-        batches = image_batches(args.data, args.size, args.batch_size, limit=args.limit, workers=args.workers,
-                                skipped=skipped)
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from None
-    progress = not args.no_progress and sys.stderr.isatty()
-    with tqdm(desc="evaluate", unit="image", disable=not progress) as bar:
-        report, stats = evaluate_reconstruction(model, batches, features=features, reference=reference,
-                                                seed=args.seed, progress=bar, **_fast_decode_options(args))
+        model = DiTo.from_pretrained(args.model, map_location=dev, dtype=torch.float32)
+        _check_size(args.size, model.downsample_factor)
+        features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if args.fid_weights else None
+        reference = FeatureStats.load(args.fid_reference) if args.fid_reference else None
+        skipped: list = []
+        try:
+            batches = image_batches(args.data, args.size, args.batch_size, limit=args.limit, workers=args.workers,
+                                    skipped=skipped, rank=ctx.rank, world_size=ctx.world_size)
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e)) from None
+        progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
+        with tqdm(desc="evaluate", unit="image", disable=not progress) as bar:
+            report, stats = evaluate_reconstruction(model, batches, features=features, reference=reference,
+                                                    seed=args.seed, progress=bar, ctx=ctx, **_fast_decode_options(args))
+        skipped = sorted(p for part in distributed.all_gather_object(skipped, ctx) for p in part)
+        ok = True
+    finally:
+        distributed.teardown(ctx, ok)
+    if not ctx.is_main:
+        return 0
     report.skipped = [_shown(Path(p)) for p in skipped]
     quality = f"PSNR {report.psnr:.2f} dB"
     if report.ssim is not None:

@@ -6,8 +6,10 @@ as PNG files and compared with the originals' crops: the usual protocol of token
 PSNR and SSIM are averaged over images; rFID compares the reconstructions' Inception features
 with the originals' (or with reference statistics given, e.g. a training set's).
 
-The decode noise of image ``i`` (0-based, in reading order) is seeded with ``seed + i``, so the
-figures do not depend on the batch size.
+The decode noise of image ``i`` (its 0-based index in the set: a folder's sorted file list) is
+seeded with ``seed + i``, so the figures depend neither on the batch size nor on the number of
+processes: under torchrun each rank evaluates every world_size-th image and the ranks' results
+are gathered (per-image figures, exact float64 feature statistics).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ class ReconstructionReport:
 
     psnr / ssim: means over the images (dB; SSIM None when images are smaller than its 11x11
     window); psnr is +inf only if every reconstruction is exact. rfid: None without a feature
-    network. ``psnr_per_image`` in reading order. ``skipped``: files that could not be read
-    (skipped and counted, not fatal)."""
+    network. ``per_image``: {"index", "psnr", "ssim"} of each image, by index. ``skipped``: files
+    that could not be read (skipped and counted, not fatal)."""
 
     num_images: int
     psnr: float
@@ -47,7 +49,7 @@ class ReconstructionReport:
     rfid: float | None
     seconds: float
     settings: dict
-    psnr_per_image: list[float] = field(default_factory=list)
+    per_image: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -91,9 +93,11 @@ def _keep_all(items):
 
 
 def image_batches(source: str | os.PathLike, size: int, batch_size: int, *, limit: int | None = None,
-                  workers: int = 0, skipped: list | None = None) -> Iterator[torch.Tensor]:
-    """Batches (b, 3, size, size) float32 in [-1, 1] of an evaluation set, each image once, in a
-    fixed order: a folder's image files (recursive, sorted; resized so the shorter side is
+                  workers: int = 0, skipped: list | None = None, rank: int = 0, world_size: int = 1
+                  ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices, images (b, 3, size, size) float32 in [-1, 1]) batches of an evaluation set, each
+    image once, in a fixed order (``rank`` of ``world_size`` processes: images rank, rank +
+    world_size, ...): a folder's image files (recursive, sorted; resized so the shorter side is
     ``size``, center-cropped), "builtin" (the validation split of
     :func:`~dito_fast.data.builtin_split`: crops of the photographs training never sees, then
     unseen synthetic images) or "synthetic" (synthetic images of seed 1). At most ``limit``
@@ -117,23 +121,23 @@ def image_batches(source: str | os.PathLike, size: int, batch_size: int, *, limi
         dataset = _Named(SyntheticImages(limit or NAMED_SOURCE_IMAGES, size, seed=1))
     else:
         raise ValueError(f"data {source!r} is neither a folder nor 'builtin' or 'synthetic'")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_keep_all)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_keep_all)
     return _good_batches(loader, dataset, skipped)
 
 
-def _good_batches(loader: DataLoader, dataset: Dataset, skipped: list | None) -> Iterator[torch.Tensor]:
+def _good_batches(loader: DataLoader, dataset: Dataset, skipped: list | None):
     for items in loader:
-        good = []
+        good = [(i, x) for i, x, _ in items if x is not None]
         for i, x, error in items:
             if x is None:
-                name = dataset.files[i]
-                logger.warning("skipping unreadable image %s (%s)", name, error)
+                logger.warning("skipping unreadable image %s (%s)", dataset.files[i], error)
                 if skipped is not None:
-                    skipped.append(name)
-            else:
-                good.append(x)
+                    skipped.append(dataset.files[i])
         if good:
-            yield torch.stack(good)
+            yield [i for i, _ in good], torch.stack([x for _, x in good])
 
 
 def _as_8bit(x: torch.Tensor) -> torch.Tensor:
@@ -141,20 +145,24 @@ def _as_8bit(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate_reconstruction(model, images: Iterable[torch.Tensor], *, features: InceptionFeatures | None = None,
-                            reference: FeatureStats | None = None, seed: int = 0, progress=None,
+def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatures | None = None,
+                            reference: FeatureStats | None = None, seed: int = 0, progress=None, ctx=None,
                             **decode_options) -> tuple[ReconstructionReport, FeatureStats | None]:
     """Reconstruction metrics of ``model`` over ``images``.
 
     Args:
         model: a :class:`~dito_fast.DiTo` (its device is used).
         images: batches (b, 3, H, W) in [-1, 1], H and W multiples of the model's downsampling
-            factor (e.g. :func:`image_batches`).
+            factor, or (indices, batch) pairs as :func:`image_batches` gives them (plain batches
+            are numbered 0, 1, ... in order).
         features: the FID network (:meth:`InceptionFeatures.from_file`); None: no rFID.
         reference: feature statistics to compare the reconstructions with (``FeatureStats.load``);
             None: the originals' own (the usual rFID).
         seed: image i's decode noise is seeded with seed + i.
         progress: anything with ``update(n)``, called with each batch's image count.
+        ctx: a :class:`~dito_fast.train.distributed.DistContext` when several processes each
+            evaluate a share of the set (:func:`image_batches`'s ``rank``/``world_size``): every
+            rank returns the whole set's report and statistics.
         decode_options: passed to :func:`~dito_fast.fast_decode` (steps, sampler, schedule, dtype,
             max_batch, tile, ...).
     Returns:
@@ -162,54 +170,64 @@ def evaluate_reconstruction(model, images: Iterable[torch.Tensor], *, features: 
         reference for later runs.
     """
     from ..decode import fast_decode, resolve_settings
+    from ..train.distributed import DistContext, all_gather_object
 
+    ctx = ctx or DistContext()
     device = next(model.parameters()).device
     solver = resolve_settings(decode_options.pop("sampler", "auto"), decode_options.pop("steps", None),
                               decode_options.pop("schedule", None))  # errors before any work
     decode_options.update(sampler=solver.sampler, steps=solver.steps, schedule=solver.schedule)
     real = FeatureStats() if features is not None and reference is None else None
     fake = FeatureStats() if features is not None else None
-    psnrs: list[float] = []
-    ssims: list[float] = []
+    rows: list[dict] = []
+    sizes: set = set()
     start = time.perf_counter()
-    n = 0
-    for x in images:
+    for batch in images:
+        indices, x = batch if isinstance(batch, (tuple, list)) else (None, batch)
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"evaluate_reconstruction: expected image batches (b, 3, H, W), got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
+        indices = list(range(len(rows), len(rows) + x.shape[0])) if indices is None else list(indices)
         x = _as_8bit(x.to(device))
-        z = model.encode(x)
-        recon = fast_decode(model, z, seed=list(range(seed + n, seed + n + x.shape[0])), output="float",
+        recon = fast_decode(model, model.encode(x), seed=[seed + i for i in indices], output="float",
                             **decode_options)
         recon = _as_8bit(recon)
-        psnrs += psnr(recon, x).tolist()
-        if min(x.shape[-2:]) >= SSIM_WINDOW:
-            ssims += ssim(recon, x).tolist()
+        quality = ssim(recon, x).tolist() if min(x.shape[-2:]) >= SSIM_WINDOW else [None] * len(indices)
+        rows += [{"index": i, "psnr": p, "ssim": q} for i, p, q in zip(indices, psnr(recon, x).tolist(), quality)]
         if fake is not None:
             fake.update(features(recon))
             if real is not None:
                 real.update(features(x))
-        n += x.shape[0]
-        image_size = tuple(x.shape[-2:])
+        sizes.add(tuple(x.shape[-2:]))
         if progress is not None:
             progress.update(x.shape[0])
-    if n == 0:
+    seconds = time.perf_counter() - start
+    if ctx.distributed:  # the whole set on every rank
+        rows = sorted((r for part in all_gather_object(rows, ctx) for r in part), key=lambda r: r["index"])
+        sizes = set().union(*all_gather_object(sizes, ctx))
+        seconds = max(all_gather_object(seconds, ctx))
+        for stats in (real, fake):
+            if stats is not None:
+                stats.all_reduce(ctx, device)
+    if not rows:
         raise ValueError("evaluate_reconstruction: no images")
     rfid = None
     if fake is not None:
         target = reference if reference is not None else real
-        if fake.n < 2 or (reference is None and real.n < 2):
+        if fake.n < 2 or (reference is None and target.n < 2):
             logger.warning("rFID needs at least 2 images; not computed")
         else:
-            if fake.n < 2048 or (reference is None and real.n < 2048):
+            if fake.n < 2048:
                 logger.warning("rFID from %d images: fewer than the 2048 feature dimensions, the covariances "
-                               "are singular and the value is biased high (papers use 50000)", n)
+                               "are singular and the value is biased high (papers use 50000)", fake.n)
             rfid = frechet_distance(fake.mean, fake.cov, target.mean, target.cov)
+    ssims = [r["ssim"] for r in rows if r["ssim"] is not None]
     report = ReconstructionReport(
-        num_images=n, psnr=float(torch.tensor(psnrs, dtype=torch.float64).mean()),
-        ssim=float(sum(ssims) / len(ssims)) if ssims else None, rfid=rfid, seconds=time.perf_counter() - start,
-        settings={"model": model.config.name, "image_size": list(image_size), "seed": seed, "nfe": solver.nfe,
+        num_images=len(rows), psnr=float(torch.tensor([r["psnr"] for r in rows], dtype=torch.float64).mean()),
+        ssim=sum(ssims) / len(ssims) if ssims else None, rfid=rfid, seconds=seconds,
+        settings={"model": model.config.name, "image_size": [list(s) for s in sorted(sizes)], "seed": seed,
+                  "nfe": solver.nfe, "processes": ctx.world_size,
                   **{k: v if isinstance(v, (bool, int, float, str)) else str(v)
                      for k, v in decode_options.items() if v is not None}},
-        psnr_per_image=psnrs)
+        per_image=rows)
     return report, real

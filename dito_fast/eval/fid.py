@@ -77,6 +77,33 @@ class FeatureStats:
         self._sum += f.sum(0)
         self._outer += f.T @ f
 
+    def all_reduce(self, ctx, device: torch.device) -> None:
+        """Make these the statistics of every rank's features together (``ctx``: a
+        :class:`~dito_fast.train.distributed.DistContext`; ``device``: where this rank's
+        collectives run, its GPU under NCCL). Exact: each rank's scatter matrix is moved to the
+        common mean before the sum. A rank with no features takes part with none."""
+        from ..train.distributed import all_reduce_
+
+        if not ctx.distributed:
+            return
+        if self._fixed is not None:
+            raise RuntimeError("FeatureStats: these statistics were loaded from a file and cannot be reduced")
+        n = all_reduce_(torch.tensor([float(self.n)], dtype=torch.float64, device=device), ctx)
+        total = int(n.item())
+        if total == 0:
+            return
+        local_mean = self.mean if self.n else torch.zeros(self.dim, dtype=torch.float64)
+        mean = all_reduce_((self.n * local_mean).to(device), ctx).cpu() / total
+        scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        if self.n:
+            d = self._sum / self.n  # this rank's mean around its shift
+            gap = local_mean - mean
+            scatter = self._outer - self.n * torch.outer(d, d) + self.n * torch.outer(gap, gap)
+        scatter = all_reduce_(scatter.to(device), ctx).cpu()
+        self.n, self._shift = total, mean
+        self._sum = torch.zeros(self.dim, dtype=torch.float64)
+        self._outer = scatter
+
     @property
     def mean(self) -> torch.Tensor:
         """(dim,) float64."""

@@ -33,16 +33,24 @@ def test_metrics_match_a_direct_computation_and_not_the_batch_size(micro_model, 
     one, _ = evaluate_reconstruction(micro_model, [images[:1], images[1:]], seed=7, **options)
     all_at_once, _ = evaluate_reconstruction(micro_model, [images], seed=7, **options)
     # image i's noise is seeded with seed + i whatever the batches
-    assert one.psnr_per_image == pytest.approx(all_at_once.psnr_per_image, rel=1e-6)
+    assert [r["psnr"] for r in one.per_image] == pytest.approx([r["psnr"] for r in all_at_once.per_image], rel=1e-6)
     x = _as_8bit(images)
     with torch.inference_mode():
         recon = _as_8bit(fast_decode(micro_model, micro_model.encode(x), seed=[7, 8, 9], output="float", **options))
-    assert all_at_once.psnr_per_image == pytest.approx(psnr(recon, x).tolist(), rel=1e-6)
+    assert [r["psnr"] for r in all_at_once.per_image] == pytest.approx(psnr(recon, x).tolist(), rel=1e-6)
+    assert [r["ssim"] for r in all_at_once.per_image] == pytest.approx(ssim(recon, x).tolist(), rel=1e-6)
+    assert [r["index"] for r in all_at_once.per_image] == [0, 1, 2]
     assert all_at_once.psnr == pytest.approx(float(psnr(recon, x).mean()), rel=1e-6)
     assert all_at_once.ssim == pytest.approx(float(ssim(recon, x).mean()), rel=1e-6)
     assert all_at_once.num_images == 3 and all_at_once.rfid is None
     assert all_at_once.settings["sampler"] == "euler" and all_at_once.settings["nfe"] == 3
-    assert all_at_once.settings["image_size"] == [32, 32]
+    assert all_at_once.settings["image_size"] == [[32, 32]]
+    # (indices, batch) pairs: image i seeded with seed + i, its figures under its index
+    shuffled, _ = evaluate_reconstruction(micro_model, [([2, 0], images[[2, 0]]), ([1], images[1:2])], seed=7,
+                                          **options)
+    assert [r["index"] for r in shuffled.per_image] == [2, 0, 1]
+    assert [r["psnr"] for r in shuffled.per_image] == pytest.approx(
+        [all_at_once.per_image[i]["psnr"] for i in (2, 0, 1)], rel=1e-6)
 
 
 def test_rfid_is_the_distance_between_the_feature_statistics(micro_model, images):
@@ -72,11 +80,14 @@ def test_image_batches_reads_each_file_once_and_counts_unreadable_ones(tmp_path)
     skipped = []
     batches = list(image_batches(tmp_path / "set", 32, 2, skipped=skipped))
     # broken.jpg comes first in the sorted list; the other three are read once each, center-cropped
-    assert [b.shape for b in batches] == [(1, 3, 32, 32), (2, 3, 32, 32)]
+    assert [(i, b.shape) for i, b in batches] == [([1], (1, 3, 32, 32)), ([2, 3], (2, 3, 32, 32))]
     assert len(skipped) == 1 and skipped[0].endswith("broken.jpg")
-    assert sum(b.shape[0] for b in image_batches(tmp_path / "set", 32, 8, limit=2)) == 1  # limit counts files
+    assert sum(b.shape[0] for _, b in image_batches(tmp_path / "set", 32, 8, limit=2)) == 1  # limit counts files
+    # rank 1 of 2: images 1 and 3
+    share = list(image_batches(tmp_path / "set", 32, 8, rank=1, world_size=2))
+    assert [i for i, _ in share] == [[1, 3]] and torch.equal(share[0][1], torch.cat([batches[0][1], batches[1][1][1:]]))
     builtin = list(image_batches("builtin", 16, 4, limit=6))
-    assert [b.shape[0] for b in builtin] == [4, 2] and all(b.abs().max() <= 1 for b in builtin)
+    assert [b.shape[0] for _, b in builtin] == [4, 2] and all(b.abs().max() <= 1 for _, b in builtin)
     with pytest.raises(ValueError, match="neither a folder nor 'builtin' or 'synthetic'"):
         image_batches(tmp_path / "nowhere", 32, 2)
     with pytest.raises(ValueError, match="batch_size must be positive"):
@@ -105,7 +116,7 @@ def test_evaluate_command(tmp_path, micro_model, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert out.startswith(f"3 images: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}, "
                           f"rFID {report['rfid']:.3f}")
-    assert len(report["psnr_per_image"]) == 3 and report["skipped"] == []
+    assert len(report["per_image"]) == 3 and report["skipped"] == []
     assert FeatureStats.load(tmp_path / "stats.safetensors").n == 3
     # the saved statistics as the reference: the same rFID
     assert main(argv + ["--fid-reference", str(tmp_path / "stats.safetensors")]) == 0
@@ -119,3 +130,44 @@ def test_evaluate_command(tmp_path, micro_model, capsys):
     cli_usage_error(capsys, "need --fid-weights", argv[:-4] + ["--save-stats", str(tmp_path / "s2.safetensors")])
     cli_usage_error(capsys, "--size must be a positive multiple", argv[:3] + ["--size", "30"])
     cli_usage_error(capsys, "batch_size must be positive", argv[:-4] + ["--batch-size", "0"])
+
+
+@pytest.mark.slow
+def test_evaluate_under_torchrun_gives_the_single_process_figures(tmp_path, micro_model):
+    """2 ranks (gloo, CPU) each evaluate every other image; the gathered report and the merged
+    feature statistics equal one process's (up to the decode's float rounding in other batches)."""
+    import os
+    import sys
+
+    from dito_fast.testing import run_process_tree
+
+    micro_model.save_pretrained(tmp_path / "model")
+    _write_images(tmp_path / "set", 5)
+    (tmp_path / "set" / "img2.png").write_bytes(b"garbage")  # rank 0's share: skipped and counted
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+
+    save_file(dict(InceptionFeatures().state_dict()), str(tmp_path / "inception.safetensors"))
+    args = ["evaluate", str(tmp_path / "model"), str(tmp_path / "set"), "--size", "32", "--batch-size", "2",
+            "--sampler", "euler", "--steps", "2", "--fid-weights", str(tmp_path / "inception.safetensors")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = run_process_tree([sys.executable, "-m", "dito_fast.cli", *args, "--json", str(tmp_path / "one.json"),
+                               "--save-stats", str(tmp_path / "one.safetensors")], timeout=300, env=env)
+    assert single.returncode == 1, single.stderr[-3000:]  # one file skipped
+    multi = run_process_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "dito_fast.cli", *args, "--json", str(tmp_path / "two.json"),
+                              "--save-stats", str(tmp_path / "two.safetensors")], timeout=300, env=env)
+    assert multi.returncode != 0 and "1 of 5 inputs could not be read" in multi.stderr, multi.stderr[-3000:]
+    assert multi.stdout.count(" images: PSNR") == 1  # rank 0 reports
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert [r["index"] for r in two["per_image"]] == [0, 1, 3, 4] == [r["index"] for r in one["per_image"]]
+    # the images are decoded in other batches: float rounding can move a pixel across an 8-bit
+    # level (measured: 1.9e-6 relative on one image's PSNR)
+    assert [r["psnr"] for r in two["per_image"]] == pytest.approx([r["psnr"] for r in one["per_image"]], rel=1e-4)
+    assert two["rfid"] == pytest.approx(one["rfid"], rel=1e-3) and two["settings"]["processes"] == 2
+    assert len(two["skipped"]) == 1 and two["skipped"][0].endswith("img2.png")
+    s1, s2 = FeatureStats.load(tmp_path / "one.safetensors"), FeatureStats.load(tmp_path / "two.safetensors")
+    # the originals are the same pixels in both runs: their statistics agree up to the network's
+    # float32 rounding in other batch sizes (a wrong merge is off by the covariances' own size)
+    assert s2.n == 4 and torch.allclose(s1.mean, s2.mean, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(s1.cov, s2.cov, rtol=1e-4, atol=1e-9)
