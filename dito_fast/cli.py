@@ -428,6 +428,12 @@ def cmd_evaluate(args) -> int:
     if args.save_stats and args.fid_reference:
         raise UsageError("--save-stats writes the originals' statistics, which --fid-reference replaces: "
                          "give one of them")
+    for flag, out in (("--json", args.json), ("--save-stats", args.save_stats)):
+        # before hours of decoding, not after
+        if out is not None and Path(out).is_dir():
+            raise UsageError(f"{flag} {_shown(out)} is a folder; give a file name")
+        if out is not None and os.path.lexists(out) and not args.overwrite:
+            raise UsageError(f"{flag} {_shown(out)} exists already (--overwrite replaces it)")
     ctx, dev = distributed.setup(device=args.device)  # under torchrun: each rank takes every world_size-th image
     ok = False
     try:
@@ -443,8 +449,14 @@ def cmd_evaluate(args) -> int:
             raise UsageError(str(e)) from None
         progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
         with tqdm(desc="evaluate", unit="image", disable=not progress) as bar:
-            report, stats = evaluate_reconstruction(model, batches, features=features, reference=reference,
-                                                    seed=args.seed, progress=bar, ctx=ctx, **_fast_decode_options(args))
+            try:
+                report, stats = evaluate_reconstruction(model, batches, features=features, reference=reference,
+                                                        seed=args.seed, progress=bar, ctx=ctx,
+                                                        **_fast_decode_options(args))
+            except ValueError as e:
+                if "no images" in str(e) and skipped:
+                    raise ValueError(f"no readable images: all {len(skipped)} were skipped") from None
+                raise
         skipped = sorted(p for part in distributed.all_gather_object(skipped, ctx) for p in part)
         ok = True
     finally:
@@ -457,13 +469,17 @@ def cmd_evaluate(args) -> int:
         quality += f", SSIM {report.ssim:.4f}"
     if report.rfid is not None:
         quality += f", rFID {report.rfid:.3f}"
-    print(f"{report.num_images} images: {quality} ({report.seconds:.1f} s)")
-    if args.save_stats and stats is not None:
-        stats.save(args.save_stats)
-        print(f"feature statistics of the originals: {args.save_stats}")
+    print(f"{report.num_images} image{'s' if report.num_images != 1 else ''}: {quality} ({report.seconds:.1f} s)")
     if args.json:
         atomic_write_json(report.to_dict(), args.json)
         print(f"report: {args.json}")
+    if args.save_stats and stats is not None:
+        if stats.n < 2:
+            print(f"feature statistics not written: a covariance needs at least 2 images, have {stats.n}",
+                  file=sys.stderr)
+            return 1
+        stats.save(args.save_stats)
+        print(f"feature statistics of the originals: {args.save_stats}")
     return _skipped_exit(skipped, report.num_images + len(skipped))
 
 
@@ -647,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--size", type=int, required=True,
                    help="resize the shorter side to this and center-crop (a multiple of the model's factor)")
     v.add_argument("--batch-size", type=int, default=8, help="images encoded and decoded at once (default 8)")
-    v.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    v.add_argument("--limit", type=int, default=None,
+                   help="the first N files of a folder only (unreadable ones count), or N of builtin/synthetic's "
+                        "images (default 64)")
     v.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this one)")
     v.add_argument("--fid-weights", default=None,
                    help="Inception weights for rFID: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a "
@@ -655,8 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--fid-reference", default=None,
                    help="feature statistics to compare with (.safetensors from --save-stats, or pytorch-fid's .npz); "
                         "default: the originals' own")
-    v.add_argument("--save-stats", default=None, help="write the originals' feature statistics here (.safetensors)")
-    v.add_argument("--json", default=None, help="write the report (settings, means, per-image PSNR) here")
+    v.add_argument("--save-stats", default=None,
+                   help="write the originals' feature statistics here (.safetensors, or .npz as pytorch-fid's)")
+    v.add_argument("--json", default=None, help="write the report (settings, means, per-image PSNR and SSIM) here")
+    v.add_argument("--overwrite", action="store_true", help="replace the --json and --save-stats files if they exist")
     _add_fast_decode_args(v)
     v.set_defaults(func=cmd_evaluate)
 

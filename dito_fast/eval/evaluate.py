@@ -8,7 +8,8 @@ with the originals' (or with reference statistics given, e.g. a training set's).
 
 The decode noise of image ``i`` (its 0-based index in the set: a folder's sorted file list) is
 seeded with ``seed + i``, so the figures depend neither on the batch size nor on the number of
-processes: under torchrun each rank evaluates every world_size-th image and the ranks' results
+processes (up to float rounding in other batch shapes, which can move a pixel across an 8-bit
+level: ~1e-6 of a PSNR): under torchrun each rank evaluates every world_size-th image and the ranks' results
 are gathered (per-image figures, exact float64 feature statistics).
 """
 
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import ImageTransform, SyntheticImages, builtin_split, list_image_files, load_image
 from ..data.transforms import unreadable_file_error
-from .fid import FeatureStats, InceptionFeatures, frechet_distance
+from .fid import FID_DIM, FeatureStats, InceptionFeatures, frechet_distance
 from .metrics import SSIM_WINDOW, psnr, ssim
 from .report import to_uint8
 
@@ -39,7 +40,7 @@ class ReconstructionReport:
     """What :func:`evaluate_reconstruction` measured.
 
     psnr / ssim: means over the images (dB; SSIM None when images are smaller than its 11x11
-    window); psnr is +inf only if every reconstruction is exact. rfid: None without a feature
+    window); an exact reconstruction has an infinite PSNR, and so then has the mean. rfid: None without a feature
     network. ``per_image``: {"index", "psnr", "ssim"} of each image, by index. ``skipped``: files
     that could not be read (skipped and counted, not fatal)."""
 
@@ -173,6 +174,11 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
     from ..train.distributed import DistContext, all_gather_object
 
     ctx = ctx or DistContext()
+    if reference is not None and features is None:
+        raise ValueError("evaluate_reconstruction: reference statistics need the feature network (features=)")
+    if reference is not None and reference.dim != FID_DIM:
+        raise ValueError(f"evaluate_reconstruction: the reference statistics are of {reference.dim}-dimensional "
+                         f"features, the FID network's are {FID_DIM}-dimensional")
     device = next(model.parameters()).device
     solver = resolve_settings(decode_options.pop("sampler", "auto"), decode_options.pop("steps", None),
                               decode_options.pop("schedule", None))  # errors before any work

@@ -124,21 +124,33 @@ class FeatureStats:
         return (self._outer - self.n * torch.outer(m, m)) / (self.n - 1)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write mean, covariance and count as safetensors (atomically)."""
-        from ..train.checkpoint import save_safetensors
+        """Write mean (mu), covariance (sigma) and count, atomically: as ``.npz`` when the name
+        ends so (pytorch-fid's format, without the count), otherwise as safetensors."""
+        from ..train.checkpoint import _atomic, save_safetensors
 
-        save_safetensors({"mu": self.mean.contiguous(), "sigma": self.cov.contiguous()}, Path(path),
-                         metadata={"n": str(self.n), "kind": "dito_fast.FeatureStats"})
+        path = Path(path)
+        mu, sigma = self.mean.contiguous(), self.cov.contiguous()
+        if path.suffix == ".npz":
+            def write(tmp):
+                with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+                    np.savez(f, mu=mu.numpy(), sigma=sigma.numpy())
+            _atomic(path, write)
+        else:
+            save_safetensors({"mu": mu, "sigma": sigma}, path, metadata={"n": str(self.n),
+                                                                         "kind": "dito_fast.FeatureStats"})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
-        """Statistics saved by :meth:`save`, or a ``.npz`` with arrays ``mu`` and ``sigma``
-        (pytorch-fid's ``--save-stats``), read without unpickling."""
+        """Statistics saved by :meth:`save`: safetensors, or an ``.npz`` archive with arrays
+        ``mu`` and ``sigma`` (pytorch-fid's ``--save-stats``; told apart by their first bytes),
+        read without unpickling."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"feature statistics {path}: no such file")
         try:
-            if path.suffix == ".npz":
+            with open(path, "rb") as f:
+                is_zip = f.read(4) == b"PK\x03\x04"
+            if is_zip:
                 with np.load(path, allow_pickle=False) as data:
                     arrays = {k: torch.from_numpy(data[k]) for k in ("mu", "sigma") if k in data.files}
                 n = 0
@@ -148,7 +160,7 @@ class FeatureStats:
                 with safe_open(str(path), framework="pt") as f:
                     arrays = {k: f.get_tensor(k) for k in ("mu", "sigma") if k in f.keys()}
                     n = int((f.metadata() or {}).get("n", 0))
-        except Exception as e:  # not a safetensors/npz file, truncated, ...
+        except Exception as e:  # neither format, truncated, an object array (not unpickled), ...
             raise ValueError(f"feature statistics {path}: cannot be read ({e})") from None
         missing = [k for k in ("mu", "sigma") if k not in arrays]
         if missing:
@@ -357,7 +369,9 @@ class InceptionFeatures(nn.Module):
         """The FID network with the weights in ``path``: pytorch-fid's
         ``pt_inception-2015-12-05-6726825d.pth`` (a state dict, read with ``weights_only=True``:
         nothing is unpickled) or a ``.safetensors`` file with the same names. Names and shapes are
-        checked; a classifier (``fc.*``) and BatchNorm's ``num_batches_tracked`` are ignored."""
+        checked; the file's 1008-way classifier (``fc.*``) and BatchNorm's ``num_batches_tracked``
+        are ignored. torchvision's ImageNet Inception weights (same layer names, another network)
+        are refused."""
         from ..models._pretrained import state_mismatch
 
         path = Path(path)
@@ -375,8 +389,14 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"Inception weights {path}: cannot be read ({e})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"Inception weights {path}: not a state dict of tensors")
-        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))
-                 and not k.endswith("num_batches_tracked")}
+        fc = state.get("fc.weight")
+        if any(k.startswith("AuxLogits.") for k in state) or (fc is not None and tuple(fc.shape) != (1008, 2048)):
+            # torchvision's ImageNet Inception has the same layer names, but another network and
+            # input scaling: its features give FID values comparable with nothing published
+            raise ValueError(f"Inception weights {path}: these are not the FID network's (an auxiliary classifier "
+                             f"or a {tuple(fc.shape) if fc is not None else '?'} classifier: torchvision's ImageNet "
+                             "Inception?); use pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
         model = cls()
         expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
         problem = state_mismatch(expected, state)

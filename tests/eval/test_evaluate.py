@@ -68,6 +68,10 @@ def test_rfid_is_the_distance_between_the_feature_statistics(micro_model, images
     assert real.n == 3 and torch.allclose(real.mean, fx.double().mean(0), atol=1e-6)
     assert report.rfid == pytest.approx(frechet_distance(fake.mean, fake.cov, real.mean, real.cov), rel=1e-4)
     assert report.rfid > 0
+    wrong = FeatureStats(64)
+    wrong.update(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="64-dimensional features, the FID network's are 2048"):
+        evaluate_reconstruction(micro_model, [images], features=net, reference=wrong)  # before any decoding
     # against reference statistics given: the same value when they are the originals'
     again, none = evaluate_reconstruction(micro_model, [images], features=net, reference=real, sampler="euler",
                                           steps=2)
@@ -118,8 +122,11 @@ def test_evaluate_command(tmp_path, micro_model, capsys):
                           f"rFID {report['rfid']:.3f}")
     assert len(report["per_image"]) == 3 and report["skipped"] == []
     assert FeatureStats.load(tmp_path / "stats.safetensors").n == 3
+    # outputs that exist or are folders: refused before the run
+    cli_usage_error(capsys, "exists already (--overwrite replaces it)", argv)
+    cli_usage_error(capsys, "is a folder", argv[:-1] + [str(tmp_path)])
     # the saved statistics as the reference: the same rFID
-    assert main(argv + ["--fid-reference", str(tmp_path / "stats.safetensors")]) == 0
+    assert main(argv + ["--fid-reference", str(tmp_path / "stats.safetensors"), "--overwrite"]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["rfid"] == pytest.approx(report["rfid"], rel=1e-6)
     capsys.readouterr()
     # an unreadable file is skipped and counted: exit status 1, the others evaluated
@@ -127,6 +134,16 @@ def test_evaluate_command(tmp_path, micro_model, capsys):
     assert main(argv[:-4]) == 1
     captured = capsys.readouterr()
     assert captured.out.startswith("3 images:") and "1 of 4 inputs could not be read" in captured.err
+    # one image: the report is written, the statistics (no covariance) are not
+    assert main(argv + ["--limit", "1", "--overwrite", "--save-stats", str(tmp_path / "one.safetensors")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("1 image: ") and "at least 2 images, have 1" in captured.err
+    assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 1
+    assert not (tmp_path / "one.safetensors").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"garbage")
+    cli_usage_error(capsys, "no readable images: all 1 were skipped", [argv[0], argv[1], str(tmp_path / "bad")]
+                    + argv[3:-4])
     cli_usage_error(capsys, "need --fid-weights", argv[:-4] + ["--save-stats", str(tmp_path / "s2.safetensors")])
     cli_usage_error(capsys, "--size must be a positive multiple", argv[:3] + ["--size", "30"])
     cli_usage_error(capsys, "batch_size must be positive", argv[:-4] + ["--batch-size", "0"])

@@ -87,10 +87,15 @@ def test_feature_stats_save_load_and_npz(tmp_path):
     assert back.n == 20 and torch.equal(back.mean, stats.mean) and torch.equal(back.cov, stats.cov)
     with pytest.raises(RuntimeError, match="loaded from a file"):
         back.update(torch.zeros(1, 8))
-    # pytorch-fid's --save-stats format
+    # pytorch-fid's --save-stats format, read and written; the format is told by the file's bytes
     np.savez(tmp_path / "s.npz", mu=stats.mean.numpy(), sigma=stats.cov.numpy())
     npz = FeatureStats.load(tmp_path / "s.npz")
     assert torch.equal(npz.mean, stats.mean) and torch.equal(npz.cov, stats.cov)
+    stats.save(tmp_path / "ours.npz")
+    with np.load(tmp_path / "ours.npz") as data:
+        assert np.array_equal(data["mu"], stats.mean.numpy()) and np.array_equal(data["sigma"], stats.cov.numpy())
+    (tmp_path / "s.safetensors").rename(tmp_path / "s.stats")
+    assert torch.equal(FeatureStats.load(tmp_path / "s.stats").cov, stats.cov)
     np.savez(tmp_path / "bad.npz", mu=stats.mean.numpy())
     with pytest.raises(ValueError, match="missing array sigma"):
         FeatureStats.load(tmp_path / "bad.npz")
@@ -161,6 +166,11 @@ def test_inception_from_file(tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"do not match the FID Inception-v3: .*Mixed_5b.branch1x1.conv.weight"):
         InceptionFeatures.from_file(tmp_path / "bad.pth")
+    # torchvision's ImageNet Inception: the same layer names, another network (refused, not loaded)
+    for extra in ({"AuxLogits.fc.weight": torch.zeros(1000, 768)}, {"fc.weight": torch.zeros(1000, 2048)}):
+        torch.save({**net.state_dict(), **extra}, tmp_path / "imagenet.pth")
+        with pytest.raises(ValueError, match="not the FID network's .*pt_inception-2015-12-05"):
+            InceptionFeatures.from_file(tmp_path / "imagenet.pth")
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # an object, not tensors: not unpickled
     with pytest.raises(ValueError, match="cannot be read"):
         InceptionFeatures.from_file(tmp_path / "pickled.pth")
