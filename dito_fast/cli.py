@@ -417,6 +417,7 @@ def cmd_evaluate(args) -> int:
 
     from .eval.evaluate import evaluate_reconstruction, image_batches
     from .eval.fid import FeatureStats, InceptionFeatures
+    from .eval.lpips import LPIPS
     from .models.dito import DiTo
     from .train import distributed
     from .train.checkpoint import atomic_write_json
@@ -441,6 +442,7 @@ def cmd_evaluate(args) -> int:
         _check_size(args.size, model.downsample_factor)
         features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if args.fid_weights else None
         reference = FeatureStats.load(args.fid_reference) if args.fid_reference else None
+        lpips = LPIPS.from_files(*args.lpips, map_location=dev) if args.lpips else None
         skipped: list = []
         try:
             batches = image_batches(args.data, args.size, args.batch_size, limit=args.limit, workers=args.workers,
@@ -451,7 +453,7 @@ def cmd_evaluate(args) -> int:
         with tqdm(desc="evaluate", unit="image", disable=not progress) as bar:
             try:
                 report, stats = evaluate_reconstruction(model, batches, features=features, reference=reference,
-                                                        seed=args.seed, progress=bar, ctx=ctx,
+                                                        lpips=lpips, seed=args.seed, progress=bar, ctx=ctx,
                                                         **_fast_decode_options(args))
             except ValueError as e:
                 if "no images" in str(e) and skipped:
@@ -467,6 +469,8 @@ def cmd_evaluate(args) -> int:
     quality = f"PSNR {report.psnr:.2f} dB"
     if report.ssim is not None:
         quality += f", SSIM {report.ssim:.4f}"
+    if report.lpips is not None:
+        quality += f", LPIPS {report.lpips:.4f}"
     if report.rfid is not None:
         quality += f", rFID {report.rfid:.3f}"
     print(f"{report.num_images} image{'s' if report.num_images != 1 else ''}: {quality} ({report.seconds:.1f} s)")
@@ -654,9 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fast_decode_args(d)
     d.set_defaults(func=cmd_decode)
 
-    v = sub.add_parser("evaluate", help="reconstruction PSNR, SSIM and rFID over an image set",
-                       description="Encode and decode every image of a set and report mean PSNR and SSIM, and "
-                                   "rFID with --fid-weights (original and reconstruction compared as 8-bit images; "
+    v = sub.add_parser("evaluate", help="reconstruction PSNR, SSIM, LPIPS and rFID over an image set",
+                       description="Encode and decode every image of a set and report mean PSNR and SSIM, LPIPS "
+                                   "with --lpips and rFID with --fid-weights (original and reconstruction compared as 8-bit images; "
                                    "image i's decode noise is seeded with --seed + i).")
     v.add_argument("model", help="model directory (config.json + model.safetensors)")
     v.add_argument("data", help="a folder of images (recursive, sorted), or 'builtin' / 'synthetic'")
@@ -673,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--fid-reference", default=None,
                    help="feature statistics to compare with (.safetensors from --save-stats, or pytorch-fid's .npz); "
                         "default: the originals' own")
+    v.add_argument("--lpips", nargs=2, metavar=("VGG16", "LPIPS_VGG"), default=None,
+                   help="LPIPS too, from torchvision's vgg16-397923af.pth and the lpips package's "
+                        "weights/v0.1/vgg.pth (or safetensors copies); none are downloaded")
     v.add_argument("--save-stats", default=None,
                    help="write the originals' feature statistics here (.safetensors, or .npz as pytorch-fid's)")
     v.add_argument("--json", default=None, help="write the report (settings, means, per-image PSNR and SSIM) here")

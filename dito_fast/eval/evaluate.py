@@ -1,9 +1,9 @@
-"""Reconstruction quality of a tokenizer over an image set: PSNR, SSIM and rFID.
+"""Reconstruction quality of a tokenizer over an image set: PSNR, SSIM, LPIPS and rFID.
 
 Each image is encoded and decoded (``fast_decode``, any sampler), and original and reconstruction
 are compared as 8-bit images (both rounded to 8 bits first, as when the reconstructions are saved
 as PNG files and compared with the originals' crops: the usual protocol of tokenizer papers).
-PSNR and SSIM are averaged over images; rFID compares the reconstructions' Inception features
+PSNR, SSIM and LPIPS are averaged over images; rFID compares the reconstructions' Inception features
 with the originals' (or with reference statistics given, e.g. a training set's).
 
 The decode noise of image ``i`` (its 0-based index in the set: a folder's sorted file list) is
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import ImageTransform, SyntheticImages, builtin_split, list_image_files, load_image
 from ..data.transforms import unreadable_file_error
 from .fid import FID_DIM, FeatureStats, InceptionFeatures, frechet_distance
+from .lpips import LPIPS
 from .metrics import SSIM_WINDOW, psnr, ssim
 from .report import to_uint8
 
@@ -41,13 +42,15 @@ class ReconstructionReport:
 
     psnr / ssim: means over the images (dB; SSIM None when images are smaller than its 11x11
     window); an exact reconstruction has an infinite PSNR, and so then has the mean. rfid: None without a feature
-    network. ``per_image``: {"index", "psnr", "ssim"} of each image, by index. ``skipped``: files
+    network, lpips None without the LPIPS network. ``per_image``: {"index", "psnr", "ssim",
+    "lpips"} of each image, by index. ``skipped``: files
     that could not be read (skipped and counted, not fatal)."""
 
     num_images: int
     psnr: float
     ssim: float | None
     rfid: float | None
+    lpips: float | None
     seconds: float
     settings: dict
     per_image: list[dict] = field(default_factory=list)
@@ -147,8 +150,8 @@ def _as_8bit(x: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatures | None = None,
-                            reference: FeatureStats | None = None, seed: int = 0, progress=None, ctx=None,
-                            **decode_options) -> tuple[ReconstructionReport, FeatureStats | None]:
+                            reference: FeatureStats | None = None, lpips: LPIPS | None = None, seed: int = 0,
+                            progress=None, ctx=None, **decode_options) -> tuple[ReconstructionReport, FeatureStats | None]:
     """Reconstruction metrics of ``model`` over ``images``.
 
     Args:
@@ -159,6 +162,7 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
         features: the FID network (:meth:`InceptionFeatures.from_file`); None: no rFID.
         reference: feature statistics to compare the reconstructions with (``FeatureStats.load``);
             None: the originals' own (the usual rFID).
+        lpips: the LPIPS network (:meth:`~dito_fast.eval.lpips.LPIPS.from_files`); None: no LPIPS.
         seed: image i's decode noise is seeded with seed + i.
         progress: anything with ``update(n)``, called with each batch's image count.
         ctx: a :class:`~dito_fast.train.distributed.DistContext` when several processes each
@@ -198,8 +202,11 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
         recon = fast_decode(model, model.encode(x), seed=[seed + i for i in indices], output="float",
                             **decode_options)
         recon = _as_8bit(recon)
-        quality = ssim(recon, x).tolist() if min(x.shape[-2:]) >= SSIM_WINDOW else [None] * len(indices)
-        rows += [{"index": i, "psnr": p, "ssim": q} for i, p, q in zip(indices, psnr(recon, x).tolist(), quality)]
+        none = [None] * len(indices)
+        ssims = ssim(recon, x).tolist() if min(x.shape[-2:]) >= SSIM_WINDOW else none
+        perceptual = lpips(recon, x).tolist() if lpips is not None else none
+        rows += [{"index": i, "psnr": p, "ssim": q, "lpips": d}
+                 for i, p, q, d in zip(indices, psnr(recon, x).tolist(), ssims, perceptual)]
         if fake is not None:
             fake.update(features(recon))
             if real is not None:
@@ -227,10 +234,12 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
                 logger.warning("rFID from %d images: fewer than the 2048 feature dimensions, the covariances "
                                "are singular and the value is biased high (papers use 50000)", fake.n)
             rfid = frechet_distance(fake.mean, fake.cov, target.mean, target.cov)
-    ssims = [r["ssim"] for r in rows if r["ssim"] is not None]
+    def mean(key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return float(torch.tensor(values, dtype=torch.float64).mean()) if values else None
+
     report = ReconstructionReport(
-        num_images=len(rows), psnr=float(torch.tensor([r["psnr"] for r in rows], dtype=torch.float64).mean()),
-        ssim=sum(ssims) / len(ssims) if ssims else None, rfid=rfid, seconds=seconds,
+        num_images=len(rows), psnr=mean("psnr"), ssim=mean("ssim"), rfid=rfid, lpips=mean("lpips"), seconds=seconds,
         settings={"model": model.config.name, "image_size": [list(s) for s in sorted(sizes)], "seed": seed,
                   "nfe": solver.nfe, "processes": ctx.world_size,
                   **{k: v if isinstance(v, (bool, int, float, str)) else str(v)

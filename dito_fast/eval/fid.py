@@ -373,22 +373,9 @@ class InceptionFeatures(nn.Module):
         are ignored. torchvision's ImageNet Inception weights (same layer names, another network)
         are refused."""
         from ..models._pretrained import state_mismatch
+        from ._weights import read_state_dict
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Inception weights {path}: no such file (pytorch-fid's "
-                                    "pt_inception-2015-12-05-6726825d.pth, downloaded by you)")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"Inception weights {path}: cannot be read ({e})") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"Inception weights {path}: not a state dict of tensors")
+        state = read_state_dict(path, "Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
         fc = state.get("fc.weight")
         if any(k.startswith("AuxLogits.") for k in state) or (fc is not None and tuple(fc.shape) != (1008, 2048)):
             # torchvision's ImageNet Inception has the same layer names, but another network and

@@ -12,6 +12,7 @@ from PIL import Image
 from dito_fast.decode import fast_decode
 from dito_fast.eval.evaluate import evaluate_reconstruction, image_batches
 from dito_fast.eval.fid import FeatureStats, InceptionFeatures, frechet_distance
+from dito_fast.eval.lpips import LPIPS
 from dito_fast.eval.metrics import psnr, ssim
 from dito_fast.eval.report import to_uint8
 
@@ -42,7 +43,7 @@ def test_metrics_match_a_direct_computation_and_not_the_batch_size(micro_model, 
     assert [r["index"] for r in all_at_once.per_image] == [0, 1, 2]
     assert all_at_once.psnr == pytest.approx(float(psnr(recon, x).mean()), rel=1e-6)
     assert all_at_once.ssim == pytest.approx(float(ssim(recon, x).mean()), rel=1e-6)
-    assert all_at_once.num_images == 3 and all_at_once.rfid is None
+    assert all_at_once.num_images == 3 and all_at_once.rfid is None and all_at_once.lpips is None
     assert all_at_once.settings["sampler"] == "euler" and all_at_once.settings["nfe"] == 3
     assert all_at_once.settings["image_size"] == [[32, 32]]
     # (indices, batch) pairs: image i seeded with seed + i, its figures under its index
@@ -53,16 +54,19 @@ def test_metrics_match_a_direct_computation_and_not_the_batch_size(micro_model, 
         [all_at_once.per_image[i]["psnr"] for i in (2, 0, 1)], rel=1e-6)
 
 
-def test_rfid_is_the_distance_between_the_feature_statistics(micro_model, images):
+def test_rfid_and_lpips(micro_model, images):
     torch.manual_seed(0)
-    net = InceptionFeatures()
-    report, real = evaluate_reconstruction(micro_model, [images[:2], images[2:]], features=net, sampler="euler",
-                                           steps=2)
+    net, lpips = InceptionFeatures(), LPIPS()
+    report, real = evaluate_reconstruction(micro_model, [images[:2], images[2:]], features=net, lpips=lpips,
+                                           sampler="euler", steps=2)
     x = _as_8bit(images)
     with torch.inference_mode():
         recon = _as_8bit(fast_decode(micro_model, micro_model.encode(x), seed=[0, 1, 2], sampler="euler", steps=2,
                                      output="float"))
         fx, fr = net(x), net(recon)
+        distances = lpips(recon, x)
+    assert [r["lpips"] for r in report.per_image] == pytest.approx(distances.tolist(), rel=1e-5)
+    assert report.lpips == pytest.approx(float(distances.double().mean()), rel=1e-5)
     fake = FeatureStats()
     fake.update(fr)
     assert real.n == 3 and torch.allclose(real.mean, fx.double().mean(0), atol=1e-6)
@@ -113,13 +117,19 @@ def test_evaluate_command(tmp_path, micro_model, capsys):
     from safetensors.torch import save_file
 
     save_file(dict(InceptionFeatures().state_dict()), str(weights))
+    lpips = LPIPS()
+    save_file({k: v for k, v in lpips.state_dict().items() if k.startswith("features.")},
+              str(tmp_path / "vgg.safetensors"))
+    save_file({f"lin{k}.model.1.weight": lpips.state_dict()[f"lin{k}.weight"] for k in range(5)},
+              str(tmp_path / "lin.safetensors"))
     argv = ["evaluate", str(tmp_path / "model"), str(tmp_path / "set"), "--size", "32", "--batch-size", "2",
             "--sampler", "euler", "--steps", "2", "--fid-weights", str(weights), "--json", str(tmp_path / "r.json")]
-    assert main(argv + ["--save-stats", str(tmp_path / "stats.safetensors")]) == 0
+    assert main(argv + ["--save-stats", str(tmp_path / "stats.safetensors"), "--lpips",
+                        str(tmp_path / "vgg.safetensors"), str(tmp_path / "lin.safetensors")]) == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     assert out.startswith(f"3 images: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}, "
-                          f"rFID {report['rfid']:.3f}")
+                          f"LPIPS {report['lpips']:.4f}, rFID {report['rfid']:.3f}")
     assert len(report["per_image"]) == 3 and report["skipped"] == []
     assert FeatureStats.load(tmp_path / "stats.safetensors").n == 3
     # outputs that exist or are folders: refused before the run
