@@ -9,8 +9,9 @@ five layers are summed.
 
 No weights ship with the package and nothing is downloaded: :meth:`LPIPS.from_files` takes
 torchvision's ImageNet VGG16 (``vgg16-397923af.pth``) and the ``lpips`` package's calibrated
-layers (``lpips/weights/v0.1/vgg.pth``), both read with ``weights_only=True`` (or safetensors
-copies with the same names).
+layers (``lpips/weights/v0.1/vgg.pth``; v0.0's file has the same names and shapes but other
+values, and cannot be told apart), both read with ``weights_only=True`` (or safetensors copies
+with the same names).
 """
 
 from __future__ import annotations
