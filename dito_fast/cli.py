@@ -415,7 +415,7 @@ def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:
 def cmd_evaluate(args) -> int:
     from tqdm.auto import tqdm
 
-    from .eval.evaluate import evaluate_reconstruction, image_batches
+    from .eval.evaluate import NoImagesError, evaluate_reconstruction, image_batches
     from .eval.fid import FeatureStats, InceptionFeatures
     from .eval.lpips import LPIPS
     from .models.dito import DiTo
@@ -429,13 +429,12 @@ def cmd_evaluate(args) -> int:
     if args.save_stats and args.fid_reference:
         raise UsageError("--save-stats writes the originals' statistics, which --fid-reference replaces: "
                          "give one of them")
+    if args.lpips and args.size < 16:
+        raise UsageError(f"--lpips needs images of at least 16x16 (VGG16's four pools), got --size {args.size}")
     for flag, out in (("--json", args.json), ("--save-stats", args.save_stats)):
-        # before hours of decoding, not after
-        if out is not None and Path(out).is_dir():
-            raise UsageError(f"{flag} {_shown(out)} is a folder; give a file name")
-        if out is not None and os.path.lexists(out) and not args.overwrite:
-            raise UsageError(f"{flag} {_shown(out)} exists already (--overwrite replaces it)")
-    ctx, dev = distributed.setup(device=args.device)  # under torchrun: each rank takes every world_size-th image
+        if out is not None:  # before hours of decoding, not after
+            _check_output_file(flag, Path(out), args.overwrite)
+    ctx, dev = distributed.setup(device=args.device, timeout_minutes=args.dist_timeout)
     ok = False
     try:
         model = DiTo.from_pretrained(args.model, map_location=dev, dtype=torch.float32)
@@ -450,22 +449,27 @@ def cmd_evaluate(args) -> int:
         except (ValueError, OSError) as e:
             raise UsageError(str(e)) from None
         progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
-        with tqdm(desc="evaluate", unit="image", disable=not progress) as bar:
+        report = None
+        with tqdm(desc="evaluate" if ctx.world_size == 1 else "evaluate (rank 0's share)", unit="image",
+                  total=len(batches), disable=not progress) as bar:
             try:
                 report, stats = evaluate_reconstruction(model, batches, features=features, reference=reference,
                                                         lpips=lpips, seed=args.seed, progress=bar, ctx=ctx,
                                                         **_fast_decode_options(args))
-            except ValueError as e:
-                if "no images" in str(e) and skipped:
-                    raise ValueError(f"no readable images: all {len(skipped)} were skipped") from None
-                raise
+            except NoImagesError:  # raised on every rank alike, after the gathers
+                pass
         skipped = sorted(p for part in distributed.all_gather_object(skipped, ctx) for p in part)
         ok = True
     finally:
         distributed.teardown(ctx, ok)
     if not ctx.is_main:
-        return 0
+        return 0 if report is not None else 2
+    if report is None:
+        raise ValueError(f"no readable images: all {len(skipped)} were skipped" if skipped else
+                         f"no images in {args.data}")
     report.skipped = [_shown(Path(p)) for p in skipped]
+    report.settings.update(data=_shown(args.data), size=args.size, limit=args.limit,
+                           fid_reference=args.fid_reference and _shown(args.fid_reference))
     quality = f"PSNR {report.psnr:.2f} dB"
     if report.ssim is not None:
         quality += f", SSIM {report.ssim:.4f}"
@@ -473,18 +477,39 @@ def cmd_evaluate(args) -> int:
         quality += f", LPIPS {report.lpips:.4f}"
     if report.rfid is not None:
         quality += f", rFID {report.rfid:.3f}"
-    print(f"{report.num_images} image{'s' if report.num_images != 1 else ''}: {quality} ({report.seconds:.1f} s)")
+    exact = f"; {report.exact_images} reconstructed exactly (infinite PSNR)" if report.exact_images else ""
+    print(f"{report.num_images} image{'s' if report.num_images != 1 else ''}: {quality} ({report.seconds:.1f} s)"
+          f"{exact}")
     if args.json:
         atomic_write_json(report.to_dict(), args.json)
         print(f"report: {args.json}")
+    status = 0
     if args.save_stats and stats is not None:
         if stats.n < 2:
             print(f"feature statistics not written: a covariance needs at least 2 images, have {stats.n}",
                   file=sys.stderr)
-            return 1
-        stats.save(args.save_stats)
-        print(f"feature statistics of the originals: {args.save_stats}")
-    return _skipped_exit(skipped, report.num_images + len(skipped))
+            status = 1
+        else:
+            stats.save(args.save_stats)
+            print(f"feature statistics of the originals: {args.save_stats}")
+    status = max(status, _skipped_exit(skipped, report.num_images + len(skipped)))
+    # torchrun takes a worker's non-zero exit for a failure (and with --max-restarts reruns the
+    # whole job): a partial evaluation, said above, exits 0 there
+    return 0 if ctx.distributed else status
+
+
+def _check_output_file(flag: str, out: Path, overwrite: bool) -> None:
+    """An output file that can be written: not a folder, not an existing file without
+    --overwrite, in a folder that exists or can be made and is writable."""
+    if out.is_dir():
+        raise UsageError(f"{flag} {_shown(out)} is a folder; give a file name")
+    if os.path.lexists(out) and not overwrite:
+        raise UsageError(f"{flag} {_shown(out)} exists already (--overwrite replaces it)")
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {_shown(out)}: {_shown(folder)} is not a writable folder")
 
 
 def cmd_info(args) -> int:
@@ -682,8 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights/v0.1/vgg.pth (or safetensors copies); none are downloaded")
     v.add_argument("--save-stats", default=None,
                    help="write the originals' feature statistics here (.safetensors, or .npz as pytorch-fid's)")
-    v.add_argument("--json", default=None, help="write the report (settings, means, per-image PSNR and SSIM) here")
+    v.add_argument("--json", default=None,
+                   help="write the report here (means, each image's figures, the settings, the skipped files)")
     v.add_argument("--overwrite", action="store_true", help="replace the --json and --save-stats files if they exist")
+    v.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: minutes a rank waits for the others at the end (default: the backend's)")
     _add_fast_decode_args(v)
     v.set_defaults(func=cmd_evaluate)
 

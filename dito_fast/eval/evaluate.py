@@ -41,7 +41,8 @@ class ReconstructionReport:
     """What :func:`evaluate_reconstruction` measured.
 
     psnr / ssim: means over the images (dB; SSIM None when images are smaller than its 11x11
-    window); an exact reconstruction has an infinite PSNR, and so then has the mean. rfid: None without a feature
+    window); an exact reconstruction has an infinite PSNR, and so then has the mean (written as
+    null in JSON): ``exact_images`` counts them. rfid: None without a feature
     network, lpips None without the LPIPS network. ``per_image``: {"index", "psnr", "ssim",
     "lpips"} of each image, by index. ``skipped``: files
     that could not be read (skipped and counted, not fatal)."""
@@ -52,6 +53,7 @@ class ReconstructionReport:
     rfid: float | None
     lpips: float | None
     seconds: float
+    exact_images: int
     settings: dict
     per_image: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -98,7 +100,7 @@ def _keep_all(items):
 
 def image_batches(source: str | os.PathLike, size: int, batch_size: int, *, limit: int | None = None,
                   workers: int = 0, skipped: list | None = None, rank: int = 0, world_size: int = 1
-                  ) -> Iterator[tuple[list[int], torch.Tensor]]:
+                  ) -> "ImageBatches":
     """(indices, images (b, 3, size, size) float32 in [-1, 1]) batches of an evaluation set, each
     image once, in a fixed order (``rank`` of ``world_size`` processes: images rank, rank +
     world_size, ...): a folder's image files (recursive, sorted; resized so the shorter side is
@@ -127,28 +129,41 @@ def image_batches(source: str | os.PathLike, size: int, batch_size: int, *, limi
         raise ValueError(f"data {source!r} is neither a folder nor 'builtin' or 'synthetic'")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_keep_all)
-    return _good_batches(loader, dataset, skipped)
+    return ImageBatches(dataset, batch_size, workers, range(rank, len(dataset), world_size), skipped)
 
 
-def _good_batches(loader: DataLoader, dataset: Dataset, skipped: list | None):
-    for items in loader:
-        good = [(i, x) for i, x, _ in items if x is not None]
-        for i, x, error in items:
-            if x is None:
-                logger.warning("skipping unreadable image %s (%s)", dataset.files[i], error)
-                if skipped is not None:
-                    skipped.append(dataset.files[i])
-        if good:
-            yield [i for i, _ in good], torch.stack([x for _, x in good])
+class ImageBatches:
+    """What :func:`image_batches` returns: iterating gives (indices, images) batches;
+    ``len()`` is the number of images this rank reads (unreadable files included)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, workers: int, share: range, skipped: list | None):
+        self.dataset, self.share, self.skipped = dataset, share, skipped
+        self.loader = DataLoader(torch.utils.data.Subset(dataset, share), batch_size=batch_size, shuffle=False,
+                                 num_workers=workers, collate_fn=_keep_all)
+
+    def __len__(self) -> int:
+        return len(self.share)
+
+    def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor]]:
+        for items in self.loader:
+            good = [(i, x) for i, x, _ in items if x is not None]
+            for i, x, error in items:
+                if x is None:
+                    logger.warning("skipping unreadable image %s (%s)", self.dataset.files[i], error)
+                    if self.skipped is not None:
+                        self.skipped.append(self.dataset.files[i])
+            if good:
+                yield [i for i, _ in good], torch.stack([x for _, x in good])
 
 
 def _as_8bit(x: torch.Tensor) -> torch.Tensor:
     return to_uint8(x).float() / 127.5 - 1
 
 
-@torch.inference_mode()
+class NoImagesError(ValueError):
+    """The image set gave no image to evaluate (empty, or every file unreadable)."""
+
+
 def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatures | None = None,
                             reference: FeatureStats | None = None, lpips: LPIPS | None = None, seed: int = 0,
                             progress=None, ctx=None, **decode_options) -> tuple[ReconstructionReport, FeatureStats | None]:
@@ -158,12 +173,13 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
         model: a :class:`~dito_fast.DiTo` (its device is used).
         images: batches (b, 3, H, W) in [-1, 1], H and W multiples of the model's downsampling
             factor, or (indices, batch) pairs as :func:`image_batches` gives them (plain batches
-            are numbered 0, 1, ... in order).
+            are numbered 0, 1, ... in order; not with ``ctx``, where the indices must say which
+            images each rank has).
         features: the FID network (:meth:`InceptionFeatures.from_file`); None: no rFID.
         reference: feature statistics to compare the reconstructions with (``FeatureStats.load``);
             None: the originals' own (the usual rFID).
         lpips: the LPIPS network (:meth:`~dito_fast.eval.lpips.LPIPS.from_files`); None: no LPIPS.
-        seed: image i's decode noise is seeded with seed + i.
+        seed: image i's decode noise is seeded with (seed + i) mod 2^64.
         progress: anything with ``update(n)``, called with each batch's image count.
         ctx: a :class:`~dito_fast.train.distributed.DistContext` when several processes each
             evaluate a share of the set (:func:`image_batches`'s ``rank``/``world_size``): every
@@ -173,6 +189,8 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
     Returns:
         (report, the originals' feature statistics or None), the statistics to save as a
         reference for later runs.
+    Raises:
+        NoImagesError: no image in the whole set (on every rank).
     """
     from ..decode import fast_decode, resolve_settings
     from ..train.distributed import DistContext, all_gather_object
@@ -197,51 +215,62 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"evaluate_reconstruction: expected image batches (b, 3, H, W), got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
+        if indices is None and ctx.distributed:
+            raise ValueError("evaluate_reconstruction: with several processes, give (indices, batch) pairs "
+                             "(image_batches(..., rank=, world_size=)): plain batches would be numbered alike on "
+                             "every rank")
         indices = list(range(len(rows), len(rows) + x.shape[0])) if indices is None else list(indices)
-        x = _as_8bit(x.to(device))
-        recon = fast_decode(model, model.encode(x), seed=[seed + i for i in indices], output="float",
-                            **decode_options)
-        recon = _as_8bit(recon)
-        none = [None] * len(indices)
-        ssims = ssim(recon, x).tolist() if min(x.shape[-2:]) >= SSIM_WINDOW else none
-        perceptual = lpips(recon, x).tolist() if lpips is not None else none
-        rows += [{"index": i, "psnr": p, "ssim": q, "lpips": d}
-                 for i, p, q, d in zip(indices, psnr(recon, x).tolist(), ssims, perceptual)]
-        if fake is not None:
-            fake.update(features(recon))
+        with torch.inference_mode():
+            x = _as_8bit(x.to(device))
+            recon = fast_decode(model, model.encode(x), seed=[(seed + i) % 2**64 for i in indices],
+                                output="float", **decode_options)
+            recon = _as_8bit(recon)
+            none = [None] * len(indices)
+            ssims = ssim(recon, x).tolist() if min(x.shape[-2:]) >= SSIM_WINDOW else none
+            perceptual = lpips(recon, x).tolist() if lpips is not None else none
+            psnrs = psnr(recon, x).tolist()
+            feats = (features(recon), features(x) if real is not None else None) if fake is not None else None
+        rows += [{"index": i, "psnr": p, "ssim": q, "lpips": d} for i, p, q, d in zip(indices, psnrs, ssims, perceptual)]
+        if feats is not None:  # (outside inference mode: the statistics stay usable afterwards)
+            fake.update(feats[0])
             if real is not None:
-                real.update(features(x))
+                real.update(feats[1])
         sizes.add(tuple(x.shape[-2:]))
         if progress is not None:
             progress.update(x.shape[0])
     seconds = time.perf_counter() - start
     if ctx.distributed:  # the whole set on every rank
-        rows = sorted((r for part in all_gather_object(rows, ctx) for r in part), key=lambda r: r["index"])
+        rows = [r for part in all_gather_object(rows, ctx) for r in part]
         sizes = set().union(*all_gather_object(sizes, ctx))
         seconds = max(all_gather_object(seconds, ctx))
         for stats in (real, fake):
             if stats is not None:
                 stats.all_reduce(ctx, device)
     if not rows:
-        raise ValueError("evaluate_reconstruction: no images")
+        raise NoImagesError("evaluate_reconstruction: no images")
+    rows.sort(key=lambda r: r["index"])
     rfid = None
     if fake is not None:
         target = reference if reference is not None else real
         if fake.n < 2 or (reference is None and target.n < 2):
-            logger.warning("rFID needs at least 2 images; not computed")
+            if ctx.is_main:
+                logger.warning("rFID needs at least 2 images; not computed")
         else:
-            if fake.n < 2048:
+            if fake.n < 2048 and ctx.is_main:
                 logger.warning("rFID from %d images: fewer than the 2048 feature dimensions, the covariances "
                                "are singular and the value is biased high (papers use 50000)", fake.n)
             rfid = frechet_distance(fake.mean, fake.cov, target.mean, target.cov)
+
     def mean(key):
         values = [r[key] for r in rows if r[key] is not None]
         return float(torch.tensor(values, dtype=torch.float64).mean()) if values else None
 
     report = ReconstructionReport(
         num_images=len(rows), psnr=mean("psnr"), ssim=mean("ssim"), rfid=rfid, lpips=mean("lpips"), seconds=seconds,
+        exact_images=sum(r["psnr"] == float("inf") for r in rows),
         settings={"model": model.config.name, "image_size": [list(s) for s in sorted(sizes)], "seed": seed,
                   "nfe": solver.nfe, "processes": ctx.world_size,
+                  "rfid_against": None if fake is None else "reference" if reference is not None else "originals",
                   **{k: v if isinstance(v, (bool, int, float, str)) else str(v)
                      for k, v in decode_options.items() if v is not None}},
         per_image=rows)
