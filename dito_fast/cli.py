@@ -448,6 +448,8 @@ def cmd_evaluate(args) -> int:
                                     skipped=skipped, rank=ctx.rank, world_size=ctx.world_size)
         except (ValueError, OSError) as e:
             raise UsageError(str(e)) from None
+        save = _reconstruction_writer(Path(args.save_images), batches.names(), args.overwrite) if args.save_images \
+            else None
         progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
         report = None
         with tqdm(desc="evaluate" if ctx.world_size == 1 else "evaluate (rank 0's share)", unit="image",
@@ -455,7 +457,7 @@ def cmd_evaluate(args) -> int:
             try:
                 report, stats = evaluate_reconstruction(model, batches, features=features, reference=reference,
                                                         lpips=lpips, seed=args.seed, progress=bar, ctx=ctx,
-                                                        **_fast_decode_options(args))
+                                                        on_batch=save, **_fast_decode_options(args))
             except NoImagesError:  # raised on every rank alike, after the gathers
                 pass
         skipped = sorted(p for part in distributed.all_gather_object(skipped, ctx) for p in part)
@@ -496,6 +498,28 @@ def cmd_evaluate(args) -> int:
     # torchrun takes a worker's non-zero exit for a failure (and with --max-restarts reruns the
     # whole job): a partial evaluation, said above, exits 0 there
     return 0 if ctx.distributed else status
+
+
+def _reconstruction_writer(folder: Path, names: dict[int, str], overwrite: bool):
+    """on_batch for evaluate --save-images: each reconstruction as folder/<name>.png, after
+    checking that no two images share a name and that no file would be replaced (without
+    --overwrite)."""
+    from .eval.report import save_image
+
+    targets = {i: folder / f"{name}.png" for i, name in names.items()}
+    seen: dict[Path, int] = {}
+    for i, target in targets.items():
+        if target in seen:  # a.jpg and a.png in one folder
+            raise UsageError(f"--save-images: images {seen[target]} and {i} would both be written to {_shown(target)}")
+        seen[target] = i
+        if not overwrite and os.path.lexists(target):
+            raise UsageError(f"--save-images: {_shown(target)} exists already (--overwrite replaces it)")
+
+    def write(indices, originals, reconstructions):
+        for i, image in zip(indices, reconstructions):
+            save_image(image, targets[i])  # (atomic; creates the folders)
+
+    return write
 
 
 def _check_output_file(flag: str, out: Path, overwrite: bool) -> None:
@@ -709,7 +733,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the originals' feature statistics here (.safetensors, or .npz as pytorch-fid's)")
     v.add_argument("--json", default=None,
                    help="write the report here (means, each image's figures, the settings, the skipped files)")
-    v.add_argument("--overwrite", action="store_true", help="replace the --json and --save-stats files if they exist")
+    v.add_argument("--save-images", default=None,
+                   help="write each reconstruction here as PNG (a folder's subfolders mirrored; builtin/synthetic: "
+                        "000000.png, ...), e.g. for other FID tools")
+    v.add_argument("--overwrite", action="store_true",
+                   help="replace the --json, --save-stats and --save-images files if they exist")
     v.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: minutes a rank waits for the others at the end (default: the backend's)")
     _add_fast_decode_args(v)

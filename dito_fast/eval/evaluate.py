@@ -66,8 +66,12 @@ class _Files(Dataset):
     """Image files as (index, (3, size, size) in [-1, 1] or None, error text): an unreadable
     file is reported by the batch, not raised, so that it is skipped and counted once."""
 
-    def __init__(self, files: list[str], size: int):
-        self.files, self.transform = files, ImageTransform(size, crop="center")
+    def __init__(self, files: list[str], size: int, root: str):
+        self.files, self.transform, self.root = files, ImageTransform(size, crop="center"), root
+
+    def name(self, i: int) -> str:
+        """The file's path below the folder, without its ending."""
+        return os.path.splitext(os.path.relpath(self.files[i], self.root))[0]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -92,6 +96,9 @@ class _Named(Dataset):
 
     def __getitem__(self, i: int):
         return i, self.dataset[i], ""
+
+    def name(self, i: int) -> str:
+        return f"{i:06d}"
 
 
 def _keep_all(items):
@@ -120,7 +127,7 @@ def image_batches(source: str | os.PathLike, size: int, batch_size: int, *, limi
         files = list_image_files(source)
         if not files:
             raise ValueError(f"no image files under {source}")
-        dataset: Dataset = _Files(files[:limit] if limit else files, size)
+        dataset: Dataset = _Files(files[:limit] if limit else files, size, os.fspath(source))
     elif source == "builtin":  # the held-out photographs' crops and unseen synthetic images
         dataset = _Named(builtin_split(size, 1, num_val=limit or NAMED_SOURCE_IMAGES)[1])
     elif source == "synthetic":
@@ -144,6 +151,11 @@ class ImageBatches:
     def __len__(self) -> int:
         return len(self.share)
 
+    def names(self) -> dict[int, str]:
+        """{index: name} of every image of the set (every rank's): a folder's files by their path
+        below it, without the ending; a named source's as 000000, 000001, ..."""
+        return {i: self.dataset.name(i) for i in range(len(self.dataset))}
+
     def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor]]:
         for items in self.loader:
             good = [(i, x) for i, x, _ in items if x is not None]
@@ -166,7 +178,7 @@ class NoImagesError(ValueError):
 
 def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatures | None = None,
                             reference: FeatureStats | None = None, lpips: LPIPS | None = None, seed: int = 0,
-                            progress=None, ctx=None, **decode_options) -> tuple[ReconstructionReport, FeatureStats | None]:
+                            progress=None, ctx=None, on_batch=None, **decode_options) -> tuple[ReconstructionReport, FeatureStats | None]:
     """Reconstruction metrics of ``model`` over ``images``.
 
     Args:
@@ -181,6 +193,8 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
         lpips: the LPIPS network (:meth:`~dito_fast.eval.lpips.LPIPS.from_files`); None: no LPIPS.
         seed: image i's decode noise is seeded with (seed + i) mod 2^64.
         progress: anything with ``update(n)``, called with each batch's image count.
+        on_batch: called as ``on_batch(indices, originals, reconstructions)`` after each batch,
+            the images (b, 3, H, W) float in [-1, 1] on 8-bit levels (e.g. to save them).
         ctx: a :class:`~dito_fast.train.distributed.DistContext` when several processes each
             evaluate a share of the set (:func:`image_batches`'s ``rank``/``world_size``): every
             rank returns the whole set's report and statistics.
@@ -236,6 +250,8 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
             if real is not None:
                 real.update(feats[1])
         sizes.add(tuple(x.shape[-2:]))
+        if on_batch is not None:
+            on_batch(indices, x, recon)
         if progress is not None:
             progress.update(x.shape[0])
     seconds = time.perf_counter() - start

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dito_fast.decode import fast_decode
+from dito_fast.models.dito import DiTo
 from dito_fast.eval.evaluate import evaluate_reconstruction, image_batches
 from dito_fast.eval.fid import FeatureStats, InceptionFeatures, frechet_distance
 from dito_fast.eval.lpips import LPIPS
@@ -147,6 +149,22 @@ def test_evaluate_command(tmp_path, micro_model, capsys):
                           f"LPIPS {report['lpips']:.4f}, rFID {report['rfid']:.3f}")
     assert len(report["per_image"]) == 3 and report["skipped"] == []
     assert FeatureStats.load(tmp_path / "stats.safetensors").n == 3
+    # --save-images: the reconstructions as PNG files, as compared (8-bit)
+    assert main(argv[:-2] + ["--save-images", str(tmp_path / "recon"), "--lpips", str(tmp_path / "vgg.safetensors"),
+                             str(tmp_path / "lin.safetensors")]) == 0
+    assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["img0.png", "img1.png", "img2.png"]
+    saved = torch.from_numpy(np.array(Image.open(tmp_path / "recon" / "img1.png"))).permute(2, 0, 1)
+    model = DiTo.from_pretrained(tmp_path / "model")
+    x = _as_8bit(next(iter(image_batches(tmp_path / "set", 32, 3)))[1])
+    with torch.inference_mode():
+        recon = fast_decode(model, model.encode(x), seed=[0, 1, 2], sampler="euler", steps=2)
+    assert torch.equal(saved, recon[1])
+    assert psnr(saved[None].float() / 127.5 - 1, x[1:2]).item() == pytest.approx(report["per_image"][1]["psnr"])
+    cli_usage_error(capsys, "img0.png exists already", argv[:-2] + ["--save-images", str(tmp_path / "recon")])
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "set" / "img0.jpg")
+    cli_usage_error(capsys, "would both be written to", argv[:-2] + ["--save-images", str(tmp_path / "r2")])
+    (tmp_path / "set" / "img0.jpg").unlink()
+    capsys.readouterr()
     # outputs that exist or are folders: refused before the run
     cli_usage_error(capsys, "exists already (--overwrite replaces it)", argv)
     cli_usage_error(capsys, "is a folder", argv[:-1] + [str(tmp_path)])
