@@ -500,6 +500,60 @@ def cmd_evaluate(args) -> int:
     return 0 if ctx.distributed else status
 
 
+def cmd_fid(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .eval.evaluate import image_batches, image_set_stats
+    from .eval.fid import FID_DIM, FeatureStats, InceptionFeatures, frechet_distance
+    from .train import distributed
+
+    if args.save_stats is not None:
+        _check_output_file("--save-stats", Path(args.save_stats), args.overwrite)
+    is_stats = [Path(a).is_file() for a in (args.source, args.reference)]
+    if args.save_stats is not None and is_stats[0]:
+        raise UsageError("--save-stats writes the statistics of SOURCE's images, but SOURCE is a statistics file")
+    ctx, dev = distributed.setup(device=args.device, timeout_minutes=args.dist_timeout)
+    ok = False
+    try:
+        features = InceptionFeatures.from_file(args.fid_weights, map_location=dev)
+        both, skipped = [], []
+        for name, given_stats in zip((args.source, args.reference), is_stats):
+            if given_stats:
+                both.append(FeatureStats.load(name))
+                continue
+            try:
+                batches = image_batches(name, args.size, args.batch_size, limit=args.limit, workers=args.workers,
+                                        skipped=skipped, rank=ctx.rank, world_size=ctx.world_size)
+            except (ValueError, OSError) as e:
+                raise UsageError(str(e)) from None
+            with tqdm(desc=_shown(name), unit="image", total=len(batches),
+                      disable=not (ctx.is_main and not args.no_progress and sys.stderr.isatty())) as bar:
+                both.append(image_set_stats(batches, features, progress=bar, ctx=ctx))
+        skipped = sorted(p for part in distributed.all_gather_object(skipped, ctx) for p in part)
+        ok = True
+    finally:
+        distributed.teardown(ctx, ok)
+    if not ctx.is_main:
+        return 0
+    for stats, name, given_stats in zip(both, (args.source, args.reference), is_stats):
+        if given_stats and stats.dim != FID_DIM:
+            raise ValueError(f"{_shown(name)}: statistics of {stats.dim}-dimensional features, the FID network's "
+                             f"are {FID_DIM}-dimensional")
+        if not given_stats and stats.n < 2:
+            raise ValueError(f"{_shown(name)}: {stats.n} readable image(s); a covariance needs at least 2")
+    fid = frechet_distance(both[0].mean, both[0].cov, both[1].mean, both[1].cov)
+    counts = " vs ".join(str(st.n) if st.n else "?" for st in both)
+    print(f"FID {fid:.4f} ({counts} images)")
+    if min(st.n for st in both if st.n) < 2048:
+        print("fewer than 2048 images on a side: the covariances are singular and the value is biased high "
+              "(papers use 50000)", file=sys.stderr)
+    if args.save_stats is not None:
+        both[0].save(args.save_stats)
+        print(f"feature statistics of {_shown(args.source)}: {args.save_stats}")
+    status = _skipped_exit(skipped, sum(st.n for st, f in zip(both, is_stats) if not f) + len(skipped))
+    return 0 if ctx.distributed else status
+
+
 def _reconstruction_writer(folder: Path, names: dict[int, str], overwrite: bool):
     """on_batch for evaluate --save-images: each reconstruction as folder/<name>.png, after
     checking that no two images share a name and that no file would be replaced (without
@@ -742,6 +796,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: minutes a rank waits for the others at the end (default: the backend's)")
     _add_fast_decode_args(v)
     v.set_defaults(func=cmd_evaluate)
+
+    f = sub.add_parser("fid", help="FID between two image sets (or saved statistics)",
+                       description="Fréchet Inception Distance between SOURCE and REFERENCE, each a folder of images "
+                                   "(recursive; resized and center-cropped to --size, rounded to 8 bits), "
+                                   "'builtin'/'synthetic', or a statistics file (--save-stats of this command or of "
+                                   "evaluate; pytorch-fid's .npz). Under torchrun each rank reads a share.")
+    f.add_argument("source", help="images (e.g. a model's samples) or statistics")
+    f.add_argument("reference", help="images or statistics to compare with")
+    f.add_argument("--fid-weights", required=True,
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors copy); none are "
+                        "downloaded")
+    f.add_argument("--size", type=int, required=True, help="resize the shorter side to this and center-crop")
+    f.add_argument("--batch-size", type=int, default=50)
+    f.add_argument("--limit", type=int, default=None, help="the first N files of each folder only")
+    f.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this one)")
+    f.add_argument("--save-stats", default=None, help="write SOURCE's statistics here (.safetensors, or .npz)")
+    f.add_argument("--overwrite", action="store_true", help="replace the --save-stats file if it exists")
+    f.add_argument("--device", default="auto")
+    f.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: minutes a rank waits for the others (default: the backend's)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
+    f.set_defaults(func=cmd_fid)
 
     i = sub.add_parser("info", help="presets (parameters, GFLOPs per decoder step) and backends")
     i.set_defaults(func=cmd_info)

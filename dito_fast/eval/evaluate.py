@@ -291,3 +291,26 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
                      for k, v in decode_options.items() if v is not None}},
         per_image=rows)
     return report, real
+
+
+def image_set_stats(images: Iterable, features: InceptionFeatures, *, progress=None, ctx=None) -> FeatureStats:
+    """Feature statistics of an image set: ``images`` as :func:`image_batches` gives them
+    ((indices, batch) pairs, or plain batches) in [-1, 1], ``features`` the FID network. With
+    ``ctx`` (several processes, each with its share), every rank returns the whole set's."""
+    from ..train.distributed import DistContext
+
+    ctx = ctx or DistContext()
+    device = next(features.parameters()).device
+    stats = FeatureStats()
+    for batch in images:
+        x = batch[1] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"image_set_stats: expected image batches (b, 3, H, W), got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        with torch.inference_mode():
+            feats = features(_as_8bit(x.to(device)))
+        stats.update(feats)
+        if progress is not None:
+            progress.update(x.shape[0])
+    stats.all_reduce(ctx, device)
+    return stats

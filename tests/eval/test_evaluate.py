@@ -235,3 +235,40 @@ def test_evaluate_under_torchrun_gives_the_single_process_figures(tmp_path, micr
     # float32 rounding in other batch sizes (a wrong merge is off by the covariances' own size)
     assert s2.n == 4 and torch.allclose(s1.mean, s2.mean, rtol=1e-5, atol=1e-8)
     assert torch.allclose(s1.cov, s2.cov, rtol=1e-4, atol=1e-9)
+
+
+def test_fid_command(tmp_path, capsys):
+    from conftest import cli_usage_error
+    from safetensors.torch import save_file
+
+    from dito_fast.cli import main
+    from dito_fast.eval.evaluate import image_set_stats
+
+    _write_images(tmp_path / "a", 4)
+    g = torch.Generator().manual_seed(9)
+    (tmp_path / "b").mkdir()
+    for i in range(3):
+        arr = (torch.rand(36, 36, 3, generator=g) * 128).to(torch.uint8).numpy()  # darker images
+        Image.fromarray(arr).save(tmp_path / "b" / f"{i}.png")
+    torch.manual_seed(0)
+    net = InceptionFeatures()
+    save_file(dict(net.state_dict()), str(tmp_path / "w.safetensors"))
+    base = ["fid", "--fid-weights", str(tmp_path / "w.safetensors"), "--size", "32", "--batch-size", "3"]
+    assert main(base + [str(tmp_path / "a"), str(tmp_path / "b"), "--save-stats", str(tmp_path / "a.npz")]) == 0
+    out = capsys.readouterr().out
+    sa, sb = (image_set_stats(image_batches(tmp_path / k, 32, 2), net) for k in ("a", "b"))
+    expected = frechet_distance(sa.mean, sa.cov, sb.mean, sb.cov)
+    assert out.startswith("FID ") and float(out.split()[1]) == pytest.approx(expected, rel=1e-4)
+    assert "(4 vs 3 images)" in out and expected > 0
+    # saved statistics in place of the folder: the same value
+    assert main(base + [str(tmp_path / "a.npz"), str(tmp_path / "b")]) == 0
+    assert float(capsys.readouterr().out.split()[1]) == pytest.approx(expected, rel=1e-4)
+    # a set against itself: 0
+    assert main(base + [str(tmp_path / "b"), str(tmp_path / "b")]) == 0
+    assert abs(float(capsys.readouterr().out.split()[1])) < 1e-3
+    (tmp_path / "c").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "c" / "one.png")
+    cli_usage_error(capsys, "1 readable image(s); a covariance needs at least 2", base + [str(tmp_path / "c"),
+                                                                                         str(tmp_path / "b")])
+    cli_usage_error(capsys, "SOURCE is a statistics file", base + [str(tmp_path / "a.npz"), str(tmp_path / "b"),
+                                                                   "--save-stats", str(tmp_path / "x.npz")])
