@@ -387,6 +387,23 @@ def _fast_decode_options(args) -> dict:
                 channels_last={"on": True, "off": False}.get(args.channels_last, "auto"))
 
 
+def _add_image_set_args(p: argparse.ArgumentParser, batch_size: int, size_required: bool) -> None:
+    """The image-set options of evaluate and fid (eval.evaluate.image_batches and the FID network)."""
+    p.add_argument("--size", type=int, required=size_required, default=None,
+                   help="resize the shorter side to this and center-crop (images are on 8-bit levels)"
+                        + ("" if size_required else "; needed when a side is images"))
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
+    p.add_argument("--limit", type=int, default=None,
+                   help="the first N files of a folder only (unreadable ones count), or N of builtin/synthetic's "
+                        "images (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this one)")
+    p.add_argument("--fid-weights", default=None,
+                   help="Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors "
+                        "copy); none are downloaded")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: minutes a rank waits for the others in a collective (default: the backend's)")
+
+
 def _add_fast_decode_args(p: argparse.ArgumentParser) -> None:
     """The options of dito_fast.fast_decode (see its docstring)."""
     from .diffusion.samplers import SAMPLERS
@@ -434,6 +451,12 @@ def cmd_evaluate(args) -> int:
     for flag, out in (("--json", args.json), ("--save-stats", args.save_stats)):
         if out is not None:  # before hours of decoding, not after
             _check_output_file(flag, Path(out), args.overwrite)
+    if args.save_images:
+        folder = Path(args.save_images)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--save-images {_shown(folder)} is a file; give a folder")
+        if Path(args.data).is_dir() and folder.resolve().is_relative_to(Path(args.data).resolve()):
+            raise UsageError(f"--save-images {_shown(folder)} is inside the data folder {_shown(args.data)}")
     ctx, dev = distributed.setup(device=args.device, timeout_minutes=args.dist_timeout)
     ok = False
     try:
@@ -448,8 +471,20 @@ def cmd_evaluate(args) -> int:
                                     skipped=skipped, rank=ctx.rank, world_size=ctx.world_size)
         except (ValueError, OSError) as e:
             raise UsageError(str(e)) from None
-        save = _reconstruction_writer(Path(args.save_images), batches.names(), args.overwrite) if args.save_images \
-            else None
+        save, problem = None, None
+        if args.save_images:
+            try:
+                save = _reconstruction_writer(Path(args.save_images), batches, args.overwrite)
+            except UsageError as e:
+                problem = str(e)
+        # every rank checked its own files: all stop, or all go on (a rank that failed alone
+        # would leave the others waiting, and a late rank would find the early ones' files)
+        problems = [p for p in distributed.all_gather_object(problem, ctx) if p]
+        if problems:
+            raise UsageError(problems[0])
+        if save is not None and ctx.is_main and any(Path(args.save_images).glob("*")):
+            print(f"note: {_shown(args.save_images)} is not empty; files this run does not write stay there",
+                  file=sys.stderr)
         progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
         report = None
         with tqdm(desc="evaluate" if ctx.world_size == 1 else "evaluate (rank 0's share)", unit="image",
@@ -507,19 +542,30 @@ def cmd_fid(args) -> int:
     from .eval.fid import FID_DIM, FeatureStats, InceptionFeatures, frechet_distance
     from .train import distributed
 
+    sides = (args.source, args.reference)
+    given = [_statistics_file(name) for name in sides]
     if args.save_stats is not None:
+        if given[0]:
+            raise UsageError("--save-stats writes the statistics of SOURCE's images, but SOURCE is a statistics file")
         _check_output_file("--save-stats", Path(args.save_stats), args.overwrite)
-    is_stats = [Path(a).is_file() for a in (args.source, args.reference)]
-    if args.save_stats is not None and is_stats[0]:
-        raise UsageError("--save-stats writes the statistics of SOURCE's images, but SOURCE is a statistics file")
+    loaded = {}
+    for k, name in enumerate(sides):  # before any image is read
+        if given[k]:
+            loaded[k] = FeatureStats.load(name)
+            if loaded[k].dim != FID_DIM:
+                raise UsageError(f"{_shown(name)}: statistics of {loaded[k].dim}-dimensional features, the FID "
+                                 f"network's are {FID_DIM}-dimensional")
+    if not all(given):
+        if args.fid_weights is None or args.size is None:
+            raise UsageError("reading images needs --fid-weights and --size")
     ctx, dev = distributed.setup(device=args.device, timeout_minutes=args.dist_timeout)
     ok = False
     try:
-        features = InceptionFeatures.from_file(args.fid_weights, map_location=dev)
+        features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if not all(given) else None
         both, skipped = [], []
-        for name, given_stats in zip((args.source, args.reference), is_stats):
-            if given_stats:
-                both.append(FeatureStats.load(name))
+        for k, name in enumerate(sides):
+            if given[k]:
+                both.append(loaded[k])
                 continue
             try:
                 batches = image_batches(name, args.size, args.batch_size, limit=args.limit, workers=args.workers,
@@ -535,39 +581,48 @@ def cmd_fid(args) -> int:
         distributed.teardown(ctx, ok)
     if not ctx.is_main:
         return 0
-    for stats, name, given_stats in zip(both, (args.source, args.reference), is_stats):
-        if given_stats and stats.dim != FID_DIM:
-            raise ValueError(f"{_shown(name)}: statistics of {stats.dim}-dimensional features, the FID network's "
-                             f"are {FID_DIM}-dimensional")
-        if not given_stats and stats.n < 2:
-            raise ValueError(f"{_shown(name)}: {stats.n} readable image(s); a covariance needs at least 2")
+    for k, name in enumerate(sides):
+        if not given[k] and both[k].n < 2:
+            raise ValueError(f"{_shown(name)}: {both[k].n} readable image(s); a covariance needs at least 2")
     fid = frechet_distance(both[0].mean, both[0].cov, both[1].mean, both[1].cov)
-    counts = " vs ".join(str(st.n) if st.n else "?" for st in both)
-    print(f"FID {fid:.4f} ({counts} images)")
-    if min(st.n for st in both if st.n) < 2048:
+    print(f"FID {fid:.4f} ({' vs '.join(str(st.n) if st.n else '?' for st in both)} images)")
+    known = [st.n for st in both if st.n]
+    if known and min(known) < 2048:
         print("fewer than 2048 images on a side: the covariances are singular and the value is biased high "
               "(papers use 50000)", file=sys.stderr)
     if args.save_stats is not None:
         both[0].save(args.save_stats)
         print(f"feature statistics of {_shown(args.source)}: {args.save_stats}")
-    status = _skipped_exit(skipped, sum(st.n for st, f in zip(both, is_stats) if not f) + len(skipped))
+    status = _skipped_exit(skipped, sum(st.n for k, st in enumerate(both) if not given[k]) + len(skipped))
     return 0 if ctx.distributed else status
 
 
-def _reconstruction_writer(folder: Path, names: dict[int, str], overwrite: bool):
+def _statistics_file(name: str) -> bool:
+    """Whether a fid argument names a statistics file (an existing file) rather than images; a
+    missing .npz/.safetensors is a mistyped statistics file, not an unknown image source."""
+    if Path(name).is_file():
+        return True
+    if Path(name).suffix in (".npz", ".safetensors"):
+        raise UsageError(f"no such statistics file: {_shown(name)}")
+    return False
+
+
+def _reconstruction_writer(folder: Path, batches, overwrite: bool):
     """on_batch for evaluate --save-images: each reconstruction as folder/<name>.png, after
-    checking that no two images share a name and that no file would be replaced (without
-    --overwrite)."""
+    checking that no two images of the set share a name and that none of this rank's files would
+    be replaced (without --overwrite)."""
     from .eval.report import save_image
 
-    targets = {i: folder / f"{name}.png" for i, name in names.items()}
+    targets = {i: folder / f"{name}.png" for i, name in batches.names().items()}
     seen: dict[Path, int] = {}
     for i, target in targets.items():
         if target in seen:  # a.jpg and a.png in one folder
-            raise UsageError(f"--save-images: images {seen[target]} and {i} would both be written to {_shown(target)}")
+            raise UsageError(f"--save-images: {_shown(batches.source(seen[target]))} and "
+                             f"{_shown(batches.source(i))} would both be written to {_shown(target)}")
         seen[target] = i
-        if not overwrite and os.path.lexists(target):
-            raise UsageError(f"--save-images: {_shown(target)} exists already (--overwrite replaces it)")
+    for i in batches.share:
+        if not overwrite and os.path.lexists(targets[i]):
+            raise UsageError(f"--save-images: {_shown(targets[i])} exists already (--overwrite replaces it)")
 
     def write(indices, originals, reconstructions):
         for i, image in zip(indices, reconstructions):
@@ -767,16 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "image i's decode noise is seeded with --seed + i).")
     v.add_argument("model", help="model directory (config.json + model.safetensors)")
     v.add_argument("data", help="a folder of images (recursive, sorted), or 'builtin' / 'synthetic'")
-    v.add_argument("--size", type=int, required=True,
-                   help="resize the shorter side to this and center-crop (a multiple of the model's factor)")
-    v.add_argument("--batch-size", type=int, default=8, help="images encoded and decoded at once (default 8)")
-    v.add_argument("--limit", type=int, default=None,
-                   help="the first N files of a folder only (unreadable ones count), or N of builtin/synthetic's "
-                        "images (default 64)")
-    v.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this one)")
-    v.add_argument("--fid-weights", default=None,
-                   help="Inception weights for rFID: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a "
-                        ".safetensors copy); none are downloaded")
+    _add_image_set_args(v, batch_size=8, size_required=True)
     v.add_argument("--fid-reference", default=None,
                    help="feature statistics to compare with (.safetensors from --save-stats, or pytorch-fid's .npz); "
                         "default: the originals' own")
@@ -792,8 +838,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "000000.png, ...), e.g. for other FID tools")
     v.add_argument("--overwrite", action="store_true",
                    help="replace the --json, --save-stats and --save-images files if they exist")
-    v.add_argument("--dist-timeout", type=float, default=None,
-                   help="under torchrun: minutes a rank waits for the others at the end (default: the backend's)")
     _add_fast_decode_args(v)
     v.set_defaults(func=cmd_evaluate)
 
@@ -804,18 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "evaluate; pytorch-fid's .npz). Under torchrun each rank reads a share.")
     f.add_argument("source", help="images (e.g. a model's samples) or statistics")
     f.add_argument("reference", help="images or statistics to compare with")
-    f.add_argument("--fid-weights", required=True,
-                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors copy); none are "
-                        "downloaded")
-    f.add_argument("--size", type=int, required=True, help="resize the shorter side to this and center-crop")
-    f.add_argument("--batch-size", type=int, default=50)
-    f.add_argument("--limit", type=int, default=None, help="the first N files of each folder only")
-    f.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this one)")
+    _add_image_set_args(f, batch_size=50, size_required=False)
     f.add_argument("--save-stats", default=None, help="write SOURCE's statistics here (.safetensors, or .npz)")
     f.add_argument("--overwrite", action="store_true", help="replace the --save-stats file if it exists")
-    f.add_argument("--device", default="auto")
-    f.add_argument("--dist-timeout", type=float, default=None,
-                   help="under torchrun: minutes a rank waits for the others (default: the backend's)")
+    f.add_argument("--device", default="auto", help="where the Inception network runs (default: a GPU if any)")
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_fid)
 

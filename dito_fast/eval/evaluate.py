@@ -151,6 +151,11 @@ class ImageBatches:
     def __len__(self) -> int:
         return len(self.share)
 
+    def source(self, i: int) -> str:
+        """Where image i comes from, for messages: its file, or "image i"."""
+        files = getattr(self.dataset, "files", None)
+        return files[i] if files else f"image {i}"
+
     def names(self) -> dict[int, str]:
         """{index: name} of every image of the set (every rank's): a folder's files by their path
         below it, without the ending; a named source's as 000000, 000001, ..."""

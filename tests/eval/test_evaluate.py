@@ -31,6 +31,18 @@ def _write_images(folder, n, size=40):
         Image.fromarray(arr).save(folder / f"img{i}.png")
 
 
+def _inception_with_spread(seed: int = 0) -> InceptionFeatures:
+    """Random FID network weights that keep the activations' scale (He initialisation): the
+    default initialisation shrinks the features to ~1e-7, where every FID prints as 0."""
+    torch.manual_seed(seed)
+    net = InceptionFeatures()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0, (2 / m.weight[0].numel()) ** 0.5)
+    return net
+
+
 def test_metrics_match_a_direct_computation_and_not_the_batch_size(micro_model, images):
     options = dict(sampler="euler", steps=3)
     one, _ = evaluate_reconstruction(micro_model, [images[:1], images[1:]], seed=7, **options)
@@ -162,8 +174,11 @@ def test_evaluate_command(tmp_path, micro_model, capsys):
     assert psnr(saved[None].float() / 127.5 - 1, x[1:2]).item() == pytest.approx(report["per_image"][1]["psnr"])
     cli_usage_error(capsys, "img0.png exists already", argv[:-2] + ["--save-images", str(tmp_path / "recon")])
     Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "set" / "img0.jpg")
-    cli_usage_error(capsys, "would both be written to", argv[:-2] + ["--save-images", str(tmp_path / "r2")])
+    cli_usage_error(capsys, "img0.jpg and " + str(tmp_path / "set" / "img0.png") + " would both be written to",
+                    argv[:-2] + ["--save-images", str(tmp_path / "r2")])
     (tmp_path / "set" / "img0.jpg").unlink()
+    cli_usage_error(capsys, "is inside the data folder", argv[:-2] + ["--save-images", str(tmp_path / "set" / "r")])
+    cli_usage_error(capsys, "is a file; give a folder", argv[:-2] + ["--save-images", str(weights)])
     capsys.readouterr()
     # outputs that exist or are folders: refused before the run
     cli_usage_error(capsys, "exists already (--overwrite replaces it)", argv)
@@ -250,22 +265,33 @@ def test_fid_command(tmp_path, capsys):
     for i in range(3):
         arr = (torch.rand(36, 36, 3, generator=g) * 128).to(torch.uint8).numpy()  # darker images
         Image.fromarray(arr).save(tmp_path / "b" / f"{i}.png")
-    torch.manual_seed(0)
-    net = InceptionFeatures()
+    net = _inception_with_spread()
     save_file(dict(net.state_dict()), str(tmp_path / "w.safetensors"))
     base = ["fid", "--fid-weights", str(tmp_path / "w.safetensors"), "--size", "32", "--batch-size", "3"]
     assert main(base + [str(tmp_path / "a"), str(tmp_path / "b"), "--save-stats", str(tmp_path / "a.npz")]) == 0
     out = capsys.readouterr().out
     sa, sb = (image_set_stats(image_batches(tmp_path / k, 32, 2), net) for k in ("a", "b"))
     expected = frechet_distance(sa.mean, sa.cov, sb.mean, sb.cov)
-    assert out.startswith("FID ") and float(out.split()[1]) == pytest.approx(expected, rel=1e-4)
-    assert "(4 vs 3 images)" in out and expected > 0
-    # saved statistics in place of the folder: the same value
+    assert expected > 1  # (the spread weights: default ones give ~1e-14 for any two sets)
+    assert out.startswith("FID ") and float(out.split()[1]) == pytest.approx(expected, abs=1e-4)
+    assert "(4 vs 3 images)" in out
+    # saved statistics in place of the folder: the same value; both sides statistics: no images read
     assert main(base + [str(tmp_path / "a.npz"), str(tmp_path / "b")]) == 0
-    assert float(capsys.readouterr().out.split()[1]) == pytest.approx(expected, rel=1e-4)
+    assert float(capsys.readouterr().out.split()[1]) == pytest.approx(expected, abs=1e-4)
+    sb.save(tmp_path / "b.safetensors")
+    assert main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split()[1]) == pytest.approx(expected, abs=1e-4) and "(? vs 3 images)" in out
     # a set against itself: 0
     assert main(base + [str(tmp_path / "b"), str(tmp_path / "b")]) == 0
     assert abs(float(capsys.readouterr().out.split()[1])) < 1e-3
+    # statistics of another network: refused before any image is read
+    small = FeatureStats(64)
+    small.update(torch.randn(3, 64))
+    small.save(tmp_path / "small.safetensors")
+    cli_usage_error(capsys, "64-dimensional features", base + [str(tmp_path / "a"), str(tmp_path / "small.safetensors")])
+    cli_usage_error(capsys, "no such statistics file", base + [str(tmp_path / "a"), str(tmp_path / "typo.npz")])
+    cli_usage_error(capsys, "needs --fid-weights and --size", ["fid", str(tmp_path / "a"), str(tmp_path / "a.npz")])
     (tmp_path / "c").mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "c" / "one.png")
     cli_usage_error(capsys, "1 readable image(s); a covariance needs at least 2", base + [str(tmp_path / "c"),
