@@ -677,6 +677,80 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_sample_dit(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .decode import fast_decode
+    from .eval.report import save_image
+    from .models.dit import DiT
+    from .models.dito import DiTo
+    from .train import distributed
+    from .train.checkpoint import atomic_write_json
+
+    import torch
+
+    for flag, value in (("--num", args.num), ("--per-class", args.per_class), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    ctx, dev = distributed.setup(device=args.device)  # no collectives: each rank writes its share
+    try:
+        dit = DiT.from_pretrained(args.model, map_location=dev, dtype=torch.float32)
+        tokenizer = DiTo.from_pretrained(args.tokenizer, map_location=dev, dtype=torch.float32)
+        if dit.config.latent_channels != tokenizer.latent_channels:
+            raise UsageError(f"the DiT makes {dit.config.latent_channels}-channel latents, the tokenizer decodes "
+                             f"{tokenizer.latent_channels}-channel ones")
+        conditional = dit.config.num_classes > 0
+        if conditional:
+            if args.num is not None or args.per_class is None:
+                raise UsageError(f"{args.model} is class-conditional ({dit.config.num_classes} classes): give "
+                                 "--per-class N (and --classes to choose them)")
+            classes = _int_list(args.classes) if args.classes else list(range(dit.config.num_classes))
+            bad = [c for c in classes if not 0 <= c < dit.config.num_classes]
+            if bad:
+                raise UsageError(f"--classes {bad} not in 0..{dit.config.num_classes - 1}")
+            labels = [c for c in classes for _ in range(args.per_class)]
+        else:
+            if args.num is None or args.per_class is not None or args.classes:
+                raise UsageError(f"{args.model} is unconditional: give --num N (not --per-class or --classes)")
+            labels = [None] * args.num
+        out = Path(args.out)
+        targets = [out / f"{k:06d}.png" for k in range(len(labels))]
+        # image k: latent noise seeded with seed + k, decode noise with seed + k + 2^63 (mod 2^64);
+        # files present are kept (a stopped job continues where it was), unless --overwrite
+        todo = [k for k in range(ctx.rank, len(labels), ctx.world_size)
+                if args.overwrite or not os.path.lexists(targets[k])]
+        if ctx.is_main and conditional:
+            atomic_write_json({"labels": labels, "cfg_scale": args.cfg_scale}, out / "labels.json")
+        progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
+        with tqdm(total=len(todo), desc="sample", unit="image", disable=not progress) as bar:
+            for start in range(0, len(todo), args.batch_size):
+                ks = todo[start:start + args.batch_size]
+                y = torch.tensor([labels[k] for k in ks], device=dev) if conditional else None
+                with torch.inference_mode():
+                    z = dit.sample(y, batch_size=None if conditional else len(ks), steps=args.steps,
+                                   sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg_scale,
+                                   seed=[(args.seed + k) % 2**64 for k in ks])
+                    images = fast_decode(tokenizer, z, steps=args.decode_steps, sampler=args.decode_sampler,
+                                         seed=[(args.seed + k + 2**63) % 2**64 for k in ks], output="float")
+                for k, image in zip(ks, images):
+                    save_image(image, targets[k])  # (atomic)
+                bar.update(len(ks))
+    finally:
+        distributed.teardown(ctx)
+    if ctx.is_main:
+        kept = len(range(ctx.rank, len(labels), ctx.world_size)) - len(todo)
+        print(f"{len(labels)} images in {_shown(out)}" + (f" ({kept} of rank 0's were there already and kept)"
+                                                         if kept else ""))
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -854,6 +928,31 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto", help="where the Inception network runs (default: a GPU if any)")
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_fid)
+
+    g = sub.add_parser("sample-dit", help="generate images with a DiT and a tokenizer (e.g. for gFID)",
+                       description="Sample latents with a DiT (DiT.save_pretrained's directory) and decode them with "
+                                   "its tokenizer, one PNG per image (000000.png, ...; labels.json lists a "
+                                   "class-conditional model's labels). Image k's noise is seeded from --seed + k, so "
+                                   "a stopped run continues where it was (files present are kept unless "
+                                   "--overwrite); under torchrun each rank makes every world_size-th image.")
+    g.add_argument("model", help="DiT directory (config.json + model.safetensors)")
+    g.add_argument("--tokenizer", required=True, help="the DiTo model directory whose latents the DiT was trained on")
+    g.add_argument("--out", required=True)
+    g.add_argument("--num", type=int, default=None, help="images to make (unconditional model)")
+    g.add_argument("--per-class", type=int, default=None, help="images per class (class-conditional model)")
+    g.add_argument("--classes", default=None, help="comma-separated classes (default: all)")
+    g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1: none; default 1)")
+    g.add_argument("--steps", type=int, default=50, help="DiT ODE steps (default 50)")
+    g.add_argument("--sampler", default="euler", help="DiT ODE solver (default euler)")
+    g.add_argument("--schedule", default="uniform", help="DiT time grid (default uniform)")
+    g.add_argument("--decode-steps", type=int, default=None, help="the tokenizer's decode steps (default: auto's)")
+    g.add_argument("--decode-sampler", default="auto", help="the tokenizer's decode solver (default auto)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--seed", type=_seed, default=0)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--overwrite", action="store_true", help="make images whose files exist again")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_sample_dit)
 
     i = sub.add_parser("info", help="presets (parameters, GFLOPs per decoder step) and backends")
     i.set_defaults(func=cmd_info)
