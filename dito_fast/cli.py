@@ -562,16 +562,21 @@ def cmd_fid(args) -> int:
     ok = False
     try:
         features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if not all(given) else None
-        both, skipped = [], []
+        skipped: list = []
+        sets = {}
+        for k, name in enumerate(sides):  # both sides checked before either is read
+            if not given[k]:
+                try:
+                    sets[k] = image_batches(name, args.size, args.batch_size, limit=args.limit, workers=args.workers,
+                                            skipped=skipped, rank=ctx.rank, world_size=ctx.world_size)
+                except (ValueError, OSError) as e:
+                    raise UsageError(str(e)) from None
+        both = []
         for k, name in enumerate(sides):
             if given[k]:
                 both.append(loaded[k])
                 continue
-            try:
-                batches = image_batches(name, args.size, args.batch_size, limit=args.limit, workers=args.workers,
-                                        skipped=skipped, rank=ctx.rank, world_size=ctx.world_size)
-            except (ValueError, OSError) as e:
-                raise UsageError(str(e)) from None
+            batches = sets[k]
             with tqdm(desc=_shown(name), unit="image", total=len(batches),
                       disable=not (ctx.is_main and not args.no_progress and sys.stderr.isatty())) as bar:
                 both.append(image_set_stats(batches, features, progress=bar, ctx=ctx))
@@ -678,9 +683,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_sample_dit(args) -> int:
+    import math
+    import re
+
     from tqdm.auto import tqdm
 
-    from .decode import fast_decode
+    from .decode import fast_decode, resolve_settings
+    from .diffusion import samplers
     from .eval.report import save_image
     from .models.dit import DiT
     from .models.dito import DiTo
@@ -692,7 +701,19 @@ def cmd_sample_dit(args) -> int:
     for flag, value in (("--num", args.num), ("--per-class", args.per_class), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be positive, got {value}")
+    try:  # every setting checked before any model is loaded or file written
+        samplers.get_sampler(args.sampler)
+        samplers.make_timesteps(args.steps, args.schedule)
+        decode = resolve_settings(args.decode_sampler, args.decode_steps)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    if not math.isfinite(args.cfg_scale):
+        raise UsageError(f"--cfg-scale must be finite, got {args.cfg_scale}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {_shown(out)} is a file; give a folder")
     ctx, dev = distributed.setup(device=args.device)  # no collectives: each rank writes its share
+    ok = False
     try:
         dit = DiT.from_pretrained(args.model, map_location=dev, dtype=torch.float32)
         tokenizer = DiTo.from_pretrained(args.tokenizer, map_location=dev, dtype=torch.float32)
@@ -704,25 +725,46 @@ def cmd_sample_dit(args) -> int:
             if args.num is not None or args.per_class is None:
                 raise UsageError(f"{args.model} is class-conditional ({dit.config.num_classes} classes): give "
                                  "--per-class N (and --classes to choose them)")
-            classes = _int_list(args.classes) if args.classes else list(range(dit.config.num_classes))
+            classes = _int_list(args.classes) if args.classes is not None else list(range(dit.config.num_classes))
             bad = [c for c in classes if not 0 <= c < dit.config.num_classes]
-            if bad:
-                raise UsageError(f"--classes {bad} not in 0..{dit.config.num_classes - 1}")
+            if bad or not classes:
+                raise UsageError(f"--classes {bad or args.classes!r}: expected classes in 0..{dit.config.num_classes - 1}")
             labels = [c for c in classes for _ in range(args.per_class)]
         else:
             if args.num is None or args.per_class is not None or args.classes:
                 raise UsageError(f"{args.model} is unconditional: give --num N (not --per-class or --classes)")
+            if args.cfg_scale != 1.0:
+                raise UsageError(f"--cfg-scale guides towards classes; {args.model} is unconditional")
             labels = [None] * args.num
-        out = Path(args.out)
+        # what the images depend on: a folder holding another run's images is refused (they would
+        # be kept and mixed into this one's), unless --overwrite makes every image again
+        manifest = {"labels": labels, "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": args.steps,
+                    "sampler": args.sampler, "schedule": args.schedule, "decode": vars(decode),
+                    "dit": _model_fingerprint(dit), "tokenizer": _model_fingerprint(tokenizer)}
         targets = [out / f"{k:06d}.png" for k in range(len(labels))]
+        stray = sorted(p for p in out.glob("*.png") if re.fullmatch(r"\d{6}\.png", p.name)
+                       and int(p.stem) >= len(labels)) if out.is_dir() else []
+        saved = out / "samples.json"
+        if not args.overwrite:
+            previous = json.loads(saved.read_text()) if saved.is_file() else None
+            if previous is not None and previous != json.loads(json.dumps(manifest)):
+                changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
+                raise UsageError(f"{_shown(out)} holds images made with other settings ({', '.join(changed)} differ: "
+                                 "samples.json); --overwrite makes every image again")
+            if previous is None and any(p.exists() for p in targets) or stray:
+                raise UsageError(f"{_shown(out)} holds numbered images of another run (or more than {len(labels)}); "
+                                 "--overwrite makes every image again and removes the extra ones")
+        if ctx.is_main:
+            for p in stray:
+                p.unlink()
+            atomic_write_json(manifest, saved)
         # image k: latent noise seeded with seed + k, decode noise with seed + k + 2^63 (mod 2^64);
         # files present are kept (a stopped job continues where it was), unless --overwrite
-        todo = [k for k in range(ctx.rank, len(labels), ctx.world_size)
-                if args.overwrite or not os.path.lexists(targets[k])]
-        if ctx.is_main and conditional:
-            atomic_write_json({"labels": labels, "cfg_scale": args.cfg_scale}, out / "labels.json")
+        share = range(ctx.rank, len(labels), ctx.world_size)
+        todo = [k for k in share if args.overwrite or not os.path.lexists(targets[k])]
         progress = ctx.is_main and not args.no_progress and sys.stderr.isatty()
-        with tqdm(total=len(todo), desc="sample", unit="image", disable=not progress) as bar:
+        with tqdm(total=len(todo), desc="sample" if ctx.world_size == 1 else "sample (rank 0's share)", unit="image",
+                  disable=not progress) as bar:
             for start in range(0, len(todo), args.batch_size):
                 ks = todo[start:start + args.batch_size]
                 y = torch.tensor([labels[k] for k in ks], device=dev) if conditional else None
@@ -730,17 +772,21 @@ def cmd_sample_dit(args) -> int:
                     z = dit.sample(y, batch_size=None if conditional else len(ks), steps=args.steps,
                                    sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg_scale,
                                    seed=[(args.seed + k) % 2**64 for k in ks])
-                    images = fast_decode(tokenizer, z, steps=args.decode_steps, sampler=args.decode_sampler,
-                                         seed=[(args.seed + k + 2**63) % 2**64 for k in ks], output="float")
+                    images = fast_decode(tokenizer, z, steps=decode.steps, sampler=decode.sampler,
+                                         schedule=decode.schedule, seed=[(args.seed + k + 2**63) % 2**64 for k in ks],
+                                         output="float")
                 for k, image in zip(ks, images):
                     save_image(image, targets[k])  # (atomic)
                 bar.update(len(ks))
+        ok = True
     finally:
-        distributed.teardown(ctx)
-    if ctx.is_main:
-        kept = len(range(ctx.rank, len(labels), ctx.world_size)) - len(todo)
-        print(f"{len(labels)} images in {_shown(out)}" + (f" ({kept} of rank 0's were there already and kept)"
-                                                         if kept else ""))
+        distributed.teardown(ctx, ok)
+    made, kept = len(todo), len(share) - len(todo)
+    if ctx.world_size == 1:
+        print(f"{len(labels)} images in {_shown(out)}: {made} made" + (f", {kept} there already and kept" if kept else ""))
+    else:  # the other ranks may still be writing theirs
+        print(f"rank {ctx.rank}: {made} of its {len(share)} images made, {kept} kept ({len(labels)} in all, in "
+              f"{_shown(out)})")
     return 0
 
 
@@ -931,10 +977,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("sample-dit", help="generate images with a DiT and a tokenizer (e.g. for gFID)",
                        description="Sample latents with a DiT (DiT.save_pretrained's directory) and decode them with "
-                                   "its tokenizer, one PNG per image (000000.png, ...; labels.json lists a "
-                                   "class-conditional model's labels). Image k's noise is seeded from --seed + k, so "
-                                   "a stopped run continues where it was (files present are kept unless "
-                                   "--overwrite); under torchrun each rank makes every world_size-th image.")
+                                   "its tokenizer, one PNG per image (000000.png, ...; samples.json records the "
+                                   "labels and settings). Image k's noise is seeded from --seed + k, so a stopped run "
+                                   "continues where it was (files present are kept; a folder of another run's images "
+                                   "is refused unless --overwrite); under torchrun each rank makes every "
+                                   "world_size-th image.")
     g.add_argument("model", help="DiT directory (config.json + model.safetensors)")
     g.add_argument("--tokenizer", required=True, help="the DiTo model directory whose latents the DiT was trained on")
     g.add_argument("--out", required=True)
@@ -950,7 +997,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto")
-    g.add_argument("--overwrite", action="store_true", help="make images whose files exist again")
+    g.add_argument("--overwrite", action="store_true",
+                   help="make every image again (and remove numbered images beyond the count)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_sample_dit)
 

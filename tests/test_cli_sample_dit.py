@@ -39,8 +39,9 @@ def test_sample_dit_writes_each_image_reproducibly_and_resumes(tmp_path, pair, m
             "euler", "--cfg-scale", "2", "--batch-size", "3", "--seed", "5"]
     assert main(argv) == 0
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["000000.png", "000001.png", "000002.png", "000003.png", "labels.json"]
-    assert json.loads((tmp_path / "out" / "labels.json").read_text())["labels"] == [0, 0, 2, 2]
+    assert files == ["000000.png", "000001.png", "000002.png", "000003.png", "samples.json"]
+    manifest = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert manifest["labels"] == [0, 0, 2, 2] and manifest["cfg_scale"] == 2.0 and manifest["seed"] == 5
     # image 2 (class 2) made alone: its latent noise from seed 5 + 2, its decode noise from 5 + 2 + 2^63
     with torch.inference_mode():
         z = dit.sample(torch.tensor([2]), steps=2, cfg_scale=2.0, seed=[7])
@@ -53,11 +54,25 @@ def test_sample_dit_writes_each_image_reproducibly_and_resumes(tmp_path, pair, m
     mtime = (tmp_path / "out" / "000003.png").stat().st_mtime_ns
     capsys.readouterr()
     assert main(argv) == 0
-    assert "(3 of rank 0's were there already and kept)" in capsys.readouterr().out
+    assert "4 images in " in (out := capsys.readouterr().out) and "1 made, 3 there already and kept" in out
     assert (tmp_path / "out" / "000001.png").read_bytes() == before
     assert (tmp_path / "out" / "000003.png").stat().st_mtime_ns == mtime
+    # the folder holds images made with other settings: refused (they would be kept and mixed in)
+    changed = [a if a != "2" or argv[i - 1] != "--cfg-scale" else "3" for i, a in enumerate(argv)]
+    cli_usage_error(capsys, "other settings (cfg_scale differ", changed)
+    fewer = argv[:6] + ["--per-class", "1", "--classes", "0,2"] + argv[10:]
+    cli_usage_error(capsys, "other settings (labels differ", fewer)
+    # --overwrite makes every image again and removes the numbered ones beyond the count
+    assert main(fewer + ["--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.png", "000001.png", "samples.json"]
     cli_usage_error(capsys, "class-conditional (3 classes): give --per-class", argv[:6] + ["--num", "2"])
-    cli_usage_error(capsys, "--classes [5] not in 0..2", argv[:6] + ["--per-class", "1", "--classes", "5"])
+    cli_usage_error(capsys, "--classes [5]: expected classes in 0..2", argv[:6] + ["--per-class", "1", "--classes", "5"])
+    cli_usage_error(capsys, "expected classes in 0..2", argv[:6] + ["--per-class", "1", "--classes", ","])
+    # settings checked before anything is loaded or written
+    for bad, message in ((["--sampler", "bogus"], "bogus"), (["--decode-sampler", "bogus"], "bogus"),
+                         (["--cfg-scale", "nan"], "--cfg-scale must be finite")):
+        cli_usage_error(capsys, message, argv[:5] + [str(tmp_path / "fresh")] + argv[6:] + bad)
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_sample_dit_refuses_a_tokenizer_of_other_latents(tmp_path, pair, capsys):
@@ -78,6 +93,8 @@ def test_sample_dit_unconditional(tmp_path, pair, capsys):
     argv = ["sample-dit", str(tmp_path / "uncond"), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "u"),
             "--steps", "1", "--decode-steps", "1", "--decode-sampler", "euler"]
     assert main(argv + ["--num", "3"]) == 0
-    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["000000.png", "000001.png", "000002.png",
+                                                                   "samples.json"]
     cli_usage_error(capsys, "unconditional: give --num N", argv + ["--per-class", "2"])
     cli_usage_error(capsys, "--num must be positive", argv + ["--num", "0"])
+    cli_usage_error(capsys, "--cfg-scale guides towards classes", argv + ["--num", "1", "--cfg-scale", "2"])

@@ -133,7 +133,7 @@ def image_batches(source: str | os.PathLike, size: int, batch_size: int, *, limi
     elif source == "synthetic":
         dataset = _Named(SyntheticImages(limit or NAMED_SOURCE_IMAGES, size, seed=1))
     else:
-        raise ValueError(f"data {source!r} is neither a folder nor 'builtin' or 'synthetic'")
+        raise ValueError(f"image source {source!r} is neither a folder nor 'builtin' or 'synthetic'")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     return ImageBatches(dataset, batch_size, workers, range(rank, len(dataset), world_size), skipped)
