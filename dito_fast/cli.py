@@ -938,8 +938,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("evaluate", help="reconstruction PSNR, SSIM, LPIPS and rFID over an image set",
                        description="Encode and decode every image of a set and report mean PSNR and SSIM, LPIPS "
-                                   "with --lpips and rFID with --fid-weights (original and reconstruction compared as 8-bit images; "
-                                   "image i's decode noise is seeded with --seed + i).")
+                                   "with --lpips and rFID with --fid-weights (original and reconstruction compared "
+                                   "as 8-bit images; image i's decode noise is seeded with --seed + i).")
     v.add_argument("model", help="model directory (config.json + model.safetensors)")
     v.add_argument("data", help="a folder of images (recursive, sorted), or 'builtin' / 'synthetic'")
     _add_image_set_args(v, batch_size=8, size_required=True)

@@ -3,14 +3,14 @@
 Each image is encoded and decoded (``fast_decode``, any sampler), and original and reconstruction
 are compared as 8-bit images (both rounded to 8 bits first, as when the reconstructions are saved
 as PNG files and compared with the originals' crops: the usual protocol of tokenizer papers).
-PSNR, SSIM and LPIPS are averaged over images; rFID compares the reconstructions' Inception features
-with the originals' (or with reference statistics given, e.g. a training set's).
+PSNR, SSIM and LPIPS are averaged over images; rFID compares the reconstructions' Inception
+features with the originals' (or with reference statistics given, e.g. a training set's).
 
 The decode noise of image ``i`` (its 0-based index in the set: a folder's sorted file list) is
 seeded with ``seed + i``, so the figures depend neither on the batch size nor on the number of
 processes (up to float rounding in other batch shapes, which can move a pixel across an 8-bit
-level: ~1e-6 of a PSNR): under torchrun each rank evaluates every world_size-th image and the ranks' results
-are gathered (per-image figures, exact float64 feature statistics).
+level: ~1e-6 of a PSNR): under torchrun each rank evaluates every world_size-th image and the
+ranks' results are gathered (per-image figures, exact float64 feature statistics).
 """
 
 from __future__ import annotations
@@ -40,12 +40,11 @@ NAMED_SOURCE_IMAGES = 64  # images of "builtin" / "synthetic" without a limit
 class ReconstructionReport:
     """What :func:`evaluate_reconstruction` measured.
 
-    psnr / ssim: means over the images (dB; SSIM None when images are smaller than its 11x11
-    window); an exact reconstruction has an infinite PSNR, and so then has the mean (written as
-    null in JSON): ``exact_images`` counts them. rfid: None without a feature
-    network, lpips None without the LPIPS network. ``per_image``: {"index", "psnr", "ssim",
-    "lpips"} of each image, by index. ``skipped``: files
-    that could not be read (skipped and counted, not fatal)."""
+    psnr / ssim / lpips: means over the images (dB; SSIM None when images are smaller than its
+    11x11 window, LPIPS None without its network); an exact reconstruction has an infinite PSNR,
+    and so then has the mean (null in JSON): ``exact_images`` counts them. rfid: None without the
+    FID network. ``per_image``: {"index", "psnr", "ssim", "lpips"} of each image, by index.
+    ``skipped``: files that could not be read (skipped and counted, not fatal)."""
 
     num_images: int
     psnr: float
