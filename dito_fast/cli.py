@@ -45,12 +45,7 @@ def _check_outputs(jobs: list[tuple[Path, Path]], out: Path, overwrite: bool) ->
     x.jpg)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {_shown(out)} is a file; it must be a folder (created if missing)")
-    seen: dict[Path, Path] = {}
-    for src, dst in jobs:
-        if dst in seen:
-            raise UsageError(f"{_shown(seen[dst])} and {_shown(src)} would both be written to {_shown(dst)}; rename "
-                             "one, or give them separately with different --out folders")
-        seen[dst] = src
+    _check_clashes(jobs)
     inputs = {src.resolve() for src, _ in jobs}
     for src, dst in jobs:
         if dst.resolve() in inputs:
@@ -60,6 +55,16 @@ def _check_outputs(jobs: list[tuple[Path, Path]], out: Path, overwrite: bool) ->
         shown = ", ".join(_shown(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise UsageError(f"{len(existing)} output file(s) exist already ({shown}): pass --overwrite to replace them, "
                          "or choose another --out")
+
+
+def _check_clashes(jobs) -> None:
+    """Refuse when two inputs would write one output (x.png and x.jpg both give x.png)."""
+    seen: dict[Path, object] = {}
+    for src, dst in jobs:
+        if dst in seen:
+            raise UsageError(f"{_shown(seen[dst])} and {_shown(src)} would both be written to {_shown(dst)}; rename "
+                             "one, or give them separately with different --out folders")
+        seen[dst] = src
 
 
 def _image_jobs(inputs: list[str], out: Path, suffix: str, overwrite: bool) -> list[tuple[Path, Path]]:
@@ -619,12 +624,7 @@ def _reconstruction_writer(folder: Path, batches, overwrite: bool):
     from .eval.report import save_image
 
     targets = {i: folder / f"{name}.png" for i, name in batches.names().items()}
-    seen: dict[Path, int] = {}
-    for i, target in targets.items():
-        if target in seen:  # a.jpg and a.png in one folder
-            raise UsageError(f"--save-images: {_shown(batches.source(seen[target]))} and "
-                             f"{_shown(batches.source(i))} would both be written to {_shown(target)}")
-        seen[target] = i
+    _check_clashes((batches.source(i), target) for i, target in targets.items())  # a.jpg and a.png in one folder
     for i in batches.share:
         if not overwrite and os.path.lexists(targets[i]):
             raise UsageError(f"--save-images: {_shown(targets[i])} exists already (--overwrite replaces it)")
