@@ -1,4 +1,5 @@
-"""The ``dito-fast`` command: train, export, reconstruct, encode, decode, info, demo.
+"""The ``dito-fast`` command: train, train-dit, export, reconstruct, encode, decode, evaluate, fid,
+sample-dit, info, demo.
 
 Only this module prints; the library logs through ``logging``.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from . import config as C
 from .allocator import keep_freed_memory
+from .models.dit import DIT_PRESETS
 
 logger = logging.getLogger("dito_fast.cli")
 
@@ -188,16 +190,26 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 # subcommands
 
 
-def cmd_train(args) -> int:
+# the options train and train-dit share (_add_run_args), as config keys
+_RUN_FLAGS = (("data", "data.source"), ("steps", "train.steps"), ("batch_size", "train.batch_size"),
+              ("lr", "train.lr"), ("device", "train.device"), ("seed", "train.seed"), ("threads", "train.threads"),
+              ("parallel", "train.parallel"), ("micro_batch_size", "train.micro_batch_size"),
+              ("grad_accum_steps", "train.grad_accum_steps"), ("dist_backend", "train.dist_backend"),
+              ("dist_timeout", "train.dist_timeout_minutes"))
+
+
+def _run_overrides(args, flags=()) -> dict:
+    """--set's settings, then those the command's own flags give (``_RUN_FLAGS`` + ``flags``)."""
     overrides = _parse_set(args.set)
-    for flag, key in (("data", "data.source"), ("steps", "train.steps"), ("batch_size", "train.batch_size"),
-                      ("image_size", "data.image_size"), ("lr", "train.lr"), ("workers", "data.workers"),
-                      ("device", "train.device"), ("seed", "train.seed"), ("threads", "train.threads"),
-                      ("loader", "data.loader"), ("parallel", "train.parallel"),
-                      ("micro_batch_size", "train.micro_batch_size"), ("grad_accum_steps", "train.grad_accum_steps"),
-                      ("dist_backend", "train.dist_backend"), ("dist_timeout", "train.dist_timeout_minutes")):
+    for flag, key in _RUN_FLAGS + tuple(flags):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    return overrides
+
+
+def _resolve_run(args, overrides: dict, resolve):
+    """The run's config from --preset, --config (resuming without it: the checkpoint's or the
+    run's config.json) and ``overrides``, by ``resolve`` (preset, config_file, overrides)."""
     config_file, preset = args.config, args.preset
     if args.resume is not None and config_file is None:
         # resuming: the settings the checkpoint (or the run) was written with, plus any overrides
@@ -215,22 +227,57 @@ def cmd_train(args) -> int:
             raise UsageError(f"nothing to resume in {args.out}: no checkpoints and no config.json there; to start a "
                              "new run there, drop --resume or name the model (--preset, --config)")
     try:
-        cfg = C.resolve_run_config(preset, config_file, overrides)
+        return resolve(preset, config_file, overrides)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
         raise UsageError(e.args[0] if e.args else str(e)) from None
+
+
+def _print_trained(result) -> None:
+    if result.rank == 0:  # under torchrun: one summary for the job
+        stopped = {"requested": " (stopped early on request; --resume continues)",
+                   "max_minutes": " (the time budget was spent; --resume continues)"}.get(result.stopped_early, "")
+        print(f"trained {result.step} steps ({result.skipped_steps} skipped){stopped}; model: {result.run_dir / 'model'}")
+        if "val_psnr" in result.last_val:
+            print(f"validation PSNR: {result.last_val['val_psnr']:.2f} dB")
+        if "val_loss" in result.last_val:
+            print(f"validation loss: {result.last_val['val_loss']:.4f}")
+
+
+def _resume_arg(args):
+    return args.resume if args.resume not in (None, "auto") else args.resume == "auto"
+
+
+def cmd_train(args) -> int:
+    overrides = _run_overrides(args, (("image_size", "data.image_size"), ("workers", "data.workers"),
+                                      ("loader", "data.loader")))
+    cfg = _resolve_run(args, overrides, C.resolve_run_config)
     if args.dry_run:
         print(json.dumps(C.to_dict(cfg), indent=2))
         return 0
     from .train import train
 
-    resume = args.resume if args.resume not in (None, "auto") else args.resume == "auto"
-    result = train(cfg, args.out, resume=resume, progress=None)
-    if result.rank == 0:  # under torchrun: one summary for the job
-        stopped = {"requested": " (stopped early on request; --resume continues)",
-                   "max_minutes": " (the time budget was spent; --resume continues)"}.get(result.stopped_early, "")
-        print(f"trained {result.step} steps ({result.skipped_steps} skipped){stopped}; model: {result.run_dir / 'model'}")
-        if result.last_val:
-            print(f"validation PSNR: {result.last_val['val_psnr']:.2f} dB")
+    _print_trained(train(cfg, args.out, resume=_resume_arg(args), progress=None))
+    return 0
+
+
+def cmd_train_dit(args) -> int:
+    from .train.dit import latent_files, latent_shape, resolve_dit_run_config, train_dit
+
+    overrides = _run_overrides(args, (("class_folders", "data.class_folders"),))
+    cfg = _resolve_run(args, overrides, resolve_dit_run_config)
+    # The model's latent shape and class count are the data's (those --set gives win; a mismatch
+    # is then reported by the run, as is a resumed run's data that changed).
+    c, h, w = latent_shape(cfg.data.source)
+    if h != w:
+        raise UsageError(f"the latents in {cfg.data.source} are {h}x{w}: a DiT here trains on square latents "
+                         "(encode the images with --size)")
+    classes = latent_files(cfg.data.source, cfg.data.class_folders)[1]
+    derived = {"model.latent_channels": c, "model.latent_size": h, "model.num_classes": len(classes)}
+    cfg = _resolve_run(args, {**derived, **overrides}, resolve_dit_run_config)
+    if args.dry_run:
+        print(json.dumps(C.to_dict(cfg), indent=2))
+        return 0
+    _print_trained(train_dit(cfg, args.out, resume=_resume_arg(args), progress=None))
     return 0
 
 
@@ -695,6 +742,7 @@ def cmd_sample_dit(args) -> int:
     from .models.dito import DiTo
     from .train import distributed
     from .train.checkpoint import atomic_write_json
+    from .train.dit import read_latents_file
 
     import torch
 
@@ -720,6 +768,13 @@ def cmd_sample_dit(args) -> int:
         if dit.config.latent_channels != tokenizer.latent_channels:
             raise UsageError(f"the DiT makes {dit.config.latent_channels}-channel latents, the tokenizer decodes "
                              f"{tokenizer.latent_channels}-channel ones")
+        tokenizer_fingerprint = _model_fingerprint(tokenizer)
+        trained_on = (read_latents_file(args.model) or {}).get("tokenizer") or {}
+        if trained_on.get("model_fingerprint", tokenizer_fingerprint) != tokenizer_fingerprint and not args.any_tokenizer:
+            raise UsageError(f"{args.model} was trained on the latents of another tokenizer ({trained_on.get('model')}, "
+                             f"fingerprint {trained_on['model_fingerprint']}) than {args.tokenizer} "
+                             f"({tokenizer.config.name}, {tokenizer_fingerprint}): its images would be decoded from "
+                             "another latent space (--any-tokenizer decodes them anyway)")
         conditional = dit.config.num_classes > 0
         if conditional:
             if args.num is not None or args.per_class is None:
@@ -740,7 +795,7 @@ def cmd_sample_dit(args) -> int:
         # be kept and mixed into this one's), unless --overwrite makes every image again
         manifest = {"labels": labels, "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": args.steps,
                     "sampler": args.sampler, "schedule": args.schedule, "decode": vars(decode),
-                    "dit": _model_fingerprint(dit), "tokenizer": _model_fingerprint(tokenizer)}
+                    "dit": _model_fingerprint(dit), "tokenizer": tokenizer_fingerprint}
         targets = [out / f"{k:06d}.png" for k in range(len(labels))]
         stray = sorted(p for p in out.glob("*.png") if re.fullmatch(r"\d{6}\.png", p.name)
                        and int(p.stem) >= len(labels)) if out.is_dir() else []
@@ -838,6 +893,38 @@ def _runs_on_cpu(args) -> bool:
     return str(device).startswith("cpu")
 
 
+def _add_run_args(t: argparse.ArgumentParser, out: str, example: str, large: str) -> None:
+    """The options ``train`` and ``train-dit`` share (their config keys: ``_RUN_FLAGS``)."""
+    t.add_argument("--steps", type=int, default=None, help="training steps (train.steps)")
+    t.add_argument("--batch-size", type=int, default=None, help="global batch size over all ranks (train.batch_size)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (train.lr)")
+    t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (train.device)")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads (train.threads; 0 = torch's default)")
+    t.add_argument("--seed", type=int, default=None, help="seed of weights, data order and noise (train.seed)")
+    t.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
+                   help="under torchrun: 'ddp' (replicated model; default) or 'fsdp' (sharded parameters, gradients "
+                        f"and optimizer state, for {large}; checkpoints resumable at another world size)")
+    t.add_argument("--micro-batch-size", type=int, default=None,
+                   help="samples per forward/backward on one rank; the rank's share of --batch-size (the global "
+                        "batch) is accumulated over micro-batches (0 = auto)")
+    t.add_argument("--grad-accum-steps", type=int, default=None,
+                   help="split each rank's share of the global batch into this many micro-batches")
+    t.add_argument("--dist-backend", choices=["auto", "nccl", "gloo", "mpi", "ucc"], default=None,
+                   help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
+    t.add_argument("--dist-timeout", type=float, default=None, metavar="MINUTES",
+                   help="how long a collective waits for the other ranks before the job fails "
+                        "(default 0: torch's, 10 min for NCCL, 30 for gloo)")
+    t.add_argument("--out", default=out, help="run directory")
+    t.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from the latest complete checkpoint in --out, or from the given checkpoint dir, "
+                        "with the settings it was written with (under torchrun --max-restarts, restarted workers "
+                        "resume by themselves from the job's own newest checkpoint)")
+    t.add_argument("--config", default=None, help="JSON file with (part of) a run config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override any config value, e.g. --set {example}")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dito-fast", description="DiTo diffusion-autoencoder image tokenizers")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -857,47 +944,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'synthetic', 'builtin', a folder of images (class subfolders give labels), a text file "
                         "listing images ('path', 'path<TAB>label' or 'path label' per line), or webdataset tar shards "
                         "('x.tar', 'shards-{000..099}.tar', 'dir/*.tar')")
-    t.add_argument("--steps", type=int, default=None, help="training steps (train.steps)")
-    t.add_argument("--batch-size", type=int, default=None, help="global batch size over all ranks (train.batch_size)")
     t.add_argument("--image-size", type=int, default=None, help="training crop side in pixels (data.image_size)")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (train.lr)")
     t.add_argument("--workers", type=int, default=None,
                    help="data loading: PyTorch DataLoader worker processes (0 = in the training process), "
                         "or DALI CPU threads")
     t.add_argument("--loader", choices=["auto", "dali", "torch"], default=None,
                    help="data loader: 'dali' (NVIDIA DALI; GPU decoding when training on a GPU), 'torch' "
                         "(PIL + DataLoader workers), 'auto' (DALI when installed and a GPU is present; default)")
-    t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (train.device)")
-    t.add_argument("--threads", type=int, default=None, help="CPU threads (train.threads; 0 = torch's default)")
-    t.add_argument("--seed", type=int, default=None, help="seed of weights, data order and noise (train.seed)")
-    t.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
-                   help="under torchrun: 'ddp' (replicated model; default) or 'fsdp' (sharded parameters, gradients "
-                        "and optimizer state, for dito-L/XL; checkpoints resumable at another world size)")
-    t.add_argument("--micro-batch-size", type=int, default=None,
-                   help="samples per forward/backward on one rank; the rank's share of --batch-size (the global "
-                        "batch) is accumulated over micro-batches (0 = auto)")
-    t.add_argument("--grad-accum-steps", type=int, default=None,
-                   help="split each rank's share of the global batch into this many micro-batches")
-    t.add_argument("--dist-backend", choices=["auto", "nccl", "gloo", "mpi", "ucc"], default=None,
-                   help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
-    t.add_argument("--dist-timeout", type=float, default=None, metavar="MINUTES",
-                   help="how long a collective waits for the other ranks before the job fails "
-                        "(default 0: torch's, 10 min for NCCL, 30 for gloo)")
-    t.add_argument("--out", default="runs/dito", help="run directory")
-    t.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from the latest complete checkpoint in --out, or from the given checkpoint dir, "
-                        "with the settings it was written with (under torchrun --max-restarts, restarted workers "
-                        "resume by themselves from the job's own newest checkpoint)")
-    t.add_argument("--config", default=None, help="JSON file with (part of) a run config")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set model.flow.noise_sync_prob=0.1")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    _add_run_args(t, "runs/dito", "model.flow.noise_sync_prob=0.1", "dito-L/XL")
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("train-dit", help="train a DiT on a tokenizer's latents (written by encode)",
+                       description="Train the downstream DiT (dito_fast.DiT) on latents written by dito-fast encode: "
+                                   "the model's latent shape and class count come from the data. The loop, its "
+                                   "settings (--set train.*), checkpoints, resume and torchrun are train's; the "
+                                   "validation figure is the loss on held-out latents. The model folder "
+                                   "(--out/model) is what sample-dit takes.",
+                       epilog="Global flags: -v/--verbose and --[no-]keep-freed-memory go before 'train-dit'.")
+    d.add_argument("--preset", choices=list(DIT_PRESETS), default=None,
+                   help="DiT preset (default: the one --set model.name or the config file names, else DiT-B/2)")
+    d.add_argument("--data", default=None, help="a folder of latents written by dito-fast encode (recursive)")
+    d.add_argument("--class-folders", action="store_true", default=None,
+                   help="class-conditional: each top-level subfolder of --data is a class (sorted names -> labels "
+                        "0..K-1, as encode mirrors an image folder's); default: unconditional")
+    _add_run_args(d, "runs/dit", "train.ema_decay=0.9999", "DiT-L/XL")
+    d.set_defaults(func=cmd_train_dit)
 
     x = sub.add_parser("export", help="write a training checkpoint's model as a model directory",
                        description="Write the model of a training checkpoint (any step; either checkpoint format, "
                                    "FSDP's DCP shards included) as config.json + model.safetensors, the directory "
-                                   "reconstruct/encode/decode and DiTo.from_pretrained load. The run is not resumed.")
+                                   "reconstruct/encode/decode and DiTo.from_pretrained load (a train-dit run's: the "
+                                   "directory sample-dit and DiT.from_pretrained load, with its latents.json). The "
+                                   "run is not resumed.")
     x.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a run directory (its newest "
                    "complete checkpoint)")
     x.add_argument("--out", required=True, help="model directory to write (created if missing)")
@@ -983,7 +1061,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is refused unless --overwrite); under torchrun each rank makes every "
                                    "world_size-th image.")
     g.add_argument("model", help="DiT directory (config.json + model.safetensors)")
-    g.add_argument("--tokenizer", required=True, help="the DiTo model directory whose latents the DiT was trained on")
+    g.add_argument("--tokenizer", required=True, help="the DiTo model directory whose latents the DiT was trained on "
+                   "(checked against the model's latents.json when train-dit wrote it)")
+    g.add_argument("--any-tokenizer", action="store_true",
+                   help="decode with --tokenizer even if the DiT was trained on another tokenizer's latents")
     g.add_argument("--out", required=True)
     g.add_argument("--num", type=int, default=None, help="images to make (unconditional model)")
     g.add_argument("--per-class", type=int, default=None, help="images per class (class-conditional model)")
@@ -1053,14 +1134,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_freed_memory and _runs_on_cpu(args):
         keep_freed_memory()
     try:
-        with _sigterm_handled(train=args.command == "train"):
+        with _sigterm_handled(train=args.command in ("train", "train-dit")):
             return args.func(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = (f"; continue with: dito-fast train --out {args.out} --resume (from its latest checkpoint)"
-                if args.command == "train" else "; files written so far are complete")
+        hint = (f"; continue with: dito-fast {args.command} --out {args.out} --resume (from its latest checkpoint)"
+                if args.command in ("train", "train-dit") else "; files written so far are complete")
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `dito-fast info | head -1`: the reader left; nothing to say

@@ -26,7 +26,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -323,23 +323,30 @@ def _model_name(settings: dict | None):
 
 
 def resolve_run_config(preset: str | None = None, config_file: str | None = None,
-                       overrides: dict | None = None) -> RunConfig:
+                       overrides: dict | None = None, *, run_class: type = RunConfig, presets: Mapping | None = None,
+                       validate: Callable[[Any], None] | None = None) -> Any:
     """Preset -> config file -> explicit overrides, later ones winning.
 
     Without ``preset``, a ``model.name`` that names a preset (in the overrides, else in the config
     file) selects that preset's architecture, which the file's and the overrides' other model
     settings then change; any other name is a label on the defaults (dito-B's architecture). With
     ``preset``, the file's ``model.name`` gives way to it, and an override naming another preset is
-    refused (it would label one architecture with another's name)."""
-    cfg = RunConfig()
+    refused (it would label one architecture with another's name).
+
+    ``run_class``, ``presets``, ``validate``: another kind of run (a dataclass with ``model``,
+    ``data`` and ``train`` sections; the DiT's, dito_fast.train.dit), its presets and its check;
+    default: a tokenizer run (RunConfig, PRESETS, validate_run_config)."""
+    presets = PRESETS if presets is None else presets
+    validate = validate_run_config if validate is None else validate
+    cfg = run_class()
     named = _model_name(overrides)
     if preset is not None:
-        if named is not None and named != preset and named in PRESETS:
+        if named is not None and named != preset and named in presets:
             raise ValueError(f"model.name={named} names another preset than {preset}: choose the architecture with "
                              f"the preset alone")
-        cfg.model = get_preset(preset)
-    elif named in PRESETS:
-        cfg.model = get_preset(named)
+        cfg.model = presets[preset]
+    elif named in presets:
+        cfg.model = presets[named]
     if config_file is not None:
         try:
             with open(config_file) as f:
@@ -354,12 +361,12 @@ def resolve_run_config(preset: str | None = None, config_file: str | None = None
         if preset is not None and "model" in data and "name" in data["model"]:
             data = copy.deepcopy(data)
             data["model"].pop("name")
-        elif preset is None and named is None and _model_name(data) in PRESETS:
-            cfg.model = get_preset(_model_name(data))
+        elif preset is None and named is None and _model_name(data) in presets:
+            cfg.model = presets[_model_name(data)]
         cfg = apply_overrides(cfg, data)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    validate_run_config(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -427,11 +434,16 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"data.check_files must be header|decode|none, got {d.check_files!r}")
     if d.workers < 0 or d.image_size < 1:
         raise ValueError(f"data.workers must be >= 0 and data.image_size >= 1, got {d.workers}, {d.image_size}")
-    if t.seed < 0:
-        raise ValueError(f"train.seed must be >= 0, got {t.seed}")
     if d.source in ("synthetic", "builtin") and d.num_synthetic_images < 1:
         raise ValueError(f"data.num_synthetic_images must be >= 1 for data.source={d.source!r}, "
                          f"got {d.num_synthetic_images}")
+    validate_train_config(t)
+
+
+def validate_train_config(t: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the first inconsistent ``train.*`` setting (any kind of run)."""
+    if t.seed < 0:
+        raise ValueError(f"train.seed must be >= 0, got {t.seed}")
     if t.steps < 1 or t.batch_size < 1:
         raise ValueError("train.steps and train.batch_size must be >= 1")
     if t.lr_decay not in ("none", "cosine"):

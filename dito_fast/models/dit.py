@@ -239,19 +239,36 @@ class DiT(nn.Module):
     # -- training ----------------------------------------------------------------------------
 
     def loss(self, z: torch.Tensor, y: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, seeds: list[int] | None = None) -> torch.Tensor:
         """Flow-matching loss per sample (B,) on clean latents z (B, c, h, w): t ~ U(0, 1), noise
         e ~ N(0, I), each label replaced by the null one with ``class_dropout_prob`` (all draws
         from ``generator``, else torch's global RNG, on z's device), MSE between the predicted
-        and the true velocity."""
+        and the true velocity.
+
+        ``seeds`` (B ints) instead of ``generator``: sample i's draws (its time, its noise, its
+        label drop, in that order) from a generator seeded by ``seeds[i]``, so that they do not
+        depend on the batch around it (what the trainer's resumable runs use)."""
         B = self._check_latents(z, "z")[0]
         if not torch.isfinite(z).all():
             raise ValueError("z contains NaN or inf values")
         y = self._check_labels(y, B, z.device)
-        t = flow.sample_times(B, generator, z.device)
-        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        if y is not None and self.config.class_dropout_prob > 0:
-            drop = torch.rand(B, generator=generator, device=z.device) < self.config.class_dropout_prob
+        p_drop = self.config.class_dropout_prob if y is not None else 0.0
+        if seeds is not None:
+            if generator is not None or len(seeds) != B:
+                raise ValueError(f"give one seed per sample ({B}) and no generator, got {len(seeds)} seeds"
+                                 + (" and a generator" if generator is not None else ""))
+            t, noise, u = [], [], []
+            for seed in seeds:
+                g = torch.Generator(device=z.device).manual_seed(int(seed))
+                t.append(flow.sample_times(1, g, z.device))
+                noise.append(torch.randn((1, *z.shape[1:]), generator=g, device=z.device, dtype=z.dtype))
+                u.append(torch.rand(1, generator=g, device=z.device))
+            t, noise, drop = torch.cat(t), torch.cat(noise), torch.cat(u) < p_drop
+        else:
+            t = flow.sample_times(B, generator, z.device)
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            drop = torch.rand(B, generator=generator, device=z.device) < p_drop if p_drop > 0 else None
+        if drop is not None and p_drop > 0:
             y = torch.where(drop, torch.full_like(y, self.null_label), y)
         z_t, v = fm_noise(z, noise, t, self.config.sigma_min)
         pred = self(z_t, t, y)

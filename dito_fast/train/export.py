@@ -1,4 +1,5 @@
-"""Export a training checkpoint as a model directory that ``DiTo.from_pretrained`` loads.
+"""Export a training checkpoint as a model directory that ``DiTo.from_pretrained`` (or, for a
+``train-dit`` run, ``DiT.from_pretrained``) loads.
 
 A run exports its final model to ``<run>/model/`` by itself; this takes any complete checkpoint
 (an earlier step, a run stopped by a crash or a preemption, one written under FSDP in DCP shards)
@@ -16,6 +17,7 @@ import torch
 
 from ..config import ModelConfig, from_dict, validate_model_config
 from ..models._pretrained import CONFIG_NAME, WEIGHTS_NAME, state_mismatch
+from ..models.dit import DiT, DiTConfig, validate_dit_config
 from ..models.dito import DiTo
 from . import checkpoint as ckpt
 from .parallel import load_dcp
@@ -56,7 +58,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
     "model" (the raw trained weights), or "auto" (EMA when the checkpoint holds them). Both
     checkpoint formats are read: safetensors (single process, DDP) and DCP shards (FSDP, any world
     size), in one process. ``out_dir`` must not already hold a model unless ``overwrite``. The
-    exported weights are bit for bit those the checkpoint holds."""
+    exported weights are bit for bit those the checkpoint holds. A DiT's checkpoint (``train-dit``)
+    gives a DiT's directory, with the run's ``latents.json`` (its classes and tokenizer) beside it."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     path = find_checkpoint(source)
@@ -70,7 +73,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
     if not overwrite and any(os.path.lexists(out_dir / n) for n in (CONFIG_NAME, WEIGHTS_NAME)):
         raise FileExistsError(f"{out_dir} already holds a model; choose another directory or overwrite it "
                               "(overwrite=True, --overwrite)")
-    config = _model_config(path)
+    model_class, config = _model_config(path)
     fmt = ckpt.checkpoint_format(path)
     has_ema = (path / "ema.safetensors").is_file() if fmt == "safetensors" else _dcp_has(path, "ema")
     which = ("ema" if has_ema else "model") if weights == "auto" else weights
@@ -78,7 +81,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
         raise ValueError(f"{path} holds no EMA weights (written by a run with train.ema_decay=0): export "
                          "weights='model'")
     with torch.device("meta"):  # no random init: every value comes from the checkpoint
-        model = DiTo(config)
+        model = model_class(config)
     if fmt == "safetensors":
         state = ckpt.load_weights(path / f"{which}.safetensors")
     else:
@@ -89,6 +92,9 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
         raise ValueError(f"{path}: the {which} weights do not match its config.json: {problem}")
     model.load_state_dict(state, assign=True)
     model.save_pretrained(out_dir)
+    latents = path.parent.parent / "latents.json"  # a DiT run's: RUN/checkpoints/step_N -> RUN
+    if model_class is DiT and latents.is_file():
+        ckpt.atomic_write_text(latents.read_text(), out_dir / "latents.json")
     logger.info("exported the %s weights of %s (step %s) to %s", which, path, ckpt.checkpoint_step(path), out_dir)
     return path
 
@@ -102,7 +108,9 @@ def _holds_run_config(cfg_path: Path) -> bool:
     return isinstance(data, dict) and "train" in data
 
 
-def _model_config(path: Path) -> ModelConfig:
+def _model_config(path: Path) -> tuple[type, ModelConfig | DiTConfig]:
+    """(DiTo or DiT, its config) from a checkpoint's run config (a DiT's model section has
+    ``patch_size``, a tokenizer's ``encoder``)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"missing config.json in checkpoint {path}")
@@ -110,11 +118,15 @@ def _model_config(path: Path) -> ModelConfig:
         data = json.loads(cfg_path.read_text())
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             raise TypeError("expected a run config with a \"model\" section")
-        config = from_dict(ModelConfig, data["model"])
-        validate_model_config(config)
+        if "patch_size" in data["model"]:
+            model_class, config = DiT, from_dict(DiTConfig, data["model"])
+            validate_dit_config(config)
+        else:
+            model_class, config = DiTo, from_dict(ModelConfig, data["model"])
+            validate_model_config(config)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"invalid checkpoint config {cfg_path}: {e}") from None
-    return config
+    return model_class, config
 
 
 def _dcp_has(path: Path, group: str) -> bool:

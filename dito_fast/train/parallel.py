@@ -172,17 +172,19 @@ class ParallelModel:
     """The model as the training loop sees it, for one of three modes: ``single`` (one process),
     ``ddp`` or ``fsdp`` (see the module docstring).
 
-    ``model``: the DiTo (sharded in place under FSDP); ``step_module``: what to call with
-    (images, seeds); ``ema_model``: the EMA copy (sharded like ``model`` under FSDP) or None.
+    ``model``: the model trained (sharded in place under FSDP); ``step``: the module holding it
+    whose forward(*inputs, seeds) gives the per-sample losses (default: a DiTo's
+    :class:`TrainStep`); ``step_module``: what to call (``step``, DDP-wrapped under DDP);
+    ``ema_model``: the EMA copy (sharded like ``model`` under FSDP) or None.
     """
 
-    def __init__(self, model: DiTo, ema_model: nn.Module | None, mode: str, ctx: DistContext,
-                 device: torch.device):
+    def __init__(self, model: nn.Module, ema_model: nn.Module | None, mode: str, ctx: DistContext,
+                 device: torch.device, step: nn.Module | None = None):
         if mode not in ("single", "ddp", "fsdp"):
             raise ValueError(f"unknown parallel mode {mode!r}")
         self.mode, self.ctx, self.device = mode, ctx, device
         self.model, self.ema_model = model, ema_model
-        step = TrainStep(model)
+        step = TrainStep(model) if step is None else step
         if mode == "fsdp":
             if ema_model is not None:
                 fully_shard_model(ema_model, ema_model, ctx, device)

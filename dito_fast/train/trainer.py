@@ -1,5 +1,7 @@
 """The training loop: flow-matching training of encoder and decoder together (paper §3), on one
 process or data-parallel under torchrun (DDP, or FSDP2 for the large presets; see parallel.py).
+What is trained is a :class:`TrainTask` (model, loss module, data, validation, export): a DiTo
+tokenizer's by default, the downstream DiT's in :mod:`dito_fast.train.dit`.
 
 Determinism and exact resume: the images of step k are fixed by (seed, k) through the loader of
 :func:`dito_fast.data.make_loader` (an epoch permutation seeded by (seed, epoch), each global
@@ -45,7 +47,7 @@ from ..models.dito import DiTo, check_images
 from . import checkpoint as ckpt
 from . import distributed
 from .distributed import DistContext
-from .parallel import ParallelModel, find_micro_batch, flat_dict, plan_batches, sample_seeds, save_dcp
+from .parallel import ParallelModel, TrainStep, find_micro_batch, flat_dict, plan_batches, sample_seeds, save_dcp
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +205,7 @@ def request_stop() -> None:
 @dataclass
 class TrainResult:
     run_dir: Path
-    model: DiTo  # the exported model (EMA weights when EMA is on), unsharded, on every rank
+    model: torch.nn.Module  # the exported model (EMA weights when EMA is on), unsharded, on every rank
     step: int
     # (step, global mean loss) of every good step of this run
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -212,7 +214,7 @@ class TrainResult:
     images_seen: int = 0  # samples consumed over the whole run (steps x global batch), resumes included
     rank: int = 0
     world_size: int = 1
-    raw_model: DiTo | None = None  # the trained (not averaged) weights; sharded in place under FSDP
+    raw_model: torch.nn.Module | None = None  # the trained (not averaged) weights; sharded in place under FSDP
     stopped_early: str | None = None  # "max_minutes" or "requested" (request_stop) when it stopped before train.steps
 
 
@@ -244,6 +246,76 @@ def validate(model: DiTo, images: torch.Tensor, steps: int, seed: int, sampler: 
     recon = model.reconstruct(images, steps=steps, sampler=sampler, seed=seed)
     model.train(was_training)
     return {"val_psnr": float(psnr(recon, images).mean())}, recon
+
+
+# --------------------------------------------------------------------------------------------
+# what the loop trains
+
+
+class TrainTask:
+    """The parts of a run that depend on what is trained; the loop (:func:`train`) is the rest.
+    This class trains a DiTo tokenizer on images; :class:`dito_fast.train.dit.DiTTask` a DiT on
+    latents. ``cfg``: the run's config (a dataclass with ``model``, ``data`` and ``train``)."""
+
+    def validate_config(self, cfg) -> None:
+        validate_run_config(cfg)
+
+    def resolve_config(self, cfg, device: torch.device):
+        """``cfg`` with settings that depend on the device made concrete."""
+        return resolve_memory_format(cfg, device)
+
+    def build_model(self, cfg) -> torch.nn.Module:
+        return DiTo(cfg.model)
+
+    def step_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A module whose forward(*inputs, seeds) gives the per-sample losses (B,)."""
+        return TrainStep(model)
+
+    def datasets(self, cfg, run_dir: Path, train_dataset=None, val_data=None):
+        """(training data, validation data) for :meth:`make_loader` and :meth:`validate`;
+        ``train_dataset`` / ``val_data`` given by the caller replace the built ones. Every rank
+        calls this, before the run's files are written."""
+        if train_dataset is not None and val_data is not None:
+            return train_dataset, val_data
+        built_train, built_val = build_datasets(cfg)
+        return (train_dataset if train_dataset is not None else built_train,
+                val_data if val_data is not None else built_val)
+
+    def make_loader(self, cfg, rank: int, world_size: int, start_step: int, num_steps: int, source,
+                    device: torch.device):
+        """This rank's batches of steps start_step.. (a :class:`dito_fast.data.BatchLoader`)."""
+        return data.make_loader(cfg, rank, world_size, start_step=start_step, num_steps=num_steps, source=source,
+                                device=device)
+
+    def inputs(self, batch, model: torch.nn.Module, device: torch.device, first: bool) -> tuple[torch.Tensor, ...]:
+        """The step module's tensor inputs from a loader batch (checked on the ``first`` step)."""
+        x = batch["image"].to(device, non_blocking=True)
+        if first:
+            check_images(x, model.downsample_factor, name="training images")
+        return (x,)
+
+    def probe_inputs(self, cfg, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Inputs of ``n`` samples of the run's shapes (the automatic micro-batch's probe)."""
+        size = cfg.data.image_size
+        return (torch.rand(n, 3, size, size, device=device) * 2 - 1,)
+
+    def validate(self, model: torch.nn.Module, val_data, cfg, step: int, run_dir: Path) -> dict:
+        """Figures of ``model`` (the EMA weights when EMA is on) on the validation data, written
+        where they belong; {} when there is nothing to validate. Rank 0 only."""
+        if len(val_data) == 0:
+            return {}
+        images = val_data.to(next(model.parameters()).device)
+        res, recon = validate(model, images, cfg.train.val_sample_steps, seed=cfg.train.seed)
+        save_image(make_grid([images.cpu(), recon.cpu()]), run_dir / "samples" / f"recon_{step:08d}.png")
+        logger.info("step %d: validation PSNR %.2f dB", step, res["val_psnr"])
+        return res
+
+    def export(self, model: torch.nn.Module, directory: Path) -> None:
+        """Write the trained model as a ``from_pretrained`` directory (rank 0 only)."""
+        model.save_pretrained(directory)
+
+
+TOKENIZER = TrainTask()
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,27 +498,25 @@ def _state_entry(state: dict, key: str, resume_from: Path):
     return state[key]
 
 
-def _plain_model(cfg: RunConfig, state: dict[str, torch.Tensor], device: torch.device) -> DiTo:
-    """An unsharded DiTo holding ``state`` (built on the meta device: no random init)."""
+def _plain_model(task: TrainTask, cfg, state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    """An unsharded model holding ``state`` (built on the meta device: no random init)."""
     with torch.device("meta"):
-        net = DiTo(cfg.model)
+        net = task.build_model(cfg)
     net.load_state_dict(state, assign=True)
     return net.to(device)
 
 
-def _auto_micro_batch(model: DiTo, cfg: RunConfig, device: torch.device, n: int) -> int:
+def _auto_micro_batch(task: TrainTask, model: torch.nn.Module, cfg, device: torch.device, n: int) -> int:
     """The largest micro-batch (n, halving) whose forward + backward fits in GPU memory next to
     the optimizer state still to be allocated (AdamW: two tensors per parameter)."""
-    from .parallel import TrainStep
-
-    step_module, size = TrainStep(model), cfg.data.image_size
+    step_module = task.step_module(model)
     state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
 
     def try_step(m: int) -> None:
         reserve = torch.empty(state_bytes, dtype=torch.uint8, device=device)  # noqa: F841 (held while probing)
-        x = torch.rand(m, 3, size, size, device=device) * 2 - 1
+        inputs = task.probe_inputs(cfg, m, device)
         with _autocast(device, cfg.train.precision):
-            loss = step_module(x, list(range(m))).float().sum()
+            loss = step_module(*inputs, list(range(m))).float().sum()
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -462,7 +532,8 @@ def _auto_micro_batch(model: DiTo, cfg: RunConfig, device: torch.device, n: int)
 
 
 def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Dataset | None = None,
-          val_images: torch.Tensor | None = None, progress: bool | None = None) -> TrainResult:
+          val_images: torch.Tensor | None = None, progress: bool | None = None, *,
+          task: TrainTask = TOKENIZER) -> TrainResult:
     """Train a DiTo tokenizer as configured; write logs, checkpoints and the final model.
 
     out_dir/config.json        the resolved RunConfig
@@ -480,16 +551,19 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
     Launched by torchrun (or with a process group already initialised), the run is
     data-parallel: ``train.batch_size`` is the global batch, ``train.parallel`` picks DDP or
     FSDP, and only rank 0 writes files (see the module docstring of dito_fast.train.parallel).
+
+    ``task``: what is trained (default: a DiTo tokenizer; :func:`dito_fast.train.dit.train_dit`
+    passes a DiT's); ``val_images`` is then that task's validation data.
     """
-    validate_run_config(cfg)
+    task.validate_config(cfg)
     t_cfg = cfg.train
     if t_cfg.threads > 0:
         torch.set_num_threads(t_cfg.threads)
     ctx, device = distributed.setup(t_cfg.dist_backend, t_cfg.device, t_cfg.dist_timeout_minutes or None)
-    cfg = resolve_memory_format(cfg, device)
+    cfg = task.resolve_config(cfg, device)
     ok = False
     try:
-        result = _train(cfg, Path(out_dir), resume, train_dataset, val_images, progress, ctx, device)
+        result = _train(task, cfg, Path(out_dir), resume, train_dataset, val_images, progress, ctx, device)
         ok = True
         return result
     except BaseException as e:
@@ -521,7 +595,7 @@ def resolve_memory_format(cfg: RunConfig, device: torch.device) -> RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, memory_format=fmt))
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, progress, ctx: DistContext,
+def _train(task: TrainTask, cfg, run_dir: Path, resume, train_dataset, val_data, progress, ctx: DistContext,
            device: torch.device) -> TrainResult:
     t_cfg = cfg.train
     is_main, G, W = ctx.is_main, t_cfg.batch_size, ctx.world_size
@@ -556,7 +630,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     # fused AdamW copies every channels_last parameter, gradient and moment to a contiguous tensor
     # and back on each step (dito-S: 31.8 ms against 23.0 ms per step on the 2-core development
     # machine, 2026-12-03; benchmarks/bench_model.py::test_optimizer_step_layout).
-    model = DiTo(cfg.model)
+    model = task.build_model(cfg)
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay > 0 else None
     # Then each rank its own stream of torch's global RNG (training's noise and data do not draw
     # from it: per-sample generators), replaced by the checkpoint's when resuming.
@@ -583,7 +657,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         model.to(device)
     if micro == 0 and t_cfg.grad_accum_steps == 1 and device.type == "cuda" and mode != "fsdp":
         share = plan_batches(G, ctx.rank, W).share
-        micro = _auto_micro_batch(model, cfg, device, share)
+        micro = _auto_micro_batch(task, model, cfg, device, share)
         m = torch.tensor([micro], device=device)
         distributed.all_reduce_(m, ctx, torch.distributed.ReduceOp.MIN if ctx.distributed else None)
         micro = int(m.item())
@@ -592,7 +666,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     plan = plan_batches(G, ctx.rank, W, micro, t_cfg.grad_accum_steps, equal_passes=mode == "fsdp")
 
     n_params = sum(p.numel() for p in model.parameters())
-    pm = ParallelModel(model, ema.model if ema is not None else None, mode, ctx, device)
+    pm = ParallelModel(model, ema.model if ema is not None else None, mode, ctx, device, task.step_module(model))
     opt_kwargs = dict(lr=t_cfg.lr, betas=tuple(t_cfg.betas), weight_decay=t_cfg.weight_decay)
     # The fused AdamW kernel exists for CPU and CUDA (2.7x faster than foreach for dito-S on this CPU).
     if device.type in ("cpu", "cuda"):
@@ -643,21 +717,16 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
                          "(dito-fast export)")
 
     # -- data (built before the run's files are written: a bad data source leaves the folder as it was)
-    if train_dataset is None or val_images is None:
-        built_train, built_val = build_datasets(cfg)
-        train_dataset = train_dataset if train_dataset is not None else built_train
-        val_images = val_images if val_images is not None else built_val
+    train_dataset, val_data = task.datasets(cfg, run_dir, train_dataset, val_data)
     if is_main:
         ckpt.atomic_write_json(to_dict(cfg), run_dir / "config.json")
     event("resume" if resume_from is not None else "start", step=start_step,
           checkpoint=resume_from.name if resume_from is not None else None, parallel=mode,
           micro_batches=list(plan.micro))
     n_remaining = max(t_cfg.steps - start_step, 0)
-    loader = data.make_loader(cfg, ctx.rank, W, start_step=start_step, num_steps=n_remaining,
-                              source=train_dataset, device=device)
+    loader = task.make_loader(cfg, ctx.rank, W, start_step, n_remaining, train_dataset, device)
     if state is not None:
         loader.mark_unreadable([tuple(f) for f in state.get("unreadable_files", [])])
-    val_images = val_images.to(device)
 
     metrics = _MetricsLog(run_dir, start_step) if is_main else None
     logger.info("training %s (%.2f M params) on %s, %d threads, steps %d..%d, global batch %d over %d rank(s) "
@@ -709,21 +778,20 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
 
     def run_validation(step: int) -> dict:
         # every rank calls this; under FSDP the EMA weights are gathered to rank 0 first
-        if len(val_images) == 0:
+        if len(val_data) == 0:
             return {}
         if pm.sharded:
             full = pm.full_state_dict("ema" if ema is not None else "model")
             if not is_main:
                 return {}
-            net = _plain_model(cfg, full, device)
+            net = _plain_model(task, cfg, full, device)
         else:
             if not is_main:
                 return {}
             net = ema.model if ema is not None else model
-        res, recon = validate(net, val_images, t_cfg.val_sample_steps, seed=t_cfg.seed)
-        save_image(make_grid([val_images.cpu(), recon.cpu()]), run_dir / "samples" / f"recon_{step:08d}.png")
-        metrics.write({"step": step, **res})
-        logger.info("step %d: validation PSNR %.2f dB", step, res["val_psnr"])
+        res = task.validate(net, val_data, cfg, step, run_dir)
+        if res:
+            metrics.write({"step": step, **res})
         return res
 
     def files_skipped() -> int:
@@ -752,16 +820,15 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
     t_start = t_last = t_fetch = time.perf_counter()
     try:
         for batch in loader:
-            x = batch["image"].to(device, non_blocking=True)
+            inputs = task.inputs(batch, model, device, first=step == start_step)
             timer.add("data_wait", time.perf_counter() - t_fetch)
-            if step == start_step:
-                check_images(x, model.downsample_factor, name="training images")
-            if x.shape[0] != plan.share:
-                raise RuntimeError(f"the loader gave {x.shape[0]} images, expected this rank's share {plan.share}")
+            if inputs[0].shape[0] != plan.share:
+                raise RuntimeError(f"the loader gave {inputs[0].shape[0]} samples, expected this rank's share "
+                                   f"{plan.share}")
             seeds = sample_seeds(t_cfg.seed, step, plan.start, plan.stop)
             if plan.slots > plan.share:
                 pad = plan.slots - plan.share
-                x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+                inputs = tuple(torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for v in inputs)
                 seeds += seeds[-1:] * pad
 
             # forward + backward over the micro-batches; the gradient is that of the global mean loss
@@ -771,7 +838,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
             for j, m in enumerate(plan.micro):
                 with pm.micro_batch_context(last=j == len(plan.micro) - 1):
                     with timer.phase("forward"), _autocast(device, t_cfg.precision):
-                        per = pm.step_module(x[lo:lo + m], seeds[lo:lo + m]).float()  # (m,)
+                        per = pm.step_module(*(v[lo:lo + m] for v in inputs), seeds[lo:lo + m]).float()  # (m,)
                         if weights is not None:
                             per = per * weights[lo:lo + m]
                     with timer.phase("backward"):
@@ -901,12 +968,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume, train_dataset, val_images, pro
         logger.error("the model replicas differ across ranks after training (DDP should keep them identical)")
         event("replicas_differ", step=step)
     if pm.sharded:
-        exported = _plain_model(cfg, pm.full_state_dict("ema" if ema is not None else "model", all_ranks=True),
+        exported = _plain_model(task, cfg, pm.full_state_dict("ema" if ema is not None else "model", all_ranks=True),
                                 torch.device("cpu"))
     else:
         exported = ema.model if ema is not None else model
     if is_main:
-        exported.save_pretrained(run_dir / "model")
+        task.export(exported, run_dir / "model")
         event("done", step=step, images_seen=images_seen)
     distributed.barrier(ctx)
     result.model = exported

@@ -1,0 +1,367 @@
+"""Training the downstream DiT on a tokenizer's latents: :func:`train_dit` (``dito-fast train-dit``).
+
+The data is a folder of latents written by ``dito-fast encode`` (one ``.safetensors`` file per
+image, key ``latent``, shape (1, c, h, w); files holding several latents give one sample each),
+read once into memory: DiTo's latents are small (4x32x32 float32: 16 KiB per 256-px image).
+With ``data.class_folders`` each latent's label is its top-level subfolder (folders sorted by
+name -> 0..K-1, as ``encode`` mirrors an image folder's class folders); without it the DiT is
+unconditional. Unreadable or corrupt files (bad header, missing ``latent``, non-finite values)
+are skipped and counted; latents of another shape or from another tokenizer (the fingerprint
+``encode`` stores) stop the run before it starts, naming a file.
+
+The loop is the tokenizer's (:func:`dito_fast.train.train` with a :class:`DiTTask`): the same
+``train.*`` settings, checkpoints, exact resume, torchrun (DDP or FSDP), EMA, non-finite step
+skipping and logs. What differs: the per-sample draws of the DiT's flow-matching loss (time,
+noise, label drop) come from generators seeded by (seed, step, index in the global batch); the
+validation figure is the EMA model's loss on ``train.val_images`` held-out latents with fixed
+draws (``val_loss``, no images: the tokenizer is not part of the run); the exported model's
+folder also holds ``latents.json`` (the class names and the tokenizer the latents came from),
+which ``dito-fast sample-dit`` checks its ``--tokenizer`` against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import TrainConfig, resolve_run_config, validate_train_config
+from ..data.sampler import StepBatchSampler, mix_seed, rank_slice
+from ..models.dit import DIT_PRESETS, DiT, DiTConfig, validate_dit_config
+from . import checkpoint as ckpt
+from .trainer import TrainResult, TrainTask, train
+
+logger = logging.getLogger(__name__)
+
+LATENTS_FILE = "latents.json"  # in the run folder and the exported model's: classes and tokenizer
+_VAL_TAG = 0x7A1  # seeds of the validation draws: (seed, _VAL_TAG, index)
+
+
+@dataclass
+class LatentDataConfig:
+    """The latents a DiT is trained on."""
+
+    source: str = ""  # a folder of latents written by `dito-fast encode` (searched recursively)
+    class_folders: bool = False  # label each latent by its top-level subfolder; False: unconditional
+
+
+@dataclass
+class DiTRunConfig:
+    model: DiTConfig = field(default_factory=DiTConfig)
+    data: LatentDataConfig = field(default_factory=LatentDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def validate_dit_run_config(cfg: DiTRunConfig) -> None:
+    """Raise ``ValueError`` naming the first inconsistent setting."""
+    validate_dit_config(cfg.model)
+    validate_train_config(cfg.train)
+    if not isinstance(cfg.data.source, str) or not cfg.data.source:
+        raise ValueError("data.source must name a folder of latents (written by dito-fast encode)")
+
+
+def resolve_dit_run_config(preset: str | None = None, config_file: str | None = None,
+                           overrides: dict | None = None) -> DiTRunConfig:
+    """Preset (``DiT-S/2`` ...) -> config file -> overrides, as :func:`dito_fast.config.resolve_run_config`."""
+    return resolve_run_config(preset, config_file, overrides, run_class=DiTRunConfig, presets=DIT_PRESETS,
+                              validate=validate_dit_run_config)
+
+
+# --------------------------------------------------------------------------------------------
+# the latents
+
+
+@dataclass
+class LatentSet:
+    """Latents in memory: ``latents`` (N, c, h, w) float32, ``labels`` (N,) int64 or None,
+    ``names`` (N) each sample's file (relative to the folder), ``classes`` the class folders' names
+    (label k: ``classes[k]``; [] unconditional), ``tokenizer`` what ``encode`` recorded of the
+    model ({"model", "model_fingerprint"}; {} when the files say nothing), ``skipped`` the
+    (file, reason) pairs of unreadable files."""
+
+    latents: torch.Tensor
+    labels: torch.Tensor | None
+    names: list[str]
+    classes: list[str] = field(default_factory=list)
+    tokenizer: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def subset(self, indices: list[int]) -> "LatentSet":
+        idx = torch.tensor(indices, dtype=torch.long)
+        return LatentSet(self.latents[idx], None if self.labels is None else self.labels[idx],
+                         [self.names[i] for i in indices], list(self.classes), dict(self.tokenizer), [])
+
+    def describe(self) -> dict:
+        """What a model trained on these latents must be told (``latents.json``)."""
+        return {"classes": list(self.classes), "tokenizer": dict(self.tokenizer),
+                "latent_shape": list(self.latents.shape[1:])}
+
+
+def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], list[str]]:
+    """(the ``.safetensors`` files under ``folder``, sorted; the class folders' names, sorted, or
+    []). Raises FileNotFoundError / NotADirectoryError / ValueError (no files; with
+    ``class_folders``, a file outside any class folder)."""
+    root = Path(folder)
+    if not root.exists():
+        raise FileNotFoundError(f"latent folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder of latents: {root} (write one with dito-fast encode IMAGES --out DIR)")
+    files = sorted(root.rglob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors latents in {root} (write them with dito-fast encode IMAGES --out "
+                                f"{root})")
+    if not class_folders:
+        return files, []
+    loose = [f for f in files if len(f.relative_to(root).parts) < 2]
+    if loose:
+        raise ValueError(f"data.class_folders: {loose[0]} is not inside a class folder ({len(loose)} such files); "
+                         f"put each class's latents in a subfolder of {root}, or train unconditionally")
+    classes = sorted({f.relative_to(root).parts[0] for f in files})
+    return files, classes
+
+
+def latent_shape(folder: str | Path) -> tuple[int, int, int]:
+    """(c, h, w) of the first latent file under ``folder`` (header only)."""
+    from safetensors import safe_open
+
+    f = latent_files(folder, False)[0][0]
+    with safe_open(str(f), "pt") as h:
+        if "latent" not in h.keys():
+            raise ValueError(f"{f} holds no 'latent' tensor (not written by dito-fast encode)")
+        shape = h.get_slice("latent").get_shape()
+    if len(shape) != 4:
+        raise ValueError(f"{f}: latent of shape {tuple(shape)}, expected (n, c, h, w)")
+    return tuple(shape[1:])
+
+
+def load_latents(folder: str | Path, class_folders: bool = False, progress: bool | None = None) -> LatentSet:
+    """Read every latent under ``folder`` into memory (see the module docstring)."""
+    from safetensors import SafetensorError, safe_open
+    from tqdm.auto import tqdm
+
+    root = Path(folder)
+    files, classes = latent_files(root, class_folders)
+    index = {name: k for k, name in enumerate(classes)}
+    chunks, labels, names, skipped, tokenizers = [], [], [], [], {}
+    shape = None
+    show = sys.stderr.isatty() if progress is None else progress
+    for f in tqdm(files, desc="latents", unit="file", disable=not show or len(files) < 2):
+        rel = str(f.relative_to(root))
+        try:
+            with safe_open(str(f), "pt") as h:
+                if "latent" not in h.keys():
+                    raise ValueError("no 'latent' tensor")
+                z, meta = h.get_tensor("latent"), h.metadata() or {}
+            if z.dim() != 4 or z.shape[0] < 1 or not z.is_floating_point():
+                raise ValueError(f"latent {z.dtype} {tuple(z.shape)}, expected floating (n, c, h, w)")
+            if not torch.isfinite(z).all():
+                raise ValueError("non-finite values")
+        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+            logger.warning("latent file %s unreadable (%s); skipped", f, e)
+            skipped.append((rel, str(e)))
+            continue
+        if shape is None:
+            shape = tuple(z.shape[1:])
+        elif tuple(z.shape[1:]) != shape:
+            raise ValueError(f"{f}: latent of shape {tuple(z.shape[1:])}, but {root / names[0]}'s is {shape}: every "
+                             "latent must have one shape (encode the images with one --size)")
+        if "model_fingerprint" in meta:
+            tokenizers.setdefault(meta["model_fingerprint"], (meta.get("model", "?"), rel))
+            if len(tokenizers) > 1:
+                (fa, (ma, a)), (fb, (mb, b)) = list(tokenizers.items())[:2]
+                raise ValueError(f"the latents come from two tokenizers: {a} from {ma} ({fa}), {b} from {mb} ({fb}); "
+                                 "a DiT learns one tokenizer's latent space")
+        chunks.append(z.float())
+        names += [rel] * z.shape[0]
+        if class_folders:
+            labels += [index[f.relative_to(root).parts[0]]] * z.shape[0]
+    if not chunks:
+        raise ValueError(f"none of the {len(files)} latent files in {root} could be read (first: {skipped[0][0]}: "
+                         f"{skipped[0][1]})")
+    if skipped:
+        logger.warning("%d of %d latent files unreadable, skipped", len(skipped), len(files))
+    tokenizer = {}
+    if tokenizers:
+        fingerprint, (model, _) = next(iter(tokenizers.items()))
+        tokenizer = {"model": model, "model_fingerprint": fingerprint}
+    return LatentSet(torch.cat(chunks), torch.tensor(labels, dtype=torch.long) if class_folders else None, names,
+                     classes, tokenizer, skipped)
+
+
+class LatentLoader:
+    """This rank's batches {"latent": (B, c, h, w), "label": (B,) int64} of steps start_step..
+    from a :class:`LatentSet`, in the order of :class:`dito_fast.data.sampler.StepBatchSampler`
+    (the tokenizer's loaders' order: exact resume, disjoint rank shares). The interface of
+    :class:`dito_fast.data.BatchLoader` the loop uses; the files were read before the run, so
+    nothing becomes unreadable while it runs."""
+
+    def __init__(self, latents: LatentSet, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start_step: int = 0, num_steps: int | None = None):
+        lo, hi = rank_slice(global_batch, rank, world_size)
+        self.source = latents
+        self.sampler = StepBatchSampler(len(latents), hi - lo, seed, start_step, num_steps, rank, world_size,
+                                        global_batch_size=global_batch)
+        self.found_unreadable: list[int] = []
+
+    def __iter__(self):
+        labels = self.source.labels
+        for keys in self.sampler:
+            idx = torch.tensor([i for i, _ in keys], dtype=torch.long)
+            yield {"latent": self.source.latents[idx],
+                   "label": labels[idx] if labels is not None else torch.zeros(len(idx), dtype=torch.long)}
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def unreadable_reasons(self) -> list[tuple[str, str]]:
+        return []
+
+    def mark_unreadable(self, files) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# the task
+
+
+class DiTStep(nn.Module):
+    """Per-sample flow-matching losses (B,) of a DiT as one module call (for DDP and FSDP):
+    forward(z (B, c, h, w), y (B,) int64 (ignored by an unconditional model), seeds (B ints))."""
+
+    def __init__(self, model: DiT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor, seeds) -> torch.Tensor:
+        return self.model.loss(z, y if self.model.config.num_classes > 0 else None, seeds=list(seeds))
+
+
+class DiTTask(TrainTask):
+    """A DiT on latents (see the module docstring), for :func:`dito_fast.train.train`."""
+
+    def __init__(self, progress: bool | None = None):
+        self.progress = progress
+        self.described: dict | None = None  # latents.json of the data, once read
+
+    def validate_config(self, cfg: DiTRunConfig) -> None:
+        validate_dit_run_config(cfg)
+
+    def resolve_config(self, cfg, device):
+        return cfg
+
+    def build_model(self, cfg) -> nn.Module:
+        return DiT(cfg.model)
+
+    def step_module(self, model) -> nn.Module:
+        return DiTStep(model)
+
+    def datasets(self, cfg, run_dir: Path, train_dataset=None, val_data=None):
+        m, t = cfg.model, cfg.train
+        if train_dataset is None:
+            full = load_latents(cfg.data.source, cfg.data.class_folders, self.progress)
+            n = len(full)
+            n_val = min(t.val_images, n // 5) if val_data is None else 0
+            held = sorted({round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)})
+            train_dataset = full.subset([i for i in range(n) if i not in set(held)]) if held else full
+            train_dataset.skipped = full.skipped
+            if val_data is None:
+                val_data = full.subset(held)
+        if val_data is None:
+            val_data = train_dataset.subset([])
+        shape = tuple(train_dataset.latents.shape[1:])
+        want = (m.latent_channels, m.latent_size, m.latent_size)
+        if shape != want:
+            raise ValueError(f"the latents are {shape} (c, h, w), but model.latent_channels={m.latent_channels} and "
+                             f"model.latent_size={m.latent_size} make {want}")
+        k = len(train_dataset.classes)
+        if k != m.num_classes:
+            raise ValueError(f"the data has {k} classes ({'data.class_folders' if cfg.data.class_folders else 'no'} "
+                             f"class folders) but model.num_classes={m.num_classes}")
+        self.described = train_dataset.describe()
+        saved = run_dir / LATENTS_FILE
+        if saved.is_file():  # a resumed run: the same classes (labels) and the same tokenizer
+            before = json.loads(saved.read_text())
+            for key in ("classes", "tokenizer"):
+                if before.get(key) != self.described[key] and (key == "classes" or before.get(key)):
+                    raise ValueError(f"{run_dir} was trained on latents with other {key} ({before.get(key)!r}) than "
+                                     f"{cfg.data.source}'s ({self.described[key]!r}): its labels or latent space "
+                                     "would change under it; train a new run")
+        elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_json(self.described, saved)
+        logger.info("latents: %d for training, %d held out, shape %s, %s", len(train_dataset), len(val_data), shape,
+                    f"{k} classes" if k else "unconditional")
+        return train_dataset, val_data
+
+    def make_loader(self, cfg, rank, world_size, start_step, num_steps, source, device):
+        return LatentLoader(source, cfg.train.batch_size, cfg.train.seed, rank, world_size, start_step, num_steps)
+
+    def inputs(self, batch, model, device, first):
+        return batch["latent"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+
+    def probe_inputs(self, cfg, n, device):
+        m = cfg.model
+        return (torch.randn(n, m.latent_channels, m.latent_size, m.latent_size, device=device),
+                torch.zeros(n, dtype=torch.long, device=device))
+
+    @torch.no_grad()
+    def validate(self, model, val_data: LatentSet, cfg, step, run_dir):
+        if len(val_data) == 0:
+            return {}
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        total, n = 0.0, len(val_data)
+        for lo in range(0, n, 64):
+            z = val_data.latents[lo:lo + 64].to(device)
+            y = val_data.labels[lo:lo + 64].to(device) if val_data.labels is not None else None
+            seeds = [mix_seed(cfg.train.seed, _VAL_TAG, i) for i in range(lo, lo + z.shape[0])]
+            total += float(model.loss(z, y, seeds=seeds).double().sum())
+        model.train(was_training)
+        res = {"val_loss": total / n}
+        logger.info("step %d: validation loss %.4f (%d held-out latents)", step, res["val_loss"], n)
+        return res
+
+    def export(self, model, directory: Path) -> None:
+        model.save_pretrained(directory)
+        if self.described is not None:
+            ckpt.atomic_write_json(self.described, Path(directory) / LATENTS_FILE)
+
+
+def train_dit(cfg: DiTRunConfig, out_dir, resume: bool | str = False, latents: LatentSet | None = None,
+              val_latents: LatentSet | None = None, progress: bool | None = None) -> TrainResult:
+    """Train a DiT as configured on ``cfg.data``'s latents (or ``latents``; ``val_latents``
+    replaces the held-out ones); files as :func:`dito_fast.train.train` writes them, plus
+    ``latents.json`` in the run folder and in ``model/``. ``resume``: as there."""
+    return train(cfg, out_dir, resume, latents, val_latents, progress, task=DiTTask(progress))
+
+
+def read_latents_file(model_dir: str | Path) -> dict | None:
+    """The ``latents.json`` a trained DiT's folder holds ({"classes", "tokenizer",
+    "latent_shape"}), or None (a model saved another way)."""
+    path = Path(model_dir) / LATENTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+__all__ = ["DiTRunConfig", "LatentDataConfig", "LatentSet", "LatentLoader", "DiTStep", "DiTTask", "train_dit",
+           "load_latents", "latent_files", "latent_shape", "resolve_dit_run_config", "validate_dit_run_config",
+           "read_latents_file"]

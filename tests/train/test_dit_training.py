@@ -1,0 +1,252 @@
+"""Training the downstream DiT on latents (dito_fast.train.dit, `dito-fast train-dit`): the latent
+folder, the per-sample draws, the loader's order, exact resume, the refusals, torchrun, and the
+command line from `encode` to `sample-dit` and `export`."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dito_fast import DiT
+from dito_fast.cli import main
+from dito_fast.train.checkpoint import save_safetensors
+from dito_fast.train.dit import (DiTRunConfig, LatentDataConfig, LatentLoader, load_latents, resolve_dit_run_config,
+                                 train_dit)
+
+TOK = {"model": "dito-x", "model_fingerprint": "aaaa"}
+
+
+def _write(folder, name, z, meta=TOK):
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors({"latent": z}, path, metadata=dict(meta))
+    return path
+
+
+def _latent_folder(root, n_per_class=4, classes=("b_dog", "a_cat"), shape=(2, 4, 4), seed=0):
+    """Latents in class folders; class k's latents are centred on k (the classes are learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    for k, name in enumerate(sorted(classes)):
+        for i in range(n_per_class):
+            _write(root, f"{name}/{i:02d}.safetensors", k + 0.3 * torch.randn(1, *shape, generator=g))
+    return root
+
+
+def _config(source, class_folders=True, num_classes=2, steps=6, **train):
+    train = {"batch_size": 4, "log_every_steps": 1, "checkpoint_every_steps": 3, "val_images": 0,
+             "val_every_steps": 0, "ema_decay": 0.9, "threads": 1, **train}
+    return resolve_dit_run_config(None, None, {
+        "model.name": "tiny-dit", "model.latent_channels": 2, "model.latent_size": 4, "model.patch_size": 2,
+        "model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2, "model.num_classes": num_classes,
+        "model.time_freq_dim": 32, "data.source": str(source), "data.class_folders": class_folders,
+        "train.steps": steps, **{f"train.{k}": v for k, v in train.items()}})
+
+
+def test_load_latents_labels_by_sorted_class_folder_and_skips_unreadable_files(tmp_path, caplog):
+    root = _latent_folder(tmp_path / "lat")
+    _write(root, "a_cat/two.safetensors", torch.zeros(2, 2, 4, 4))  # two latents in one file: two samples
+    (root / "b_dog" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    _write(root, "b_dog/nan.safetensors", torch.full((1, 2, 4, 4), float("nan")))
+    _write(root, "b_dog/nokey.safetensors", torch.zeros(1, 2, 4, 4)).rename(root / "b_dog" / "tmp")
+    save_safetensors({"other": torch.zeros(1)}, root / "b_dog" / "nokey.safetensors")
+    s = load_latents(root, class_folders=True)
+    assert s.classes == ["a_cat", "b_dog"] and len(s) == 10
+    assert sorted(f for f, _ in s.skipped) == ["b_dog/broken.safetensors", "b_dog/nan.safetensors",
+                                               "b_dog/nokey.safetensors"]
+    # each latent's label is its folder's index; the two-latent file gives two samples
+    for z, y, name in zip(s.latents, s.labels.tolist(), s.names):
+        assert name.startswith(s.classes[y])
+        assert z.mean().item() == pytest.approx(0.0 if name == "a_cat/two.safetensors" else y, abs=0.5)
+    assert s.names.count("a_cat/two.safetensors") == 2
+    assert s.tokenizer == TOK and s.latents.dtype == torch.float32
+    unconditional = load_latents(root)
+    assert unconditional.labels is None and unconditional.classes == []
+
+
+def test_load_latents_refuses_mixed_sets(tmp_path):
+    root = _latent_folder(tmp_path / "shape")
+    _write(root, "a_cat/big.safetensors", torch.zeros(1, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"big.safetensors: latent of shape \(2, 8, 8\).*one --size"):
+        load_latents(root, True)
+    root = _latent_folder(tmp_path / "tok")
+    _write(root, "b_dog/other.safetensors", torch.zeros(1, 2, 4, 4), {"model": "dito-y", "model_fingerprint": "bbbb"})
+    with pytest.raises(ValueError, match="two tokenizers.*dito-y"):
+        load_latents(root, True)
+    root = _latent_folder(tmp_path / "loose")
+    _write(root, "top.safetensors", torch.zeros(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="top.safetensors is not inside a class folder"):
+        load_latents(root, True)
+    assert len(load_latents(root, False)) == 9
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .safetensors latents"):
+        load_latents(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="none of the 1 latent files"):
+        load_latents(tmp_path / "bad")
+
+
+def test_dit_loss_draws_per_sample_seed():
+    """With seeds, sample i's draws come from its own seed: its loss is the same alone or in a
+    batch, and the per-sample path differs from the batch generator's."""
+    torch.manual_seed(0)
+    dit = DiT.from_preset("DiT-S/2", latent_channels=2, latent_size=4, hidden_size=32, depth=1, num_heads=2,
+                          num_classes=3, time_freq_dim=32, class_dropout_prob=0.5)
+    torch.nn.init.normal_(dit.final.linear.weight, std=0.1)  # adaLN-Zero starts at zero output
+    z, y = torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 2])
+    together = dit.loss(z, y, seeds=[5, 6, 7])
+    alone = torch.cat([dit.loss(z[i:i + 1], y[i:i + 1], seeds=[s]) for i, s in enumerate([5, 6, 7])])
+    torch.testing.assert_close(together, alone)
+    assert not torch.allclose(dit.loss(z, y, seeds=[5, 6, 8])[2], together[2])
+    torch.testing.assert_close(dit.loss(z, y, seeds=[5, 6, 8])[:2], together[:2])
+    with pytest.raises(ValueError, match="one seed per sample"):
+        dit.loss(z, y, seeds=[1, 2])
+    with pytest.raises(ValueError, match="and a generator"):
+        dit.loss(z, y, generator=torch.Generator(), seeds=[1, 2, 3])
+
+
+def test_latent_loader_splits_global_batches_across_ranks_and_resumes(tmp_path):
+    s = load_latents(_latent_folder(tmp_path / "lat", n_per_class=5), True)
+    whole = [b["latent"] for b in LatentLoader(s, 4, seed=3, num_steps=6)]
+    ranks = [[b for b in LatentLoader(s, 4, seed=3, rank=r, world_size=2, num_steps=6)] for r in range(2)]
+    for step in range(6):
+        torch.testing.assert_close(torch.cat([ranks[0][step]["latent"], ranks[1][step]["latent"]]), whole[step],
+                                   rtol=0, atol=0)
+        for r in range(2):  # the labels travel with their latents
+            means = ranks[r][step]["latent"].mean(dim=(1, 2, 3))
+            assert (means - ranks[r][step]["label"]).abs().max() < 0.5
+    resumed = [b["latent"] for b in LatentLoader(s, 4, seed=3, start_step=4, num_steps=2)]
+    torch.testing.assert_close(torch.stack(resumed), torch.stack(whole[4:]), rtol=0, atol=0)
+    seen = torch.cat(whole[:2] + [whole[2][:2]])  # the first 10 samples: one epoch, each latent once
+    assert len({tuple(v.flatten().tolist()) for v in seen}) == 10
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+def test_train_dit_learns_writes_its_files_and_resumes_exactly(tmp_path):
+    root = _latent_folder(tmp_path / "lat")
+    cfg = _config(root, steps=6, val_images=2, val_every_steps=3)
+    straight = train_dit(cfg, tmp_path / "straight", progress=False)
+    assert straight.step == 6 and not straight.skipped_steps
+    run = tmp_path / "straight"
+    described = json.loads((run / "latents.json").read_text())
+    assert described == {"classes": ["a_cat", "b_dog"], "tokenizer": TOK, "latent_shape": [2, 4, 4]}
+    assert json.loads((run / "model" / "latents.json").read_text()) == described
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert isinstance(DiT.from_pretrained(run / "model"), DiT)
+
+    # stopped at step 3 and resumed: the same weights as the uninterrupted run, bit for bit
+    train_dit(_config(root, steps=3, val_images=2, val_every_steps=3), tmp_path / "split", progress=False)
+    train_dit(cfg, tmp_path / "split", resume=True, progress=False)
+    a = _weights(run / "checkpoints" / "step_00000006" / "model.safetensors")
+    b = _weights(tmp_path / "split" / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["x_embed.weight"], _weights(run / "checkpoints" / "step_00000003" /
+                                                         "model.safetensors")["x_embed.weight"])
+
+
+def test_train_dit_fits_labelled_latents(tmp_path):
+    """A tiny DiT on 8 latents of two classes: the flow-matching loss falls well below its start."""
+    cfg = _config(_latent_folder(tmp_path / "lat", n_per_class=4), steps=80, lr=3e-3, checkpoint_every_steps=0,
+                  ema_decay=0.0, warmup_steps=5)
+    losses = [v for _, v in train_dit(cfg, tmp_path / "run", progress=False).losses]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+
+
+def test_train_dit_refuses_data_the_model_does_not_match(tmp_path):
+    root = _latent_folder(tmp_path / "lat")
+    with pytest.raises(ValueError, match=r"the latents are \(2, 4, 4\).*latent_size=8"):
+        cfg = _config(root)
+        cfg.model.latent_size = 8
+        train_dit(cfg, tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="the data has 2 classes.*num_classes=3"):
+        train_dit(_config(root, num_classes=3), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="the data has 0 classes.*num_classes=2"):
+        train_dit(_config(root, class_folders=False), tmp_path / "c", progress=False)
+    assert not any((tmp_path / d / "config.json").exists() for d in "abc")
+    # a resumed run whose class folders were renamed: as many classes, but label 0 would now be
+    # "b_dog", which the run learnt as label 1
+    train_dit(_config(root, steps=3), tmp_path / "run", progress=False)
+    (root / "a_cat").rename(root / "c_cow")
+    with pytest.raises(ValueError, match="trained on latents with other classes"):
+        train_dit(_config(root, steps=6), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(ValueError, match="data.source must name a folder"):
+        train_dit(DiTRunConfig(data=LatentDataConfig()), tmp_path / "d")
+
+
+@pytest.mark.slow
+def test_train_dit_under_torchrun_follows_one_process(tmp_path):
+    """2 ranks (gloo, CPU, DDP) with global batch 4: the same weights as one process, up to float
+    summation order."""
+    from dito_fast.testing import run_process_tree
+
+    root = _latent_folder(tmp_path / "lat")
+    argv = ["train-dit", "--data", str(root), "--class-folders", "--steps", "4", "--batch-size", "4", "--threads", "1",
+            "--set", "model.depth=1", "--set", "model.hidden_size=32", "--set", "model.num_heads=2",
+            "--set", "model.time_freq_dim=32", "--set", "train.val_images=0", "--set", "train.ema_decay=0.9",
+            "--set", "train.checkpoint_every_steps=0", "--preset", "DiT-S/2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = run_process_tree([sys.executable, "-m", "dito_fast.cli", *argv, "--out", str(tmp_path / "one")],
+                           timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_process_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "dito_fast.cli", *argv, "--out", str(tmp_path / "two")], timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trained 4 steps") == 1
+    a, b = (_weights(tmp_path / d / "checkpoints" / "step_00000004" / "model.safetensors") for d in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "model" / "latents.json").read_text())["classes"] == ["a_cat", "b_dog"]
+
+
+def test_commands_from_encode_to_sample_dit(tmp_path, micro_model, capsys):
+    """encode (class folders of images) -> train-dit -> sample-dit, export; sample-dit refuses a
+    tokenizer other than the one the latents came from."""
+    from dito_fast.eval.report import save_image
+
+    micro_model.save_pretrained(tmp_path / "tok")
+    g = torch.Generator().manual_seed(0)
+    for k, name in enumerate(["cat", "dog"]):
+        for i in range(3):
+            save_image(torch.rand(1, 3, 16, 16, generator=g) * 2 - 1, tmp_path / "img" / name / f"{i}.png")
+    assert main(["encode", str(tmp_path / "tok"), str(tmp_path / "img"), "--out", str(tmp_path / "lat")]) == 0
+    assert capsys.readouterr().out.count(" -> ") == 6
+    argv = ["train-dit", "--data", str(tmp_path / "lat"), "--class-folders", "--preset", "DiT-S/2", "--steps", "2",
+            "--batch-size", "2", "--set", "model.depth=1", "--set", "model.hidden_size=32", "--set",
+            "model.num_heads=2", "--set", "train.val_images=0", "--out", str(tmp_path / "run")]
+    assert main(argv + ["--dry-run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    c, h = micro_model.latent_channels, 16 // micro_model.downsample_factor
+    assert (resolved["model"]["latent_channels"], resolved["model"]["latent_size"],
+            resolved["model"]["num_classes"]) == (c, h, 2)
+    assert main(argv) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    sample = ["sample-dit", str(tmp_path / "run" / "model"), "--tokenizer", str(tmp_path / "tok"), "--per-class", "1",
+              "--steps", "2", "--decode-steps", "2", "--no-progress"]
+    assert main(sample + ["--out", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == ["000000.png", "000001.png"]
+    torch.manual_seed(1)
+    other = type(micro_model)(micro_model.config)
+    other.save_pretrained(tmp_path / "tok2")
+    sample[3] = str(tmp_path / "tok2")
+    assert main(sample + ["--out", str(tmp_path / "s2")]) == 2
+    assert "trained on the latents of another tokenizer" in capsys.readouterr().err
+    assert main(sample + ["--out", str(tmp_path / "s2"), "--any-tokenizer"]) == 0
+    # export: a DiT checkpoint gives a DiT's folder, with its latents.json
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+    exported = DiT.from_pretrained(tmp_path / "exp")
+    ema = _weights(tmp_path / "run" / "checkpoints" / "step_00000002" / "ema.safetensors")
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in ema.items())
+    assert (tmp_path / "exp" / "latents.json").read_text() == (tmp_path / "run" / "latents.json").read_text()
+    # resuming takes the run's settings, class folders included
+    assert main(["train-dit", "--out", str(tmp_path / "run"), "--resume", "--steps", "3"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert main(["train-dit", "--out", str(tmp_path / "new")]) == 2
+    assert "data.source must name a folder" in capsys.readouterr().err
