@@ -13,14 +13,18 @@ The loop is the tokenizer's (:func:`dito_fast.train.train` with a :class:`DiTTas
 ``train.*`` settings, checkpoints, exact resume, torchrun (DDP or FSDP), EMA, non-finite step
 skipping and logs. What differs: the per-sample draws of the DiT's flow-matching loss (time,
 noise, label drop) come from generators seeded by (seed, step, index in the global batch); the
-validation figure is the EMA model's loss on ``train.val_images`` held-out latents with fixed
-draws (``val_loss``, no images: the tokenizer is not part of the run); the exported model's
-folder also holds ``latents.json`` (the class names and the tokenizer the latents came from),
-which ``dito-fast sample-dit`` checks its ``--tokenizer`` against.
+validation figure is the EMA model's loss on ``train.val_images`` held-out latents (at most a
+fifth of them) with fixed draws (``val_loss``, no images: the tokenizer is not part of the run).
+Every checkpoint and the exported model's folder hold ``latents.json``: the class names, the
+tokenizer the latents came from (which ``dito-fast sample-dit`` checks its ``--tokenizer``
+against), the latent shape and count and a digest of the files' order. A resume refuses other
+classes or another tokenizer (the labels or the latent space would change under the model) and
+warns when the set changed otherwise (the data order then differs from an uninterrupted run's).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -100,9 +104,11 @@ class LatentSet:
                          [self.names[i] for i in indices], list(self.classes), dict(self.tokenizer), [])
 
     def describe(self) -> dict:
-        """What a model trained on these latents must be told (``latents.json``)."""
+        """What a model trained on these latents is told (``latents.json``): the classes, the
+        tokenizer, the latent shape, the number of latents and a digest of their files in order."""
+        digest = hashlib.sha256("\n".join(self.names).encode("utf-8", "backslashreplace")).hexdigest()[:16]
         return {"classes": list(self.classes), "tokenizer": dict(self.tokenizer),
-                "latent_shape": list(self.latents.shape[1:])}
+                "latent_shape": list(self.latents.shape[1:]), "num_latents": len(self), "files_digest": digest}
 
 
 def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], list[str]]:
@@ -114,7 +120,7 @@ def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], l
         raise FileNotFoundError(f"latent folder not found: {root}")
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder of latents: {root} (write one with dito-fast encode IMAGES --out DIR)")
-    files = sorted(root.rglob("*.safetensors"))
+    files = sorted(f for f in root.rglob("*.safetensors") if f.is_file())
     if not files:
         raise FileNotFoundError(f"no .safetensors latents in {root} (write them with dito-fast encode IMAGES --out "
                                 f"{root})")
@@ -128,23 +134,42 @@ def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], l
     return files, classes
 
 
-def latent_shape(folder: str | Path) -> tuple[int, int, int]:
-    """(c, h, w) of the first latent file under ``folder`` (header only)."""
+def _read(path: Path) -> tuple[torch.Tensor, dict]:
+    """(latent, metadata) of one file; ValueError, OSError or SafetensorError if it cannot serve."""
     from safetensors import safe_open
 
-    f = latent_files(folder, False)[0][0]
-    with safe_open(str(f), "pt") as h:
+    with safe_open(str(path), "pt") as h:
         if "latent" not in h.keys():
-            raise ValueError(f"{f} holds no 'latent' tensor (not written by dito-fast encode)")
-        shape = h.get_slice("latent").get_shape()
-    if len(shape) != 4:
-        raise ValueError(f"{f}: latent of shape {tuple(shape)}, expected (n, c, h, w)")
-    return tuple(shape[1:])
+            raise ValueError("no 'latent' tensor")
+        z, meta = h.get_tensor("latent"), h.metadata() or {}
+    if z.dim() != 4 or z.shape[0] < 1 or not z.is_floating_point():
+        raise ValueError(f"latent {z.dtype} {tuple(z.shape)}, expected floating (n, c, h, w)")
+    if not torch.isfinite(z).all():
+        raise ValueError("non-finite values")
+    return z, meta
+
+
+def _unreadable_errors() -> tuple:
+    """What reading a bad file raises (safetensors' own error is no OSError or ValueError)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, SafetensorError
+
+
+def latent_shape(folder: str | Path) -> tuple[int, int, int]:
+    """(c, h, w) of the first readable latent file under ``folder`` (unreadable ones are left to
+    :func:`load_latents`, which skips and counts them)."""
+    files = latent_files(folder, False)[0]
+    for f in files:
+        try:
+            return tuple(_read(f)[0].shape[1:])
+        except _unreadable_errors():
+            continue
+    raise ValueError(f"none of the {len(files)} latent files in {folder} could be read")
 
 
 def load_latents(folder: str | Path, class_folders: bool = False, progress: bool | None = None) -> LatentSet:
     """Read every latent under ``folder`` into memory (see the module docstring)."""
-    from safetensors import SafetensorError, safe_open
     from tqdm.auto import tqdm
 
     root = Path(folder)
@@ -156,15 +181,8 @@ def load_latents(folder: str | Path, class_folders: bool = False, progress: bool
     for f in tqdm(files, desc="latents", unit="file", disable=not show or len(files) < 2):
         rel = str(f.relative_to(root))
         try:
-            with safe_open(str(f), "pt") as h:
-                if "latent" not in h.keys():
-                    raise ValueError("no 'latent' tensor")
-                z, meta = h.get_tensor("latent"), h.metadata() or {}
-            if z.dim() != 4 or z.shape[0] < 1 or not z.is_floating_point():
-                raise ValueError(f"latent {z.dtype} {tuple(z.shape)}, expected floating (n, c, h, w)")
-            if not torch.isfinite(z).all():
-                raise ValueError("non-finite values")
-        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+            z, meta = _read(f)
+        except _unreadable_errors() as e:
             logger.warning("latent file %s unreadable (%s); skipped", f, e)
             skipped.append((rel, str(e)))
             continue
@@ -266,17 +284,17 @@ class DiTTask(TrainTask):
     def step_module(self, model) -> nn.Module:
         return DiTStep(model)
 
-    def datasets(self, cfg, run_dir: Path, train_dataset=None, val_data=None):
+    def datasets(self, cfg, resume_from, train_dataset=None, val_data=None):
         m, t = cfg.model, cfg.train
         if train_dataset is None:
             full = load_latents(cfg.data.source, cfg.data.class_folders, self.progress)
             n = len(full)
             n_val = min(t.val_images, n // 5) if val_data is None else 0
-            held = sorted({round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)})
-            train_dataset = full.subset([i for i in range(n) if i not in set(held)]) if held else full
+            held = {round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)}
+            train_dataset = full.subset([i for i in range(n) if i not in held]) if held else full
             train_dataset.skipped = full.skipped
             if val_data is None:
-                val_data = full.subset(held)
+                val_data = full.subset(sorted(held))
         if val_data is None:
             val_data = train_dataset.subset([])
         shape = tuple(train_dataset.latents.shape[1:])
@@ -289,17 +307,9 @@ class DiTTask(TrainTask):
             raise ValueError(f"the data has {k} classes ({'data.class_folders' if cfg.data.class_folders else 'no'} "
                              f"class folders) but model.num_classes={m.num_classes}")
         self.described = train_dataset.describe()
-        saved = run_dir / LATENTS_FILE
-        if saved.is_file():  # a resumed run: the same classes (labels) and the same tokenizer
-            before = json.loads(saved.read_text())
-            for key in ("classes", "tokenizer"):
-                if before.get(key) != self.described[key] and (key == "classes" or before.get(key)):
-                    raise ValueError(f"{run_dir} was trained on latents with other {key} ({before.get(key)!r}) than "
-                                     f"{cfg.data.source}'s ({self.described[key]!r}): its labels or latent space "
-                                     "would change under it; train a new run")
-        elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_json(self.described, saved)
+        saved = Path(resume_from) / LATENTS_FILE if resume_from is not None else None
+        if saved is not None and saved.is_file():
+            _check_same_latents(json.loads(saved.read_text()), self.described, resume_from, cfg.data.source)
         logger.info("latents: %d for training, %d held out, shape %s, %s", len(train_dataset), len(val_data), shape,
                     f"{k} classes" if k else "unconditional")
         return train_dataset, val_data
@@ -333,10 +343,30 @@ class DiTTask(TrainTask):
         logger.info("step %d: validation loss %.4f (%d held-out latents)", step, res["val_loss"], n)
         return res
 
+    def checkpoint_files(self) -> dict:
+        return {LATENTS_FILE: self.described} if self.described is not None else {}
+
     def export(self, model, directory: Path) -> None:
         model.save_pretrained(directory)
         if self.described is not None:
             ckpt.atomic_write_json(self.described, Path(directory) / LATENTS_FILE)
+
+
+def _check_same_latents(before: dict, now: dict, checkpoint, source) -> None:
+    """A resume's latents against its checkpoint's: other classes or another tokenizer are
+    refused (labels or latent space would change under the model); any other change is
+    warned of (the data order from here on differs from an uninterrupted run's, and latents
+    held out before may have been trained on)."""
+    for key in ("classes", "tokenizer"):
+        # (latents without the tokenizer's fingerprint, on either side, cannot be compared)
+        if before.get(key, []) != now[key] and (key == "classes" or (before.get(key) and now[key])):
+            raise ValueError(f"{checkpoint} was trained on latents with other {key} ({before.get(key)!r}) than "
+                             f"{source}'s ({now[key]!r}): its labels or latent space would change under it; "
+                             "train a new run (or restore the folder)")
+    if (before.get("num_latents"), before.get("files_digest")) != (now["num_latents"], now["files_digest"]):
+        logger.warning("the latent folder %s changed since %s (%s -> %d latents): the data order from here on differs "
+                       "from an uninterrupted run's, and latents held out for validation before may have been "
+                       "trained on", source, checkpoint, before.get("num_latents"), now["num_latents"])
 
 
 def train_dit(cfg: DiTRunConfig, out_dir, resume: bool | str = False, latents: LatentSet | None = None,

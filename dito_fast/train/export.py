@@ -59,7 +59,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
     checkpoint formats are read: safetensors (single process, DDP) and DCP shards (FSDP, any world
     size), in one process. ``out_dir`` must not already hold a model unless ``overwrite``. The
     exported weights are bit for bit those the checkpoint holds. A DiT's checkpoint (``train-dit``)
-    gives a DiT's directory, with the run's ``latents.json`` (its classes and tokenizer) beside it."""
+    gives a DiT's directory, with the checkpoint's ``latents.json`` (its classes and tokenizer)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     path = find_checkpoint(source)
@@ -92,9 +92,11 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
         raise ValueError(f"{path}: the {which} weights do not match its config.json: {problem}")
     model.load_state_dict(state, assign=True)
     model.save_pretrained(out_dir)
-    latents = path.parent.parent / "latents.json"  # a DiT run's: RUN/checkpoints/step_N -> RUN
+    latents = path / "latents.json"  # a DiT's checkpoint: its classes and tokenizer go with the model
     if model_class is DiT and latents.is_file():
         ckpt.atomic_write_text(latents.read_text(), out_dir / "latents.json")
+    else:  # (an --overwrite's earlier model may have left one: it would describe another run)
+        (out_dir / "latents.json").unlink(missing_ok=True)
     logger.info("exported the %s weights of %s (step %s) to %s", which, path, ckpt.checkpoint_step(path), out_dir)
     return path
 

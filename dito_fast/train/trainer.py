@@ -271,10 +271,11 @@ class TrainTask:
         """A module whose forward(*inputs, seeds) gives the per-sample losses (B,)."""
         return TrainStep(model)
 
-    def datasets(self, cfg, run_dir: Path, train_dataset=None, val_data=None):
+    def datasets(self, cfg, resume_from: Path | None, train_dataset=None, val_data=None):
         """(training data, validation data) for :meth:`make_loader` and :meth:`validate`;
-        ``train_dataset`` / ``val_data`` given by the caller replace the built ones. Every rank
-        calls this, before the run's files are written."""
+        ``train_dataset`` / ``val_data`` given by the caller replace the built ones;
+        ``resume_from``: the checkpoint the run resumes from, or None. Every rank calls this,
+        before the run's files are written."""
         if train_dataset is not None and val_data is not None:
             return train_dataset, val_data
         built_train, built_val = build_datasets(cfg)
@@ -309,6 +310,11 @@ class TrainTask:
         save_image(make_grid([images.cpu(), recon.cpu()]), run_dir / "samples" / f"recon_{step:08d}.png")
         logger.info("step %d: validation PSNR %.2f dB", step, res["val_psnr"])
         return res
+
+    def checkpoint_files(self) -> dict:
+        """Files every checkpoint holds besides the loop's own ({name: content}, as
+        :func:`dito_fast.train.checkpoint.write_files` takes them)."""
+        return {}
 
     def export(self, model: torch.nn.Module, directory: Path) -> None:
         """Write the trained model as a ``from_pretrained`` directory (rank 0 only)."""
@@ -717,7 +723,7 @@ def _train(task: TrainTask, cfg, run_dir: Path, resume, train_dataset, val_data,
                          "(dito-fast export)")
 
     # -- data (built before the run's files are written: a bad data source leaves the folder as it was)
-    train_dataset, val_data = task.datasets(cfg, run_dir, train_dataset, val_data)
+    train_dataset, val_data = task.datasets(cfg, resume_from, train_dataset, val_data)
     if is_main:
         ckpt.atomic_write_json(to_dict(cfg), run_dir / "config.json")
     event("resume" if resume_from is not None else "start", step=start_step,
@@ -753,12 +759,13 @@ def _train(task: TrainTask, cfg, run_dir: Path, resume, train_dataset, val_data,
                 tensors, st["optimizer_param_groups"] = pm.sharded_state(optimizer)
                 save_dcp(tensors, Path(tmp) / "dcp")  # returns once every rank's shards and the metadata are written
                 if is_main:
-                    ckpt.write_files(tmp, {"config.json": to_dict(cfg), "state.pt": st})
+                    ckpt.write_files(tmp, {"config.json": to_dict(cfg), "state.pt": st, **task.checkpoint_files()})
                     distributed.fault_point("checkpoint_write", step, ctx)
                     path = ckpt.commit_checkpoint(run_dir, step, tmp)
             elif is_main:
                 st["optimizer"] = optimizer.state_dict()
-                files = {"model.safetensors": model.state_dict(), "config.json": to_dict(cfg), "state.pt": st}
+                files = {"model.safetensors": model.state_dict(), "config.json": to_dict(cfg), "state.pt": st,
+                         **task.checkpoint_files()}
                 if ema is not None:
                     files["ema.safetensors"] = ema.model.state_dict()
                 tmp = ckpt.begin_checkpoint(run_dir, step)

@@ -4,6 +4,7 @@ command line from `encode` to `sample-dit` and `export`."""
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -12,9 +13,12 @@ from safetensors.torch import load_file
 
 from dito_fast import DiT
 from dito_fast.cli import main
+from dito_fast.train import train
 from dito_fast.train.checkpoint import save_safetensors
 from dito_fast.train.dit import (DiTRunConfig, LatentDataConfig, LatentLoader, load_latents, resolve_dit_run_config,
                                  train_dit)
+
+from conftest import micro_run_config
 
 TOK = {"model": "dito-x", "model_fingerprint": "aaaa"}
 
@@ -134,8 +138,9 @@ def test_train_dit_learns_writes_its_files_and_resumes_exactly(tmp_path):
     straight = train_dit(cfg, tmp_path / "straight", progress=False)
     assert straight.step == 6 and not straight.skipped_steps
     run = tmp_path / "straight"
-    described = json.loads((run / "latents.json").read_text())
-    assert described == {"classes": ["a_cat", "b_dog"], "tokenizer": TOK, "latent_shape": [2, 4, 4]}
+    described = json.loads((run / "checkpoints" / "step_00000003" / "latents.json").read_text())
+    assert {k: described[k] for k in ("classes", "tokenizer", "latent_shape", "num_latents")} == {
+        "classes": ["a_cat", "b_dog"], "tokenizer": TOK, "latent_shape": [2, 4, 4], "num_latents": 7}  # 1 held out (n // 5)
     assert json.loads((run / "model" / "latents.json").read_text()) == described
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
@@ -172,13 +177,33 @@ def test_train_dit_refuses_data_the_model_does_not_match(tmp_path):
         train_dit(_config(root, class_folders=False), tmp_path / "c", progress=False)
     assert not any((tmp_path / d / "config.json").exists() for d in "abc")
     # a resumed run whose class folders were renamed: as many classes, but label 0 would now be
-    # "b_dog", which the run learnt as label 1
+    # "b_dog", which the run learnt as label 1; also from its checkpoint into another folder
     train_dit(_config(root, steps=3), tmp_path / "run", progress=False)
     (root / "a_cat").rename(root / "c_cow")
     with pytest.raises(ValueError, match="trained on latents with other classes"):
         train_dit(_config(root, steps=6), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(ValueError, match="step_00000003 was trained on latents with other classes"):
+        train_dit(_config(root, steps=6), tmp_path / "elsewhere", progress=False,
+                  resume=str(tmp_path / "run" / "checkpoints" / "step_00000003"))
+    (root / "c_cow").rename(root / "a_cat")
+    # another tokenizer's latents (as many, the same shape): refused
+    for f in sorted(root.rglob("*.safetensors")):
+        _write(root, str(f.relative_to(root)), load_file(str(f))["latent"], {"model": "dito-y", "model_fingerprint": "b"})
+    with pytest.raises(ValueError, match="other tokenizer"):
+        train_dit(_config(root, steps=6), tmp_path / "run", resume=True, progress=False)
     with pytest.raises(ValueError, match="data.source must name a folder"):
         train_dit(DiTRunConfig(data=LatentDataConfig()), tmp_path / "d")
+
+
+def test_a_resume_warns_when_files_were_added(tmp_path, caplog):
+    root = _latent_folder(tmp_path / "lat")
+    train_dit(_config(root, steps=3), tmp_path / "run", progress=False)
+    caplog.clear()
+    train_dit(_config(root, steps=4), tmp_path / "run", resume=True, progress=False)
+    assert "latent folder" not in caplog.text
+    _write(root, "a_cat/new.safetensors", torch.zeros(1, 2, 4, 4))
+    train_dit(_config(root, steps=5), tmp_path / "run", resume=True, progress=False)
+    assert "latent folder" in caplog.text and "8 -> 9 latents" in caplog.text
 
 
 @pytest.mark.slow
@@ -218,6 +243,9 @@ def test_commands_from_encode_to_sample_dit(tmp_path, micro_model, capsys):
             save_image(torch.rand(1, 3, 16, 16, generator=g) * 2 - 1, tmp_path / "img" / name / f"{i}.png")
     assert main(["encode", str(tmp_path / "tok"), str(tmp_path / "img"), "--out", str(tmp_path / "lat")]) == 0
     assert capsys.readouterr().out.count(" -> ") == 6
+    # a corrupt file that sorts first, and a folder named like a latent: skipped, not fatal
+    (tmp_path / "lat" / "cat" / "0.safetensors").write_bytes(b"")
+    (tmp_path / "lat" / "dog" / "00.safetensors").mkdir()
     argv = ["train-dit", "--data", str(tmp_path / "lat"), "--class-folders", "--preset", "DiT-S/2", "--steps", "2",
             "--batch-size", "2", "--set", "model.depth=1", "--set", "model.hidden_size=32", "--set",
             "model.num_heads=2", "--set", "train.val_images=0", "--out", str(tmp_path / "run")]
@@ -228,6 +256,8 @@ def test_commands_from_encode_to_sample_dit(tmp_path, micro_model, capsys):
             resolved["model"]["num_classes"]) == (c, h, 2)
     assert main(argv) == 0
     assert "trained 2 steps" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_files"] == 1
     sample = ["sample-dit", str(tmp_path / "run" / "model"), "--tokenizer", str(tmp_path / "tok"), "--per-class", "1",
               "--steps", "2", "--decode-steps", "2", "--no-progress"]
     assert main(sample + ["--out", str(tmp_path / "s")]) == 0
@@ -244,7 +274,15 @@ def test_commands_from_encode_to_sample_dit(tmp_path, micro_model, capsys):
     exported = DiT.from_pretrained(tmp_path / "exp")
     ema = _weights(tmp_path / "run" / "checkpoints" / "step_00000002" / "ema.safetensors")
     assert all(torch.equal(exported.state_dict()[k], v) for k, v in ema.items())
-    assert (tmp_path / "exp" / "latents.json").read_text() == (tmp_path / "run" / "latents.json").read_text()
+    assert (tmp_path / "exp" / "latents.json").read_text() == (tmp_path / "run" / "model" / "latents.json").read_text()
+    # a checkpoint copied out of its run keeps its latents.json; a tokenizer's model exported over
+    # the folder does not leave the DiT's behind
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step_00000002", tmp_path / "copied")
+    assert main(["export", str(tmp_path / "copied"), "--out", str(tmp_path / "exp2")]) == 0
+    assert (tmp_path / "exp2" / "latents.json").is_file()
+    train(micro_run_config(steps=1), tmp_path / "tokrun", progress=False)
+    assert main(["export", str(tmp_path / "tokrun"), "--out", str(tmp_path / "exp"), "--overwrite"]) == 0
+    assert not (tmp_path / "exp" / "latents.json").exists()
     # resuming takes the run's settings, class folders included
     assert main(["train-dit", "--out", str(tmp_path / "run"), "--resume", "--steps", "3"]) == 0
     assert "trained 3 steps" in capsys.readouterr().out
