@@ -96,6 +96,11 @@ def _image_jobs(inputs: list[str], out: Path, suffix: str, overwrite: bool) -> l
     return jobs
 
 
+# where the FID network's weights come from (this package downloads nothing)
+FID_WEIGHTS_NOTE = ("pytorch-fid's pt_inception-2015-12-05-6726825d.pth, from https://github.com/mseitzer/pytorch-fid/"
+                    "releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth")
+
+
 def _check_size(size: int | None, factor: int) -> None:
     if size is not None and (size <= 0 or size % factor):
         raise UsageError(f"--size must be a positive multiple of {factor} (the model's downsampling), got {size}")
@@ -207,13 +212,31 @@ def _run_overrides(args, flags=()) -> dict:
     return overrides
 
 
+def _run_kind(config_path: Path) -> str | None:
+    """"train-dit" or "train": the command that wrote a run's (or a checkpoint's) config.json;
+    None when there is none (or it is not a run's)."""
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    model = data.get("model") if isinstance(data, dict) and "train" in data else None
+    return None if not isinstance(model, dict) else "train-dit" if "patch_size" in model else "train"
+
+
 def _resolve_run(args, overrides: dict, resolve):
     """The run's config from --preset, --config (resuming without it: the checkpoint's or the
     run's config.json) and ``overrides``, by ``resolve`` (preset, config_file, overrides)."""
     config_file, preset = args.config, args.preset
+    named = Path(args.resume) / "config.json" if args.resume not in (None, "auto") else None
+    for path in (named, Path(args.out) / "config.json"):
+        kind = _run_kind(path) if path is not None else None
+        if kind not in (None, args.command):
+            what = "a DiT" if kind == "train-dit" else "a tokenizer"
+            raise UsageError(f"{_shown(path.parent)} holds {what} run (dito-fast {kind}), not one of dito-fast "
+                             f"{args.command}'s: " + ("resume it with dito-fast " + kind if path == named else
+                                                      "choose another --out"))
     if args.resume is not None and config_file is None:
         # resuming: the settings the checkpoint (or the run) was written with, plus any overrides
-        named = Path(args.resume) / "config.json" if args.resume != "auto" else None
         run_config = Path(args.out) / "config.json"
         config_file = next((str(p) for p in (named, run_config) if p is not None and p.is_file()), None)
         if config_file is not None and preset is not None:
@@ -273,6 +296,12 @@ def cmd_train_dit(args) -> int:
                          "(encode the images with --size)")
     classes = latent_files(cfg.data.source, cfg.data.class_folders)[1]
     derived = {"model.latent_channels": c, "model.latent_size": h, "model.num_classes": len(classes)}
+    m = cfg.model
+    if args.resume is not None and (m.latent_channels, m.latent_size, m.num_classes) != (c, h, len(classes)):
+        raise UsageError(f"the latents in {cfg.data.source} are {c}x{h}x{w} with {len(classes)} classes"
+                         f"{' (data.class_folders)' if cfg.data.class_folders else ''}, but the model to resume takes "
+                         f"{m.latent_channels}x{m.latent_size}x{m.latent_size} with {m.num_classes}: resume with the "
+                         "run's latents and class folders, or start a new run")
     cfg = _resolve_run(args, {**derived, **overrides}, resolve_dit_run_config)
     if args.dry_run:
         print(json.dumps(C.to_dict(cfg), indent=2))
@@ -450,8 +479,7 @@ def _add_image_set_args(p: argparse.ArgumentParser, batch_size: int, size_requir
                         "images (default 64)")
     p.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0: in this one)")
     p.add_argument("--fid-weights", default=None,
-                   help="Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors "
-                        "copy); none are downloaded")
+                   help=f"Inception weights: {FID_WEIGHTS_NOTE}, or a .safetensors copy; nothing is downloaded")
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: minutes a rank waits for the others in a collective (default: the backend's)")
 
@@ -494,7 +522,8 @@ def cmd_evaluate(args) -> int:
     import torch
 
     if (args.fid_reference or args.save_stats) and not args.fid_weights:
-        raise UsageError("--fid-reference and --save-stats need --fid-weights (the features are Inception's)")
+        raise UsageError(f"--fid-reference and --save-stats need --fid-weights (the features are Inception's: "
+                         f"{FID_WEIGHTS_NOTE})")
     if args.save_stats and args.fid_reference:
         raise UsageError("--save-stats writes the originals' statistics, which --fid-reference replaces: "
                          "give one of them")
@@ -608,8 +637,10 @@ def cmd_fid(args) -> int:
                 raise UsageError(f"{_shown(name)}: statistics of {loaded[k].dim}-dimensional features, the FID "
                                  f"network's are {FID_DIM}-dimensional")
     if not all(given):
-        if args.fid_weights is None or args.size is None:
-            raise UsageError("reading images needs --fid-weights and --size")
+        missing = [flag for flag, v in (("--fid-weights", args.fid_weights), ("--size", args.size)) if v is None]
+        if missing:
+            raise UsageError(f"reading images needs {' and '.join(missing)}" + (
+                f" ({FID_WEIGHTS_NOTE})" if args.fid_weights is None else ""))
     ctx, dev = distributed.setup(device=args.device, timeout_minutes=args.dist_timeout)
     ok = False
     try:
@@ -760,6 +791,13 @@ def cmd_sample_dit(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {_shown(out)} is a file; give a folder")
+    # a folder of other files (an image set, a model) would have the samples mixed in: a later
+    # `fid samples/ reference/` of either folder would count the other's images
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != "samples.json"
+                    and not re.fullmatch(r"\d{6}\.png", p.name)) if out.is_dir() else []
+    if others:
+        raise UsageError(f"--out {_shown(out)} holds other files ({', '.join(map(_shown, others[:3]))}"
+                         f"{', ...' if len(others) > 3 else ''}): give an empty folder (or one sample-dit wrote)")
     ctx, dev = distributed.setup(device=args.device)  # no collectives: each rank writes its share
     ok = False
     try:
@@ -1065,7 +1103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(checked against the model's latents.json when train-dit wrote it)")
     g.add_argument("--any-tokenizer", action="store_true",
                    help="decode with --tokenizer even if the DiT was trained on another tokenizer's latents")
-    g.add_argument("--out", required=True)
+    g.add_argument("--out", required=True, help="folder for the images (empty, or one sample-dit wrote)")
     g.add_argument("--num", type=int, default=None, help="images to make (unconditional model)")
     g.add_argument("--per-class", type=int, default=None, help="images per class (class-conditional model)")
     g.add_argument("--classes", default=None, help="comma-separated classes (default: all)")
@@ -1075,9 +1113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", default="uniform", help="DiT time grid (default uniform)")
     g.add_argument("--decode-steps", type=int, default=None, help="the tokenizer's decode steps (default: auto's)")
     g.add_argument("--decode-sampler", default="auto", help="the tokenizer's decode solver (default auto)")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--seed", type=_seed, default=0)
-    g.add_argument("--device", default="auto")
+    g.add_argument("--batch-size", type=int, default=16, help="images per DiT and decode batch (default 16)")
+    g.add_argument("--seed", type=_seed, default=0, help="image k's noise is seeded from seed + k (default 0)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--overwrite", action="store_true",
                    help="make every image again (and remove numbered images beyond the count)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -388,6 +388,10 @@ def _size(size, patch: int) -> tuple[int, int]:
 
 
 def _parse_config(data: dict) -> DiTConfig:
+    if {"model", "train"} <= set(data):
+        raise ValueError("this is a training run's config (model/data/train sections); load the run's model/ folder")
+    if "encoder" in data and "patch_size" not in data:
+        raise ValueError("this is a DiTo tokenizer's folder (dito_fast.DiTo), not a DiT's")
     config = from_dict(DiTConfig, data)
     validate_dit_config(config)
     return config

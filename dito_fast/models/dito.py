@@ -309,6 +309,8 @@ def _parse_config(data: dict) -> ModelConfig:
     if {"model", "train"} <= set(data):
         raise ValueError("this is a training run's config (model/data/train sections); load the run's "
                          "model/ directory, or its checkpoints with dito_fast.train")
+    if "patch_size" in data and "encoder" not in data:
+        raise ValueError("this is a DiT's folder (dito_fast.DiT, made by train-dit), not a DiTo tokenizer's")
     config = from_dict(ModelConfig, data)
     validate_model_config(config)
     return config

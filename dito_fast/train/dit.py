@@ -288,10 +288,8 @@ class DiTTask(TrainTask):
         m, t = cfg.model, cfg.train
         if train_dataset is None:
             full = load_latents(cfg.data.source, cfg.data.class_folders, self.progress)
-            n = len(full)
-            n_val = min(t.val_images, n // 5) if val_data is None else 0
-            held = {round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)}
-            train_dataset = full.subset([i for i in range(n) if i not in held]) if held else full
+            held = _held_out(full, t.val_images if val_data is None else 0)
+            train_dataset = full.subset([i for i in range(len(full)) if i not in held]) if held else full
             train_dataset.skipped = full.skipped
             if val_data is None:
                 val_data = full.subset(sorted(held))
@@ -307,9 +305,13 @@ class DiTTask(TrainTask):
             raise ValueError(f"the data has {k} classes ({'data.class_folders' if cfg.data.class_folders else 'no'} "
                              f"class folders) but model.num_classes={m.num_classes}")
         self.described = train_dataset.describe()
-        saved = Path(resume_from) / LATENTS_FILE if resume_from is not None else None
-        if saved is not None and saved.is_file():
-            _check_same_latents(json.loads(saved.read_text()), self.described, resume_from, cfg.data.source)
+        if resume_from is not None:
+            saved = read_latents_file(resume_from)
+            if saved is None:
+                logger.warning("%s holds no %s: whether its classes and tokenizer are the data's cannot be checked",
+                               resume_from, LATENTS_FILE)
+            else:
+                _check_same_latents(saved, self.described, resume_from, cfg.data.source)
         logger.info("latents: %d for training, %d held out, shape %s, %s", len(train_dataset), len(val_data), shape,
                     f"{k} classes" if k else "unconditional")
         return train_dataset, val_data
@@ -350,6 +352,28 @@ class DiTTask(TrainTask):
         model.save_pretrained(directory)
         if self.described is not None:
             ckpt.atomic_write_json(self.described, Path(directory) / LATENTS_FILE)
+
+
+def _held_out(latents: LatentSet, count: int) -> set[int]:
+    """Indices of the latents held out for validation: ``count`` (at most a fifth of the set)
+    evenly spaced over the files, but never a class's last training latent."""
+    n = len(latents)
+    n_val = min(count, n // 5)
+    held = sorted({round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)})
+    if latents.labels is None:
+        return set(held)
+    left = torch.bincount(latents.labels, minlength=len(latents.classes)).tolist()
+    kept = set()
+    for i in held:
+        k = int(latents.labels[i])
+        if left[k] > 1:
+            left[k] -= 1
+            kept.add(i)
+    empty = [latents.classes[k] for k, c in enumerate(left) if c == 0]
+    if empty:  # every file of these classes was unreadable: their labels stay untrained
+        logger.warning("%d class folders have no readable latents (%s): the model will not learn them",
+                       len(empty), ", ".join(empty[:5]))
+    return kept
 
 
 def _check_same_latents(before: dict, now: dict, checkpoint, source) -> None:

@@ -288,3 +288,55 @@ def test_commands_from_encode_to_sample_dit(tmp_path, micro_model, capsys):
     assert "trained 3 steps" in capsys.readouterr().out
     assert main(["train-dit", "--out", str(tmp_path / "new")]) == 2
     assert "data.source must name a folder" in capsys.readouterr().err
+
+
+def test_the_held_out_latents_never_take_a_class_out_of_training(tmp_path, caplog):
+    root = tmp_path / "lat"
+    _write(root, "a_rare/0.safetensors", torch.zeros(1, 2, 4, 4))  # index 0: evenly spaced picks it first
+    for i in range(9):
+        _write(root, f"b_common/{i}.safetensors", torch.ones(1, 2, 4, 4))
+    (root / "c_broken").mkdir()
+    (root / "c_broken" / "0.safetensors").write_bytes(b"garbage")
+    cfg = _config(root, num_classes=3, steps=1, val_images=2)
+    result = train_dit(cfg, tmp_path / "run", progress=False)
+    assert result.step == 1
+    trained = load_latents(root, True)
+    assert "a_rare" in trained.classes and "1 class folders have no readable latents (c_broken)" in caplog.text
+    described = json.loads((tmp_path / "run" / "model" / "latents.json").read_text())
+    assert described["num_latents"] == 9  # 10 readable, 1 held out: a b_common one, a_rare kept for training
+
+
+def test_resuming_a_checkpoint_without_latents_json_warns(tmp_path, caplog):
+    root = _latent_folder(tmp_path / "lat")
+    train_dit(_config(root, steps=3), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "checkpoints" / "step_00000003" / "latents.json").unlink()
+    train_dit(_config(root, steps=4), tmp_path / "run", resume=True, progress=False)
+    assert "holds no latents.json" in caplog.text
+
+
+def test_the_commands_tell_a_dit_from_a_tokenizer(tmp_path, micro_model, capsys):
+    from dito_fast import DiTo
+
+    root = _latent_folder(tmp_path / "lat")
+    micro_model.save_pretrained(tmp_path / "tok")
+    train_dit(_config(root, steps=1), tmp_path / "dit", progress=False)
+    with pytest.raises(ValueError, match="a DiTo tokenizer's folder .*not a DiT's"):
+        DiT.from_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match="a DiT's folder .*not a DiTo tokenizer's"):
+        DiTo.from_pretrained(tmp_path / "dit" / "model")
+    train(micro_run_config(steps=1), tmp_path / "tokrun", progress=False)
+    assert main(["train-dit", "--data", str(root), "--out", str(tmp_path / "tokrun")]) == 2
+    assert "holds a tokenizer run (dito-fast train)" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "dit"), "--resume"]) == 2
+    assert "holds a DiT run (dito-fast train-dit)" in capsys.readouterr().err
+    # resuming a class-conditional run without its class folders: said in terms of the data
+    assert main(["train-dit", "--out", str(tmp_path / "dit"), "--resume", "--set", "data.class_folders=false",
+                 "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the latents in" in err and "with 0 classes, but the model to resume takes 2x4x4 with 2" in err
+    # sample-dit writes only into an empty folder or its own
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "photo.png").write_bytes(b"x")
+    assert main(["sample-dit", str(tmp_path / "dit" / "model"), "--tokenizer", str(tmp_path / "tok"), "--out",
+                 str(tmp_path / "reference"), "--per-class", "1", "--any-tokenizer"]) == 2
+    assert "holds other files (photo.png)" in capsys.readouterr().err
