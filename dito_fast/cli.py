@@ -545,6 +545,9 @@ def cmd_evaluate(args) -> int:
         _check_size(args.size, model.downsample_factor)
         features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if args.fid_weights else None
         reference = FeatureStats.load(args.fid_reference) if args.fid_reference else None
+        info = {"network": features.fingerprint(), "size": str(args.size)} if features is not None else {}
+        if reference is not None:
+            _check_statistics(reference, info, args.fid_reference)
         lpips = LPIPS.from_files(*args.lpips, map_location=dev) if args.lpips else None
         skipped: list = []
         try:
@@ -608,6 +611,7 @@ def cmd_evaluate(args) -> int:
                   file=sys.stderr)
             status = 1
         else:
+            stats.info = dict(info)
             stats.save(args.save_stats)
             print(f"feature statistics of the originals: {args.save_stats}")
     status = max(status, _skipped_exit(skipped, report.num_images + len(skipped)))
@@ -620,7 +624,7 @@ def cmd_fid(args) -> int:
     from tqdm.auto import tqdm
 
     from .eval.evaluate import image_batches, image_set_stats
-    from .eval.fid import FID_DIM, FeatureStats, InceptionFeatures, frechet_distance
+    from .eval.fid import FID_DIM, FeatureStats, InceptionFeatures, comparability, frechet_distance
     from .train import distributed
 
     sides = (args.source, args.reference)
@@ -645,6 +649,10 @@ def cmd_fid(args) -> int:
     ok = False
     try:
         features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if not all(given) else None
+        info = {"network": features.fingerprint(), "size": str(args.size)} if features is not None else {}
+        for k, name in enumerate(sides):
+            if given[k]:
+                _check_statistics(loaded[k], info, name)
         skipped: list = []
         sets = {}
         for k, name in enumerate(sides):  # both sides checked before either is read
@@ -663,6 +671,7 @@ def cmd_fid(args) -> int:
             with tqdm(desc=_shown(name), unit="image", total=len(batches),
                       disable=not (ctx.is_main and not args.no_progress and sys.stderr.isatty())) as bar:
                 both.append(image_set_stats(batches, features, progress=bar, ctx=ctx))
+                both[-1].info = dict(info)
         skipped = sorted(p for part in distributed.all_gather_object(skipped, ctx) for p in part)
         ok = True
     finally:
@@ -672,6 +681,12 @@ def cmd_fid(args) -> int:
     for k, name in enumerate(sides):
         if not given[k] and both[k].n < 2:
             raise ValueError(f"{_shown(name)}: {both[k].n} readable image(s); a covariance needs at least 2")
+    if all(given):
+        errors, warnings = comparability(both[0], both[1], tuple(_shown(n) for n in sides))
+        if errors:
+            raise UsageError(errors[0] + ": their FID would mean nothing")
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
     fid = frechet_distance(both[0].mean, both[0].cov, both[1].mean, both[1].cov)
     print(f"FID {fid:.4f} ({' vs '.join(str(st.n) if st.n else '?' for st in both)} images)")
     known = [st.n for st in both if st.n]
@@ -683,6 +698,20 @@ def cmd_fid(args) -> int:
         print(f"feature statistics of {_shown(args.source)}: {args.save_stats}")
     status = _skipped_exit(skipped, sum(st.n for k, st in enumerate(both) if not given[k]) + len(skipped))
     return 0 if ctx.distributed else status
+
+
+def _check_statistics(stats, info: dict, name) -> None:
+    """Statistics read from ``name`` against the features this run makes (``info``): another
+    network's are refused, another image size is warned of."""
+    from .eval.fid import FeatureStats, comparability
+
+    made = FeatureStats()
+    made.info = info
+    errors, warnings = comparability(stats, made, (_shown(name), "this run's features"))
+    if errors:
+        raise UsageError(errors[0] + " (--fid-weights): their FID would mean nothing")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
 
 
 def _statistics_file(name: str) -> bool:

@@ -43,7 +43,9 @@ class FeatureStats:
     ``update(features)`` takes (N, dim) batches of any floating dtype and device. Sums are kept
     around a shift (the first batch's mean), so the covariance does not lose digits to the
     squared mean. ``cov`` is the unbiased estimate (divisor n - 1, as ``numpy.cov``), which FID
-    implementations use.
+    implementations use. ``info`` ({str: str}) says how the features were made (the commands
+    record the network's fingerprint and the image size there); saved with them in safetensors
+    files (pytorch-fid's ``.npz`` has no place for it).
     """
 
     def __init__(self, dim: int = FID_DIM):
@@ -55,6 +57,7 @@ class FeatureStats:
         self._sum = torch.zeros(self.dim, dtype=torch.float64)
         self._outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # loaded (mean, cov)
+        self.info: dict[str, str] = {}
 
     def update(self, features: torch.Tensor) -> None:
         """Add the rows of ``features`` (N, dim), floating and finite."""
@@ -136,8 +139,9 @@ class FeatureStats:
                     np.savez(f, mu=mu.numpy(), sigma=sigma.numpy())
             _atomic(path, write)
         else:
-            save_safetensors({"mu": mu, "sigma": sigma}, path, metadata={"n": str(self.n),
-                                                                         "kind": "dito_fast.FeatureStats"})
+            meta = {"n": str(self.n), "kind": "dito_fast.FeatureStats",
+                    **{f"info.{k}": str(v) for k, v in self.info.items()}}
+            save_safetensors({"mu": mu, "sigma": sigma}, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
@@ -153,13 +157,14 @@ class FeatureStats:
             if is_zip:
                 with np.load(path, allow_pickle=False) as data:
                     arrays = {k: torch.from_numpy(data[k]) for k in ("mu", "sigma") if k in data.files}
-                n = 0
+                n, meta = 0, {}
             else:
                 from safetensors import safe_open
 
                 with safe_open(str(path), framework="pt") as f:
                     arrays = {k: f.get_tensor(k) for k in ("mu", "sigma") if k in f.keys()}
-                    n = int((f.metadata() or {}).get("n", 0))
+                    meta = f.metadata() or {}
+                    n = int(meta.get("n", 0))
         except Exception as e:  # neither format, truncated, an object array (not unpickled), ...
             raise ValueError(f"feature statistics {path}: cannot be read ({e})") from None
         missing = [k for k in ("mu", "sigma") if k not in arrays]
@@ -174,7 +179,20 @@ class FeatureStats:
         stats = cls(mu.shape[0])
         stats.n = n
         stats._fixed = (mu.double(), sigma.double())
+        stats.info = {k[len("info."):]: v for k, v in meta.items() if k.startswith("info.")}
         return stats
+
+
+def comparability(a: FeatureStats, b: FeatureStats, names: tuple[str, str] = ("a", "b")) -> tuple[list, list]:
+    """(errors, warnings) for comparing two sets of statistics by what their ``info`` records:
+    features of different networks are not comparable (an error); images of different sizes
+    were preprocessed differently (a warning). What one side does not record is not compared."""
+    errors, warnings = [], []
+    for key, out, what in (("network", errors, "Inception weights"), ("size", warnings, "image sizes (--size)")):
+        va, vb = a.info.get(key), b.info.get(key)
+        if va is not None and vb is not None and va != vb:
+            out.append(f"{names[0]} and {names[1]} were made with different {what} ({key} {va} and {vb})")
+    return errors, warnings
 
 
 def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
@@ -393,3 +411,14 @@ class InceptionFeatures(nn.Module):
         model.load_state_dict(state, strict=False)
         logger.info("InceptionFeatures: loaded %s", path)
         return model.to(map_location).eval()
+
+    def fingerprint(self) -> str:
+        """A short hash of every weight (what the statistics' ``info["network"]`` records)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for name, t in self.state_dict().items():
+                h.update(f"{name}{tuple(t.shape)}".encode())
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]

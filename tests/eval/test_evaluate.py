@@ -298,3 +298,36 @@ def test_fid_command(tmp_path, capsys):
                                                                                          str(tmp_path / "b")])
     cli_usage_error(capsys, "SOURCE is a statistics file", base + [str(tmp_path / "a.npz"), str(tmp_path / "b"),
                                                                    "--save-stats", str(tmp_path / "x.npz")])
+
+
+def test_saved_statistics_record_their_network_and_size(tmp_path, capsys):
+    """Statistics saved by `fid --save-stats` carry the Inception weights' fingerprint and the
+    image size: another network's are refused (before any image is read, or when both sides
+    are files), another size is warned of."""
+    from conftest import cli_usage_error
+    from safetensors.torch import save_file
+
+    from dito_fast.cli import main
+
+    _write_images(tmp_path / "a", 4)
+    _write_images(tmp_path / "b", 3)
+    for k, seed in ((1, 0), (2, 1)):
+        save_file(dict(_inception_with_spread(seed).state_dict()), str(tmp_path / f"w{k}.safetensors"))
+    base = ["--batch-size", "4"]
+    w1, w2 = (["--fid-weights", str(tmp_path / f"w{k}.safetensors")] for k in (1, 2))
+    assert main(["fid", str(tmp_path / "a"), str(tmp_path / "b"), "--size", "32", *w1, *base,
+                 "--save-stats", str(tmp_path / "a.safetensors")]) == 0
+    saved = FeatureStats.load(tmp_path / "a.safetensors")
+    assert saved.info == {"network": InceptionFeatures.from_file(tmp_path / "w1.safetensors").fingerprint(),
+                          "size": "32"}
+    assert main(["fid", str(tmp_path / "b"), str(tmp_path / "b"), "--size", "32", *w2, *base,
+                 "--save-stats", str(tmp_path / "b2.safetensors")]) == 0
+    capsys.readouterr()
+    cli_usage_error(capsys, "different Inception weights", ["fid", str(tmp_path / "b"), str(tmp_path / "a.safetensors"),
+                                                            "--size", "32", *w2, *base])
+    cli_usage_error(capsys, "different Inception weights", ["fid", str(tmp_path / "b2.safetensors"),
+                                                            str(tmp_path / "a.safetensors")])
+    assert main(["fid", str(tmp_path / "b"), str(tmp_path / "a.safetensors"), "--size", "40", *w1, *base]) == 0
+    assert "different image sizes (--size) (size 32 and 40)" in capsys.readouterr().err
+    assert main(["fid", str(tmp_path / "b"), str(tmp_path / "a.safetensors"), "--size", "32", *w1, *base]) == 0
+    assert "warning" not in capsys.readouterr().err
