@@ -758,6 +758,7 @@ def _check_output_file(flag: str, out: Path, overwrite: bool) -> None:
 
 
 def cmd_info(args) -> int:
+    from .models.dit import DiT
     from .models.dito import DiTo, count_parameters, decoder_gflops, encoder_gflops
     from .ops import available_backends
 
@@ -774,6 +775,11 @@ def cmd_info(args) -> int:
         print(f"{name:14s} {count_parameters(m.encoder) / 1e6:9.2f}M {count_parameters(m.decoder) / 1e6:9.2f}M "
               f"{'f%dc%d' % (f, cfg.encoder.latent_channels):>8s} {decoder_gflops(cfg, size):10.2f} @{size:<4d} "
               f"{encoder_gflops(cfg, size):10.2f}")
+    print(f"\n{'DiT preset':14s} {'params':>10s}  (for 4x32x32 latents, 1000 classes; dito_fast.DiT, train-dit)")
+    for name in DIT_PRESETS:
+        with torch.device("meta"):
+            dit = DiT(DIT_PRESETS[name])
+        print(f"{name:14s} {count_parameters(dit) / 1e6:9.2f}M")
     print("\nbackends per op (priority order; the first that can run the inputs is used):")
     for op, names in available_backends().items():
         print(f"  {op:26s} {', '.join(names)}")
@@ -836,7 +842,8 @@ def cmd_sample_dit(args) -> int:
             raise UsageError(f"the DiT makes {dit.config.latent_channels}-channel latents, the tokenizer decodes "
                              f"{tokenizer.latent_channels}-channel ones")
         tokenizer_fingerprint = _model_fingerprint(tokenizer)
-        trained_on = (read_latents_file(args.model) or {}).get("tokenizer") or {}
+        described = read_latents_file(args.model) or {}  # what train-dit recorded of the latents
+        trained_on = described.get("tokenizer") or {}
         if trained_on.get("model_fingerprint", tokenizer_fingerprint) != tokenizer_fingerprint and not args.any_tokenizer:
             raise UsageError(f"{args.model} was trained on the latents of another tokenizer ({trained_on.get('model')}, "
                              f"fingerprint {trained_on['model_fingerprint']}) than {args.tokenizer} "
@@ -847,7 +854,8 @@ def cmd_sample_dit(args) -> int:
             if args.num is not None or args.per_class is None:
                 raise UsageError(f"{args.model} is class-conditional ({dit.config.num_classes} classes): give "
                                  "--per-class N (and --classes to choose them)")
-            classes = _int_list(args.classes) if args.classes is not None else list(range(dit.config.num_classes))
+            classes = (_class_list(args.classes, described.get("classes") or []) if args.classes is not None
+                       else list(range(dit.config.num_classes)))
             bad = [c for c in classes if not 0 <= c < dit.config.num_classes]
             if bad or not classes:
                 raise UsageError(f"--classes {bad or args.classes!r}: expected classes in 0..{dit.config.num_classes - 1}")
@@ -912,11 +920,21 @@ def cmd_sample_dit(args) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
+def _class_list(text: str, names: list[str]) -> list[int]:
+    """--classes: comma-separated class indices or, for a DiT train-dit made, class folder names."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part.lstrip("-").isdigit():
+            out.append(int(part))
+        elif part in names:
+            out.append(names.index(part))
+        else:
+            raise UsageError(f"--classes: {part!r} is neither a class index nor one of the model's class names"
+                             + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else
+                                " (it has none: no latents.json from train-dit)"))
+    return out
 
 
 def cmd_demo(args) -> int:
@@ -1135,7 +1153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="folder for the images (empty, or one sample-dit wrote)")
     g.add_argument("--num", type=int, default=None, help="images to make (unconditional model)")
     g.add_argument("--per-class", type=int, default=None, help="images per class (class-conditional model)")
-    g.add_argument("--classes", default=None, help="comma-separated classes (default: all)")
+    g.add_argument("--classes", default=None,
+                   help="comma-separated class indices, or class folder names for a DiT train-dit made (default: all)")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1: none; default 1)")
     g.add_argument("--steps", type=int, default=50, help="DiT ODE steps (default 50)")
     g.add_argument("--sampler", default="euler", help="DiT ODE solver (default euler)")

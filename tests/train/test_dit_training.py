@@ -262,6 +262,11 @@ def test_commands_from_encode_to_sample_dit(tmp_path, micro_model, capsys):
               "--steps", "2", "--decode-steps", "2", "--no-progress"]
     assert main(sample + ["--out", str(tmp_path / "s")]) == 0
     assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == ["000000.png", "000001.png"]
+    # classes by their folder names (latents.json), or by index
+    assert main(sample + ["--out", str(tmp_path / "s_dog"), "--classes", "dog"]) == 0
+    assert json.loads((tmp_path / "s_dog" / "samples.json").read_text())["labels"] == [1]
+    assert main(sample + ["--out", str(tmp_path / "s_emu"), "--classes", "emu"]) == 2
+    assert "'emu' is neither a class index nor one of the model's class names (cat, dog)" in capsys.readouterr().err
     torch.manual_seed(1)
     other = type(micro_model)(micro_model.config)
     other.save_pretrained(tmp_path / "tok2")
@@ -340,3 +345,9 @@ def test_the_commands_tell_a_dit_from_a_tokenizer(tmp_path, micro_model, capsys)
     assert main(["sample-dit", str(tmp_path / "dit" / "model"), "--tokenizer", str(tmp_path / "tok"), "--out",
                  str(tmp_path / "reference"), "--per-class", "1", "--any-tokenizer"]) == 2
     assert "holds other files (photo.png)" in capsys.readouterr().err
+
+
+def test_info_lists_the_dit_presets(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "DiT-XL/2" in out and "674.82M" in out and "32.86M" in out  # the README's counts
