@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import config as C
 from .allocator import keep_freed_memory
+from .models._pretrained import model_fingerprint
 from .models.dit import DIT_PRESETS
 
 logger = logging.getLogger("dito_fast.cli")
@@ -104,24 +105,6 @@ FID_WEIGHTS_NOTE = ("pytorch-fid's pt_inception-2015-12-05-6726825d.pth, from ht
 def _check_size(size: int | None, factor: int) -> None:
     if size is not None and (size <= 0 or size % factor):
         raise UsageError(f"--size must be a positive multiple of {factor} (the model's downsampling), got {size}")
-
-
-def _model_fingerprint(model) -> str:
-    """A short hash of a model's configuration and weights (names, shapes and 64 values strided
-    through each tensor): what encode stores with a latent and decode checks, since a latent
-    decoded by another model's decoder gives a wrong image without any error."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256(json.dumps(C.to_dict(model.config), sort_keys=True).encode())
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float64)
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _shown(path) -> str:
@@ -286,7 +269,7 @@ def cmd_train(args) -> int:
 def cmd_train_dit(args) -> int:
     from .train.dit import latent_files, latent_shape, resolve_dit_run_config, train_dit
 
-    overrides = _run_overrides(args, (("class_folders", "data.class_folders"),))
+    overrides = _run_overrides(args, (("class_folders", "data.class_folders"), ("tokenizer", "data.tokenizer")))
     cfg = _resolve_run(args, overrides, resolve_dit_run_config)
     # The model's latent shape and class count are the data's (those --set gives win; a mismatch
     # is then reported by the run, as is a resumed run's data that changed).
@@ -355,7 +338,7 @@ def cmd_encode(args) -> int:
 
     model, dev = _load_model(args.model, args.device)
     _check_size(args.size, model.downsample_factor)
-    fingerprint = _model_fingerprint(model)
+    fingerprint = model_fingerprint(model)
     jobs = _image_jobs(args.inputs, Path(args.out), ".safetensors", args.overwrite)
     skipped: list = []
     for path, target in jobs:
@@ -382,7 +365,7 @@ def cmd_decode(args) -> int:
     from tqdm.auto import tqdm
 
     model, dev = _load_model(args.model, args.device)
-    fingerprint = _model_fingerprint(model)
+    fingerprint = model_fingerprint(model)
     out = Path(args.out)
     # latent file -> its images' path without the ending: a folder's files (recursive, as encode
     # writes them) mirror their subfolders under --out, a named file goes to --out itself
@@ -841,7 +824,7 @@ def cmd_sample_dit(args) -> int:
         if dit.config.latent_channels != tokenizer.latent_channels:
             raise UsageError(f"the DiT makes {dit.config.latent_channels}-channel latents, the tokenizer decodes "
                              f"{tokenizer.latent_channels}-channel ones")
-        tokenizer_fingerprint = _model_fingerprint(tokenizer)
+        tokenizer_fingerprint = model_fingerprint(tokenizer)
         described = read_latents_file(args.model) or {}  # what train-dit recorded of the latents
         trained_on = described.get("tokenizer") or {}
         if trained_on.get("model_fingerprint", tokenizer_fingerprint) != tokenizer_fingerprint and not args.any_tokenizer:
@@ -870,7 +853,7 @@ def cmd_sample_dit(args) -> int:
         # be kept and mixed into this one's), unless --overwrite makes every image again
         manifest = {"labels": labels, "cfg_scale": args.cfg_scale, "seed": args.seed, "steps": args.steps,
                     "sampler": args.sampler, "schedule": args.schedule, "decode": vars(decode),
-                    "dit": _model_fingerprint(dit), "tokenizer": tokenizer_fingerprint}
+                    "dit": model_fingerprint(dit), "tokenizer": tokenizer_fingerprint}
         targets = [out / f"{k:06d}.png" for k in range(len(labels))]
         stray = sorted(p for p in out.glob("*.png") if re.fullmatch(r"\d{6}\.png", p.name)
                        and int(p.stem) >= len(labels)) if out.is_dir() else []
@@ -1052,6 +1035,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--class-folders", action="store_true", default=None,
                    help="class-conditional: each top-level subfolder of --data is a class (sorted names -> labels "
                         "0..K-1, as encode mirrors an image folder's); default: unconditional")
+    d.add_argument("--tokenizer", default=None,
+                   help="the DiTo model folder the latents came from (checked against their fingerprint): each "
+                        "validation then also writes 8 decoded samples to --out/samples/dit_<step>.png")
     _add_run_args(d, "runs/dit", "train.ema_decay=0.9999", "DiT-L/XL")
     d.set_defaults(func=cmd_train_dit)
 

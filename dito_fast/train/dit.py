@@ -14,7 +14,9 @@ The loop is the tokenizer's (:func:`dito_fast.train.train` with a :class:`DiTTas
 skipping and logs. What differs: the per-sample draws of the DiT's flow-matching loss (time,
 noise, label drop) come from generators seeded by (seed, step, index in the global batch); the
 validation figure is the EMA model's loss on ``train.val_images`` held-out latents (at most a
-fifth of them) with fixed draws (``val_loss``, no images: the tokenizer is not part of the run).
+fifth of them) with fixed draws (``val_loss``); given the tokenizer (``data.tokenizer``, checked
+against the latents' fingerprint), each validation also writes a grid of 8 samples (fixed
+seeds, ``train.val_sample_steps`` Euler steps, one class after another) decoded by it.
 Every checkpoint and the exported model's folder hold ``latents.json``: the class names, the
 tokenizer the latents came from (which ``dito-fast sample-dit`` checks its ``--tokenizer``
 against), the latent shape and count and a digest of the files' order. A resume refuses other
@@ -52,6 +54,9 @@ class LatentDataConfig:
 
     source: str = ""  # a folder of latents written by `dito-fast encode` (searched recursively)
     class_folders: bool = False  # label each latent by its top-level subfolder; False: unconditional
+    # the DiTo model folder the latents came from (optional): checked against their fingerprint,
+    # and each validation then also writes images of the EMA model's samples (samples/dit_<step>.png)
+    tokenizer: str = ""
 
 
 @dataclass
@@ -271,6 +276,7 @@ class DiTTask(TrainTask):
     def __init__(self, progress: bool | None = None):
         self.progress = progress
         self.described: dict | None = None  # latents.json of the data, once read
+        self.tokenizer = None  # the DiTo that decodes validation samples (data.tokenizer), on rank 0
 
     def validate_config(self, cfg: DiTRunConfig) -> None:
         validate_dit_run_config(cfg)
@@ -305,6 +311,8 @@ class DiTTask(TrainTask):
             raise ValueError(f"the data has {k} classes ({'data.class_folders' if cfg.data.class_folders else 'no'} "
                              f"class folders) but model.num_classes={m.num_classes}")
         self.described = train_dataset.describe()
+        if cfg.data.tokenizer:
+            self.tokenizer = _load_tokenizer(cfg.data.tokenizer, self.described, shape)
         if resume_from is not None:
             saved = read_latents_file(resume_from)
             if saved is None:
@@ -340,10 +348,25 @@ class DiTTask(TrainTask):
             y = val_data.labels[lo:lo + 64].to(device) if val_data.labels is not None else None
             seeds = [mix_seed(cfg.train.seed, _VAL_TAG, i) for i in range(lo, lo + z.shape[0])]
             total += float(model.loss(z, y, seeds=seeds).double().sum())
-        model.train(was_training)
         res = {"val_loss": total / n}
         logger.info("step %d: validation loss %.4f (%d held-out latents)", step, res["val_loss"], n)
+        if self.tokenizer is not None:
+            self._write_samples(model, cfg, step, run_dir)
+        model.train(was_training)
         return res
+
+    def _write_samples(self, model, cfg, step: int, run_dir: Path) -> None:
+        """8 samples of ``model`` (fixed seeds; labels 0, 1, ... cycling), decoded by the tokenizer."""
+        from ..decode import fast_decode
+        from ..eval.report import make_grid, save_image
+
+        k = model.config.num_classes
+        y = torch.arange(8, device=next(model.parameters()).device) % k if k else None
+        seeds = [mix_seed(cfg.train.seed, _VAL_TAG, 1, i) for i in range(8)]
+        z = model.sample(y, batch_size=None if k else 8, steps=cfg.train.val_sample_steps, seed=seeds)
+        tokenizer = self.tokenizer.to(z.device)
+        images = fast_decode(tokenizer, z, seed=[s ^ 1 for s in seeds], output="float")
+        save_image(make_grid([images.cpu()]), run_dir / "samples" / f"dit_{step:08d}.png")
 
     def checkpoint_files(self) -> dict:
         return {LATENTS_FILE: self.described} if self.described is not None else {}
@@ -374,6 +397,24 @@ def _held_out(latents: LatentSet, count: int) -> set[int]:
         logger.warning("%d class folders have no readable latents (%s): the model will not learn them",
                        len(empty), ", ".join(empty[:5]))
     return kept
+
+
+def _load_tokenizer(folder: str, described: dict, shape: tuple) -> nn.Module:
+    """The DiTo in ``folder``, refused unless it is the one the latents came from (by the
+    fingerprint ``encode`` stored; latents without one: by the latent shape alone)."""
+    from ..models._pretrained import model_fingerprint
+    from ..models.dito import DiTo
+
+    tokenizer = DiTo.from_pretrained(folder, dtype=torch.float32)
+    fingerprint = described["tokenizer"].get("model_fingerprint")
+    if fingerprint is not None and model_fingerprint(tokenizer) != fingerprint:
+        raise ValueError(f"data.tokenizer {folder} ({tokenizer.config.name}, fingerprint "
+                         f"{model_fingerprint(tokenizer)}) is not the model the latents came from "
+                         f"({described['tokenizer'].get('model')}, {fingerprint})")
+    if tokenizer.latent_channels != shape[0]:
+        raise ValueError(f"data.tokenizer {folder} makes {tokenizer.latent_channels}-channel latents, the data's "
+                         f"have {shape[0]}")
+    return tokenizer
 
 
 def _check_same_latents(before: dict, now: dict, checkpoint, source) -> None:

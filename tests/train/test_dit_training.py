@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from dito_fast import DiT
@@ -274,6 +275,14 @@ def test_commands_from_encode_to_sample_dit(tmp_path, micro_model, capsys):
     assert main(sample + ["--out", str(tmp_path / "s2")]) == 2
     assert "trained on the latents of another tokenizer" in capsys.readouterr().err
     assert main(sample + ["--out", str(tmp_path / "s2"), "--any-tokenizer"]) == 0
+    # with its tokenizer, a run's validations also write decoded samples; another tokenizer is refused
+    with_tok = argv[:-1] + [str(tmp_path / "run_v"), "--set", "train.val_images=2", "--set", "train.val_every_steps=1",
+                            "--set", "train.val_sample_steps=2", "--steps", "1"]
+    assert main(with_tok + ["--tokenizer", str(tmp_path / "tok2")]) == 2
+    assert "is not the model the latents came from" in capsys.readouterr().err
+    assert main(with_tok + ["--tokenizer", str(tmp_path / "tok")]) == 0
+    grid = Image.open(tmp_path / "run_v" / "samples" / "dit_00000001.png")
+    assert grid.width > 8 * 16 and grid.height >= 16  # 8 decoded 16x16 samples in a row
     # export: a DiT checkpoint gives a DiT's folder, with its latents.json
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
     exported = DiT.from_pretrained(tmp_path / "exp")
