@@ -206,9 +206,19 @@ def _run_kind(config_path: Path) -> str | None:
     return None if not isinstance(model, dict) else "train-dit" if "patch_size" in model else "train"
 
 
+def _saved_run_config(args) -> Path | None:
+    """The config.json a resume without --config takes its settings from: the named
+    checkpoint's, else the run's (--out); None when there is none (or not resuming)."""
+    if args.resume is None or args.config is not None:
+        return None
+    named = Path(args.resume) / "config.json" if args.resume != "auto" else None
+    return next((p for p in (named, Path(args.out) / "config.json") if p is not None and p.is_file()), None)
+
+
 def _resolve_run(args, overrides: dict, resolve):
     """The run's config from --preset, --config (resuming without it: the checkpoint's or the
-    run's config.json) and ``overrides``, by ``resolve`` (preset, config_file, overrides)."""
+    run's config.json, :func:`_saved_run_config`) and ``overrides``, by ``resolve`` (preset,
+    config_file, overrides)."""
     config_file, preset = args.config, args.preset
     named = Path(args.resume) / "config.json" if args.resume not in (None, "auto") else None
     for path in (named, Path(args.out) / "config.json"):
@@ -220,8 +230,8 @@ def _resolve_run(args, overrides: dict, resolve):
                                                       "choose another --out"))
     if args.resume is not None and config_file is None:
         # resuming: the settings the checkpoint (or the run) was written with, plus any overrides
-        run_config = Path(args.out) / "config.json"
-        config_file = next((str(p) for p in (named, run_config) if p is not None and p.is_file()), None)
+        saved_config = _saved_run_config(args)
+        config_file = str(saved_config) if saved_config is not None else None
         if config_file is not None and preset is not None:
             saved = json.loads(Path(config_file).read_text()).get("model", {}).get("name")
             if saved != preset:
@@ -280,7 +290,7 @@ def cmd_train_dit(args) -> int:
     classes = latent_files(cfg.data.source, cfg.data.class_folders)[1]
     derived = {"model.latent_channels": c, "model.latent_size": h, "model.num_classes": len(classes)}
     m = cfg.model
-    if args.resume is not None and (m.latent_channels, m.latent_size, m.num_classes) != (c, h, len(classes)):
+    if _saved_run_config(args) is not None and (m.latent_channels, m.latent_size, m.num_classes) != (c, h, len(classes)):
         raise UsageError(f"the latents in {cfg.data.source} are {c}x{h}x{w} with {len(classes)} classes"
                          f"{' (data.class_folders)' if cfg.data.class_folders else ''}, but the model to resume takes "
                          f"{m.latent_channels}x{m.latent_size}x{m.latent_size} with {m.num_classes}: resume with the "
@@ -812,7 +822,7 @@ def cmd_sample_dit(args) -> int:
     # a folder of other files (an image set, a model) would have the samples mixed in: a later
     # `fid samples/ reference/` of either folder would count the other's images
     others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != "samples.json"
-                    and not re.fullmatch(r"\d{6}\.png", p.name)) if out.is_dir() else []
+                    and not re.fullmatch(r"\d{6,}\.png", p.name)) if out.is_dir() else []
     if others:
         raise UsageError(f"--out {_shown(out)} holds other files ({', '.join(map(_shown, others[:3]))}"
                          f"{', ...' if len(others) > 3 else ''}): give an empty folder (or one sample-dit wrote)")
@@ -855,7 +865,7 @@ def cmd_sample_dit(args) -> int:
                     "sampler": args.sampler, "schedule": args.schedule, "decode": vars(decode),
                     "dit": model_fingerprint(dit), "tokenizer": tokenizer_fingerprint}
         targets = [out / f"{k:06d}.png" for k in range(len(labels))]
-        stray = sorted(p for p in out.glob("*.png") if re.fullmatch(r"\d{6}\.png", p.name)
+        stray = sorted(p for p in out.glob("*.png") if re.fullmatch(r"\d{6,}\.png", p.name)
                        and int(p.stem) >= len(labels)) if out.is_dir() else []
         saved = out / "samples.json"
         if not args.overwrite:
@@ -904,15 +914,18 @@ def cmd_sample_dit(args) -> int:
 
 
 def _class_list(text: str, names: list[str]) -> list[int]:
-    """--classes: comma-separated class indices or, for a DiT train-dit made, class folder names."""
+    """--classes: comma-separated class folder names (a DiT train-dit made) or indices; a name
+    wins over an index (numbered class folders sort as strings: folder "10" may be class 2)."""
+    import re
+
     out = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        if part.lstrip("-").isdigit():
-            out.append(int(part))
-        elif part in names:
+        if part in names:
             out.append(names.index(part))
+        elif re.fullmatch(r"-?[0-9]+", part):
+            out.append(int(part))
         else:
             raise UsageError(f"--classes: {part!r} is neither a class index nor one of the model's class names"
                              + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else

@@ -90,6 +90,11 @@ def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], 
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory not found: {directory}")
     if not w_path.is_file() and (directory / "model" / WEIGHTS_NAME).is_file():
+        try:  # a run of the other kind (a DiT's for a tokenizer, ...): said so, not "load its model/"
+            parse_config(json.loads((directory / "model" / CONFIG_NAME).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{directory} is a training run whose model ({directory / 'model'}) cannot be loaded "
+                             f"here: {e}") from None
         raise FileNotFoundError(f"missing {WEIGHTS_NAME} in {directory}: this looks like a training run's "
                                 f"directory; its model is exported to {directory / 'model'}")
     for p in (cfg_path, w_path):

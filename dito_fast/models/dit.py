@@ -389,6 +389,8 @@ def _size(size, patch: int) -> tuple[int, int]:
 
 def _parse_config(data: dict) -> DiTConfig:
     if {"model", "train"} <= set(data):
+        if isinstance(data["model"], dict) and "encoder" in data["model"]:
+            raise ValueError("this is a DiTo tokenizer's training run config (dito-fast train), not a DiT's")
         raise ValueError("this is a training run's config (model/data/train sections); load the run's model/ folder")
     if "encoder" in data and "patch_size" not in data:
         raise ValueError("this is a DiTo tokenizer's folder (dito_fast.DiTo), not a DiT's")

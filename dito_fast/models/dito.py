@@ -307,6 +307,8 @@ class DiTo(nn.Module):
 
 def _parse_config(data: dict) -> ModelConfig:
     if {"model", "train"} <= set(data):
+        if isinstance(data["model"], dict) and "patch_size" in data["model"]:
+            raise ValueError("this is a DiT training run's config (train-dit), not a DiTo tokenizer's")
         raise ValueError("this is a training run's config (model/data/train sections); load the run's "
                          "model/ directory, or its checkpoints with dito_fast.train")
     if "patch_size" in data and "encoder" not in data:

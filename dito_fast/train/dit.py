@@ -276,7 +276,7 @@ class DiTTask(TrainTask):
     def __init__(self, progress: bool | None = None):
         self.progress = progress
         self.described: dict | None = None  # latents.json of the data, once read
-        self.tokenizer = None  # the DiTo that decodes validation samples (data.tokenizer), on rank 0
+        self.tokenizer = None  # the DiTo that decodes validation samples (data.tokenizer), on rank 0, on the CPU
 
     def validate_config(self, cfg: DiTRunConfig) -> None:
         validate_dit_run_config(cfg)
@@ -312,7 +312,12 @@ class DiTTask(TrainTask):
                              f"class folders) but model.num_classes={m.num_classes}")
         self.described = train_dataset.describe()
         if cfg.data.tokenizer:
-            self.tokenizer = _load_tokenizer(cfg.data.tokenizer, self.described, shape)
+            tokenizer = _load_tokenizer(cfg.data.tokenizer, self.described, shape)  # checked on every rank
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                self.tokenizer = tokenizer  # (rank 0 validates)
+            if len(val_data) == 0:
+                logger.warning("data.tokenizer: no sample images will be written, since they are made at validations, "
+                               "which need held-out latents (train.val_images > 0 and at least 5 latents)")
         if resume_from is not None:
             saved = read_latents_file(resume_from)
             if saved is None:
@@ -364,8 +369,8 @@ class DiTTask(TrainTask):
         y = torch.arange(8, device=next(model.parameters()).device) % k if k else None
         seeds = [mix_seed(cfg.train.seed, _VAL_TAG, 1, i) for i in range(8)]
         z = model.sample(y, batch_size=None if k else 8, steps=cfg.train.val_sample_steps, seed=seeds)
-        tokenizer = self.tokenizer.to(z.device)
-        images = fast_decode(tokenizer, z, seed=[s ^ 1 for s in seeds], output="float")
+        images = fast_decode(self.tokenizer.to(z.device), z, seed=[s ^ 1 for s in seeds], output="float")
+        self.tokenizer.cpu()  # (off the accelerator between validations)
         save_image(make_grid([images.cpu()]), run_dir / "samples" / f"dit_{step:08d}.png")
 
     def checkpoint_files(self) -> dict:
@@ -405,7 +410,11 @@ def _load_tokenizer(folder: str, described: dict, shape: tuple) -> nn.Module:
     from ..models._pretrained import model_fingerprint
     from ..models.dito import DiTo
 
-    tokenizer = DiTo.from_pretrained(folder, dtype=torch.float32)
+    try:
+        tokenizer = DiTo.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"data.tokenizer (--tokenizer; a resumed run's comes from its config, --tokenizer replaces "
+                      f"it): {e}") from None
     fingerprint = described["tokenizer"].get("model_fingerprint")
     if fingerprint is not None and model_fingerprint(tokenizer) != fingerprint:
         raise ValueError(f"data.tokenizer {folder} ({tokenizer.config.name}, fingerprint "

@@ -360,3 +360,63 @@ def test_info_lists_the_dit_presets(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "DiT-XL/2" in out and "674.82M" in out and "32.86M" in out  # the README's counts
+
+
+def test_train_dit_review_cases(tmp_path, micro_model, capsys, caplog):
+    """--resume starting a new run; class folder names that are numbers; a run folder of the other
+    kind; a moved data.tokenizer; --tokenizer without held-out latents; odd --classes values;
+    sample-dit's 7-digit image names."""
+    root = tmp_path / "lat"
+    for k in (0, 1, 10):
+        for i in range(2):
+            _write(root, f"{k}/{i}.safetensors", k + torch.zeros(1, 2, 4, 4))
+    tiny = ["--set", "model.depth=1", "--set", "model.hidden_size=32", "--set", "model.num_heads=2",
+            "--set", "model.time_freq_dim=32", "--set", "train.val_images=0", "--steps", "1", "--batch-size", "2"]
+    # --resume on an empty --out with the model named starts the run (job scripts pass --resume always)
+    assert main(["train-dit", "--data", str(root), "--class-folders", "--preset", "DiT-S/2", "--resume",
+                 "--out", str(tmp_path / "dit"), *tiny]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    # the classes sort as strings ("0", "1", "10"): --classes 10 is folder "10" (label 2), not label 10
+    from dito_fast.cli import _class_list
+
+    assert _class_list("10,0,1", ["0", "1", "10"]) == [2, 0, 1]
+    assert _class_list("2", ["0", "1", "10"]) == [2] and _class_list("cat", ["cat"]) == [0]
+    from dito_fast.cli import UsageError
+
+    for bad in ("--1", "\u00b2"):
+        with pytest.raises(UsageError, match="neither a class index nor one of the model's class names"):
+            _class_list(bad, ["0", "1", "10"])
+    # a DiT run where a tokenizer is expected: said so
+    assert main(["decode", str(tmp_path / "dit"), str(root / "0" / "0.safetensors"), "--out", str(tmp_path / "d")]) == 2
+    assert "a DiT's folder" in capsys.readouterr().err
+    # data.tokenizer that is not there (moved since): named as such
+    micro_model.save_pretrained(tmp_path / "tok")
+    assert main(["train-dit", "--data", str(root), "--class-folders", "--preset", "DiT-S/2", "--tokenizer",
+                 str(tmp_path / "gone"), "--out", str(tmp_path / "dit2"), *tiny]) == 2
+    assert "data.tokenizer (--tokenizer" in capsys.readouterr().err
+    assert main(["train-dit", "--data", str(root), "--class-folders", "--preset", "DiT-S/2", "--tokenizer",
+                 str(tmp_path / "tok"), "--out", str(tmp_path / "dit2"), *tiny]) == 2
+    assert "is not the model the latents came from (dito-x, aaaa)" in capsys.readouterr().err
+    # sample-dit: a 7-digit image name (k >= 10^6) is one of its own, not a foreign file (the run
+    # then stops at the models' mismatch: 2-channel DiT, 4-channel tokenizer)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "1000000.png").write_bytes(b"")
+    assert main(["sample-dit", str(tmp_path / "dit" / "model"), "--tokenizer", str(tmp_path / "tok"), "--out",
+                 str(tmp_path / "s"), "--per-class", "1", "--any-tokenizer"]) == 2
+    err = capsys.readouterr().err
+    assert "holds other files" not in err and "2-channel latents" in err
+
+
+def test_a_tokenizer_without_held_out_latents_is_warned_of(tmp_path, caplog):
+    root = tmp_path / "lat"
+    for k, name in enumerate(("a", "b")):
+        for i in range(4):
+            _write(root, f"{name}/{i}.safetensors", k + torch.zeros(1, 4, 2, 2), meta={})  # no fingerprint
+    from dito_fast import DiTo
+
+    torch.manual_seed(0)
+    DiTo.from_preset("dito-tiny").save_pretrained(tmp_path / "tok")
+    cfg = _config(root, steps=1, val_images=0)
+    cfg.model.latent_channels, cfg.model.latent_size, cfg.data.tokenizer = 4, 2, str(tmp_path / "tok")
+    train_dit(cfg, tmp_path / "run", progress=False)
+    assert "no sample images will be written" in caplog.text and not (tmp_path / "run" / "samples").exists()
