@@ -248,7 +248,13 @@ def _resolve_run(args, overrides: dict, resolve):
         raise UsageError(e.args[0] if e.args else str(e)) from None
 
 
-def _print_trained(result) -> None:
+def _train_run(args, cfg, train_fn) -> int:
+    """--dry-run's config, or the run by ``train_fn`` (train or train_dit) and its summary."""
+    if args.dry_run:
+        print(json.dumps(C.to_dict(cfg), indent=2))
+        return 0
+    resume = args.resume if args.resume not in (None, "auto") else args.resume == "auto"
+    result = train_fn(cfg, args.out, resume=resume, progress=None)
     if result.rank == 0:  # under torchrun: one summary for the job
         stopped = {"requested": " (stopped early on request; --resume continues)",
                    "max_minutes": " (the time budget was spent; --resume continues)"}.get(result.stopped_early, "")
@@ -257,23 +263,15 @@ def _print_trained(result) -> None:
             print(f"validation PSNR: {result.last_val['val_psnr']:.2f} dB")
         if "val_loss" in result.last_val:
             print(f"validation loss: {result.last_val['val_loss']:.4f}")
-
-
-def _resume_arg(args):
-    return args.resume if args.resume not in (None, "auto") else args.resume == "auto"
+    return 0
 
 
 def cmd_train(args) -> int:
     overrides = _run_overrides(args, (("image_size", "data.image_size"), ("workers", "data.workers"),
                                       ("loader", "data.loader")))
-    cfg = _resolve_run(args, overrides, C.resolve_run_config)
-    if args.dry_run:
-        print(json.dumps(C.to_dict(cfg), indent=2))
-        return 0
     from .train import train
 
-    _print_trained(train(cfg, args.out, resume=_resume_arg(args), progress=None))
-    return 0
+    return _train_run(args, _resolve_run(args, overrides, C.resolve_run_config), train)
 
 
 def cmd_train_dit(args) -> int:
@@ -281,8 +279,9 @@ def cmd_train_dit(args) -> int:
 
     overrides = _run_overrides(args, (("class_folders", "data.class_folders"), ("tokenizer", "data.tokenizer")))
     cfg = _resolve_run(args, overrides, resolve_dit_run_config)
-    # The model's latent shape and class count are the data's (those --set gives win; a mismatch
-    # is then reported by the run, as is a resumed run's data that changed).
+    # The model's latent shape and class count are the data's (those --set gives win, and the run
+    # reports a mismatch); a resumed run's model that does not take these latents is refused here,
+    # in the data's terms.
     c, h, w = latent_shape(cfg.data.source)
     if h != w:
         raise UsageError(f"the latents in {cfg.data.source} are {h}x{w}: a DiT here trains on square latents "
@@ -295,12 +294,7 @@ def cmd_train_dit(args) -> int:
                          f"{' (data.class_folders)' if cfg.data.class_folders else ''}, but the model to resume takes "
                          f"{m.latent_channels}x{m.latent_size}x{m.latent_size} with {m.num_classes}: resume with the "
                          "run's latents and class folders, or start a new run")
-    cfg = _resolve_run(args, {**derived, **overrides}, resolve_dit_run_config)
-    if args.dry_run:
-        print(json.dumps(C.to_dict(cfg), indent=2))
-        return 0
-    _print_trained(train_dit(cfg, args.out, resume=_resume_arg(args), progress=None))
-    return 0
+    return _train_run(args, _resolve_run(args, {**derived, **overrides}, resolve_dit_run_config), train_dit)
 
 
 def cmd_export(args) -> int:
