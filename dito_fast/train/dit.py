@@ -342,8 +342,6 @@ class DiTTask(TrainTask):
 
     @torch.no_grad()
     def validate(self, model, val_data: LatentSet, cfg, step, run_dir):
-        if len(val_data) == 0:
-            return {}
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()

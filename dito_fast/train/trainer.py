@@ -301,10 +301,8 @@ class TrainTask:
         return (torch.rand(n, 3, size, size, device=device) * 2 - 1,)
 
     def validate(self, model: torch.nn.Module, val_data, cfg, step: int, run_dir: Path) -> dict:
-        """Figures of ``model`` (the EMA weights when EMA is on) on the validation data, written
-        where they belong; {} when there is nothing to validate. Rank 0 only."""
-        if len(val_data) == 0:
-            return {}
+        """Figures of ``model`` (the EMA weights when EMA is on) on the validation data (not
+        empty), written where they belong. Rank 0 only."""
         images = val_data.to(next(model.parameters()).device)
         res, recon = validate(model, images, cfg.train.val_sample_steps, seed=cfg.train.seed)
         save_image(make_grid([images.cpu(), recon.cpu()]), run_dir / "samples" / f"recon_{step:08d}.png")
