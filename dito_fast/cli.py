@@ -669,7 +669,7 @@ def cmd_fid(args) -> int:
         if not given[k] and both[k].n < 2:
             raise ValueError(f"{_shown(name)}: {both[k].n} readable image(s); a covariance needs at least 2")
     if all(given):
-        errors, warnings = comparability(both[0], both[1], tuple(_shown(n) for n in sides))
+        errors, warnings = comparability(both[0].info, both[1].info, tuple(_shown(n) for n in sides))
         if errors:
             raise UsageError(errors[0] + ": their FID would mean nothing")
         for w in warnings:
@@ -690,11 +690,9 @@ def cmd_fid(args) -> int:
 def _check_statistics(stats, info: dict, name) -> None:
     """Statistics read from ``name`` against the features this run makes (``info``): another
     network's are refused, another image size is warned of."""
-    from .eval.fid import FeatureStats, comparability
+    from .eval.fid import comparability
 
-    made = FeatureStats()
-    made.info = info
-    errors, warnings = comparability(stats, made, (_shown(name), "this run's features"))
+    errors, warnings = comparability(stats.info, info, (_shown(name), "this run's features"))
     if errors:
         raise UsageError(errors[0] + " (--fid-weights): their FID would mean nothing")
     for w in warnings:

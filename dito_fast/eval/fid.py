@@ -183,13 +183,13 @@ class FeatureStats:
         return stats
 
 
-def comparability(a: FeatureStats, b: FeatureStats, names: tuple[str, str] = ("a", "b")) -> tuple[list, list]:
-    """(errors, warnings) for comparing two sets of statistics by what their ``info`` records:
-    features of different networks are not comparable (an error); images of different sizes
-    were preprocessed differently (a warning). What one side does not record is not compared."""
+def comparability(a: dict, b: dict, names: tuple[str, str] = ("a", "b")) -> tuple[list, list]:
+    """(errors, warnings) for comparing two sets of statistics by what their ``info`` dicts
+    record: features of different networks are not comparable (an error); images of different
+    sizes were preprocessed differently (a warning). What one side does not record is not compared."""
     errors, warnings = [], []
     for key, out, what in (("network", errors, "Inception weights"), ("size", warnings, "image sizes (--size)")):
-        va, vb = a.info.get(key), b.info.get(key)
+        va, vb = a.get(key), b.get(key)
         if va is not None and vb is not None and va != vb:
             out.append(f"{names[0]} and {names[1]} were made with different {what} ({key} {va} and {vb})")
     return errors, warnings
