@@ -44,7 +44,7 @@ from .trainer import TrainResult, TrainTask, train
 
 logger = logging.getLogger(__name__)
 
-LATENTS_FILE = "latents.json"  # in the run folder and the exported model's: classes and tokenizer
+LATENTS_FILE = "latents.json"  # in every checkpoint and the exported model: classes, tokenizer, ...
 _VAL_TAG = 0x7A1  # seeds of the validation draws: (seed, _VAL_TAG, index)
 
 
