@@ -635,20 +635,20 @@ def cmd_fid(args) -> int:
     ctx, dev = distributed.setup(device=args.device, timeout_minutes=args.dist_timeout)
     ok = False
     try:
-        features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if not all(given) else None
-        info = {"network": features.fingerprint(), "size": str(args.size)} if features is not None else {}
-        for k, name in enumerate(sides):
-            if given[k]:
-                _check_statistics(loaded[k], info, name)
         skipped: list = []
         sets = {}
-        for k, name in enumerate(sides):  # both sides checked before either is read
+        for k, name in enumerate(sides):  # both sides checked before either is read (and the network loaded)
             if not given[k]:
                 try:
                     sets[k] = image_batches(name, args.size, args.batch_size, limit=args.limit, workers=args.workers,
                                             skipped=skipped, rank=ctx.rank, world_size=ctx.world_size)
                 except (ValueError, OSError) as e:
                     raise UsageError(str(e)) from None
+        features = InceptionFeatures.from_file(args.fid_weights, map_location=dev) if not all(given) else None
+        info = {"network": features.fingerprint(), "size": str(args.size)} if features is not None else {}
+        for k, name in enumerate(sides):
+            if given[k]:
+                _check_statistics(loaded[k], info, name)
         both = []
         for k, name in enumerate(sides):
             if given[k]:

@@ -331,3 +331,6 @@ def test_saved_statistics_record_their_network_and_size(tmp_path, capsys):
     assert "different image sizes (--size) (size 32 and 40)" in capsys.readouterr().err
     assert main(["fid", str(tmp_path / "b"), str(tmp_path / "a.safetensors"), "--size", "32", *w1, *base]) == 0
     assert "warning" not in capsys.readouterr().err
+    # a mistyped image folder is said before the network is loaded (here: before its missing file is)
+    cli_usage_error(capsys, "image source", ["fid", str(tmp_path / "nope"), str(tmp_path / "a.safetensors"),
+                                             "--size", "32", "--fid-weights", str(tmp_path / "missing.pth")])
