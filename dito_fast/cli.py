@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import config as C
 from .allocator import keep_freed_memory
-from .models._pretrained import model_fingerprint
+from .models._pretrained import model_fingerprint, model_kind
 from .models.dit import DIT_PRESETS
 
 logger = logging.getLogger("dito_fast.cli")
@@ -203,7 +203,7 @@ def _run_kind(config_path: Path) -> str | None:
     except (OSError, ValueError):
         return None
     model = data.get("model") if isinstance(data, dict) and "train" in data else None
-    return None if not isinstance(model, dict) else "train-dit" if "patch_size" in model else "train"
+    return {"dit": "train-dit", "dito": "train"}.get(model_kind(model))
 
 
 def _saved_run_config(args) -> Path | None:

@@ -29,6 +29,38 @@ def save_pretrained(module: nn.Module, settings: dict, directory: str | os.PathL
     atomic_write_json(settings, directory / CONFIG_NAME)
 
 
+_KINDS = {"dito": "a DiTo tokenizer's", "dit": "a DiT's"}
+_MADE_BY = {"dito": "dito_fast.DiTo, made by dito-fast train", "dit": "dito_fast.DiT, made by train-dit"}
+
+
+def model_kind(settings) -> str | None:
+    """"dito" or "dit": which model a config's settings describe (a model folder's config.json,
+    or a run config's ``model`` section), told by a field only that model has; None otherwise."""
+    if not isinstance(settings, dict) or ("encoder" in settings) == ("patch_size" in settings):
+        return None
+    return "dito" if "encoder" in settings else "dit"
+
+
+def parse_model_config(data: dict, config_class: type, kind: str, validate: Callable[[Any], None]) -> Any:
+    """config.json's settings as ``config_class`` (a ``kind`` model's, "dito" or "dit"), checked
+    by ``validate``; a training run's config and the other model's folder are refused, saying
+    which they are."""
+    from ..config import from_dict
+
+    if {"model", "train"} <= set(data):
+        other = model_kind(data["model"])
+        if other not in (None, kind):
+            raise ValueError(f"this is {_KINDS[other]} training run config ({_MADE_BY[other]}), not {_KINDS[kind]}")
+        raise ValueError("this is a training run's config (model/data/train sections); load the run's "
+                         "model/ directory, or its checkpoints with dito_fast.train")
+    other = model_kind(data)
+    if other not in (None, kind):
+        raise ValueError(f"this is {_KINDS[other]} folder ({_MADE_BY[other]}), not {_KINDS[kind]}")
+    config = from_dict(config_class, data)
+    validate(config)
+    return config
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of a model's configuration and weights (names, shapes and 64 values strided
     through each tensor): what encode stores with a latent and decode checks, since a latent

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from ..config import Presets, apply_overrides, from_dict
+from ..config import Presets, apply_overrides
 from ..diffusion import flow, samplers
 from ..ops import attention, fm_loss, fm_noise, opmath_dtype
-from ._pretrained import load_pretrained, save_pretrained
+from ._pretrained import load_pretrained, parse_model_config, save_pretrained
 from .dito import check_matches_weights, initial_noise
 from .unet import timestep_features
 
@@ -268,7 +268,7 @@ class DiT(nn.Module):
             t = flow.sample_times(B, generator, z.device)
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             drop = torch.rand(B, generator=generator, device=z.device) < p_drop if p_drop > 0 else None
-        if drop is not None and p_drop > 0:
+        if p_drop > 0:
             y = torch.where(drop, torch.full_like(y, self.null_label), y)
         z_t, v = fm_noise(z, noise, t, self.config.sigma_min)
         pred = self(z_t, t, y)
@@ -388,15 +388,7 @@ def _size(size, patch: int) -> tuple[int, int]:
 
 
 def _parse_config(data: dict) -> DiTConfig:
-    if {"model", "train"} <= set(data):
-        if isinstance(data["model"], dict) and "encoder" in data["model"]:
-            raise ValueError("this is a DiTo tokenizer's training run config (dito-fast train), not a DiT's")
-        raise ValueError("this is a training run's config (model/data/train sections); load the run's model/ folder")
-    if "encoder" in data and "patch_size" not in data:
-        raise ValueError("this is a DiTo tokenizer's folder (dito_fast.DiTo), not a DiT's")
-    config = from_dict(DiTConfig, data)
-    validate_dit_config(config)
-    return config
+    return parse_model_config(data, DiTConfig, "dit", validate_dit_config)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ import os
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, apply_overrides, from_dict, get_preset, to_dict, validate_model_config
+from ..config import ModelConfig, apply_overrides, get_preset, to_dict, validate_model_config
 from ..diffusion import flow, samplers
 from ..ops import latent_layernorm, opmath_dtype
 from ._pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained  # noqa: F401 (names re-exported)
+from ._pretrained import parse_model_config
 from .encoder import Encoder
 from .unet import UNetDecoder
 
@@ -306,16 +307,7 @@ class DiTo(nn.Module):
 
 
 def _parse_config(data: dict) -> ModelConfig:
-    if {"model", "train"} <= set(data):
-        if isinstance(data["model"], dict) and "patch_size" in data["model"]:
-            raise ValueError("this is a DiT training run's config (train-dit), not a DiTo tokenizer's")
-        raise ValueError("this is a training run's config (model/data/train sections); load the run's "
-                         "model/ directory, or its checkpoints with dito_fast.train")
-    if "patch_size" in data and "encoder" not in data:
-        raise ValueError("this is a DiT's folder (dito_fast.DiT, made by train-dit), not a DiTo tokenizer's")
-    config = from_dict(ModelConfig, data)
-    validate_model_config(config)
-    return config
+    return parse_model_config(data, ModelConfig, "dito", validate_model_config)
 
 
 # --------------------------------------------------------------------------------------------

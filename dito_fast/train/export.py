@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, from_dict, validate_model_config
-from ..models._pretrained import CONFIG_NAME, WEIGHTS_NAME, state_mismatch
+from ..models._pretrained import CONFIG_NAME, WEIGHTS_NAME, model_kind, state_mismatch
 from ..models.dit import DiT, DiTConfig, validate_dit_config
 from ..models.dito import DiTo
 from . import checkpoint as ckpt
+from .dit import LATENTS_FILE
 from .parallel import load_dcp
 
 logger = logging.getLogger(__name__)
@@ -92,11 +93,11 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, weights: str = "a
         raise ValueError(f"{path}: the {which} weights do not match its config.json: {problem}")
     model.load_state_dict(state, assign=True)
     model.save_pretrained(out_dir)
-    latents = path / "latents.json"  # a DiT's checkpoint: its classes and tokenizer go with the model
+    latents = path / LATENTS_FILE  # a DiT's checkpoint: its classes and tokenizer go with the model
     if model_class is DiT and latents.is_file():
-        ckpt.atomic_write_text(latents.read_text(), out_dir / "latents.json")
+        ckpt.atomic_write_text(latents.read_text(), out_dir / LATENTS_FILE)
     else:  # (an --overwrite's earlier model may have left one: it would describe another run)
-        (out_dir / "latents.json").unlink(missing_ok=True)
+        (out_dir / LATENTS_FILE).unlink(missing_ok=True)
     logger.info("exported the %s weights of %s (step %s) to %s", which, path, ckpt.checkpoint_step(path), out_dir)
     return path
 
@@ -120,7 +121,7 @@ def _model_config(path: Path) -> tuple[type, ModelConfig | DiTConfig]:
         data = json.loads(cfg_path.read_text())
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             raise TypeError("expected a run config with a \"model\" section")
-        if "patch_size" in data["model"]:
+        if model_kind(data["model"]) == "dit":
             model_class, config = DiT, from_dict(DiTConfig, data["model"])
             validate_dit_config(config)
         else:
