@@ -1,5 +1,5 @@
-"""The ``dito-fast`` command: train, train-dit, export, reconstruct, encode, decode, evaluate, fid,
-sample-dit, info, demo.
+"""The ``dito-fast`` command: train, train-dit, export, reconstruct, encode, pack-latents, decode,
+evaluate, fid, sample-dit, info, demo.
 
 Only this module prints; the library logs through ``logging``.
 """
@@ -275,7 +275,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_dit(args) -> int:
-    from .train.dit import latent_files, latent_shape, resolve_dit_run_config, train_dit
+    from .data.latents import latent_classes, latent_shape
+    from .train.dit import resolve_dit_run_config, train_dit
 
     overrides = _run_overrides(args, (("class_folders", "data.class_folders"), ("tokenizer", "data.tokenizer")))
     cfg = _resolve_run(args, overrides, resolve_dit_run_config)
@@ -286,7 +287,7 @@ def cmd_train_dit(args) -> int:
     if h != w:
         raise UsageError(f"the latents in {cfg.data.source} are {h}x{w}: a DiT here trains on square latents "
                          "(encode the images with --size)")
-    classes = latent_files(cfg.data.source, cfg.data.class_folders)[1]
+    classes = latent_classes(cfg.data.source, cfg.data.class_folders)
     derived = {"model.latent_channels": c, "model.latent_size": h, "model.num_classes": len(classes)}
     m = cfg.model
     if _saved_run_config(args) is not None and (m.latent_channels, m.latent_size, m.num_classes) != (c, h, len(classes)):
@@ -357,6 +358,23 @@ def cmd_encode(args) -> int:
                                                            "model_fingerprint": fingerprint})
         print(f"{_shown(path)} -> {_shown(target)}  latent {tuple(z.shape)}")
     return _skipped_exit(skipped, len(jobs))
+
+
+def cmd_pack_latents(args) -> int:
+    from .data.latents import pack_latents
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {_shown(out)} is a folder; a pack is one file (e.g. {_shown(out)}.safetensors)")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{_shown(out)} exists (--overwrite replaces it)")
+    packed = pack_latents(args.folder, out, args.class_folders, progress=sys.stderr.isatty())
+    classes = f", {len(packed.classes)} classes" if args.class_folders else ", unconditional (no labels)"
+    print(f"{_shown(out)}: {len(packed)} latents of {'x'.join(map(str, packed.shape))}{classes}; train with "
+          f"dito-fast train-dit --data {_shown(out)}{' --class-folders' if args.class_folders else ''}")
+    for name, reason in packed.skipped:
+        print(f"skipped {_shown(name)}: {_shown(reason)}", file=sys.stderr)
+    return _skipped_exit(packed.skipped, len(packed.skipped) + len(set(packed.names)))
 
 
 def cmd_decode(args) -> int:
@@ -1036,7 +1054,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Global flags: -v/--verbose and --[no-]keep-freed-memory go before 'train-dit'.")
     d.add_argument("--preset", choices=list(DIT_PRESETS), default=None,
                    help="DiT preset (default: the one --set model.name or the config file names, else DiT-B/2)")
-    d.add_argument("--data", default=None, help="a folder of latents written by dito-fast encode (recursive)")
+    d.add_argument("--data", default=None, help="a folder of latents written by dito-fast encode (recursive), or its "
+                   "pack (dito-fast pack-latents: memory-mapped, shared by torchrun's processes)")
     d.add_argument("--class-folders", action="store_true", default=None,
                    help="class-conditional: each top-level subfolder of --data is a class (sorted names -> labels "
                         "0..K-1, as encode mirrors an image folder's); default: unconditional")
@@ -1078,6 +1097,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_encode)
+
+    k = sub.add_parser("pack-latents", help="a folder of latents (written by encode) -> one memory-mapped pack file",
+                       description="Write the readable latents of a folder that dito-fast encode wrote into one "
+                                   "file (safetensors) that train-dit --data takes: opening it reads no latent (they "
+                                   "are memory-mapped, so the processes of a torchrun job share one copy), where the "
+                                   "folder is read file by file into each process's memory. Unreadable files are "
+                                   "left out and listed (exit status 1); a run started on the folder resumes on its "
+                                   "pack and the other way round.")
+    k.add_argument("folder", help="the folder of .safetensors latents (recursive)")
+    k.add_argument("--out", required=True, help="the pack file to write (e.g. latents.safetensors)")
+    k.add_argument("--class-folders", action="store_true",
+                   help="keep each latent's label, its top-level subfolder (as train-dit --class-folders reads them)")
+    k.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    k.set_defaults(func=cmd_pack_latents)
 
     d = sub.add_parser("decode", help="latents (.safetensors) -> PNG images")
     d.add_argument("model", help="model directory (config.json + model.safetensors)")

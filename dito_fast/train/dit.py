@@ -1,13 +1,12 @@
 """Training the downstream DiT on a tokenizer's latents: :func:`train_dit` (``dito-fast train-dit``).
 
-The data is a folder of latents written by ``dito-fast encode`` (one ``.safetensors`` file per
-image, key ``latent``, shape (1, c, h, w); files holding several latents give one sample each),
-read once into memory: DiTo's latents are small (4x32x32 float32: 16 KiB per 256-px image).
-With ``data.class_folders`` each latent's label is its top-level subfolder (folders sorted by
-name -> 0..K-1, as ``encode`` mirrors an image folder's class folders); without it the DiT is
-unconditional. Unreadable or corrupt files (bad header, missing ``latent``, non-finite values)
-are skipped and counted; latents of another shape or from another tokenizer (the fingerprint
-``encode`` stores) stop the run before it starts, naming a file.
+The data (:mod:`dito_fast.data.latents`) is a folder of latents written by ``dito-fast encode``
+(one ``.safetensors`` file per image), read into memory, or its pack (``dito-fast pack-latents``:
+one file, memory-mapped and shared by the processes of a torchrun job). With
+``data.class_folders`` each latent's label is its top-level subfolder (folders sorted by name ->
+0..K-1, as ``encode`` mirrors an image folder's class folders); without it the DiT is
+unconditional. Unreadable or corrupt files are skipped and counted; latents of another shape or
+from another tokenizer (the fingerprint ``encode`` stores) stop the run before it starts.
 
 The loop is the tokenizer's (:func:`dito_fast.train.train` with a :class:`DiTTask`): the same
 ``train.*`` settings, checkpoints, exact resume, torchrun (DDP or FSDP), EMA, non-finite step
@@ -26,10 +25,8 @@ warns when the set changed otherwise (the data order then differs from an uninte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig, resolve_run_config, validate_train_config
+from ..data.latents import LatentSet, load_latents
 from ..data.sampler import StepBatchSampler, mix_seed, rank_slice
 from ..models.dit import DIT_PRESETS, DiT, DiTConfig, validate_dit_config
 from . import checkpoint as ckpt
@@ -52,7 +50,7 @@ _VAL_TAG = 0x7A1  # seeds of the validation draws: (seed, _VAL_TAG, index)
 class LatentDataConfig:
     """The latents a DiT is trained on."""
 
-    source: str = ""  # a folder of latents written by `dito-fast encode` (searched recursively)
+    source: str = ""  # a folder of latents written by `dito-fast encode` (searched recursively), or its pack
     class_folders: bool = False  # label each latent by its top-level subfolder; False: unconditional
     # the DiTo model folder the latents came from (optional): checked against their fingerprint,
     # and each validation then also writes images of the EMA model's samples (samples/dit_<step>.png)
@@ -71,7 +69,7 @@ def validate_dit_run_config(cfg: DiTRunConfig) -> None:
     validate_dit_config(cfg.model)
     validate_train_config(cfg.train)
     if not isinstance(cfg.data.source, str) or not cfg.data.source:
-        raise ValueError("data.source must name a folder of latents (written by dito-fast encode)")
+        raise ValueError("data.source must name a folder of latents (written by dito-fast encode) or a latent pack")
 
 
 def resolve_dit_run_config(preset: str | None = None, config_file: str | None = None,
@@ -83,140 +81,6 @@ def resolve_dit_run_config(preset: str | None = None, config_file: str | None = 
 
 # --------------------------------------------------------------------------------------------
 # the latents
-
-
-@dataclass
-class LatentSet:
-    """Latents in memory: ``latents`` (N, c, h, w) float32, ``labels`` (N,) int64 or None,
-    ``names`` (N) each sample's file (relative to the folder), ``classes`` the class folders' names
-    (label k: ``classes[k]``; [] unconditional), ``tokenizer`` what ``encode`` recorded of the
-    model ({"model", "model_fingerprint"}; {} when the files say nothing), ``skipped`` the
-    (file, reason) pairs of unreadable files."""
-
-    latents: torch.Tensor
-    labels: torch.Tensor | None
-    names: list[str]
-    classes: list[str] = field(default_factory=list)
-    tokenizer: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-    def subset(self, indices: list[int]) -> "LatentSet":
-        idx = torch.tensor(indices, dtype=torch.long)
-        return LatentSet(self.latents[idx], None if self.labels is None else self.labels[idx],
-                         [self.names[i] for i in indices], list(self.classes), dict(self.tokenizer), [])
-
-    def describe(self) -> dict:
-        """What a model trained on these latents is told (``latents.json``): the classes, the
-        tokenizer, the latent shape, the number of latents and a digest of their files in order."""
-        digest = hashlib.sha256("\n".join(self.names).encode("utf-8", "backslashreplace")).hexdigest()[:16]
-        return {"classes": list(self.classes), "tokenizer": dict(self.tokenizer),
-                "latent_shape": list(self.latents.shape[1:]), "num_latents": len(self), "files_digest": digest}
-
-
-def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], list[str]]:
-    """(the ``.safetensors`` files under ``folder``, sorted; the class folders' names, sorted, or
-    []). Raises FileNotFoundError / NotADirectoryError / ValueError (no files; with
-    ``class_folders``, a file outside any class folder)."""
-    root = Path(folder)
-    if not root.exists():
-        raise FileNotFoundError(f"latent folder not found: {root}")
-    if not root.is_dir():
-        raise NotADirectoryError(f"not a folder of latents: {root} (write one with dito-fast encode IMAGES --out DIR)")
-    files = sorted(f for f in root.rglob("*.safetensors") if f.is_file())
-    if not files:
-        raise FileNotFoundError(f"no .safetensors latents in {root} (write them with dito-fast encode IMAGES --out "
-                                f"{root})")
-    if not class_folders:
-        return files, []
-    loose = [f for f in files if len(f.relative_to(root).parts) < 2]
-    if loose:
-        raise ValueError(f"data.class_folders: {loose[0]} is not inside a class folder ({len(loose)} such files); "
-                         f"put each class's latents in a subfolder of {root}, or train unconditionally")
-    classes = sorted({f.relative_to(root).parts[0] for f in files})
-    return files, classes
-
-
-def _read(path: Path) -> tuple[torch.Tensor, dict]:
-    """(latent, metadata) of one file; ValueError, OSError or SafetensorError if it cannot serve."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as h:
-        if "latent" not in h.keys():
-            raise ValueError("no 'latent' tensor")
-        z, meta = h.get_tensor("latent"), h.metadata() or {}
-    if z.dim() != 4 or z.shape[0] < 1 or not z.is_floating_point():
-        raise ValueError(f"latent {z.dtype} {tuple(z.shape)}, expected floating (n, c, h, w)")
-    if not torch.isfinite(z).all():
-        raise ValueError("non-finite values")
-    return z, meta
-
-
-def _unreadable_errors() -> tuple:
-    """What reading a bad file raises (safetensors' own error is no OSError or ValueError)."""
-    from safetensors import SafetensorError
-
-    return OSError, ValueError, RuntimeError, SafetensorError
-
-
-def latent_shape(folder: str | Path) -> tuple[int, int, int]:
-    """(c, h, w) of the first readable latent file under ``folder`` (unreadable ones are left to
-    :func:`load_latents`, which skips and counts them)."""
-    files = latent_files(folder, False)[0]
-    for f in files:
-        try:
-            return tuple(_read(f)[0].shape[1:])
-        except _unreadable_errors():
-            continue
-    raise ValueError(f"none of the {len(files)} latent files in {folder} could be read")
-
-
-def load_latents(folder: str | Path, class_folders: bool = False, progress: bool | None = None) -> LatentSet:
-    """Read every latent under ``folder`` into memory (see the module docstring)."""
-    from tqdm.auto import tqdm
-
-    root = Path(folder)
-    files, classes = latent_files(root, class_folders)
-    index = {name: k for k, name in enumerate(classes)}
-    chunks, labels, names, skipped, tokenizers = [], [], [], [], {}
-    shape = None
-    show = sys.stderr.isatty() if progress is None else progress
-    for f in tqdm(files, desc="latents", unit="file", disable=not show or len(files) < 2):
-        rel = str(f.relative_to(root))
-        try:
-            z, meta = _read(f)
-        except _unreadable_errors() as e:
-            logger.warning("latent file %s unreadable (%s); skipped", f, e)
-            skipped.append((rel, str(e)))
-            continue
-        if shape is None:
-            shape = tuple(z.shape[1:])
-        elif tuple(z.shape[1:]) != shape:
-            raise ValueError(f"{f}: latent of shape {tuple(z.shape[1:])}, but {root / names[0]}'s is {shape}: every "
-                             "latent must have one shape (encode the images with one --size)")
-        if "model_fingerprint" in meta:
-            tokenizers.setdefault(meta["model_fingerprint"], (meta.get("model", "?"), rel))
-            if len(tokenizers) > 1:
-                (fa, (ma, a)), (fb, (mb, b)) = list(tokenizers.items())[:2]
-                raise ValueError(f"the latents come from two tokenizers: {a} from {ma} ({fa}), {b} from {mb} ({fb}); "
-                                 "a DiT learns one tokenizer's latent space")
-        chunks.append(z.float())
-        names += [rel] * z.shape[0]
-        if class_folders:
-            labels += [index[f.relative_to(root).parts[0]]] * z.shape[0]
-    if not chunks:
-        raise ValueError(f"none of the {len(files)} latent files in {root} could be read (first: {skipped[0][0]}: "
-                         f"{skipped[0][1]})")
-    if skipped:
-        logger.warning("%d of %d latent files unreadable, skipped", len(skipped), len(files))
-    tokenizer = {}
-    if tokenizers:
-        fingerprint, (model, _) = next(iter(tokenizers.items()))
-        tokenizer = {"model": model, "model_fingerprint": fingerprint}
-    return LatentSet(torch.cat(chunks), torch.tensor(labels, dtype=torch.long) if class_folders else None, names,
-                     classes, tokenizer, skipped)
 
 
 class LatentLoader:
@@ -235,11 +99,9 @@ class LatentLoader:
         self.found_unreadable: list[int] = []
 
     def __iter__(self):
-        labels = self.source.labels
         for keys in self.sampler:
-            idx = torch.tensor([i for i, _ in keys], dtype=torch.long)
-            yield {"latent": self.source.latents[idx],
-                   "label": labels[idx] if labels is not None else torch.zeros(len(idx), dtype=torch.long)}
+            z, y = self.source.take(torch.tensor([i for i, _ in keys], dtype=torch.long))
+            yield {"latent": z, "label": y if y is not None else torch.zeros(len(z), dtype=torch.long)}
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -301,7 +163,7 @@ class DiTTask(TrainTask):
                 val_data = full.subset(sorted(held))
         if val_data is None:
             val_data = train_dataset.subset([])
-        shape = tuple(train_dataset.latents.shape[1:])
+        shape = train_dataset.shape
         want = (m.latent_channels, m.latent_size, m.latent_size)
         if shape != want:
             raise ValueError(f"the latents are {shape} (c, h, w), but model.latent_channels={m.latent_channels} and "
@@ -347,8 +209,8 @@ class DiTTask(TrainTask):
         model.eval()
         total, n = 0.0, len(val_data)
         for lo in range(0, n, 64):
-            z = val_data.latents[lo:lo + 64].to(device)
-            y = val_data.labels[lo:lo + 64].to(device) if val_data.labels is not None else None
+            z, y = val_data.take(torch.arange(lo, min(lo + 64, n)))
+            z, y = z.to(device), y.to(device) if y is not None else None
             seeds = [mix_seed(cfg.train.seed, _VAL_TAG, i) for i in range(lo, lo + z.shape[0])]
             total += float(model.loss(z, y, seeds=seeds).double().sum())
         res = {"val_loss": total / n}
@@ -386,12 +248,13 @@ def _held_out(latents: LatentSet, count: int) -> set[int]:
     n = len(latents)
     n_val = min(count, n // 5)
     held = sorted({round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)})
-    if latents.labels is None:
+    labels = latents.set_labels()
+    if labels is None:
         return set(held)
-    left = torch.bincount(latents.labels, minlength=len(latents.classes)).tolist()
+    left = torch.bincount(labels, minlength=len(latents.classes)).tolist()
     kept = set()
     for i in held:
-        k = int(latents.labels[i])
+        k = int(labels[i])
         if left[k] > 1:
             left[k] -= 1
             kept.add(i)
@@ -436,7 +299,7 @@ def _check_same_latents(before: dict, now: dict, checkpoint, source) -> None:
                              f"{source}'s ({now[key]!r}): its labels or latent space would change under it; "
                              "train a new run (or restore the folder)")
     if (before.get("num_latents"), before.get("files_digest")) != (now["num_latents"], now["files_digest"]):
-        logger.warning("the latent folder %s changed since %s (%s -> %d latents): the data order from here on differs "
+        logger.warning("the latents in %s changed since %s (%s -> %d latents): the data order from here on differs "
                        "from an uninterrupted run's, and latents held out for validation before may have been "
                        "trained on", source, checkpoint, before.get("num_latents"), now["num_latents"])
 
@@ -464,6 +327,5 @@ def read_latents_file(model_dir: str | Path) -> dict | None:
     return data
 
 
-__all__ = ["DiTRunConfig", "LatentDataConfig", "LatentSet", "LatentLoader", "DiTStep", "DiTTask", "train_dit",
-           "load_latents", "latent_files", "latent_shape", "resolve_dit_run_config", "validate_dit_run_config",
-           "read_latents_file"]
+__all__ = ["DiTRunConfig", "LatentDataConfig", "LatentLoader", "DiTStep", "DiTTask", "train_dit",
+           "resolve_dit_run_config", "validate_dit_run_config", "read_latents_file"]

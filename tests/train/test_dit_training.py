@@ -16,8 +16,8 @@ from dito_fast import DiT
 from dito_fast.cli import main
 from dito_fast.train import train
 from dito_fast.train.checkpoint import save_safetensors
-from dito_fast.train.dit import (DiTRunConfig, LatentDataConfig, LatentLoader, load_latents, resolve_dit_run_config,
-                                 train_dit)
+from dito_fast.data.latents import load_latents, pack_latents
+from dito_fast.train.dit import DiTRunConfig, LatentDataConfig, LatentLoader, resolve_dit_run_config, train_dit
 
 from conftest import micro_run_config
 
@@ -201,10 +201,10 @@ def test_a_resume_warns_when_files_were_added(tmp_path, caplog):
     train_dit(_config(root, steps=3), tmp_path / "run", progress=False)
     caplog.clear()
     train_dit(_config(root, steps=4), tmp_path / "run", resume=True, progress=False)
-    assert "latent folder" not in caplog.text
+    assert "the latents in" not in caplog.text
     _write(root, "a_cat/new.safetensors", torch.zeros(1, 2, 4, 4))
     train_dit(_config(root, steps=5), tmp_path / "run", resume=True, progress=False)
-    assert "latent folder" in caplog.text and "8 -> 9 latents" in caplog.text
+    assert "the latents in" in caplog.text and "8 -> 9 latents" in caplog.text
 
 
 @pytest.mark.slow

@@ -1,0 +1,380 @@
+"""Latent datasets: what ``dito-fast train-dit`` trains a DiT on.
+
+Two forms of one set:
+
+- **a folder** written by ``dito-fast encode``: one ``.safetensors`` file per image, key
+  ``latent``, shape (1, c, h, w) (files holding several latents give one sample each),
+  searched recursively; with ``class_folders`` each latent's label is its top-level subfolder
+  (folders sorted by name -> 0..K-1, as ``encode`` mirrors an image folder's class folders).
+  Reading it opens every file (~4,000 files/s here: ~5 minutes for ImageNet-1k's 1.28 M) and
+  holds the latents in the process's own memory (16 KiB per 4x32x32 latent: ~21 GB).
+- **a pack** (:func:`pack_latents`, ``dito-fast pack-latents``): the folder's readable latents in
+  one safetensors file (tensors ``latents`` (N, c, h, w) float32, ``labels`` (N,) int32 when
+  packed with class folders, ``names`` the files' relative paths, UTF-8, NUL-separated; metadata
+  ``format``, ``classes``, ``tokenizer``, ``skipped_files``). Opening it reads the names only; the
+  latents are memory-mapped, so the processes of a torchrun job on one machine share one copy in
+  the page cache, and a restart does not read the files again.
+
+Either loads as a :class:`LatentSet` whose :meth:`LatentSet.describe` is the same for a folder and
+its pack (a run started on one resumes on the other). Unreadable or corrupt files (bad header,
+missing ``latent``, non-finite values) are skipped and counted; latents of another shape or from
+another tokenizer (the fingerprint ``encode`` stores) are refused, naming a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PACK_FORMAT = "dito_fast.latent_pack"
+PACK_VERSION = "1"
+
+
+@dataclass
+class LatentSet:
+    """Latents and their labels, held or memory-mapped.
+
+    ``latents`` (M, c, h, w) float32 and ``labels`` (M,) int64 (None: unconditional) are the
+    storage; ``rows`` (N,) int64 the storage rows this set holds, in order (None: all M), so a
+    subset shares the storage instead of copying it. ``names`` (M) each stored latent's file
+    (relative to the folder); ``classes`` the class folders' names (label k: ``classes[k]``; []
+    unconditional); ``tokenizer`` what ``encode`` recorded of the model ({"model",
+    "model_fingerprint"}; {} when the files say nothing); ``skipped`` the (file, reason) pairs of
+    unreadable files."""
+
+    latents: torch.Tensor
+    labels: torch.Tensor | None
+    names: list[str]
+    classes: list[str] = field(default_factory=list)
+    tokenizer: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    rows: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.latents.shape[0] if self.rows is None else self.rows.numel()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(c, h, w) of one latent."""
+        return tuple(self.latents.shape[1:])
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(latents (n, c, h, w) float32, labels (n,) int64 or None) of the set's members ``idx``
+        (n,) int64: a copy, also of a memory-mapped set."""
+        rows = idx if self.rows is None else self.rows[idx]
+        return self.latents[rows], None if self.labels is None else self.labels[rows]
+
+    def set_labels(self) -> torch.Tensor | None:
+        """(N,) int64 labels of the set's members in order, or None."""
+        if self.labels is None:
+            return None
+        return self.labels if self.rows is None else self.labels[self.rows]
+
+    def set_names(self) -> list[str]:
+        return self.names if self.rows is None else [self.names[i] for i in self.rows.tolist()]
+
+    def subset(self, indices: list[int]) -> "LatentSet":
+        """The members ``indices`` (of this set), sharing the storage."""
+        idx = torch.tensor(indices, dtype=torch.long)
+        rows = idx if self.rows is None else self.rows[idx]
+        return LatentSet(self.latents, self.labels, self.names, list(self.classes), dict(self.tokenizer), [], rows)
+
+    def describe(self) -> dict:
+        """What a model trained on these latents is told (``latents.json``): the classes, the
+        tokenizer, the latent shape, the number of latents and a digest of their files in order."""
+        digest = hashlib.sha256("\n".join(self.set_names()).encode("utf-8", "backslashreplace")).hexdigest()[:16]
+        return {"classes": list(self.classes), "tokenizer": dict(self.tokenizer),
+                "latent_shape": list(self.shape), "num_latents": len(self), "files_digest": digest}
+
+
+# --------------------------------------------------------------------------------------------
+# folders
+
+
+def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], list[str]]:
+    """(the ``.safetensors`` files under ``folder``, sorted; the class folders' names, sorted, or
+    []). Raises FileNotFoundError / NotADirectoryError / ValueError (no files; with
+    ``class_folders``, a file outside any class folder)."""
+    root = Path(folder)
+    if not root.exists():
+        raise FileNotFoundError(f"latent folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder of latents: {root} (write one with dito-fast encode IMAGES --out DIR)")
+    files = sorted(f for f in root.rglob("*.safetensors") if f.is_file())
+    if not files:
+        raise FileNotFoundError(f"no .safetensors latents in {root} (write them with dito-fast encode IMAGES --out "
+                                f"{root})")
+    if not class_folders:
+        return files, []
+    loose = [f for f in files if len(f.relative_to(root).parts) < 2]
+    if loose:
+        raise ValueError(f"data.class_folders: {loose[0]} is not inside a class folder ({len(loose)} such files); "
+                         f"put each class's latents in a subfolder of {root}, or train unconditionally")
+    classes = sorted({f.relative_to(root).parts[0] for f in files})
+    return files, classes
+
+
+def _read(path: Path) -> tuple[torch.Tensor, dict]:
+    """(latent, metadata) of one file; ValueError, OSError or SafetensorError if it cannot serve."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as h:
+        if "latent" not in h.keys():
+            raise ValueError("no 'latent' tensor")
+        z, meta = h.get_tensor("latent"), h.metadata() or {}
+    if z.dim() != 4 or z.shape[0] < 1 or not z.is_floating_point():
+        raise ValueError(f"latent {z.dtype} {tuple(z.shape)}, expected floating (n, c, h, w)")
+    if not torch.isfinite(z).all():
+        raise ValueError("non-finite values")
+    return z, meta
+
+
+def _unreadable_errors() -> tuple:
+    """What reading a bad file raises (safetensors' own error is no OSError or ValueError)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, SafetensorError
+
+
+class _FolderReader:
+    """The readable latents of a folder's files, in order: iterating yields (z (n, c, h, w)
+    float32, file relative to the folder, label or None); unreadable files are logged and
+    collected in ``skipped``; another shape or a second tokenizer raises ValueError naming a
+    file. After the loop, ``tokenizer`` is what the files recorded ({} if nothing)."""
+
+    def __init__(self, root: Path, class_folders: bool, progress: bool | None):
+        self.root = root
+        self.files, self.classes = latent_files(root, class_folders)
+        self.class_folders = class_folders
+        self.show = sys.stderr.isatty() if progress is None else progress
+        self.skipped: list[tuple[str, str]] = []
+        self.shape: tuple | None = None
+        self.first: str | None = None
+        self._tokenizers: dict = {}
+
+    def __iter__(self):
+        from tqdm.auto import tqdm
+
+        index = {name: k for k, name in enumerate(self.classes)}
+        for f in tqdm(self.files, desc="latents", unit="file", disable=not self.show or len(self.files) < 2):
+            rel = str(f.relative_to(self.root))
+            try:
+                z, meta = _read(f)
+            except _unreadable_errors() as e:
+                logger.warning("latent file %s unreadable (%s); skipped", f, e)
+                self.skipped.append((rel, str(e)))
+                continue
+            if self.shape is None:
+                self.shape, self.first = tuple(z.shape[1:]), rel
+            elif tuple(z.shape[1:]) != self.shape:
+                raise ValueError(f"{f}: latent of shape {tuple(z.shape[1:])}, but {self.root / self.first}'s is "
+                                 f"{self.shape}: every latent must have one shape (encode the images with one --size)")
+            if "model_fingerprint" in meta:
+                self._tokenizers.setdefault(meta["model_fingerprint"], (meta.get("model", "?"), rel))
+                if len(self._tokenizers) > 1:
+                    (fa, (ma, a)), (fb, (mb, b)) = list(self._tokenizers.items())[:2]
+                    raise ValueError(f"the latents come from two tokenizers: {a} from {ma} ({fa}), {b} from {mb} "
+                                     f"({fb}); a DiT learns one tokenizer's latent space")
+            yield z.float(), rel, index[f.relative_to(self.root).parts[0]] if self.class_folders else None
+
+    def finish(self) -> None:
+        """Raise if nothing was readable; log the count of skipped files."""
+        if self.shape is None:
+            raise ValueError(f"none of the {len(self.files)} latent files in {self.root} could be read (first: "
+                             f"{self.skipped[0][0]}: {self.skipped[0][1]})")
+        if self.skipped:
+            logger.warning("%d of %d latent files unreadable, skipped", len(self.skipped), len(self.files))
+
+    @property
+    def tokenizer(self) -> dict:
+        if not self._tokenizers:
+            return {}
+        fingerprint, (model, _) = next(iter(self._tokenizers.items()))
+        return {"model": model, "model_fingerprint": fingerprint}
+
+
+def _load_folder(root: Path, class_folders: bool, progress: bool | None) -> LatentSet:
+    reader = _FolderReader(root, class_folders, progress)
+    chunks, labels, names = [], [], []
+    for z, rel, label in reader:
+        chunks.append(z)
+        names += [rel] * z.shape[0]
+        labels += [label] * z.shape[0]
+    reader.finish()
+    return LatentSet(torch.cat(chunks), torch.tensor(labels, dtype=torch.long) if class_folders else None, names,
+                     reader.classes, reader.tokenizer, reader.skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# packs
+
+_HEADER_SLACK = 4096  # bytes reserved for the tokenizer's metadata, which the files give as they are read
+
+
+def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = False,
+                 progress: bool | None = None) -> LatentSet:
+    """Write the readable latents under ``folder`` (a folder ``encode`` wrote) into the pack
+    ``out`` (see the module docstring), streaming: the latents pass through memory one file at a
+    time. Written atomically (a temporary file renamed onto ``out``). Returns the pack, opened, its
+    ``skipped`` the files left out."""
+    from ..train.checkpoint import atomic_write
+
+    root, out = Path(folder), Path(out)
+    reader = _FolderReader(root, class_folders, progress)  # (raises before anything is written)
+    if out.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"the pack {out} would be inside the folder it packs ({root}): write it elsewhere")
+    labels: list[int] = []
+    names = bytearray()
+
+    def header(n: int, names_bytes: int, tokenizer: dict, skipped: int) -> bytes:
+        c, h, w = reader.shape
+        a = 4 * n * c * h * w
+        b = a + (4 * n if class_folders else 0)
+        tensors = {"latents": {"dtype": "F32", "shape": [n, c, h, w], "data_offsets": [0, a]}}
+        if class_folders:
+            tensors["labels"] = {"dtype": "I32", "shape": [n], "data_offsets": [a, b]}
+        tensors["names"] = {"dtype": "U8", "shape": [names_bytes], "data_offsets": [b, b + names_bytes]}
+        meta = {"format": PACK_FORMAT, "version": PACK_VERSION, "classes": json.dumps(reader.classes),
+                "tokenizer": json.dumps(tokenizer), "skipped_files": str(skipped)}
+        return json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            n, reserved = 0, None
+            for z, rel, label in reader:
+                if reserved is None:  # room for the final header: counts of 20 digits, slack for the tokenizer
+                    big = 10**19
+                    reserved = len(header(big, big, {}, big)) + _HEADER_SLACK
+                    reserved += -reserved % 8  # (the data starts 8-byte aligned)
+                    f.write(b"\0" * (8 + reserved))
+                f.write(z.contiguous().numpy().tobytes())
+                n += z.shape[0]
+                labels.extend([label] * z.shape[0])
+                names.extend(("\0".join([rel] * z.shape[0]) + "\0").encode("utf-8", "surrogateescape"))
+            reader.finish()
+            if class_folders:
+                f.write(torch.tensor(labels, dtype=torch.int32).numpy().tobytes())
+            f.write(names)
+            head = header(n, len(names), reader.tokenizer, len(reader.skipped))
+            if len(head) > reserved:
+                raise ValueError(f"the pack's metadata ({len(head)} bytes) outgrew its room ({reserved}): the "
+                                 f"tokenizer's name in the files' metadata is too long: {reader.tokenizer}")
+            f.seek(0)
+            f.write(struct.pack("<Q", reserved) + head + b" " * (reserved - len(head)))  # (JSON may end in spaces)
+
+    atomic_write(out, write)
+    logger.info("packed %d latents from %d files of %s into %s (%d unreadable files left out)", len(labels),
+                len(reader.files) - len(reader.skipped), root, out, len(reader.skipped))
+    packed = _load_pack(out, class_folders)
+    packed.skipped = reader.skipped
+    return packed
+
+
+def is_pack(path: str | Path) -> bool:
+    """Whether ``path`` is a file (a pack, or meant as one) rather than a folder of latents."""
+    return Path(path).is_file()
+
+
+def _open_pack(path: Path, read):
+    """``read(handle, metadata, keys)`` on the pack ``path``, its format checked; ValueError naming
+    the file for anything that is not a readable pack of this version."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as h:
+            meta, keys = h.metadata() or {}, set(h.keys())
+            if meta.get("format") != PACK_FORMAT:
+                what = "a latent file (a folder of them is what --data takes)" if "latent" in keys else "no latent pack"
+                raise _NotAPack(f"{path} is {what}: write a pack with dito-fast pack-latents FOLDER --out {path}")
+            if meta.get("version") != PACK_VERSION:
+                raise _NotAPack(f"{path}: latent pack version {meta.get('version')!r}; this dito_fast reads "
+                                f"version {PACK_VERSION} (pack the folder again)")
+            return read(h, meta, keys)
+    except _NotAPack as e:
+        raise ValueError(str(e)) from None
+    except _unreadable_errors() + (KeyError,) as e:
+        raise ValueError(f"{path} is not a readable latent pack ({type(e).__name__}: {e}); pack the folder again "
+                         "with dito-fast pack-latents") from None
+
+
+class _NotAPack(Exception):
+    pass
+
+
+def _pack_info(path: Path, class_folders: bool) -> tuple[tuple[int, int, int], list[str]]:
+    """((c, h, w), classes ([] unless ``class_folders``)) from a pack's header alone."""
+    def read(h, meta, keys):
+        if class_folders and "labels" not in keys:
+            raise _NotAPack(f"data.class_folders: the pack {path} holds no labels (it was packed without "
+                            "--class-folders): pack the folder again with --class-folders, or train unconditionally")
+        return tuple(h.get_slice("latents").get_shape()[1:]), json.loads(meta["classes"]) if class_folders else []
+    return _open_pack(path, read)
+
+
+def _load_pack(path: Path, class_folders: bool) -> LatentSet:
+    _pack_info(path, class_folders)  # (the refusals)
+
+    def read(h, meta, keys):
+        labels = h.get_tensor("labels") if class_folders else None
+        names = bytes(h.get_tensor("names").numpy()).decode("utf-8", "surrogateescape").split("\0")[:-1]
+        return (h.get_tensor("latents"),  # memory-mapped: nothing is read until used
+                labels, names, json.loads(meta["classes"]), json.loads(meta["tokenizer"]),
+                int(meta.get("skipped_files", "0")))
+    latents, labels, names, classes, tokenizer, skipped = _open_pack(path, read)
+    n = latents.shape[0]
+    if latents.dim() != 4 or latents.dtype != torch.float32 or len(names) != n or (
+            labels is not None and labels.shape != (n,)) or not isinstance(classes, list):
+        raise ValueError(f"{path}: inconsistent latent pack (latents {latents.dtype} {tuple(latents.shape)}, "
+                         f"{len(names)} names, labels {None if labels is None else tuple(labels.shape)})")
+    if labels is not None:
+        labels = labels.long()
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
+            raise ValueError(f"{path}: labels outside 0..{len(classes) - 1} (the pack's {len(classes)} classes)")
+    if skipped:
+        logger.info("the pack %s left out %d unreadable latent files when it was written", path, skipped)
+    return LatentSet(latents, labels, names, classes if class_folders else [], tokenizer, [])
+
+
+# --------------------------------------------------------------------------------------------
+# either
+
+
+def load_latents(source: str | Path, class_folders: bool = False, progress: bool | None = None) -> LatentSet:
+    """The latents of ``source``: a folder ``encode`` wrote (read into memory) or a pack
+    (memory-mapped); see the module docstring."""
+    path = Path(source)
+    return _load_pack(path, class_folders) if is_pack(path) else _load_folder(path, class_folders, progress)
+
+
+def latent_shape(source: str | Path) -> tuple[int, int, int]:
+    """(c, h, w) of ``source``'s latents: a pack's, or a folder's first readable file's
+    (unreadable ones are left to :func:`load_latents`, which skips and counts them)."""
+    if is_pack(source):
+        return _pack_info(Path(source), False)[0]
+    files = latent_files(source, False)[0]
+    for f in files:
+        try:
+            return tuple(_read(f)[0].shape[1:])
+        except _unreadable_errors():
+            continue
+    raise ValueError(f"none of the {len(files)} latent files in {source} could be read")
+
+
+def latent_classes(source: str | Path, class_folders: bool) -> list[str]:
+    """The class names ``source`` gives its latents ([] unless ``class_folders``)."""
+    if is_pack(source):
+        return _pack_info(Path(source), class_folders)[1]
+    return latent_files(source, class_folders)[1]
+
+
+__all__ = ["LatentSet", "PACK_FORMAT", "latent_classes", "latent_files", "latent_shape", "load_latents", "is_pack",
+           "pack_latents"]
