@@ -7,7 +7,10 @@
   scikit-image, re-encoded), for the DALI loader on CPU (1 and 2 threads) and the PyTorch loader
   with 0, 1 and 2 worker processes. Steady state: workers started and the first batch read
   before timing. ``extra_info``: images_per_s, loader, workers, threads, crop, and (when the
-  consumption test ran first in the same session) train_images_per_s and ratio_vs_train.
+  consumption test ran first in the same session) train_images_per_s and ratio_vs_train;
+- ``test_latent_set_open``: the start of a ``train-dit`` rank (``load_latents`` to the first batch)
+  on 2,000 latent files as ``encode`` writes them and on their pack (``pack-latents``), with the
+  pack's speed-up in the same run.
 
 The default loader on a CPU-only machine is the PyTorch loader with ``data.workers = 0``
 (``"default": true`` in extra_info); its ratio_vs_train must stay >= 3.
@@ -100,3 +103,48 @@ def test_loader_throughput(benchmark, jpeg_dir, loader, workers, size):
             info["train_images_per_s"] = _consumption["train_images_per_s"]
             info["ratio_vs_train"] = info["images_per_s"] / _consumption["train_images_per_s"]
     benchmark.extra_info.update(info)
+
+
+LATENTS = 2000  # 4x32x32 latents, one file each, in 10 class folders
+
+
+@pytest.fixture(scope="module")
+def latent_sets(tmp_path_factory):
+    """A folder of LATENTS latent files as ``encode`` writes them, and its pack."""
+    from dito_fast.data.latents import pack_latents
+    from dito_fast.train.checkpoint import save_safetensors
+
+    root = tmp_path_factory.mktemp("bench_latents")
+    g = torch.Generator().manual_seed(0)
+    for i in range(LATENTS):
+        save_safetensors({"latent": torch.randn(1, 4, 32, 32, generator=g)},
+                         root / "latents" / f"c{i % 10}" / f"{i:05d}.safetensors",
+                         metadata={"model": "dito-B", "model_fingerprint": "0" * 16})
+    pack_latents(root / "latents", root / "latents.safetensors", class_folders=True, progress=False)
+    return {"folder": root / "latents", "pack": root / "latents.safetensors"}
+
+
+_latent_open: dict = {}
+
+
+@pytest.mark.parametrize("form", ["folder", "pack"])
+def test_latent_set_open(benchmark, latent_sets, form):
+    """Seconds from ``load_latents`` to train-dit's first batch of 256 (as every rank of a run
+    pays at its start), for the folder (every file read) and its pack (memory-mapped; its pages
+    warm in the page cache, as the folder's files are after the first round). extra_info:
+    latents_per_s, and for the pack ``speedup_vs_folder`` (the folder's row must run first)."""
+    from dito_fast.data.latents import load_latents
+    from dito_fast.train.dit import LatentLoader
+
+    def start():
+        loader = LatentLoader(load_latents(latent_sets[form], class_folders=True, progress=False), 256, seed=0)
+        next(iter(loader))
+
+    benchmark.pedantic(start, rounds=5, warmup_rounds=1, iterations=1)
+    med = _median(benchmark)
+    if med:
+        _latent_open[form] = med
+        info = {"form": form, "latents": LATENTS, "latents_per_s": LATENTS / med}
+        if form == "pack" and "folder" in _latent_open:
+            info["speedup_vs_folder"] = _latent_open["folder"] / med
+        benchmark.extra_info.update(info)

@@ -6,7 +6,9 @@ procedures) into tensors.
   from the PyTorch DataLoader or NVIDIA DALI, same order and crops from both (loader.py, dali.py);
 - datasets (``SyntheticImages``, ``ImageFolderDataset``, ``PhotoCrops``) return float32 tensors
   (3, size, size) in [-1, 1] and have ``set_epoch(epoch)``; per-item randomness is seeded from
-  (seed, epoch, index).
+  (seed, epoch, index);
+- ``latents``: the latent sets ``train-dit`` reads (folders ``encode`` writes, and their
+  memory-mapped packs), imported from ``dito_fast.data.latents``.
 """
 
 from __future__ import annotations
