@@ -336,28 +336,78 @@ def cmd_reconstruct(args) -> int:
     return _skipped_exit(skipped, len(jobs))
 
 
+def _prefetched(fn, items: list, workers: int, depth: int):
+    """(item, fn(item)) in order, ``fn`` run ahead on ``workers`` threads, at most ``depth``
+    results waiting (PIL decodes with the GIL released)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers <= 0:
+        yield from ((item, fn(item)) for item in items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        waiting: deque = deque()
+        for item in items:
+            waiting.append((item, pool.submit(fn, item)))
+            if len(waiting) >= depth:
+                first, future = waiting.popleft()
+                yield first, future.result()
+        while waiting:
+            first, future = waiting.popleft()
+            yield first, future.result()
+
+
 def cmd_encode(args) -> int:
     import torch
 
+    from .models.dito import DiTo
+    from .train import distributed
     from .train.checkpoint import save_safetensors
 
-    model, dev = _load_model(args.model, args.device)
-    _check_size(args.size, model.downsample_factor)
-    fingerprint = model_fingerprint(model)
+    if args.batch_size < 1 or args.workers < 0:
+        raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     jobs = _image_jobs(args.inputs, Path(args.out), ".safetensors", args.overwrite)
-    skipped: list = []
-    for path, target in jobs:
-        try:
-            x = _load_for_model(path, model.downsample_factor, args.size).to(dev)
-        except ValueError as e:
-            _unreadable(path, e, skipped)
-            continue
-        with torch.inference_mode():
-            z = model.encode(x).cpu().contiguous()
-        save_safetensors({"latent": z}, target, metadata={"source": _shown(path), "model": model.config.name,
-                                                           "model_fingerprint": fingerprint})
-        print(f"{_shown(path)} -> {_shown(target)}  latent {tuple(z.shape)}")
-    return _skipped_exit(skipped, len(jobs))
+    ctx, dev = distributed.setup(device=args.device)  # each rank encodes its share
+    ok = False
+    try:
+        distributed.barrier(ctx)  # every rank's output check (above) done before any rank writes
+        model = DiTo.from_pretrained(args.model, map_location=dev, dtype=torch.float32)
+        _check_size(args.size, model.downsample_factor)
+        meta = {"model": model.config.name, "model_fingerprint": model_fingerprint(model)}
+        share = jobs[ctx.rank::ctx.world_size]
+        skipped: list = []
+
+        def load(job):
+            try:
+                return _load_for_model(job[0], model.downsample_factor, args.size)
+            except (ValueError, OSError) as e:  # (a file removed since it was listed, too)
+                return e
+
+        def encode(group):  # images of one size: one batch
+            with torch.inference_mode():
+                z = model.encode(torch.cat([x for _, _, x in group]).to(dev)).cpu()
+            for (path, target, _), latent in zip(group, z):
+                save_safetensors({"latent": latent[None].contiguous()}, target,
+                                 metadata={"source": _shown(path), **meta})
+                print(f"{_shown(path)} -> {_shown(target)}  latent {(1, *latent.shape)}")
+
+        pending: dict = {}  # image size -> [(path, target, image)], encoded when batch_size gather
+        for (path, target), x in _prefetched(load, share, args.workers, 2 * args.batch_size + args.workers):
+            if isinstance(x, Exception):
+                _unreadable(path, x, skipped)
+                continue
+            group = pending.setdefault(tuple(x.shape), [])
+            group.append((path, target, x))
+            if len(group) == args.batch_size:
+                encode(pending.pop(tuple(x.shape)))
+        for group in pending.values():
+            encode(group)
+        ok = True
+    finally:
+        distributed.teardown(ctx, ok)
+    if ctx.world_size > 1:
+        print(f"rank {ctx.rank}: {len(share) - len(skipped)} of its {len(share)} images encoded ({len(jobs)} in all)")
+    return _skipped_exit(skipped, len(share))
 
 
 def cmd_pack_latents(args) -> int:
@@ -1089,13 +1139,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_args(r)
     r.set_defaults(func=cmd_reconstruct)
 
-    e = sub.add_parser("encode", help="images -> latents (.safetensors, one file per image)")
+    e = sub.add_parser("encode", help="images -> latents (.safetensors, one file per image)",
+                       description="Encode images to latents, one .safetensors file per image (key 'latent', "
+                                   "shape (1, c, h, w); the model's name and fingerprint in its metadata). Under "
+                                   "torchrun each rank encodes a share (every WORLD_SIZE-th image) on its own device.")
     e.add_argument("model", help="model directory (config.json + model.safetensors)")
     e.add_argument("inputs", nargs="+", help="image files or folders (recursive; subfolders mirrored under --out)")
     e.add_argument("--out", required=True)
     e.add_argument("--size", type=int, default=None, help="resize+center-crop to this size")
     e.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=16,
+                   help="images encoded together (images of one size; default 16); the latents do not depend on it")
+    e.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="threads reading and resizing images ahead of the encoder (0: in turn; default min(4, CPUs))")
     e.set_defaults(func=cmd_encode)
 
     k = sub.add_parser("pack-latents", help="a folder of latents (written by encode) -> one memory-mapped pack file",

@@ -128,6 +128,65 @@ def test_encode_then_decode(trained, tmp_path, capsys):
     assert torch.equal(png, fast_decode(model, z, steps=2, seed=4)[0])
 
 
+def _latents(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): load_file(str(p))["latent"] for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_encode_in_batches_gives_each_image_its_own_latent(trained, tmp_path, capsys):
+    """Batches (of one image size each: 48x40 and 32x24 here), read ahead by threads: the same
+    latents as one image at a time; a corrupt image is skipped and counted."""
+    out, data, _, _ = trained
+    imgs = tmp_path / "imgs"
+    _write_images(imgs / "big", n=5)
+    _write_images(imgs / "small", n=3, size=(32, 24))
+    (imgs / "big" / "img9.png").write_bytes(b"not a png")
+    one = ["encode", str(out / "model"), str(imgs), "--batch-size", "1", "--workers", "0", "--out", str(tmp_path / "a")]
+    assert main(one) == 1
+    assert main(["encode", str(out / "model"), str(imgs), "--batch-size", "4", "--workers", "2",
+                 "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("skipped ") == 2 and err.count("1 of 9 inputs could not be read") == 2
+    a, b = _latents(tmp_path / "a"), _latents(tmp_path / "b")
+    assert sorted(a) == sorted(b) and len(a) == 8
+    assert a["big/img0.safetensors"].shape == (1, 4, 5, 6) and a["small/img0.safetensors"].shape == (1, 4, 3, 4)
+    for k in a:  # (oneDNN's convolutions may sum in another order for another batch size)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    meta = safe_open_metadata(tmp_path / "b" / "small" / "img2.safetensors")
+    assert meta["source"].endswith("small/img2.png") and meta["model"] == json.loads(
+        (out / "model" / "config.json").read_text())["name"]
+    assert main(one[:-1] + [str(tmp_path / "c"), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+def safe_open_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as h:
+        return h.metadata()
+
+
+@pytest.mark.slow
+def test_encode_under_torchrun_shares_the_images(trained, tmp_path):
+    """2 ranks: every image encoded once, by one of them, as one process encodes it."""
+    import os
+
+    from dito_fast.testing import run_process_tree
+
+    out, data, _, _ = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = ["-m", "dito_fast.cli", "encode", str(out / "model"), str(data), "--batch-size", "2"]
+    one = run_process_tree([sys.executable, *argv, "--out", str(tmp_path / "one")], timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_process_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            *argv, "--out", str(tmp_path / "two")], timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 0: 3 of its 3 images encoded (6 in all)" in two.stdout and "rank 1: 3 of its 3" in two.stdout
+    a, b = _latents(tmp_path / "one"), _latents(tmp_path / "two")
+    assert sorted(a) == sorted(b) and len(a) == 6
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
 def test_outputs_never_clash_or_replace_inputs(trained, tmp_path, capsys):
     # reconstruct --out <the input folder> had replaced every input PNG by its reconstruction, and
     # inputs of one stem (x.png, x.jpg, sub/x.png) had overwritten one another's outputs
