@@ -874,8 +874,8 @@ def cmd_sample_dit(args) -> int:
         decode = resolve_settings(args.decode_sampler, args.decode_steps)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    if not math.isfinite(args.cfg_scale):
-        raise UsageError(f"--cfg-scale must be finite, got {args.cfg_scale}")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+        raise UsageError(f"--cfg-scale must be finite and >= 0 (1: no guidance), got {args.cfg_scale}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {_shown(out)} is a file; give a folder")

@@ -70,7 +70,8 @@ def test_sample_dit_writes_each_image_reproducibly_and_resumes(tmp_path, pair, m
     cli_usage_error(capsys, "expected classes in 0..2", argv[:6] + ["--per-class", "1", "--classes", ","])
     # settings checked before anything is loaded or written
     for bad, message in ((["--sampler", "bogus"], "bogus"), (["--decode-sampler", "bogus"], "bogus"),
-                         (["--cfg-scale", "nan"], "--cfg-scale must be finite")):
+                         (["--cfg-scale", "nan"], "--cfg-scale must be finite"),
+                         (["--cfg-scale", "-1.5"], "--cfg-scale must be finite and >= 0")):
         cli_usage_error(capsys, message, argv[:5] + [str(tmp_path / "fresh")] + argv[6:] + bad)
     assert not (tmp_path / "fresh").exists()
 

@@ -285,8 +285,8 @@ class DiT(nn.Module):
         """Latents (B, c, h, w) float32 (float64 for a float64 model), from noise at t = 1 to t = 0.
 
         ``y``: labels (B,) (the batch size), or None with ``batch_size`` for unconditional
-        samples. ``cfg_scale``: classifier-free guidance, v = v_null + s (v_y - v_null) (1: none;
-        the null half then is not evaluated). ``latent_size``: h (= w) or (h, w), default the
+        samples. ``cfg_scale`` >= 0: classifier-free guidance, v = v_null + s (v_y - v_null) (1: none;
+        the null half then is not evaluated; 0: the null class's model alone). ``latent_size``: h (= w) or (h, w), default the
         config's. ``seed`` / ``generator`` / ``noise``: as in :meth:`DiTo.decode`."""
         device, param_dtype = self.x_embed.weight.device, self.x_embed.weight.dtype
         if y is None:
@@ -302,8 +302,9 @@ class DiT(nn.Module):
             if batch_size is not None and batch_size != B:
                 raise ValueError(f"batch_size {batch_size} does not match the {B} labels")
             y = self._check_labels(y.to(device), B, device)
-        if not math.isfinite(cfg_scale):
-            raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+        if not math.isfinite(cfg_scale) or cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be finite and >= 0 (0: the unconditional model, 1: no guidance), "
+                             f"got {cfg_scale}")
         guided = cfg_scale != 1.0
         if guided and self.y_embed is None:
             raise ValueError("cfg_scale needs a class-conditional model (num_classes > 0)")

@@ -194,6 +194,7 @@ def test_save_and_load_round_trip(tmp_path):
     (lambda m: m.loss(torch.full((1, 4, 8, 8), math.nan)), ValueError, "NaN"),
     (lambda m: m.sample(steps=2), ValueError, "give batch_size"),
     (lambda m: m.sample(batch_size=2, cfg_scale=2.0), ValueError, "give y"),
+    (lambda m: m.sample(torch.tensor([1]), cfg_scale=-0.5), ValueError, "cfg_scale must be finite and >= 0"),
     (lambda m: m.sample(torch.tensor([1]), latent_size=7), ValueError, "multiples of the patch size"),
     (lambda m: m.sample(torch.tensor(1)), ValueError, r"1-D tensor of labels \(B >= 1,\), got shape \(\)"),
 ])
