@@ -420,8 +420,13 @@ def validate_model_config(m: ModelConfig) -> None:
 
 def validate_run_config(cfg: RunConfig) -> None:
     """Raise ``ValueError`` naming the first inconsistent setting."""
+    from .models.dit import DIT_PRESETS
+
     m, t, d = cfg.model, cfg.train, cfg.data
     validate_model_config(m)
+    if m.name in DIT_PRESETS:
+        raise ValueError(f"model.name={m.name} names a DiT preset (dito-fast train-dit); a tokenizer's presets: "
+                         f"{', '.join(PRESETS)}")
     unet_factor = 2 ** (len(m.decoder.level_channels) - 1)
     if d.image_size % max(m.encoder.downsample_factor, unet_factor):
         raise ValueError(f"data.image_size={d.image_size} must be a multiple of "

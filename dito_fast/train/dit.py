@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import TrainConfig, resolve_run_config, validate_train_config
+from ..config import PRESETS, TrainConfig, resolve_run_config, validate_train_config
 from ..data.latents import LatentSet, load_latents
 from ..data.sampler import StepBatchSampler, mix_seed, rank_slice
 from ..models.dit import DIT_PRESETS, DiT, DiTConfig, validate_dit_config
@@ -67,6 +67,9 @@ class DiTRunConfig:
 def validate_dit_run_config(cfg: DiTRunConfig) -> None:
     """Raise ``ValueError`` naming the first inconsistent setting."""
     validate_dit_config(cfg.model)
+    if cfg.model.name in PRESETS:
+        raise ValueError(f"model.name={cfg.model.name} names a tokenizer preset (dito-fast train); a DiT's presets: "
+                         f"{', '.join(DIT_PRESETS)}")
     validate_train_config(cfg.train)
     if not isinstance(cfg.data.source, str) or not cfg.data.source:
         raise ValueError("data.source must name a folder of latents (written by dito-fast encode) or a latent pack")

@@ -633,3 +633,10 @@ def test_model_name_of_a_preset_selects_its_architecture(tmp_path):
     with pytest.raises(ValueError, match="names another preset than dito-tiny"):
         resolve_run_config("dito-tiny", None, {"model.name": "dito-S"})
     assert resolve_run_config("dito-tiny", None, {"model.name": "dito-tiny"}).model == tiny
+    # the other model's preset names are no labels: a tokenizer called DiT-S/2 (and a DiT called
+    # dito-B) would be taken for the other model
+    with pytest.raises(ValueError, match="model.name=DiT-S/2 names a DiT preset"):
+        resolve_run_config(None, None, {"model.name": "DiT-S/2"})
+    from dito_fast.train.dit import resolve_dit_run_config
+    with pytest.raises(ValueError, match="model.name=dito-B names a tokenizer preset"):
+        resolve_dit_run_config(None, None, {"model.name": "dito-B", "data.source": "x"})
