@@ -772,7 +772,7 @@ def _statistics_file(name: str) -> bool:
     missing .npz/.safetensors is a mistyped statistics file, not an unknown image source."""
     if Path(name).is_file():
         return True
-    if Path(name).suffix in (".npz", ".safetensors"):
+    if Path(name).suffix in (".npz", ".safetensors") and not Path(name).is_dir():  # (a folder so named: images)
         raise UsageError(f"no such statistics file: {_shown(name)}")
     return False
 

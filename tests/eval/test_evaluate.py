@@ -291,6 +291,10 @@ def test_fid_command(tmp_path, capsys):
     small.save(tmp_path / "small.safetensors")
     cli_usage_error(capsys, "64-dimensional features", base + [str(tmp_path / "a"), str(tmp_path / "small.safetensors")])
     cli_usage_error(capsys, "no such statistics file", base + [str(tmp_path / "a"), str(tmp_path / "typo.npz")])
+    import shutil  # a folder of images that happens to be named like statistics: images
+    shutil.copytree(tmp_path / "b", tmp_path / "b.npz")
+    assert main(base + [str(tmp_path / "a"), str(tmp_path / "b.npz")]) == 0
+    assert float(capsys.readouterr().out.split()[1]) == pytest.approx(expected, abs=1e-4)
     cli_usage_error(capsys, "needs --fid-weights and --size", ["fid", str(tmp_path / "a"), str(tmp_path / "a.npz")])
     (tmp_path / "c").mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "c" / "one.png")
