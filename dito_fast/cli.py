@@ -370,7 +370,16 @@ def cmd_encode(args) -> int:
     ctx, dev = distributed.setup(device=args.device)  # each rank encodes its share
     ok = False
     try:
-        distributed.barrier(ctx)  # every rank's output check (above) done before any rank writes
+        if ctx.world_size > 1:
+            # every rank's listing and output check (above) done before any rank writes, and the
+            # listings alike (a folder still being filled would give the ranks overlapping shares)
+            import hashlib
+
+            names = "\0".join(str(a) for a, _ in jobs).encode("utf-8", "surrogateescape")
+            listings = set(distributed.all_gather_object((len(jobs), hashlib.sha256(names).hexdigest()), ctx))
+            if len(listings) > 1:
+                raise UsageError(f"the ranks found different inputs ({sorted(n for n, _ in listings)} images): is a "
+                                 "folder still being written? Encode it when it is complete")
         model = DiTo.from_pretrained(args.model, map_location=dev, dtype=torch.float32)
         _check_size(args.size, model.downsample_factor)
         meta = {"model": model.config.name, "model_fingerprint": model_fingerprint(model)}
@@ -380,7 +389,7 @@ def cmd_encode(args) -> int:
         def load(job):
             try:
                 return _load_for_model(job[0], model.downsample_factor, args.size)
-            except (ValueError, OSError) as e:  # (a file removed since it was listed, too)
+            except (ValueError, FileNotFoundError) as e:  # (unusable, or removed since it was listed)
                 return e
 
         def encode(group):  # images of one size: one batch
@@ -391,23 +400,29 @@ def cmd_encode(args) -> int:
                                  metadata={"source": _shown(path), **meta})
                 print(f"{_shown(path)} -> {_shown(target)}  latent {(1, *latent.shape)}")
 
-        pending: dict = {}  # image size -> [(path, target, image)], encoded when batch_size gather
-        for (path, target), x in _prefetched(load, share, args.workers, 2 * args.batch_size + args.workers):
+        # image size -> [(path, target, image)]: a full group is encoded, and when batch_size
+        # images wait in all (sizes that rarely repeat), the largest group is, so that at most
+        # batch_size images wait (besides those read ahead)
+        pending: dict = {}
+        for (path, target), x in _prefetched(load, share, args.workers, args.batch_size + args.workers):
             if isinstance(x, Exception):
                 _unreadable(path, x, skipped)
                 continue
-            group = pending.setdefault(tuple(x.shape), [])
-            group.append((path, target, x))
-            if len(group) == args.batch_size:
-                encode(pending.pop(tuple(x.shape)))
+            pending.setdefault(tuple(x.shape), []).append((path, target, x))
+            if sum(map(len, pending.values())) >= args.batch_size:
+                encode(pending.pop(max(pending, key=lambda k: len(pending[k]))))
         for group in pending.values():
             encode(group)
         ok = True
     finally:
         distributed.teardown(ctx, ok)
-    if ctx.world_size > 1:
-        print(f"rank {ctx.rank}: {len(share) - len(skipped)} of its {len(share)} images encoded ({len(jobs)} in all)")
-    return _skipped_exit(skipped, len(share))
+    if ctx.world_size == 1:
+        return _skipped_exit(skipped, len(share))
+    # torchrun takes a worker's non-zero exit for a failure and stops the other ranks: exit 0,
+    # the count said
+    print(f"rank {ctx.rank}: {len(share) - len(skipped)} of its {len(share)} images encoded"
+          f"{f', {len(skipped)} unreadable and skipped' if skipped else ''} ({len(jobs)} in all)")
+    return 0
 
 
 def cmd_pack_latents(args) -> int:
@@ -1150,7 +1165,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=16,
-                   help="images encoded together (images of one size; default 16); the latents do not depend on it")
+                   help="images encoded together (of one size; default 16): at most this many wait, besides those "
+                        "read ahead; the latents depend on it by float rounding only")
     e.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="threads reading and resizing images ahead of the encoder (0: in turn; default min(4, CPUs))")
     e.set_defaults(func=cmd_encode)

@@ -172,15 +172,21 @@ def test_encode_under_torchrun_shares_the_images(trained, tmp_path):
 
     from dito_fast.testing import run_process_tree
 
+    import shutil
+
     out, data, _, _ = trained
+    shutil.copytree(data, tmp_path / "imgs")
+    (tmp_path / "imgs" / "img9.png").write_bytes(b"")  # sorts last: rank 0's fourth image
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = ["-m", "dito_fast.cli", "encode", str(out / "model"), str(data), "--batch-size", "2"]
+    argv = ["-m", "dito_fast.cli", "encode", str(out / "model"), str(tmp_path / "imgs"), "--batch-size", "2"]
     one = run_process_tree([sys.executable, *argv, "--out", str(tmp_path / "one")], timeout=300, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.returncode == 1, one.stderr[-3000:]  # (one image skipped)
     two = run_process_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             *argv, "--out", str(tmp_path / "two")], timeout=300, env=env)
+    # a rank that skipped an image exits 0 (torchrun would stop the others), saying so
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "rank 0: 3 of its 3 images encoded (6 in all)" in two.stdout and "rank 1: 3 of its 3" in two.stdout
+    assert "rank 0: 3 of its 4 images encoded, 1 unreadable and skipped (7 in all)" in two.stdout
+    assert "rank 1: 3 of its 3 images encoded (7 in all)" in two.stdout
     a, b = _latents(tmp_path / "one"), _latents(tmp_path / "two")
     assert sorted(a) == sorted(b) and len(a) == 6
     for k in a:
