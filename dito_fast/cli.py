@@ -433,7 +433,7 @@ def cmd_pack_latents(args) -> int:
         raise UsageError(f"--out {_shown(out)} is a folder; a pack is one file (e.g. {_shown(out)}.safetensors)")
     if out.exists() and not args.overwrite:
         raise UsageError(f"{_shown(out)} exists (--overwrite replaces it)")
-    packed = pack_latents(args.folder, out, args.class_folders, progress=sys.stderr.isatty())
+    packed = pack_latents(args.folder, out, args.class_folders, progress=sys.stderr.isatty(), overwrite=args.overwrite)
     classes = f", {len(packed.classes)} classes" if args.class_folders else ", unconditional (no labels)"
     print(f"{_shown(out)}: {len(packed)} latents of {'x'.join(map(str, packed.shape))}{classes}; train with "
           f"dito-fast train-dit --data {_shown(out)}{' --class-folders' if args.class_folders else ''}")
@@ -519,6 +519,11 @@ def _latent_header(path: Path) -> tuple[list, str, dict]:
     except (OSError, ValueError) as e:  # json and UTF-8 decode errors are ValueErrors
         raise UsageError(f"cannot read latent file {_shown(path)}: {e}") from None
     if not isinstance(header.get("latent"), dict):
+        from .data.latents import PACK_FORMAT
+
+        if (header.get("__metadata__") or {}).get("format") == PACK_FORMAT:
+            raise UsageError(f"{_shown(path)} is a latent pack (train-dit's data), not latent files: decode the "
+                             "folder it was packed from")
         keys = sorted(k for k in header if k != "__metadata__")
         raise UsageError(f"{_shown(path)} has no 'latent' tensor (keys: {keys})")
     shape = header["latent"].get("shape")

@@ -11,8 +11,8 @@ Two forms of one set:
 - **a pack** (:func:`pack_latents`, ``dito-fast pack-latents``): the folder's readable latents in
   one safetensors file (tensors ``latents`` (N, c, h, w) float32, ``labels`` (N,) int32 when
   packed with class folders, ``names`` the files' relative paths, UTF-8, NUL-separated; metadata
-  ``format``, ``classes``, ``tokenizer``, ``skipped_files``). Opening it reads the names only; the
-  latents are memory-mapped, so the processes of a torchrun job on one machine share one copy in
+  ``format``, ``classes``, ``tokenizer``; the unreadable files left out, as JSON). Opening it reads
+  the names and labels; the latents are memory-mapped, so the processes of a torchrun job on one machine share one copy in
   the page cache, and a restart does not read the files again.
 
 Either loads as a :class:`LatentSet` whose :meth:`LatentSet.describe` is the same for a folder and
@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -117,8 +118,9 @@ def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], l
         return files, []
     loose = [f for f in files if len(f.relative_to(root).parts) < 2]
     if loose:
-        raise ValueError(f"data.class_folders: {loose[0]} is not inside a class folder ({len(loose)} such files); "
-                         f"put each class's latents in a subfolder of {root}, or train unconditionally")
+        raise ValueError(f"with class folders (--class-folders), every latent must be in one: {loose[0]} is not "
+                         f"({len(loose)} such files); put each class's latents in a subfolder of {root}, or go "
+                         "without class folders (unconditional)")
     classes = sorted({f.relative_to(root).parts[0] for f in files})
     return files, classes
 
@@ -217,25 +219,29 @@ def _load_folder(root: Path, class_folders: bool, progress: bool | None) -> Late
 # --------------------------------------------------------------------------------------------
 # packs
 
-_HEADER_SLACK = 4096  # bytes reserved for the tokenizer's metadata, which the files give as they are read
+_HEADER_SLACK = 4096  # bytes of header room beyond what the first readable file tells (a later file's tokenizer)
 
 
 def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = False,
-                 progress: bool | None = None) -> LatentSet:
+                 progress: bool | None = None, overwrite: bool = True) -> LatentSet:
     """Write the readable latents under ``folder`` (a folder ``encode`` wrote) into the pack
     ``out`` (see the module docstring), streaming: the latents pass through memory one file at a
-    time. Written atomically (a temporary file renamed onto ``out``). Returns the pack, opened, its
-    ``skipped`` the files left out."""
+    time. Written atomically (a temporary file renamed onto ``out``; ``overwrite=False``:
+    FileExistsError if ``out`` exists by then). Returns the pack, opened; its ``skipped``, the
+    files left out, are also in the pack."""
     from ..train.checkpoint import atomic_write
 
     root, out = Path(folder), Path(out)
     reader = _FolderReader(root, class_folders, progress)  # (raises before anything is written)
     if out.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"the pack {out} would be inside the folder it packs ({root}): write it elsewhere")
+    if os.fsencode(out).decode("utf-8", "replace") != str(out):
+        raise ValueError(f"the pack's path {os.fsencode(out).decode('utf-8', 'backslashreplace')} is not valid "
+                         "UTF-8, which safetensors needs to open it: choose another name")
     labels: list[int] = []
     names = bytearray()
 
-    def header(n: int, names_bytes: int, tokenizer: dict, skipped: int) -> bytes:
+    def header(n: int, names_bytes: int, skipped_bytes: int, tokenizer: dict) -> bytes:
         c, h, w = reader.shape
         a = 4 * n * c * h * w
         b = a + (4 * n if class_folders else 0)
@@ -243,17 +249,18 @@ def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = Fals
         if class_folders:
             tensors["labels"] = {"dtype": "I32", "shape": [n], "data_offsets": [a, b]}
         tensors["names"] = {"dtype": "U8", "shape": [names_bytes], "data_offsets": [b, b + names_bytes]}
+        b += names_bytes
+        tensors["skipped"] = {"dtype": "U8", "shape": [skipped_bytes], "data_offsets": [b, b + skipped_bytes]}
         meta = {"format": PACK_FORMAT, "version": PACK_VERSION, "classes": json.dumps(reader.classes),
-                "tokenizer": json.dumps(tokenizer), "skipped_files": str(skipped)}
+                "tokenizer": json.dumps(tokenizer)}
         return json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
 
     def write(tmp):
         with open(tmp, "wb") as f:
             n, reserved = 0, None
             for z, rel, label in reader:
-                if reserved is None:  # room for the final header: counts of 20 digits, slack for the tokenizer
-                    big = 10**19
-                    reserved = len(header(big, big, {}, big)) + _HEADER_SLACK
+                if reserved is None:  # room for the final header: counts of 20 digits, and slack
+                    reserved = len(header(10**19, 10**19, 10**19, reader.tokenizer)) + _HEADER_SLACK
                     reserved += -reserved % 8  # (the data starts 8-byte aligned)
                     f.write(b"\0" * (8 + reserved))
                 f.write(z.contiguous().numpy().tobytes())
@@ -264,19 +271,19 @@ def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = Fals
             if class_folders:
                 f.write(torch.tensor(labels, dtype=torch.int32).numpy().tobytes())
             f.write(names)
-            head = header(n, len(names), reader.tokenizer, len(reader.skipped))
+            skipped = json.dumps(reader.skipped, ensure_ascii=False).encode("utf-8", "surrogateescape")
+            f.write(skipped)
+            head = header(n, len(names), len(skipped), reader.tokenizer)
             if len(head) > reserved:
-                raise ValueError(f"the pack's metadata ({len(head)} bytes) outgrew its room ({reserved}): the "
-                                 f"tokenizer's name in the files' metadata is too long: {reader.tokenizer}")
+                raise ValueError(f"the pack's header ({len(head)} bytes) outgrew its room ({reserved}): the files' "
+                                 f"tokenizer metadata is too long ({str(reader.tokenizer)[:200]}...)")
             f.seek(0)
             f.write(struct.pack("<Q", reserved) + head + b" " * (reserved - len(head)))  # (JSON may end in spaces)
 
-    atomic_write(out, write)
+    atomic_write(out, write, replace=overwrite)
     logger.info("packed %d latents from %d files of %s into %s (%d unreadable files left out)", len(labels),
                 len(reader.files) - len(reader.skipped), root, out, len(reader.skipped))
-    packed = _load_pack(out, class_folders)
-    packed.skipped = reader.skipped
-    return packed
+    return _load_pack(out, class_folders)
 
 
 def is_pack(path: str | Path) -> bool:
@@ -294,7 +301,8 @@ def _open_pack(path: Path, read):
             meta, keys = h.metadata() or {}, set(h.keys())
             if meta.get("format") != PACK_FORMAT:
                 what = "a latent file (a folder of them is what --data takes)" if "latent" in keys else "no latent pack"
-                raise _NotAPack(f"{path} is {what}: write a pack with dito-fast pack-latents FOLDER --out {path}")
+                raise _NotAPack(f"{path} is {what}: write a pack with dito-fast pack-latents FOLDER --out "
+                                "latents.safetensors")
             if meta.get("version") != PACK_VERSION:
                 raise _NotAPack(f"{path}: latent pack version {meta.get('version')!r}; this dito_fast reads "
                                 f"version {PACK_VERSION} (pack the folder again)")
@@ -302,8 +310,8 @@ def _open_pack(path: Path, read):
     except _NotAPack as e:
         raise ValueError(str(e)) from None
     except _unreadable_errors() + (KeyError,) as e:
-        raise ValueError(f"{path} is not a readable latent pack ({type(e).__name__}: {e}); pack the folder again "
-                         "with dito-fast pack-latents") from None
+        raise ValueError(f"{path} is not a readable latent pack ({type(e).__name__}: {e}); give a folder of "
+                         "latents or a pack that dito-fast pack-latents wrote") from None
 
 
 class _NotAPack(Exception):
@@ -326,9 +334,10 @@ def _load_pack(path: Path, class_folders: bool) -> LatentSet:
     def read(h, meta, keys):
         labels = h.get_tensor("labels") if class_folders else None
         names = bytes(h.get_tensor("names").numpy()).decode("utf-8", "surrogateescape").split("\0")[:-1]
+        skipped = json.loads(bytes(h.get_tensor("skipped").numpy()).decode("utf-8", "surrogateescape"))
         return (h.get_tensor("latents"),  # memory-mapped: nothing is read until used
                 labels, names, json.loads(meta["classes"]), json.loads(meta["tokenizer"]),
-                int(meta.get("skipped_files", "0")))
+                [(str(name), str(reason)) for name, reason in skipped])
     latents, labels, names, classes, tokenizer, skipped = _open_pack(path, read)
     n = latents.shape[0]
     if latents.dim() != 4 or latents.dtype != torch.float32 or len(names) != n or (
@@ -340,8 +349,9 @@ def _load_pack(path: Path, class_folders: bool) -> LatentSet:
         if n and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
             raise ValueError(f"{path}: labels outside 0..{len(classes) - 1} (the pack's {len(classes)} classes)")
     if skipped:
-        logger.info("the pack %s left out %d unreadable latent files when it was written", path, skipped)
-    return LatentSet(latents, labels, names, classes if class_folders else [], tokenizer, [])
+        logger.warning("%d latent files were unreadable when the pack %s was written, and left out", len(skipped),
+                       path)
+    return LatentSet(latents, labels, names, classes if class_folders else [], tokenizer, skipped)
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,9 +55,10 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def _atomic(path: Path, write) -> None:
+def _atomic(path: Path, write, replace: bool = True) -> None:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (mode 0666 less the
-    umask, as open() gives)."""
+    umask, as open() gives). ``replace=False``: FileExistsError if ``path`` exists by then (say,
+    written meanwhile by another process), which is kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temporary name carries the final one where it is valid UTF-8 (writers such as
@@ -70,12 +71,30 @@ def _atomic(path: Path, write) -> None:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (a hard link fails on an existing name;
+    where the file system has none, the check and the rename are two steps)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists (written meanwhile by another process?); it was kept") from None
+    except OSError:
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists (written meanwhile by another process?); it was kept") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def finite_json(obj):
@@ -99,10 +118,11 @@ def atomic_write_json(obj, path) -> None:
     _atomic(Path(path), write)
 
 
-def atomic_write(path, write) -> None:
+def atomic_write(path, write, replace: bool = True) -> None:
     """``write(tmp_path)`` into a temporary file next to ``path``, then renamed onto it: readers see
-    the old file or the whole new one, never a partial one."""
-    _atomic(Path(path), write)
+    the old file or the whole new one, never a partial one (``replace=False``: FileExistsError
+    if ``path`` exists by then)."""
+    _atomic(Path(path), write, replace)
 
 
 def atomic_write_text(text: str, path) -> None:

@@ -2,6 +2,7 @@
 memory-mapped file, the same set as the folder, its refusals, and training on it."""
 
 import json
+import os
 import struct
 import sys
 
@@ -35,14 +36,14 @@ def test_a_pack_is_its_folder_memory_mapped(tmp_path):
         (root / "b_dog" / "00.safetensors").read_bytes())  # a non-ASCII name survives the pack
     folder = load_latents(root, class_folders=True)
     packed = pack_latents(root, tmp_path / "lat.safetensors", class_folders=True)
-    assert packed.skipped == folder.skipped == [("b_dog/broken.safetensors", packed.skipped[0][1])]
+    assert packed.skipped == folder.skipped == [("b_dog/broken.safetensors", folder.skipped[0][1])]
     pack = load_latents(tmp_path / "lat.safetensors", class_folders=True)
-    assert len(pack) == len(folder) == 11 and pack.names == folder.names
+    assert len(pack) == len(folder) == 11 and pack.names == folder.names and pack.skipped == folder.skipped
     assert torch.equal(pack.latents, folder.latents) and torch.equal(pack.labels, folder.labels)
     assert pack.describe() == folder.describe() and pack.classes == ["a_cat", "b_dog"] and pack.tokenizer == TOK
     with safe_open(str(tmp_path / "lat.safetensors"), "pt") as h:
         meta = h.metadata()
-    assert meta["format"] == PACK_FORMAT and meta["skipped_files"] == "1" and json.loads(meta["classes"]) == pack.classes
+    assert meta["format"] == PACK_FORMAT and json.loads(meta["classes"]) == pack.classes
     # the latents are mapped from the file, and a subset shares them; take() copies rows out
     if sys.platform.startswith("linux"):
         with open("/proc/self/maps") as f:
@@ -87,6 +88,21 @@ def test_what_is_not_a_usable_pack_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="would be inside the folder it packs"):
         pack_latents(root, root / "pack.safetensors")
     assert not (root / "pack.safetensors").exists()
+    # the hint names a new file, never the file given (a model's weights, say)
+    with pytest.raises(ValueError, match="pack-latents FOLDER --out latents.safetensors"):
+        load_latents(root / "a_cat" / "00.safetensors")
+    # a name safetensors cannot open is refused before the latents are streamed
+    if sys.platform.startswith("linux"):
+        bad = tmp_path / os.fsdecode(b"p\xe9.safetensors")
+        with pytest.raises(ValueError, match="not valid UTF-8"):
+            pack_latents(root, bad)
+        assert not bad.exists()
+    # overwrite=False: a file that appeared while the pack was written is kept
+    (tmp_path / "taken.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match="written meanwhile by another process"):
+        pack_latents(root, tmp_path / "taken.safetensors", overwrite=False)
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
 
 
 def test_the_pack_header_is_exact_safetensors(tmp_path):
@@ -97,7 +113,7 @@ def test_the_pack_header_is_exact_safetensors(tmp_path):
     raw = (tmp_path / "p.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
-    assert (8 + n) % 8 == 0 and header["names"]["data_offsets"][1] == len(raw) - 8 - n
+    assert (8 + n) % 8 == 0 and header["skipped"]["data_offsets"][1] == len(raw) - 8 - n
     tensors = load_file(str(tmp_path / "p.safetensors"))
     assert tensors["latents"].shape == (6, 2, 4, 4) and tensors["labels"].tolist() == [0, 0, 0, 1, 1, 1]
 
@@ -120,12 +136,16 @@ def test_training_on_a_pack_is_training_on_its_folder(tmp_path, caplog):
     """The same weights bit for bit, held-out latents included; a run started on the folder
     resumes on its pack without a word about changed data, and ends as the uninterrupted run."""
     root = _folder(tmp_path / "lat", n_per_class=6)
+    (root / "a_cat" / "bad.safetensors").write_bytes(b"")
     pack_latents(root, tmp_path / "lat.safetensors", class_folders=True)
     a = train_dit(_config(root), tmp_path / "folder", progress=False)
     b = train_dit(_config(tmp_path / "lat.safetensors"), tmp_path / "pack", progress=False)
     wa, wb = _weights(tmp_path / "folder"), _weights(tmp_path / "pack")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a.losses == b.losses
+    counts = [[r["skipped_files"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+               if "skipped_files" in r] for d in ("folder", "pack")]
+    assert counts[0] == counts[1] == [1] * 6
     assert (tmp_path / "folder" / "model" / "latents.json").read_text() == \
         (tmp_path / "pack" / "model" / "latents.json").read_text()
     train_dit(_config(root, steps=3), tmp_path / "split", progress=False)
@@ -167,3 +187,8 @@ def test_pack_latents_command(tmp_path, capsys):
     argv[2] = str(tmp_path / "plain.safetensors")
     assert main(argv + ["--class-folders", "--out", str(tmp_path / "run2")]) == 2
     assert "holds no labels" in capsys.readouterr().err
+    # a pack is no latent file to decode
+    from dito_fast import DiTo
+    DiTo.from_preset("dito-tiny").save_pretrained(tmp_path / "tok")
+    assert main(["decode", str(tmp_path / "tok"), str(out), "--out", str(tmp_path / "dec")]) == 2
+    assert "is a latent pack (train-dit's data), not latent files" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def test_load_latents_refuses_mixed_sets(tmp_path):
         load_latents(root, True)
     root = _latent_folder(tmp_path / "loose")
     _write(root, "top.safetensors", torch.zeros(1, 2, 4, 4))
-    with pytest.raises(ValueError, match="top.safetensors is not inside a class folder"):
+    with pytest.raises(ValueError, match="every latent must be in one: .*top.safetensors is not"):
         load_latents(root, True)
     assert len(load_latents(root, False)) == 9
     (tmp_path / "empty").mkdir()
