@@ -392,13 +392,19 @@ def cmd_encode(args) -> int:
             except (ValueError, FileNotFoundError) as e:  # (unusable, or removed since it was listed)
                 return e
 
+        views = 2 if args.flip else 1  # the image, and with --flip its mirror image (left-right)
+
         def encode(group):  # images of one size: one batch
+            x = torch.cat([x for _, _, x in group])
+            if args.flip:
+                x = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)  # image, mirror, next image, ...
             with torch.inference_mode():
-                z = model.encode(torch.cat([x for _, _, x in group]).to(dev)).cpu()
-            for (path, target, _), latent in zip(group, z):
-                save_safetensors({"latent": latent[None].contiguous()}, target,
-                                 metadata={"source": _shown(path), **meta})
-                print(f"{_shown(path)} -> {_shown(target)}  latent {(1, *latent.shape)}")
+                z = model.encode(x.to(dev)).cpu()
+            for k, (path, target, _) in enumerate(group):
+                latent = z[k * views:(k + 1) * views].contiguous()
+                save_safetensors({"latent": latent}, target, metadata={
+                    "source": _shown(path), **meta, **({"views": "image,mirrored"} if args.flip else {})})
+                print(f"{_shown(path)} -> {_shown(target)}  latent {tuple(latent.shape)}")
 
         # image size -> [(path, target, image)]: a full group is encoded, and when batch_size
         # images wait in all (sizes that rarely repeat), the largest group is, so that at most
@@ -1172,6 +1178,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16,
                    help="images encoded together (of one size; default 16): at most this many wait, besides those "
                         "read ahead; the latents depend on it by float rounding only")
+    e.add_argument("--flip", action="store_true",
+                   help="also encode each image's mirror image (left-right), as the file's second latent (shape "
+                        "(2, c, h, w)): train-dit then trains on both, the flip augmentation a DiT is trained with")
     e.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="threads reading and resizing images ahead of the encoder (0: in turn; default min(4, CPUs))")
     e.set_defaults(func=cmd_encode)

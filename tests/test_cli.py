@@ -158,6 +158,26 @@ def test_encode_in_batches_gives_each_image_its_own_latent(trained, tmp_path, ca
     assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
+def test_encode_flip_adds_the_mirror_images_latent(trained, tmp_path, capsys):
+    out, data, _, _ = trained
+    mirrored = tmp_path / "mirrored"
+    mirrored.mkdir()
+    for p in sorted(data.glob("*.png")):
+        Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored / p.name)
+    base = ["encode", str(out / "model"), "--batch-size", "4", "--workers", "0"]
+    assert main(base + [str(data), "--out", str(tmp_path / "f"), "--flip"]) == 0
+    assert "latent (2, 4, 5, 6)" in capsys.readouterr().out
+    assert main(base + [str(data), "--out", str(tmp_path / "a")]) == 0
+    assert main(base + [str(mirrored), "--out", str(tmp_path / "m")]) == 0
+    f, a, m = (_latents(tmp_path / d) for d in "fam")
+    assert sorted(f) == sorted(a) == sorted(m) and len(f) == 6
+    for k in f:  # [the image's latent, its mirror image's]; another image's would differ by O(1)
+        torch.testing.assert_close(f[k][:1], a[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(f[k][1:], m[k], rtol=0, atol=1e-5)
+        assert (f[k][0] - f[k][1]).abs().max() > 1e-2
+    assert safe_open_metadata(tmp_path / "f" / "img0.safetensors")["views"] == "image,mirrored"
+
+
 def safe_open_metadata(path: Path) -> dict:
     from safetensors import safe_open
 

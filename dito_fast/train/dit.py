@@ -12,8 +12,8 @@ The loop is the tokenizer's (:func:`dito_fast.train.train` with a :class:`DiTTas
 ``train.*`` settings, checkpoints, exact resume, torchrun (DDP or FSDP), EMA, non-finite step
 skipping and logs. What differs: the per-sample draws of the DiT's flow-matching loss (time,
 noise, label drop) come from generators seeded by (seed, step, index in the global batch); the
-validation figure is the EMA model's loss on ``train.val_images`` held-out latents (at most a
-fifth of them) with fixed draws (``val_loss``); given the tokenizer (``data.tokenizer``, checked
+validation figure is the EMA model's loss on the latents of ``train.val_images`` held-out files
+(at most a fifth of them; a file's latents together) with fixed draws (``val_loss``); given the tokenizer (``data.tokenizer``, checked
 against the latents' fingerprint), each validation also writes a grid of 8 samples (fixed
 seeds, ``train.val_sample_steps`` Euler steps, one class after another) decoded by it.
 Every checkpoint and the exported model's folder hold ``latents.json``: the class names, the
@@ -182,7 +182,7 @@ class DiTTask(TrainTask):
                 self.tokenizer = tokenizer  # (rank 0 validates)
             if len(val_data) == 0:
                 logger.warning("data.tokenizer: no sample images will be written, since they are made at validations, "
-                               "which need held-out latents (train.val_images > 0 and at least 5 latents)")
+                               "which need held-out latents (train.val_images > 0 and at least 5 latent files)")
         if resume_from is not None:
             saved = read_latents_file(resume_from)
             if saved is None:
@@ -246,26 +246,31 @@ class DiTTask(TrainTask):
 
 
 def _held_out(latents: LatentSet, count: int) -> set[int]:
-    """Indices of the latents held out for validation: ``count`` (at most a fifth of the set)
-    evenly spaced over the files, but never a class's last training latent."""
-    n = len(latents)
+    """Indices of the latents held out for validation: those of ``count`` files (at most a fifth
+    of them) evenly spaced over the files, but never a class's last training file. A file's
+    latents are held out together (an image's and its mirror image's, ``encode --flip``: one
+    trained on would flatter the other's validation loss)."""
+    names = latents.set_names()
+    starts = [i for i in range(len(names)) if i == 0 or names[i] != names[i - 1]]  # each file's first row
+    ends = starts[1:] + [len(names)]
+    n = len(starts)
     n_val = min(count, n // 5)
     held = sorted({round(i * (n - 1) / max(n_val - 1, 1)) for i in range(n_val)})
     labels = latents.set_labels()
-    if labels is None:
-        return set(held)
-    left = torch.bincount(labels, minlength=len(latents.classes)).tolist()
-    kept = set()
-    for i in held:
-        k = int(labels[i])
-        if left[k] > 1:
-            left[k] -= 1
-            kept.add(i)
-    empty = [latents.classes[k] for k, c in enumerate(left) if c == 0]
-    if empty:  # every file of these classes was unreadable: their labels stay untrained
-        logger.warning("%d class folders have no readable latents (%s): the model will not learn them",
-                       len(empty), ", ".join(empty[:5]))
-    return kept
+    if labels is not None:
+        file_labels = labels[starts].tolist()
+        left = torch.bincount(torch.tensor(file_labels, dtype=torch.long), minlength=len(latents.classes)).tolist()
+        kept = []
+        for f in held:
+            if left[file_labels[f]] > 1:
+                left[file_labels[f]] -= 1
+                kept.append(f)
+        held = kept
+        empty = [latents.classes[k] for k, c in enumerate(left) if c == 0]
+        if empty:  # every file of these classes was unreadable: their labels stay untrained
+            logger.warning("%d class folders have no readable latents (%s): the model will not learn them",
+                           len(empty), ", ".join(empty[:5]))
+    return {i for f in held for i in range(starts[f], ends[f])}
 
 
 def _load_tokenizer(folder: str, described: dict, shape: tuple) -> nn.Module:

@@ -320,6 +320,24 @@ def test_the_held_out_latents_never_take_a_class_out_of_training(tmp_path, caplo
     assert described["num_latents"] == 9  # 10 readable, 1 held out: a b_common one, a_rare kept for training
 
 
+def test_a_files_latents_are_held_out_together(tmp_path):
+    """encode --flip writes an image's and its mirror image's latents into one file: validation
+    must not hold out one of them while training on the other."""
+    from dito_fast.train.dit import _held_out
+
+    root = tmp_path / "lat"
+    g = torch.Generator().manual_seed(0)
+    for k, name in enumerate(["a_cat", "b_dog"]):
+        for i in range(10):
+            _write(root, f"{name}/{i:02d}.safetensors", k + 0.3 * torch.randn(2, 2, 4, 4, generator=g))
+    s = load_latents(root, True)
+    held = _held_out(s, 4)
+    assert len(held) == 8 and all(i ^ 1 in held for i in held)  # 4 whole files of 2 latents
+    assert {s.names[i] for i in held} == {"a_cat/00.safetensors", "a_cat/06.safetensors", "b_dog/03.safetensors",
+                                         "b_dog/09.safetensors"}  # evenly spaced over the 20 files
+    assert len(_held_out(s, 100)) == 8  # at most a fifth of the files
+
+
 def test_resuming_a_checkpoint_without_latents_json_warns(tmp_path, caplog):
     root = _latent_folder(tmp_path / "lat")
     train_dit(_config(root, steps=3), tmp_path / "run", progress=False)
