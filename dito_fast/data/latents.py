@@ -27,8 +27,10 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import struct
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,11 +111,12 @@ def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], l
     if not root.exists():
         raise FileNotFoundError(f"latent folder not found: {root}")
     if not root.is_dir():
-        raise NotADirectoryError(f"not a folder of latents: {root} (write one with dito-fast encode IMAGES --out DIR)")
+        raise NotADirectoryError(f"not a folder of latents: {root} (write one with dito-fast encode MODEL IMAGES --out "
+                                "LATENTS)")
     files = sorted(f for f in root.rglob("*.safetensors") if f.is_file())
     if not files:
-        raise FileNotFoundError(f"no .safetensors latents in {root} (write them with dito-fast encode IMAGES --out "
-                                f"{root})")
+        raise FileNotFoundError(f"no .safetensors latents in {root} (write them with dito-fast encode MODEL IMAGES "
+                                "--out LATENTS)")
     if not class_folders:
         return files, []
     loose = [f for f in files if len(f.relative_to(root).parts) < 2]
@@ -126,18 +129,48 @@ def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], l
 
 
 def _read(path: Path) -> tuple[torch.Tensor, dict]:
-    """(latent, metadata) of one file; ValueError, OSError or SafetensorError if it cannot serve."""
-    from safetensors import safe_open
+    """(latent, metadata) of one file; ValueError, OSError or SafetensorError if it cannot serve.
+    Read as bytes (safetensors opens only paths that are valid UTF-8; encode writes any name)."""
+    from safetensors.torch import load
 
-    with safe_open(str(path), "pt") as h:
-        if "latent" not in h.keys():
-            raise ValueError("no 'latent' tensor")
-        z, meta = h.get_tensor("latent"), h.metadata() or {}
+    data = path.read_bytes()
+    tensors = load(data)  # (checks the header, which the metadata is then read from)
+    meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    if "latent" not in tensors:
+        raise ValueError("no 'latent' tensor")
+    z = tensors["latent"]
     if z.dim() != 4 or z.shape[0] < 1 or not z.is_floating_point():
         raise ValueError(f"latent {z.dtype} {tuple(z.shape)}, expected floating (n, c, h, w)")
     if not torch.isfinite(z).all():
         raise ValueError("non-finite values")
     return z, meta
+
+
+class _InterruptAfterRead:
+    """Ctrl-C (SIGINT) while files are read is raised between files, never inside a read: torch
+    turns a KeyboardInterrupt raised inside its tensor constructors into a ValueError, which
+    would count a good file as unreadable and go on (seen in ~1 in 6 interrupts of a reading
+    loop). Only in the main thread, over Python's default handler; ``check()`` after each file."""
+
+    def __enter__(self):
+        self.pending, self.previous = False, None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __exit__(self, kind, value, traceback):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if kind is None:
+            self.check()
 
 
 def _unreadable_errors() -> tuple:
@@ -167,26 +200,33 @@ class _FolderReader:
         from tqdm.auto import tqdm
 
         index = {name: k for k, name in enumerate(self.classes)}
-        for f in tqdm(self.files, desc="latents", unit="file", disable=not self.show or len(self.files) < 2):
-            rel = str(f.relative_to(self.root))
-            try:
-                z, meta = _read(f)
-            except _unreadable_errors() as e:
-                logger.warning("latent file %s unreadable (%s); skipped", f, e)
-                self.skipped.append((rel, str(e)))
-                continue
-            if self.shape is None:
-                self.shape, self.first = tuple(z.shape[1:]), rel
-            elif tuple(z.shape[1:]) != self.shape:
-                raise ValueError(f"{f}: latent of shape {tuple(z.shape[1:])}, but {self.root / self.first}'s is "
-                                 f"{self.shape}: every latent must have one shape (encode the images with one --size)")
-            if "model_fingerprint" in meta:
-                self._tokenizers.setdefault(meta["model_fingerprint"], (meta.get("model", "?"), rel))
-                if len(self._tokenizers) > 1:
-                    (fa, (ma, a)), (fb, (mb, b)) = list(self._tokenizers.items())[:2]
-                    raise ValueError(f"the latents come from two tokenizers: {a} from {ma} ({fa}), {b} from {mb} "
-                                     f"({fb}); a DiT learns one tokenizer's latent space")
-            yield z.float(), rel, index[f.relative_to(self.root).parts[0]] if self.class_folders else None
+        with _InterruptAfterRead() as interrupt:
+            for f in tqdm(self.files, desc="latents", unit="file", disable=not self.show or len(self.files) < 2):
+                rel = str(f.relative_to(self.root))
+                try:
+                    z, meta = _read(f)
+                except _unreadable_errors() as e:
+                    interrupt.check()
+                    logger.warning("latent file %s unreadable (%s); skipped", f, e)
+                    self.skipped.append((rel, str(e)))
+                    continue
+                interrupt.check()
+                yield self._checked(z, meta, f, rel, index)
+
+    def _checked(self, z, meta, f: Path, rel: str, index: dict):
+        """(z, rel, label) of a readable file, its shape and tokenizer checked against the others'."""
+        if self.shape is None:
+            self.shape, self.first = tuple(z.shape[1:]), rel
+        elif tuple(z.shape[1:]) != self.shape:
+            raise ValueError(f"{f}: latent of shape {tuple(z.shape[1:])}, but {self.root / self.first}'s is "
+                             f"{self.shape}: every latent must have one shape (encode the images with one --size)")
+        if "model_fingerprint" in meta:
+            self._tokenizers.setdefault(meta["model_fingerprint"], (meta.get("model", "?"), rel))
+            if len(self._tokenizers) > 1:
+                (fa, (ma, a)), (fb, (mb, b)) = list(self._tokenizers.items())[:2]
+                raise ValueError(f"the latents come from two tokenizers: {a} from {ma} ({fa}), {b} from {mb} "
+                                 f"({fb}); a DiT learns one tokenizer's latent space")
+        return z.float(), rel, index[f.relative_to(self.root).parts[0]] if self.class_folders else None
 
     def finish(self) -> None:
         """Raise if nothing was readable; log the count of skipped files."""
@@ -371,11 +411,12 @@ def latent_shape(source: str | Path) -> tuple[int, int, int]:
     if is_pack(source):
         return _pack_info(Path(source), False)[0]
     files = latent_files(source, False)[0]
-    for f in files:
-        try:
-            return tuple(_read(f)[0].shape[1:])
-        except _unreadable_errors():
-            continue
+    with _InterruptAfterRead() as interrupt:
+        for f in files:
+            try:
+                return tuple(_read(f)[0].shape[1:])
+            except _unreadable_errors():
+                interrupt.check()
     raise ValueError(f"none of the {len(files)} latent files in {source} could be read")
 
 

@@ -34,11 +34,14 @@ def test_a_pack_is_its_folder_memory_mapped(tmp_path):
     (root / "b_dog" / "broken.safetensors").write_bytes(b"not a safetensors file")
     (root / "b_dog" / "caf\u00e9 \u732b.safetensors").write_bytes(
         (root / "b_dog" / "00.safetensors").read_bytes())  # a non-ASCII name survives the pack
+    if sys.platform.startswith("linux"):  # a name that is not UTF-8 (encode writes any name): read all the same
+        (root / "b_dog" / os.fsdecode(b"x\xe9.safetensors")).write_bytes((root / "b_dog" / "01.safetensors").read_bytes())
     folder = load_latents(root, class_folders=True)
     packed = pack_latents(root, tmp_path / "lat.safetensors", class_folders=True)
     assert packed.skipped == folder.skipped == [("b_dog/broken.safetensors", folder.skipped[0][1])]
     pack = load_latents(tmp_path / "lat.safetensors", class_folders=True)
-    assert len(pack) == len(folder) == 11 and pack.names == folder.names and pack.skipped == folder.skipped
+    n = 12 if sys.platform.startswith("linux") else 11
+    assert len(pack) == len(folder) == n and pack.names == folder.names and pack.skipped == folder.skipped
     assert torch.equal(pack.latents, folder.latents) and torch.equal(pack.labels, folder.labels)
     assert pack.describe() == folder.describe() and pack.classes == ["a_cat", "b_dog"] and pack.tokenizer == TOK
     with safe_open(str(tmp_path / "lat.safetensors"), "pt") as h:
@@ -192,3 +195,32 @@ def test_pack_latents_command(tmp_path, capsys):
     DiTo.from_preset("dito-tiny").save_pretrained(tmp_path / "tok")
     assert main(["decode", str(tmp_path / "tok"), str(out), "--out", str(tmp_path / "dec")]) == 2
     assert "is a latent pack (train-dit's data), not latent files" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_reading_stops_the_read_and_counts_no_file(tmp_path, monkeypatch):
+    """torch turns a KeyboardInterrupt raised inside its tensor constructors into a ValueError;
+    Ctrl-C during a file's read must stop the loop, not count that good file as unreadable."""
+    import signal
+
+    import dito_fast.data.latents as L
+
+    root = _folder(tmp_path / "lat")
+    read, calls = L._read, []
+
+    def interrupted_read(path):
+        calls.append(path)
+        if len(calls) == 3:
+            try:  # SIGINT inside the read; what torch's C++ makes of the KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)  # (handled at once in this, the main, thread)
+                for _ in range(1000):
+                    pass
+            except KeyboardInterrupt:
+                pass
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+        return read(path)
+
+    monkeypatch.setattr(L, "_read", interrupted_read)
+    with pytest.raises(KeyboardInterrupt):
+        pack_latents(root, tmp_path / "p.safetensors", class_folders=True)
+    assert len(calls) == 3 and not (tmp_path / "p.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
