@@ -215,12 +215,30 @@ def _saved_run_config(args) -> Path | None:
     return next((p for p in (named, Path(args.out) / "config.json") if p is not None and p.is_file()), None)
 
 
+def _check_resume_path(where: Path, out: str) -> None:
+    """--resume PATH: a checkpoint directory or a run folder, not a file or an exported model."""
+    example = f"{out}/checkpoints/step_00001000, or --out RUN --resume for a run's latest"
+    if not where.exists():
+        raise UsageError(f"--resume {_shown(where)}: no such checkpoint directory (give one: {example})")
+    if not where.is_dir():
+        raise UsageError(f"--resume {_shown(where)} is a file, not a checkpoint directory ({example})")
+    try:
+        data = json.loads((where / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and "train" not in data and model_kind(data) is not None:
+        raise UsageError(f"--resume {_shown(where)} is an exported model, not a training checkpoint: resume from a "
+                         f"checkpoint of its run ({example})")
+
+
 def _resolve_run(args, overrides: dict, resolve):
     """The run's config from --preset, --config (resuming without it: the checkpoint's or the
     run's config.json, :func:`_saved_run_config`) and ``overrides``, by ``resolve`` (preset,
     config_file, overrides)."""
     config_file, preset = args.config, args.preset
     named = Path(args.resume) / "config.json" if args.resume not in (None, "auto") else None
+    if named is not None:
+        _check_resume_path(Path(args.resume), args.out)
     for path in (named, Path(args.out) / "config.json"):
         kind = _run_kind(path) if path is not None else None
         if kind not in (None, args.command):
@@ -958,8 +976,9 @@ def cmd_sample_dit(args) -> int:
             previous = json.loads(saved.read_text()) if saved.is_file() else None
             if previous is not None and previous != json.loads(json.dumps(manifest)):
                 changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
-                raise UsageError(f"{_shown(out)} holds images made with other settings ({', '.join(changed)} differ: "
-                                 "samples.json); --overwrite makes every image again")
+                raise UsageError(f"{_shown(out)} holds images made with other settings ({', '.join(changed)} "
+                                 f"differ{'s' if len(changed) == 1 else ''}: samples.json); --overwrite makes every "
+                                 "image again")
             if previous is None and any(p.exists() for p in targets) or stray:
                 raise UsageError(f"{_shown(out)} holds numbered images of another run (or more than {len(labels)}); "
                                  "--overwrite makes every image again and removes the extra ones")
@@ -1199,7 +1218,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     k.set_defaults(func=cmd_pack_latents)
 
-    d = sub.add_parser("decode", help="latents (.safetensors) -> PNG images")
+    d = sub.add_parser("decode", help="latents (.safetensors) -> PNG images",
+                       description="Decode latent files (as encode writes them) to PNG images: x.safetensors gives "
+                                   "x.png, or x_0.png, x_1.png, ... when it holds several latents (encode --flip's "
+                                   "image and mirror image).")
     d.add_argument("model", help="model directory (config.json + model.safetensors)")
     d.add_argument("inputs", nargs="+", help=".safetensors files, or folders of them (searched recursively; "
                    "subfolders are mirrored under --out, as encode writes them)")
@@ -1338,7 +1360,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = (f"; continue with: dito-fast {args.command} --out {args.out} --resume (from its latest checkpoint)"
-                if args.command in ("train", "train-dit") else "; files written so far are complete")
+                if args.command in ("train", "train-dit") else
+                "; no pack was written (it is written whole or not at all)" if args.command == "pack-latents" else
+                "; files written so far are complete")
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `dito-fast info | head -1`: the reader left; nothing to say

@@ -307,9 +307,10 @@ def _check_same_latents(before: dict, now: dict, checkpoint, source) -> None:
                              f"{source}'s ({now[key]!r}): its labels or latent space would change under it; "
                              "train a new run (or restore the folder)")
     if (before.get("num_latents"), before.get("files_digest")) != (now["num_latents"], now["files_digest"]):
-        logger.warning("the latents in %s changed since %s (%s -> %d latents): the data order from here on differs "
-                       "from an uninterrupted run's, and latents held out for validation before may have been "
-                       "trained on", source, checkpoint, before.get("num_latents"), now["num_latents"])
+        logger.warning("the latents in %s changed since %s (%s -> %d training latents%s): the data order from here "
+                       "on differs from an uninterrupted run's, and latents held out for validation before may have "
+                       "been trained on", source, checkpoint, before.get("num_latents"), now["num_latents"],
+                       ", from other files" if before.get("num_latents") == now["num_latents"] else "")
 
 
 def train_dit(cfg: DiTRunConfig, out_dir, resume: bool | str = False, latents: LatentSet | None = None,

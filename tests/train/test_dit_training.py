@@ -204,7 +204,7 @@ def test_a_resume_warns_when_files_were_added(tmp_path, caplog):
     assert "the latents in" not in caplog.text
     _write(root, "a_cat/new.safetensors", torch.zeros(1, 2, 4, 4))
     train_dit(_config(root, steps=5), tmp_path / "run", resume=True, progress=False)
-    assert "the latents in" in caplog.text and "8 -> 9 latents" in caplog.text
+    assert "the latents in" in caplog.text and "8 -> 9 training latents" in caplog.text
 
 
 @pytest.mark.slow
@@ -336,6 +336,23 @@ def test_a_files_latents_are_held_out_together(tmp_path):
     assert {s.names[i] for i in held} == {"a_cat/00.safetensors", "a_cat/06.safetensors", "b_dog/03.safetensors",
                                          "b_dog/09.safetensors"}  # evenly spaced over the 20 files
     assert len(_held_out(s, 100)) == 8  # at most a fifth of the files
+
+
+def test_resume_names_what_it_was_given_instead_of_a_checkpoint(tmp_path, capsys):
+    """--resume PATH given a missing path, a file (a pack, say) or an exported model: said so,
+    not a complaint about data.source or the config file's sections."""
+    from dito_fast.data.latents import pack_latents
+
+    root = _latent_folder(tmp_path / "lat")
+    pack_latents(root, tmp_path / "lat.safetensors", class_folders=True)
+    train_dit(_config(root, steps=1), tmp_path / "run", progress=False)
+    for given, said in ((tmp_path / "nowhere", "no such checkpoint directory"),
+                        (tmp_path / "lat.safetensors", "is a file, not a checkpoint directory"),
+                        (tmp_path / "run" / "model", "is an exported model, not a training checkpoint")):
+        for command in ("train-dit", "train"):
+            assert main([command, "--resume", str(given), "--out", str(tmp_path / "x"), "--steps", "2"]) == 2
+            assert said in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_resuming_a_checkpoint_without_latents_json_warns(tmp_path, caplog):
