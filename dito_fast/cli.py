@@ -216,8 +216,12 @@ def _saved_run_config(args) -> Path | None:
 
 
 def _check_resume_path(where: Path, out: str) -> None:
-    """--resume PATH: a checkpoint directory or a run folder, not a file or an exported model."""
-    example = f"{out}/checkpoints/step_00001000, or --out RUN --resume for a run's latest"
+    """--resume PATH: a checkpoint directory, not a missing path, a file or an exported model.
+    Not checked in a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0), whose workers resume
+    from the job's newest checkpoint: the one named may have been pruned since."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return
+    example = f"{out}/checkpoints/step_<N>, or --out RUN --resume for a run's latest"
     if not where.exists():
         raise UsageError(f"--resume {_shown(where)}: no such checkpoint directory (give one: {example})")
     if not where.is_dir():

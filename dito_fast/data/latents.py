@@ -134,7 +134,10 @@ def _read(path: Path) -> tuple[torch.Tensor, dict]:
     from safetensors.torch import load
 
     data = path.read_bytes()
-    tensors = load(data)  # (checks the header, which the metadata is then read from)
+    try:
+        tensors = load(data)  # (checks the header, which the metadata is then read from)
+    except (KeyError, TypeError, NotImplementedError) as e:  # a dtype torch has no type for (F4, F8_E8M0, ...)
+        raise ValueError(f"a tensor of a dtype torch cannot read ({type(e).__name__}: {e})") from None
     meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     if "latent" not in tensors:
         raise ValueError("no 'latent' tensor")
@@ -147,28 +150,36 @@ def _read(path: Path) -> tuple[torch.Tensor, dict]:
 
 
 class _InterruptAfterRead:
-    """Ctrl-C (SIGINT) while files are read is raised between files, never inside a read: torch
-    turns a KeyboardInterrupt raised inside its tensor constructors into a ValueError, which
-    would count a good file as unreadable and go on (seen in ~1 in 6 interrupts of a reading
-    loop). Only in the main thread, over Python's default handler; ``check()`` after each file."""
+    """Ctrl-C (SIGINT), and SIGTERM where a Python handler takes it (the command line's), while
+    files are read act between files, never inside a read: torch turns a KeyboardInterrupt
+    raised inside its tensor constructors into a ValueError, which would count a good file as
+    unreadable and go on. The signal is noted and its handler called at ``check()`` (after each
+    file); a second one of a kind calls it at once (a read that hangs stays interruptible). Only
+    in the main thread, over handlers that are Python callables."""
 
     def __enter__(self):
-        self.pending, self.previous = False, None
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.previous = signal.signal(signal.SIGINT, self._note)
+        self.pending, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(sig)
+                if callable(handler):
+                    self.previous[sig] = handler
+                    signal.signal(sig, self._note)
         return self
 
     def _note(self, signum, frame):
-        self.pending = True
+        if any(s == signum for s, _ in self.pending):
+            self.previous[signum](signum, frame)
+        self.pending.append((signum, frame))
 
     def check(self) -> None:
         if self.pending:
-            raise KeyboardInterrupt
+            signum, frame = self.pending.pop(0)
+            self.previous[signum](signum, frame)
 
     def __exit__(self, kind, value, traceback):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
         if kind is None:
             self.check()
 

@@ -197,21 +197,27 @@ def test_pack_latents_command(tmp_path, capsys):
     assert "is a latent pack (train-dit's data), not latent files" in capsys.readouterr().err
 
 
-def test_ctrl_c_while_reading_stops_the_read_and_counts_no_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_while_reading_stops_the_read_and_counts_no_file(tmp_path, monkeypatch, sig):
     """torch turns a KeyboardInterrupt raised inside its tensor constructors into a ValueError;
-    Ctrl-C during a file's read must stop the loop, not count that good file as unreadable."""
+    Ctrl-C (or SIGTERM, which the command line turns into a KeyboardInterrupt) during a file's
+    read must stop the loop, not count that good file as unreadable."""
     import signal
 
     import dito_fast.data.latents as L
 
+    def as_the_cli_does(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, as_the_cli_does)
     root = _folder(tmp_path / "lat")
     read, calls = L._read, []
 
     def interrupted_read(path):
         calls.append(path)
         if len(calls) == 3:
-            try:  # SIGINT inside the read; what torch's C++ makes of the KeyboardInterrupt
-                os.kill(os.getpid(), signal.SIGINT)  # (handled at once in this, the main, thread)
+            try:  # the signal inside the read; what torch's C++ makes of the KeyboardInterrupt
+                os.kill(os.getpid(), getattr(signal, sig))  # (handled at once in this, the main, thread)
                 for _ in range(1000):
                     pass
             except KeyboardInterrupt:
@@ -220,7 +226,26 @@ def test_ctrl_c_while_reading_stops_the_read_and_counts_no_file(tmp_path, monkey
         return read(path)
 
     monkeypatch.setattr(L, "_read", interrupted_read)
-    with pytest.raises(KeyboardInterrupt):
-        pack_latents(root, tmp_path / "p.safetensors", class_folders=True)
-    assert len(calls) == 3 and not (tmp_path / "p.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pack_latents(root, tmp_path / "p.safetensors", class_folders=True)
+        assert len(calls) == 3 and not (tmp_path / "p.safetensors").exists()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        assert signal.getsignal(signal.SIGTERM) is as_the_cli_does
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_tensor_of_a_dtype_torch_cannot_read_makes_the_file_unreadable(tmp_path):
+    """safetensors files may hold dtypes (F8_E8M0, F4) that torch has no type for: such a file is
+    skipped and counted, not a stop of the whole read."""
+    root = _folder(tmp_path / "lat")
+    z = torch.zeros(1, 2, 4, 4)
+    header = {"latent": {"dtype": "F32", "shape": [1, 2, 4, 4], "data_offsets": [0, 128]},
+              "x": {"dtype": "F8_E8M0", "shape": [1], "data_offsets": [128, 129]}}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    (root / "a_cat" / "odd.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + z.numpy().tobytes() + b"\x7f")
+    s = load_latents(root, class_folders=True)
+    assert len(s) == 8 and [name for name, _ in s.skipped] == ["a_cat/odd.safetensors"]
+    assert "dtype torch cannot read" in s.skipped[0][1]

@@ -338,7 +338,7 @@ def test_a_files_latents_are_held_out_together(tmp_path):
     assert len(_held_out(s, 100)) == 8  # at most a fifth of the files
 
 
-def test_resume_names_what_it_was_given_instead_of_a_checkpoint(tmp_path, capsys):
+def test_resume_names_what_it_was_given_instead_of_a_checkpoint(tmp_path, capsys, monkeypatch):
     """--resume PATH given a missing path, a file (a pack, say) or an exported model: said so,
     not a complaint about data.source or the config file's sections."""
     from dito_fast.data.latents import pack_latents
@@ -353,6 +353,10 @@ def test_resume_names_what_it_was_given_instead_of_a_checkpoint(tmp_path, capsys
             assert main([command, "--resume", str(given), "--out", str(tmp_path / "x"), "--steps", "2"]) == 2
             assert said in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # a torchrun restart resumes from the job's newest checkpoint: the one named may be pruned
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    main(["train-dit", "--resume", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--steps", "2"])
+    assert "no such checkpoint directory" not in capsys.readouterr().err
 
 
 def test_resuming_a_checkpoint_without_latents_json_warns(tmp_path, caplog):
