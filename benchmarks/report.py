@@ -202,6 +202,16 @@ def main(path: str) -> None:
         if train:
             print(f"\ntraining consumes {train:.2f} images/s (dito-S, 64x64, batch 8)")
 
+    latent = [r for r in rows if r["name"].startswith("test_latent_set_open")]
+    if latent:
+        print("\n| train-dit start (load to first batch of 256) | latents | ms | latents/s | speed-up |")
+        print("|---|---:|---:|---:|---:|")
+        for r in latent:
+            ei = r["extra_info"]
+            up = f"{ei['speedup_vs_folder']:.0f}x" if "speedup_vs_folder" in ei else "-"
+            print(f"| {ei.get('form')} | {ei.get('latents')} | {r['stats']['median'] * 1e3:.1f} | "
+                  f"{ei.get('latents_per_s', 0):.0f} | {up} |")
+
     scaling = next((r["extra_info"] for r in rows if r["name"].startswith("test_scaling_efficiency")), None)
     comm = next((r["extra_info"] for r in rows if r["name"].startswith("test_communication_share")), None)
     if scaling:

@@ -6,7 +6,7 @@ Two forms of one set:
   ``latent``, shape (1, c, h, w) (files holding several latents give one sample each),
   searched recursively; with ``class_folders`` each latent's label is its top-level subfolder
   (folders sorted by name -> 0..K-1, as ``encode`` mirrors an image folder's class folders).
-  Reading it opens every file (~4,000 files/s here: ~5 minutes for ImageNet-1k's 1.28 M) and
+  Reading it opens every file (6,000-10,000 files/s here: minutes for ImageNet-1k's 1.28 M) and
   holds the latents in the process's own memory (16 KiB per 4x32x32 latent: ~21 GB).
 - **a pack** (:func:`pack_latents`, ``dito-fast pack-latents``): the folder's readable latents in
   one safetensors file (tensors ``latents`` (N, c, h, w) float32, ``labels`` (N,) int32 when
