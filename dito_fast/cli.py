@@ -1190,7 +1190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("encode", help="images -> latents (.safetensors, one file per image)",
                        description="Encode images to latents, one .safetensors file per image (key 'latent', "
-                                   "shape (1, c, h, w); the model's name and fingerprint in its metadata). Under "
+                                   "shape (1, c, h, w), with --flip (2, c, h, w); the model's name and fingerprint in "
+                                   "its metadata). Under "
                                    "torchrun each rank encodes a share (every WORLD_SIZE-th image) on its own device.")
     e.add_argument("model", help="model directory (config.json + model.safetensors)")
     e.add_argument("inputs", nargs="+", help="image files or folders (recursive; subfolders mirrored under --out)")

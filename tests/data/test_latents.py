@@ -249,3 +249,19 @@ def test_a_tensor_of_a_dtype_torch_cannot_read_makes_the_file_unreadable(tmp_pat
     s = load_latents(root, class_folders=True)
     assert len(s) == 8 and [name for name, _ in s.skipped] == ["a_cat/odd.safetensors"]
     assert "dtype torch cannot read" in s.skipped[0][1]
+
+
+def test_a_folder_of_files_holding_more_latents_than_the_first_loads_whole(tmp_path):
+    """The folder is read into room sized by the first file's count: later files holding more
+    latents make it grow; every latent, in file order, with its label and name."""
+    g = torch.Generator().manual_seed(0)
+    expected, names = [], []
+    for i, count in enumerate([1, 3, 3, 2, 3]):
+        z = torch.randn(count, 2, 4, 4, generator=g)
+        save_safetensors({"latent": z}, tmp_path / "lat" / f"c{i % 2}" / f"{i}.safetensors", metadata=dict(TOK))
+        expected.append((i % 2, z))
+    s = load_latents(tmp_path / "lat", class_folders=True)
+    order = sorted(range(5), key=lambda i: (i % 2, i))  # files sorted by path: c0/0, c0/2, c0/4, c1/1, c1/3
+    assert torch.equal(s.latents, torch.cat([expected[i][1] for i in order]))
+    assert s.labels.tolist() == [expected[i][0] for i in order for _ in range(expected[i][1].shape[0])]
+    assert s.names == [f"c{i % 2}/{i}.safetensors" for i in order for _ in range(expected[i][1].shape[0])]
