@@ -255,7 +255,7 @@ def test_a_folder_of_files_holding_more_latents_than_the_first_loads_whole(tmp_p
     """The folder is read into room sized by the first file's count: later files holding more
     latents make it grow; every latent, in file order, with its label and name."""
     g = torch.Generator().manual_seed(0)
-    expected, names = [], []
+    expected = []
     for i, count in enumerate([1, 3, 3, 2, 3]):
         z = torch.randn(count, 2, 4, 4, generator=g)
         save_safetensors({"latent": z}, tmp_path / "lat" / f"c{i % 2}" / f"{i}.safetensors", metadata=dict(TOK))

@@ -341,8 +341,6 @@ def test_a_files_latents_are_held_out_together(tmp_path):
 def test_resume_names_what_it_was_given_instead_of_a_checkpoint(tmp_path, capsys, monkeypatch):
     """--resume PATH given a missing path, a file (a pack, say) or an exported model: said so,
     not a complaint about data.source or the config file's sections."""
-    from dito_fast.data.latents import pack_latents
-
     root = _latent_folder(tmp_path / "lat")
     pack_latents(root, tmp_path / "lat.safetensors", class_folders=True)
     train_dit(_config(root, steps=1), tmp_path / "run", progress=False)
