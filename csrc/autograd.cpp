@@ -200,15 +200,17 @@ struct FmNoiseBackward final : public Node {
   variable_list apply(variable_list&& grads) override {
     static const auto backward_op = find_op<FmNoiseBackwardSig>("dito_fast::fm_noise_backward");
     std::lock_guard<std::mutex> lock(mutex_);
+    // v has no history when neither x nor noise requires grad (t alone: v does not depend on it)
+    const Tensor grad_v = grads.size() > 1 ? grads[1] : Tensor();
     const bool want_t = task_should_compute_output(2) && grads[0].defined();
-    if ((!grads[0].defined() && !grads[1].defined()) ||
+    if ((!grads[0].defined() && !grad_v.defined()) ||
         !(task_should_compute_output(0) || task_should_compute_output(1) || want_t)) {
       return variable_list(3);
     }
     const Tensor t = t_.unpack();
     const Tensor x = want_t ? x_.unpack() : Tensor(), noise = want_t ? noise_.unpack() : Tensor();
     return once_differentiable("fm_noise", grads, {t, x, noise}, [&]() -> variable_list {
-      auto [grad_x, grad_noise] = call_below_autograd(backward_op, opt(grads[0]), opt(grads[1]), t, sigma_min_);
+      auto [grad_x, grad_noise] = call_below_autograd(backward_op, opt(grads[0]), opt(grad_v), t, sigma_min_);
       Tensor grad_t;
       if (want_t) {
         const auto acc = at::toOpMathType(x.scalar_type());
@@ -234,7 +236,7 @@ std::tuple<Tensor, Tensor> fm_noise_autograd(const Tensor& x, const Tensor& nois
   }
   node->sigma_min_ = sigma_min;
   torch::autograd::set_history(x_t, node);
-  torch::autograd::set_history(v, node);
+  if (needs_graph(x, noise)) torch::autograd::set_history(v, node);
   return {x_t, v};
 }
 

@@ -59,11 +59,16 @@ def winograd_tile(x: torch.Tensor) -> int:
     ``MIN_TILE4_TILES`` 4x4 output tiles, else 2; ``4`` or ``2`` forces one. F(4x4, 3x3) does 4x
     fewer GEMM multiply-adds than a direct convolution, F(2x2, 3x3) 2.25x fewer. The costs of
     F(4x4): float32 error up to ~1.3e-5 of the output's largest value (F(2x2) and oneDNN: 2e-7 to
-    1.8e-6), far below bfloat16's rounding; a transformed filter 4x the weight's size (F(2x2):
+    1.8e-6), below bfloat16's rounding where activations are of one scale; the error is that of
+    each 6x6 input tile's largest value, so an outlier spreads it to the outputs up to 3 pixels
+    around it whose own 3x3 windows do not hold it (one activation of 1e3 among N(0, 1) ones: 5e-3
+    on outputs of ~0.6, 0.8%; DITO_FAST_WINOGRAD_TILE=2 for activations with such outliers); a
+    transformed filter 4x the weight's size (F(2x2):
     1.8x), which training keeps for the backward and inference caches; a NaN input spreads over the
     whole 4x4 output tiles around it (F(2x2): exactly the direct convolution's NaN outputs), and an
     inf input gives NaN (inf - inf in the transforms) in the tiles around it where the direct
-    convolution gives inf, with either tile; the transforms also grow values (up to ~100x for
+    convolution gives inf, with either tile, and an inf filter tap makes its whole output channel
+    NaN (the direct convolution: +-inf); the transforms also grow values (up to ~100x for
     F(4x4)), so float32 inputs beyond ~1e36 (F(4x4)) or ~1e38 (F(2x2)) overflow where the direct
     convolution stays finite.
     """

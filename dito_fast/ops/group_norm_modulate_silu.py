@@ -138,6 +138,10 @@ def group_norm_modulate_silu(x, num_groups: int, weight=None, bias=None, scale=N
 
     x: (B, C, H, W) float, contiguous or channels_last (the output keeps x's layout);
     weight/bias: (C,); scale/shift: (B, C). Differentiable w.r.t. x and every parameter given.
+    A non-finite x value makes its own group (of its sample) non-finite, on every backend. Finite
+    groups whose squares overflow the dtype (|x| beyond ~1.8e19 in float32) are normalised as in
+    float64 by the cpp backend; ``ref`` (PyTorch's group norm) then gives NaN, the Triton kernel
+    normalises them to 0 (as, from its float32 sums, the CUDA kernel should: not run on a GPU here).
     """
     _check_x(x, num_groups, weight, bias, scale, shift, eps)
     return dispatch("group_norm_modulate_silu", _BACKENDS, backend, x, num_groups, weight, bias,

@@ -53,7 +53,10 @@ _BACKENDS = [
 def latent_layernorm(z: torch.Tensor, eps: float = 1e-5, backend: str | None = None) -> torch.Tensor:
     """Normalise each sample of ``z`` (B, C, H, W) to zero mean and unit variance over (C, H, W).
 
-    Float dtypes; contiguous or channels_last (kept). Differentiable.
+    Float dtypes; contiguous or channels_last (kept). Differentiable. Finite values whose squares
+    overflow the dtype (|z| beyond ~1.8e19 in float32) are normalised as in float64 by the cpp
+    backend; ``ref`` (PyTorch's layer norm) then gives NaN, the Triton kernel 0 (as, from its float32
+    sums, the CUDA kernel should: not run on a GPU here).
     """
     _check(z, eps)
     return dispatch("latent_layernorm", _BACKENDS, backend, z, float(eps))

@@ -124,6 +124,20 @@ def test_strided_per_sample_inputs(t_dtype):
     assert_close_to_ref(gp, ref, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["ref", pytest.param("cpp", marks=needs_cpp)])
+def test_v_has_no_history_when_only_t_requires_grad(backend):
+    """v = (1 - sigma_min) noise - x does not depend on t: with only t requiring grad, v carries
+    no graph (as the reference's), while x_t does; with x requiring grad, both do."""
+    x, e, t = _draw((2, 3, 4, 4), torch.float32)
+    t = t.float().requires_grad_()
+    xt, v = fm_noise(x, e, t, backend=backend)
+    assert xt.requires_grad and not v.requires_grad and v.grad_fn is None
+    (gt,) = torch.autograd.grad(xt.sum(), t)
+    assert torch.allclose(gt, (e * (1 - 1e-5) - x).sum((1, 2, 3)), rtol=1e-5)
+    xt, v = fm_noise(x.requires_grad_(), e, t, backend=backend)
+    assert xt.requires_grad and v.requires_grad
+
+
 @needs_cpp
 def test_fm_loss_independent_of_threads():
     p, y, _ = _draw((1, 3, 256, 256), torch.float32)

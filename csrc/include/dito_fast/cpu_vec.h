@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -203,6 +204,31 @@ inline void shifted_moments(const scalar_t* p, int64_t n, acc_t k, double& s1, d
     }
     s1 += hsum((a1[0] + a1[1]) + (a1[2] + a1[3]));
     s2 += hsum((a2[0] + a2[1]) + (a2[2] + a2[3]));
+  }
+}
+
+// Finite values with |x - k| above ~1.8e19 (float32) overflow the lanes' sum of squares: rstd
+// would come out 0 and the output silently 0 (or silu of the bias) for a finite input. Where the
+// lanes' sums s1, s2 are not finite, the group's values (rows of row_len values, row_stride
+// apart) are summed again in double, and those sums replace them when finite; a group holding
+// inf or NaN keeps the lanes' sums (its output is not finite, as before). Only that rare path
+// pays the extra pass.
+template <typename scalar_t>
+inline void refine_overflowed_moments(const scalar_t* p, int64_t rows, int64_t row_len, int64_t row_stride, double k,
+                                      double& s1, double& s2) {
+  if (std::isfinite(s1) && std::isfinite(s2)) return;
+  double d1 = 0, d2 = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* q = p + r * row_stride;
+    for (int64_t i = 0; i < row_len; ++i) {
+      const double d = static_cast<double>(q[i]) - k;
+      d1 += d;
+      d2 += d * d;
+    }
+  }
+  if (std::isfinite(d1) && std::isfinite(d2)) {
+    s1 = d1;
+    s2 = d2;
   }
 }
 

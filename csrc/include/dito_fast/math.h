@@ -230,7 +230,9 @@ C10_HOST_DEVICE inline void moments_to_mean_rstd(A shifted_sum, A shifted_sumsq,
 
 // ---- GroupNorm -> (1 + scale), shift -> SiLU, folded per (sample, channel) ----------------------
 // a = ((x - mean) rstd w + b)(1 + s) + sh = x alpha + beta, so the forward is one FMA (+ SiLU)
-// per element. w = 1, b = 0, s = 0, sh = 0 when the optional tensor is absent.
+// per element. w = 1, b = 0, s = 0, sh = 0 when the optional tensor is absent. An infinite
+// parameter (w, b, s or sh: a diverged run) makes the channel NaN (x alpha + beta is inf - inf)
+// where the unfolded form gives +-inf; finite parameters with a non-finite x agree with it.
 template <typename A>
 struct GnmsCoef {
   A alpha;

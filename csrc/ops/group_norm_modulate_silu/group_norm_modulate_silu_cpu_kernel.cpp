@@ -159,6 +159,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       const acc_t k = static_cast<acc_t>(xg[0]);
       double s1 = 0, s2 = 0;
       shifted_moments(xg, Cg * HW, k, s1, s2);
+      refine_overflowed_moments(xg, 1, Cg * HW, 0, static_cast<double>(k), s1, s2);
       double mean, rstd;
       math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), k, eps, mean, rstd);
       mean_out[bg] = static_cast<acc_t>(mean);
@@ -359,6 +360,7 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
       }
       double mean, rstd;
       const double k = kc[b * C + g * Cg];
+      refine_overflowed_moments(x + b * HW * C + g * Cg, HW, Cg, C, k, s1, s2);
       math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(Cg * HW), k, eps, mean, rstd);
       const acc_t m = mean_out[b * G + g] = static_cast<acc_t>(mean);
       const acc_t r = rstd_out[b * G + g] = static_cast<acc_t>(rstd);

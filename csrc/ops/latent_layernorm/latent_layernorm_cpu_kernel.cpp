@@ -28,6 +28,7 @@ void latent_layernorm_kernel(const at::TensorBase& z, double eps, const at::Tens
         const acc_t k = static_cast<acc_t>(p[0]);
         double s1 = 0, s2 = 0;
         shifted_moments(p, N, k, s1, s2);
+        refine_overflowed_moments(p, 1, N, 0, static_cast<double>(k), s1, s2);
         double mean, r;
         math::moments_to_mean_rstd<double>(s1, s2, static_cast<double>(N), k, eps, mean, r);
         rp[b] = static_cast<acc_t>(r);

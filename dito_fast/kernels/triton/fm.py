@@ -186,6 +186,8 @@ if HAS_TRITON:
         ctx.save_for_backward(t, *((x, noise) if ctx.needs_input_grad[2] else ()))
         ctx.sigma_min = sigma_min
         ctx.x_dtype, ctx.noise_dtype = x.dtype, noise.dtype
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            ctx.mark_non_differentiable(output[1])  # v does not depend on t
 
     def _fm_noise_backward(ctx, grad_xt, grad_v):
         t, *x_noise = ctx.saved_tensors
