@@ -548,7 +548,8 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
         output: "uint8" -> uint8 (B, 3, h*f, w*f) in [0, 255]; "float" -> float32 in [-1, 1].
             Always on the CPU.
         progress: True for a tqdm bar over UNet evaluations, False/None, or an object with
-            ``update(n)``.
+            ``update(n)``. A chunk decoded again in float32 adds its evaluations to the bar's
+            ``total`` (where it has one).
 
     Weights: on the CPU, inference keeps each 3x3 convolution's Winograd-transformed filters
     until the weight changes (its version counter moves: ``load_state_dict``, optimizer steps,
@@ -645,6 +646,10 @@ def fast_decode(model: DiTo, z: torch.Tensor, *, steps: int | None = None, sampl
                     # Half precision overflowed (activations beyond fp16's 65504, say): redo in fp32.
                     logger.warning("fast_decode: %s produced non-finite values for latents %d..%d; "
                                    "decoding them again in float32", autocast_dtype, i, i + zc.shape[0] - 1)
+                    if getattr(bar, "total", None) is not None:  # a tqdm bar: the redo is more work
+                        bar.total += evals_per_chunk
+                        if hasattr(bar, "refresh"):
+                            bar.refresh()
                     x = run(zc, nc, None)
                     finite = bool(torch.isfinite(x).all())
                 if not finite:

@@ -259,6 +259,17 @@ def test_float16_overflow_falls_back_to_float32(micro_model, images, caplog):
     assert torch.equal(guarded, fp32)
     assert sum("decoding them again in float32" in r.message for r in caplog.records) == 2  # both chunks
 
+    class Bar:  # tqdm's interface: a redone chunk is more work, so the total grows with the updates
+        total, n = 4, 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    dito_fast.fast_decode(micro_model, z, steps=2, sampler="euler", seed=0, dtype=torch.float16, max_batch=2,
+                          progress=bar)
+    assert bar.n == bar.total == 8
+
 
 # --------------------------------------------------------------------------------------------
 # CUDA graphs: the cache and the capture contract, with the eager twin of the capture

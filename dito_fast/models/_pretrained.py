@@ -18,14 +18,34 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+SAVED_CONFIG_KEY = "config"  # model.safetensors metadata: the config.json content saved with the weights
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """The settings (dotted names) whose values differ between two configs' JSON content, each as
+    ``name (saved value -> current value)``; [] when they agree."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key, "absent"), current.get(key, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({json.dumps(a)} -> {json.dumps(b)})")
+    return out
+
+
 def save_pretrained(module: nn.Module, settings: dict, directory: str | os.PathLike) -> None:
     """Write ``settings`` as config.json and ``module``'s state dict as model.safetensors (each
-    atomically) into ``directory`` (created if missing)."""
-    from ..train.checkpoint import atomic_write_json, save_safetensors
+    atomically) into ``directory`` (created if missing). The weights' metadata hold the config as
+    well, so a reader that meets the two files of different saves (one written over the other
+    while it loads, or a save cut off between its two files) refuses them, naming the settings
+    that differ, instead of pairing one model's weights with another's settings."""
+    from ..train.checkpoint import atomic_write_json, finite_json, save_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_safetensors(module.state_dict(), directory / WEIGHTS_NAME)
+    data = json.loads(json.dumps(finite_json(settings), allow_nan=False))  # what config.json will read back
+    save_safetensors(module.state_dict(), directory / WEIGHTS_NAME, metadata={SAVED_CONFIG_KEY: json.dumps(data)})
     atomic_write_json(settings, directory / CONFIG_NAME)
 
 
@@ -86,11 +106,12 @@ def state_mismatch(model: nn.Module | dict, state: dict) -> str:
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k}: {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
-    if not (missing or unexpected or wrong):
+    kind = [f"{k}: {state[k].dtype} (model {v.dtype})" for k, v in expected.items()
+            if k in state and state[k].is_floating_point() != v.is_floating_point()]
+    if not (missing or unexpected or wrong or kind):
         return ""
-    return (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-            f"size mismatch {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
+    parts = {"missing": missing, "unexpected": unexpected, "size mismatch": wrong, "dtype mismatch": kind}
+    return ", ".join(f"{what} {names[:5]}{'...' if len(names) > 5 else ''}" for what, names in parts.items() if names)
 
 
 def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], Any],
@@ -102,7 +123,15 @@ def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], 
     ``parse_config(json_data)`` turns config.json's content into a config, raising KeyError,
     TypeError or ValueError when it is not one; ``build(config)`` makes the module (run on the meta
     device). Errors name the file at fault: a missing directory or file, unreadable JSON or
-    weights, tensors that do not match the config."""
+    weights, tensors that do not match the config, a config and weights of two different saves
+    (:func:`save_pretrained` stores the config with the weights). The parameters are normal tensors (not inference tensors)
+    even when loaded under ``torch.inference_mode``."""
+    with torch.inference_mode(False):
+        return _load_pretrained(directory, parse_config, build, map_location, dtype)
+
+
+def _load_pretrained(directory, parse_config, build, map_location, dtype) -> nn.Module:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
@@ -140,6 +169,8 @@ def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], 
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"invalid model config {cfg_path}: {e}") from None
     try:
+        with safe_open(str(w_path), "pt") as f:
+            saved_config = (f.metadata() or {}).get(SAVED_CONFIG_KEY)
         state = load_file(str(w_path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"cannot read weights {w_path}: {e}") from None
@@ -151,5 +182,14 @@ def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], 
     problem = state_mismatch(model, state)
     if problem:
         raise ValueError(f"weights {w_path} do not match config {cfg_path}: {problem}")
+    try:
+        changed = config_differences(json.loads(saved_config), data) if saved_config is not None else []
+    except (json.JSONDecodeError, AttributeError):  # not a dict: not our metadata
+        changed = []
+    if changed:
+        raise ValueError(f"{cfg_path} is not the config {w_path} was saved with: {', '.join(changed[:5])}"
+                         f"{'...' if len(changed) > 5 else ''} (the folder is being written, a save stopped "
+                         "between its two files, or config.json was edited); load it again once it is written, "
+                         "or save the model again")
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype).eval()

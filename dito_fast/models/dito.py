@@ -43,8 +43,10 @@ def check_images(x: torch.Tensor, factor: int, name: str = "images") -> None:
     if x.shape[0] == 0:
         raise ValueError(f"{name}: empty batch")
     H, W = x.shape[-2:]
-    if H % factor or W % factor:
-        raise ValueError(f"{name}: height and width must be multiples of {factor}, got {H}x{W}")
+    if H == 0 or W == 0 or H % factor or W % factor:
+        raise ValueError(f"{name}: height and width must be positive multiples of {factor}, got {H}x{W}")
+    if x.is_meta:
+        raise ValueError(f"{name} are on the meta device (shapes without values); give real tensors")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contain NaN or inf values")
     lo, hi = float(x.min()), float(x.max())
@@ -66,10 +68,14 @@ def check_latents(z: torch.Tensor, channels: int, latent_factor: int = 1, factor
         raise TypeError(f"latents must be floating point, got dtype {z.dtype}")
     if z.shape[0] == 0:
         raise ValueError("latents: empty batch")
+    if z.shape[-2] == 0 or z.shape[-1] == 0:
+        raise ValueError(f"latents must have a height and width of at least 1, got {tuple(z.shape)}")
     H, W = z.shape[-2] * latent_factor, z.shape[-1] * latent_factor
     if H % factor or W % factor:
         raise ValueError(f"latents of {z.shape[-2]}x{z.shape[-1]} give {H}x{W} images; the decoder needs "
                          f"multiples of {factor} pixels")
+    if z.is_meta:
+        raise ValueError("latents are on the meta device (shapes without values); give real tensors")
     if not torch.isfinite(z).all():
         raise ValueError("latents contain NaN or inf values")
 

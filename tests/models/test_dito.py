@@ -4,6 +4,7 @@ save/load, seeded decoding and input validation."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 
@@ -342,6 +343,56 @@ def test_from_pretrained_weights_not_matching_config_shapes(micro_model, tmp_pat
     assert WEIGHTS_NAME in str(e.value) and "size mismatch" in str(e.value)
 
 
+def test_from_pretrained_refuses_weights_and_config_of_two_saves(micro_model, tmp_path):
+    """A folder whose model.safetensors comes from another save than its config.json (written over
+    while a service reloads it, or a save stopped between its two files) is refused, even where
+    the shapes agree (a setting that changes no shape would decode wrong images); weights saved
+    without the digest (older saves, other tools) still load."""
+    from safetensors.torch import save_file
+
+    from dito_fast.models._pretrained import SAVED_CONFIG_KEY
+
+    micro_model.save_pretrained(tmp_path / "a")
+    other = copy.deepcopy(micro_model)
+    other.config = dataclasses.replace(other.config, flow=dataclasses.replace(other.config.flow, sigma_min=1e-3))
+    other.save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / WEIGHTS_NAME).replace(tmp_path / "a" / WEIGHTS_NAME)  # b's weights, a's config
+    with pytest.raises(ValueError, match=r"is not the config .* was saved with: flow.sigma_min \(0.001 -> 1e-05\)") as e:
+        DiTo.from_pretrained(tmp_path / "a")
+    assert CONFIG_NAME in str(e.value) and WEIGHTS_NAME in str(e.value)
+    state = {k: v.contiguous() for k, v in micro_model.state_dict().items()}
+    save_file(state, tmp_path / "a" / WEIGHTS_NAME)  # no metadata
+    assert DiTo.from_pretrained(tmp_path / "a").config == micro_model.config
+    saved = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    saved["decoder"]["timescale"] = 2.0  # not a setting of the decoder: named as one config lacks it
+    save_file(state, tmp_path / "a" / WEIGHTS_NAME, metadata={SAVED_CONFIG_KEY: json.dumps(saved)})
+    with pytest.raises(ValueError, match=r"decoder.timescale \(2.0 -> \"absent\"\)"):
+        DiTo.from_pretrained(tmp_path / "a")
+
+
+def test_from_pretrained_names_integer_weights(micro_model, tmp_path):
+    from safetensors.torch import save_file
+
+    micro_model.save_pretrained(tmp_path)
+    state = {k: v.to(torch.int32).contiguous() for k, v in micro_model.state_dict().items()}
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="dtype mismatch") as e:
+        DiTo.from_pretrained(tmp_path, dtype=torch.float32)
+    assert str(tmp_path / WEIGHTS_NAME) in str(e.value) and "torch.int32" in str(e.value)
+
+
+def test_from_pretrained_under_inference_mode_gives_trainable_parameters(micro_model, images, tmp_path):
+    """A service that loads at start-up under inference_mode still gets normal parameters: encode
+    with autograd on (and training) work afterwards outside it."""
+    micro_model.save_pretrained(tmp_path)
+    with torch.inference_mode():
+        loaded = DiTo.from_pretrained(tmp_path)
+    assert not any(p.is_inference() for p in loaded.parameters())
+    assert all(p.requires_grad for p in loaded.parameters())
+    loaded.encode(images).sum().backward()
+    assert loaded.encoder.conv_in.weight.grad is not None
+
+
 # --------------------------------------------------------------------------------------------
 # bad inputs
 
@@ -357,6 +408,8 @@ def test_from_pretrained_weights_not_matching_config_shapes(micro_model, tmp_pat
     (torch.zeros(1, 3, 30, 32), ValueError, "multiples of 8"),
     (torch.zeros(1, 3, 32, 36), ValueError, "multiples of 8"),
     (torch.zeros(0, 3, 32, 32), ValueError, "empty batch"),
+    (torch.zeros(1, 3, 0, 32), ValueError, "positive multiples of 8"),
+    (torch.zeros(1, 3, 32, 32, device="meta"), ValueError, "meta device"),
     (torch.zeros(1, 3, 32, 32).numpy(), TypeError, "torch.Tensor"),
     (torch.zeros(1, 3, 32, 32, dtype=torch.float16), TypeError, "images are torch.float16 but the model's weights"),
     (torch.zeros(1, 3, 32, 32, dtype=torch.float64), TypeError, "images are torch.float64 but the model's weights"),
@@ -405,6 +458,9 @@ def test_decode_warns_of_non_finite_output(micro_model, images, caplog):
     (torch.full((1, 4, 4, 4), float("nan")), {}, ValueError, "NaN"),
     (torch.zeros(1, 4, 4, 4, dtype=torch.int64), {}, TypeError, "floating"),
     (torch.zeros(0, 4, 4, 4), {}, ValueError, "empty batch"),
+    (torch.zeros(1, 4, 0, 4), {}, ValueError, "height and width of at least 1"),
+    (torch.zeros(2, 4, 0, 0), {}, ValueError, "height and width of at least 1"),
+    (torch.zeros(1, 4, 4, 4, device="meta"), {}, ValueError, "latents are on the meta device"),
     (torch.zeros(1, 4, 4, 4), {"steps": 0}, ValueError, "steps must be an integer >= 1"),
     (torch.zeros(1, 4, 4, 4), {"steps": 2.5}, ValueError, "steps must be an integer >= 1"),
     (torch.zeros(1, 4, 4, 4), {"sampler": "rk4"}, ValueError, "unknown sampler 'rk4'"),
