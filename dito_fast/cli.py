@@ -461,6 +461,18 @@ def cmd_pack_latents(args) -> int:
         raise UsageError(f"--out {_shown(out)} is a folder; a pack is one file (e.g. {_shown(out)}.safetensors)")
     if out.exists() and not args.overwrite:
         raise UsageError(f"{_shown(out)} exists (--overwrite replaces it)")
+    # the temporary files of an earlier pack-latents to --out that was killed (.NAME.XXXXXXXX.tmp
+    # next to it); one still running writes such a file too, so they are named, not deleted
+    with contextlib.suppress(OSError):  # (a folder still to be made)
+        stale = sorted((f.name, f.stat(follow_symlinks=False).st_size) for f in os.scandir(out.parent)
+                       if f.name.startswith(f".{out.name}.") and f.name.endswith(".tmp"))
+        if stale:
+            listed = ", ".join(f"{_shown(name)} ({n / 2**30:.2f} GiB)" if n >= 2**30 else
+                               f"{_shown(name)} ({n / 2**20:.1f} MiB)" for name, n in stale[:5])
+            print(f"warning: {len(stale)} temporary file(s) of an earlier pack-latents to {_shown(out)}: {listed}"
+                  f"{', ...' if len(stale) > 5 else ''} in {_shown(out.parent)}; a pack-latents killed before it "
+                  "finished leaves its file behind: delete them unless one to this --out is running now",
+                  file=sys.stderr)
     packed = pack_latents(args.folder, out, args.class_folders, progress=sys.stderr.isatty(), overwrite=args.overwrite)
     classes = f", {len(packed.classes)} classes" if args.class_folders else ", unconditional (no labels)"
     print(f"{_shown(out)}: {len(packed)} latents of {'x'.join(map(str, packed.shape))}{classes}; train with "
@@ -474,6 +486,7 @@ def cmd_decode(args) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    from .data.latents import safetensors_files
     from .decode import fast_decode
     from .eval.report import save_image
 
@@ -483,12 +496,13 @@ def cmd_decode(args) -> int:
     fingerprint = model_fingerprint(model)
     out = Path(args.out)
     # latent file -> its images' path without the ending: a folder's files (recursive, as encode
-    # writes them) mirror their subfolders under --out, a named file goes to --out itself
+    # writes them, symlinked folders followed) mirror their subfolders under --out, a named file
+    # goes to --out itself
     bases: dict[Path, Path] = {}
     for inp in args.inputs:
         p = Path(inp)
         if p.is_dir():
-            for f in sorted(p.rglob("*.safetensors")):
+            for f in safetensors_files(p):
                 bases.setdefault(f, out / f.relative_to(p).with_suffix(""))
         else:
             bases.setdefault(p, out / p.stem)
@@ -726,6 +740,7 @@ def cmd_evaluate(args) -> int:
 def cmd_fid(args) -> int:
     from tqdm.auto import tqdm
 
+    from .data.latents import is_latent_pack
     from .eval.evaluate import image_batches, image_set_stats
     from .eval.fid import FID_DIM, FeatureStats, InceptionFeatures, comparability, frechet_distance
     from .train import distributed
@@ -739,6 +754,10 @@ def cmd_fid(args) -> int:
     loaded = {}
     for k, name in enumerate(sides):  # before any image is read
         if given[k]:
+            if is_latent_pack(name):
+                raise UsageError(f"{_shown(name)} is a latent pack (dito-fast pack-latents), not FID statistics or "
+                                 "images: FID compares images; decode latents into images first (dito-fast decode), "
+                                 "or give an image folder or a statistics file")
             loaded[k] = FeatureStats.load(name)
             if loaded[k].dim != FID_DIM:
                 raise UsageError(f"{_shown(name)}: statistics of {loaded[k].dim}-dimensional features, the FID "
@@ -1351,6 +1370,13 @@ def _sigterm_handled(train: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        # a fatal signal (SIGBUS: a memory-mapped latent pack cut short under a run) ends the
+        # process with its Python stack on stderr, not without a word
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # (a stderr without a file descriptor)
+            faulthandler.enable()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -292,6 +292,36 @@ def test_decode_batch_file_writes_one_png_per_latent(trained, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "d").glob("*.png")) == [f"batch_{i}.png" for i in range(3)]
 
 
+def test_decode_follows_symlinked_folders_each_once(trained, tmp_path):
+    """A linked subfolder is decoded like a real one (mirrored under --out); a link back up the
+    tree is no loop."""
+    out, _, _, _ = trained
+    lat = tmp_path / "lat"
+    (tmp_path / "elsewhere").mkdir()
+    save_file({"latent": torch.randn(1, 4, 2, 2)}, str(tmp_path / "elsewhere" / "b.safetensors"))
+    (lat / "real").mkdir(parents=True)
+    save_file({"latent": torch.randn(1, 4, 2, 2)}, str(lat / "real" / "a.safetensors"))
+    (lat / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (lat / "real" / "up").symlink_to(lat, target_is_directory=True)
+    assert main(["decode", str(out / "model"), str(lat), "--out", str(tmp_path / "d"), "--steps", "1"]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "d")) for p in (tmp_path / "d").rglob("*.png")) == [
+        "linked/b.png", "real/a.png"]
+
+
+def test_a_fatal_signal_prints_the_stack(tmp_path):
+    """SIGBUS (a memory-mapped pack cut short under a run) or another fatal signal ends the
+    command with Python's stack on stderr (faulthandler), not without a word."""
+    import signal
+
+    code = ("import os, signal, dito_fast.cli as cli\n"
+            "cli.cmd_info = lambda args: os.kill(os.getpid(), signal.SIGBUS)\n"
+            "cli.main(['info'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stderr)
+    assert "Fatal Python error: Bus error" in proc.stderr and "cli.py" in proc.stderr and "in main" in proc.stderr, \
+        proc.stderr
+
+
 def test_dry_run_prints_resolved_config(capsys):
     assert main(["train", "--preset", "dito-S", "--dry-run", "--steps", "7", "--lr", "3e-4", "--dist-timeout", "45",
                  "--set", "model.flow.noise_sync_prob=0.1", "--set", "model.decoder.level_channels=[32,64,64,64]",

@@ -5,17 +5,23 @@ Two forms of one set:
 - **a folder** written by ``dito-fast encode``: one ``.safetensors`` file per image, key
   ``latent``, shape (1, c, h, w) (files holding several latents, as ``encode --flip`` writes,
   give one sample each),
-  searched recursively; with ``class_folders`` each latent's label is its top-level subfolder
+  searched recursively (symlinked folders followed, each real folder once); with
+  ``class_folders`` each latent's label is its top-level subfolder
   (folders sorted by name -> 0..K-1, as ``encode`` mirrors an image folder's class folders).
   Reading it opens every file (6,000-10,000 files/s here: minutes for ImageNet-1k's 1.28 M) and
   holds the latents in the process's own memory (16 KiB per 4x32x32 latent: ~21 GB).
 - **a pack** (:func:`pack_latents`, ``dito-fast pack-latents``): the folder's readable latents in
   one safetensors file (tensors ``latents`` (N, c, h, w) float32, ``labels`` (N,) int32 when
-  packed with class folders, ``names`` the files' relative paths, UTF-8, NUL-separated; metadata
-  ``format``, ``classes``, ``tokenizer``; ``skipped``, the unreadable files left out, as JSON).
-  Opening it reads the names and labels; the latents are memory-mapped, so the processes of a
-  torchrun job on one machine share one copy in the page cache, and a restart does not read the
-  files again.
+  packed with class folders, ``names`` the files' relative paths NUL-separated, as the file
+  system's bytes (:func:`os.fsencode`: UTF-8 where a name is, any other bytes kept; read back
+  with ``surrogateescape``); metadata ``format``, ``classes``, ``tokenizer``; ``skipped``, the
+  unreadable files left out, as JSON). Opening it reads the names and labels; the latents are
+  memory-mapped, so the processes of a torchrun job on one machine share one copy in the page
+  cache, and a restart does not read the files again. The pack is written read-only: it is read
+  during a run, and one written over in place (``cp``, ``rsync --inplace``) would change or cut
+  the latents under the run (a read past the new end kills the process with SIGBUS); replace it
+  by renaming a new file onto it (``pack-latents --overwrite``, ``mv``), which the runs that
+  have the old one open do not see.
 
 Either loads as a :class:`LatentSet` whose :meth:`LatentSet.describe` is the same for a folder and
 its pack (a run started on one resumes on the other). Unreadable or corrupt files (bad header,
@@ -32,6 +38,7 @@ import os
 import signal
 import struct
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +49,13 @@ logger = logging.getLogger(__name__)
 
 PACK_FORMAT = "dito_fast.latent_pack"
 PACK_VERSION = "1"
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}  # safetensors' names
+# other safetensors dtypes, by torch's names (in messages)
+_OTHER_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+                 "F4": "float4_e2m1fn_x2", "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16",
+                 "I16": "int16", "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64"}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's length
+PACK_INSIDE = "a latent pack (dito-fast pack-latents) inside the folder; give the pack itself as --data"
 
 
 @dataclass
@@ -105,9 +119,23 @@ class LatentSet:
 # folders
 
 
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The ``.safetensors`` files under the folder ``folder``, as ``folder / relative path``,
+    sorted as paths: recursive, symlinked folders followed, each real folder entered once (so a
+    link back up the tree is no loop; see :func:`dito_fast.data.folder.list_image_files`)."""
+    from .folder import list_image_files
+
+    root = Path(folder)
+    base = os.path.abspath(root)
+    found = (root / os.path.relpath(f, base) for f in list_image_files(root, (".safetensors",))
+             if f.endswith(".safetensors"))  # (that matches endings in any case)
+    return sorted(f for f in found if f.is_file())  # (not a dangling link)
+
+
 def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], list[str]]:
-    """(the ``.safetensors`` files under ``folder``, sorted; the class folders' names, sorted, or
-    []). Raises FileNotFoundError / NotADirectoryError / ValueError (no files; with
+    """(the ``.safetensors`` files under ``folder`` (:func:`safetensors_files`), sorted; the class
+    folders' names, sorted, or []). Raises FileNotFoundError (``folder`` missing, or no
+    ``.safetensors`` file under it), NotADirectoryError (``folder`` is a file), ValueError (with
     ``class_folders``, a file outside any class folder)."""
     root = Path(folder)
     if not root.exists():
@@ -115,7 +143,7 @@ def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], l
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder of latents: {root} (write one with dito-fast encode MODEL IMAGES --out "
                                 "LATENTS)")
-    files = sorted(f for f in root.rglob("*.safetensors") if f.is_file())
+    files = safetensors_files(root)
     if not files:
         raise FileNotFoundError(f"no .safetensors latents in {root} (write them with dito-fast encode MODEL IMAGES "
                                 "--out LATENTS)")
@@ -130,19 +158,59 @@ def latent_files(folder: str | Path, class_folders: bool) -> tuple[list[Path], l
     return files, classes
 
 
+def _read_header(fh) -> tuple[dict, bytes]:
+    """(the JSON header, the bytes read: its 8-byte length and the header) of the safetensors file
+    ``fh``, open in binary at its start; ValueError if it has none. Reads nothing past the header."""
+    head = fh.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{len(head)} bytes: too short for a safetensors file")
+    n = int.from_bytes(head, "little")
+    if not 2 <= n <= _MAX_HEADER:
+        raise ValueError(f"header length {n} is not that of a safetensors file")
+    raw = fh.read(n)
+    if len(raw) < n:
+        raise ValueError(f"the file ends inside its {n}-byte header (truncated)")
+    header = json.loads(raw)  # (bad UTF-8 or JSON: ValueErrors)
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, head + raw
+
+
+def is_latent_pack(path: str | Path) -> bool:
+    """Whether the file ``path`` is a latent pack, by its header alone (False for anything else,
+    an unreadable file too)."""
+    try:
+        with open(path, "rb") as fh:
+            meta = _read_header(fh)[0].get("__metadata__")
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == PACK_FORMAT
+
+
 def _read(path: Path) -> tuple[torch.Tensor, dict]:
     """(latent, metadata) of one file; ValueError, OSError or SafetensorError if it cannot serve.
-    Read as bytes (safetensors opens only paths that are valid UTF-8; encode writes any name)."""
+    The header is read first: a file without a floating 'latent' tensor (a pack, a model's
+    weights) is refused from it, unread. Read as bytes (safetensors opens only paths that are
+    valid UTF-8; encode writes any name)."""
     from safetensors.torch import load
 
-    data = path.read_bytes()
+    with open(path, "rb") as fh:
+        header, head = _read_header(fh)
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("the header's __metadata__ is not a JSON object")
+        entry = header.get("latent")
+        if not isinstance(entry, dict):
+            raise ValueError(PACK_INSIDE if meta.get("format") == PACK_FORMAT else "no 'latent' tensor")
+        dtype = entry.get("dtype")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"latent of dtype {_OTHER_DTYPES.get(dtype, dtype)} not supported; latents must be "
+                             f"{'/'.join(FLOAT_DTYPES.values())}")
+        data = head + fh.read()
     try:
-        tensors = load(data)  # (checks the header, which the metadata is then read from)
+        tensors = load(data)  # (checks the whole file)
     except (KeyError, TypeError, NotImplementedError) as e:  # a dtype torch has no type for (F4, F8_E8M0, ...)
         raise ValueError(f"a tensor of a dtype torch cannot read ({type(e).__name__}: {e})") from None
-    meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
-    if "latent" not in tensors:
-        raise ValueError("no 'latent' tensor")
     z = tensors["latent"]
     if z.dim() != 4 or z.shape[0] < 1 or not z.is_floating_point():
         raise ValueError(f"latent {z.dtype} {tuple(z.shape)}, expected floating (n, c, h, w)")
@@ -288,16 +356,20 @@ def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = Fals
                  progress: bool | None = None, overwrite: bool = True) -> LatentSet:
     """Write the readable latents under ``folder`` (a folder ``encode`` wrote) into the pack
     ``out`` (see the module docstring), streaming: the latents pass through memory one file at a
-    time. Written atomically (a temporary file renamed onto ``out``; ``overwrite=False``:
-    FileExistsError if ``out`` exists by then). Returns the pack, opened; its ``skipped``, the
-    files left out, are also in the pack."""
-    from ..train.checkpoint import atomic_write
-
+    time. Written atomically and read-only (a temporary file, made read-only, renamed onto
+    ``out``). ``out`` a folder: IsADirectoryError; ``overwrite=False``: FileExistsError if ``out``
+    exists, before anything is read, or by the time it is written. A write error (a full disk)
+    raises OSError naming ``out``, nothing left behind. Returns the pack, opened; its
+    ``skipped``, the files left out, are also in the pack."""
     root, out = Path(folder), Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"the pack {out} is a folder; a pack is one file (e.g. {out / 'latents.safetensors'})")
+    if not overwrite and os.path.lexists(out):
+        raise FileExistsError(f"the pack {out} exists (overwrite=True replaces it)")
     reader = _FolderReader(root, class_folders, progress)  # (raises before anything is written)
     if out.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"the pack {out} would be inside the folder it packs ({root}): write it elsewhere")
-    if os.fsencode(out).decode("utf-8", "replace") != str(out):
+    if not _utf8(out):
         raise ValueError(f"the pack's path {os.fsencode(out).decode('utf-8', 'backslashreplace')} is not valid "
                          "UTF-8, which safetensors needs to open it: choose another name")
     labels: list[int] = []
@@ -317,35 +389,78 @@ def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = Fals
                 "tokenizer": json.dumps(tokenizer)}
         return json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            n, reserved = 0, None
-            for z, rel, label in reader:
-                if reserved is None:  # room for the final header: counts of 20 digits, and slack
-                    reserved = len(header(10**19, 10**19, 10**19, reader.tokenizer)) + _HEADER_SLACK
-                    reserved += -reserved % 8  # (the data starts 8-byte aligned)
-                    f.write(b"\0" * (8 + reserved))
-                f.write(z.contiguous().numpy().tobytes())
-                n += z.shape[0]
-                labels.extend([label] * z.shape[0])
-                names.extend(("\0".join([rel] * z.shape[0]) + "\0").encode("utf-8", "surrogateescape"))
-            reader.finish()
-            if class_folders:
-                f.write(torch.tensor(labels, dtype=torch.int32).numpy().tobytes())
-            f.write(names)
-            skipped = json.dumps(reader.skipped, ensure_ascii=False).encode("utf-8", "surrogateescape")
-            f.write(skipped)
-            head = header(n, len(names), len(skipped), reader.tokenizer)
-            if len(head) > reserved:
-                raise ValueError(f"the pack's header ({len(head)} bytes) outgrew its room ({reserved}): the files' "
-                                 f"tokenizer metadata is too long ({str(reader.tokenizer)[:200]}...)")
-            f.seek(0)
-            f.write(struct.pack("<Q", reserved) + head + b" " * (reserved - len(head)))  # (JSON may end in spaces)
+    def write(f):
+        n, reserved = 0, None
+        for z, rel, label in reader:
+            if reserved is None:  # room for the final header: counts of 20 digits, and slack
+                reserved = len(header(10**19, 10**19, 10**19, reader.tokenizer)) + _HEADER_SLACK
+                reserved += -reserved % 8  # (the data starts 8-byte aligned)
+                f.write(b"\0" * (8 + reserved))
+            f.write(z.contiguous().numpy().tobytes())
+            n += z.shape[0]
+            labels.extend([label] * z.shape[0])
+            names.extend(("\0".join([rel] * z.shape[0]) + "\0").encode("utf-8", "surrogateescape"))
+        reader.finish()
+        if class_folders:
+            f.write(torch.tensor(labels, dtype=torch.int32).numpy().tobytes())
+        f.write(names)
+        skipped = json.dumps(reader.skipped, ensure_ascii=False).encode("utf-8", "surrogateescape")
+        f.write(skipped)
+        head = header(n, len(names), len(skipped), reader.tokenizer)
+        if len(head) > reserved:
+            raise ValueError(f"the pack's header ({len(head)} bytes) outgrew its room ({reserved}): the files' "
+                             f"tokenizer metadata is too long ({str(reader.tokenizer)[:200]}...)")
+        f.seek(0)
+        f.write(struct.pack("<Q", reserved) + head + b" " * (reserved - len(head)))  # (JSON may end in spaces)
 
-    atomic_write(out, write, replace=overwrite)
+    try:
+        _write_read_only(out, write, replace=overwrite)
+    except OSError as e:
+        if isinstance(e, FileExistsError) and e.errno is None:  # (appeared meanwhile: the message names it)
+            raise
+        error = type(e)(f"cannot write the pack {out} ({e.strerror or e}); nothing was written")
+        error.errno = e.errno
+        raise error from None
     logger.info("packed %d latents from %d files of %s into %s (%d unreadable files left out)", len(labels),
                 len(reader.files) - len(reader.skipped), root, out, len(reader.skipped))
     return _load_pack(out, class_folders)
+
+
+def _write_read_only(out: Path, write, replace: bool) -> None:
+    """``write(f)`` into a temporary file next to ``out`` (``.NAME.XXXXXXXX.tmp``, as
+    :func:`dito_fast.train.checkpoint.atomic_write` names its), synced, made read-only (0o444
+    less the umask) and renamed onto ``out`` (``replace=False``: FileExistsError if ``out``
+    exists by then, kept). Readers see the old file or the whole new one; and since a pack is
+    read during the runs that map it, ``cp`` over it is refused (for users other than root)
+    where it would change the latents under them. Any error removes the temporary file."""
+    from ..train.checkpoint import _UMASK, _fsync_dir, _link_new
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with open(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o444 & ~_UMASK)
+        if replace:
+            os.replace(tmp, out)
+        else:
+            _link_new(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(out.parent)
+
+
+def _utf8(path: Path) -> bool:
+    """Whether ``path`` is valid UTF-8 (safetensors opens no other path)."""
+    return os.fsencode(path).decode("utf-8", "replace") == str(path)
+
+
+def _shown(path: Path) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def is_pack(path: str | Path) -> bool:
@@ -358,6 +473,9 @@ def _open_pack(path: Path, read):
     the file for anything that is not a readable pack of this version."""
     from safetensors import safe_open
 
+    if not _utf8(path):
+        raise ValueError(f"{_shown(path)}: the path is not valid UTF-8, and safetensors cannot open such a path: "
+                         "rename the pack, or move it to a folder whose path is UTF-8")
     try:
         with safe_open(str(path), "pt") as h:
             meta, keys = h.metadata() or {}, set(h.keys())
@@ -420,16 +538,24 @@ def _load_pack(path: Path, class_folders: bool) -> LatentSet:
 # either
 
 
+def _existing(source: str | Path) -> Path:
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no such latent folder or pack: {_shown(path)}")
+    return path
+
+
 def load_latents(source: str | Path, class_folders: bool = False, progress: bool | None = None) -> LatentSet:
     """The latents of ``source``: a folder ``encode`` wrote (read into memory) or a pack
-    (memory-mapped); see the module docstring."""
-    path = Path(source)
+    (memory-mapped); see the module docstring. FileNotFoundError if there is neither."""
+    path = _existing(source)
     return _load_pack(path, class_folders) if is_pack(path) else _load_folder(path, class_folders, progress)
 
 
 def latent_shape(source: str | Path) -> tuple[int, int, int]:
     """(c, h, w) of ``source``'s latents: a pack's, or a folder's first readable file's
     (unreadable ones are left to :func:`load_latents`, which skips and counts them)."""
+    _existing(source)
     if is_pack(source):
         return _pack_info(Path(source), False)[0]
     files = latent_files(source, False)[0]
@@ -444,10 +570,11 @@ def latent_shape(source: str | Path) -> tuple[int, int, int]:
 
 def latent_classes(source: str | Path, class_folders: bool) -> list[str]:
     """The class names ``source`` gives its latents ([] unless ``class_folders``)."""
+    _existing(source)
     if is_pack(source):
         return _pack_info(Path(source), class_folders)[1]
     return latent_files(source, class_folders)[1]
 
 
-__all__ = ["LatentSet", "PACK_FORMAT", "latent_classes", "latent_files", "latent_shape", "load_latents", "is_pack",
-           "pack_latents"]
+__all__ = ["FLOAT_DTYPES", "LatentSet", "PACK_FORMAT", "is_latent_pack", "is_pack", "latent_classes", "latent_files",
+           "latent_shape", "load_latents", "pack_latents", "safetensors_files"]

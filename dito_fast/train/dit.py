@@ -6,7 +6,8 @@ one file, memory-mapped and shared by the processes of a torchrun job). With
 ``data.class_folders`` each latent's label is its top-level subfolder (folders sorted by name ->
 0..K-1, as ``encode`` mirrors an image folder's class folders); without it the DiT is
 unconditional. Unreadable or corrupt files are skipped and counted; latents of another shape or
-from another tokenizer (the fingerprint ``encode`` stores) stop the run before it starts.
+from another tokenizer (the fingerprint ``encode`` stores) stop the run before it starts, as do,
+under torchrun, ranks that loaded different sets (each rank reads ``data.source`` itself).
 
 The loop is the tokenizer's (:func:`dito_fast.train.train` with a :class:`DiTTask`): the same
 ``train.*`` settings, checkpoints, exact resume, torchrun (DDP or FSDP), EMA, non-finite step
@@ -90,8 +91,11 @@ class LatentLoader:
     """This rank's batches {"latent": (B, c, h, w), "label": (B,) int64} of steps start_step..
     from a :class:`LatentSet`, in the order of :class:`dito_fast.data.sampler.StepBatchSampler`
     (the tokenizer's loaders' order: exact resume, disjoint rank shares). The interface of
-    :class:`dito_fast.data.BatchLoader` the loop uses; the files were read before the run, so
-    nothing becomes unreadable while it runs."""
+    :class:`dito_fast.data.BatchLoader` the loop uses. A folder's files were read before the run,
+    so none becomes unreadable while it runs (``mark_unreadable`` has nothing to do); a pack is
+    memory-mapped and read while the run goes on: one written over in place meanwhile (``cp``
+    over it) changes the latents under the run, or kills the process with SIGBUS where it was
+    cut short (``pack-latents`` writes packs read-only; replace one by a rename)."""
 
     def __init__(self, latents: LatentSet, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
                  start_step: int = 0, num_steps: int | None = None):
@@ -158,7 +162,11 @@ class DiTTask(TrainTask):
     def datasets(self, cfg, resume_from, train_dataset=None, val_data=None):
         m, t = cfg.model, cfg.train
         if train_dataset is None:
-            full = load_latents(cfg.data.source, cfg.data.class_folders, self.progress)
+            try:
+                full = load_latents(cfg.data.source, cfg.data.class_folders, self.progress)
+            except Exception as e:
+                _same_on_every_rank(None, None, cfg.data.source, failed=e)  # (told to the others, not left waiting)
+                raise
             held = _held_out(full, t.val_images if val_data is None else 0)
             train_dataset = full.subset([i for i in range(len(full)) if i not in held]) if held else full
             train_dataset.skipped = full.skipped
@@ -166,6 +174,7 @@ class DiTTask(TrainTask):
                 val_data = full.subset(sorted(held))
         if val_data is None:
             val_data = train_dataset.subset([])
+        _same_on_every_rank(train_dataset, val_data, cfg.data.source)
         shape = train_dataset.shape
         want = (m.latent_channels, m.latent_size, m.latent_size)
         if shape != want:
@@ -243,6 +252,49 @@ class DiTTask(TrainTask):
         model.save_pretrained(directory)
         if self.described is not None:
             ckpt.atomic_write_json(self.described, Path(directory) / LATENTS_FILE)
+
+
+def _same_on_every_rank(train_set: LatentSet | None, val_set: LatentSet | None, source: str,
+                        failed: Exception | None = None) -> None:
+    """Under torchrun, check that every rank loaded the same latents: each reads ``data.source``
+    itself, and a node's copy with one file more or one unreadable there would give the ranks
+    other sets (other indices behind one batch) without a word. Every rank's description (count,
+    digest of the files, held-out count and digest, shape, classes, tokenizer) is all-gathered;
+    where they differ, or a rank ``failed`` to load, every rank raises (ValueError naming the
+    ranks and what differs; the rank that failed, its own error). A single process: nothing."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    if failed is not None:
+        mine = {"error": f"{type(failed).__name__}: {failed}"}
+    else:
+        mine = {**train_set.describe(), "held_out": len(val_set), "held_out_digest": val_set.describe()["files_digest"]}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if failed is not None:
+        return  # (its own error follows)
+    errors = [(r, d["error"]) for r, d in enumerate(every) if "error" in d]
+    if errors:
+        raise ValueError(f"rank {errors[0][0]} could not load the latents of data.source {source} "
+                         f"({errors[0][1]}); every rank must read the same set")
+    if all(d == every[0] for d in every):
+        return
+    groups: dict[str, list[int]] = {}  # (ranks with one description, in rank order)
+    for r, d in enumerate(every):
+        groups.setdefault(json.dumps(d, sort_keys=True), []).append(r)
+
+    def said(ranks: list[int]) -> str:
+        d = every[ranks[0]]
+        text = (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {d['num_latents']} latents "
+                f"(files digest {d['files_digest']}), {d['held_out']} held out, shape {tuple(d['latent_shape'])}, "
+                f"{len(d['classes'])} classes")
+        if ranks[0] != 0:
+            text += f" (differ from rank 0 in {', '.join(k for k in d if d[k] != every[0].get(k))})"
+        return text
+    raise ValueError(f"the ranks loaded different latent sets from data.source {source}: "
+                     f"{'; '.join(said(ranks) for ranks in groups.values())}. Each rank reads it itself: is one "
+                     "node's copy different (a file more or less, one unreadable there), or a folder still being "
+                     "written? Every rank must read the same files")
 
 
 def _held_out(latents: LatentSet, count: int) -> set[int]:

@@ -100,11 +100,38 @@ def test_what_is_not_a_usable_pack_is_refused_by_name(tmp_path):
         with pytest.raises(ValueError, match="not valid UTF-8"):
             pack_latents(root, bad)
         assert not bad.exists()
-    # overwrite=False: a file that appeared while the pack was written is kept
+
+
+def test_pack_latents_checks_out_before_reading_and_again_at_the_end(tmp_path, monkeypatch):
+    """overwrite=False with ``out`` existing, or ``out`` a folder: refused before a latent is
+    read; a file that appears at ``out`` while the pack is written is kept (FileExistsError)."""
+    import dito_fast.data.latents as L
+
+    root = _folder(tmp_path / "lat")
+    read, calls = L._read, []
+
+    def counted(path):
+        calls.append(path)
+        return read(path)
+
+    monkeypatch.setattr(L, "_read", counted)
     (tmp_path / "taken.safetensors").write_bytes(b"someone else's")
-    with pytest.raises(FileExistsError, match="written meanwhile by another process"):
+    with pytest.raises(FileExistsError, match="taken.safetensors exists .overwrite=True replaces it"):
         pack_latents(root, tmp_path / "taken.safetensors", overwrite=False)
-    assert (tmp_path / "taken.safetensors").read_bytes() == b"someone else's"
+    (tmp_path / "adir.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match="adir.safetensors is a folder; a pack is one file"):
+        pack_latents(root, tmp_path / "adir.safetensors")
+    assert calls == []  # nothing read
+
+    def appears(path):  # another process writes the name while the latents stream
+        if not calls:
+            (tmp_path / "late.safetensors").write_bytes(b"someone else's")
+        return counted(path)
+
+    monkeypatch.setattr(L, "_read", appears)
+    with pytest.raises(FileExistsError, match="written meanwhile by another process"):
+        pack_latents(root, tmp_path / "late.safetensors", overwrite=False)
+    assert len(calls) == 8 and (tmp_path / "late.safetensors").read_bytes() == b"someone else's"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
 
 
@@ -265,3 +292,137 @@ def test_a_folder_of_files_holding_more_latents_than_the_first_loads_whole(tmp_p
     assert torch.equal(s.latents, torch.cat([expected[i][1] for i in order]))
     assert s.labels.tolist() == [expected[i][0] for i in order for _ in range(expected[i][1].shape[0])]
     assert s.names == [f"c{i % 2}/{i}.safetensors" for i in order for _ in range(expected[i][1].shape[0])]
+
+
+def test_symlinked_class_folders_are_followed_each_real_folder_once(tmp_path):
+    """A set made of links to class folders (a subset of a big set) reads as the folders would;
+    a link back up the tree or a second link to a folder read already adds nothing."""
+    real = _folder(tmp_path / "real")
+    root = tmp_path / "linked"
+    (root / "a_cat").mkdir(parents=True)
+    for f in (real / "a_cat").iterdir():
+        (root / "a_cat" / f.name).write_bytes(f.read_bytes())
+    (root / "b_dog").symlink_to(real / "b_dog", target_is_directory=True)
+    (root / "b_dog_again").symlink_to(real / "b_dog", target_is_directory=True)  # (sorts after b_dog: not read)
+    (root / "a_cat" / "up").symlink_to(root, target_is_directory=True)  # a cycle
+    s = load_latents(root, class_folders=True)
+    expected = load_latents(real, class_folders=True)
+    assert s.classes == ["a_cat", "b_dog"] and s.names == expected.names and torch.equal(s.latents, expected.latents)
+    assert latent_classes(root, True) == ["a_cat", "b_dog"]
+    assert pack_latents(root, tmp_path / "p.safetensors", class_folders=True).describe() == expected.describe()
+
+
+def test_a_file_without_a_latent_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A pack (or a model's weights) inside the folder is skipped, with its own reason for a pack,
+    after reading its header alone; a latent of a dtype that is not a float is refused by name."""
+    import builtins
+
+    root = _folder(tmp_path / "data" / "train")
+    pack_latents(root, tmp_path / "data" / "train.safetensors")  # data/train.safetensors next to data/train
+    save_file({"latent": torch.zeros(1, 2, 4, 4, dtype=torch.float8_e4m3fn)}, str(root / "a_cat" / "f8.safetensors"))
+    save_file({"latent": torch.zeros(1, 2, 4, 4, dtype=torch.int32)}, str(root / "a_cat" / "int.safetensors"))
+    save_file({"latent": torch.zeros(1, 2, 4, 4, dtype=torch.float16)}, str(root / "a_cat" / "half.safetensors"))
+    pack = str(tmp_path / "data" / "train.safetensors")
+    opened, read_from_pack = builtins.open, []
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read_from_pack.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def spy(path, *args, **kwargs):
+        f = opened(path, *args, **kwargs)
+        return Counted(f) if os.fspath(path) == pack else f
+
+    monkeypatch.setattr("builtins.open", spy)
+    monkeypatch.setattr("pathlib.Path.read_bytes", lambda self: pytest.fail(f"{self} read whole"))
+    s = load_latents(tmp_path / "data")
+    monkeypatch.undo()
+    reasons = dict(s.skipped)
+    assert reasons["train.safetensors"] == ("a latent pack (dito-fast pack-latents) inside the folder; give the pack "
+                                            "itself as --data")
+    header = struct.unpack("<Q", (tmp_path / "data" / "train.safetensors").read_bytes()[:8])[0]
+    assert 0 < sum(read_from_pack) <= 8 + header  # the header, not the latents
+    assert reasons["train/a_cat/f8.safetensors"] == ("latent of dtype float8_e4m3fn not supported; latents must be "
+                                                     "float16/bfloat16/float32/float64")
+    assert reasons["train/a_cat/int.safetensors"].startswith("latent of dtype int32 not supported")
+    assert len(s) == 9 and len(s.skipped) == 3  # the float16 one read
+
+
+def test_what_is_missing_unwritable_or_unopenable_is_said_by_name(tmp_path, monkeypatch):
+    """A missing --data is "no such latent folder or pack" (it may be meant as either); a write
+    error while packing names the pack and leaves nothing; a pack under a folder whose name is
+    not UTF-8 is said to be that, not unreadable."""
+    import errno
+
+    for load in (load_latents, latent_shape, lambda p: latent_classes(p, True)):
+        with pytest.raises(FileNotFoundError, match="no such latent folder or pack: .*latnets.safetensors"):
+            load(tmp_path / "latnets.safetensors")
+    root = _folder(tmp_path / "lat")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full)
+        with pytest.raises(OSError, match=r"cannot write the pack .*out.safetensors \(No space left on device\)") as e:
+            pack_latents(root, tmp_path / "out" / "out.safetensors")
+    assert e.value.errno == errno.ENOSPC and os.listdir(tmp_path / "out") == []
+    if sys.platform.startswith("linux"):
+        pack_latents(root, tmp_path / "p.safetensors", class_folders=True)
+        odd = tmp_path / os.fsdecode(b"dir\xe9")
+        odd.mkdir()
+        (odd / "p.safetensors").write_bytes((tmp_path / "p.safetensors").read_bytes())
+        with pytest.raises(ValueError, match=r"dir\\xe9/p.safetensors: the path is not valid UTF-8, and safetensors "
+                                             "cannot open such a path: rename the pack, or move it"):
+            load_latents(odd / "p.safetensors", class_folders=True)
+
+
+def test_a_pack_is_written_read_only_and_replaced_by_rename(tmp_path):
+    """A run reads its pack while it trains: written over in place (cp), the latents would change
+    under it or the process die of SIGBUS. The pack is read-only (cp over it fails for users
+    other than root); --overwrite replaces it by a rename, which a run that has it open does not
+    see."""
+    root = _folder(tmp_path / "lat")
+    out = tmp_path / "p.safetensors"
+    pack_latents(root, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o444 & ~umask
+    if os.geteuid() != 0:
+        with pytest.raises(PermissionError):
+            open(out, "r+b")
+    running = load_latents(out)
+    before = running.take(torch.arange(8))[0].clone()
+    (root / "a_cat" / "00.safetensors").unlink()
+    assert len(pack_latents(root, out, overwrite=True)) == 7
+    assert os.stat(out).st_mode & 0o777 == 0o444 & ~umask
+    assert torch.equal(running.take(torch.arange(8))[0], before) and len(load_latents(out)) == 7
+
+
+def test_pack_latents_names_stale_temporary_files_and_fid_refuses_a_pack(tmp_path, capsys):
+    root = _folder(tmp_path / "lat")
+    out = tmp_path / "lat.safetensors"
+    stale = tmp_path / ".lat.safetensors.k2j3h4g5.tmp"  # (what a killed pack-latents leaves)
+    stale.write_bytes(b"\0" * 2**20)
+    (tmp_path / ".other.safetensors.a1b2c3d4.tmp").write_bytes(b"")  # another pack's: not named
+    assert main(["pack-latents", str(root), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 temporary file(s) of an earlier pack-latents" in err
+    assert ".lat.safetensors.k2j3h4g5.tmp (1.0 MiB)" in err and ".other" not in err
+    assert stale.exists()  # named, not deleted (it may be a running pack-latents')
+    assert main(["pack-latents", str(root), "--out", str(tmp_path / "clean.safetensors")]) == 0
+    assert "temporary file" not in capsys.readouterr().err
+    assert main(["fid", str(out), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is a latent pack (dito-fast pack-latents), not FID statistics or images" in err and "mu" not in err

@@ -232,6 +232,78 @@ def test_train_dit_under_torchrun_follows_one_process(tmp_path):
     assert json.loads((tmp_path / "two" / "model" / "latents.json").read_text())["classes"] == ["a_cat", "b_dog"]
 
 
+def test_ranks_that_loaded_different_latents_all_refuse(tmp_path, monkeypatch):
+    """Under torchrun each rank reads data.source itself: every rank's description of its set is
+    all-gathered, and where they differ (or a rank could not load it) every rank raises, naming
+    the ranks and what differs; alike, the run goes on."""
+    from dito_fast.train.dit import DiTTask
+
+    root = _latent_folder(tmp_path / "lat")
+    others: list = []  # what the other ranks (1, 2) send
+    gathered: list = []
+
+    def all_gather_object(out, obj):
+        gathered.append(obj)
+        out[:] = [obj, *others]
+
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    cfg = _config(root, val_images=2)
+    train, val = DiTTask().datasets(cfg, None)  # (alike: nothing said)
+    assert (len(train), len(val)) == (7, 1) and len(gathered) == 1
+    others[:] = [{**gathered[0], "num_latents": 8, "files_digest": "0" * 16}, dict(gathered[0])]
+    with pytest.raises(ValueError, match=r"the ranks loaded different latent sets from data.source .*lat: ranks 0, 2: "
+                                         r"7 latents .*; rank 1: 8 latents \(files digest 0000000000000000\), 1 held "
+                                         r"out, shape \(2, 4, 4\), 2 classes \(differ from rank 0 in num_latents, "
+                                         r"files_digest\)"):
+        DiTTask().datasets(cfg, None)
+    others[:] = [{"error": "FileNotFoundError: no such latent folder or pack: lat"}, dict(gathered[0])]
+    with pytest.raises(ValueError, match="rank 1 could not load the latents of data.source .*no such latent folder"):
+        DiTTask().datasets(cfg, None)
+    # this rank cannot load them: the others are told (not left waiting), its own error raised
+    gathered.clear()
+    with pytest.raises(FileNotFoundError, match="no such latent folder or pack"):
+        DiTTask().datasets(_config(tmp_path / "nowhere"), None)
+    assert gathered == [{"error": f"FileNotFoundError: no such latent folder or pack: {tmp_path / 'nowhere'}"}]
+
+
+@pytest.mark.slow
+def test_ranks_that_loaded_different_latents_stop_under_torchrun(tmp_path):
+    """2 gloo ranks whose latent sets differ by one file (as when a node's copy of the folder has
+    one more; here each rank is handed its set): the run stops before a step, with the message,
+    rather than training each rank on another set."""
+    from dito_fast.testing import run_process_tree
+
+    _latent_folder(tmp_path / "lat")
+    shutil.copytree(tmp_path / "lat", tmp_path / "lat2")
+    shutil.copy(tmp_path / "lat2" / "a_cat" / "00.safetensors", tmp_path / "lat2" / "a_cat" / "09.safetensors")
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from dito_fast.data.latents import load_latents\n"
+        "from dito_fast.train.dit import resolve_dit_run_config, train_dit\n"
+        "rank = int(os.environ['RANK'])\n"
+        "cfg = resolve_dit_run_config('DiT-S/2', None, {'data.source': sys.argv[1], 'data.class_folders': True,\n"
+        "    'model.hidden_size': 32, 'model.depth': 1, 'model.num_heads': 2, 'model.latent_channels': 2,\n"
+        "    'model.latent_size': 4, 'model.num_classes': 2, 'train.steps': 2, 'train.batch_size': 4,\n"
+        "    'train.device': 'cpu', 'train.threads': 1, 'train.val_images': 0})\n"
+        "train_dit(cfg, sys.argv[3], latents=load_latents(sys.argv[1 + rank], True), progress=False)\n"
+        "print(f'rank {rank} trained')\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = run_process_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp_path / "lat"), str(tmp_path / "lat2"), str(tmp_path / "run")],
+                            timeout=300, env=env)
+    assert proc.returncode not in (0, -9), proc.stderr[-3000:]
+    assert "trained" not in proc.stdout
+    assert "the ranks loaded different latent sets" in proc.stderr and "rank 1: 9 latents" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_commands_from_encode_to_sample_dit(tmp_path, micro_model, capsys):
     """encode (class folders of images) -> train-dit -> sample-dit, export; sample-dit refuses a
     tokenizer other than the one the latents came from."""
