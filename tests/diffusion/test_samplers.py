@@ -111,6 +111,11 @@ def test_make_timesteps_values():
     # more grid points at low noise than the uniform grid
     uni = samplers.make_timesteps(10, "uniform")
     assert int((edm[1:-1] < 0.1).sum()) > int((uni[1:-1] < 0.1).sum())
+    for rho in (0.1, 0.3, 100.0):  # small rho: 80^(1/rho) dwarfs 0.002^(1/rho), and the ends stay exact
+        grid = samplers.make_timesteps(5, f"edm:{rho}")
+        sig = grid[1:-1] / (1 - grid[1:-1])
+        assert sig[0].item() == pytest.approx(80.0) and sig[-1].item() == pytest.approx(0.002, rel=1e-9), rho
+        assert torch.all(torch.diff(grid) < 0), rho
 
 
 @pytest.mark.parametrize("steps", [0, -3, 2.0, 1.5, "4"])
