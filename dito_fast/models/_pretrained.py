@@ -40,10 +40,11 @@ def save_pretrained(module: nn.Module, settings: dict, directory: str | os.PathL
     well, so a reader that meets the two files of different saves (one written over the other
     while it loads, or a save cut off between its two files) refuses them, naming the settings
     that differ, instead of pairing one model's weights with another's settings."""
-    from ..train.checkpoint import atomic_write_json, finite_json, save_safetensors
+    from ..train.checkpoint import atomic_write_json, finite_json, remove_stale_temporaries, save_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory, (WEIGHTS_NAME, CONFIG_NAME))  # (an earlier save killed midway)
     data = json.loads(json.dumps(finite_json(settings), allow_nan=False))  # what config.json will read back
     save_safetensors(module.state_dict(), directory / WEIGHTS_NAME, metadata={SAVED_CONFIG_KEY: json.dumps(data)})
     atomic_write_json(settings, directory / CONFIG_NAME)

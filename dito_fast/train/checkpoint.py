@@ -18,6 +18,7 @@ one; :func:`list_checkpoints` ignores everything else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -133,9 +134,41 @@ def atomic_write_text(text: str, path) -> None:
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """Save tensors (made contiguous, on CPU) as safetensors, atomically."""
+    """Save tensors (made contiguous, on CPU) as safetensors, atomically. safetensors writes its
+    own temporary file (``.tmpXXXXXX``) next to the name it is given: it is given one inside a
+    folder named after ``path`` (``.NAME.XXXXXXXX.tmpdir``), so that a process killed meanwhile
+    leaves only names :func:`remove_stale_temporaries` knows as this file's."""
+    path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp):
+        folder = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmpdir", dir=path.parent)
+        try:
+            inner = os.path.join(folder, "tensors")
+            save_file(tensors, inner, metadata=metadata)
+            os.replace(inner, tmp)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    _atomic(path, write)
+
+
+def remove_stale_temporaries(folder, names) -> None:
+    """Remove what writers of the files ``names`` in ``folder`` killed before they finished left
+    there: ``.NAME.XXXXXXXX.tmp`` files and ``.NAME.XXXXXXXX.tmpdir`` folders (see :func:`_atomic`,
+    :func:`save_safetensors`; a dito-XL model's weights are 2.5 GB). For a folder only one writer
+    uses at a time (an exported model's)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    patterns = [re.compile(re.escape(f".{name}.") + r"[A-Za-z0-9_]+\.tmp(dir)?") for name in names]
+    for entry in os.scandir(folder):
+        if any(p.fullmatch(entry.name) for p in patterns):
+            logger.info("removing %s, left by a write that did not finish", entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def save_torch(obj, path) -> None:

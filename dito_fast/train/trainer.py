@@ -216,6 +216,7 @@ class TrainResult:
     world_size: int = 1
     raw_model: torch.nn.Module | None = None  # the trained (not averaged) weights; sharded in place under FSDP
     stopped_early: str | None = None  # "max_minutes" or "requested" (request_stop) when it stopped before train.steps
+    skipped_files: int = 0  # unreadable data files skipped (all ranks, resumes included)
 
 
 def lr_factor(step: int, t_cfg) -> float:
@@ -429,6 +430,17 @@ def _read_job_marker(marker: Path) -> dict | None:
         return None
 
 
+def _run_inside_data(run_dir: Path, source) -> tuple[str, str] | None:
+    """("ValueError", why) when the run's folder lies inside the data folder (its sample grids and
+    checkpoints would become training data, and the set change between a run and its resume);
+    None otherwise."""
+    folder = Path(str(source))
+    if not folder.is_dir() or not run_dir.resolve().is_relative_to(folder.resolve()):
+        return None
+    return "ValueError", (f"the output directory {run_dir} is inside the data folder {folder}: the run's images and "
+                          "files would be read as training data; write the run elsewhere")
+
+
 def _resume_point(run_dir: Path, resume, ctx: DistContext):
     """Rank 0's decision: ("ok", checkpoint path or None) or (exception class name, message).
 
@@ -476,19 +488,22 @@ def _resume_point(run_dir: Path, resume, ctx: DistContext):
 
 def _resume_changes(cfg: RunConfig, resume_from: Path) -> list[str]:
     """The settings of ``cfg`` that differ from those the checkpoint was written with, as
-    "key old -> new" lines. Raises ValueError if a model setting differs (model.name aside): those
+    "key old -> new" lines. Raises ValueError if a model setting differs, its name too: those
     define what the weights are, and one that keeps the tensors' shapes (the flow objective, noise
-    synchronisation, ...) would otherwise go on training the weights for something else."""
+    synchronisation, ...) would otherwise go on training the weights for something else (a
+    renamed run would label them as another preset's)."""
     path = resume_from / "config.json"
     if not path.is_file():
         return []
-    saved = flat_dict(json.loads(path.read_text()))
+    try:
+        saved = flat_dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:  # (JSON and UTF-8 errors are ValueErrors)
+        raise ValueError(f"cannot read the checkpoint's config {path}: {e}") from None
     now = flat_dict(json.loads(json.dumps(to_dict(cfg))))  # tuples as the JSON file has them: lists
     changed = [(k, saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(saved) | set(now))
                if saved.get(k, "<absent>") != now.get(k, "<absent>")]
     # a key one side lacks is a setting an older or newer version did not have: not compared
-    model = [f"{k} {a!r} -> {b!r}" for k, a, b in changed
-             if k.startswith("model.") and k != "model.name" and k in saved and k in now]
+    model = [f"{k} {a!r} -> {b!r}" for k, a, b in changed if k.startswith("model.") and k in saved and k in now]
     if model:
         raise ValueError(f"{resume_from} holds a model trained with other settings than this run's: "
                          f"{'; '.join(model[:6])}{' ...' if len(model) > 6 else ''}. Resume with the checkpoint's "
@@ -565,9 +580,10 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
         torch.set_num_threads(t_cfg.threads)
     ctx, device = distributed.setup(t_cfg.dist_backend, t_cfg.device, t_cfg.dist_timeout_minutes or None)
     cfg = task.resolve_config(cfg, device)
-    ok = False
+    ok, lock = False, None
     try:
-        result = _train(task, cfg, Path(out_dir), resume, train_dataset, val_images, progress, ctx, device)
+        lock, busy = _lock_run(Path(out_dir)) if ctx.is_main else (None, None)
+        result = _train(task, cfg, Path(out_dir), resume, train_dataset, val_images, progress, ctx, device, busy)
         ok = True
         return result
     except BaseException as e:
@@ -575,7 +591,49 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
             _clear_frames(e)
         raise
     finally:
+        if lock is not None:
+            lock.close()  # (releases it)
         distributed.teardown(ctx, ok)
+
+
+_LOCK_FILE = ".lock"
+
+
+def _lock_run(run_dir: Path):
+    """(the open lock file of ``run_dir``, None), or (None, (exception class name, why the run
+    cannot start)): an exclusive
+    ``flock`` on ``run_dir/.lock``, held by rank 0 for the whole run, so that a second training
+    process on the same folder (a job relaunched while the first still runs) is refused instead of
+    writing the same checkpoints, metrics and model (it had deleted the first one's half-written
+    checkpoint and rewritten its metrics). The lock dies with the process, so a killed run leaves
+    nothing to clear. Where the file system has no locks, a warning and no lock."""
+    import fcntl
+    import os
+    import socket
+
+    if run_dir.exists() and not run_dir.is_dir():
+        return None, ("NotADirectoryError", f"the output directory {run_dir} is a file; give a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / _LOCK_FILE, "a+")
+    except OSError as e:
+        return None, ("OSError", f"cannot create the output directory {run_dir} or its lock file: {e}")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        return None, ("BlockingIOError", f"{run_dir} is in use by another training process ({holder}); wait for it "
+                      "to end, stop it, or choose another output directory")
+    except OSError as e:  # (no locks on this file system, e.g. some network mounts)
+        logger.warning("could not lock %s (%s): nothing stops a second training process on this folder", run_dir, e)
+        return f, None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f, None
 
 
 def _clear_frames(exc: BaseException) -> None:
@@ -600,7 +658,9 @@ def resolve_memory_format(cfg: RunConfig, device: torch.device) -> RunConfig:
 
 
 def _train(task: TrainTask, cfg, run_dir: Path, resume, train_dataset, val_data, progress, ctx: DistContext,
-           device: torch.device) -> TrainResult:
+           device: torch.device, busy: tuple[str, str] | None = None) -> TrainResult:
+    """The run (see :func:`train`); ``busy``: rank 0's reason the run folder cannot be used
+    (:func:`_lock_run`), told to every rank with the resume point."""
     t_cfg = cfg.train
     is_main, G, W = ctx.is_main, t_cfg.batch_size, ctx.world_size
     events_path = run_dir / "events.jsonl"
@@ -614,11 +674,15 @@ def _train(task: TrainTask, cfg, run_dir: Path, resume, train_dataset, val_data,
     # -- resume point: decided by rank 0, the same on every rank
     decision = None
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        decision = _resume_point(run_dir, resume, ctx)
+        decision = busy
+        if decision is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            decision = _run_inside_data(run_dir, cfg.data.source) or _resume_point(run_dir, resume, ctx)
     status, detail = distributed.broadcast_object(decision, ctx)
     if status != "ok":
-        raise {"FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError}[status](detail)
+        raise {"FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError, "ValueError": ValueError,
+               "BlockingIOError": BlockingIOError, "NotADirectoryError": NotADirectoryError,
+               "OSError": OSError}[status](detail)
     resume_from = Path(detail) if detail is not None else None
     _check_same_settings(cfg, ctx)
     if is_main and ctx.run_id and ctx.distributed and ctx.restart_count == 0:
@@ -645,14 +709,23 @@ def _train(task: TrainTask, cfg, run_dir: Path, resume, train_dataset, val_data,
     if resume_from is not None:
         changes = _resume_changes(cfg, resume_from)
         in_format = ckpt.checkpoint_format(resume_from)
-        state = ckpt.load_torch(resume_from / "state.pt")
-        if in_format == "safetensors":
-            model.load_state_dict(ckpt.load_weights(resume_from / "model.safetensors"))
-            if ema is not None:
-                if not (resume_from / "ema.safetensors").is_file() and (resume_from / "model.safetensors").is_file():
-                    raise ValueError(f"{resume_from} holds no EMA weights (written by a run with train.ema_decay=0): "
-                                     "resume with train.ema_decay=0")
-                ema.model.load_state_dict(ckpt.load_weights(resume_from / "ema.safetensors"))
+        try:
+            state = ckpt.load_torch(resume_from / "state.pt")
+            if in_format == "safetensors":
+                model.load_state_dict(ckpt.load_weights(resume_from / "model.safetensors"))
+                if ema is not None:
+                    if not (resume_from / "ema.safetensors").is_file() and (resume_from / "model.safetensors").is_file():
+                        raise ValueError(f"{resume_from} holds no EMA weights (written by a run with "
+                                         "train.ema_decay=0): resume with train.ema_decay=0")
+                    ema.model.load_state_dict(ckpt.load_weights(resume_from / "ema.safetensors"))
+        except (ValueError, FileNotFoundError) as e:  # a damaged file: name the complete checkpoint before it
+            step = ckpt.checkpoint_step(resume_from)
+            earlier = [c for c in ckpt.list_checkpoints(resume_from.parent.parent)
+                       if step is not None and (ckpt.checkpoint_step(c) or 0) < step]
+            if not earlier or "EMA weights" in str(e):
+                raise
+            raise type(e)(f"{e}; the checkpoint before it, {earlier[-1]}, is complete: --resume {earlier[-1]} "
+                          "continues from there") from None
 
     # -- how this rank processes its share of the global batch
     mode = t_cfg.parallel if ctx.distributed else "single"
@@ -927,12 +1000,17 @@ def _train(task: TrainTask, cfg, run_dir: Path, resume, train_dataset, val_data,
                 window, t_last, steps_since_log = [], now, 0
                 timer.reset()
             t_book = time.perf_counter()
+            booked = False
             if t_cfg.val_every_steps > 0 and step % t_cfg.val_every_steps == 0 and step != t_cfg.steps:
                 result.last_val = run_validation(step) or result.last_val
-                last_validated = step
+                last_validated, booked = step, True
             if t_cfg.checkpoint_every_steps > 0 and step % t_cfg.checkpoint_every_steps == 0 \
                     and step != t_cfg.steps:
                 save(step)
+                booked = True
+            if booked and not stop:  # a SIGTERM during the validation or checkpoint: stop now, not a step later
+                asked = torch.tensor([float(_STOP_REQUESTED.is_set())], dtype=torch.float64, device=device)
+                stop = "requested" if distributed.all_reduce_(asked, ctx).item() > 0 else None
             t_last += time.perf_counter() - t_book  # throughput counts training steps only
             if stop and step < t_cfg.steps:  # (on the last step: the run has simply ended)
                 logger.warning("stopping at step %d: %s", step, "a stop was requested (request_stop, SIGTERM)"
@@ -957,7 +1035,7 @@ def _train(task: TrainTask, cfg, run_dir: Path, resume, train_dataset, val_data,
 
     result.step, result.skipped_steps, result.images_seen = step, skipped_total, images_seen
     loader.close()
-    skipped_files = files_skipped()
+    skipped_files = result.skipped_files = files_skipped()
     if skipped_files and is_main:
         logger.warning("%d unreadable data files were skipped%s", skipped_files, " (all ranks)" if W > 1 else "")
     if step > start_step or resume_from is None:

@@ -333,7 +333,7 @@ def test_a_run_that_fails_to_start_writes_no_run_files(make_run_config, tmp_path
     cfg.data.source = str(tmp_path / "no_such_folder")
     with pytest.raises(FileNotFoundError):
         train(cfg, tmp_path / "run", progress=False)
-    assert list((tmp_path / "run").iterdir()) == []  # no config.json, no start event
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # no config.json, no start event
 
 
 def test_resuming_past_the_last_step_is_refused_and_changes_nothing(make_run_config, tmp_path):
@@ -714,3 +714,93 @@ def test_channels_last_training_follows_the_contiguous_run(make_run_config, tmp_
     # resume from step 2 of the channels_last run: exactly the same continuation
     rest = train(cl, tmp_path / "cl2", resume=str(tmp_path / "cl" / "checkpoints" / "step_00000002"), progress=False)
     assert rest.losses == run.losses[2:]
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused(make_run_config, tmp_path):
+    """Rank 0 holds an exclusive lock on the run folder for the whole run: a second training
+    process on it (a job relaunched while the first still runs) is refused before it touches
+    anything (it had rewritten the first one's metrics and deleted its half-written checkpoint);
+    the lock goes with the run, so the next run on the folder starts."""
+    import fcntl
+
+    cfg = make_run_config(steps=1, checkpoint_every_steps=0, val_every_steps=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:  # another process's lock (flock locks are per open file)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere\n")
+        held.flush()
+        with pytest.raises(BlockingIOError, match=r"in use by another training process \(pid 4242 on elsewhere\)"):
+            train(cfg, run, progress=False)
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    assert train(cfg, run, progress=False).step == 1
+    assert train(make_run_config(steps=2, checkpoint_every_steps=0, val_every_steps=0), run, resume=True,
+                 progress=False).step == 2  # (released at the end of the first run)
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        train(cfg, run / "config.json", progress=False)
+
+
+def test_a_run_inside_its_data_folder_is_refused(make_run_config, tmp_path, photo_dir):
+    root, _ = photo_dir
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    cfg = apply_overrides(make_run_config(steps=1), {"data.source": str(data)})
+    with pytest.raises(ValueError, match="is inside the data folder"):
+        train(cfg, data / "runs" / "a", progress=False)
+    assert not (data / "runs" / "a" / "config.json").exists()
+
+
+def test_resume_refuses_a_renamed_model_and_names_a_damaged_config(make_run_config, tmp_path):
+    cfg = make_run_config(steps=2, checkpoint_every_steps=1, val_every_steps=0)
+    train(cfg, tmp_path / "a", progress=False)
+    step1 = tmp_path / "a" / "checkpoints" / "step_00000001"
+    renamed = apply_overrides(cfg, {"model.name": "dito-S"})  # the tiny weights would be labelled dito-S
+    with pytest.raises(ValueError, match="model.name '.*' -> 'dito-S'"):
+        train(renamed, tmp_path / "b", resume=str(step1), progress=False)
+    step2 = tmp_path / "a" / "checkpoints" / "step_00000002"
+    (step2 / "state.pt").write_bytes((step2 / "state.pt").read_bytes()[:100])  # cut short
+    with pytest.raises(ValueError, match=f"cannot read checkpoint state .*; the checkpoint before it, {step1}, is "
+                                         f"complete: --resume {step1}"):
+        train(make_run_config(steps=3, checkpoint_every_steps=1, val_every_steps=0), tmp_path / "a", resume=True,
+              progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(step1, broken)
+    (broken / "config.json").write_text('{"model": {,}')
+    with pytest.raises(ValueError, match=f"cannot read the checkpoint's config {broken / 'config.json'}"):
+        train(cfg, tmp_path / "c", resume=str(broken), progress=False)
+
+
+def test_a_stop_requested_during_a_checkpoint_stops_at_that_step(make_run_config, tmp_path, monkeypatch):
+    """A SIGTERM (request_stop) that arrives while a periodic checkpoint is written ends the run at
+    that step, whose checkpoint is the last: not one more step and a second checkpoint (a
+    preemption's grace period is short)."""
+    from dito_fast.train import request_stop
+    from dito_fast.train import trainer as trainer_mod
+
+    real = trainer_mod.ckpt.commit_checkpoint
+
+    def commit(run_dir, step, tmp):
+        if step == 2:
+            request_stop()
+        return real(run_dir, step, tmp)
+
+    monkeypatch.setattr(trainer_mod.ckpt, "commit_checkpoint", commit)
+    cfg = make_run_config(steps=6, checkpoint_every_steps=2, val_every_steps=0)
+    run = train(cfg, tmp_path / "run", progress=False)
+    assert run.stopped_early == "requested" and run.step == 2
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+def test_a_killed_save_leaves_nothing_the_next_save_keeps(make_run_config, tmp_path):
+    """save_pretrained removes what an earlier save killed midway left in the model folder (its
+    own temporary names only), and safetensors' own temporary file goes inside a folder of ours."""
+    model = DiTo(make_run_config().model)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / ".model.safetensors.ab12cd34.tmp").write_bytes(b"")
+    (out / ".model.safetensors.ef56gh78.tmpdir").mkdir()
+    (out / ".model.safetensors.ef56gh78.tmpdir" / ".tmpXyZ123").write_bytes(b"x" * 1000)
+    (out / ".config.json.zz99yy88.tmp").write_text("{")
+    (out / ".tmpKeep00").write_bytes(b"not ours")  # another program's: kept
+    model.save_pretrained(out)
+    assert sorted(p.name for p in out.iterdir()) == [".tmpKeep00", "config.json", "model.safetensors"]
