@@ -280,7 +280,9 @@ def _train_run(args, cfg, train_fn) -> int:
     if result.rank == 0:  # under torchrun: one summary for the job
         stopped = {"requested": " (stopped early on request; --resume continues)",
                    "max_minutes": " (the time budget was spent; --resume continues)"}.get(result.stopped_early, "")
-        print(f"trained {result.step} steps ({result.skipped_steps} skipped){stopped}; model: {result.run_dir / 'model'}")
+        files = f", {result.skipped_files} unreadable data files skipped" if result.skipped_files else ""
+        print(f"trained {result.step} steps ({result.skipped_steps} non-finite steps skipped{files}){stopped}; "
+              f"model: {result.run_dir / 'model'}")
         if "val_psnr" in result.last_val:
             print(f"validation PSNR: {result.last_val['val_psnr']:.2f} dB")
         if "val_loss" in result.last_val:
@@ -379,6 +381,78 @@ def _prefetched(fn, items: list, workers: int, depth: int):
             yield first, future.result()
 
 
+def _size_said(size: str) -> str:
+    """An encode file's recorded size ("native" or a number) as the option that gives it."""
+    return "no --size" if size == "native" else f"--size {size}"
+
+
+def _encoded_differs(path: Path, meta: dict, shape: tuple) -> str:
+    """How the file ``path`` differs from the latent file this encode would write there: one F32
+    'latent' tensor of ``shape`` (None for a side the image decides), with ``meta``'s source,
+    model fingerprint, size and views in its metadata (the model's name, a label, is not
+    compared); "" when it does not differ. Reads the header only, and checks the file's length
+    against it."""
+    from .data.latents import _read_header
+
+    try:
+        with open(path, "rb") as fh:
+            header, head = _read_header(fh)
+            length = os.fstat(fh.fileno()).st_size
+    except (OSError, ValueError) as e:  # (a folder, a dangling link, another kind of file)
+        return f"cannot be read ({_shown(str(e))})"
+    entry, found = header.get("latent"), header.get("__metadata__")
+    if not isinstance(entry, dict) or not isinstance(found, dict):
+        return "is not a latent file that encode wrote (no 'latent' tensor, or no metadata)"
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        return "has no valid data offsets for its latent"
+    if len(head) + offsets[1] != length:
+        return f"is {length} bytes where its header says {len(head) + offsets[1]} (cut short?)"
+    if found.get("model_fingerprint") != meta["model_fingerprint"]:
+        return (f"was encoded by another model ({found.get('model', '?')}, fingerprint "
+                f"{found.get('model_fingerprint', 'none')}) than this one ({meta['model']}, "
+                f"{meta['model_fingerprint']})")
+    if found.get("source") != meta["source"]:
+        return f"is the latent of {found.get('source', 'an image it does not name')}, not of {meta['source']}"
+    if "size" not in found:
+        return "does not record the --size it was encoded with (an older encode wrote it)"
+    if found["size"] != meta["size"]:
+        return f"was encoded with {_size_said(found['size'])}; this encode has {_size_said(meta['size'])}"
+    if found.get("views") != meta.get("views"):
+        return f"was encoded {'without' if 'views' in meta else 'with'} --flip"
+    dims = entry.get("shape")
+    if entry.get("dtype") != "F32" or not (isinstance(dims, list) and len(dims) == len(shape) and all(
+            want is None or got == want for got, want in zip(dims, shape))):
+        wanted = ", ".join("?" if d is None else str(d) for d in shape)
+        return f"holds a {entry.get('dtype')} latent of shape {dims}, not F32 ({wanted})"
+    return ""
+
+
+def _encoded_already(jobs: list[tuple[Path, Path]], meta, shape: tuple, overwrite: bool) -> tuple[list, int]:
+    """(the jobs still to encode, how many are done) for encode --skip-existing: an output file that
+    exists and holds what this encode would write there (:func:`_encoded_differs`) is done. One
+    that differs is re-encoded with ``overwrite``, and otherwise refused, before anything is
+    written. ``meta(source)``: the metadata this encode writes for an image."""
+    todo, done, differ = [], 0, []
+    for src, dst in jobs:
+        if not os.path.lexists(dst):
+            todo.append((src, dst))
+            continue
+        why = _encoded_differs(dst, meta(src), shape)
+        if not why:
+            done += 1
+        elif overwrite:
+            todo.append((src, dst))
+        else:
+            differ.append(f"{_shown(dst)} {why}")
+    if differ:
+        more = f"; and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise UsageError(f"{len(differ)} existing output file(s) differ from what this encode writes: "
+                         f"{'; '.join(differ[:3])}{more}. Pass --overwrite too to re-encode them (only them), "
+                         "or choose another --out")
+    return todo, done
+
+
 def cmd_encode(args) -> int:
     import torch
 
@@ -388,23 +462,32 @@ def cmd_encode(args) -> int:
 
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
-    jobs = _image_jobs(args.inputs, Path(args.out), ".safetensors", args.overwrite)
+    # with --skip-existing, the outputs that exist are checked below, against the model
+    jobs = _image_jobs(args.inputs, Path(args.out), ".safetensors", args.overwrite or args.skip_existing)
     ctx, dev = distributed.setup(device=args.device)  # each rank encodes its share
     ok = False
     try:
+        model = DiTo.from_pretrained(args.model, map_location=dev, dtype=torch.float32)
+        _check_size(args.size, model.downsample_factor)
+        meta = {"model": model.config.name, "model_fingerprint": model_fingerprint(model),
+                "size": "native" if args.size is None else str(args.size),
+                **({"views": "image,mirrored"} if args.flip else {})}
+        done = 0
+        if args.skip_existing:  # every rank alike, before the images are shared out
+            side = None if args.size is None else args.size // model.downsample_factor
+            jobs, done = _encoded_already(jobs, lambda src: {"source": _shown(src), **meta},
+                                          (2 if args.flip else 1, model.latent_channels, side, side), args.overwrite)
         if ctx.world_size > 1:
             # every rank's listing and output check (above) done before any rank writes, and the
             # listings alike (a folder still being filled would give the ranks overlapping shares)
             import hashlib
 
             names = "\0".join(str(a) for a, _ in jobs).encode("utf-8", "surrogateescape")
-            listings = set(distributed.all_gather_object((len(jobs), hashlib.sha256(names).hexdigest()), ctx))
+            listings = set(distributed.all_gather_object((len(jobs), done, hashlib.sha256(names).hexdigest()), ctx))
             if len(listings) > 1:
-                raise UsageError(f"the ranks found different inputs ({sorted(n for n, _ in listings)} images): is a "
-                                 "folder still being written? Encode it when it is complete")
-        model = DiTo.from_pretrained(args.model, map_location=dev, dtype=torch.float32)
-        _check_size(args.size, model.downsample_factor)
-        meta = {"model": model.config.name, "model_fingerprint": model_fingerprint(model)}
+                raise UsageError(f"the ranks found different images to encode ({sorted(n for n, _, _ in listings)} "
+                                 "images): is a folder still being written, or another encode writing to --out? "
+                                 "Encode it when it is complete")
         share = jobs[ctx.rank::ctx.world_size]
         skipped: list = []
 
@@ -424,8 +507,7 @@ def cmd_encode(args) -> int:
                 z = model.encode(x.to(dev)).cpu()
             for k, (path, target, _) in enumerate(group):
                 latent = z[k * views:(k + 1) * views].contiguous()
-                save_safetensors({"latent": latent}, target, metadata={
-                    "source": _shown(path), **meta, **({"views": "image,mirrored"} if args.flip else {})})
+                save_safetensors({"latent": latent}, target, metadata={"source": _shown(path), **meta})
                 print(f"{_shown(path)} -> {_shown(target)}  latent {tuple(latent.shape)}")
 
         # image size -> [(path, target, image)]: a full group is encoded, and when batch_size
@@ -444,12 +526,17 @@ def cmd_encode(args) -> int:
         ok = True
     finally:
         distributed.teardown(ctx, ok)
+    done_said = f"{done} already done (--skip-existing)"
     if ctx.world_size == 1:
+        if args.skip_existing:
+            print(f"encoded {len(share) - len(skipped)} images, {done_said}"
+                  f"{f', {len(skipped)} unreadable skipped' if skipped else ''}")
         return _skipped_exit(skipped, len(share))
     # torchrun takes a worker's non-zero exit for a failure and stops the other ranks: exit 0,
     # the count said
     print(f"rank {ctx.rank}: {len(share) - len(skipped)} of its {len(share)} images encoded"
-          f"{f', {len(skipped)} unreadable and skipped' if skipped else ''} ({len(jobs)} in all)")
+          f"{f', {len(skipped)} unreadable and skipped' if skipped else ''} ({len(jobs)} in all"
+          f"{f'; {done_said}' if args.skip_existing else ''})")
     return 0
 
 
@@ -1209,14 +1296,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("encode", help="images -> latents (.safetensors, one file per image)",
                        description="Encode images to latents, one .safetensors file per image (key 'latent', "
-                                   "shape (1, c, h, w), with --flip (2, c, h, w); the model's name and fingerprint in "
-                                   "its metadata). Under "
+                                   "shape (1, c, h, w), with --flip (2, c, h, w); its metadata: the source image, the "
+                                   "model's name and fingerprint, the --size ('native' without) and with --flip "
+                                   "views). Under "
                                    "torchrun each rank encodes a share (every WORLD_SIZE-th image) on its own device.")
     e.add_argument("model", help="model directory (config.json + model.safetensors)")
     e.add_argument("inputs", nargs="+", help="image files or folders (recursive; subfolders mirrored under --out)")
     e.add_argument("--out", required=True)
     e.add_argument("--size", type=int, default=None, help="resize+center-crop to this size")
-    e.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace output files that exist already (with --skip-existing: those that differ only)")
+    e.add_argument("--skip-existing", action="store_true",
+                   help="continue an interrupted encode: an output file that exists already and holds what this "
+                        "encode would write (the same source image, model fingerprint, --size and --flip, read from "
+                        "its header) is kept and its image not encoded again; one that differs stops the command "
+                        "before anything is written, naming it and the difference, unless --overwrite is given too "
+                        "(then the ones that differ are encoded again)")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=16,
                    help="images encoded together (of one size; default 16): at most this many wait, besides those "

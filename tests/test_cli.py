@@ -63,7 +63,7 @@ def trained(tmp_path_factory):
 
 def test_train_outputs(trained):
     out, data, stdout, _ = trained
-    assert "trained 2 steps (0 skipped)" in stdout and str(out / "model") in stdout
+    assert "trained 2 steps (0 non-finite steps skipped)" in stdout and str(out / "model") in stdout
     assert "validation PSNR" in stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["source"] == str(data) and cfg["data"]["image_size"] == 32
@@ -211,6 +211,121 @@ def test_encode_under_torchrun_shares_the_images(trained, tmp_path):
     assert sorted(a) == sorted(b) and len(a) == 6
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def _stamps(folder: Path) -> dict:
+    """Each latent file's (inode, mtime): a file written again (atomically, by a rename) differs."""
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*.safetensors")}
+
+
+def test_encode_skip_existing_continues_an_interrupted_encode(trained, tmp_path, capsys):
+    # an interrupted encode could not be continued: the rerun refused the outputs written so far
+    # (pass --overwrite), and an ImageNet-sized encode had to start over
+    import shutil
+
+    out, data, _, _ = trained
+    imgs = tmp_path / "imgs"
+    shutil.copytree(data, imgs / "cls")
+    (imgs / "cls" / "img9.png").write_bytes(b"not a png")
+    base = ["encode", str(out / "model"), str(imgs), "--size", "32", "--flip", "--batch-size", "4", "--workers", "0"]
+    assert main(base + ["--out", str(tmp_path / "whole")]) == 1  # (img9 skipped)
+    part = tmp_path / "part"
+    assert main(base + ["--out", str(part)]) == 1
+    for name in ("img1", "img3", "img4"):  # the encode stopped before writing these
+        (part / "cls" / f"{name}.safetensors").unlink()
+    kept = _stamps(part)
+    capsys.readouterr()
+    assert main(base + ["--out", str(part), "--skip-existing"]) == 1
+    stdout = capsys.readouterr().out
+    assert "encoded 3 images, 3 already done (--skip-existing), 1 unreadable skipped" in stdout
+    assert stdout.count(" -> ") == 3 and all(f"{n}.png ->" in stdout for n in ("img1", "img3", "img4"))
+    assert {k: v for k, v in _stamps(part).items() if k in kept} == kept  # the done ones untouched
+    whole, continued = _latents(tmp_path / "whole"), _latents(part)
+    assert sorted(whole) == sorted(continued) and len(whole) == 6
+    for k in whole:  # (another batch's composition: float rounding only)
+        torch.testing.assert_close(continued[k], whole[k], rtol=0, atol=1e-5)
+    assert safe_open_metadata(part / "cls" / "img1.safetensors")["size"] == "32"
+    stamps = _stamps(part)
+    assert main(base + ["--out", str(part), "--skip-existing"]) == 1  # all done: nothing written
+    assert "encoded 0 images, 6 already done (--skip-existing), 1 unreadable skipped" in capsys.readouterr().out
+    assert _stamps(part) == stamps
+
+
+def test_encode_skip_existing_refuses_outputs_that_differ(trained, tmp_path, capsys):
+    """An existing output counts as done only when it holds what this encode would write; one
+    that differs (another --size, --flip, model or source image; cut short; not a latent file) is
+    refused by name before anything is written, or re-encoded with --overwrite too (only those)."""
+    import shutil
+
+    out, data, _, _ = trained
+    model, lat = str(out / "model"), tmp_path / "lat"
+    base = ["encode", model, str(data), "--workers", "0", "--out", str(lat), "--skip-existing"]
+    assert main(base + ["--size", "32"]) == 0
+    stamps, first = _stamps(lat), {k: v.clone() for k, v in _latents(lat).items()}  # (load_file maps the files)
+    for extra, match in ((["--size", "64"], "img0.safetensors was encoded with --size 32; this encode has --size 64"),
+                         ([], "img0.safetensors was encoded with --size 32; this encode has no --size"),
+                         (["--size", "32", "--flip"], "img0.safetensors was encoded without --flip")):
+        _usage_error(capsys, "6 existing output file(s) differ", base + extra)
+        _usage_error(capsys, match, base + extra)
+    other = DiTo.from_pretrained(out / "model")
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(0.1)
+    other.save_pretrained(tmp_path / "other")
+    _usage_error(capsys, "img0.safetensors was encoded by another model",
+                 ["encode", str(tmp_path / "other"), *base[2:], "--size", "32"])
+    shutil.copytree(data, tmp_path / "copy")  # the same names, other images
+    _usage_error(capsys, f"is the latent of {data / 'img0.png'}, not of {tmp_path / 'copy' / 'img0.png'}",
+                 ["encode", model, str(tmp_path / "copy"), *base[3:], "--size", "32"])
+    assert _stamps(lat) == stamps  # nothing written
+    cut = (lat / "img2.safetensors").read_bytes()
+    (lat / "img2.safetensors").write_bytes(cut[:-8])
+    (lat / "img3.safetensors").write_bytes(b"junk")
+    err = _usage_error(capsys, "2 existing output file(s) differ", base + ["--size", "32"])
+    assert f"img2.safetensors is {len(cut) - 8} bytes where its header says {len(cut)}" in err
+    assert "img3.safetensors cannot be read" in err
+    meta = safe_open_metadata(lat / "img4.safetensors")
+    del meta["size"]  # as an encode that did not record its size wrote it
+    save_file({"latent": first["img4.safetensors"]}, lat / "img4.safetensors", metadata=meta)
+    _usage_error(capsys, "img4.safetensors does not record the --size", base + ["--size", "32"])
+    stamps = _stamps(lat)
+    assert main(base + ["--size", "32", "--overwrite"]) == 0
+    assert "encoded 3 images, 3 already done (--skip-existing)" in capsys.readouterr().out
+    again = _stamps(lat)
+    assert [k for k in sorted(again) if again[k] != stamps[k]] == [f"img{i}.safetensors" for i in (2, 3, 4)]
+    latents = _latents(lat)
+    for k in first:
+        torch.testing.assert_close(latents[k], first[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_encode_skip_existing_under_torchrun_shares_what_is_left(trained, tmp_path):
+    """2 ranks continuing an interrupted encode skip the same done outputs before sharing out the
+    rest: each missing image is encoded once, by one rank, and the done ones are untouched."""
+    import os
+
+    from dito_fast.testing import run_process_tree
+
+    out, data, _, _ = trained
+    lat = tmp_path / "lat"
+    argv = ["encode", str(out / "model"), str(data), "--batch-size", "2", "--workers", "0", "--out", str(lat)]
+    assert main(argv) == 0
+    whole = _latents(lat)
+    for i in (0, 1, 4):
+        (lat / f"img{i}.safetensors").unlink()
+    kept = _stamps(lat)
+    two = run_process_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "dito_fast.cli", *argv, "--skip-existing"], timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    # the 3 left shared out (img0, img4 | img1); ranks filtering their own shares would have had 3 each
+    assert "rank 0: 2 of its 2 images encoded (3 in all; 3 already done (--skip-existing))" in two.stdout
+    assert "rank 1: 1 of its 1 images encoded (3 in all; 3 already done (--skip-existing))" in two.stdout
+    assert two.stdout.count(" -> ") == 3
+    assert {k: v for k, v in _stamps(lat).items() if k in kept} == kept
+    latents = _latents(lat)
+    assert sorted(latents) == sorted(whole)
+    for k in whole:
+        torch.testing.assert_close(latents[k], whole[k], rtol=0, atol=1e-5)
 
 
 def test_outputs_never_clash_or_replace_inputs(trained, tmp_path, capsys):
