@@ -27,7 +27,9 @@ def _normalize_extensions(extensions: Iterable[str]) -> tuple:
 
 def list_image_files(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> List[str]:
     """All files under ``root`` (recursive; symlinked folders are followed, each folder entered
-    once, so a link back up the tree is no loop) whose extension matches, case-insensitively.
+    once, so a link back up the tree is no loop; a link to a folder inside ``root`` is skipped,
+    since that folder is listed under its own name, whatever the two names' order) whose
+    extension matches, case-insensitively.
     Returns sorted absolute paths, so the order is the same on every run; [] when nothing matches.
 
     Raises:
@@ -41,13 +43,16 @@ def list_image_files(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSION
     if not os.path.isdir(root):
         raise NotADirectoryError(f"image folder is not a directory: {root}")
     files = []
-    root_stat = os.stat(root)
+    root_stat, inside = os.stat(root), os.path.join(os.path.realpath(root), "")
     seen = {(root_stat.st_dev, root_stat.st_ino)}  # folders entered: a symlink back up the tree is a loop
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(dirnames):
+            path = os.path.join(dirpath, d)
+            if os.path.islink(path) and os.path.join(os.path.realpath(path), "").startswith(inside):
+                continue  # (walked under its real name)
             try:
-                st = os.stat(os.path.join(dirpath, d))
+                st = os.stat(path)
             except OSError:  # a dangling link
                 continue
             if (st.st_dev, st.st_ino) not in seen:

@@ -133,7 +133,6 @@ def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], 
 
 def _load_pretrained(directory, parse_config, build, map_location, dtype) -> nn.Module:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
         device = torch.device(map_location)
@@ -170,9 +169,9 @@ def _load_pretrained(directory, parse_config, build, map_location, dtype) -> nn.
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"invalid model config {cfg_path}: {e}") from None
     try:
-        with safe_open(str(w_path), "pt") as f:
+        with safe_open(str(w_path), "pt", device="cpu") as f:  # one open: the metadata are the tensors' own
             saved_config = (f.metadata() or {}).get(SAVED_CONFIG_KEY)
-        state = load_file(str(w_path), device="cpu")
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"cannot read weights {w_path}: {e}") from None
     if dtype is None:

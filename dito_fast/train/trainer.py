@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import threading
@@ -592,11 +593,29 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
         raise
     finally:
         if lock is not None:
+            with contextlib.suppress(ValueError):
+                _HELD_LOCKS.remove(lock)
             lock.close()  # (releases it)
         distributed.teardown(ctx, ok)
 
 
 _LOCK_FILE = ".lock"
+
+
+_HELD_LOCKS: list = []  # the open lock files of this process's runs
+
+
+def _close_inherited_locks() -> None:
+    # A forked child (a DataLoader worker) shares the lock's open file: its copy would keep the
+    # run locked after the trainer dies (until the orphan notices); closing it leaves the parent's.
+    for f in _HELD_LOCKS:
+        with contextlib.suppress(OSError, ValueError):
+            f.close()
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def _lock_run(run_dir: Path):
@@ -608,7 +627,6 @@ def _lock_run(run_dir: Path):
     checkpoint and rewritten its metrics). The lock dies with the process, so a killed run leaves
     nothing to clear. Where the file system has no locks, a warning and no lock."""
     import fcntl
-    import os
     import socket
 
     if run_dir.exists() and not run_dir.is_dir():
@@ -633,6 +651,7 @@ def _lock_run(run_dir: Path):
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
+    _HELD_LOCKS.append(f)
     return f, None
 
 
@@ -724,8 +743,9 @@ def _train(task: TrainTask, cfg, run_dir: Path, resume, train_dataset, val_data,
                        if step is not None and (ckpt.checkpoint_step(c) or 0) < step]
             if not earlier or "EMA weights" in str(e):
                 raise
-            raise type(e)(f"{e}; the checkpoint before it, {earlier[-1]}, is complete: --resume {earlier[-1]} "
-                          "continues from there") from None
+            raise type(e)(f"{e}; the checkpoint before it, {earlier[-1]}, is complete: move {resume_from} out of "
+                          f"{resume_from.parent} and --resume again, or --resume {earlier[-1]} --out <another "
+                          "folder>") from None
 
     # -- how this rank processes its share of the global batch
     mode = t_cfg.parallel if ctx.distributed else "single"

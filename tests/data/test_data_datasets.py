@@ -127,6 +127,11 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     (root / "dangling").symlink_to(tmp_path / "gone")
     names = [os.path.relpath(f, root) for f in list_image_files(root)]
     assert names == ["a.png", os.path.join("linked", "c.png"), os.path.join("sub", "b.png")]
+    # a link to a folder inside the tree whose name sorts first: the folder keeps its own name
+    # (the link had been walked first, renaming the class and dropping the real folder)
+    (root / "0_alias_of_sub").symlink_to("sub")
+    names = [os.path.relpath(f, root) for f in list_image_files(root)]
+    assert names == ["a.png", os.path.join("linked", "c.png"), os.path.join("sub", "b.png")]
 
 
 def test_folder_errors_name_the_path(tmp_path):

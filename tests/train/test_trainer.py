@@ -740,6 +740,35 @@ def test_a_second_trainer_on_the_same_folder_is_refused(make_run_config, tmp_pat
         train(cfg, run / "config.json", progress=False)
 
 
+def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
+    """A DataLoader worker forked while the run holds its lock shares the lock's open file: the
+    child closes its copy, so the run's folder is free once the trainer itself is gone (an
+    orphaned worker had held it until it noticed, keeping a torchrun restart out)."""
+    import fcntl
+    import multiprocessing
+
+    from dito_fast.train import trainer as trainer_mod
+
+    lock, busy = trainer_mod._lock_run(tmp_path / "run")
+    assert busy is None
+    child = multiprocessing.get_context("fork").Process(target=time_sleep, args=(30,))
+    child.start()
+    try:
+        trainer_mod._HELD_LOCKS.remove(lock)
+        lock.close()  # the trainer's end (a SIGKILL closes it the same way)
+        with open(tmp_path / "run" / ".lock", "a+") as again:
+            fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the child held a copy
+    finally:
+        child.kill()
+        child.join()
+
+
+def time_sleep(seconds):
+    import time
+
+    time.sleep(seconds)
+
+
 def test_a_run_inside_its_data_folder_is_refused(make_run_config, tmp_path, photo_dir):
     root, _ = photo_dir
     data = tmp_path / "data"
@@ -760,7 +789,8 @@ def test_resume_refuses_a_renamed_model_and_names_a_damaged_config(make_run_conf
     step2 = tmp_path / "a" / "checkpoints" / "step_00000002"
     (step2 / "state.pt").write_bytes((step2 / "state.pt").read_bytes()[:100])  # cut short
     with pytest.raises(ValueError, match=f"cannot read checkpoint state .*; the checkpoint before it, {step1}, is "
-                                         f"complete: --resume {step1}"):
+                                         f"complete: move {step2} out of .* and --resume again, or --resume {step1} "
+                                         "--out <another folder>"):
         train(make_run_config(steps=3, checkpoint_every_steps=1, val_every_steps=0), tmp_path / "a", resume=True,
               progress=False)
     broken = tmp_path / "broken"
