@@ -38,7 +38,6 @@ import os
 import signal
 import struct
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,6 +360,8 @@ def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = Fals
     exists, before anything is read, or by the time it is written. A write error (a full disk)
     raises OSError naming ``out``, nothing left behind. Returns the pack, opened; its
     ``skipped``, the files left out, are also in the pack."""
+    from ..train.checkpoint import atomic_write
+
     root, out = Path(folder), Path(out)
     if out.is_dir():
         raise IsADirectoryError(f"the pack {out} is a folder; a pack is one file (e.g. {out / 'latents.safetensors'})")
@@ -414,7 +415,9 @@ def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = Fals
         f.write(struct.pack("<Q", reserved) + head + b" " * (reserved - len(head)))  # (JSON may end in spaces)
 
     try:
-        _write_read_only(out, write, replace=overwrite)
+        # read-only: a pack is read during the runs that map it, and cp over it (refused for users
+        # other than root) would change the latents under them
+        atomic_write(out, lambda tmp: _write_file(tmp, write), replace=overwrite, mode=0o444)
     except OSError as e:
         if isinstance(e, FileExistsError) and e.errno is None:  # (appeared meanwhile: the message names it)
             raise
@@ -426,32 +429,9 @@ def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = Fals
     return _load_pack(out, class_folders)
 
 
-def _write_read_only(out: Path, write, replace: bool) -> None:
-    """``write(f)`` into a temporary file next to ``out`` (``.NAME.XXXXXXXX.tmp``, as
-    :func:`dito_fast.train.checkpoint.atomic_write` names its), synced, made read-only (0o444
-    less the umask) and renamed onto ``out`` (``replace=False``: FileExistsError if ``out``
-    exists by then, kept). Readers see the old file or the whole new one; and since a pack is
-    read during the runs that map it, ``cp`` over it is refused (for users other than root)
-    where it would change the latents under them. Any error removes the temporary file."""
-    from ..train.checkpoint import _UMASK, _fsync_dir, _link_new
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with open(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o444 & ~_UMASK)
-        if replace:
-            os.replace(tmp, out)
-        else:
-            _link_new(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(out.parent)
+def _write_file(path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
 
 
 def _utf8(path: Path) -> bool:

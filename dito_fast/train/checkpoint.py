@@ -56,10 +56,10 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def _atomic(path: Path, write, replace: bool = True) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (mode 0666 less the
-    umask, as open() gives). ``replace=False``: FileExistsError if ``path`` exists by then (say,
-    written meanwhile by another process), which is kept."""
+def _atomic(path: Path, write, replace: bool = True, mode: int = 0o666) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (``mode`` less the
+    umask: 0666 as open() gives). ``replace=False``: FileExistsError if ``path`` exists by then
+    (say, written meanwhile by another process), which is kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temporary name carries the final one where it is valid UTF-8 (writers such as
@@ -69,9 +69,9 @@ def _atomic(path: Path, write, replace: bool = True) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode & ~_UMASK)
         if replace:
             os.replace(tmp, path)
         else:
@@ -119,11 +119,12 @@ def atomic_write_json(obj, path) -> None:
     _atomic(Path(path), write)
 
 
-def atomic_write(path, write, replace: bool = True) -> None:
-    """``write(tmp_path)`` into a temporary file next to ``path``, then renamed onto it: readers see
-    the old file or the whole new one, never a partial one (``replace=False``: FileExistsError
-    if ``path`` exists by then)."""
-    _atomic(Path(path), write, replace)
+def atomic_write(path, write, replace: bool = True, mode: int = 0o666) -> None:
+    """``write(tmp_path)`` into a temporary file next to ``path`` (``.NAME.XXXXXXXX.tmp``), then
+    renamed onto it with ``mode`` less the umask: readers see the old file or the whole new one,
+    never a partial one (``replace=False``: FileExistsError if ``path`` exists by then). An error
+    removes the temporary file."""
+    _atomic(Path(path), write, replace, mode)
 
 
 def atomic_write_text(text: str, path) -> None:
