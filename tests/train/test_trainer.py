@@ -751,9 +751,12 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
 
     lock, busy = trainer_mod._lock_run(tmp_path / "run")
     assert busy is None
-    child = multiprocessing.get_context("fork").Process(target=time_sleep, args=(30,))
+    fork = multiprocessing.get_context("fork")
+    running = fork.Event()
+    child = fork.Process(target=time_sleep, args=(30, running))
     child.start()
     try:
+        assert running.wait(30)  # (the fork's hooks have run in the child)
         trainer_mod._HELD_LOCKS.remove(lock)
         lock.close()  # the trainer's end (a SIGKILL closes it the same way)
         with open(tmp_path / "run" / ".lock", "a+") as again:
@@ -763,9 +766,10 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
         child.join()
 
 
-def time_sleep(seconds):
+def time_sleep(seconds, running):
     import time
 
+    running.set()
     time.sleep(seconds)
 
 
@@ -834,3 +838,35 @@ def test_a_killed_save_leaves_nothing_the_next_save_keeps(make_run_config, tmp_p
     (out / ".tmpKeep00").write_bytes(b"not ours")  # another program's: kept
     model.save_pretrained(out)
     assert sorted(p.name for p in out.iterdir()) == [".tmpKeep00", "config.json", "model.safetensors"]
+
+
+def test_a_resume_on_changed_data_says_so(make_run_config, tmp_path, photo_dir, caplog):
+    """A checkpoint records its training set's sample count and a digest of the names and labels;
+    resuming on a folder that gained a file warns (the batches then differ from an uninterrupted
+    run's); the same folder moved elsewhere does not."""
+    from PIL import Image
+
+    d = tmp_path / "photos"
+    shutil.copytree(photo_dir[0], d)
+    cfg = make_run_config(steps=2, checkpoint_every_steps=1, val_every_steps=0)
+    cfg.data.source, cfg.data.loader = str(d), "torch"
+    train(cfg, tmp_path / "run", progress=False)
+    state = ckpt.load_torch(tmp_path / "run" / "checkpoints" / "step_00000002" / "state.pt")
+    assert state["data"]["samples"] == 10 and len(state["data"]["digest"]) == 16  # 12 photos, 2 held out
+    moved = tmp_path / "elsewhere" / "photos"
+    shutil.move(d, moved)
+    with caplog.at_level(logging.WARNING, logger="dito_fast.train"):
+        train(_with_source(make_run_config(steps=3, checkpoint_every_steps=1, val_every_steps=0), moved),
+              tmp_path / "run", resume=True, progress=False)
+    assert "training data changed" not in caplog.text
+    Image.open(photo_dir[1][0][0]).convert("RGB").save(moved / "objects" / "new.png")
+    with caplog.at_level(logging.WARNING, logger="dito_fast.train"):
+        train(_with_source(make_run_config(steps=4, checkpoint_every_steps=1, val_every_steps=0), moved),
+              tmp_path / "run", resume=True, progress=False)
+    assert "the training data changed since" in caplog.text and "(10 samples then, 11 now)" in caplog.text
+    assert [e["samples_now"] for e in _events(tmp_path / "run") if e["event"] == "data_changed"] == [11]
+
+
+def _with_source(cfg, folder):
+    cfg.data.source, cfg.data.loader = str(folder), "torch"
+    return cfg
