@@ -622,8 +622,6 @@ def train(cfg: RunConfig, out_dir, resume: bool | str = False, train_dataset: Da
 
 
 _LOCK_FILE = ".lock"
-
-
 _HELD_LOCKS: list = []  # the open lock files of this process's runs
 
 
@@ -642,12 +640,12 @@ if hasattr(os, "register_at_fork"):
 
 def _lock_run(run_dir: Path):
     """(the open lock file of ``run_dir``, None), or (None, (exception class name, why the run
-    cannot start)): an exclusive
-    ``flock`` on ``run_dir/.lock``, held by rank 0 for the whole run, so that a second training
-    process on the same folder (a job relaunched while the first still runs) is refused instead of
-    writing the same checkpoints, metrics and model (it had deleted the first one's half-written
-    checkpoint and rewritten its metrics). The lock dies with the process, so a killed run leaves
-    nothing to clear. Where the file system has no locks, a warning and no lock."""
+    cannot start)). The lock is an exclusive ``flock`` on ``run_dir/.lock``, held by rank 0 for
+    the whole run, so that a second training process on the same folder (a job relaunched while
+    the first still runs) is refused instead of writing the same checkpoints, metrics and model
+    (it had deleted the first one's half-written checkpoint and rewritten its metrics). The lock
+    dies with the process (forked children close their copy), so a killed run leaves nothing to
+    clear. Where the file system has no locks: a warning, and no lock."""
     import fcntl
     import socket
 
