@@ -371,7 +371,7 @@ def pack_latents(folder: str | Path, out: str | Path, class_folders: bool = Fals
     if out.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"the pack {out} would be inside the folder it packs ({root}): write it elsewhere")
     if not _utf8(out):
-        raise ValueError(f"the pack's path {os.fsencode(out).decode('utf-8', 'backslashreplace')} is not valid "
+        raise ValueError(f"the pack's path {_shown(out)} is not valid "
                          "UTF-8, which safetensors needs to open it: choose another name")
     labels: list[int] = []
     names = bytearray()

@@ -125,8 +125,8 @@ def load_pretrained(directory: str | os.PathLike, parse_config: Callable[[Any], 
     TypeError or ValueError when it is not one; ``build(config)`` makes the module (run on the meta
     device). Errors name the file at fault: a missing directory or file, unreadable JSON or
     weights, tensors that do not match the config, a config and weights of two different saves
-    (:func:`save_pretrained` stores the config with the weights). The parameters are normal tensors (not inference tensors)
-    even when loaded under ``torch.inference_mode``."""
+    (:func:`save_pretrained` stores the config with the weights). The parameters are normal
+    tensors (not inference tensors) even when loaded under ``torch.inference_mode``."""
     with torch.inference_mode(False):
         return _load_pretrained(directory, parse_config, build, map_location, dtype)
 
