@@ -140,8 +140,9 @@ def group_norm_modulate_silu(x, num_groups: int, weight=None, bias=None, scale=N
     weight/bias: (C,); scale/shift: (B, C). Differentiable w.r.t. x and every parameter given.
     A non-finite x value makes its own group (of its sample) non-finite, on every backend. Finite
     groups whose squares overflow the dtype (|x| beyond ~1.8e19 in float32) are normalised as in
-    float64 by the cpp backend; ``ref`` (PyTorch's group norm) then gives NaN, the Triton kernel
-    normalises them to 0 (as, from its float32 sums, the CUDA kernel should: not run on a GPU here).
+    float64 by the cpp, Triton and CUDA backends (their float sums are redone in double where they
+    overflowed; the CUDA kernels compile here but have not run on a GPU); ``ref`` (PyTorch's group
+    norm) then gives NaN.
     """
     _check_x(x, num_groups, weight, bias, scale, shift, eps)
     return dispatch("group_norm_modulate_silu", _BACKENDS, backend, x, num_groups, weight, bias,

@@ -54,9 +54,9 @@ def latent_layernorm(z: torch.Tensor, eps: float = 1e-5, backend: str | None = N
     """Normalise each sample of ``z`` (B, C, H, W) to zero mean and unit variance over (C, H, W).
 
     Float dtypes; contiguous or channels_last (kept). Differentiable. Finite values whose squares
-    overflow the dtype (|z| beyond ~1.8e19 in float32) are normalised as in float64 by the cpp
-    backend; ``ref`` (PyTorch's layer norm) then gives NaN, the Triton kernel 0 (as, from its float32
-    sums, the CUDA kernel should: not run on a GPU here).
+    overflow the dtype (|z| beyond ~1.8e19 in float32) are normalised as in float64 by the cpp,
+    Triton and CUDA backends (their float sums are redone in double where they overflowed; the CUDA
+    kernel compiles here but has not run on a GPU); ``ref`` (PyTorch's layer norm) then gives NaN.
     """
     _check(z, eps)
     return dispatch("latent_layernorm", _BACKENDS, backend, z, float(eps))

@@ -107,7 +107,7 @@ def test_torch_compile_fullgraph_traces_forward_and_backward():
 # --------------------------------------------------------------------------------------------
 # every launched kernel compiles for sm_90
 
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 

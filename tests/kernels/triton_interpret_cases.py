@@ -205,6 +205,26 @@ def test_latent_layernorm_channels_last_and_large_mean():
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_latent_layernorm_finite_values_whose_squares_overflow(memory_format):
+    """Finite float32 latents of ~1e20 (squares overflow float32) are normalised as in float64,
+    forward and backward (the float32 sum of squares had made rstd 0 and the output silently 0);
+    a sample holding an inf stays non-finite and leaves the others alone."""
+    z = (_randn((3, 4, 6, 5), torch.float64, 24, offset=0.5) * 1e20).float()
+    g = _randn((3, 4, 6, 5), torch.float32, 25)
+    zk = _leaf(z, memory_format=memory_format)
+    y = tri_ln.latent_layernorm(zk, 1e-5)
+    (gz,) = torch.autograd.grad(y, zk, g.to(DEVICE))
+    z64 = (z.double() * 1e-20).requires_grad_()
+    y64 = ops.latent_layernorm_ref(z64, 1e-45)  # eps scaled with the values
+    (gz64,) = torch.autograd.grad(y64, z64, g.double())
+    _check("latent_layernorm output", y, y64)
+    _check("latent_layernorm grad", gz * 1e20, gz64)  # dz scales as 1/z
+    z[1, 0, 0, 0] = float("inf")
+    y = tri_ln.latent_layernorm(z.to(DEVICE).contiguous(memory_format=memory_format), 1e-5).cpu()
+    assert not y[1].isfinite().any() and y[0].isfinite().all() and y[2].isfinite().all()
+
+
 # --------------------------------------------------------------------------------------------
 # group_norm_modulate_silu
 
@@ -252,6 +272,32 @@ def test_group_norm_modulate_silu_optional_parts(params, silu):
 def test_group_norm_modulate_silu_several_tiles_and_large_mean(memory_format):
     # 40 x 41 spatial > one 1024-element tile; mean >> std stresses the merged statistics
     _gn_case((2, 8, 40, 41), 2, torch.float32, memory_format=memory_format, offset=50.0, scale=0.1)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_modulate_silu_finite_values_whose_squares_overflow(memory_format):
+    """Finite float32 values of ~1e20 (squares overflow float32), over several tiles and spatial
+    ranges, with every parameter and SiLU: normalised as in float64, forward and backward (the
+    float32 M2 had made rstd 0 and the output silently silu(beta)). One group holding an inf stays
+    non-finite and leaves the others alone."""
+    shape, G = (2, 8, 40, 41), 4
+    x, w, b, s, sh = _gn_inputs(shape, torch.float64, "wbst", seed=31)
+    x = (x * 1e20).float()
+    w, b, s, sh = (t.float() for t in (w, b, s, sh))
+    g = _randn(shape, torch.float32, 98)
+    leaves = [_leaf(x, memory_format=memory_format)] + [_leaf(t) for t in (w, b, s, sh)]
+    y = tri_gn.group_norm_modulate_silu(leaves[0], G, *leaves[1:], 1e-5, True)
+    grads = torch.autograd.grad(y, leaves, g.to(DEVICE))
+    leaves64 = [t.double().requires_grad_() for t in (x * 1e-20, w, b, s, sh)]
+    y64 = ops.group_norm_modulate_silu_ref(leaves64[0], G, *leaves64[1:], eps=1e-45, silu=True)
+    grads64 = torch.autograd.grad(y64, leaves64, g.double())
+    _check("group_norm_modulate_silu output", y, y64)
+    for name, gk, g64 in zip(["x", "weight", "bias", "scale", "shift"], grads, grads64):
+        _check(f"group_norm_modulate_silu grad {name}", gk * 1e20 if name == "x" else gk, g64)
+    x[1, 2, 3, 4] = float("inf")  # sample 1, group 1
+    y = tri_gn.group_norm_modulate_silu(x.to(DEVICE).contiguous(memory_format=memory_format), G, w, b, s, sh,
+                                        1e-5, True).cpu()
+    assert not y[1, 2:4].isfinite().any() and y[0].isfinite().all() and y[1, :2].isfinite().all()
 
 
 # --------------------------------------------------------------------------------------------

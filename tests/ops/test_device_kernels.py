@@ -147,6 +147,29 @@ def test_group_norm_modulate_silu_gradcheck(device, layout):
     assert torch.autograd.gradcheck(_gnms(3, backend="cpp"), leaves)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 8, 6, 5, 4), (1, 16, 128, 96, 2)], ids=["fused", "chunked"])
+def test_group_norm_modulate_silu_squares_overflow(device, layout, shape):
+    """Finite float32 values of ~1e20, whose squares overflow float32, are normalised as in float64
+    (the op is scale-invariant: against the reference on x * 1e-20 with eps scaled alike); float
+    sums had made rstd 0 and the output silently silu(beta). A group holding an inf stays
+    non-finite, alone."""
+    B, C, H, W, G = shape
+    x, *p = _gnms_inputs(B, C, H, W, layout, seed=11)
+    xf = _on(x * 1e20, device, torch.float32)
+    outs, grads = _grads(_gnms(G, backend="cpp"), [xf, *(_on(t, device, torch.float32) for t in p)])
+    outs64, grads64 = _grads(lambda *a: group_norm_modulate_silu_ref(*a[:1], G, *a[1:], eps=1e-45),
+                             [_on(xf, "cpu", torch.float64) * 1e-20, *(t.float().double() for t in p)])
+    grads[0] = grads[0] * 1e20  # dx scales as 1/x
+    for name, a, r in zip(GNMS_NAMES, outs + grads, outs64 + grads64, strict=True):
+        assert_close_to_ref(a.cpu(), r, torch.float32, what=f"{name} on {device}")
+    xf[B - 1, C // G, 0, 0] = float("inf")  # the last sample's group 1
+    y = group_norm_modulate_silu(xf, G, *(_on(t, device, torch.float32) for t in p), backend="cpp").cpu()
+    assert not y[B - 1, C // G:2 * C // G].isfinite().any()
+    assert y[:B - 1].isfinite().all() and y[B - 1, :C // G].isfinite().all() and y[B - 1, 2 * C // G:].isfinite().all()
+
+
 # ---- latent_layernorm -----------------------------------------------------------------------------
 LATENT_SHAPES = [(3, 4, 23, 19), (1, 4, 8, 8), (2, 37, 5, 7), (5, 8, 1, 1), (2, 16, 64, 64)]
 
@@ -161,6 +184,25 @@ def test_latent_layernorm(device, dtype, layout, shape):
         z = z.contiguous(memory_format=torch.channels_last)
     _check(lambda a: latent_layernorm(a, 1e-5, backend="cpp"), lambda a: latent_layernorm_ref(a, 1e-5), [z], device,
            dtype, ["y", "grad z"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 4, 6, 5), (2, 16, 64, 64)], ids=["small", "chunked"])
+def test_latent_layernorm_squares_overflow(device, layout, shape):
+    """Finite float32 latents of ~1e20 (squares overflow float32) are normalised as in float64;
+    a sample holding an inf stays non-finite, alone."""
+    z = _randn(*shape, seed=12) + 0.5
+    if layout == "channels_last":
+        z = z.contiguous(memory_format=torch.channels_last)
+    zf = _on(z * 1e20, device, torch.float32)
+    (y,), (gz,) = _grads(lambda a: latent_layernorm(a, 1e-5, backend="cpp"), [zf])
+    (y64,), (gz64,) = _grads(lambda a: latent_layernorm_ref(a, 1e-45), [_on(zf, "cpu", torch.float64) * 1e-20])
+    assert_close_to_ref(y.cpu(), y64, torch.float32, what=f"y on {device}")
+    assert_close_to_ref(gz.cpu() * 1e20, gz64, torch.float32, what=f"grad z on {device}")
+    zf[1, 0, 0, 0] = float("inf")
+    y = latent_layernorm(zf, backend="cpp").cpu()
+    assert not y[1].isfinite().any() and y[0].isfinite().all() and y[2:].isfinite().all()
 
 
 # ---- fm_noise, fm_loss ----------------------------------------------------------------------------

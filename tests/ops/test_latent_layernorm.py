@@ -42,28 +42,6 @@ def test_cpp_matches_reference(shape, dtype, layout):
 
 
 @needs_cpp
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cpp_finite_values_whose_squares_overflow(layout):
-    """Finite float32 latents of ~1e20 (squares overflow float32) are normalised as in float64,
-    forward and backward (the float sums had made rstd 0 and the output silently 0); a sample
-    holding an inf stays non-finite and leaves the others alone."""
-    z = torch.randn(3, 4, 6, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
-    zf = (z * 1e20).float()
-    if layout == "channels_last":
-        zf = zf.contiguous(memory_format=torch.channels_last)
-    y, gz = _grads(latent_layernorm, zf, backend="cpp")
-    z64 = (zf.double() * 1e-20).requires_grad_()
-    y64 = latent_layernorm_ref(z64, 1e-45)  # eps scaled with the values (1e-5 at 1e20 is nothing)
-    g = torch.randn(y64.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float().double()
-    (gz64,) = torch.autograd.grad(y64, z64, g)
-    assert (y.double() - y64).abs().max().item() < 1e-6
-    assert torch.allclose(gz.double() * 1e20, gz64, rtol=1e-4, atol=1e-5 * gz64.abs().max().item())
-    zf[1, 0, 0, 0] = float("inf")
-    y = latent_layernorm(zf, backend="cpp")
-    assert not y[1].isfinite().any() and y[0].isfinite().all() and y[2].isfinite().all()
-
-
-@needs_cpp
 def test_gradcheck_opcheck_compile():
     z = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: latent_layernorm(a, backend="cpp"), (z,))

@@ -182,6 +182,31 @@ __device__ __forceinline__ void chunked_shifted_sums(const scalar_t* x, int64_t 
   }
 }
 
+// The CUDA twin of the CPU kernels' refine_overflowed_moments (cpu_vec.h): finite values with
+// |x - k| above ~1.8e19 overflow float partial sums of squares, and rstd would come out 0 (the
+// output silently 0, or silu of the bias). Where the block's totals d1, d2 (block_sum2'd, so the
+// same in every thread) are not finite, the block sums the group's values again in double (rows
+// of row_len values, row_stride apart, shifted by k), and those sums replace d1, d2 when finite;
+// a group holding inf or NaN keeps its non-finite totals. Only that rare path pays the extra
+// pass. Every thread of the block must call it. sh: 2 * 32 doubles.
+template <typename scalar_t>
+__device__ void refine_overflowed_sums(const scalar_t* x, int64_t rows, int64_t row_len, int64_t row_stride,
+                                       double k, double& d1, double& d2, double* sh) {
+  if (isfinite(d1) && isfinite(d2)) return;
+  const int64_t tid = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  double e1 = 0, e2 = 0;
+  for (int64_t i = tid; i < rows * row_len; i += nt) {
+    const double d = static_cast<double>(x[(i / row_len) * row_stride + i % row_len]) - k;
+    e1 += d;
+    e2 += d * d;
+  }
+  block_sum2(e1, e2, sh);
+  if (isfinite(e1) && isfinite(e2)) {
+    d1 = e1;
+    d2 = e2;
+  }
+}
+
 // Sum and dot product of two runs of packs: s1 += a and s2 += a b over the values of packs
 // first, first + step, ... < npack, accumulated in acc_t in that order.
 template <int V, typename scalar_t, typename acc_t>

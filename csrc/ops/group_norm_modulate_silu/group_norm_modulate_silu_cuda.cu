@@ -164,6 +164,7 @@ __global__ void gn_fused_nchw_kernel(const scalar_t* __restrict__ x, int64_t BG,
     shifted_sums<V>(xg, npack, threadIdx.x, blockDim.x, k, s1, s2);
     double d1 = s1, d2 = s2;
     block_sum2(d1, d2, sh);
+    refine_overflowed_sums(xg, 1, L, 0, static_cast<double>(k), d1, d2, sh);
     double mean_d, rstd_d;
     math::moments_to_mean_rstd<double>(d1, d2, static_cast<double>(L), static_cast<double>(k), eps, mean_d, rstd_d);
     if (threadIdx.x == 0) {
@@ -283,6 +284,11 @@ __global__ void gn_finalize_kernel(const scalar_t* __restrict__ x, const double*
     block_sum2(d1, d2, sh);
     // The shift the stats kernels used.
     const acc_t k = group_shift<scalar_t, acc_t>(x, b, g, C, Cg, HW, cl);
+    if (cl) {
+      refine_overflowed_sums(x + b * HW * C + g * Cg, HW, Cg, C, static_cast<double>(k), d1, d2, sh);
+    } else {
+      refine_overflowed_sums(x + bg * Cg * HW, 1, Cg * HW, 0, static_cast<double>(k), d1, d2, sh);
+    }
     double mean_d, rstd_d;
     math::moments_to_mean_rstd<double>(d1, d2, static_cast<double>(Cg * HW), static_cast<double>(k), eps, mean_d,
                                        rstd_d);

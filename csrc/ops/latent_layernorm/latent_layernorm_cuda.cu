@@ -68,6 +68,7 @@ __global__ void ln_apply_kernel(const scalar_t* __restrict__ z, const double* __
       d2 = s2;
     }
     block_sum2(d1, d2, sh);
+    refine_overflowed_sums(zb, 1, N, 0, static_cast<double>(k), d1, d2, sh);
     double mean_d, rstd_d;
     math::moments_to_mean_rstd<double>(d1, d2, static_cast<double>(N), static_cast<double>(k), eps, mean_d, rstd_d);
     const acc_t mean = static_cast<acc_t>(mean_d), rstd = static_cast<acc_t>(rstd_d);

@@ -114,11 +114,41 @@ def _cdiv(a: int, b: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
+    def _range_moments(base, s_lo, s_hi, Cg, sxc, sxs, offs_c, offs_s, DTYPE: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        # (count, mean, M2) in DTYPE of one group's channels over the spatial range [s_lo, s_hi),
+        # tile by tile, merged with Chan's formula.
+        count = tl.zeros((), dtype=DTYPE)
+        mean = tl.zeros((), dtype=DTYPE)
+        m2 = tl.zeros((), dtype=DTYPE)
+        for c0 in range(0, Cg, BLOCK_C):
+            cs = c0 + offs_c
+            cmask = cs < Cg
+            nc = tl.minimum(Cg - c0, BLOCK_C)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                ss = s0 + offs_s
+                m = cmask[:, None] & (ss < s_hi)[None, :]
+                x = tl.load(base + cs[:, None] * sxc + ss[None, :] * sxs, mask=m, other=0.0).to(DTYPE)
+                n_t = (nc * tl.minimum(s_hi - s0, BLOCK_S)).to(DTYPE)
+                mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
+                d = tl.where(m, x - mean_t, 0.0)
+                m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
+                n_new = count + n_t
+                delta = mean_t - mean
+                mean = mean + delta * (n_t / n_new)
+                m2 = m2 + m2_t + delta * delta * (count * n_t / n_new)
+                count = n_new
+        return count, mean, m2
+
+    @triton.jit
     def _gn_stats_partial_kernel(x_ptr, part_ptr, HW, Cg, G, S_PER_SPLIT, NSPLIT, sxb, sxc, sxs,
                                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
-        # grid: (B * G, NSPLIT). (count, mean, M2) of one group over one spatial range, tile by
-        # tile, merged with Chan's formula. Groups vary fastest, so the programs running together
-        # read neighbouring channels of the same pixels (shared cache lines in channels_last).
+        # grid: (B * G, NSPLIT). (count, mean, M2) of one group over one spatial range, in float32,
+        # stored as float64. Groups vary fastest, so the programs running together read
+        # neighbouring channels of the same pixels (shared cache lines in channels_last). Finite
+        # values with |x - mean| above ~1.8e19 overflow the float32 M2 (rstd would come out 0 and
+        # the output silently silu(beta)): such a range is summed again in float64, as the CPU
+        # kernels do (refine_overflowed_moments); one holding inf or NaN stays non-finite.
         pid = tl.program_id(0)
         split = tl.program_id(1)
         if IDX64:
@@ -133,34 +163,21 @@ if HAS_TRITON:
         if IDX64:
             offs_c = offs_c.to(tl.int64)
             offs_s = offs_s.to(tl.int64)
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for c0 in range(0, Cg, BLOCK_C):
-            cs = c0 + offs_c
-            cmask = cs < Cg
-            nc = tl.minimum(Cg - c0, BLOCK_C)
-            for s0 in range(s_lo, s_hi, BLOCK_S):
-                ss = s0 + offs_s
-                m = cmask[:, None] & (ss < s_hi)[None, :]
-                x = tl.load(base + cs[:, None] * sxc + ss[None, :] * sxs, mask=m, other=0.0).to(tl.float32)
-                n_t = (nc * tl.minimum(s_hi - s0, BLOCK_S)).to(tl.float32)
-                mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
-                d = tl.where(m, x - mean_t, 0.0)
-                m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
-                n_new = count + n_t
-                delta = mean_t - mean
-                mean = mean + delta * (n_t / n_new)
-                m2 = m2 + m2_t + delta * delta * (count * n_t / n_new)
-                count = n_new
+        count, mean32, m2_32 = _range_moments(base, s_lo, s_hi, Cg, sxc, sxs, offs_c, offs_s, tl.float32,
+                                              BLOCK_C, BLOCK_S)
+        mean = mean32.to(tl.float64)
+        m2 = m2_32.to(tl.float64)
+        if not (tl.abs(m2_32) < float("inf")):  # rare: overflowed (or inf/NaN in the range)
+            _, mean, m2 = _range_moments(base, s_lo, s_hi, Cg, sxc, sxs, offs_c, offs_s, tl.float64,
+                                         BLOCK_C, BLOCK_S)
         out = part_ptr + (pid.to(tl.int64) * NSPLIT + split) * 3
-        tl.store(out, count)
+        tl.store(out, count.to(tl.float64))
         tl.store(out + 1, mean)
         tl.store(out + 2, m2)
 
     @triton.jit
     def _gn_stats_finalize_kernel(part_ptr, mean_ptr, rstd_ptr, NSPLIT, eps, BLOCK_P: tl.constexpr):
-        # grid: (B * G,). Chan's formula over the partial statistics of one group.
+        # grid: (B * G,). Chan's formula over the partial statistics of one group (float64).
         pid = tl.program_id(0)
         offs = tl.arange(0, BLOCK_P)
         pm = offs < NSPLIT
@@ -170,10 +187,10 @@ if HAS_TRITON:
         m2_i = tl.load(base + 2, mask=pm, other=0.0)
         n = tl.sum(n_i, axis=0)
         mean = tl.sum(n_i * mean_i, axis=0) / n
-        d = mean_i - mean
+        d = tl.where(pm, mean_i - mean, 0.0)
         m2 = tl.sum(m2_i + n_i * d * d, axis=0)
-        tl.store(mean_ptr + pid, mean)
-        tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(m2 / n + eps))
+        tl.store(mean_ptr + pid, mean.to(tl.float32))
+        tl.store(rstd_ptr + pid, (1.0 / tl.sqrt(m2 / n + eps)).to(tl.float32))
 
     @triton.jit
     def _gn_coeffs(b, cs, cmask, C, Cg, G, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
@@ -343,7 +360,7 @@ if HAS_TRITON:
         idx64 = needs_int64(x, y)
         bc, bs = _tiles(C, Cg, HW, cl)
         per_split, nsplit = _split(HW, bs, B * G)
-        part = torch.empty((B * G, nsplit, 3), dtype=torch.float32, device=x.device)
+        part = torch.empty((B * G, nsplit, 3), dtype=torch.float64, device=x.device)
         wrap_triton(_gn_stats_partial_kernel)[(B * G, nsplit)](x, part, HW, Cg, G, per_split, nsplit,
                                                                 sxb, sxc, sxs, BLOCK_C=bc, BLOCK_S=bs, IDX64=idx64,
                                                                 num_warps=4)

@@ -35,22 +35,36 @@ def _block(n: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
+    def _sample_moments(z_ptr, base, N, offs, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        # Mean and biased variance in DTYPE of one sample's N values: two passes (mean, then
+        # centred squares).
+        acc = tl.zeros([BLOCK], dtype=DTYPE)
+        for start in range(0, N, BLOCK):
+            m = start + offs < N
+            acc += tl.load(z_ptr + base + start + offs, mask=m, other=0.0).to(DTYPE)
+        mean = tl.sum(acc, axis=0) / N
+        acc = tl.zeros([BLOCK], dtype=DTYPE)
+        for start in range(0, N, BLOCK):
+            m = start + offs < N
+            d = tl.load(z_ptr + base + start + offs, mask=m, other=0.0).to(DTYPE) - mean
+            acc += tl.where(m, d * d, 0.0)
+        return mean, tl.sum(acc, axis=0) / N
+
+    @triton.jit
     def _latent_ln_fwd_kernel(z_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr):
-        # grid: (B,). Two passes for the statistics (mean, then centred squares), one to write.
+        # grid: (B,). Statistics in float32, then one pass to write. Finite values with |z - mean|
+        # above ~1.8e19 overflow the float32 sum of squares (rstd would come out 0 and the output
+        # silently 0): such a sample's statistics are formed again in float64, as the CPU kernel
+        # does (refine_overflowed_moments); one holding inf or NaN stays non-finite.
         b = tl.program_id(0).to(tl.int64)
         base = b * N
         offs = tl.arange(0, BLOCK)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, N, BLOCK):
-            m = start + offs < N
-            acc += tl.load(z_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / N
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, N, BLOCK):
-            m = start + offs < N
-            d = tl.load(z_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32) - mean
-            acc += tl.where(m, d * d, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        mean, var = _sample_moments(z_ptr, base, N, offs, tl.float32, BLOCK)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if not (tl.abs(var) < float("inf")):  # rare: overflowed (or inf/NaN in the sample)
+            mean64, var64 = _sample_moments(z_ptr, base, N, offs, tl.float64, BLOCK)
+            mean = mean64.to(tl.float32)
+            rstd = (1.0 / tl.sqrt(var64 + eps)).to(tl.float32)
         tl.store(rstd_ptr + b, rstd)
         for start in range(0, N, BLOCK):
             m = start + offs < N
