@@ -209,7 +209,7 @@ class DALILoader(BatchLoader):
                 paths, index_paths = self._write_index_files(seq, chunk_dir)
                 encoded = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=["img"], **reader_args)
             else:
-                encoded, _ = fn.readers.file(files=[self.source.files[j] for j in seq], **reader_args)
+                encoded, _ = fn.readers.file(files=[self._dali_path(j) for j in seq], **reader_args)
             params = fn.external_source(source=_Params(arrays, B), num_outputs=len(arrays), batch=True,
                                         batch_info=True,
                                         dtype=[types.INT64, types.INT64, types.FLOAT, types.FLOAT, types.INT32][:len(arrays)])
@@ -343,6 +343,24 @@ class DALILoader(BatchLoader):
             if hasattr(pipe, "_shutdown"):
                 pipe._shutdown()
 
+    def _dali_path(self, j: int) -> str:
+        """The path DALI's file reader gets for file j: its own, or, for a name that is not UTF-8
+        (one undecodable name had failed the whole pipeline: "Unsupported argument type with name
+        files"), a link to it in this loader's temporary folder, named after j."""
+        path = self.source.files[j]
+        try:
+            path.encode("utf-8")
+            return path
+        except UnicodeEncodeError:
+            pass
+        ext = os.path.splitext(path)[1].encode("ascii", "replace").decode()
+        link = os.path.join(self._tmpdir(), "links", f"{j}{ext}")
+        if not os.path.lexists(link):
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(os.path.abspath(path), link)
+            self._names = None  # (rebuilt with the link's name)
+        return link
+
     def _index_of(self, info: str) -> Optional[int]:
         """The source index DALI's sample description refers to (a path, or tar:offset:name)."""
         if self._names is None:
@@ -351,6 +369,9 @@ class DALILoader(BatchLoader):
                 self._names = {f"{src.shards[s]}:{o}": i for i, (s, o) in enumerate(zip(src.shard, src.offset))}
             else:
                 self._names = {f: i for i, f in enumerate(src.files)}
+                links = os.path.join(self._tmp, "links") if self._tmp is not None else None
+                if links is not None and os.path.isdir(links):  # (_dali_path's links, named j.ext)
+                    self._names.update({os.path.join(links, n): int(n.split(".")[0]) for n in os.listdir(links)})
         if isinstance(self.source, TarSource):
             info = info.rsplit(":", 1)[0]
         return self._names.get(info)

@@ -29,7 +29,10 @@ def list_image_files(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSION
     """All files under ``root`` (recursive; symlinked folders are followed, each folder entered
     once, so a link back up the tree is no loop; a link to a folder inside ``root`` is skipped,
     since that folder is listed under its own name, whatever the two names' order) whose
-    extension matches, case-insensitively.
+    extension matches, case-insensitively. Hidden files and folders (names starting with ".":
+    ``.ipynb_checkpoints``, ``.Trash-1000``, macOS's ``._x.jpg`` resource forks) are not listed,
+    as tar members of such names are not either: their copies had been trained on, a trash folder
+    had become class 0 and shifted every label.
     Returns sorted absolute paths, so the order is the same on every run; [] when nothing matches.
 
     Raises:
@@ -48,6 +51,8 @@ def list_image_files(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSION
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
             path = os.path.join(dirpath, d)
             if os.path.islink(path) and os.path.join(os.path.realpath(path), "").startswith(inside):
                 continue  # (walked under its real name)
@@ -60,7 +65,7 @@ def list_image_files(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSION
                 keep.append(d)
         dirnames[:] = keep
         for name in filenames:
-            if os.path.splitext(name)[1].lower() in exts:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
                 files.append(os.path.join(dirpath, name))
     return sorted(files)
 

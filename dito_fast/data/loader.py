@@ -248,8 +248,8 @@ class _KeyedItems(Dataset):
     def __getitem__(self, key):
         index, epoch = key
         if isinstance(self.source, DatasetSource):
-            x = self.source.item(index, epoch, self.size)
-            return {"image": x, "label": -1, "index": index, "bad": ()}
+            x, label = self.source.item_and_label(index, epoch, self.size)
+            return {"image": x, "label": label, "index": index, "bad": ()}
         params = None
         if self.train:
             u_x, u_y, flip = crop_params_array(self.seed, [epoch], [index], self.hflip)
@@ -261,12 +261,17 @@ class _KeyedItems(Dataset):
             if j in self.known_bad:
                 continue
             try:
-                img = self.source.decode(j)
-            except ValueError as e:  # an unusable file (decode lets the process's own errors through)
+                # ValueError: an unusable file (decode lets the process's own errors through), or
+                # one too thin to resize
+                arr = resize_crop_flip(self.source.decode(j), self.size, params)
+            except ValueError as e:
                 self.known_bad.add(j)
                 bad.append((j, str(e)))
                 continue
-            arr = resize_crop_flip(img, self.size, params)
+            except Exception as e:  # the process's (MemoryError, EMFILE): not the file's fault, but named
+                if hasattr(e, "add_note"):  # Python 3.11+
+                    e.add_note(f"(while reading {self.source.name(j)})")
+                raise
             return {"image": torch.from_numpy(arr), "label": self.source.label(j), "index": j, "bad": bad}
         raise RuntimeError(f"none of the {n} images of {self.source.description} could be read; "
                            f"e.g. {bad[0][1] if bad else '?'}")

@@ -41,7 +41,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from .folder import IMAGE_EXTENSIONS, _normalize_extensions, list_image_files
 from .sampler import mix_seed, random_order
-from .transforms import decode_image, unreadable_file_error
+from .transforms import aspect_ratio_problem, decode_image, unreadable_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def parse_file_list(path: str) -> Tuple[List[str], List[int]]:
     files: List[str] = []
     labels: List[int] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte order mark, as Windows editors write, is dropped)
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{path} is neither a directory, a .tar file nor a text file list of images") from None
@@ -576,8 +576,18 @@ class DatasetSource(Source):
 
     def item(self, index: int, epoch: int, size: Optional[int] = None) -> torch.Tensor:
         """Item ``index`` at ``epoch``, checked (:func:`check_item`; ``size``: the side it must have)."""
+        return self.item_and_label(index, epoch, size)[0]
+
+    def item_and_label(self, index: int, epoch: int, size: Optional[int] = None) -> Tuple[torch.Tensor, int]:
+        """(:meth:`item`, label): the label is the item's second element when that is an integer
+        (an ``(image, class)`` pair, as torchvision's datasets give), else -1."""
         item = _item_at(self.dataset, index, epoch)
-        return check_item(item[0] if isinstance(item, (tuple, list)) and item else item, size, self.name(index))
+        pair = isinstance(item, (tuple, list)) and item
+        label = item[1] if pair and len(item) > 1 else -1
+        if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
+            label = label.item()
+        label = int(label) if isinstance(label, (int, np.integer)) and not isinstance(label, bool) else -1
+        return check_item(item[0] if pair else item, size, self.name(index)), label
 
     def subset(self, indices: Sequence[int]) -> "DatasetSource":
         return self._derived(DatasetSource(Subset(self.dataset, [int(i) for i in indices]), self.description))
@@ -614,7 +624,8 @@ def resolve_source(spec, *, image_size: int = 64, num_synthetic: int = 10000, se
     if spec in ("synthetic", "builtin"):
         return DatasetSource(make_dataset(spec, image_size, train=train, seed=seed, num_synthetic=num_synthetic,
                                           hflip=hflip), description=spec)
-    pattern = _tar_paths(spec)
+    # a folder or file that exists is itself, whatever its name holds ("photos [2023]", "what?")
+    pattern = None if os.path.exists(os.path.expanduser(spec)) else _tar_paths(spec)
     if pattern is not None:
         if not pattern:
             raise FileNotFoundError(f"data source pattern {spec!r} matches no file")
@@ -646,17 +657,19 @@ _END_MARKERS = {"JPEG": _EOI, "MPO": _EOI, "PNG": (b"IEND", "PNG", "IEND chunk")
 
 
 def _check_one(source: _EncodedSource, i: int, mode: str, formats: Optional[frozenset]) -> Optional[str]:
-    """Why sample ``i`` is unusable, or None. ``header``: PIL identifies the format from the
-    header (no pixel decoding), and a JPEG/PNG whose end marker (EOI / IEND) is not within its
-    last 4 KiB, truncated or followed by other data (a phone's motion photo appends a video), is
-    decoded in full to tell which; ``decode``: the header check, then a full decode of every file.
+    """Why sample ``i`` is unusable, or None. ``header``: PIL identifies the format and size from
+    the header (no pixel decoding; an aspect ratio beyond ``MAX_ASPECT_RATIO`` is refused), and a
+    JPEG/PNG whose end marker (EOI / IEND) is not within its last 4 KiB, truncated or followed by
+    other data (a phone's motion photo appends a video), is decoded in full to tell which; ``decode``: the header check, then a full decode of every file.
     Errors about the process rather than the file (``unreadable_file_error``) propagate."""
     try:
         with source.open(i) as f:
             with Image.open(f) as img:
-                fmt = img.format
+                fmt, (w, h) = img.format, img.size
             if formats is not None and fmt not in formats:
                 return f"format {fmt} is not supported (readable formats: {', '.join(sorted(formats))})"
+            if aspect_ratio_problem(w, h) is not None:
+                return aspect_ratio_problem(w, h)
             size = source.size(i)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
@@ -680,7 +693,9 @@ def check_source(source: Source, mode: str = "header", formats: Optional[Iterabl
 
     Args:
         mode: "header" (cheap: format header + JPEG/PNG end marker, see ``_check_one``),
-            "decode" (also decode every image fully with PIL: slow, catches corrupt pixel data)
+            "decode" (also decode every image fully with PIL: slow; catches the corrupt pixel
+            data its decoders report, but libjpeg recovers from some damaged JPEG data with only
+            a warning on stderr, and such an image is kept)
             or "none" (no check: the source is returned as is).
         formats: PIL format names the loader can decode (e.g. DALI_FORMATS); None = any.
         threads: I/O threads for the check.

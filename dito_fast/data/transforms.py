@@ -83,7 +83,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     - alpha (RGBA, LA, palette with transparency, ...) is dropped: the colour channels are kept as
       stored, as torchvision's ``convert("RGB")`` loaders and DALI's RGB decoding do, so the two
       loaders (dito_fast.data.loader, dali) give the same pixels;
-    - 16-bit / 32-bit integer greyscale ("I;16*", "I") is scaled to 8 bits (65535 -> 255);
+    - 16-bit integer greyscale ("I;16*") is scaled to 8 bits (65535 -> 255); 32-bit ("I") the
+      same when the image's maximum is above 255, else taken as 8-bit values (so the scale
+      depends on the image: a PNG of mode I holding 0..256 comes out nearly black);
       float greyscale ("F") is taken as [0, 1] when its maximum is <= 1, else as [0, 255];
     - everything else (L, 1, P, CMYK, YCbCr, LAB, HSV) goes through PIL's own conversion.
     """
@@ -198,14 +200,14 @@ def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
-    """Resize (bicubic, antialiased when shrinking) so that min(H, W) == size, keeping aspect."""
+    """Resize (bicubic, antialiased when shrinking) so that min(H, W) == size, keeping aspect: to
+    the loaders' :func:`loader_resize_size`, so that ``evaluate``, ``encode`` and the training
+    loaders' validation crops agree (Python's round had taken exact halves to even: 512 x 769 at
+    256 gave 256 x 384 here and 256 x 385 there)."""
     w, h = img.size
-    if min(w, h) == size:
+    new_w, new_h = loader_resize_size(w, h, size)
+    if (new_w, new_h) == (w, h):
         return img
-    if w <= h:
-        new_w, new_h = size, max(size, round(h * size / w))
-    else:
-        new_w, new_h = max(size, round(w * size / h)), size
     # PIL widens the bicubic kernel by the shrink factor, i.e. it antialiases.
     return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
@@ -333,13 +335,34 @@ def crop_window(w: int, h: int, size: int, u_x: Optional[float] = None,
     return offset(w, u_x), offset(h, u_y)
 
 
+# The loaders resize a whole image before cropping it (as DALI's graph does), so a thin one costs
+# its aspect ratio times size^2 pixels: a 4 KB PNG of 1 x 1,000,000 pixels would be resized to
+# 256 x 256,000,000 (a MemoryError that stopped training). Longer / shorter side beyond this is
+# refused as an unusable image, by the screening (both loaders) and by resize_crop_flip.
+MAX_ASPECT_RATIO = 64
+
+
+def aspect_ratio_problem(w: int, h: int) -> Optional[str]:
+    """Why a w x h image is too thin for the loaders (see ``MAX_ASPECT_RATIO``), or None."""
+    if max(w, h) <= MAX_ASPECT_RATIO * min(w, h):
+        return None
+    return (f"its aspect ratio {max(w, h) / max(min(w, h), 1):.0f}:1 ({w} x {h} pixels) is beyond the loaders' "
+            f"{MAX_ASPECT_RATIO}:1 (the image is resized whole before it is cropped)")
+
+
 def resize_crop_flip(img: Image.Image, size: int, params: Optional[Tuple[float, float, bool]] = None) -> np.ndarray:
     """The loaders' per-image transform: RGB PIL image -> uint8 array (size, size, 3).
 
     Resize (bicubic, antialiased when shrinking) to :func:`loader_resize_size`, crop the window
     of :func:`crop_window` (``params`` = (u_x, u_y, flip) from :func:`crop_params`; None means a
     center crop without flip), then flip left-right if asked.
+
+    Raises:
+        ValueError: the image is thinner than ``MAX_ASPECT_RATIO`` allows.
     """
+    problem = aspect_ratio_problem(*img.size)
+    if problem is not None:
+        raise ValueError(problem)
     img = to_rgb(img)
     w, h = img.size
     new_w, new_h = loader_resize_size(w, h, size)

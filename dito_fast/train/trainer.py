@@ -279,11 +279,16 @@ class TrainTask:
         ``train_dataset`` / ``val_data`` given by the caller replace the built ones;
         ``resume_from``: the checkpoint the run resumes from, or None. Every rank calls this,
         before the run's files are written."""
-        if train_dataset is not None and val_data is not None:
-            return train_dataset, val_data
-        built_train, built_val = build_datasets(cfg)
-        return (train_dataset if train_dataset is not None else built_train,
-                val_data if val_data is not None else built_val)
+        if train_dataset is None or val_data is None:
+            try:
+                built_train, built_val = build_datasets(cfg)
+            except Exception as e:
+                _same_data_on_every_rank(None, failed=e)  # (told to the others, not left waiting)
+                raise
+            train_dataset = train_dataset if train_dataset is not None else built_train
+            val_data = val_data if val_data is not None else built_val
+        _same_data_on_every_rank(train_dataset)
+        return train_dataset, val_data
 
     def make_loader(self, cfg, rank: int, world_size: int, start_step: int, num_steps: int, source,
                     device: torch.device):
@@ -377,7 +382,8 @@ def _rng_state(device: torch.device) -> dict:
 
 
 # Settings each node may resolve its own way (its GPUs, cores, loader and file checks); every other
-# setting must be the same on every rank (_check_same_settings).
+# setting must be the same on every rank (_check_same_settings). The samples the file checks leave
+# must be the same too (_same_data_on_every_rank).
 HOST_LOCAL_SETTINGS = ("train.device", "train.threads", "train.micro_batch_size", "train.dist_timeout_minutes",
                        "data.workers", "data.loader", "data.check_files")
 
@@ -451,6 +457,34 @@ def _data_description(dataset) -> dict | None:
     text = "".join(f"{name[cut:]}\0{label}\n" for name, label in zip(names, dataset.labels.tolist()))
     digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return {"samples": len(names), "digest": digest}
+
+
+def _same_data_on_every_rank(dataset, failed: Exception | None = None) -> None:
+    """Under torchrun, check that every rank found the same training samples: each lists and
+    screens ``data.source`` itself, and a node's copy of the data with a file more, or another
+    ``data.check_files`` (GIFs are kept with "none" only), gave the ranks sample lists of other
+    lengths, hence other shuffles and duplicated samples, without a word. Every rank's
+    :func:`_data_description` is all-gathered; where they differ, or a rank ``failed`` to build its
+    data, every rank raises (ValueError naming the ranks; the rank that failed, its own error). A
+    single process, or data that names no samples (synthetic, builtin): nothing to compare."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = {"error": f"{type(failed).__name__}: {failed}"} if failed is not None else _data_description(dataset)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if failed is not None:
+        return  # (its own error follows)
+    errors = [(r, d["error"]) for r, d in enumerate(every) if d and "error" in d]
+    if errors:
+        raise ValueError(f"rank {errors[0][0]} could not build its training data ({errors[0][1]}); every rank must "
+                         "read the same data")
+    if all(d == every[0] for d in every):
+        return
+    said = "; ".join(f"rank {r}: " + (f"{d['samples']} samples (digest {d['digest']})" if d else "unnamed samples")
+                     for r, d in enumerate(every))
+    raise ValueError(f"the ranks found different training samples ({said}): every rank must see the same files, "
+                     "screened alike (is a node's copy of the data different, or data.check_files set differently?)")
 
 
 def _run_inside_data(run_dir: Path, source) -> tuple[str, str] | None:

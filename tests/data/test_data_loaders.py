@@ -214,6 +214,47 @@ def test_unscreened_unreadable_files_are_found_while_reading(kind, messy_dir):
     assert _indices(batches) == _indices(ref)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_images_too_thin_to_resize_are_skipped(kind, photo_dir, tmp_path):
+    """An image of 2 x 300 pixels (aspect 150:1, beyond MAX_ASPECT_RATIO) is skipped and named by
+    the screening of both loaders: resized whole, a 4 KB PNG of 1 x 1,000,000 pixels had become
+    256 x 256,000,000 pixels and stopped training with a bare MemoryError. Unscreened, the PyTorch
+    loader skips it when it meets it."""
+    root, files = photo_dir
+    d = tmp_path / "thin"
+    d.mkdir()
+    for k in (0, 1, 4):
+        shutil.copy(files[k][0], d / os.path.basename(files[k][0]))
+    Image.new("RGB", (2, 300), (200, 10, 10)).save(d / "zz_line.png")
+    loader, batches = _run(kind, str(d), seed=0, num_steps=3, batch_size=2)
+    assert [os.path.basename(f) for f in loader.skipped_files] == ["zz_line.png"] and len(loader.source) == 3
+    assert "aspect ratio 150:1" in next(reason for _, reason in loader.source.skipped)
+    assert len(batches) == 3
+    if kind == "torch":
+        loader, batches = _run(kind, str(d), seed=0, num_steps=3, batch_size=2, check_files="none")
+        assert len(loader.source) == 4 and len(batches) == 3
+        assert [os.path.basename(f) for f in loader.skipped_files] == ["zz_line.png"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_file_names_that_are_not_utf8(kind, photo_dir, tmp_path):
+    """A file named in Latin-1 (b"caf\\xe9.png", as old archives hold) is read like any other, in
+    training and evaluation: one such name had failed DALI's whole pipeline ("Unsupported argument
+    type with name files")."""
+    root, files = photo_dir
+    d = tmp_path / "names"
+    d.mkdir()
+    for k in (0, 1):
+        shutil.copy(files[k][0], d / os.path.basename(files[k][0]))
+    shutil.copy(files[4][0], os.path.join(os.fsencode(d), b"caf\xe9.png"))
+    loader, batches = _run(kind, str(d), seed=0, num_steps=3, batch_size=2)
+    _, ref = _run("torch", str(d), seed=0, num_steps=3, batch_size=2)
+    assert loader.num_skipped == 0 and len(loader.source) == 3
+    assert _indices(batches) == _indices(ref) and sorted(set(sum(_indices(batches), []))) == [0, 1, 2]
+    evaluated = list(_loader(kind, str(d), train=False, batch_size=2))
+    assert sorted(sum(_indices(evaluated), [])) == [0, 1, 2]
+
+
 @pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
 def test_dali_skips_an_image_only_pil_reads(photo_dir, tmp_path):
     # A valid 1-bit TIFF: PIL (and so the screening and the PyTorch loader) reads it, DALI's

@@ -34,6 +34,14 @@ def test_folder_source_labels_from_class_subfolders(photo_dir, tmp_path):
     src = resolve_source(str(flat))
     assert [os.path.basename(f) for f in src.files] == ["x.png", "top.png"]
     assert src.labels.tolist() == [0, -1] and src.classes == ["cls"]
+    # hidden files and folders are not data: a trash folder had become class 0, a notebook's
+    # checkpoint copies samples, macOS's "._x.png" files unreadable ones
+    for hidden in (flat / ".Trash-1000" / "y.png", flat / "cls" / ".ipynb_checkpoints" / "z.png"):
+        hidden.parent.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(hidden)
+    (flat / "cls" / "._x.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    src = resolve_source(str(flat))
+    assert [os.path.basename(f) for f in src.files] == ["x.png", "top.png"] and src.classes == ["cls"]
 
 
 def test_file_list_formats(photo_dir, tmp_path):
@@ -54,6 +62,21 @@ def test_file_list_formats(photo_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="names no image file"):
         resolve_source(str(tmp_path / "empty.txt"))
+    # a byte order mark (Windows editors write one) is not part of the first path
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + f"{files[0][0]}\t7\n{files[1][0]}\n".encode())
+    src = resolve_source(str(tmp_path / "bom.txt"))
+    assert src.files == [files[0][0], files[1][0]] and src.labels.tolist() == [7, -1]
+
+
+@pytest.mark.parametrize("name", ["photos [2023]", "set{a,b}", "what?", "all*"])
+def test_folders_named_like_patterns_are_folders(tmp_path, name):
+    """A folder whose name holds glob or brace characters is read as the folder it is (it had
+    been taken for a tar-shard pattern: "matches no file", or "set{a,b}" expanded)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "x.png")
+    src = resolve_source(str(folder))
+    assert isinstance(src, FileSource) and src.files == [str(folder / "x.png")]
 
 
 def test_tar_source_brace_and_glob(photo_dir, tar_pattern):
@@ -164,6 +187,18 @@ def test_loader_checks_dataset_items():
                          device="cpu")
     with pytest.raises(ValueError, match=r"got shape \(3, 24, 24\)"):
         next(iter(loader))
+
+
+def test_dataset_pairs_keep_their_labels():
+    """(image, class) items, as torchvision's datasets give, keep their class in the batches'
+    "label" (it had been -1 for every item); an item with no integer second element has -1."""
+    from dito_fast.data import make_loader
+
+    ds = _Items(lambda i: (torch.zeros(3, 16, 16), [7, torch.tensor(3), "cat", 2.5][i % 4]))
+    loader = make_loader(DataConfig(source="x", image_size=16), batch_size=4, source=ds, loader="torch", num_steps=1,
+                         device="cpu", train=False)
+    batch = next(iter(loader))
+    assert dict(zip(batch["index"].tolist(), batch["label"].tolist())) == {0: 7, 1: 3, 2: -1, 3: -1}
 
 
 def test_set_epoch_reaches_wrapped_datasets():

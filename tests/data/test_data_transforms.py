@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dito_fast.data.transforms import (ImageTransform, load_image, make_generator, pil_to_tensor,
+from dito_fast.data.transforms import (ImageTransform, load_image, loader_resize_size, make_generator, pil_to_tensor,
                                        resize_shorter_side, tensor_to_pil, to_rgb, to_uint8)
 
 
@@ -138,6 +138,8 @@ def test_resize_shorter_side():
     assert resize_shorter_side(_smooth_rgb(50, 100), 20).size == (40, 20)
     assert resize_shorter_side(_smooth_rgb(90, 30), 45).size == (45, 135)
     assert resize_shorter_side(_smooth_rgb(10, 10), 32).size == (32, 32)  # upsampling too
+    # exact halves go up, as in the loaders (Python's round had given 384 for 769 * 256 / 512)
+    assert resize_shorter_side(_smooth_rgb(512, 769), 256).size == (385, 256) == loader_resize_size(769, 512, 256)
 
 
 def test_center_crop_matches_manual_pipeline():

@@ -212,6 +212,25 @@ def test_a_rank_with_other_settings_stops_the_job(tmp_path):
     assert not (out / "metrics.jsonl").exists() or "loss" not in (out / "metrics.jsonl").read_text()
 
 
+def test_ranks_that_find_other_samples_stop_the_job(tmp_path):
+    """Rank 1 screens the files otherwise (data.check_files is a node's own setting; GIFs are kept
+    with "none" only): 12 samples on one rank and 13 on the other had trained on without a word
+    (other shuffles, samples repeated within an epoch); every rank refuses, naming the counts."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(13):
+        Image.new("RGB", (36, 36), (20 * i, 40, 90)).save(folder / f"img{i:02d}.{'gif' if i == 0 else 'png'}")
+    data = {"source": str(folder), "loader": "torch", "workers": 0}
+    overrides = {**BASE, "val_images": 0, "data": {**data, "check_files": "header"},
+                 "rank_overrides": {"1": {"data": {**data, "check_files": "none"}}}}
+    proc = _torchrun([WORKER, tmp_path / "run", json.dumps(overrides)])
+    assert proc.returncode != 0
+    assert "the ranks found different training samples (rank 0: 12 samples" in proc.stderr
+    assert "rank 1: 13 samples" in proc.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # FSDP: sharded checkpoints, a kill while writing one, resume at another world size
 
