@@ -2,19 +2,26 @@
 
 The C++ extension ``dito_fast._C`` is built from csrc/ when C++ sources exist there: CPU
 kernels always; CUDA kernels when torch was built with CUDA and nvcc is found
-(``DITO_FAST_USE_CUDA`` overrides: auto, or 1/on/true/yes, or 0/off/false/no). Without sources, or without torch at build time,
-the pure-Python package installs and a message says why the extension was skipped. Install with
-``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+(``DITO_FAST_USE_CUDA`` overrides: auto, or 1/on/true/yes, or 0/off/false/no). Install with
+``pip install --no-build-isolation -e .`` (or ``.``) so the build sees the installed torch.
+Without torch at build time (pip's default isolated build environment has none) building fails
+with that advice, unless ``DITO_FAST_PURE_PYTHON=1`` asks for the pure-Python package (the ops
+then use their other backends); an sdist needs no torch. Next to the extension the build writes
+``_C.build.json`` (the torch it was built against, a digest of csrc/), which dito_fast.ops._cpp
+checks when it loads the extension.
 """
 
 import glob
+import hashlib
+import json
 import os
 import platform
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,20 +68,49 @@ def is_kernel_unit(path: str) -> bool:
     return path.endswith("_cpu_kernel.cpp")
 
 
+def sources_digest() -> str:
+    """sha256 (16 hex digits) of every file under csrc/ (names and contents): what the extension
+    was built from; dito_fast.ops._cpp compares it with the checkout's csrc/ to flag a stale build."""
+    root = os.path.join(HERE, "csrc")
+    names = sorted(os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
+                   for d, _, files in os.walk(root) for n in files if not n.startswith("."))
+    h = hashlib.sha256()
+    for name in names:  # (the same walk as dito_fast/ops/_cpp.py's check)
+        with open(os.path.join(root, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _refusing_build(message: str):
+    """([a placeholder extension], cmdclass) whose build_ext fails with ``message``: the wheel and
+    install commands build extensions, sdist and egg_info do not (an sdist needs no torch)."""
+
+    class RefusingBuildExt(build_ext):
+        def run(self):
+            raise RuntimeError(f"[dito_fast setup] {message}")
+
+    return [Extension("dito_fast._C", sources=[])], {"build_ext": RefusingBuildExt}
+
+
 def extension_modules():
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     if not cpp:
         _say("no C++ sources in csrc/: building the pure-Python package (ops use the 'ref' backend)")
         return [], {}
+    if os.environ.get("DITO_FAST_PURE_PYTHON", "").strip().lower() in ("1", "on", "true", "yes"):
+        _say("DITO_FAST_PURE_PYTHON is set: building the pure-Python package without dito_fast._C")
+        return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        _say("torch is not importable at build time: skipping dito_fast._C "
-             "(use pip install --no-build-isolation -e . with torch installed)")
-        return [], {}
-    os.environ.setdefault("MAX_JOBS", str(min(2, os.cpu_count() or 1)))
+        return _refusing_build(
+            "torch is not importable at build time, so dito_fast._C (the C++ kernels) cannot be built. Install "
+            "torch first, then: pip install --no-build-isolation . (pip's default isolated build environment has "
+            "no torch); or set DITO_FAST_PURE_PYTHON=1 for the package without its C++ kernels")
+    # torch's default is every core; each unit takes ~1-2 GB of memory at -O3 (MAX_JOBS overrides)
+    os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     want = _cuda_choice(os.environ.get("DITO_FAST_USE_CUDA", "auto"))
     use_cuda = False
     if want != "off":
@@ -97,13 +133,14 @@ def extension_modules():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
                 _say(f"no GPU visible: building CUDA kernels for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
         if want == "on" and not use_cuda:
-            raise RuntimeError("DITO_FAST_USE_CUDA asks for CUDA kernels, but they cannot be built (see message above)")
+            return _refusing_build("DITO_FAST_USE_CUDA asks for CUDA kernels, but they cannot be built (see the "
+                                   "message above)")
     else:
         _say("CUDA kernels skipped: DITO_FAST_USE_CUDA=" + os.environ["DITO_FAST_USE_CUDA"])
     kernels = [p for p in cpp if is_kernel_unit(p)]
     cpp = [p for p in cpp if not is_kernel_unit(p)]
     caps = cpu_capabilities()
-    cxx = ["-O3", "-g0", CXX_STD, "-fopenmp"] + [f"-DDITO_FAST_HAVE_{c}" for c in caps if c != "DEFAULT"]
+    cxx = ["-O3", "-g0", "-DNDEBUG", CXX_STD, "-fopenmp"] + [f"-DDITO_FAST_HAVE_{c}" for c in caps if c != "DEFAULT"]
     include = [os.path.join(HERE, "csrc", "include")]
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
@@ -123,6 +160,30 @@ def extension_modules():
             for e in self.extensions:
                 e.extra_objects = list(e.extra_objects or []) + self._kernel_objects(getattr(e, "dito_kernel_units", []))
             super().build_extensions()
+            # what dito_fast.ops._cpp checks on load: the torch built against, the sources built from
+            info = {"torch": torch.__version__, "sources_digest": sources_digest(), "cuda": use_cuda}
+            with open(self._build_info()[0], "w") as f:
+                json.dump(info, f)
+
+        def _build_info(self):
+            """(the build record in the build folder, its place beside the in-place extension)."""
+            inplace_ext, built_ext = self._get_inplace_equivalent(self.get_finalized_command("build_py"),
+                                                                  self.extensions[0])
+            return (os.path.join(os.path.dirname(built_ext), "_C.build.json"),
+                    os.path.join(os.path.dirname(inplace_ext), "_C.build.json"))
+
+        # the record travels with the extension: into wheels, editable installs and in-place builds
+        def get_outputs(self):
+            return super().get_outputs() + [self._build_info()[0]]
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            self.copy_file(*self._build_info(), level=self.verbose)
+
+        def _get_output_mapping(self):
+            yield from super()._get_output_mapping()
+            if self.inplace:
+                yield self._build_info()
 
         def _kernel_objects(self, units):
             cxx_bin = os.environ.get("CXX", "c++")
@@ -130,13 +191,22 @@ def extension_modules():
             incs = [f"-I{p}" for p in include + cpp_extension.include_paths()]
             headers = glob.glob(os.path.join(HERE, "csrc", "include", "**", "*.h"), recursive=True)
             newest_header = max((os.path.getmtime(h) for h in headers), default=0)
+            try:
+                compiler = subprocess.run([cxx_bin, "--version"], capture_output=True, text=True).stdout
+            except OSError:
+                compiler = ""
             jobs = []
             for cap, flags in caps.items():
                 for src in units:
                     name = os.path.splitext(os.path.basename(src))[0]
-                    obj = os.path.join(self.build_temp, "dito_cpu_kernels", cap, name + ".o")
-                    cmd = [cxx_bin, "-fPIC", "-O3", "-g0", CXX_STD, "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-                           f"-DCPU_CAPABILITY={cap}", *flags, *incs, "-c", src, "-o", obj]
+                    cmd = [cxx_bin, "-fPIC", "-O3", "-g0", "-DNDEBUG", CXX_STD, "-fopenmp",
+                           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DCPU_CAPABILITY={cap}", *flags, *incs, "-c", src]
+                    # objects of another torch, compiler or command line go to another folder (only
+                    # the sources' and headers' times had been compared: a torch upgrade linked
+                    # objects built against the old headers)
+                    key = hashlib.sha256("\0".join(cmd + [torch.__version__, compiler]).encode()).hexdigest()[:12]
+                    obj = os.path.join(self.build_temp, "dito_cpu_kernels", key, cap, name + ".o")
+                    cmd += ["-o", obj]
                     stale = (not os.path.exists(obj) or os.path.getmtime(obj) < max(os.path.getmtime(src), newest_header))
                     jobs.append((obj, cmd, stale))
 
@@ -154,13 +224,26 @@ def extension_modules():
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
+def _read(path: str) -> str:
+    with open(os.path.join(HERE, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def _version() -> str:
+    """dito_fast.__version__, read from the package's __init__.py (one place for the version)."""
+    for line in _read(os.path.join("dito_fast", "__init__.py")).splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    raise RuntimeError("dito_fast/__init__.py has no __version__")
+
+
 ext_modules, cmdclass = extension_modules()
 
 setup(
     name="dito_fast",
-    version="0.1.0",
+    version=_version(),
     description="Fast DiTo diffusion-autoencoder image tokenizers (training, encoding, decoding)",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description=_read("README.md") if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dito_fast", "dito_fast.*"]),

@@ -60,13 +60,14 @@ def _check_outputs(jobs: list[tuple[Path, Path]], out: Path, overwrite: bool) ->
                          "or choose another --out")
 
 
-def _check_clashes(jobs) -> None:
-    """Refuse when two inputs would write one output (x.png and x.jpg both give x.png)."""
+def _check_clashes(jobs, advice: str = "rename one, or give them separately with different --out folders") -> None:
+    """Refuse when two inputs would write one output (x.png and x.jpg both give x.png); the
+    message ends with ``advice``."""
     seen: dict[Path, object] = {}
     for src, dst in jobs:
         if dst in seen:
-            raise UsageError(f"{_shown(seen[dst])} and {_shown(src)} would both be written to {_shown(dst)}; rename "
-                             "one, or give them separately with different --out folders")
+            raise UsageError(f"{_shown(seen[dst])} and {_shown(src)} would both be written to {_shown(dst)}; "
+                             f"{advice}")
         seen[dst] = src
 
 
@@ -623,6 +624,22 @@ def cmd_decode(args) -> int:
     _check_outputs([(f, name) for f in files for name in names[f]], out, args.overwrite)
     progress = not args.no_progress and sys.stderr.isatty()  # no bars in a redirected log
     options = dict(_fast_decode_options(args), seed=args.seed, device=dev, progress=progress)
+    # the settings, and the tiles for every latent size, before any image is written (a tile that
+    # did not fit the third file's size had stopped the command after writing two files' images,
+    # and the rerun then refused those as existing outputs)
+    from .decode import _check_tile, resolve_settings
+
+    try:
+        resolve_settings(options["sampler"], options["steps"], options["schedule"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    f_ = model.latent_factor
+    for size, first in {tuple(_latent_header(f)[0][-2:]): f for f in reversed(files)}.items():
+        try:
+            _check_tile(options["tile"], options["tile_overlap"], options["tile_passes"], model.downsample_factor,
+                        size[0] * f_, size[1] * f_)
+        except ValueError as e:
+            raise UsageError(f"{_shown(first)} (and any latent of its size): {e}") from None
     for f in tqdm(files, desc="files", unit="file", disable=not progress or len(files) == 1):
         try:  # from bytes: a path that is not valid UTF-8 is fine too
             latent = load(f.read_bytes())["latent"]
@@ -785,6 +802,7 @@ def cmd_evaluate(args) -> int:
         report = None
         with tqdm(desc="evaluate" if ctx.world_size == 1 else "evaluate (rank 0's share)", unit="image",
                   total=len(batches), disable=not progress) as bar:
+            batches.progress = bar
             try:
                 report, stats = evaluate_reconstruction(model, batches, features=features, reference=reference,
                                                         lpips=lpips, seed=args.seed, progress=bar, ctx=ctx,
@@ -887,6 +905,7 @@ def cmd_fid(args) -> int:
             batches = sets[k]
             with tqdm(desc=_shown(name), unit="image", total=len(batches),
                       disable=not (ctx.is_main and not args.no_progress and sys.stderr.isatty())) as bar:
+                batches.progress = bar
                 both.append(image_set_stats(batches, features, progress=bar, ctx=ctx))
                 both[-1].info = dict(info)
         skipped = sorted(p for part in distributed.all_gather_object(skipped, ctx) for p in part)
@@ -946,7 +965,8 @@ def _reconstruction_writer(folder: Path, batches, overwrite: bool):
     from .eval.report import save_image
 
     targets = {i: folder / f"{name}.png" for i, name in batches.names().items()}
-    _check_clashes((batches.source(i), target) for i, target in targets.items())  # a.jpg and a.png in one folder
+    _check_clashes(((batches.source(i), target) for i, target in targets.items()),  # a.jpg and a.png in one folder
+                   "rename one (--save-images names each image after its file, without the ending)")
     for i in batches.share:
         if not overwrite and os.path.lexists(targets[i]):
             raise UsageError(f"--save-images: {_shown(targets[i])} exists already (--overwrite replaces it)")
@@ -995,10 +1015,20 @@ def cmd_info(args) -> int:
         with torch.device("meta"):
             dit = DiT(DIT_PRESETS[name])
         print(f"{name:14s} {count_parameters(dit) / 1e6:9.2f}M")
-    print("\nbackends per op (priority order; the first that can run the inputs is used):")
-    for op, names in available_backends().items():
-        print(f"  {op:26s} {', '.join(names)}")
+    import importlib.util
+
+    from .kernels.triton import HAS_TRITON
     from .ops import _cpp
+
+    missing = {"cpp": None if _cpp.AVAILABLE else "extension not loaded",
+               "triton": (None if HAS_TRITON and torch.cuda.is_available() else
+                          "needs a CUDA GPU" if HAS_TRITON else "not installed"),
+               "xformers": (None if importlib.util.find_spec("xformers") and torch.cuda.is_available() else
+                            "needs a CUDA GPU" if importlib.util.find_spec("xformers") else "not installed")}
+    print("\nbackends per op (priority order; the first that can run the inputs is used; in brackets: why "
+          "one cannot run here):")
+    for op, names in available_backends().items():
+        print(f"  {op:26s} {', '.join(n if not missing.get(n) else f'{n} ({missing[n]})' for n in names)}")
 
     if _cpp.AVAILABLE:
         print(f"C++ extension: CPU kernels {_cpp._C.cpu_capability()}, CUDA kernels "
@@ -1348,7 +1378,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decode", help="latents (.safetensors) -> PNG images",
                        description="Decode latent files (as encode writes them) to PNG images: x.safetensors gives "
                                    "x.png, or x_0.png, x_1.png, ... when it holds several latents (encode --flip's "
-                                   "image and mirror image).")
+                                   "image and mirror image). Each file is decoded as fast_decode(model, latents, "
+                                   "seed=--seed) would: its latents' noise is seeded with --seed, --seed + 1, ..., "
+                                   "the same in every file (for a set of generated images whose decode noise "
+                                   "should differ, decode them as one file, or use sample-dit).")
     d.add_argument("model", help="model directory (config.json + model.safetensors)")
     d.add_argument("inputs", nargs="+", help=".safetensors files, or folders of them (searched recursively; "
                    "subfolders are mirrored under --out, as encode writes them)")

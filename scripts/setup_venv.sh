@@ -2,6 +2,10 @@
 # Create .venv (if missing) on a fresh machine and install the package with the given extra.
 # Usage: bash scripts/setup_venv.sh EXTRA   (EXTRA: test, demo, ...)
 set -euo pipefail
+if [ "$#" -ne 1 ]; then
+  echo "usage: bash scripts/setup_venv.sh EXTRA   (EXTRA: test, demo, ...)" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

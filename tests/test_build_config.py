@@ -14,10 +14,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _setup(use_cuda: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DITO_FAST_USE_CUDA": use_cuda}
-    return subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+def _setup(use_cuda: str, *command: str, **env_updates) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DITO_FAST_USE_CUDA": use_cuda, **env_updates}
+    return subprocess.run([sys.executable, "setup.py", *(command or ["--name"])], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _without_torch(tmp_path) -> str:
+    """A PYTHONPATH under which ``import torch`` fails, as in pip's isolated build environment."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch in this environment')\n")
+    return str(tmp_path)
 
 
 @pytest.mark.parametrize("value", ["0", "off", "OFF", "false", "No"])
@@ -35,8 +42,40 @@ def test_cuda_unknown_value_is_an_error():
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch's message")
 @pytest.mark.parametrize("value", ["1", "ON", "yes"])
-def test_cuda_on_without_cuda_torch_fails_with_the_reason(value):
-    out = _setup(value)
+def test_cuda_on_without_cuda_torch_fails_with_the_reason(value, tmp_path):
+    out = _setup(value, "build_ext", "-b", str(tmp_path), "-t", str(tmp_path))  # (metadata commands still work)
     assert out.returncode != 0
     assert "CUDA kernels skipped: this torch build has no CUDA" in out.stderr
     assert "DITO_FAST_USE_CUDA asks for CUDA kernels, but they cannot be built" in out.stderr
+    assert _setup(value).returncode == 0
+
+
+def test_without_torch_the_build_stops_unless_asked_for_pure_python(tmp_path):
+    """pip's default isolated build has no torch: it had installed the package without its C++
+    kernels, saying so only in a log pip hides. The build stops, saying what to do; metadata
+    commands still work, and DITO_FAST_PURE_PYTHON=1 builds without the extension on purpose."""
+    path = _without_torch(tmp_path)
+    out = _setup("auto", "build_ext", "-b", path, "-t", path, PYTHONPATH=path)
+    assert out.returncode != 0
+    assert "torch is not importable at build time" in out.stderr and "--no-build-isolation" in out.stderr
+    assert _setup("auto", PYTHONPATH=path).returncode == 0
+    out = _setup("auto", "build_ext", "-b", path, "-t", path, PYTHONPATH=path, DITO_FAST_PURE_PYTHON="1")
+    assert out.returncode == 0 and "building the pure-Python package without dito_fast._C" in out.stderr
+
+
+def test_sdist_carries_every_source_the_build_needs(tmp_path):
+    """The sdist (made without torch, as an isolated build makes it) holds csrc/ whole (headers and
+    the per-capability kernel units, which setuptools cannot see), CMakeLists.txt and the scripts:
+    it had shipped 7 of csrc's files and failed to build."""
+    import tarfile
+
+    out = _setup("auto", "sdist", "-d", str(tmp_path / "dist"), PYTHONPATH=_without_torch(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    wanted = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    wanted |= {"CMakeLists.txt", "README.md", "setup.py", "scripts/check_cuda.sh", "dito_fast/__init__.py"}
+    assert wanted <= names, sorted(wanted - names)
+    assert not any(n.endswith((".so", ".o")) for n in names)
+

@@ -561,6 +561,24 @@ def test_decode_checks_latent_shapes_and_dtypes_first(trained, tmp_path, capsys)
     assert not (tmp_path / "o").exists()  # nothing decoded before the refusal
 
 
+def test_decode_checks_its_settings_for_every_latent_size_first(trained, tmp_path, capsys):
+    """A tile that does not fit one file's size, or a bad setting, stops decode before any image
+    is written (it had written the files before that one, and the corrected rerun then refused
+    them as existing outputs); a setting's error names no file."""
+    out, _, _, _ = trained
+    lat = tmp_path / "lat"
+    lat.mkdir()
+    save_file({"latent": torch.zeros(1, 4, 4, 4)}, str(lat / "a_small.safetensors"))  # 32 x 32 pixels
+    save_file({"latent": torch.zeros(1, 4, 16, 16)}, str(lat / "b_big.safetensors"))  # 128 x 128
+    argv = ["decode", str(out / "model"), str(lat), "--out", str(tmp_path / "o"), "--steps", "1", "--tile", "64"]
+    _usage_error(capsys, "b_big.safetensors (and any latent of its size): tile 64 must be larger than tile_overlap",
+                 argv)
+    _usage_error(capsys, "error: steps must be an integer >= 1, got 0", argv[:5] + ["--steps", "0"])
+    assert not (tmp_path / "o").exists()
+    assert main(argv + ["--tile-overlap", "32"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_small.png", "b_big.png"]
+
+
 def test_interrupts_end_with_one_line(monkeypatch, capsys):
     import signal
 

@@ -28,7 +28,7 @@ from ..data import ImageTransform, SyntheticImages, builtin_split, list_image_fi
 from ..data.transforms import unreadable_file_error
 from .fid import FID_DIM, FeatureStats, InceptionFeatures, frechet_distance
 from .lpips import LPIPS
-from .metrics import SSIM_WINDOW, psnr, ssim
+from .metrics import SSIM_WINDOW, check_unit_range, psnr, ssim
 from .report import to_uint8
 
 logger = logging.getLogger(__name__)
@@ -140,10 +140,13 @@ def image_batches(source: str | os.PathLike, size: int, batch_size: int, *, limi
 
 class ImageBatches:
     """What :func:`image_batches` returns: iterating gives (indices, images) batches;
-    ``len()`` is the number of images this rank reads (unreadable files included)."""
+    ``len()`` is the number of images this rank reads (unreadable files included). ``progress``:
+    a progress bar (tqdm) whose ``total`` started at ``len()``; each unreadable image lowers it
+    by one, so that the bar ends full (it had stopped short by the skipped files)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, share: range, skipped: list | None):
         self.dataset, self.share, self.skipped = dataset, share, skipped
+        self.progress = None
         self.loader = DataLoader(torch.utils.data.Subset(dataset, share), batch_size=batch_size, shuffle=False,
                                  num_workers=workers, collate_fn=_keep_all)
 
@@ -168,6 +171,9 @@ class ImageBatches:
                     logger.warning("skipping unreadable image %s (%s)", self.dataset.files[i], error)
                     if self.skipped is not None:
                         self.skipped.append(self.dataset.files[i])
+                    if self.progress is not None and self.progress.total:
+                        self.progress.total -= 1
+                        self.progress.refresh()
             if good:
                 yield [i for i, _ in good], torch.stack([x for _, x in good])
 
@@ -238,6 +244,7 @@ def evaluate_reconstruction(model, images: Iterable, *, features: InceptionFeatu
                              "(image_batches(..., rank=, world_size=)): plain batches would be numbered alike on "
                              "every rank")
         indices = list(range(len(rows), len(rows) + x.shape[0])) if indices is None else list(indices)
+        check_unit_range("evaluate_reconstruction", "images", x)  # (before the 8-bit rounding clamps them)
         with torch.inference_mode():
             x = _as_8bit(x.to(device))
             recon = fast_decode(model, model.encode(x), seed=[(seed + i) % 2**64 for i in indices],
@@ -311,6 +318,7 @@ def image_set_stats(images: Iterable, features: InceptionFeatures, *, progress=N
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"image_set_stats: expected image batches (b, 3, H, W), got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
+        check_unit_range("image_set_stats", "images", x)  # (before the 8-bit rounding clamps them)
         with torch.inference_mode():
             feats = features(_as_8bit(x.to(device)))
         stats.update(feats)

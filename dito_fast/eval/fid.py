@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .metrics import check_unit_range
+
 logger = logging.getLogger(__name__)
 
 FID_DIM = 2048  # pool features of Inception-v3
@@ -176,6 +178,9 @@ class FeatureStats:
                              f"{tuple(mu.shape)} and {tuple(sigma.shape)}")
         if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
             raise ValueError(f"feature statistics {path}: mu or sigma holds NaN or inf")
+        problem = _covariance_problem(sigma.double())
+        if problem:
+            raise ValueError(f"feature statistics {path}: sigma is not a covariance matrix ({problem})")
         stats = cls(mu.shape[0])
         stats.n = n
         stats._fixed = (mu.double(), sigma.double())
@@ -193,6 +198,21 @@ def comparability(a: dict, b: dict, names: tuple[str, str] = ("a", "b")) -> tupl
         if va is not None and vb is not None and va != vb:
             out.append(f"{names[0]} and {names[1]} were made with different {what} ({key} {va} and {vb})")
     return errors, warnings
+
+
+def _covariance_problem(sigma: torch.Tensor) -> str:
+    """Why the float64 matrix ``sigma`` is not a covariance (symmetric positive semi-definite, up
+    to float32 rounding at its scale), or "": another file's matrix (sigma = -I had given a
+    plausible FID)."""
+    scale = float(sigma.diagonal().abs().max()) if sigma.numel() else 0.0
+    tol = 1e-5 * max(scale, 1e-30)
+    asym = float((sigma - sigma.T).abs().max()) if sigma.numel() else 0.0
+    if asym > tol:
+        return f"not symmetric: entries differ from their transposes by up to {asym:.3g}"
+    lowest = float(torch.linalg.eigvalsh((sigma + sigma.T) / 2)[0]) if sigma.numel() else 0.0
+    if lowest < -1e-4 * max(float(sigma.diagonal().sum()), 1e-30) or (scale == 0 and lowest < 0):
+        return f"not positive semi-definite: smallest eigenvalue {lowest:.3g}"
+    return ""
 
 
 def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
@@ -370,6 +390,7 @@ class InceptionFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"InceptionFeatures: expected images (B, 3, H, W), got {tuple(x.shape)}")
+        check_unit_range("InceptionFeatures", "x", x)
         x = x.to(self.Conv2d_1a_3x3.conv.weight.device, torch.float32)
         x = F.interpolate(x, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .metrics import check_unit_range
+
 logger = logging.getLogger(__name__)
 
 # VGG16's convolutions: (index in torchvision's ``features``, in channels, out channels)
@@ -74,6 +76,8 @@ class LPIPS(nn.Module):
                              f"{tuple(y.shape)}")
         if min(x.shape[-2:]) < 16:
             raise ValueError(f"LPIPS: images must be at least 16x16, got {tuple(x.shape)}")
+        check_unit_range("LPIPS", "x", x)
+        check_unit_range("LPIPS", "y", y)
         total = 0.0
         for k, f in enumerate(self.taps(torch.cat([x, y]).to(self.shift.device))):
             f = f / (f.square().sum(1, keepdim=True).sqrt() + 1e-10)  # unit length per position

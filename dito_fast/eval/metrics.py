@@ -6,11 +6,27 @@ import torch
 import torch.nn.functional as F
 
 
+def check_unit_range(name: str, arg: str, t: torch.Tensor) -> None:
+    """Raise unless ``t`` is a floating tensor with values within 2 of zero (images in [-1, 1], a
+    network's slight overshoot allowed): a uint8 image (0..255, e.g. fast_decode's default output)
+    or its float copy, or a [0, 1] one, gave plausible but wrong figures. ``name``: the function,
+    ``arg``: the argument, for the message. NaN passes (and gives NaN)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name}: {arg} must be a floating tensor in [-1, 1], got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__} (uint8 images: "
+                        "x.float() / 127.5 - 1)")
+    big = float(t.detach().abs().nan_to_num(0.0, posinf=float("inf")).amax()) if t.numel() else 0.0
+    if big == float("inf"):
+        raise ValueError(f"{name}: {arg} contains inf values")
+    if big > 2.0:
+        raise ValueError(f"{name}: {arg} must be in [-1, 1], got values up to {big:.3g} in magnitude (images in "
+                         "0..255: x / 127.5 - 1)")
+
+
 def _unit_range_pair(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y in float64 clamped to [-1, 1], after checking that they are floating, non-empty
-    (B, C, H, W) batches of one shape with values within 2 of zero: a uint8 image (0..255, e.g.
-    fast_decode's default output) or its float copy would be clamped to [-1, 1] without a word, and
-    a single (C, H, W) image read as C images. NaN passes (and gives NaN)."""
+    (B, C, H, W) batches of one shape in [-1, 1] (:func:`check_unit_range`; a slight overshoot
+    is clamped): a single (C, H, W) image had been read as C images."""
     for arg, t in (("x", x), ("y", y)):
         if not t.is_floating_point():
             raise TypeError(f"{name}: {arg} must be a floating tensor in [-1, 1], got {t.dtype} (uint8 images: "
@@ -20,15 +36,8 @@ def _unit_range_pair(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
                          f"{tuple(y.shape)} (one image: x[None])")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name}: empty batch or no channels, shape {tuple(x.shape)}")
-    for arg, t in (("x", x), ("y", y)):
-        # values well outside [-1, 1] are another range (0..255 as float), which the clamp would
-        # turn into plausible but wrong figures; a slight overshoot (a network's output) is clamped
-        big = float(t.detach().abs().nan_to_num(0.0, posinf=float("inf")).amax())
-        if big == float("inf"):
-            raise ValueError(f"{name}: {arg} contains inf values")
-        if big > 2.0:
-            raise ValueError(f"{name}: {arg} must be in [-1, 1], got values up to {big:.3g} in magnitude (images in "
-                             "0..255: x / 127.5 - 1)")
+    check_unit_range(name, "x", x)
+    check_unit_range(name, "y", y)
     return x.double().clamp(-1, 1), y.double().clamp(-1, 1)
 
 
@@ -75,7 +84,14 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def bicubic_baseline(x: torch.Tensor, factor: int) -> torch.Tensor:
     """The "downsample by ``factor``, bicubic upsample" reconstruction of x (B, C, H, W), the
     baseline a tokenizer with the same spatial reduction must beat. Downsampling uses
-    antialiased bicubic (area-like), upsampling plain bicubic; output clamped to [-1, 1]."""
+    antialiased bicubic (area-like), upsampling plain bicubic; output clamped to [-1, 1].
+    ValueError for input that is not a (B, C, H, W) batch in [-1, 1] or is smaller than ``factor``."""
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"bicubic_baseline: factor must be an int >= 1, got {factor!r}")
+    check_unit_range("bicubic_baseline", "x", x)
+    if x.dim() != 4 or min(x.shape[-2:]) < factor:
+        raise ValueError(f"bicubic_baseline: expected images (B, C, H, W) of at least {factor}x{factor} pixels, "
+                         f"got shape {tuple(x.shape)}")
     H, W = x.shape[-2:]
     small = F.interpolate(x.float(), size=(H // factor, W // factor), mode="bicubic", antialias=True,
                           align_corners=False)

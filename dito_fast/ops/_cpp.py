@@ -18,22 +18,67 @@ from ._dispatch import SUPPORTED_DTYPES, autograd_mode_reasons
 
 logger = logging.getLogger(__name__)
 
-try:
-    from .. import _C  # noqa: F401  (registers torch.ops.dito_fast.*)
-
-    AVAILABLE = True
-    LOAD_ERROR = ""
-except ImportError as exc:  # not built (a pure-Python install), or built for another torch/Python
+def _build_problem() -> str:
+    """Why dito_fast._C must not be loaded ("" when it may), from what its build recorded next to
+    it (``_C.build.json``, setup.py) and from this process: built against another torch (its
+    symbols may still resolve while the layouts differ), or the dito_fast ops already registered
+    by another library (a CMake build loaded with torch.ops.load_library: a second registration of
+    the namespace aborts the process). A build older than the checkout's csrc/ (an editable
+    install after a source change) loads, with a warning."""
     import importlib.util
+    import json
+    import os
 
-    _C = None
-    AVAILABLE = False
-    # A missing submodule reads "cannot import name '_C' from partially initialized module", which
-    # points at a circular import: say which case this is.
-    LOAD_ERROR = ("not built" if importlib.util.find_spec("dito_fast._C") is None
-                  else f"built but cannot be loaded: {exc}")
-    logger.warning("dito_fast._C is %s; fused ops use other backends. Build it with: pip install "
-                   "--no-build-isolation -e .", LOAD_ERROR)
+    spec = importlib.util.find_spec("dito_fast._C")
+    if spec is None or spec.origin is None:
+        return "not built"
+    try:
+        torch.ops.dito_fast.fm_noise.default
+        return ("not loaded: the dito_fast ops are registered already, by another library (a CMake build "
+                "loaded with torch.ops.load_library?); load one or the other")
+    except (AttributeError, RuntimeError):
+        pass
+    here = os.path.dirname(spec.origin)
+    try:
+        with open(os.path.join(here, "_C.build.json")) as f:
+            built = json.load(f)
+    except (OSError, ValueError):
+        return ""  # (built by CMake or an older setup.py: nothing recorded)
+    if built.get("torch") not in (None, torch.__version__):
+        return (f"built against torch {built['torch']}, but this is torch {torch.__version__}: rebuild it "
+                "(pip install --no-build-isolation -e .)")
+    csrc = os.path.join(os.path.dirname(here), "csrc")
+    if built.get("sources_digest") and os.path.isdir(csrc):
+        import hashlib
+
+        names = sorted(os.path.relpath(os.path.join(d, n), csrc).replace(os.sep, "/")
+                       for d, _, files in os.walk(csrc) for n in files if not n.startswith("."))
+        h = hashlib.sha256()
+        for name in names:  # (as setup.py's sources_digest)
+            with open(os.path.join(csrc, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read() + b"\0")
+        if h.hexdigest()[:16] != built["sources_digest"]:
+            logger.warning("dito_fast._C is older than the sources in %s (they changed since it was built): "
+                           "rebuild it (pip install --no-build-isolation -e ., or python setup.py build_ext "
+                           "--inplace)", csrc)
+    return ""
+
+
+LOAD_ERROR = _build_problem()
+AVAILABLE = False
+_C = None
+if not LOAD_ERROR:
+    try:
+        from .. import _C  # noqa: F401  (registers torch.ops.dito_fast.*)
+
+        AVAILABLE = True
+    except ImportError as exc:  # built for another Python, or a symbol this torch lacks
+        LOAD_ERROR = f"built but cannot be loaded: {exc}"
+if not AVAILABLE:
+    import os
+
+    logger.warning("dito_fast._C is %s; fused ops use other backends (%s). Build it with: pip install "
+                   "--no-build-isolation -e .", LOAD_ERROR, os.path.dirname(os.path.dirname(__file__)))
 
 _HAS_CUDA = AVAILABLE and _C.has_cuda()
 

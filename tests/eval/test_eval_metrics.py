@@ -93,6 +93,11 @@ def test_bicubic_baseline():
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
     smooth = (0.5 * torch.sin(math.pi * xx / 2) * torch.cos(math.pi * yy / 2)).expand(1, 3, 32, 32)
     assert psnr(bicubic_baseline(smooth, 8), smooth).item() > psnr(out, x).item() + 10
+    # images smaller than the factor, or in 0..255, are refused by name (a bare torch error, a clamp before)
+    with pytest.raises(ValueError, match=r"at least 8x8 pixels, got shape \(1, 3, 4, 32\)"):
+        bicubic_baseline(x[..., :4, :], 8)
+    with pytest.raises(ValueError, match="x must be in \\[-1, 1\\]"):
+        bicubic_baseline(x * 127.5 + 127.5, 8)
 
 
 def test_make_grid_layout():

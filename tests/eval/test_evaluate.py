@@ -119,6 +119,17 @@ def test_image_batches_reads_each_file_once_and_counts_unreadable_ones(tmp_path)
     # broken.jpg comes first in the sorted list; the other three are read once each, center-cropped
     assert [(i, b.shape) for i, b in batches] == [([1], (1, 3, 32, 32)), ([2, 3], (2, 3, 32, 32))]
     assert len(skipped) == 1 and skipped[0].endswith("broken.jpg")
+    # a progress bar over len() ends full: the unreadable file lowers its total
+    import io
+
+    from tqdm import tqdm
+
+    counted = image_batches(tmp_path / "set", 32, 2)
+    with tqdm(total=len(counted), file=io.StringIO()) as bar:
+        counted.progress = bar
+        for _, b in counted:
+            bar.update(b.shape[0])
+        assert bar.n == bar.total == 3
     assert sum(b.shape[0] for _, b in image_batches(tmp_path / "set", 32, 8, limit=2)) == 1  # limit counts files
     # rank 1 of 2: images 1 and 3
     share = list(image_batches(tmp_path / "set", 32, 8, rank=1, world_size=2))
@@ -174,8 +185,9 @@ def test_evaluate_command(tmp_path, micro_model, capsys):
     assert psnr(saved[None].float() / 127.5 - 1, x[1:2]).item() == pytest.approx(report["per_image"][1]["psnr"])
     cli_usage_error(capsys, "img0.png exists already", argv[:-2] + ["--save-images", str(tmp_path / "recon")])
     Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "set" / "img0.jpg")
-    cli_usage_error(capsys, "img0.jpg and " + str(tmp_path / "set" / "img0.png") + " would both be written to",
-                    argv[:-2] + ["--save-images", str(tmp_path / "r2")])
+    err = cli_usage_error(capsys, "img0.jpg and " + str(tmp_path / "set" / "img0.png") + " would both be written to",
+                          argv[:-2] + ["--save-images", str(tmp_path / "r2")])
+    assert "--out" not in err  # (evaluate has no --out; the advice had named it)
     (tmp_path / "set" / "img0.jpg").unlink()
     cli_usage_error(capsys, "is inside the data folder", argv[:-2] + ["--save-images", str(tmp_path / "set" / "r")])
     cli_usage_error(capsys, "is a file; give a folder", argv[:-2] + ["--save-images", str(weights)])
@@ -338,3 +350,23 @@ def test_saved_statistics_record_their_network_and_size(tmp_path, capsys):
     # a mistyped image folder is said before the network is loaded (here: before its missing file is)
     cli_usage_error(capsys, "image source", ["fid", str(tmp_path / "nope"), str(tmp_path / "a.safetensors"),
                                              "--size", "32", "--fid-weights", str(tmp_path / "missing.pth")])
+
+
+def test_images_in_another_range_are_refused(micro_model, images):
+    """Images in 0..255 (or uint8, fast_decode's default output) given where [-1, 1] is meant:
+    LPIPS and the FID network had computed plausible figures from them, and
+    evaluate_reconstruction / image_set_stats had clamped them to white first."""
+    from dito_fast.eval.evaluate import image_set_stats
+
+    net, lp = InceptionFeatures(), LPIPS()
+    x = images[:2]
+    for bad, error in ((x * 127.5 + 127.5, ValueError), (to_uint8(x), TypeError)):
+        with pytest.raises(error, match=r"LPIPS: x must be"):
+            lp(bad, x)
+        with pytest.raises(error, match=r"InceptionFeatures: x must be"):
+            net(bad)
+        with pytest.raises(error, match=r"evaluate_reconstruction: images must be"):
+            evaluate_reconstruction(micro_model, [bad], steps=1)
+        with pytest.raises(error, match=r"image_set_stats: images must be"):
+            image_set_stats([bad], net)
+    assert lp(x * 1.01, x).shape == (2,)  # a network's slight overshoot is accepted

@@ -102,6 +102,12 @@ def test_feature_stats_save_load_and_npz(tmp_path):
     np.savez(tmp_path / "shape.npz", mu=stats.mean.numpy(), sigma=stats.cov.numpy()[:3])
     with pytest.raises(ValueError, match=r"expected mu \(d,\) and sigma \(d, d\)"):
         FeatureStats.load(tmp_path / "shape.npz")
+    # a matrix that is no covariance (another file's sigma) is refused: sigma = -I had given a plausible FID
+    for sigma, match in ((-np.eye(8), "not positive semi-definite: smallest eigenvalue -1"),
+                         (np.triu(np.ones((8, 8))), "not symmetric")):
+        np.savez(tmp_path / "nocov.npz", mu=stats.mean.numpy(), sigma=sigma)
+        with pytest.raises(ValueError, match=f"sigma is not a covariance matrix \\({match}"):
+            FeatureStats.load(tmp_path / "nocov.npz")
     (tmp_path / "junk.safetensors").write_bytes(b"not a file of tensors")
     with pytest.raises(ValueError, match="cannot be read"):
         FeatureStats.load(tmp_path / "junk.safetensors")
