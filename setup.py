@@ -73,7 +73,7 @@ def sources_digest() -> str:
     was built from; dito_fast.ops._cpp compares it with the checkout's csrc/ to flag a stale build."""
     root = os.path.join(HERE, "csrc")
     names = sorted(os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
-                   for d, _, files in os.walk(root) for n in files if not n.startswith("."))
+                   for d, _, files in os.walk(root) for n in files if not n.startswith((".", "#")) and not n.endswith("~"))
     h = hashlib.sha256()
     for name in names:  # (the same walk as dito_fast/ops/_cpp.py's check)
         with open(os.path.join(root, name), "rb") as f:
@@ -109,8 +109,10 @@ def extension_modules():
             "torch is not importable at build time, so dito_fast._C (the C++ kernels) cannot be built. Install "
             "torch first, then: pip install --no-build-isolation . (pip's default isolated build environment has "
             "no torch); or set DITO_FAST_PURE_PYTHON=1 for the package without its C++ kernels")
-    # torch's default is every core; each unit takes ~1-2 GB of memory at -O3 (MAX_JOBS overrides)
-    os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
+    # one compiler per core this process may use (a container's share, not the host's), at most 8:
+    # each unit takes ~1-2 GB of memory at -O3 (MAX_JOBS overrides)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(8, cores))))
     want = _cuda_choice(os.environ.get("DITO_FAST_USE_CUDA", "auto"))
     use_cuda = False
     if want != "off":
@@ -159,10 +161,19 @@ def extension_modules():
         def build_extensions(self):
             for e in self.extensions:
                 e.extra_objects = list(e.extra_objects or []) + self._kernel_objects(getattr(e, "dito_kernel_units", []))
-            super().build_extensions()
             # what dito_fast.ops._cpp checks on load: the torch built against, the sources built from
-            info = {"torch": torch.__version__, "sources_digest": sources_digest(), "cuda": use_cuda}
-            with open(self._build_info()[0], "w") as f:
+            info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda if use_cuda else None,
+                    "sources_digest": sources_digest(), "source_dir": os.path.join(HERE, "csrc")}
+            record = self._build_info()[0]
+            try:
+                with open(record) as f:
+                    previous = json.load(f)
+            except (OSError, ValueError):
+                previous = None
+            if previous != info:  # another torch or other sources than the extension there was built
+                self.force = True  # with: relink it (without ninja, setuptools compares the .so's times only)
+            super().build_extensions()
+            with open(record, "w") as f:
                 json.dump(info, f)
 
         def _build_info(self):

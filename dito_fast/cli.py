@@ -1379,9 +1379,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode latent files (as encode writes them) to PNG images: x.safetensors gives "
                                    "x.png, or x_0.png, x_1.png, ... when it holds several latents (encode --flip's "
                                    "image and mirror image). Each file is decoded as fast_decode(model, latents, "
-                                   "seed=--seed) would: its latents' noise is seeded with --seed, --seed + 1, ..., "
-                                   "the same in every file (for a set of generated images whose decode noise "
-                                   "should differ, decode them as one file, or use sample-dit).")
+                                   "seed=--seed) would: its latents' noise is one draw seeded with --seed, the same "
+                                   "in every file (for a set of generated images whose decode noise should differ, "
+                                   "decode them as one file, or use sample-dit).")
     d.add_argument("model", help="model directory (config.json + model.safetensors)")
     d.add_argument("inputs", nargs="+", help=".safetensors files, or folders of them (searched recursively; "
                    "subfolders are mirrored under --out, as encode writes them)")

@@ -32,7 +32,7 @@ def list_image_files(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSION
     extension matches, case-insensitively. Hidden files and folders (names starting with ".":
     ``.ipynb_checkpoints``, ``.Trash-1000``, macOS's ``._x.jpg`` resource forks) are not listed,
     as tar members of such names are not either: their copies had been trained on, a trash folder
-    had become class 0 and shifted every label.
+    had become class 0 and shifted every label. (A file list names its files itself: they are read.)
     Returns sorted absolute paths, so the order is the same on every run; [] when nothing matches.
 
     Raises:

@@ -452,8 +452,8 @@ def _index_tar(path: str) -> List[Tuple[str, int, int, int]]:
                 continue
             slash = m.name.rfind("/") + 1
             dot = m.name.find(".", slash)
-            if dot <= slash:  # no extension, or a hidden file
-                continue
+            if dot <= slash or any(part.startswith(".") for part in m.name.split("/")[:-1]):
+                continue  # no extension, a hidden file, or one in a hidden folder (as folders are listed)
             samples.setdefault(m.name[:dot], {})[m.name[dot + 1:].lower()] = m
         out = []
         for key, comps in samples.items():

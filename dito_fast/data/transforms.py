@@ -203,11 +203,15 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     """Resize (bicubic, antialiased when shrinking) so that min(H, W) == size, keeping aspect: to
     the loaders' :func:`loader_resize_size`, so that ``evaluate``, ``encode`` and the training
     loaders' validation crops agree (Python's round had taken exact halves to even: 512 x 769 at
-    256 gave 256 x 384 here and 256 x 385 there)."""
+    256 gave 256 x 384 here and 256 x 385 there). ValueError for an image thinner than
+    ``MAX_ASPECT_RATIO`` that needs resizing."""
     w, h = img.size
     new_w, new_h = loader_resize_size(w, h, size)
     if (new_w, new_h) == (w, h):
         return img
+    problem = aspect_ratio_problem(w, h)
+    if problem is not None:
+        raise ValueError(problem)
     # PIL widens the bicubic kernel by the shrink factor, i.e. it antialiases.
     return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
@@ -338,7 +342,8 @@ def crop_window(w: int, h: int, size: int, u_x: Optional[float] = None,
 # The loaders resize a whole image before cropping it (as DALI's graph does), so a thin one costs
 # its aspect ratio times size^2 pixels: a 4 KB PNG of 1 x 1,000,000 pixels would be resized to
 # 256 x 256,000,000 (a MemoryError that stopped training). Longer / shorter side beyond this is
-# refused as an unusable image, by the screening (both loaders) and by resize_crop_flip.
+# refused as an unusable image, by the screening (both loaders), resize_crop_flip and
+# resize_shorter_side (evaluate, fid, encode), where it is skipped and counted as unreadable.
 MAX_ASPECT_RATIO = 64
 
 
@@ -346,8 +351,8 @@ def aspect_ratio_problem(w: int, h: int) -> Optional[str]:
     """Why a w x h image is too thin for the loaders (see ``MAX_ASPECT_RATIO``), or None."""
     if max(w, h) <= MAX_ASPECT_RATIO * min(w, h):
         return None
-    return (f"its aspect ratio {max(w, h) / max(min(w, h), 1):.0f}:1 ({w} x {h} pixels) is beyond the loaders' "
-            f"{MAX_ASPECT_RATIO}:1 (the image is resized whole before it is cropped)")
+    return (f"its aspect ratio {max(w, h) / max(min(w, h), 1):.1f}:1 ({w} x {h} pixels) is beyond "
+            f"{MAX_ASPECT_RATIO}:1 (images are resized whole before they are cropped)")
 
 
 def resize_crop_flip(img: Image.Image, size: int, params: Optional[Tuple[float, float, bool]] = None) -> np.ndarray:

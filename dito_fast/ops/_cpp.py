@@ -29,6 +29,10 @@ def _build_problem() -> str:
     import json
     import os
 
+    import sys
+
+    if "dito_fast._C" in sys.modules:  # (this module run again: importlib.reload)
+        return ""
     spec = importlib.util.find_spec("dito_fast._C")
     if spec is None or spec.origin is None:
         return "not built"
@@ -44,15 +48,24 @@ def _build_problem() -> str:
             built = json.load(f)
     except (OSError, ValueError):
         return ""  # (built by CMake or an older setup.py: nothing recorded)
-    if built.get("torch") not in (None, torch.__version__):
+    # the release, and the CUDA version when it has CUDA kernels (a CPU build runs under a CUDA
+    # torch of the same release: "+cpu" against "+cu130" is no difference to it)
+    release = torch.__version__.split("+")[0]
+    if built.get("torch") is not None and built["torch"].split("+")[0] != release:
         return (f"built against torch {built['torch']}, but this is torch {torch.__version__}: rebuild it "
                 "(pip install --no-build-isolation -e .)")
+    if built.get("torch_cuda") and built["torch_cuda"] != torch.version.cuda:
+        return (f"built with CUDA kernels for torch's CUDA {built['torch_cuda']}, but this torch has CUDA "
+                f"{torch.version.cuda}: rebuild it (pip install --no-build-isolation -e .)")
     csrc = os.path.join(os.path.dirname(here), "csrc")
-    if built.get("sources_digest") and os.path.isdir(csrc):
+    # compared only with the sources it was built from (an editable install or an in-place build),
+    # not with any csrc/ that happens to sit beside an installed package
+    same_tree = os.path.realpath(csrc) == os.path.realpath(built.get("source_dir") or "")
+    if built.get("sources_digest") and same_tree and os.path.isdir(csrc):
         import hashlib
 
-        names = sorted(os.path.relpath(os.path.join(d, n), csrc).replace(os.sep, "/")
-                       for d, _, files in os.walk(csrc) for n in files if not n.startswith("."))
+        names = sorted(os.path.relpath(os.path.join(d, n), csrc).replace(os.sep, "/") for d, _, files in os.walk(csrc)
+                       for n in files if not n.startswith((".", "#")) and not n.endswith("~"))
         h = hashlib.sha256()
         for name in names:  # (as setup.py's sources_digest)
             with open(os.path.join(csrc, name), "rb") as f:

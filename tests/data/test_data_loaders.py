@@ -228,7 +228,7 @@ def test_images_too_thin_to_resize_are_skipped(kind, photo_dir, tmp_path):
     Image.new("RGB", (2, 300), (200, 10, 10)).save(d / "zz_line.png")
     loader, batches = _run(kind, str(d), seed=0, num_steps=3, batch_size=2)
     assert [os.path.basename(f) for f in loader.skipped_files] == ["zz_line.png"] and len(loader.source) == 3
-    assert "aspect ratio 150:1" in next(reason for _, reason in loader.source.skipped)
+    assert "aspect ratio 150.0:1" in next(reason for _, reason in loader.source.skipped)
     assert len(batches) == 3
     if kind == "torch":
         loader, batches = _run(kind, str(d), seed=0, num_steps=3, batch_size=2, check_files="none")

@@ -68,6 +68,22 @@ def test_file_list_formats(photo_dir, tmp_path):
     assert src.files == [files[0][0], files[1][0]] and src.labels.tolist() == [7, -1]
 
 
+def test_tar_members_in_hidden_folders_are_not_data(tmp_path):
+    """As in folders: a member in a hidden folder (.ipynb_checkpoints/a.png) or with a hidden name
+    (._c.png) is no sample."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    with tarfile.open(tmp_path / "s.tar", "w") as t:
+        for name in (".ipynb_checkpoints/a.png", "b.png", "._c.png", "d/.git/e.png", "d/f.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(buf.getvalue())
+            t.addfile(info, io.BytesIO(buf.getvalue()))
+    assert resolve_source(str(tmp_path / "s.tar")).members == ["b.png", "d/f.png"]
+
+
 @pytest.mark.parametrize("name", ["photos [2023]", "set{a,b}", "what?", "all*"])
 def test_folders_named_like_patterns_are_folders(tmp_path, name):
     """A folder whose name holds glob or brace characters is read as the folder it is (it had

@@ -140,6 +140,9 @@ def test_resize_shorter_side():
     assert resize_shorter_side(_smooth_rgb(10, 10), 32).size == (32, 32)  # upsampling too
     # exact halves go up, as in the loaders (Python's round had given 384 for 769 * 256 / 512)
     assert resize_shorter_side(_smooth_rgb(512, 769), 256).size == (385, 256) == loader_resize_size(769, 512, 256)
+    # an image too thin to resize whole (evaluate, fid and encode skip it as unreadable)
+    with pytest.raises(ValueError, match=r"aspect ratio 65.0:1 \(130 x 2 pixels\) is beyond 64:1"):
+        resize_shorter_side(_smooth_rgb(2, 130), 16)
 
 
 def test_center_crop_matches_manual_pipeline():

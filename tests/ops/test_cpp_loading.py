@@ -32,7 +32,8 @@ def test_without_the_extension_the_warning_names_the_case(tmp_path, case):
     if case != "missing":  # a file that is not a loadable extension
         (pkg / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))).write_bytes(b"not a shared object")
     if case in ("other_torch", "stale"):  # what setup.py records next to the extension it builds
-        built = {"torch": "0.0.1" if case == "other_torch" else torch.__version__, "sources_digest": "0" * 16}
+        built = {"torch": "0.0.1" if case == "other_torch" else torch.__version__, "sources_digest": "0" * 16,
+                 "source_dir": str(tmp_path / "csrc")}
         (pkg / "_C.build.json").write_text(json.dumps(built))
         (tmp_path / "csrc").mkdir()
         (tmp_path / "csrc" / "a.cpp").write_text("// changed since the build")

@@ -6,7 +6,8 @@ Per (b, c) everything folds into one affine map of the centred input,
 (Centring first, rather than folding the mean into beta, avoids the cancellation between
 x * alpha and mean * alpha when |mean| >> std, for one more subtraction per element.)
 
-Kernels (all arithmetic in float32, whatever the storage dtype):
+Kernels (arithmetic in float32, whatever the storage dtype; the per-range statistics are merged in
+float64, and a range whose float32 M2 overflows is summed again in float64):
 - forward: ``_gn_stats_partial_kernel`` (per (b, group, spatial range): count, mean and M2,
   merging per-tile statistics with Chan's formula so that large groups keep their precision),
   ``_gn_stats_finalize_kernel`` (merges the ranges: mean, rstd per (b, group)), then

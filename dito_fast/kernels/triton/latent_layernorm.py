@@ -134,7 +134,8 @@ if HAS_TRITON:
 def latent_layernorm(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Normalise each sample of ``z`` (B, C, H, W) to zero mean and unit variance over (C, H, W).
 
-    Float32/float16/bfloat16 storage, float32 arithmetic. Returns the shape, dtype and layout of z.
+    Float32/float16/bfloat16 storage, float32 arithmetic (float64 statistics for a sample whose
+    float32 sum of squares overflows). Returns the shape, dtype and layout of z.
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
