@@ -72,8 +72,8 @@ def sources_digest() -> str:
     """sha256 (16 hex digits) of every file under csrc/ (names and contents): what the extension
     was built from; dito_fast.ops._cpp compares it with the checkout's csrc/ to flag a stale build."""
     root = os.path.join(HERE, "csrc")
-    names = sorted(os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
-                   for d, _, files in os.walk(root) for n in files if not n.startswith((".", "#")) and not n.endswith("~"))
+    names = sorted(os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/") for d, _, files in os.walk(root)
+                   for n in files if not n.startswith((".", "#")) and not n.endswith("~"))
     h = hashlib.sha256()
     for name in names:  # (the same walk as dito_fast/ops/_cpp.py's check)
         with open(os.path.join(root, name), "rb") as f:

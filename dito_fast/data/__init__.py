@@ -97,8 +97,8 @@ def make_dataset(source: "str | os.PathLike[str]", size: int, train: bool = True
             "builtin" -> those synthetic images followed by as many crops (PhotoCrops) of the
             photographs bundled with scikit-image (synthetic only, with an info log, when
             scikit-image is missing): all of them, including the two that ``dito-fast train``
-            holds out for validation (``builtin_split`` makes the trainer's split); any other value must be an existing directory ->
-            ImageFolderDataset(source, size, train, seed=seed).
+            holds out for validation (``builtin_split`` makes the trainer's split); any other
+            value must be an existing directory -> ImageFolderDataset(source, size, train, seed=seed).
         size: image side in pixels.
         train: random crops/flips (True) or deterministic center/grid crops (False).
         seed: base seed of all per-item randomness.

@@ -660,16 +660,18 @@ def _check_one(source: _EncodedSource, i: int, mode: str, formats: Optional[froz
     """Why sample ``i`` is unusable, or None. ``header``: PIL identifies the format and size from
     the header (no pixel decoding; an aspect ratio beyond ``MAX_ASPECT_RATIO`` is refused), and a
     JPEG/PNG whose end marker (EOI / IEND) is not within its last 4 KiB, truncated or followed by
-    other data (a phone's motion photo appends a video), is decoded in full to tell which; ``decode``: the header check, then a full decode of every file.
-    Errors about the process rather than the file (``unreadable_file_error``) propagate."""
+    other data (a phone's motion photo appends a video), is decoded in full to tell which;
+    ``decode``: the header check, then a full decode of every file. Errors about the process
+    rather than the file (``unreadable_file_error``) propagate."""
     try:
         with source.open(i) as f:
             with Image.open(f) as img:
                 fmt, (w, h) = img.format, img.size
             if formats is not None and fmt not in formats:
                 return f"format {fmt} is not supported (readable formats: {', '.join(sorted(formats))})"
-            if aspect_ratio_problem(w, h) is not None:
-                return aspect_ratio_problem(w, h)
+            too_thin = aspect_ratio_problem(w, h)
+            if too_thin is not None:
+                return too_thin
             size = source.size(i)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()

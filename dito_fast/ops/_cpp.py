@@ -18,6 +18,7 @@ from ._dispatch import SUPPORTED_DTYPES, autograd_mode_reasons
 
 logger = logging.getLogger(__name__)
 
+
 def _build_problem() -> str:
     """Why dito_fast._C must not be loaded ("" when it may), from what its build recorded next to
     it (``_C.build.json``, setup.py) and from this process: built against another torch (its
@@ -28,7 +29,6 @@ def _build_problem() -> str:
     import importlib.util
     import json
     import os
-
     import sys
 
     if "dito_fast._C" in sys.modules:  # (this module run again: importlib.reload)
