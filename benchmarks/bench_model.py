@@ -6,7 +6,11 @@ dito_fast's fused ops.
 - encode in images/s;
 - ``test_profile_fused_share``: torch.profiler of the dito-S train step and decoder step with
   reference ops and with fused ops: the share of time the fused ops replace, the ideal speed-up
-  that share allows (Amdahl: the replaced ops taking no time) and the achieved speed-up.
+  that share allows (Amdahl: the norm ops taking no time, and the 3x3 convolutions' time shrunk
+  by the Winograd transform's saving of multiplications, ``conv_flop_ratio``) and the achieved
+  speed-up. The shares come from one profiled step of each (the profiler adds ~5%, more to the
+  reference's many small ops), the fused ops there called through torch.ops (the profiler's
+  ranges need the boxed route: ``_dispatch.PROFILE_RANGES``).
 
 ``ops="ref"`` runs the fused ops (fm_noise, fm_loss, latent_layernorm, group_norm_modulate_silu,
 conv3x3) on their eager reference through DITO_FAST_BACKEND; ``ops="fused"`` uses the default

@@ -2,7 +2,8 @@
 
 Providers: ``ref`` (eager PyTorch, the specification), ``cpp`` (dito_fast._C), ``compile``
 (torch.compile of the reference; skipped in --benchmark-disable smoke runs because compiling
-takes minutes on CPU). Modes: ``fwd`` (inference, no autograd) and ``full`` (forward + backward).
+takes minutes on CPU); in the interleaved rows of the fused ops also ``eager`` (the op as plain
+PyTorch a user would write: the reference without its input checks, casts and workarounds). Modes: ``fwd`` (inference, no autograd) and ``full`` (forward + backward).
 Shapes are the real ones: the UNet decoder's largest and smallest levels for dito-S at 64x64
 (batch 8) and dito-B at 256x256 (batch 1), the latent for the encoder, the image for the
 flow-matching step. The interleaved rows of ``group_norm_modulate_silu`` come in NCHW and in
@@ -21,6 +22,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import interleaved_medians
 
@@ -214,6 +216,28 @@ def test_winograd_tiles(benchmark, monkeypatch, shape, mode):
                                  "tile4_speedup": med["2"] / med["4"], "auto_tile": auto})
 
 
+# The "eager" provider: each op as a user would write it in plain PyTorch, for float32 inputs that
+# need none of the references' input checks, dtype casts and torch-bug workarounds (those cost
+# 17-31 us per call, which weighs on the small rows: the 2026-12-04 benchmark review). The
+# references (dito_fast.ops.*_ref) stay the specification; the rows check that these compute the
+# same (_provider_calls) and report cpp against both.
+def _eager_gnms(x, G, w, b, s, sh):
+    return F.silu(torch.group_norm(x, G, w, b, 1e-5) * (1 + s[:, :, None, None]) + sh[:, :, None, None])
+
+
+def _eager_latent(z):
+    return F.layer_norm(z, z.shape[1:])
+
+
+def _eager_fm_noise(x, e, t, sigma_min=1e-5):
+    tb = t[:, None, None, None]
+    return (1 - tb) * x + (sigma_min + tb * (1 - sigma_min)) * e, (1 - sigma_min) * e - x
+
+
+def _eager_fm_loss(pred, target):
+    return (pred - target).square().flatten(1).mean(1)
+
+
 def _cases():
     """(op, shape label, mode, builder) for every op row above; builder(provider) -> a callable."""
     cases = []
@@ -224,22 +248,25 @@ def _cases():
             args = [torch.randn(B, C, H, W, generator=g).contiguous(memory_format=fmt), torch.randn(C, generator=g),
                     torch.randn(C, generator=g), torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)]
             args = [a.requires_grad_(grad) for a in args]
-            fn = (lambda *a: group_norm_modulate_silu(a[0], G, *a[1:], backend="cpp")) if provider == "cpp" else (
-                lambda *a: group_norm_modulate_silu_ref(a[0], G, *a[1:]))
+            fn = {"cpp": lambda *a: group_norm_modulate_silu(a[0], G, *a[1:], backend="cpp"),
+                  "eager": lambda *a: _eager_gnms(a[0], G, *a[1:])}.get(
+                provider, lambda *a: group_norm_modulate_silu_ref(a[0], G, *a[1:]))
             return fn, args
         cases.append(("group_norm_modulate_silu", label + (" CL" if fmt == torch.channels_last else ""), build))
     for label, B, C, H, W in LATENT_SHAPES:
         def build(provider, mode, shape=(B, C, H, W)):
             z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(mode == "full")
-            return ((lambda a: latent_layernorm(a, backend="cpp")) if provider == "cpp" else latent_layernorm_ref), [z]
+            fn = {"cpp": lambda a: latent_layernorm(a, backend="cpp"), "eager": _eager_latent}.get(
+                provider, latent_layernorm_ref)
+            return fn, [z]
         cases.append(("latent_layernorm", label, build))
     for label, B, C, H, W in IMAGE_SHAPES:
         def build(provider, mode, shape=(B, C, H, W)):
             g = torch.Generator().manual_seed(0)
             x, e, pred = (torch.randn(shape, generator=g) for _ in range(3))
             t = torch.rand(shape[0], generator=g)
-            noise, loss = ((lambda *a: fm_noise(*a, backend="cpp")), (lambda *a: fm_loss(*a, backend="cpp"))) \
-                if provider == "cpp" else (fm_noise_ref, fm_loss_ref)
+            noise, loss = {"cpp": ((lambda *a: fm_noise(*a, backend="cpp")), (lambda *a: fm_loss(*a, backend="cpp"))),
+                           "eager": (_eager_fm_noise, _eager_fm_loss)}.get(provider, (fm_noise_ref, fm_loss_ref))
 
             if provider == "standin":
                 # The stand-in's prediction alone: the copy and the add that joins pred to it
@@ -294,6 +321,12 @@ def _provider_calls(op, mode, build, providers) -> dict:
             fns[provider] = floor
             continue
         fn, args = build("ref" if provider == "compile" else provider, mode)
+        if provider == "eager":  # the same result as the reference (float32: rounding apart)
+            ref_fn, ref_args = build("ref", mode)
+            with torch.no_grad():
+                got, want = fn(*args), ref_fn(*ref_args)
+            for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         if provider == "compile":
             torch._dynamo.reset()
             fn = torch.compile(fn, fullgraph=True)
@@ -334,10 +367,14 @@ def test_interleaved_ratio(benchmark, case):
         pytest.skip(f"dito_fast._C unavailable: {_cpp.LOAD_ERROR}")
     op, label, mode, build = case
     providers = ("ref", "cpp") if benchmark.disabled else ("ref", "compile", "cpp")
+    if op != "conv3x3":  # (conv3x3's reference is one ATen call already)
+        providers += ("eager",)
     extra = ("standin",) if op == "fm_step" else ("floor",) if op in ("latent_layernorm", "group_norm_modulate_silu") else ()
     fns = _provider_calls(op, mode, build, providers + extra)
     if label in ROUTE_ROWS and op != "conv3x3":
-        fns["boxed"] = fns["cpp"]  # the same calls, with the direct route off (_set_route)
+        # the same calls on inputs of their own (not warm from the cpp call), with the direct
+        # route off (_set_route)
+        fns["boxed"] = _provider_calls(op, mode, build, ("cpp",))["cpp"]
     rounds = 1 if benchmark.disabled else 21
     try:
         med = interleaved_medians(fns, rounds, before=_set_route)
@@ -349,6 +386,8 @@ def test_interleaved_ratio(benchmark, case):
     if "compile" in med:
         benchmark.extra_info.update({"compile_ms": med["compile"] * 1e3,
                                      "speedup_vs_compile": med["compile"] / med["cpp"]})
+    if "eager" in med:
+        benchmark.extra_info.update({"eager_ms": med["eager"] * 1e3, "speedup_vs_eager": med["eager"] / med["cpp"]})
     if "floor" in med:
         benchmark.extra_info.update({"floor_ms": med["floor"] * 1e3, "ref_vs_floor": med["ref"] / med["floor"]})
     if "boxed" in med:
@@ -359,6 +398,8 @@ def test_interleaved_ratio(benchmark, case):
         # which every provider runs alike (medians of the same rounds).
         net = {k: v - med["standin"] for k, v in med.items() if k != "standin"}
         benchmark.extra_info.update({"standin_ms": med["standin"] * 1e3, "speedup_net": net["ref"] / net["cpp"]})
+        if "eager" in net:
+            benchmark.extra_info["speedup_vs_eager_net"] = net["eager"] / net["cpp"]
         if "compile" in net:
             benchmark.extra_info["speedup_vs_compile_net"] = net["compile"] / net["cpp"]
 
