@@ -68,17 +68,15 @@ def is_kernel_unit(path: str) -> bool:
     return path.endswith("_cpu_kernel.cpp")
 
 
-def sources_digest() -> str:
-    """sha256 (16 hex digits) of every file under csrc/ (names and contents): what the extension
-    was built from; dito_fast.ops._cpp compares it with the checkout's csrc/ to flag a stale build."""
-    root = os.path.join(HERE, "csrc")
-    names = sorted(os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/") for d, _, files in os.walk(root)
-                   for n in files if not n.startswith((".", "#")) and not n.endswith("~"))
-    h = hashlib.sha256()
-    for name in names:  # (the same walk as dito_fast/ops/_cpp.py's check)
-        with open(os.path.join(root, name), "rb") as f:
-            h.update(name.encode() + b"\0" + f.read() + b"\0")
-    return h.hexdigest()[:16]
+def _build_record():
+    """dito_fast/_build_record.py, loaded by path (importing the package would import torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_dito_fast_build_record",
+                                                  os.path.join(HERE, "dito_fast", "_build_record.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _refusing_build(message: str):
@@ -162,8 +160,10 @@ def extension_modules():
             for e in self.extensions:
                 e.extra_objects = list(e.extra_objects or []) + self._kernel_objects(getattr(e, "dito_kernel_units", []))
             # what dito_fast.ops._cpp checks on load: the torch built against, the sources built from
+            record_lib = _build_record()
+            csrc = os.path.join(HERE, "csrc")
             info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda if use_cuda else None,
-                    "sources_digest": sources_digest(), "source_dir": os.path.join(HERE, "csrc")}
+                    "sources_digest": record_lib.sources_digest(csrc), "source_dir": csrc}
             record = self._build_info()[0]
             try:
                 with open(record) as f:
@@ -180,8 +180,8 @@ def extension_modules():
             """(the build record in the build folder, its place beside the in-place extension)."""
             inplace_ext, built_ext = self._get_inplace_equivalent(self.get_finalized_command("build_py"),
                                                                   self.extensions[0])
-            return (os.path.join(os.path.dirname(built_ext), "_C.build.json"),
-                    os.path.join(os.path.dirname(inplace_ext), "_C.build.json"))
+            name = _build_record().RECORD_NAME
+            return os.path.join(os.path.dirname(built_ext), name), os.path.join(os.path.dirname(inplace_ext), name)
 
         # the record travels with the extension: into wheels, editable installs and in-place builds
         def get_outputs(self):

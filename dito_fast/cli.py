@@ -608,7 +608,7 @@ def cmd_decode(args) -> int:
     # Every file's header first: a missing or unreadable file, another model's latents, or two
     # files writing one image (a.safetensors holding 2 latents writes a_0.png and a_1.png, as
     # a_0.safetensors's one latent would) stop the command before anything is decoded.
-    counts = {}
+    counts, sizes = {}, {}
     for f in files:
         shape, dtype, meta = _latent_header(f)
         if meta.get("model_fingerprint", fingerprint) != fingerprint and not args.any_model:
@@ -619,6 +619,7 @@ def cmd_decode(args) -> int:
             raise UsageError(f"{_shown(f)}: its latent is {dtype} {tuple(shape)}; this model decodes floating latents "
                              f"of shape (B, {model.latent_channels}, h, w), B >= 1")
         counts[f] = shape[0]
+        sizes.setdefault(tuple(shape[-2:]), f)  # (the first file of each latent size)
     names = {f: [bases[f].with_name(bases[f].name + ".png")] if counts[f] == 1 else
              [bases[f].with_name(f"{bases[f].name}_{i}.png") for i in range(counts[f])] for f in files}
     _check_outputs([(f, name) for f in files for name in names[f]], out, args.overwrite)
@@ -634,7 +635,7 @@ def cmd_decode(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     f_ = model.latent_factor
-    for size, first in {tuple(_latent_header(f)[0][-2:]): f for f in reversed(files)}.items():
+    for size, first in sizes.items():
         try:
             _check_tile(options["tile"], options["tile_overlap"], options["tile_passes"], model.downsample_factor,
                         size[0] * f_, size[1] * f_)

@@ -14,6 +14,7 @@ import logging
 import torch
 from torch._prims_common import suggest_memory_format  # the Python twin of Tensor.suggest_memory_format()
 
+from .._build_record import RECORD_NAME, sources_digest
 from ._dispatch import SUPPORTED_DTYPES, autograd_mode_reasons
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def _build_problem() -> str:
         pass
     here = os.path.dirname(spec.origin)
     try:
-        with open(os.path.join(here, "_C.build.json")) as f:
+        with open(os.path.join(here, RECORD_NAME)) as f:
             built = json.load(f)
     except (OSError, ValueError):
         return ""  # (built by CMake or an older setup.py: nothing recorded)
@@ -62,15 +63,7 @@ def _build_problem() -> str:
     # not with any csrc/ that happens to sit beside an installed package
     same_tree = os.path.realpath(csrc) == os.path.realpath(built.get("source_dir") or "")
     if built.get("sources_digest") and same_tree and os.path.isdir(csrc):
-        import hashlib
-
-        names = sorted(os.path.relpath(os.path.join(d, n), csrc).replace(os.sep, "/") for d, _, files in os.walk(csrc)
-                       for n in files if not n.startswith((".", "#")) and not n.endswith("~"))
-        h = hashlib.sha256()
-        for name in names:  # (as setup.py's sources_digest)
-            with open(os.path.join(csrc, name), "rb") as f:
-                h.update(name.encode() + b"\0" + f.read() + b"\0")
-        if h.hexdigest()[:16] != built["sources_digest"]:
+        if sources_digest(csrc) != built["sources_digest"]:
             logger.warning("dito_fast._C is older than the sources in %s (they changed since it was built): "
                            "rebuild it (pip install --no-build-isolation -e ., or python setup.py build_ext "
                            "--inplace)", csrc)

@@ -241,6 +241,25 @@ def broadcast_object(obj, ctx: DistContext, src: int = 0):
     return box[0]
 
 
+def every_rank_description(mine, failed: Exception | None, failure: str) -> list | None:
+    """For the checks that every rank read the same data (each reads it itself under torchrun):
+    every rank's ``mine`` (a JSON-able description), all-gathered in rank order; None in a single
+    process or on the rank that ``failed`` (its own error follows: the others are told instead of
+    left waiting). Where another rank failed, a ValueError ``failure.format(rank=, error=)``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if failed is not None:
+        mine = {"error": f"{type(failed).__name__}: {failed}"}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if failed is not None:
+        return None
+    errors = [(r, d["error"]) for r, d in enumerate(every) if isinstance(d, dict) and "error" in d]
+    if errors:
+        raise ValueError(failure.format(rank=errors[0][0], error=errors[0][1]))
+    return every
+
+
 def all_gather_object(obj, ctx: DistContext) -> list:
     """Every rank's ``obj``, in rank order (pickled; small objects only)."""
     if not ctx.distributed:

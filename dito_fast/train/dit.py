@@ -39,6 +39,7 @@ from ..data.latents import LatentSet, load_latents
 from ..data.sampler import StepBatchSampler, mix_seed, rank_slice
 from ..models.dit import DIT_PRESETS, DiT, DiTConfig, validate_dit_config
 from . import checkpoint as ckpt
+from . import distributed
 from .trainer import TrainResult, TrainTask, train
 
 logger = logging.getLogger(__name__)
@@ -262,22 +263,12 @@ def _same_on_every_rank(train_set: LatentSet | None, val_set: LatentSet | None, 
     digest of the files, held-out count and digest, shape, classes, tokenizer) is all-gathered;
     where they differ, or a rank ``failed`` to load, every rank raises (ValueError naming the
     ranks and what differs; the rank that failed, its own error). A single process: nothing."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    if failed is not None:
-        mine = {"error": f"{type(failed).__name__}: {failed}"}
-    else:
-        mine = {**train_set.describe(), "held_out": len(val_set), "held_out_digest": val_set.describe()["files_digest"]}
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    if failed is not None:
-        return  # (its own error follows)
-    errors = [(r, d["error"]) for r, d in enumerate(every) if "error" in d]
-    if errors:
-        raise ValueError(f"rank {errors[0][0]} could not load the latents of data.source {source} "
-                         f"({errors[0][1]}); every rank must read the same set")
-    if all(d == every[0] for d in every):
+    mine = None if failed is not None else {**train_set.describe(), "held_out": len(val_set),
+                                            "held_out_digest": val_set.describe()["files_digest"]}
+    every = distributed.every_rank_description(
+        mine, failed, f"rank {{rank}} could not load the latents of data.source {source} ({{error}}); every rank must "
+                      "read the same set")
+    if every is None or all(d == every[0] for d in every):
         return
     groups: dict[str, list[int]] = {}  # (ranks with one description, in rank order)
     for r, d in enumerate(every):

@@ -467,19 +467,10 @@ def _same_data_on_every_rank(dataset, failed: Exception | None = None) -> None:
     :func:`_data_description` is all-gathered; where they differ, or a rank ``failed`` to build its
     data, every rank raises (ValueError naming the ranks; the rank that failed, its own error). A
     single process, or data that names no samples (synthetic, builtin): nothing to compare."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    mine = {"error": f"{type(failed).__name__}: {failed}"} if failed is not None else _data_description(dataset)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    if failed is not None:
-        return  # (its own error follows)
-    errors = [(r, d["error"]) for r, d in enumerate(every) if d and "error" in d]
-    if errors:
-        raise ValueError(f"rank {errors[0][0]} could not build its training data ({errors[0][1]}); every rank must "
-                         "read the same data")
-    if all(d == every[0] for d in every):
+    every = distributed.every_rank_description(
+        None if failed is not None else _data_description(dataset), failed,
+        "rank {rank} could not build its training data ({error}); every rank must read the same data")
+    if every is None or all(d == every[0] for d in every):
         return
     said = "; ".join(f"rank {r}: " + (f"{d['samples']} samples (digest {d['digest']})" if d else "unnamed samples")
                      for r, d in enumerate(every))
