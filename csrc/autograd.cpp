@@ -394,7 +394,8 @@ TORCH_LIBRARY_IMPL(dito_fast, Autograd, m) {
   m.impl("latent_layernorm", &lln_autograd);
   m.impl("group_norm_modulate_silu", &gnms_autograd);
   for (const char* name : {"fm_noise_backward", "fm_loss_backward", "latent_layernorm_backward",
-                           "group_norm_modulate_silu_backward", "winograd_conv3x3_weight_grad"}) {
+                           "group_norm_modulate_silu_backward", "winograd_conv3x3_weight_grad",
+                           "winograd_filter", "winograd_filter_adjoint"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
   }
 }

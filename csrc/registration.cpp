@@ -39,6 +39,11 @@ TORCH_LIBRARY(dito_fast, m) {
   // grad_y (B, C_out, H, W); with bias=True also the bias gradient (C_out,) (grad_y summed over
   // batch and pixels, formed in the same pass over grad_y), else an empty (0,) tensor.
   m.def("winograd_conv3x3_weight_grad(Tensor x, Tensor grad_y, int tile, bool bias) -> (Tensor, Tensor)");
+  // The filter transform u = G g G^T ((M + 2)^2, C_out, C_in) of weight (C_out, C_in, 3, 3), and its
+  // adjoint: the weight's gradient (C_out, C_in, 3, 3) from u's (the tile follows from its 16 or 36
+  // positions).
+  m.def("winograd_filter(Tensor weight, int tile) -> Tensor");
+  m.def("winograd_filter_adjoint(Tensor grad_u) -> Tensor");
 }
 
 namespace dito_fast {

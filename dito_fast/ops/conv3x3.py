@@ -91,43 +91,42 @@ def _kron(tile, dtype, device):
 
 
 class _FilterTransform(torch.autograd.Function):
-    """u = k w^T for the filters w (C_out C_in, 9) and the Kronecker transform k (K, 9); the
-    backward (the adjoint transform) forms dw^T = k^T du, a GEMM of shape (9, K) x (K, C_out C_in),
-    and hands back its transpose. Autograd's own backward of ``k @ w.t()`` computes (du^T k)^T
-    instead, to give the gradient w^T's strides: a GEMM with 9 output columns, 4.3-4.5x slower
-    here (3.75 against 0.87 ms with the copy to the weight's layout, dito-S's 256x256-channel
-    filters, F(4x4), 2 threads, AMD EPYC; 2026-12-03). Under torch.func transforms and
-    forward-mode AD winograd_filter uses the plain product instead (a custom jvp would stop
-    torch.compile from tracing this Function)."""
+    """u = G g G^T of every filter g of a contiguous CPU float32/float64 weight, by the C++ kernel
+    (``dito_fast::winograd_filter``: each filter's nine taps transformed in registers); the
+    backward is the adjoint kernel (``winograd_filter_adjoint``, dg = G^T du G), which writes the
+    weight's gradient contiguous. As one GEMM, u = kron(G, G) w^T ((36 x 9) x (9 x C_out C_in))
+    and its adjoint, with the copy to the weight's layout, spent 221 of dito-S's 2026 ms train step
+    (torch.profiler, 2 threads, AMD EPYC Zen 4, 2026-12-04): a GEMM with 9 as its inner or outer
+    dimension runs far below the machine's rate. Under torch.func transforms and forward-mode AD,
+    and without the extension, winograd_filter uses the plain product instead (a custom jvp would
+    stop torch.compile from tracing this Function)."""
 
     @staticmethod
-    def forward(w, k):
-        return k @ w.t()
+    def forward(weight, tile):
+        return _FILTER(weight, tile)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
+        pass
 
     @staticmethod
     def backward(ctx, du):
-        (k,) = ctx.saved_tensors
-        # contiguous, as the weight's gradient of F.conv2d is: autograd.grad callers may .view it,
-        # and AccumulateGrad takes a contiguous buffer as the .grad instead of copying it
-        return (k.t() @ du).t().contiguous(), None
+        return _FILTER_ADJOINT(du), None
 
 
 def winograd_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
     """Transformed filter (K, C_out, C_in) of ``weight`` (C_out, C_in, 3, 3) for output tiles of
     ``tile`` (2 or 4), K = (tile + 2)^2: position k = N i + j of the N x N Winograd tile
-    (N = tile + 2) holds (G g G^T)_ij for every filter g. One GEMM, no copies; differentiable (its
-    backward is the adjoint transform, one GEMM and a copy to the weight's layout)."""
+    (N = tile + 2) holds (G g G^T)_ij for every filter g. Differentiable (its backward is the
+    adjoint transform, in the weight's layout)."""
     co, ci = weight.shape[:2]
+    if (_FILTER is not None and weight.is_cpu and weight.dtype in (torch.float32, torch.float64)
+            and weight.is_contiguous() and not autograd_mode_reasons()):
+        return _FilterTransform.apply(weight, tile)
     k = _kron(tile, weight.dtype, weight.device)
     K = k.shape[0]
     if weight.is_contiguous() or not weight.is_contiguous(memory_format=torch.channels_last):
-        w2 = weight.reshape(co * ci, 9)
-        u = k @ w2.t() if autograd_mode_reasons() else _FilterTransform.apply(w2, k)
-        return u.view(K, co, ci)
+        return (k @ weight.reshape(co * ci, 9).t()).view(K, co, ci)
     # channels_last weights (a channels_last model): (C_out, 3, 3, C_in) in memory; a strided
     # (K, C_out, C_in) result instead of copying the weight
     return torch.matmul(k, weight.permute(0, 2, 3, 1).reshape(co, 9, ci)).transpose(0, 1)
@@ -169,6 +168,16 @@ def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 if _cpp.AVAILABLE:
     _OP = torch.ops.dito_fast.winograd_conv3x3.default
     _WGRAD = torch.ops.dito_fast.winograd_conv3x3_weight_grad.default
+    _FILTER = torch.ops.dito_fast.winograd_filter.default
+    _FILTER_ADJOINT = torch.ops.dito_fast.winograd_filter_adjoint.default
+
+    @torch.library.register_fake("dito_fast::winograd_filter")
+    def _(weight, tile):
+        return weight.new_empty(((tile + 2) ** 2, weight.shape[0], weight.shape[1]))
+
+    @torch.library.register_fake("dito_fast::winograd_filter_adjoint")
+    def _(grad_u):
+        return grad_u.new_empty((grad_u.shape[1], grad_u.shape[2], 3, 3))
 
     @torch.library.register_fake("dito_fast::winograd_conv3x3")
     def _(x, u, bias, transposed):
@@ -219,7 +228,7 @@ if _cpp.AVAILABLE:
 
     torch.library.register_autograd("dito_fast::winograd_conv3x3", _backward, setup_context=_setup_context)
 else:
-    _OP = _WGRAD = None
+    _OP = _WGRAD = _FILTER = _FILTER_ADJOINT = None
 
 
 # Inference mode: the transformed filters are kept for the weight (one per tile size) until it

@@ -112,25 +112,34 @@ G4 = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24,
       [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("co,ci", [(5, 3), (6, 37)])  # C_in under one vector; full vectors and a remainder
 @pytest.mark.parametrize("tile,G", [(2, G2), (4, G4)], ids=["tile2", "tile4"])
-def test_filter_transform(tile, G):
+def test_filter_transform(tile, G, co, ci, dtype):
+    """winograd_filter (the C++ kernel for contiguous CPU weights, the Kronecker product for other
+    layouts) against U = G g G^T in float64, and its backward against the adjoint G^T dU G."""
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
+    w64 = torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64)
+    w = w64.to(dtype)
     u = winograd_filter(w, tile)
     N = tile + 2
-    assert u.shape == (N * N, 5, 3)
+    assert u.shape == (N * N, co, ci) and u.dtype == dtype and u.is_contiguous()
     G = torch.tensor(G, dtype=torch.float64)
-    torch.testing.assert_close(u, torch.einsum("ia,ocab,jb->ijoc", G, w, G).reshape(N * N, 5, 3))
-    # channels_last weights give the same transform (a strided view, not a copy of the weight)
-    torch.testing.assert_close(winograd_filter(w.contiguous(memory_format=torch.channels_last), tile), u)
+    torch.testing.assert_close(u.double(), torch.einsum("ia,ocab,jb->ijoc", G, w64, G).reshape(N * N, co, ci),
+                               rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-14)
+    # channels_last and other strided weights give the same transform
+    for other in (w.contiguous(memory_format=torch.channels_last), w.transpose(0, 1).contiguous().transpose(0, 1)):
+        torch.testing.assert_close(winograd_filter(other, tile), u)
     # its backward is the adjoint transform, for either layout, with the weight's layout
-    du = torch.randn(u.shape, generator=g, dtype=torch.float64)
-    expected = torch.einsum("ia,ijoc,jb->ocab", G, du.reshape(N, N, 5, 3), G)
+    du64 = torch.randn(u.shape, generator=g, dtype=torch.float64)
+    expected = torch.einsum("ia,ijoc,jb->ocab", G, du64.reshape(N, N, co, ci), G)
     for fmt in (torch.contiguous_format, torch.channels_last):
         wg = w.clone(memory_format=fmt).requires_grad_()
-        winograd_filter(wg, tile).backward(du)
-        torch.testing.assert_close(wg.grad, expected)
-        assert wg.grad.is_contiguous(memory_format=fmt)
+        winograd_filter(wg, tile).backward(du64.to(dtype))
+        torch.testing.assert_close(wg.grad.double(), expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-13)
+        assert wg.grad.is_contiguous(memory_format=fmt) and wg.grad.dtype == dtype
+    if dtype == torch.float32:
+        return
     assert torch.autograd.gradcheck(lambda a: winograd_filter(a, tile), (w.clone().requires_grad_(),))
     # and under torch.func: vmap over filter banks, forward-mode AD (a linear map: its own JVP)
     ws = torch.stack([w, 2 * w + 1])
@@ -183,6 +192,8 @@ def test_gradcheck_opcheck_compile(tile, monkeypatch):
     for bias in (True, False):
         torch.library.opcheck(torch.ops.dito_fast.winograd_conv3x3_weight_grad,
                               (xf.detach(), torch.randn(2, 6, 5, 6), tile, bias))
+    torch.library.opcheck(torch.ops.dito_fast.winograd_filter, (wf, tile))
+    torch.library.opcheck(torch.ops.dito_fast.winograd_filter_adjoint, (torch.randn((tile + 2) ** 2, 6, 8),))
     torch._dynamo.reset()
     f = lambda a, c: conv3x3(a, c, None, backend="cpp").square().sum()  # noqa: E731
     a1, c1 = xf.detach().clone().requires_grad_(), wf.clone().requires_grad_()
@@ -275,6 +286,12 @@ def test_errors_name_the_problem():
             torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 6, 4), None, False)
         with pytest.raises(RuntimeError, match="tile must be 2 or 4, got 3"):
             torch.ops.dito_fast.winograd_conv3x3_weight_grad(x, x, 3, True)
+        with pytest.raises(RuntimeError, match=r"winograd_filter: weight must be \(C_out, C_in, 3, 3\), got shape \[6, 4, 5, 5\]"):
+            torch.ops.dito_fast.winograd_filter(torch.randn(6, 4, 5, 5), 2)
+        with pytest.raises(RuntimeError, match="winograd_filter: tile must be 2 or 4, got 3"):
+            torch.ops.dito_fast.winograd_filter(torch.randn(6, 4, 3, 3), 3)
+        with pytest.raises(RuntimeError, match=r"grad_u must be \(16 or 36, C_out, C_in\), got shape \[9, 6, 4\]"):
+            torch.ops.dito_fast.winograd_filter_adjoint(torch.randn(9, 6, 4))
 
 
 @needs_cpp

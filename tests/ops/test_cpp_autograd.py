@@ -102,7 +102,8 @@ def test_double_backward_raises(op):
 
 
 NOT_DIFFERENTIABLE = ["fm_noise_backward", "fm_loss_backward", "latent_layernorm_backward",
-                      "group_norm_modulate_silu_backward", "winograd_conv3x3_weight_grad"]
+                      "group_norm_modulate_silu_backward", "winograd_conv3x3_weight_grad", "winograd_filter",
+                      "winograd_filter_adjoint"]
 
 
 def _not_differentiable_args(name, grad):
@@ -119,6 +120,10 @@ def _not_differentiable_args(name, grad):
     elif name == "group_norm_modulate_silu_backward":
         _, mean, rstd = torch.ops.dito_fast.group_norm_modulate_silu(x, 2, None, None, None, None, 1e-5, True)
         args = [dy, x, mean, rstd, 2, torch.randn(4, generator=g, dtype=torch.float64), None, None, None, True]
+    elif name == "winograd_filter":
+        args = [torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64), 2]
+    elif name == "winograd_filter_adjoint":
+        args = [torch.randn(16, 6, 4, generator=g, dtype=torch.float64)]
     else:
         args = [x, dy, 2, True]
     if grad:

@@ -144,11 +144,39 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_cpu(const at::Te
   return {du, db};
 }
 
+at::Tensor winograd_filter_cpu(const at::Tensor& weight, int64_t tile) {
+  constexpr const char* op = "winograd_filter";
+  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got ", weight.device());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
+              ": weight must be float32 or float64, got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, op,
+              ": weight must be (C_out, C_in, 3, 3), got shape ", weight.sizes());
+  TORCH_CHECK(tile == 2 || tile == 4, op, ": tile must be 2 or 4, got ", tile);
+  auto u = at::empty({(tile + 2) * (tile + 2), weight.size(0), weight.size(1)}, weight.options());
+  if (u.numel() > 0) DITO_CPU_CALL(winograd_filter_kernel, weight, tile, u);
+  return u;
+}
+
+at::Tensor winograd_filter_adjoint_cpu(const at::Tensor& grad_u) {
+  constexpr const char* op = "winograd_filter_adjoint";
+  TORCH_CHECK(grad_u.device().is_cpu(), op, ": grad_u must be a CPU tensor, got ", grad_u.device());
+  TORCH_CHECK(grad_u.scalar_type() == at::kFloat || grad_u.scalar_type() == at::kDouble, op,
+              ": grad_u must be float32 or float64, got ", grad_u.scalar_type());
+  TORCH_CHECK(grad_u.dim() == 3 && tile_of(grad_u.size(0)), op,
+              ": grad_u must be (16 or 36, C_out, C_in), got shape ", grad_u.sizes());
+  const auto du = grad_u.contiguous();
+  auto dw = at::empty({du.size(1), du.size(2), 3, 3}, du.options());
+  if (dw.numel() > 0) DITO_CPU_CALL(winograd_filter_adjoint_kernel, du, tile_of(du.size(0)), dw);
+  return dw;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dito_fast, CPU, m) {
   m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
   m.impl("winograd_conv3x3_weight_grad", &winograd_conv3x3_weight_grad_cpu);
+  m.impl("winograd_filter", &winograd_filter_cpu);
+  m.impl("winograd_filter_adjoint", &winograd_filter_adjoint_cpu);
 }
 
 }  // namespace dito_fast
