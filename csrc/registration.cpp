@@ -41,8 +41,9 @@ TORCH_LIBRARY(dito_fast, m) {
   m.def("winograd_conv3x3_weight_grad(Tensor x, Tensor grad_y, int tile, bool bias) -> (Tensor, Tensor)");
   // The filter transform u = G g G^T ((M + 2)^2, C_out, C_in) of weight (C_out, C_in, 3, 3), and its
   // adjoint: the weight's gradient (C_out, C_in, 3, 3) from u's (the tile follows from its 16 or 36
-  // positions).
-  m.def("winograd_filter(Tensor weight, int tile) -> Tensor");
+  // positions). out_channels_last: u's memory is ((M + 2)^2, C_in, C_out), C_out fastest (strides
+  // (C_out C_in, 1, C_out)), the layout of the forward convolution's GEMMs.
+  m.def("winograd_filter(Tensor weight, int tile, bool out_channels_last) -> Tensor");
   m.def("winograd_filter_adjoint(Tensor grad_u) -> Tensor");
 }
 

@@ -102,8 +102,8 @@ class _FilterTransform(torch.autograd.Function):
     stop torch.compile from tracing this Function)."""
 
     @staticmethod
-    def forward(weight, tile):
-        return _FILTER(weight, tile)
+    def forward(weight, tile, out_channels_last):
+        return _FILTER(weight, tile, out_channels_last)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -111,18 +111,21 @@ class _FilterTransform(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, du):
-        return _FILTER_ADJOINT(du), None
+        return _FILTER_ADJOINT(du), None, None
 
 
-def winograd_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
+def winograd_filter(weight: torch.Tensor, tile: int, out_channels_last: bool = False) -> torch.Tensor:
     """Transformed filter (K, C_out, C_in) of ``weight`` (C_out, C_in, 3, 3) for output tiles of
     ``tile`` (2 or 4), K = (tile + 2)^2: position k = N i + j of the N x N Winograd tile
     (N = tile + 2) holds (G g G^T)_ij for every filter g. Differentiable (its backward is the
-    adjoint transform, in the weight's layout)."""
+    adjoint transform, in the weight's layout). ``out_channels_last``: the same values with C_out
+    fastest in memory (strides (C_out C_in, 1, C_out)), the layout the forward convolution's GEMMs
+    read without a copy (the default one serves the input gradient's); the C++ transform writes
+    it directly, other routes give the default layout."""
     co, ci = weight.shape[:2]
     if (_FILTER is not None and weight.is_cpu and weight.dtype in (torch.float32, torch.float64)
             and weight.is_contiguous() and not autograd_mode_reasons()):
-        return _FilterTransform.apply(weight, tile)
+        return _FilterTransform.apply(weight, tile, out_channels_last)
     k = _kron(tile, weight.dtype, weight.device)
     K = k.shape[0]
     if weight.is_contiguous() or not weight.is_contiguous(memory_format=torch.channels_last):
@@ -172,8 +175,11 @@ if _cpp.AVAILABLE:
     _FILTER_ADJOINT = torch.ops.dito_fast.winograd_filter_adjoint.default
 
     @torch.library.register_fake("dito_fast::winograd_filter")
-    def _(weight, tile):
-        return weight.new_empty(((tile + 2) ** 2, weight.shape[0], weight.shape[1]))
+    def _(weight, tile, out_channels_last):
+        K, co, ci = (tile + 2) ** 2, weight.shape[0], weight.shape[1]
+        if out_channels_last:
+            return weight.new_empty((K, ci, co)).transpose(1, 2)
+        return weight.new_empty((K, co, ci))
 
     @torch.library.register_fake("dito_fast::winograd_filter_adjoint")
     def _(grad_u):
@@ -289,7 +295,7 @@ def _inference_filter(weight: torch.Tensor, tile: int) -> torch.Tensor:
     u = entry[1].get(tile)
     if u is None:
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference mode
-            u = entry[1][tile] = winograd_filter(weight, tile)
+            u = entry[1][tile] = winograd_filter(weight, tile, out_channels_last=True)
     return u
 
 
@@ -360,7 +366,7 @@ def _cpp_conv3x3(x, weight, bias):
     if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not weight.is_inference()
             and not weight.is_shared() and getenv("DITO_FAST_WINOGRAD_CACHE", "1") != "0"):
         return _OP(x, _inference_filter(weight, tile), bias, False)
-    u = winograd_filter(weight, tile)
+    u = winograd_filter(weight, tile, out_channels_last=True)  # the forward's GEMM layout
     if not _refilter_in_backward(x, weight, u, bias):
         return _OP(x, u, bias, False)
     with torch.autograd.graph.saved_tensors_hooks(*_refilter_hooks(u, weight, tile)):

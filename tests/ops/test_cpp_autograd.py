@@ -121,7 +121,7 @@ def _not_differentiable_args(name, grad):
         _, mean, rstd = torch.ops.dito_fast.group_norm_modulate_silu(x, 2, None, None, None, None, 1e-5, True)
         args = [dy, x, mean, rstd, 2, torch.randn(4, generator=g, dtype=torch.float64), None, None, None, True]
     elif name == "winograd_filter":
-        args = [torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64), 2]
+        args = [torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64), 2, False]
     elif name == "winograd_filter_adjoint":
         args = [torch.randn(16, 6, 4, generator=g, dtype=torch.float64)]
     else:

@@ -61,9 +61,11 @@
   void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t tile, int64_t t0,  \
                                              int64_t n, const at::TensorBase& dm,                     \
                                              const at::TensorBase& bias_sums);                        \
-  /* The filter transform u ((M+2)^2, C_out, C_in) dense of weight (C_out, C_in, 3, 3), any       \
-     strides, and its adjoint: grad_weight (C_out, C_in, 3, 3) dense from grad_u dense. */          \
-  void winograd_filter_kernel(const at::TensorBase& weight, int64_t tile, const at::TensorBase& u);   \
+  /* The filter transform u of weight (C_out, C_in, 3, 3), any strides, into u's memory:            \
+     ((M+2)^2, C_out, C_in) dense, or ((M+2)^2, C_in, C_out) dense for out_channels_last; and its     \
+     adjoint: grad_weight (C_out, C_in, 3, 3) dense from grad_u ((M+2)^2, C_out, C_in) dense. */      \
+  void winograd_filter_kernel(const at::TensorBase& weight, int64_t tile, bool out_channels_last,     \
+                              const at::TensorBase& u);                                               \
   void winograd_filter_adjoint_kernel(const at::TensorBase& grad_u, int64_t tile,                     \
                                       const at::TensorBase& grad_weight);                             \
   }

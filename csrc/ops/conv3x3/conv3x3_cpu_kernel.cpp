@@ -307,9 +307,11 @@ void grad_output_transform(const scalar_t* gp, int64_t H, int64_t W, int64_t C, 
 }
 
 // U[N i + j][o][c] = (G g G^T)_ij for the filter g = w[o][c] (any strides ws, in elements, of
-// (C_out, C_in, 3, 3)), U dense (N*N, C_out, C_in). Nine taps of V filters are gathered into a small
-// array, then transformed in registers: 2.4 MB in and 9.4 MB out for dito-S's 256 x 256-channel
-// filters at M = 4, where a (36 x 9) x (9 x 65536) GEMM spent about twice the time.
+// (O, I, 3, 3)), U dense (N*N, O, I): o = C_out, c = C_in for U's default layout, o = C_in,
+// c = C_out (w's two channel dimensions and strides swapped by the caller) for out_channels_last.
+// Nine taps of V filters are gathered into a small array, then transformed in registers: 2.4 MB in
+// and 9.4 MB out for dito-S's 256 x 256-channel filters at M = 4, where a (36 x 9) x (9 x 65536)
+// GEMM spent about twice the time.
 template <int M, typename scalar_t>
 void filter_transform(const scalar_t* wp, int64_t Co, int64_t Ci, const int64_t (&ws)[4], scalar_t* up) {
   constexpr int N = M + 2;
@@ -414,11 +416,13 @@ void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t
   });
 }
 
-void winograd_filter_kernel(const at::TensorBase& weight, int64_t tile, const at::TensorBase& u) {
+void winograd_filter_kernel(const at::TensorBase& weight, int64_t tile, bool out_channels_last,
+                            const at::TensorBase& u) {
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "winograd_filter", [&] {
-    const int64_t ws[4] = {weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3)};
+    const int o = out_channels_last ? 1 : 0, c = 1 - o;  // the dimension of U's rows and of its vectors
+    const int64_t ws[4] = {weight.stride(o), weight.stride(c), weight.stride(2), weight.stride(3)};
     with_tile(tile, [&](auto m) {
-      filter_transform<decltype(m)::value>(weight.const_data_ptr<scalar_t>(), weight.size(0), weight.size(1), ws,
+      filter_transform<decltype(m)::value>(weight.const_data_ptr<scalar_t>(), weight.size(o), weight.size(c), ws,
                                            u.mutable_data_ptr<scalar_t>());
     });
   });
