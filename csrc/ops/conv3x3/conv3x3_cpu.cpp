@@ -34,15 +34,18 @@ void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Ten
 namespace dito_fast {
 namespace {
 
-// out = a b for the K GEMMs of a chunk: a (K, rows, C) dense, b (K, C, Co), out (K, rows, Co) dense.
-// oneDNN's matmul (AVX-512 kernels where the CPU has them) where b is dense and float32; MKL's
-// batched GEMM (at::bmm_out) otherwise. On the Zen 4 VM (2 threads, 2026-12-04), oneDNN ran dito-S's
-// chunks at 218-227 GFLOP/s against 177-195 for at::bmm_out; with b strided (a transposed view) it
-// was no faster than at::bmm_out, which takes such views without a copy.
-void batched_gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+// out = a b (accumulate: out += a b) for the K GEMMs of a chunk: a (K, m, k), b (K, k, n) dense,
+// out (K, m, n) dense. oneDNN's matmul (AVX-512 kernels where the CPU has them) for float32; MKL's
+// batched GEMM (at::bmm_out, baddbmm_) otherwise, and where b is strided (a transposed view), for
+// which oneDNN was no faster. On the Zen 4 VM (2 threads, 2026-12-04), dito-S's chunks ran at
+// 218-227 GFLOP/s through oneDNN against 177-195 through at::bmm_out (the forward's and the input
+// gradient's GEMMs), and at 183-212 against 173-199 for the weight gradient's (a = dM^T strided).
+void batched_gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   if (at::native::mkldnn_matmul != nullptr && a.scalar_type() == at::kFloat && b.is_contiguous() &&
       cpu::capability_level() >= 1) {
-    at::native::mkldnn_matmul(a, b, out, 0.0f, 1.0f);
+    at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
+  } else if (accumulate) {
+    out.baddbmm_(a, b);
   } else {
     at::bmm_out(out, a, b);
   }
@@ -120,7 +123,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const 
   auto y = at::empty({B, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   for_each_chunk(xc, tile, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor m) {
     DITO_CPU_CALL(winograd_input_transform_kernel, xc, tile, t0, len, transposed, v);
-    batched_gemm(m, v, gemm_u);
+    batched_gemm(m, v, gemm_u, false);
     DITO_CPU_CALL(winograd_output_transform_kernel, m, b, tile, t0, len, transposed, y);
   });
   return y.contiguous(preferred_format(x));
@@ -147,11 +150,7 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_weight_grad_cpu(const at::Te
   for_each_chunk(xc, tile, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor dm) {
     DITO_CPU_CALL(winograd_input_transform_kernel, xc, tile, t0, len, false, v);
     DITO_CPU_CALL(winograd_grad_output_transform_kernel, gc, tile, t0, len, dm, bias_sums);
-    if (t0 == 0) {
-      at::bmm_out(du, dm.transpose(1, 2), v);  // dU_k = dM_k^T V_k
-    } else {
-      du.baddbmm_(dm.transpose(1, 2), v);
-    }
+    batched_gemm(du, dm.transpose(1, 2), v, t0 > 0);  // dU_k = dM_k^T V_k, summed over the chunks
   });
   if (!bias) return {du, at::empty({0}, x.options())};
   auto db = at::empty({Co}, x.options());
