@@ -89,8 +89,10 @@ def test_rfid_and_lpips(micro_model, images):
                                      output="float"))
         fx, fr = net(x), net(recon)
         distances = lpips(recon, x)
-    assert [r["lpips"] for r in report.per_image] == pytest.approx(distances.tolist(), rel=1e-5)
-    assert report.lpips == pytest.approx(float(distances.double().mean()), rel=1e-5)
+    # batches of 2 + 1 images against 3 at once: the same up to float32 rounding, which the
+    # convolutions' GEMMs (oneDNN's, blocked by the number of tiles) do in another order
+    assert [r["lpips"] for r in report.per_image] == pytest.approx(distances.tolist(), rel=2e-4)
+    assert report.lpips == pytest.approx(float(distances.double().mean()), rel=2e-4)
     fake = FeatureStats()
     fake.update(fr)
     assert real.n == 3 and torch.allclose(real.mean, fx.double().mean(0), atol=1e-6)
