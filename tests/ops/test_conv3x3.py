@@ -45,13 +45,23 @@ def _inputs(shape, dtype, layout, bias=True):
     return x, w, b
 
 
+# DITO_FAST_WINOGRAD_BLOCK for float32 (float64 always takes the chunked path): the automatic
+# choice (the fused path at these channel counts), the chunked path, and fused blocks of 5 tiles
+# (a short last block in most shapes)
+DTYPE_BLOCKS = [(torch.float32, "auto"), (torch.float32, "0"), (torch.float32, "5"), (torch.float64, "auto")]
+
+
 @needs_cpp
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype,block", DTYPE_BLOCKS, ids=["fp32", "fp32-chunked", "fp32-blocks5", "fp64"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "channel_slice"])
 @pytest.mark.parametrize("tile", TILES)
-def test_cpp_matches_reference(shape, dtype, layout, tile, monkeypatch):
+def test_cpp_matches_reference(shape, dtype, block, layout, tile, monkeypatch):
     monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", tile)
+    if block == "auto":
+        monkeypatch.delenv("DITO_FAST_WINOGRAD_BLOCK", raising=False)
+    else:
+        monkeypatch.setenv("DITO_FAST_WINOGRAD_BLOCK", block)
     x, w, b = _inputs(shape, dtype, layout)
     ours = _grads(lambda *a: conv3x3(*a, backend="cpp"), x, w, b)
     ref64 = _grads(conv3x3_ref, x.double(), w.double(), b.double())
@@ -291,6 +301,12 @@ def test_errors_name_the_problem():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: allowed
         conv3x3(x.bfloat16(), torch.randn(6, 4, 3, 3))
     if not CPP_REASON:
+        for bad in ("many", "-1", "5000"):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("DITO_FAST_WINOGRAD_BLOCK", bad)
+                with pytest.raises(RuntimeError, match=f"DITO_FAST_WINOGRAD_BLOCK must be a number of tiles from 0 "
+                                                       f"\\(the chunked path\\) to 4096, got '{bad}'"):
+                    conv3x3(torch.randn(1, 32, 8, 8), torch.randn(32, 32, 3, 3), backend="cpp")
         with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16 or 36, C_out, 4\)"):
             torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 6, 4), None, False)
         with pytest.raises(RuntimeError, match="tile must be 2 or 4, got 3"):

@@ -61,6 +61,11 @@
   void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t tile, int64_t t0,  \
                                              int64_t n, const at::TensorBase& dm,                     \
                                              const at::TensorBase& bias_sums);                        \
+  /* The whole float32 convolution (flip: the input gradient) in blocks of block_tiles tiles, each  \
+     transformed, multiplied and transformed back by one thread; g ((M+2)^2, C, C_out) dense. */    \
+  void winograd_fused_conv_kernel(const at::TensorBase& x, const at::TensorBase& g,                   \
+                                  const at::TensorBase& bias, int64_t tile, bool flip,                \
+                                  int64_t block_tiles, const at::TensorBase& y);                      \
   /* The filter transform u of weight (C_out, C_in, 3, 3), any strides, into u's memory:            \
      ((M+2)^2, C_out, C_in) dense, or ((M+2)^2, C_in, C_out) dense for out_channels_last; and its     \
      adjoint: grad_weight (C_out, C_in, 3, 3) dense from grad_u ((M+2)^2, C_out, C_in) dense. */      \

@@ -20,6 +20,7 @@
 #include <dito_fast/cpu_kernels.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -60,6 +61,29 @@ int64_t chunk_tiles(int64_t total, int64_t K, int64_t c_in, int64_t c_out, int64
   const int64_t cap = std::max<int64_t>(kBufferBytes / (K * (c_in + c_out) * elem_size), 64);
   const int64_t chunks = (total + cap - 1) / cap;
   return (total + chunks - 1) / chunks;
+}
+
+// Tiles per block of the fused path (winograd_fused_conv_kernel, float32 with the GEMMs' filter
+// dense), or 0 for the chunked one. Fused where C_in + C_out <= 256, in blocks of 23 tiles (the two
+// buffers 424 KiB at 64 channels; an odd count keeps the 36 planes off one cache set: blocks of 32
+// tiles made the transforms alone 1.6-2x slower than 31 or 33). Measured on the Zen 4 VM (2
+// threads, 2026-12-04; forward, minima of 3 alternated rounds): 64 -> 64 channels at 64x64, batch
+// 8: 4.13 ms fused against 5.27 chunked; 128 -> 64: 8.42 against 9.25; 128 -> 128 at 32x32: even;
+// 256 -> 256 at 16x16: 3.37 against 3.23, and 512 -> 512 at 32x32 (batch 1) 13.6 against 8.3 (the
+// filter, 9-38 MB, read again per block). dito-S at 64x64, batch 8, four alternated rounds: train
+// step 1304-1368 ms against 1353-1402, decoder step 337-344 against 357-370.
+// DITO_FAST_WINOGRAD_BLOCK=n forces blocks of n tiles (0: the chunked path), for measurements.
+int64_t fused_block_tiles(const at::Tensor& x, const at::Tensor& g, int64_t c_out) {
+  if (x.scalar_type() != at::kFloat || !g.is_contiguous()) return 0;
+  if (const char* env = std::getenv("DITO_FAST_WINOGRAD_BLOCK"); env != nullptr && *env) {
+    char* end = nullptr;
+    const long long n = std::strtoll(env, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 0 && n <= 4096,
+                "DITO_FAST_WINOGRAD_BLOCK must be a number of tiles from 0 (the chunked path) to 4096, got '", env,
+                "'");
+    return n;
+  }
+  return x.size(1) + c_out <= 256 ? 23 : 0;
 }
 
 void check_activation(const at::Tensor& x, const char* op, const char* name) {
@@ -121,6 +145,10 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const 
   // input gradient's (the default layout), strided where a caller gives the other one
   const auto gemm_u = transposed ? u : u.transpose(1, 2);
   auto y = at::empty({B, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (const int64_t nb = fused_block_tiles(xc, gemm_u, Co); nb > 0) {
+    DITO_CPU_CALL(winograd_fused_conv_kernel, xc, gemm_u, b, tile, transposed, nb, y);
+    return y.contiguous(preferred_format(x));
+  }
   for_each_chunk(xc, tile, Co, [&](int64_t t0, int64_t len, at::Tensor v, at::Tensor m) {
     DITO_CPU_CALL(winograd_input_transform_kernel, xc, tile, t0, len, transposed, v);
     batched_gemm(m, v, gemm_u, false);

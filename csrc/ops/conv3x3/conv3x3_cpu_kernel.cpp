@@ -20,6 +20,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/TensorBase.h>
 
+#include <ATen/native/CPUBlas.h>
 #include <dito_fast/cpu_kernels.h>
 #include <dito_fast/cpu_vec.h>
 
@@ -189,68 +190,107 @@ struct Tiles {
   }
 };
 
+// Tile t of the image into row `row` of the Winograd-domain buffer vp ((M+2)^2 planes of `plane`
+// values, rows of C channels).
+template <int M, typename scalar_t>
+inline void input_tile(const Tiles<M>& tiles, const scalar_t* xp, const scalar_t* zeros, int64_t C, int64_t t,
+                       scalar_t* vp, int64_t row, int64_t plane) {
+  constexpr int N = M + 2;
+  int64_t b, y0, x0;
+  tiles.locate(t, b, y0, x0);
+  const scalar_t* src[N][N];
+  tiles.patch(b, y0 - 1, x0 - 1, xp, zeros, src);
+  scalar_t* dst = vp + row * C;
+  over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
+    Vec<scalar_t> t[N][N];
+    for (int s = 0; s < N; ++s) {  // B^T d, column by column
+      Vec<scalar_t> col[N], out[N];
+      for (int r = 0; r < N; ++r) col[r] = ld(src[r][s] + c, cnt);
+      Tr<M>::bt(col, out);
+      for (int r = 0; r < N; ++r) t[r][s] = out[r];
+    }
+    for (int r = 0; r < N; ++r) {  // (B^T d) B, row by row
+      Vec<scalar_t> out[N];
+      Tr<M>::bt(t[r], out);
+      for (int j = 0; j < N; ++j) st(dst + (N * r + j) * plane + c, out[j], cnt);
+    }
+  });
+}
+
+// Row `row` of the Winograd-domain products mp (planes of `plane` values, rows of C channels) back
+// to tile t of the image y, plus the bias bp (C,); pixels off the image go to sink (C,).
+template <int M, typename scalar_t>
+inline void output_tile(const Tiles<M>& tiles, const scalar_t* mp, int64_t row, int64_t plane, const scalar_t* bp,
+                        int64_t C, int64_t t, scalar_t* yp, scalar_t* sink) {
+  constexpr int N = M + 2;
+  int64_t b, y0, x0;
+  tiles.locate(t, b, y0, x0);
+  scalar_t* dst[M][M];
+  tiles.patch(b, y0, x0, yp, sink, dst);
+  const scalar_t* src = mp + row * C;
+  over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
+    Vec<scalar_t> q[M][N];
+    for (int s = 0; s < N; ++s) {  // A^T M, column by column
+      Vec<scalar_t> col[N], out[M];
+      for (int r = 0; r < N; ++r) col[r] = ld(src + (N * r + s) * plane + c, cnt);
+      Tr<M>::at(col, out);
+      for (int r = 0; r < M; ++r) q[r][s] = out[r];
+    }
+    const auto bv = ld(bp + c, cnt);
+    for (int r = 0; r < M; ++r) {  // (A^T M) A + bias
+      Vec<scalar_t> out[M];
+      Tr<M>::at(q[r], out);
+      for (int s = 0; s < M; ++s) st(dst[r][s] + c, out[s] + bv, cnt);
+    }
+  });
+}
+
 template <int M, typename scalar_t>
 void input_transform(const scalar_t* xp, int64_t H, int64_t W, int64_t C, const Strides& xs, int64_t t0, int64_t n,
                      bool flip, scalar_t* vp) {
-  constexpr int N = M + 2;
   const Tiles<M> tiles(H, W, flip, xs);
   const std::vector<scalar_t> zeros(C, scalar_t(0));
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t b, y0, x0;
-      tiles.locate(t0 + i, b, y0, x0);
-      const scalar_t* src[N][N];
-      tiles.patch(b, y0 - 1, x0 - 1, xp, zeros.data(), src);
-      scalar_t* dst = vp + i * C;
-      const int64_t plane = n * C;
-      over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
-        Vec<scalar_t> t[N][N];
-        for (int s = 0; s < N; ++s) {  // B^T d, column by column
-          Vec<scalar_t> col[N], out[N];
-          for (int r = 0; r < N; ++r) col[r] = ld(src[r][s] + c, cnt);
-          Tr<M>::bt(col, out);
-          for (int r = 0; r < N; ++r) t[r][s] = out[r];
-        }
-        for (int r = 0; r < N; ++r) {  // (B^T d) B, row by row
-          Vec<scalar_t> out[N];
-          Tr<M>::bt(t[r], out);
-          for (int j = 0; j < N; ++j) st(dst + (N * r + j) * plane + c, out[j], cnt);
-        }
-      });
-    }
+    for (int64_t i = begin; i < end; ++i) input_tile<M>(tiles, xp, zeros.data(), C, t0 + i, vp, i, n * C);
   });
 }
 
 template <int M, typename scalar_t>
 void output_transform(const scalar_t* mp, const scalar_t* bp, int64_t H, int64_t W, int64_t C, const Strides& ys,
                       int64_t t0, int64_t n, bool flip, scalar_t* yp) {
-  constexpr int N = M + 2;
   const Tiles<M> tiles(H, W, flip, ys);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> sink(C);  // destination of the outputs outside the image (partial tiles)
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t b, y0, x0;
-      tiles.locate(t0 + i, b, y0, x0);
-      scalar_t* dst[M][M];
-      tiles.patch(b, y0, x0, yp, sink.data(), dst);
-      const scalar_t* src = mp + i * C;
-      const int64_t plane = n * C;
-      over_channels<scalar_t>(C, [&](int64_t c, int64_t cnt) {
-        Vec<scalar_t> q[M][N];
-        for (int s = 0; s < N; ++s) {  // A^T M, column by column
-          Vec<scalar_t> col[N], out[M];
-          for (int r = 0; r < N; ++r) col[r] = ld(src + (N * r + s) * plane + c, cnt);
-          Tr<M>::at(col, out);
-          for (int r = 0; r < M; ++r) q[r][s] = out[r];
-        }
-        const auto bv = ld(bp + c, cnt);
-        for (int r = 0; r < M; ++r) {  // (A^T M) A + bias
-          Vec<scalar_t> out[M];
-          Tr<M>::at(q[r], out);
-          for (int s = 0; s < M; ++s) st(dst[r][s] + c, out[s] + bv, cnt);
-        }
-      });
+    for (int64_t i = begin; i < end; ++i) output_tile<M>(tiles, mp, i, n * C, bp, C, t0 + i, yp, sink.data());
+  });
+}
+
+// The whole convolution in blocks of nb tiles, each block on one thread from start to end: its
+// input transform, its (M+2)^2 GEMMs (oneDNN's brgemm micro-kernel through
+// at::native::cpublas::brgemm, made for GEMMs of a few rows run by one thread) and its output
+// transform, through two buffers of the thread's own that stay in its L2 cache. The chunked path
+// instead passes ~8 MiB buffers between the three steps, each split over the threads, through L3
+// or memory. g: (K, C, Co) dense, the GEMMs' right factors.
+template <int M>
+void fused_conv_tiles(const float* xp, const Strides& xs, int64_t B, int64_t H, int64_t W, int64_t C,
+                      const float* gp, int64_t Co, bool flip, const float* bp, float* yp, const Strides& ys,
+                      int64_t nb) {
+  constexpr int N = M + 2, K = N * N;
+  const Tiles<M> in(H, W, flip, xs), out(H, W, flip, ys);
+  const int64_t T = B * in.th * in.tw, blocks = (T + nb - 1) / nb;
+  const std::vector<float> zeros(C, 0.f);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(K * nb * C), m(K * nb * Co), sink(Co);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * nb, len = std::min(nb, T - t0);
+      for (int64_t i = 0; i < len; ++i) input_tile<M>(in, xp, zeros.data(), C, t0 + i, v.data(), i, len * C);
+      for (int k = 0; k < K; ++k) {
+        at::native::cpublas::brgemm(len, Co, C, C, Co, Co, false, v.data() + k * len * C, gp + k * C * Co,
+                                    m.data() + k * len * Co, false);
+      }
+      for (int64_t i = 0; i < len; ++i) output_tile<M>(out, m.data(), i, len * Co, bp, Co, t0 + i, yp, sink.data());
     }
+    at::native::cpublas::brgemm_release(false);
   });
 }
 
@@ -413,6 +453,17 @@ void winograd_grad_output_transform_kernel(const at::TensorBase& grad_y, int64_t
                                                 grad_y.size(1), Strides(grad_y), t0, n, dm.mutable_data_ptr<scalar_t>(),
                                                 bias_sums.defined() ? bias_sums.mutable_data_ptr<double>() : nullptr);
     });
+  });
+}
+
+void winograd_fused_conv_kernel(const at::TensorBase& x, const at::TensorBase& g, const at::TensorBase& bias,
+                                int64_t tile, bool flip, int64_t block_tiles, const at::TensorBase& y) {
+  const std::vector<float> zeros(y.size(1), 0.f);
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : zeros.data();
+  with_tile(tile, [&](auto mt) {
+    fused_conv_tiles<decltype(mt)::value>(x.const_data_ptr<float>(), Strides(x), x.size(0), x.size(2), x.size(3),
+                                          x.size(1), g.const_data_ptr<float>(), y.size(1), flip, bp,
+                                          y.mutable_data_ptr<float>(), Strides(y), block_tiles);
   });
 }
 
