@@ -108,10 +108,14 @@ class _FilterTransform(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.tile = inputs[1]
 
     @staticmethod
     def backward(ctx, du):
+        if torch.is_grad_enabled():  # create_graph: the adjoint as a product autograd can differentiate
+            co, ci = du.shape[1:]
+            k = _kron(ctx.tile, du.dtype, du.device)
+            return (k.t() @ du.reshape(k.shape[0], co * ci)).t().reshape(co, ci, 3, 3), None, None
         return _FILTER_ADJOINT(du), None, None
 
 

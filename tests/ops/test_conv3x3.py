@@ -154,9 +154,13 @@ def test_filter_transform(tile, G, co, ci, dtype):
         winograd_filter(wg, tile, out_channels_last=out_cl).backward(du64.to(dtype))
         torch.testing.assert_close(wg.grad.double(), expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-13)
         assert wg.grad.is_contiguous(memory_format=fmt) and wg.grad.dtype == dtype
-    if dtype == torch.float32:
+    if dtype == torch.float32 or ci > 3:  # (gradgradcheck of the wider filters: seconds)
         return
-    assert torch.autograd.gradcheck(lambda a: winograd_filter(a, tile), (w.clone().requires_grad_(),))
+    for out_cl in (False, True):
+        assert torch.autograd.gradcheck(lambda a: winograd_filter(a, tile, out_cl), (w.clone().requires_grad_(),))
+        # a linear map differentiable any number of times, whichever route computes it
+        assert torch.autograd.gradgradcheck(lambda a: winograd_filter(a, tile, out_cl).square(),
+                                            (w.clone().requires_grad_(),))
     # and under torch.func: vmap over filter banks, forward-mode AD (a linear map: its own JVP)
     ws = torch.stack([w, 2 * w + 1])
     torch.testing.assert_close(torch.vmap(lambda a: winograd_filter(a, tile))(ws)[1], winograd_filter(ws[1], tile))
@@ -307,6 +311,12 @@ def test_errors_name_the_problem():
                 with pytest.raises(RuntimeError, match=f"DITO_FAST_WINOGRAD_BLOCK must be a number of tiles from 0 "
                                                        f"\\(the chunked path\\) to 4096, got '{bad}'"):
                     conv3x3(torch.randn(1, 32, 8, 8), torch.randn(32, 32, 3, 3), backend="cpp")
+        for tile_k in (16, 36):  # no output channels: an empty output, by either path
+            for block in ("0", "5"):
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setenv("DITO_FAST_WINOGRAD_BLOCK", block)
+                    empty = torch.ops.dito_fast.winograd_conv3x3(x, torch.empty(tile_k, 0, 4), None, False)
+                    assert empty.shape == (x.shape[0], 0, *x.shape[2:])
         with pytest.raises(RuntimeError, match=r"u must be the transformed filter \(16 or 36, C_out, 4\)"):
             torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 6, 4), None, False)
         with pytest.raises(RuntimeError, match="tile must be 2 or 4, got 3"):
@@ -456,6 +466,41 @@ def test_inference_first_then_gradients():
     w = torch.randn(32, 32, 3, 3, requires_grad=True)
     conv3x3(x, w, None, backend="cpp").sum().backward()
     assert w.grad is not None
+
+
+_AVX2_ONEDNN_SCRIPT = """
+import os, torch, torch.nn.functional as F
+from dito_fast.ops import conv3x3
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 64, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+w = torch.randn(64, 64, 3, 3, generator=g) / 24
+for block in ("0", "23"):  # the chunked path (oneDNN matmul or MKL) and the fused one (brgemm)
+    os.environ["DITO_FAST_WINOGRAD_BLOCK"] = block
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = conv3x3(xg, wg, None, backend="cpp")
+    y.square().sum().backward()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = F.conv2d(x64, w64, padding=1)
+    y64.square().sum().backward()
+    for got, want in ((y, y64), (xg.grad, x64.grad), (wg.grad, w64.grad)):
+        err = (got.double() - want).abs().max().item() / want.abs().max().item()
+        assert err < 1e-4, (block, err)
+print("ok")
+"""
+
+
+@needs_cpp
+def test_float32_where_onednn_matmul_refuses_it():
+    """On x86 CPUs without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT torch's oneDNN matmul raises
+    for float32: the chunked path then takes MKL's GEMMs (decided once per process), the fused
+    path's brgemm its own fallback. ONEDNN_MAX_CPU_ISA=AVX2 makes this CPU such a one for oneDNN."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    done = subprocess.run([sys.executable, "-c", _AVX2_ONEDNN_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @needs_cpp

@@ -8,11 +8,13 @@
 // batched GEMM (at::bmm_out: K GEMMs of tiles x C_in by C_in x C_out) and transformed back. Per
 // output, the GEMMs do K / M^2 multiply-adds where a direct 3x3 convolution does 9: 4 for M = 2
 // (2.25x fewer), 2.25 for M = 4 (4x fewer).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -26,7 +28,8 @@
 #include <tuple>
 
 // oneDNN's matmul as torch builds it (ATen/native/mkldnn/Matmul.cpp; its header is not installed):
-// result = alpha mat1 mat2 (+ beta result). Weak: absent from a torch built without oneDNN.
+// result = alpha mat1 mat2 (+ beta result). Weak, so that the extension loads whatever torch
+// exports; a torch built without oneDNN defines it to raise.
 namespace at::native {
 void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
                    float alpha) __attribute__((weak));
@@ -35,6 +38,25 @@ void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Ten
 namespace dito_fast {
 namespace {
 
+// Whether oneDNN's matmul takes float32 here: torch's refuses it on x86 CPUs without AVX-512
+// (BW, VL, DQ) or AVX-NE-CONVERT (its float32 route shares the bfloat16 one's device check), and
+// raises in a torch built without oneDNN, so one tiny call decides, once per process. Like torch's
+// own matmuls, it is also left alone while torch.backends.mkldnn.enabled is False.
+bool onednn_matmul_takes_float() {
+  static const bool takes = [] {
+    if (at::native::mkldnn_matmul == nullptr) return false;
+    try {
+      const auto a = at::ones({1, 1, 1}, at::kFloat);
+      auto c = at::zeros({1, 1, 1}, at::kFloat);
+      at::native::mkldnn_matmul(a, a, c, 0.0f, 1.0f);
+      return c.item<float>() == 1.0f;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return takes && at::globalContext().userEnabledMkldnn();
+}
+
 // out = a b (accumulate: out += a b) for the K GEMMs of a chunk: a (K, m, k), b (K, k, n) dense,
 // out (K, m, n) dense. oneDNN's matmul (AVX-512 kernels where the CPU has them) for float32; MKL's
 // batched GEMM (at::bmm_out, baddbmm_) otherwise, and where b is strided (a transposed view), for
@@ -42,8 +64,7 @@ namespace {
 // 218-227 GFLOP/s through oneDNN against 177-195 through at::bmm_out (the forward's and the input
 // gradient's GEMMs), and at 183-212 against 173-199 for the weight gradient's (a = dM^T strided).
 void batched_gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (at::native::mkldnn_matmul != nullptr && a.scalar_type() == at::kFloat && b.is_contiguous() &&
-      cpu::capability_level() >= 1) {
+  if (a.scalar_type() == at::kFloat && b.is_contiguous() && onednn_matmul_takes_float()) {
     at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
   } else if (accumulate) {
     out.baddbmm_(a, b);
@@ -74,16 +95,17 @@ int64_t chunk_tiles(int64_t total, int64_t K, int64_t c_in, int64_t c_out, int64
 // step 1304-1368 ms against 1353-1402, decoder step 337-344 against 357-370.
 // DITO_FAST_WINOGRAD_BLOCK=n forces blocks of n tiles (0: the chunked path), for measurements.
 int64_t fused_block_tiles(const at::Tensor& x, const at::Tensor& g, int64_t c_out) {
-  if (x.scalar_type() != at::kFloat || !g.is_contiguous()) return 0;
+  int64_t forced = -1;
   if (const char* env = std::getenv("DITO_FAST_WINOGRAD_BLOCK"); env != nullptr && *env) {
     char* end = nullptr;
     const long long n = std::strtoll(env, &end, 10);
     TORCH_CHECK(*end == '\0' && n >= 0 && n <= 4096,
                 "DITO_FAST_WINOGRAD_BLOCK must be a number of tiles from 0 (the chunked path) to 4096, got '", env,
                 "'");
-    return n;
+    forced = n;
   }
-  return x.size(1) + c_out <= 256 ? 23 : 0;
+  if (x.scalar_type() != at::kFloat || !g.is_contiguous() || c_out == 0) return 0;
+  return forced >= 0 ? forced : x.size(1) + c_out <= 256 ? 23 : 0;
 }
 
 void check_activation(const at::Tensor& x, const char* op, const char* name) {
