@@ -4,10 +4,10 @@ Backends:
 - ``cpp``: Winograd F(MxM, 3x3) on the CPU (csrc/ops/conv3x3), M = 4 or 2 (:func:`winograd_tile`):
   per output, the GEMMs do 2.25 (M = 4) or 4 (M = 2) multiply-adds per channel pair where a
   direct convolution does 9. The filter is transformed by ``winograd_filter`` (a C++ kernel), the
-  activations per tile in C++; the GEMMs go through oneDNN's matmul for float32 (MKL's batched
-  GEMM for float64, or where a filter comes in the other layout). The input gradient uses the same transformed filter (the convolution with the
-  flipped filter is the flipped convolution of the flipped image, and the C++ transforms read and
-  write the image flipped); the filter gradient is formed in the Winograd domain, then the
+  activations per tile in C++; the GEMMs go through oneDNN for float32 (MKL's batched GEMM for
+  float64, or where a filter comes in the other layout). The input gradient uses the same
+  transformed filter (the convolution with the flipped filter is the flipped convolution of the
+  flipped image, and the C++ transforms read and write the image flipped); the filter gradient is formed in the Winograd domain, then the
   adjoint filter transform, which autograd derives from ``winograd_filter``. float32 and float64;
   activations are processed channels_last (an NCHW input is converted, and the output keeps the
   input's layout). Not chosen automatically for convolutions with fewer than

@@ -149,7 +149,8 @@ def test_filter_transform(tile, G, co, ci, dtype):
     # its backward is the adjoint transform, for either layout, with the weight's layout
     du64 = torch.randn(u.shape, generator=g, dtype=torch.float64)
     expected = torch.einsum("ia,ijoc,jb->ocab", G, du64.reshape(N, N, co, ci), G)
-    for fmt, out_cl in ((torch.contiguous_format, False), (torch.contiguous_format, True), (torch.channels_last, False)):
+    layouts = ((torch.contiguous_format, False), (torch.contiguous_format, True), (torch.channels_last, False))
+    for fmt, out_cl in layouts:
         wg = w.clone(memory_format=fmt).requires_grad_()
         winograd_filter(wg, tile, out_channels_last=out_cl).backward(du64.to(dtype))
         torch.testing.assert_close(wg.grad.double(), expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-13)
@@ -321,7 +322,8 @@ def test_errors_name_the_problem():
             torch.ops.dito_fast.winograd_conv3x3(x, torch.randn(9, 6, 4), None, False)
         with pytest.raises(RuntimeError, match="tile must be 2 or 4, got 3"):
             torch.ops.dito_fast.winograd_conv3x3_weight_grad(x, x, 3, True)
-        with pytest.raises(RuntimeError, match=r"winograd_filter: weight must be \(C_out, C_in, 3, 3\), got shape \[6, 4, 5, 5\]"):
+        with pytest.raises(RuntimeError,
+                           match=r"winograd_filter: weight must be \(C_out, C_in, 3, 3\), got shape \[6, 4, 5, 5\]"):
             torch.ops.dito_fast.winograd_filter(torch.randn(6, 4, 5, 5), 2, False)
         with pytest.raises(RuntimeError, match="winograd_filter: tile must be 2 or 4, got 3"):
             torch.ops.dito_fast.winograd_filter(torch.randn(6, 4, 3, 3), 3, False)

@@ -5,9 +5,11 @@
 // The tiles of the output are processed in chunks sized so that a chunk's Winograd-domain buffers
 // (K x tiles x channels, input and output side) stay around 8 MiB: each chunk is transformed
 // (conv3x3_cpu_kernel.cpp), multiplied position by position by the transformed filter with one
-// batched GEMM (at::bmm_out: K GEMMs of tiles x C_in by C_in x C_out) and transformed back. Per
-// output, the GEMMs do K / M^2 multiply-adds where a direct 3x3 convolution does 9: 4 for M = 2
-// (2.25x fewer), 2.25 for M = 4 (4x fewer).
+// batched GEMM (batched_gemm: K GEMMs of tiles x C_in by C_in x C_out) and transformed back; or,
+// for float32 with few channels (fused_block_tiles), in small blocks each taken through all three
+// steps by one thread (winograd_fused_conv_kernel). Per output, the GEMMs do K / M^2
+// multiply-adds where a direct 3x3 convolution does 9: 4 for M = 2 (2.25x fewer), 2.25 for M = 4
+// (4x fewer). The filter transform and its adjoint are here too (winograd_filter*).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
