@@ -232,6 +232,38 @@ def main(path: str) -> None:
               f"{comm['allreduce_share']:.1%} of a synced step ({comm['step_sync_s'] * 1e3:.0f} ms); exposed "
               f"(synced - no_sync) {comm['exposed_comm_share']:.1%}")
     decode_tables(rows)
+    gpu_tables(rows)
+
+
+def gpu_tables(rows) -> None:
+    """bench_gpu.py's tables (the GPU rows, all variants alternated within a row)."""
+    ops = [r["extra_info"] for r in rows if r["name"].startswith("test_gpu_") and "op" in r["extra_info"]
+           and "ref_ms" in r["extra_info"]]
+    if ops:
+        fmt = lambda e, k: f"{e[k]:.4f}" if k in e else "-"  # noqa: E731
+        ratio = lambda e, k: f"{e[k]:.2f}x" if k in e else "-"  # noqa: E731
+        print(f"\nGPU: {ops[0]['gpu']}; ms per call (CUDA events, alternated)")
+        print("| op | shape | dtype | mode | ref ms | compile ms | cuda ms | triton ms | cuda vs ref | triton vs ref "
+              "| compile vs ref | best GB/s (min traffic) |")
+        print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for e in sorted(ops, key=lambda e: (e["op"], e["shape"], e["dtype"], e["mode"])):
+            best = max((e[k] for k in ("cuda_gb_per_s", "triton_gb_per_s") if k in e), default=None)
+            print(f"| {e['op']} | {e['shape']} | {e['dtype']} | {e['mode']} | {fmt(e, 'ref_ms')} | {fmt(e, 'compile_ms')} "
+                  f"| {fmt(e, 'cuda_ms')} | {fmt(e, 'triton_ms')} | {ratio(e, 'cuda_speedup')} | {ratio(e, 'triton_speedup')} "
+                  f"| {ratio(e, 'compile_speedup')} | {'-' if best is None else f'{best:.0f}'} |")
+    models = [r["extra_info"] for r in rows if r["name"].startswith("test_gpu_model") and "ref_ms" in r["extra_info"]]
+    if models:
+        print("\n| GPU model step (alternated) | size | batch | precision | kind | ref ms | fused ms | speed-up | images/s |")
+        print("|---|---|---|---|---|---:|---:|---:|---:|")
+        for e in models:
+            print(f"| {e['model']} | {e['image_size']} | {e['batch']} | {e['precision']} | {e['kind']} | {e['ref_ms']:.2f} "
+                  f"| {e['fused_ms']:.2f} | {e['speedup']:.2f}x | {e['images_per_s']:.0f} |")
+    for r in rows:
+        e = r["extra_info"]
+        if r["name"].startswith("test_gpu_fast_decode") and "graph_ms" in e:
+            print(f"\nfast_decode {e['model']} batch {e['batch']}, {e['steps']} steps, {e['dtype']}: eager "
+                  f"{e['eager_ms']:.1f} ms, CUDA graph {e['graph_ms']:.1f} ms ({e['graph_speedup']:.2f}x, "
+                  f"{e['images_per_s']:.0f} images/s)")
 
 
 def decode_tables(rows) -> None:

@@ -39,10 +39,13 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace dito_fast {
 namespace {
@@ -95,9 +98,21 @@ bool needs_graph(const Ts&... ts) {
 
 // A backward node of type N whose gradient edges lead to the given inputs, in order (an absent or
 // undefined input gets an empty edge; its gradient slot in N::apply's result is then ignored).
+// torch::autograd::Node's owning pointer: c10::intrusive_ptr since torch 2.13, std::shared_ptr
+// before (setup.py accepts torch >= 2.4); new_node makes whichever this torch's Edge holds.
+using NodePtr = decltype(torch::autograd::Edge::function);
+template <typename N, typename... As>
+auto new_node(As&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<N>(std::forward<As>(args)...);
+  } else {
+    return c10::make_intrusive<N>(std::forward<As>(args)...);
+  }
+}
+
 template <typename N, typename... Ts>
-c10::intrusive_ptr<N> make_node(const Ts&... inputs) {
-  auto node = c10::make_intrusive<N>();
+auto make_node(const Ts&... inputs) {
+  auto node = new_node<N>();
   node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
   return node;
 }
@@ -113,7 +128,7 @@ inline OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std:
 // path's contribution out (as an Error node hung on detached leaves would, Python's
 // @once_differentiable included).
 variable_list refuse_differentiation(const std::string& message, variable_list out, const variable_list& sources) {
-  auto err = c10::make_intrusive<torch::autograd::Error>(message, torch::autograd::collect_next_edges(sources));
+  auto err = new_node<torch::autograd::Error>(message, torch::autograd::collect_next_edges(sources));
   for (auto& o : out) {
     if (o.defined()) o = o.tensor_data();
     torch::autograd::set_history(o, err);  // an undefined output keeps its slot
