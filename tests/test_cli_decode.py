@@ -33,7 +33,7 @@ def test_decode_options_match_fast_decode(micro_model, model_dir, tmp_path, caps
     out = tmp_path / "out"
     argv = ["decode", str(model_dir), str(tmp_path / "lat.safetensors"), "--out", str(out), "--sampler", "ab2",
             "--steps", "3", "--schedule", "shifted:0.5", "--seed", "5", "--max-batch", "1", "--tile", "32",
-            "--tile-overlap", "16", "--channels-last", "on", "--dtype", "bfloat16"]
+            "--tile-overlap", "16", "--channels-last", "on", "--dtype", "bfloat16", "--device", "cpu"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "lat_0.png" in captured.out and "lat_1.png" in captured.out
@@ -53,14 +53,15 @@ def test_decode_default_is_auto_without_progress(micro_model, model_dir, tmp_pat
     assert main(["decode", str(model_dir), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
-    assert torch.equal(_png(tmp_path / "o" / "a.png"), fast_decode(micro_model, z, seed=0)[0])
+    auto = "cuda" if torch.cuda.is_available() else "cpu"  # what --device auto picks
+    assert torch.equal(_png(tmp_path / "o" / "a.png"), fast_decode(micro_model, z, seed=0, device=auto)[0])
 
 
 @pytest.mark.parametrize("args, msg", [
     (["--tile", "36"], "tile must be a positive multiple of 8"),
     (["--steps", "0"], "steps must be an integer >= 1"),
     (["--schedule", "cosine"], "unknown schedule 'cosine'"),
-    (["--cuda-graph", "on"], "cuda_graph=True needs a CUDA device"),
+    (["--cuda-graph", "on", "--device", "cpu"], "cuda_graph=True needs a CUDA device"),
 ])
 def test_decode_bad_options_one_line(model_dir, tmp_path, capsys, args, msg):
     save_file({"latent": torch.zeros(1, 4, 2, 2)}, str(tmp_path / "a.safetensors"))

@@ -95,29 +95,32 @@ def autograd_mode_reasons() -> list[str]:
 
 
 def _parse_env(op_name: str, value: str) -> str | None:
-    """The backend ``value`` (DITO_FAST_BACKEND) names for ``op_name``, None for none. Raises
+    """The backend ``value`` (DITO_FAST_BACKEND) names for ``op_name``, None for none: its
+    ``op=name`` entry, else the leading bare name (``cpp,conv3x3=ref``: cpp for every op but
+    conv3x3), else none. Raises
     ValueError for a malformed value, an op name that is not one of KNOWN_OPS, or a backend name
     that no op has: a typo would otherwise go unnoticed."""
     value = value.strip()
     if not value:
         return None
-    entries = []
-    for entry in value.split(",") if "=" in value else [f"={value}"]:
+    default, entry_for_op = None, ()
+    for i, entry in enumerate(value.split(",")):
         if not entry.strip():
             continue
         op, eq, name = (part.strip() for part in entry.partition("="))
+        if not eq and i == 0:  # a leading bare name: the backend of every op without an entry
+            op, eq, name = "", "=", op
         if not eq or "=" in name or (op and op not in KNOWN_OPS):
             raise ValueError(f"DITO_FAST_BACKEND={value!r}: expected one backend name, or 'op=name' entries "
-                             f"separated by commas with op one of {sorted(KNOWN_OPS)}")
+                             f"separated by commas (after it, or alone), with op one of {sorted(KNOWN_OPS)}")
         if name and name not in KNOWN_BACKENDS:
             raise ValueError(f"DITO_FAST_BACKEND={value!r} names unknown backend {name!r}; "
                              f"known: {sorted(KNOWN_BACKENDS)}")
-        entries.append((op, name))
-    choice = None
-    for op, name in entries:
-        if op in ("", op_name):
-            choice = name or None
-    return choice
+        if op == "":
+            default = name or None
+        elif op == op_name:
+            entry_for_op = (name or None,)  # "op=" alone: that op by priority order
+    return entry_for_op[0] if entry_for_op else default
 
 
 # The fused ops read their environment variables on every call, so that changing one at run time

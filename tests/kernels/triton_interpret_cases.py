@@ -295,8 +295,8 @@ def test_group_norm_modulate_silu_finite_values_whose_squares_overflow(memory_fo
     for name, gk, g64 in zip(["x", "weight", "bias", "scale", "shift"], grads, grads64):
         _check(f"group_norm_modulate_silu grad {name}", gk * 1e20 if name == "x" else gk, g64)
     x[1, 2, 3, 4] = float("inf")  # sample 1, group 1
-    y = tri_gn.group_norm_modulate_silu(x.to(DEVICE).contiguous(memory_format=memory_format), G, w, b, s, sh,
-                                        1e-5, True).cpu()
+    y = tri_gn.group_norm_modulate_silu(x.to(DEVICE).contiguous(memory_format=memory_format), G,
+                                        *(t.to(DEVICE) for t in (w, b, s, sh)), 1e-5, True).cpu()
     assert not y[1, 2:4].isfinite().any() and y[0].isfinite().all() and y[1, :2].isfinite().all()
 
 

@@ -436,6 +436,12 @@ def test_dispatch_env_var(monkeypatch, toy_ops):
     assert dispatch("op", backends, None, 0) == "ref"
     monkeypatch.setenv("DITO_FAST_BACKEND", "other=ref")  # no entry for this op: priority order
     assert dispatch("op", backends, None, 0) == "medium"
+    monkeypatch.setenv("DITO_FAST_BACKEND", "ref, other=fast")  # a leading name: every op without an entry
+    assert dispatch("op", backends, None, 0) == "ref"
+    monkeypatch.setenv("DITO_FAST_BACKEND", "fast,op=ref")  # this op's entry wins over it
+    assert dispatch("op", backends, None, 0) == "ref"
+    monkeypatch.setenv("DITO_FAST_BACKEND", "ref,op=")  # an empty entry: this op by priority order
+    assert dispatch("op", backends, None, 0) == "medium"
 
 
 def test_dispatch_env_var_rejects_typos(monkeypatch, toy_ops):
@@ -446,7 +452,8 @@ def test_dispatch_env_var_rejects_typos(monkeypatch, toy_ops):
                          ("op=rfe", "names unknown backend 'rfe'"),
                          ("opp=ref", r"'op=name' entries .* with op one of \[.*'group_norm_modulate_silu'"),
                          ("op=ref,medium", "expected one backend name, or 'op=name' entries"),
-                         ("op=ref=fast", "expected one backend name")]:
+                         ("op=ref=fast", "expected one backend name"),
+                         ("ref,medium", "expected one backend name")]:
         monkeypatch.setenv("DITO_FAST_BACKEND", value)
         with pytest.raises(ValueError, match=match):
             dispatch("op", backends, None, 0)

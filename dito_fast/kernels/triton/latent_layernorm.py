@@ -60,7 +60,8 @@ if HAS_TRITON:
         base = b * N
         offs = tl.arange(0, BLOCK)
         mean, var = _sample_moments(z_ptr, base, N, offs, tl.float32, BLOCK)
-        rstd = 1.0 / tl.sqrt(var + eps)
+        # (cast: under torch.compile, Inductor passes eps as a float64 constant)
+        rstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
         if not (tl.abs(var) < float("inf")):  # rare: overflowed (or inf/NaN in the sample)
             mean64, var64 = _sample_moments(z_ptr, base, N, offs, tl.float64, BLOCK)
             mean = mean64.to(tl.float32)
