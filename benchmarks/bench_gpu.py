@@ -122,6 +122,17 @@ def _dtype_id(dtype):
     return str(dtype).removeprefix("torch.")
 
 
+def test_gpu_memory_bandwidth(benchmark):
+    """The GPU's device-to-device copy rate (1 GiB read + 1 GiB written per copy, several times its
+    L2): the ceiling the memory-bound ops' GB/s are read against."""
+    src = torch.empty(2**28, device="cuda")  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    med = cuda_medians({"copy": lambda: dst.copy_(src)}, rounds=10, inner=5)
+    benchmark.pedantic(lambda: dst.copy_(src), rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update({"gb_per_s": 2 * src.numel() * 4 / med["copy"] / 1e6, "copy_ms": med["copy"],
+                                 "gpu": torch.cuda.get_device_name()})
+
+
 GNMS_CASES = [(s, d, cl) for s in GNMS_SHAPES for d in (torch.float32, torch.bfloat16) for cl in (False, True)]
 
 

@@ -242,7 +242,10 @@ def gpu_tables(rows) -> None:
     if ops:
         fmt = lambda e, k: f"{e[k]:.4f}" if k in e else "-"  # noqa: E731
         ratio = lambda e, k: f"{e[k]:.2f}x" if k in e else "-"  # noqa: E731
-        print(f"\nGPU: {ops[0]['gpu']}; ms per call (CUDA events, alternated)")
+        bw = next((r["extra_info"]["gb_per_s"] for r in rows if r["name"].startswith("test_gpu_memory_bandwidth")
+                   and "gb_per_s" in r["extra_info"]), None)
+        print(f"\nGPU: {ops[0]['gpu']}; ms per call (CUDA events, alternated)"
+              + (f"; measured copy bandwidth {bw:.0f} GB/s" if bw else ""))
         print("| op | shape | dtype | mode | ref ms | compile ms | cuda ms | triton ms | cuda vs ref | triton vs ref "
               "| compile vs ref | best GB/s (min traffic) |")
         print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
