@@ -258,7 +258,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dito_fast", "dito_fast.*"]),
-    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         # triton: the Triton kernels' tests run in its CPU interpreter (3.7.1 is what torch 2.13's CUDA builds pin).
         # nvidia-dali-cuda130: the DALI loader's tests (its CPU-only pipelines run without a GPU).
