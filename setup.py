@@ -30,6 +30,10 @@ def _say(msg: str) -> None:
     print(f"[dito_fast setup] {msg}", file=sys.stderr)
 
 
+# The oldest torch (major, minor) the extension is built and tested against (2.11 and 2.13 were):
+# install_requires asks for it, and a build against an older one stops saying so.
+MIN_TORCH = (2, 11)
+
 # The C++ standard of every unit, C++ and CUDA: torch 2.13 builds its extensions with C++20, and its
 # headers use C++20 features (warnings under C++17). scripts/check_cuda.sh and CMakeLists.txt use it too.
 CXX_STD = "-std=c++20"
@@ -107,6 +111,12 @@ def extension_modules():
             "torch is not importable at build time, so dito_fast._C (the C++ kernels) cannot be built. Install "
             "torch first, then: pip install --no-build-isolation . (pip's default isolated build environment has "
             "no torch); or set DITO_FAST_PURE_PYTHON=1 for the package without its C++ kernels")
+    release = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    if release < MIN_TORCH:
+        return _refusing_build(
+            f"torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH))}, the oldest torch dito_fast._C "
+            "is built and tested against; upgrade torch, or set DITO_FAST_PURE_PYTHON=1 for the package without "
+            "its C++ kernels")
     # one compiler per core this process may use (a container's share, not the host's), at most 8:
     # each unit takes ~1-2 GB of memory at -O3 (MAX_JOBS overrides)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -258,12 +268,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dito_fast", "dito_fast.*"]),
-    install_requires=["torch>=2.11", "numpy", "pillow", "safetensors", "tqdm"],
+    install_requires=[f"torch>={'.'.join(map(str, MIN_TORCH))}", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
-        # triton: the Triton kernels' tests run in its CPU interpreter (3.7.1 is what torch 2.13's CUDA builds pin).
+        # triton: the Triton kernels' tests run in its CPU interpreter (3.7.1 is what torch 2.13's CUDA builds pin,
+        # and what a fresh install picks; 3.6, torch 2.11's, runs the kernels on GPUs but not those tests).
         # nvidia-dali-cuda130: the DALI loader's tests (its CPU-only pipelines run without a GPU).
         "test": ["pytest", "pytest-benchmark", "scikit-image",
-                 "triton==3.7.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
+                 "triton>=3.6,<3.8; platform_system == 'Linux' and platform_machine == 'x86_64'",
                  "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "demo": ["scikit-image", "matplotlib"],
         "tensorboard": ["tensorboard"],

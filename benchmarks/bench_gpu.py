@@ -4,13 +4,15 @@ COMPILE_ROWS) on the GPU; the dito-S and dito-B decoder step and train step with
 fused ops; ``fast_decode`` eager vs CUDA graph.
 
 Every row times its variants in alternation (each round in a shuffled order, as
-``conftest.interleaved_medians``) with CUDA events around ``inner`` back-to-back calls, so a
-variant's time includes its host-side launch cost where that exceeds the GPU's work, as it does
-in an eager model. extra_info holds each variant's median ms per call and the ratios; the
-benchmark's own timing is one untimed-for-report call of the fused variant.
+``conftest.interleaved_medians``) with CUDA events around ``inner`` back-to-back calls, the
+first event recorded on an idle GPU, so a variant's time includes its host-side launch cost
+where that exceeds the GPU's work, as it does in an eager model (the run of 2026-12-04 predates
+that synchronisation: there a variant's launches could start behind the previous variant's
+queued work). extra_info holds each variant's median ms per call and the ratios; the
+benchmark's own timing is one call of the fused variant, not used in the tables.
 
 Run on a GPU machine: ``pytest benchmarks/bench_gpu.py --benchmark-json=F`` then
-``python benchmarks/report.py F`` (``scripts/gpu_check.sh bench`` does both).
+``python benchmarks/report.py F`` (``scripts/gpu_check.sh gpu bench`` does both).
 DITO_BENCH_GPU_COMPILE=0 leaves the torch.compile variants out (each costs a compile).
 """
 
@@ -48,7 +50,8 @@ COMPILE_ROWS = {("S@64 L0", torch.float32, False), ("B@256x16 L0", torch.float32
 
 def cuda_medians(fns: dict, rounds: int, inner: int) -> dict:
     """Median ms per call of each function of ``fns``: ``rounds`` rounds, each running every
-    function ``inner`` times between two CUDA events, in a shuffled order per round."""
+    function ``inner`` times between two CUDA events recorded on an idle GPU, in a shuffled order
+    per round."""
     names, rng = list(fns), random.Random(0)
     events = {name: [] for name in names}
     for fn in fns.values():  # warm-up: compiles, autotuning, allocator
@@ -59,7 +62,8 @@ def cuda_medians(fns: dict, rounds: int, inner: int) -> dict:
         rng.shuffle(names)
         for name in names:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            torch.cuda.synchronize()  # an empty queue: the host's launch cost is not hidden behind
+            start.record()            # the previous variant's queued work
             for _ in range(inner):
                 fns[name]()
             end.record()
@@ -88,7 +92,10 @@ def _providers(fused, ref, compile_ok: bool) -> dict:
     except ImportError:
         pass
     if compile_ok and COMPILE:
-        out["compile"] = torch.compile(ref, fullgraph=True)
+        # static shapes, compiled afresh: the code cache is shared by every wrapper of ``ref``, and
+        # a second shape would otherwise get a dynamic-shape graph
+        torch._dynamo.reset()
+        out["compile"] = torch.compile(ref, fullgraph=True, dynamic=False)
     return out
 
 

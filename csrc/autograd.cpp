@@ -96,10 +96,8 @@ bool needs_graph(const Ts&... ts) {
   return true;
 }
 
-// A backward node of type N whose gradient edges lead to the given inputs, in order (an absent or
-// undefined input gets an empty edge; its gradient slot in N::apply's result is then ignored).
 // torch::autograd::Node's owning pointer: c10::intrusive_ptr since torch 2.13, std::shared_ptr
-// before (setup.py accepts torch >= 2.4); new_node makes whichever this torch's Edge holds.
+// before (2.11, which setup.py also accepts); new_node makes whichever this torch's Edge holds.
 using NodePtr = decltype(torch::autograd::Edge::function);
 template <typename N, typename... As>
 auto new_node(As&&... args) {
@@ -110,6 +108,8 @@ auto new_node(As&&... args) {
   }
 }
 
+// A backward node of type N whose gradient edges lead to the given inputs, in order (an absent or
+// undefined input gets an empty edge; its gradient slot in N::apply's result is then ignored).
 template <typename N, typename... Ts>
 auto make_node(const Ts&... inputs) {
   auto node = new_node<N>();

@@ -11,6 +11,7 @@
 #                                         # test_backends.py, tests/test_cli_decode.py, tests/ops/
 #                                         # test_ops_ref.py, the Triton cases on the GPU)
 #   bash scripts/gpu_check.sh gpu bench   # ... then benchmarks/bench_gpu.py and its tables
+#   bash scripts/gpu_check.sh all "" -k cuda   # arguments after the first two go to the tests' pytest
 #
 # Environment: OUT (logs; default /tmp/dito_gpu_check: gpu.txt, build.log, tests.log, junit.xml,
 # triton.log, bench_gpu_{model,ops}.json and .md, bench_*.log), PYTHON, TORCH_CUDA_ARCH_LIST (default: the visible
@@ -23,6 +24,9 @@ OUT=${OUT:-/tmp/dito_gpu_check}
 PY=${PYTHON:-python3}
 SCOPE=${1:-all}
 BENCH=${2:-}
+shift $(( $# < 2 ? $# : 2 ))
+case "$SCOPE" in all|gpu) ;; *) echo "gpu_check: scope must be 'all' or 'gpu', not '$SCOPE'" >&2; exit 64;; esac
+case "$BENCH" in ""|bench) ;; *) echo "gpu_check: the second argument must be 'bench' or empty, not '$BENCH'" >&2; exit 64;; esac
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -56,13 +60,13 @@ limit() {  # limit SECONDS CMD...: CMD under `timeout` when SECONDS is set; SIGI
   if [ -n "$1" ]; then timeout -s INT -k 30 "$1" "${@:2}"; else "${@:2}"; fi
 }
 
-# The tests, parallel when pytest-xdist is installed; -rs lists every skip with its reason.
+# The tests, parallel when pytest-xdist is installed; -rfEs lists every failure, error and skip.
 par=()
 if "$PY" -c "import xdist" 2>/dev/null; then par=(-n "${JOBS:-8}"); fi
 status=0
 start=$(date +%s)
 if [ "$SCOPE" = gpu ]; then
-  limit "${TEST_TIMEOUT:-}" env DITO_FAST_TRITON_TEST_DEVICE=cuda "$PY" -m pytest -q -rs "${par[@]}" -p no:cacheprovider \
+  limit "${TEST_TIMEOUT:-}" env DITO_FAST_TRITON_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs "${par[@]}" -p no:cacheprovider \
     tests/kernels/triton_interpret_cases.py >"$OUT/triton.log" 2>&1
   rc=$?; tail -5 "$OUT/triton.log"; [ $rc -ne 0 ] && grep -m 30 "^FAILED\|^ERROR" "$OUT/triton.log"
   [ $rc -ne 0 ] && status=$rc
@@ -71,8 +75,8 @@ if [ "$SCOPE" = gpu ]; then
 else
   files=(tests)
 fi
-limit "${TEST_TIMEOUT:-}" "$PY" -m pytest "${files[@]}" -q -rs "${par[@]}" -p no:cacheprovider \
-  --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
+limit "${TEST_TIMEOUT:-}" "$PY" -m pytest "${files[@]}" -q -rfEs "${par[@]}" -p no:cacheprovider \
+  --junitxml="$OUT/junit.xml" "$@" >"$OUT/tests.log" 2>&1
 rc=$?
 grep -m 60 "^FAILED\|^ERROR" "$OUT/tests.log"; tail -3 "$OUT/tests.log"
 echo "gpu_check: tests exit $rc in $(( $(date +%s) - start )) s (log: $OUT/tests.log)"

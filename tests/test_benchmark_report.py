@@ -38,6 +38,18 @@ def test_decode_tables_are_printed(capsys):
     assert "one step: untiled" in out and "keep_freed_memory" in out
 
 
+def test_gpu_tables_are_printed(capsys):
+    """The GPU run's rows (bench_gpu.py): the model steps, fast_decode and an op row, with the
+    figures of the JSON (ms to 4 places, ratios to 2)."""
+    report.main(str(BENCH / "results" / "gpu_model_h200_2026-12-04.json"))
+    out = capsys.readouterr().out
+    assert "| dito-S | 64 | 64 | fp32 | decoder_step | 18.31 | 14.50 | 1.26x | 4414 |" in out
+    assert "eager 121.2 ms, CUDA graph 85.1 ms (1.42x" in out
+    report.main(str(BENCH / "results" / "gpu_ops_h200_2026-12-04.json"))
+    out = capsys.readouterr().out
+    assert "| group_norm_modulate_silu | B@256x16 L0 | float32 | fwd | 1.6701 | 1.5590 | 0.4690 | 0.4103 | 3.56x" in out
+
+
 def _row(name):
     rows = json.loads((BENCH / "results" / "ops_model_2026-12-03.json").read_text())["benchmarks"]
     return copy.deepcopy(next(r for r in rows if r["name"].startswith(name)))

@@ -63,6 +63,20 @@ def test_without_torch_the_build_stops_unless_asked_for_pure_python(tmp_path):
     assert out.returncode == 0 and "building the pure-Python package without dito_fast._C" in out.stderr
 
 
+def test_an_older_torch_stops_the_build_with_the_reason(tmp_path):
+    """A torch older than setup.py's MIN_TORCH: the extension's C++ was never built against it (and
+    did not compile against torch 2.11 until 2026-12-04), so the build stops, naming both versions."""
+    (tmp_path / "torch" / "utils").mkdir(parents=True)
+    (tmp_path / "torch" / "__init__.py").write_text("__version__ = '2.10.1+cpu'\n")
+    (tmp_path / "torch" / "utils" / "__init__.py").write_text("")
+    (tmp_path / "torch" / "utils" / "cpp_extension.py").write_text("")
+    path = str(tmp_path)
+    out = _setup("auto", "build_ext", "-b", path, "-t", path, PYTHONPATH=path)
+    assert out.returncode != 0
+    assert "torch 2.10.1+cpu is older than 2.11" in out.stderr and "DITO_FAST_PURE_PYTHON=1" in out.stderr
+    assert _setup("auto", PYTHONPATH=path).returncode == 0  # metadata commands still work
+
+
 def test_sdist_carries_every_source_the_build_needs(tmp_path):
     """The sdist (made without torch, as an isolated build makes it) holds csrc/ whole (headers and
     the per-capability kernel units, which setuptools cannot see), CMakeLists.txt and the scripts:

@@ -3,6 +3,7 @@ and clear errors (one line, exit code 2) for bad options."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import numpy as np
@@ -54,7 +55,8 @@ def test_decode_default_is_auto_without_progress(micro_model, model_dir, tmp_pat
                  "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
     auto = "cuda" if torch.cuda.is_available() else "cpu"  # what --device auto picks
-    assert torch.equal(_png(tmp_path / "o" / "a.png"), fast_decode(micro_model, z, seed=0, device=auto)[0])
+    model = copy.deepcopy(micro_model).to(auto)
+    assert torch.equal(_png(tmp_path / "o" / "a.png"), fast_decode(model, z.to(auto), seed=0)[0])
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -2,8 +2,9 @@
 
 Each op registers its backends in priority order as ``(name, fn, unsupported_reasons)``, where
 ``unsupported_reasons(*args, **kwargs)`` returns a list of strings (empty: the backend can run).
-Choice: explicit ``backend=`` argument > ``DITO_FAST_BACKEND`` environment variable (one name
-for all ops, or ``op=name`` entries separated by commas) > the first backend with no reasons.
+Choice: explicit ``backend=`` argument > ``DITO_FAST_BACKEND`` environment variable (a name for
+all ops, optionally followed by ``op=name`` entries for some, or ``op=name`` entries alone; commas
+between) > the first backend with no reasons.
 When nothing fits, the error lists every backend's reasons. A variable naming a backend or op that
 does not exist, or malformed, raises ValueError (``_parse_env``).
 
@@ -97,22 +98,25 @@ def autograd_mode_reasons() -> list[str]:
 def _parse_env(op_name: str, value: str) -> str | None:
     """The backend ``value`` (DITO_FAST_BACKEND) names for ``op_name``, None for none: its
     ``op=name`` entry, else the leading bare name (``cpp,conv3x3=ref``: cpp for every op but
-    conv3x3), else none. Raises
-    ValueError for a malformed value, an op name that is not one of KNOWN_OPS, or a backend name
-    that no op has: a typo would otherwise go unnoticed."""
+    conv3x3), else none. Raises ValueError for a malformed value (a second name for every op
+    included), an op name that is not one of KNOWN_OPS, or a backend name that no op has: a typo
+    would otherwise go unnoticed."""
     value = value.strip()
     if not value:
         return None
-    default, entry_for_op = None, ()
-    for i, entry in enumerate(value.split(",")):
+    default, entry_for_op, defaults, first = None, (), 0, True
+    for entry in value.split(","):
         if not entry.strip():
             continue
         op, eq, name = (part.strip() for part in entry.partition("="))
-        if not eq and i == 0:  # a leading bare name: the backend of every op without an entry
+        if not eq and first:  # a leading bare name: the backend of every op without an entry
             op, eq, name = "", "=", op
-        if not eq or "=" in name or (op and op not in KNOWN_OPS):
-            raise ValueError(f"DITO_FAST_BACKEND={value!r}: expected one backend name, or 'op=name' entries "
-                             f"separated by commas (after it, or alone), with op one of {sorted(KNOWN_OPS)}")
+        first = False
+        defaults += op == "" and eq == "="
+        if not eq or "=" in name or (op and op not in KNOWN_OPS) or defaults > 1:
+            raise ValueError(f"DITO_FAST_BACKEND={value!r}: expected a backend name, optionally followed by "
+                             f"'op=name' entries, or 'op=name' entries alone, separated by commas, with op one "
+                             f"of {sorted(KNOWN_OPS)}")
         if name and name not in KNOWN_BACKENDS:
             raise ValueError(f"DITO_FAST_BACKEND={value!r} names unknown backend {name!r}; "
                              f"known: {sorted(KNOWN_BACKENDS)}")
@@ -159,8 +163,9 @@ _ENV_CHOICE: dict[tuple[str, str], str | None] = {}
 
 
 def env_backend(op_name: str) -> str | None:
-    """The backend ``DITO_FAST_BACKEND`` asks for ``op_name``: either one name for every op
-    (``cpp``) or per-op entries (``group_norm_modulate_silu=ref,latent_layernorm=ref``)."""
+    """The backend ``DITO_FAST_BACKEND`` asks for ``op_name``: one name for every op (``cpp``),
+    per-op entries (``group_norm_modulate_silu=ref,latent_layernorm=ref``), or a name followed by
+    per-op entries (``cpp,conv3x3=ref``)."""
     raw = getenv("DITO_FAST_BACKEND")
     if raw is None:
         return None

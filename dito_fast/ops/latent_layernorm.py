@@ -56,7 +56,7 @@ def latent_layernorm(z: torch.Tensor, eps: float = 1e-5, backend: str | None = N
     Float dtypes; contiguous or channels_last (kept). Differentiable. Finite values whose squares
     overflow the dtype (|z| beyond ~1.8e19 in float32) are normalised as in float64 by the cpp,
     Triton and CUDA backends (their float sums are redone in double where they overflowed; the CUDA
-    kernel compiles here but has not run on a GPU); ``ref`` (PyTorch's layer norm) then gives NaN.
+    kernel's case passed on an H200, 2026-12-04); ``ref`` (PyTorch's layer norm) then gives NaN.
     """
     _check(z, eps)
     return dispatch("latent_layernorm", _BACKENDS, backend, z, float(eps))

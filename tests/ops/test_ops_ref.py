@@ -442,6 +442,8 @@ def test_dispatch_env_var(monkeypatch, toy_ops):
     assert dispatch("op", backends, None, 0) == "ref"
     monkeypatch.setenv("DITO_FAST_BACKEND", "ref,op=")  # an empty entry: this op by priority order
     assert dispatch("op", backends, None, 0) == "medium"
+    monkeypatch.setenv("DITO_FAST_BACKEND", " , ref,")  # empty entries before it do not matter
+    assert dispatch("op", backends, None, 0) == "ref"
 
 
 def test_dispatch_env_var_rejects_typos(monkeypatch, toy_ops):
@@ -451,9 +453,10 @@ def test_dispatch_env_var_rejects_typos(monkeypatch, toy_ops):
     for value, match in [("fsat", r"names unknown backend 'fsat'; known: \[.*'cpp'.*'ref'"),
                          ("op=rfe", "names unknown backend 'rfe'"),
                          ("opp=ref", r"'op=name' entries .* with op one of \[.*'group_norm_modulate_silu'"),
-                         ("op=ref,medium", "expected one backend name, or 'op=name' entries"),
-                         ("op=ref=fast", "expected one backend name"),
-                         ("ref,medium", "expected one backend name")]:
+                         ("op=ref,medium", "expected a backend name, optionally followed by 'op=name' entries"),
+                         ("op=ref=fast", "expected a backend name"),
+                         ("ref,medium", "expected a backend name"),  # a second name for every op
+                         ("ref,=medium", "expected a backend name")]:
         monkeypatch.setenv("DITO_FAST_BACKEND", value)
         with pytest.raises(ValueError, match=match):
             dispatch("op", backends, None, 0)
