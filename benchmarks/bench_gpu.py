@@ -18,6 +18,7 @@ DITO_BENCH_GPU_COMPILE=0 leaves the torch.compile variants out (each costs a com
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 
@@ -86,11 +87,8 @@ def _providers(fused, ref, compile_ok: bool) -> dict:
     out = {"ref": ref}
     if _cpp.AVAILABLE and _cpp._C.has_cuda():
         out["cuda"] = lambda *a: fused(*a, backend="cpp")
-    try:
-        import triton  # noqa: F401
+    if importlib.util.find_spec("triton") is not None:
         out["triton"] = lambda *a: fused(*a, backend="triton")
-    except ImportError:
-        pass
     if compile_ok and COMPILE:
         # static shapes, compiled afresh: the code cache is shared by every wrapper of ``ref``, and
         # a second shape would otherwise get a dynamic-shape graph
