@@ -104,15 +104,13 @@ def _parse_env(op_name: str, value: str) -> str | None:
     value = value.strip()
     if not value:
         return None
-    default, entry_for_op, defaults, first = None, (), 0, True
-    for entry in value.split(","):
-        if not entry.strip():
-            continue
+    entries = [entry for entry in value.split(",") if entry.strip()]
+    if entries and "=" not in entries[0]:  # a leading bare name: the backend of every op without an entry
+        entries[0] = "=" + entries[0]
+    default, entry_for_op, defaults = None, (), 0
+    for entry in entries:
         op, eq, name = (part.strip() for part in entry.partition("="))
-        if not eq and first:  # a leading bare name: the backend of every op without an entry
-            op, eq, name = "", "=", op
-        first = False
-        defaults += op == "" and eq == "="
+        defaults += not op
         if not eq or "=" in name or (op and op not in KNOWN_OPS) or defaults > 1:
             raise ValueError(f"DITO_FAST_BACKEND={value!r}: expected a backend name, optionally followed by "
                              f"'op=name' entries, or 'op=name' entries alone, separated by commas, with op one "
