@@ -427,15 +427,18 @@ def test_ops_refuse_wrong_statistics_and_mixed_devices():
         torch.ops.dito_fast.group_norm_modulate_silu(x, 4, torch.ones(8, device="meta"), None, None, None, 1e-5, True)
 
 
+@pytest.mark.parametrize("shape", [(3, 64, 16, 16), (1, 216, 24, 24)], ids=["batch3", "batch1_wide"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_norm_ops_do_not_depend_on_the_thread_count(channels_last):
+def test_norm_ops_do_not_depend_on_the_thread_count(channels_last, shape):
     """group_norm_modulate_silu and latent_layernorm, forward and backward: bitwise the same on one
-    and on two threads (fixed chunking of every sum)."""
+    and on two threads (fixed chunking of every sum). One channels_last sample runs as one task on
+    one thread and split over row chunks on two (the chunks' sums stored, then added in order)."""
+    B, C, H, W = shape
     g = torch.Generator().manual_seed(8)
-    x = torch.randn(3, 64, 16, 16, generator=g)
+    x = torch.randn(B, C, H, W, generator=g)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    p = [torch.randn(64, generator=g), torch.randn(64, generator=g), torch.randn(3, 64, generator=g),
-         torch.randn(3, 64, generator=g)]
+    p = [torch.randn(C, generator=g), torch.randn(C, generator=g), torch.randn(B, C, generator=g),
+         torch.randn(B, C, generator=g)]
     results = []
     before = torch.get_num_threads()
     try:

@@ -85,14 +85,18 @@ def test_cpp_layouts(layout):
 
 
 @needs_cpp
-@pytest.mark.parametrize("shape", [(1, 72, 16, 16, 8), (4, 72, 16, 16, 8), (2, 64, 96, 96, 16)],
-                         ids=["rows_split_batch1", "task_per_sample", "rows_split_large_sample"])
+@pytest.mark.parametrize("shape", [(1, 72, 16, 16, 8), (4, 72, 16, 16, 8), (2, 64, 96, 96, 16), (1, 216, 24, 24, 8),
+                                   (2, 216, 12, 12, 8)],
+                         ids=["rows_split_batch1", "task_per_sample", "rows_split_large_sample", "rows_split_wide",
+                              "task_per_sample_wide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 def test_cpp_task_layouts_two_threads(shape, dtype, layout):
     # The channels_last forward runs each sample of at most 1 MiB as one task when there are at
     # least as many samples as threads, and otherwise splits the rows over tasks (two passes);
-    # 72 channels cover the 64-channel register blocks and a tail (the ids name these layouts).
+    # 72 channels cover the 64-channel register blocks and a tail (the ids name these layouts); 216
+    # channels the forward's 128-channel blocks, a 64-channel one and a tail, and with one sample
+    # of 576 rows chunks of 256, 256 and 64 rows.
     # NCHW runs a task per (sample, group), here split over both threads.
     B, C, H, W, G = shape
     previous = torch.get_num_threads()

@@ -23,6 +23,7 @@
 #include <dito_fast/cpu_vec.h>
 #include <dito_fast/math.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -203,29 +204,31 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
   });
 }
 
-// Row chunking for channels_last: rows of C values, tasks over (sample, chunk).
+// Row chunking for channels_last: rows of C values, tasks over (sample, chunk). Each lane of a
+// chunk's sums adds up one value per row in acc_t, so chunks stop at 256 rows (the values per lane
+// that kSumBlock allows the NCHW sums); within that, ~64k values per task. Against ~16k (warm
+// loops of the op, 2 threads, variants alternated in one process, 2026-12-04): one 512 x 32 x 32
+// sample (dito-B's 32x32 level) 0.95x the forward's time and 0.91x forward+backward, the chunks'
+// partial sums and their serial reduction being a quarter as large; other shapes 0.97-1.01x.
 inline int64_t rows_per_chunk(int64_t HW, int64_t C) {
-  const int64_t target = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));  // ~16k values per task
+  const int64_t target = std::clamp<int64_t>(65536 / std::max<int64_t>(C, 1), 1, 256);
   return std::min(HW, target);
 }
 
-// Per-channel sums over rows [r0, r1), accumulated in acc_t and added into out1/out2 (double):
+// Per-channel sums over rows [r0, r1), accumulated in acc_t and added into out1/out2 (double), or
+// stored there when !add (the same values as adding them to zeros, without zeroing first):
 // accumulate(r, c, n, a1, a2) adds the two terms of channels c..c+n of row r (zero beyond n) into
 // the running sums a1, a2 (an FMA where a term is a product). Channels go in blocks of kU vectors
-// whose sums stay in registers across the rows (a store-free inner loop).
-template <typename acc_t, typename RowFn>
-inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double* out2, const RowFn& accumulate) {
-  constexpr int64_t V = Vec<acc_t>::size(), kU = 4;
-  auto flush = [&](const Vec<acc_t>& a1, const Vec<acc_t>& a2, int64_t c, int64_t n) {
-    alignas(64) acc_t b1[V], b2[V];
-    a1.store(b1);
-    a2.store(b2);
-    for (int64_t j = 0; j < n; ++j) {
-      out1[c + j] += b1[j];
-      out2[c + j] += b2[j];
-    }
-  };
-  int64_t c0 = 0;
+// (then of 4, then one) whose sums stay in registers across the rows (a store-free inner loop);
+// fewer blocks means fewer strided passes over the rows. With AVX-512's 32 vector registers the
+// forward's light accumulate takes kU = 8 (kForwardBlock: 16 sums in registers): against 4,
+// dito-B's 256x256 level (128 channels, one sample) 0.83x the forward's time, other shapes
+// 0.97-1.01x; the backward's (SiLU' per value) probably spills registers at 8 (dito-S's 8x8 level
+// 1.10x slower forward+backward) and keeps 4 (same measurement as rows_per_chunk's). AVX2 has 16.
+template <typename acc_t, int64_t kU, typename RowFn, typename Flush>
+inline int64_t channel_blocks(int64_t c0, int64_t r0, int64_t r1, int64_t C, const RowFn& accumulate,
+                              const Flush& flush) {
+  constexpr int64_t V = Vec<acc_t>::size();
   for (; c0 + kU * V <= C; c0 += kU * V) {
     Vec<acc_t> a1[kU], a2[kU];
     for (int64_t u = 0; u < kU; ++u) a1[u] = a2[u] = Vec<acc_t>(0);
@@ -233,6 +236,30 @@ inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double
       for (int64_t u = 0; u < kU; ++u) accumulate(r, c0 + u * V, V, a1[u], a2[u]);
     for (int64_t u = 0; u < kU; ++u) flush(a1[u], a2[u], c0 + u * V, V);
   }
+  return c0;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kForwardBlock = 8;
+#else
+constexpr int64_t kForwardBlock = 4;
+#endif
+
+template <typename acc_t, int64_t kU = 4, typename RowFn>
+inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double* out2, bool add,
+                         const RowFn& accumulate) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  auto flush = [&](const Vec<acc_t>& a1, const Vec<acc_t>& a2, int64_t c, int64_t n) {
+    alignas(64) acc_t b1[V], b2[V];
+    a1.store(b1);
+    a2.store(b2);
+    for (int64_t j = 0; j < n; ++j) {
+      out1[c + j] = add ? out1[c + j] + b1[j] : static_cast<double>(b1[j]);
+      out2[c + j] = add ? out2[c + j] + b2[j] : static_cast<double>(b2[j]);
+    }
+  };
+  int64_t c0 = channel_blocks<acc_t, kU>(0, r0, r1, C, accumulate, flush);
+  if constexpr (kU > 4) c0 = channel_blocks<acc_t, 4>(c0, r0, r1, C, accumulate, flush);
   for (int64_t c = c0; c < C; c += V) {
     const int64_t n = std::min<int64_t>(V, C - c);
     Vec<acc_t> a1(0), a2(0);
@@ -247,9 +274,10 @@ inline void channel_sums(int64_t r0, int64_t r1, int64_t C, double* out1, double
 constexpr int64_t kFusedSampleBytes = 1 << 20;
 
 // The two channels_last passes, shared by the forward and the backward. prepare(b) fills sample b's
-// per-channel work arrays before its first pass; sums(b, r0, r1, s1, s2, ahead) adds the
-// per-channel sums of rows [r0, r1) of sample b into s1, s2 (C each); finish(b, s1, s2) turns
-// sample b's sums into its coefficients; apply(b, r0, r1, ahead) is the second pass. S1, S2 (B * C,
+// per-channel work arrays before its first pass; sums(b, r0, r1, s1, s2, add, ahead) adds the
+// per-channel sums of rows [r0, r1) of sample b into s1, s2 (C each), or stores them there when
+// !add (channel_sums); finish(b, s1, s2) turns sample b's sums into its coefficients;
+// apply(b, r0, r1, ahead) is the second pass. S1, S2 (B * C,
 // any contents: zeroed here) receive every sample's sums, added chunk by chunk in row order on
 // either path. With one task per sample, prepare and the zeroing run in the sample's task, so the
 // calling thread does not touch the other tasks' parts first (cpu_vec.h uninitialized).
@@ -272,16 +300,16 @@ void nhwc_passes(int64_t B, int64_t C, int64_t HW, double* S1, double* S2, const
         prepare(b);
         std::fill_n(S1 + b * C, C, 0.0);
         std::fill_n(S2 + b * C, C, 0.0);
-        for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), S1 + b * C, S2 + b * C, ahead);
+        for (int64_t r0 = 0; r0 < HW; r0 += R) sums(b, r0, std::min(HW, r0 + R), S1 + b * C, S2 + b * C, true, ahead);
         finish(b, S1 + b * C, S2 + b * C);
         apply(b, 0, HW, ahead);
       }
     });
     return;
   }
-  // Per-chunk partial sums (2 B nchunk C ~ B HW C^2 / 8192 doubles: 1 MiB for one 128 x 256 x 256
-  // sample), in a buffer the calling thread keeps up to 4 MiB: allocated afresh, a block of that
-  // size is mmap'd and page-faulted in on every call.
+  // Per-chunk partial sums (2 B nchunk C doubles: 512 KiB for one 128 x 256 x 256 sample), each
+  // stored whole by its task (no zeroing), in a buffer the calling thread keeps up to 4 MiB:
+  // allocated afresh, a block of that size is mmap'd and page-faulted in on every call.
   const size_t n_partial = static_cast<size_t>(2 * B * nchunk * C);
   thread_local std::vector<double> kept;
   std::vector<double> once;
@@ -295,10 +323,8 @@ void nhwc_passes(int64_t B, int64_t C, int64_t HW, double* S1, double* S2, const
   at::parallel_for(0, B * nchunk, grain_for(R * C), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunk, r0 = (task % nchunk) * R, r1 = std::min(HW, r0 + R);
-      std::fill(p1 + task * C, p1 + (task + 1) * C, 0.0);
-      std::fill(p2 + task * C, p2 + (task + 1) * C, 0.0);
       // the next task's rows follow these in memory, also across samples
-      sums(b, r0, r1, p1 + task * C, p2 + task * C, task + 1 < end ? (r1 - r0) * C : 0);
+      sums(b, r0, r1, p1 + task * C, p2 + task * C, false, task + 1 < end ? (r1 - r0) * C : 0);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
@@ -335,10 +361,10 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
     for (int64_t c0 = 0; c0 < C; c0 += Cg) std::fill_n(kc.get() + b * C + c0, Cg, static_cast<acc_t>(x[b * HW * C + c0]));
   };
   // Shifted per-channel sums of rows [r0, r1) of sample b, added into s1, s2 (C each).
-  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2, int64_t /*ahead: streamed*/) {
+  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2, bool add, int64_t /*ahead: streamed*/) {
     const scalar_t* xb = x + b * HW * C;
     const acc_t* kb = kc.get() + b * C;
-    channel_sums<acc_t>(r0, r1, C, s1, s2, [xb, kb, C](int64_t r, int64_t c, int64_t n, Vec<acc_t>& a1, Vec<acc_t>& a2) {
+    channel_sums<acc_t, kForwardBlock>(r0, r1, C, s1, s2, add, [xb, kb, C](int64_t r, int64_t c, int64_t n, Vec<acc_t>& a1, Vec<acc_t>& a2) {
       Vec<acc_t> d = vload<acc_t>(xb + r * C + c, n) - vload<acc_t>(kb + c, n);
       if (n < V) d = Vec<acc_t>::set(Vec<acc_t>(0), d, n);
       a1 = a1 + d;
@@ -636,7 +662,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
   // Pass 1 over rows [r0, r1) of sample b: per-channel sums of da and da xhat added into s1, s2
   // (C each), da kept in dx where exact. Captures by value: the vector stores may alias any memory
   // (see backward_nchw).
-  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2, int64_t ahead) {
+  auto sums = [&](int64_t b, int64_t r0, int64_t r1, double* s1, double* s2, bool add, int64_t ahead) {
     const int64_t nc = C;
     const scalar_t* const xb = x + b * HW * nc;
     const scalar_t* const gb_ = dy + b * HW * nc;
@@ -645,7 +671,7 @@ void backward_nhwc(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t 
                 *rr = rc.get() + b * nc, *kk = kc.get() + b * nc;
     with_shift(shift[b], [=](auto S) C10_ALWAYS_INLINE_ATTRIBUTE {
       constexpr bool kShift = decltype(S)::value;
-      channel_sums<acc_t>(r0, r1, nc, s1, s2, [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& a1, Vec<acc_t>& a2) {
+      channel_sums<acc_t>(r0, r1, nc, s1, s2, add, [=](int64_t r, int64_t c, int64_t n, Vec<acc_t>& a1, Vec<acc_t>& a2) {
         prefetch_l2(xb + ahead + r * nc + c);
         prefetch_l2(gb_ + ahead + r * nc + c);
         auto xv = vload<acc_t>(xb + r * nc + c, n);
