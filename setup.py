@@ -37,6 +37,22 @@ MIN_TORCH = (2, 11)
 # The C++ standard of every unit, C++ and CUDA: torch 2.13 builds its extensions with C++20, and its
 # headers use C++20 features (warnings under C++17). scripts/check_cuda.sh and CMakeLists.txt use it too.
 CXX_STD = "-std=c++20"
+OPTIMIZE = ["-O3", "-g0"]
+
+# DITO_FAST_SANITIZE: a comma-separated list of GCC/Clang sanitizers (address, undefined, ...) built
+# into every C++ unit and the link, every error fatal (scripts/sanitize_check.sh runs the tests so).
+_SANITIZERS = ("address", "undefined", "leak", "thread")
+
+
+def sanitizer_flags(value: str) -> list:
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    bad = [n for n in names if n not in _SANITIZERS]
+    if bad:
+        raise ValueError(f"DITO_FAST_SANITIZE={value!r}: unknown sanitizer(s) {', '.join(bad)}; "
+                         f"expected a comma-separated list of {', '.join(_SANITIZERS)}")
+    if not names:
+        return []
+    return [f"-fsanitize={','.join(names)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 
 
 def _cuda_choice(value: str) -> str:
@@ -150,16 +166,20 @@ def extension_modules():
     kernels = [p for p in cpp if is_kernel_unit(p)]
     cpp = [p for p in cpp if not is_kernel_unit(p)]
     caps = cpu_capabilities()
-    cxx = ["-O3", "-g0", "-DNDEBUG", CXX_STD, "-fopenmp"] + [f"-DDITO_FAST_HAVE_{c}" for c in caps if c != "DEFAULT"]
+    opt, san = OPTIMIZE, sanitizer_flags(os.environ.get("DITO_FAST_SANITIZE", ""))
+    if san:
+        opt = ["-O1", "-g"]  # line numbers in the reports
+        _say(f"sanitizer build ({' '.join(san)}): load the sanitizer runtime first (scripts/sanitize_check.sh)")
+    cxx = [*opt, "-DNDEBUG", CXX_STD, "-fopenmp", *san] + [f"-DDITO_FAST_HAVE_{c}" for c in caps if c != "DEFAULT"]
     include = [os.path.join(HERE, "csrc", "include")]
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             "dito_fast._C", cpp + cu, include_dirs=include,
             extra_compile_args={"cxx": cxx + ["-DDITO_FAST_WITH_CUDA"], "nvcc": ["-O3", CXX_STD, "-DDITO_FAST_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"])
+            extra_link_args=["-fopenmp", *san])
     else:
         ext = cpp_extension.CppExtension("dito_fast._C", cpp, include_dirs=include,
-                                         extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+                                         extra_compile_args=cxx, extra_link_args=["-fopenmp", *san])
     ext.dito_kernel_units = kernels
     _say(f"CPU kernels built for: {', '.join(caps)} (chosen at run time)")
 
@@ -220,7 +240,7 @@ def extension_modules():
             for cap, flags in caps.items():
                 for src in units:
                     name = os.path.splitext(os.path.basename(src))[0]
-                    cmd = [cxx_bin, "-fPIC", "-O3", "-g0", "-DNDEBUG", CXX_STD, "-fopenmp",
+                    cmd = [cxx_bin, "-fPIC", *opt, "-DNDEBUG", CXX_STD, "-fopenmp", *san,
                            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DCPU_CAPABILITY={cap}", *flags, *incs, "-c", src]
                     # objects of another torch, compiler or command line go to another folder (only
                     # the sources' and headers' times had been compared: a torch upgrade linked

@@ -50,6 +50,18 @@ def test_cuda_on_without_cuda_torch_fails_with_the_reason(value, tmp_path):
     assert _setup(value).returncode == 0
 
 
+def test_sanitizer_builds_are_asked_for_by_name():
+    """DITO_FAST_SANITIZE (scripts/sanitize_check.sh): the sanitizers named go into every unit's
+    flags, at -O1 with line numbers; a misspelt one stops the build naming it."""
+    out = _setup("0", DITO_FAST_SANITIZE="address, Undefined")
+    assert out.returncode == 0, out.stderr
+    assert "sanitizer build (-fsanitize=address,undefined -fno-sanitize-recover=all" in out.stderr
+    out = _setup("0", DITO_FAST_SANITIZE="adress")
+    assert out.returncode != 0
+    assert "DITO_FAST_SANITIZE='adress': unknown sanitizer(s) adress" in out.stderr
+    assert "sanitizer build" not in _setup("0", DITO_FAST_SANITIZE="").stderr
+
+
 def test_without_torch_the_build_stops_unless_asked_for_pure_python(tmp_path):
     """pip's default isolated build has no torch: it had installed the package without its C++
     kernels, saying so only in a log pip hides. The build stops, saying what to do; metadata

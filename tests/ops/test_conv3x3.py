@@ -202,6 +202,7 @@ def test_tile_choice(monkeypatch):
 @pytest.mark.parametrize("tile", [2, 4])
 def test_gradcheck_opcheck_compile(tile, monkeypatch):
     monkeypatch.setenv("DITO_FAST_WINOGRAD_TILE", str(tile))
+    torch.manual_seed(tile)
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
@@ -226,9 +227,12 @@ def test_gradcheck_opcheck_compile(tile, monkeypatch):
     out_e.backward()
     torch.testing.assert_close(out_c, out_e)
     # float32 rounding apart: the compiled graph keeps the forward's filter (C_out fastest), whose
-    # input-gradient GEMMs take another BLAS route than the eager backward's re-transformed one
+    # input-gradient GEMMs take another BLAS route than the eager backward's re-transformed one.
+    # Each gradient value sums 54-60 products, so the two routes may differ by a few 1e-6 of the
+    # largest (1e-6 failed in one of two runs of the -O1 sanitizer build, scripts/sanitize_check.sh,
+    # on unseeded inputs: 2e-6 of the largest at a cancelling value)
     for got, want in ((a1.grad, a2.grad), (c1.grad, c2.grad)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @needs_cpp
