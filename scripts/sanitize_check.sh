@@ -8,7 +8,8 @@
 # instrumented). By default the Triton cases are left out (none of our C++ runs there).
 #
 #   bash scripts/sanitize_check.sh                  # tests/ops and tests/models but their Triton
-#                                                   # cases (~5 min on 2 cores: build ~3.5 min)
+#                                                   # cases, then tests/ops on the AVX2 and the
+#                                                   # plain builds of the kernels (~7 min on 2 cores)
 #   bash scripts/sanitize_check.sh tests/ops -k "group_norm and not triton"   # pytest arguments
 #
 # Environment: PYTHON (the interpreter whose torch is built against; default python3),
@@ -45,14 +46,27 @@ for lib in "${preload[@]}"; do
   [ -f "$lib" ] || { echo "sanitize_check: $lib not found (the compiler's sanitizer runtime)" >&2; exit 1; }
 done
 
-[ $# -gt 0 ] || set -- tests/ops tests/models -k "not triton"
-status=0
 # detect_leaks=0: CPython and torch keep memory alive to the end by design (not our leaks)
-LD_PRELOAD="${preload[*]}" \
-  ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$WORK/sanitizer" \
-  UBSAN_OPTIONS="print_stacktrace=1:log_path=$WORK/sanitizer" \
-  PYTHONPATH="$WORK" \
-  "$PY" -m pytest -q -p no:cacheprovider "$@" || status=$?
+run_tests() {
+  LD_PRELOAD="${preload[*]}" \
+    ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$WORK/sanitizer" \
+    UBSAN_OPTIONS="print_stacktrace=1:log_path=$WORK/sanitizer" \
+    PYTHONPATH="$WORK" \
+    "$PY" -m pytest -q -p no:cacheprovider "$@"
+}
+status=0
+if [ $# -gt 0 ]; then
+  run_tests "$@" || status=$?
+else
+  # the kernels this CPU runs, then tests/ops again on the narrower builds of each kernel unit
+  # (other vector widths, other tails), as ATEN_CPU_CAPABILITY picks them
+  run_tests tests/ops tests/models -k "not triton" || status=$?
+  for cap in avx2 default; do
+    [ "$status" -ne 0 ] && break
+    echo "sanitize_check: tests/ops with ATEN_CPU_CAPABILITY=$cap"
+    ATEN_CPU_CAPABILITY=$cap run_tests tests/ops -k "not triton" || status=$?
+  done
+fi
 if compgen -G "$WORK/sanitizer*" > /dev/null; then
   echo "sanitize_check: sanitizer report(s):" >&2
   head -60 "$WORK"/sanitizer* >&2
