@@ -40,7 +40,8 @@ CXX_STD = "-std=c++20"
 OPTIMIZE = ["-O3", "-g0"]
 
 # DITO_FAST_SANITIZE: a comma-separated list of GCC/Clang sanitizers (address, undefined, ...) built
-# into every C++ unit and the link, every error fatal (scripts/sanitize_check.sh runs the tests so).
+# into every C++ unit (not nvcc's host code) and the link, every error fatal
+# (scripts/sanitize_check.sh runs the tests so).
 _SANITIZERS = ("address", "undefined", "leak", "thread")
 
 
@@ -50,6 +51,8 @@ def sanitizer_flags(value: str) -> list:
     if bad:
         raise ValueError(f"DITO_FAST_SANITIZE={value!r}: unknown sanitizer(s) {', '.join(bad)}; "
                          f"expected a comma-separated list of {', '.join(_SANITIZERS)}")
+    if "thread" in names and len(names) > 1 and set(names) & {"address", "leak"}:
+        raise ValueError(f"DITO_FAST_SANITIZE={value!r}: thread cannot be combined with address or leak")
     if not names:
         return []
     return [f"-fsanitize={','.join(names)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
@@ -192,8 +195,11 @@ def extension_modules():
             # what dito_fast.ops._cpp checks on load: the torch built against, the sources built from
             record_lib = _build_record()
             csrc = os.path.join(HERE, "csrc")
+            # (the flags too: switching DITO_FAST_SANITIZE on or off in a built tree had kept the
+            # old library, the sources being older than it)
             info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda if use_cuda else None,
-                    "sources_digest": record_lib.sources_digest(csrc), "source_dir": csrc}
+                    "sources_digest": record_lib.sources_digest(csrc), "source_dir": csrc,
+                    "cxx_flags": cxx}
             record = self._build_info()[0]
             try:
                 with open(record) as f:

@@ -5,26 +5,32 @@
 # alone), then runs tests against that build with the sanitizer runtime preloaded into Python.
 # Reads or writes out of a tensor's bounds, into freed memory, signed overflow, misaligned or
 # out-of-range shifts and conversions in our code stop the run with a report (torch itself is not
-# instrumented). By default the Triton cases are left out (none of our C++ runs there).
+# instrumented). The Triton kernels' tests (tests/kernels) are not run: none of our C++ runs there.
 #
-#   bash scripts/sanitize_check.sh                  # tests/ops and tests/models but their Triton
-#                                                   # cases, then tests/ops on the AVX2 and the
-#                                                   # plain builds of the kernels (~7 min on 2 cores)
-#   bash scripts/sanitize_check.sh tests/ops -k "group_norm and not triton"   # pytest arguments
+#   bash scripts/sanitize_check.sh                  # tests/ops and tests/models, then tests/ops on
+#                                                   # the AVX2 and the plain builds of the kernels
+#                                                   # (~6.5 min on 2 cores)
+#   bash scripts/sanitize_check.sh tests/ops -k group_norm   # pytest arguments instead
 #
 # Environment: PYTHON (the interpreter whose torch is built against; default python3),
-# DITO_FAST_SANITIZE (default address,undefined), CXX (default c++: GCC or Clang; the runtime
-# preloaded is that compiler's), KEEP=1 keeps the scratch copy (its path is printed).
+# DITO_FAST_SANITIZE (default address,undefined), CXX (default c++; GCC: the runtimes preloaded
+# are found with its -print-file-name), KEEP=1 keeps the scratch copy (also kept when the check
+# fails; its path is printed).
 # Exit status: the build's if it fails, else pytest's (a sanitizer report aborts the process: the
 # report is in $WORK/sanitizer.* and printed at the end).
 set -euo pipefail
 PY=${PYTHON:-python3}
-[[ "$PY" != */* ]] || PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # relative to the caller's folder (a venv link kept)
+if [[ "$PY" == */* ]]; then  # relative to the caller's folder; a venv's link kept (no realpath)
+  py_dir=$(cd "$(dirname "$PY")" && pwd) || { echo "sanitize_check: no folder for PYTHON=$PY" >&2; exit 1; }
+  PY="$py_dir/$(basename "$PY")"
+fi
 cd "$(dirname "$0")/.."
 CXX_BIN=${CXX:-c++}
-SAN=${DITO_FAST_SANITIZE:-address,undefined}
+SAN=$(echo "${DITO_FAST_SANITIZE:-address,undefined}" | tr 'A-Z' 'a-z' | tr -d ' ')  # as setup.py reads it
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dito_sanitize.XXXXXX")
-[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+status=1  # until the end is reached
+cleanup() { if [ "${KEEP:-0}" = 1 ] || [ "$status" -ne 0 ]; then echo "sanitize_check: kept $WORK" >&2; else rm -rf "$WORK"; fi; }
+trap cleanup EXIT
 echo "sanitize_check: scratch copy $WORK ($SAN)"
 git ls-files -z | tar --null -T - -cf - | tar -C "$WORK" -xf -
 
@@ -47,24 +53,31 @@ for lib in "${preload[@]}"; do
 done
 
 # detect_leaks=0: CPython and torch keep memory alive to the end by design (not our leaks)
-run_tests() {
+in_sanitized_env() {
   LD_PRELOAD="${preload[*]}" \
     ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$WORK/sanitizer" \
     UBSAN_OPTIONS="print_stacktrace=1:log_path=$WORK/sanitizer" \
     PYTHONPATH="$WORK" \
-    "$PY" -m pytest -q -p no:cacheprovider "$@"
+    "$@"
 }
+# The kernels' tests skip without the extension: make sure it is this build and it loads.
+in_sanitized_env "$PY" -c "
+import dito_fast.ops._cpp as c, os
+assert c.AVAILABLE, c.LOAD_ERROR
+assert os.path.dirname(c._C.__file__) == os.path.join('$WORK', 'dito_fast'), c._C.__file__
+" || { echo "sanitize_check: the sanitized dito_fast._C did not load" >&2; exit 1; }
+
 status=0
 if [ $# -gt 0 ]; then
-  run_tests "$@" || status=$?
+  in_sanitized_env "$PY" -m pytest -q -p no:cacheprovider "$@" || status=$?
 else
   # the kernels this CPU runs, then tests/ops again on the narrower builds of each kernel unit
   # (other vector widths, other tails), as ATEN_CPU_CAPABILITY picks them
-  run_tests tests/ops tests/models -k "not triton" || status=$?
+  in_sanitized_env "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/models || status=$?
   for cap in avx2 default; do
     [ "$status" -ne 0 ] && break
     echo "sanitize_check: tests/ops with ATEN_CPU_CAPABILITY=$cap"
-    ATEN_CPU_CAPABILITY=$cap run_tests tests/ops -k "not triton" || status=$?
+    ATEN_CPU_CAPABILITY=$cap in_sanitized_env "$PY" -m pytest -q -p no:cacheprovider tests/ops || status=$?
   done
 fi
 if compgen -G "$WORK/sanitizer*" > /dev/null; then

@@ -59,6 +59,8 @@ def test_sanitizer_builds_are_asked_for_by_name():
     out = _setup("0", DITO_FAST_SANITIZE="adress")
     assert out.returncode != 0
     assert "DITO_FAST_SANITIZE='adress': unknown sanitizer(s) adress" in out.stderr
+    out = _setup("0", DITO_FAST_SANITIZE="thread,address")
+    assert out.returncode != 0 and "thread cannot be combined with address or leak" in out.stderr
     assert "sanitizer build" not in _setup("0", DITO_FAST_SANITIZE="").stderr
 
 

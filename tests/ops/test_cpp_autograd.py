@@ -427,13 +427,13 @@ def test_ops_refuse_wrong_statistics_and_mixed_devices():
         torch.ops.dito_fast.group_norm_modulate_silu(x, 4, torch.ones(8, device="meta"), None, None, None, 1e-5, True)
 
 
-@pytest.mark.parametrize("shape", [(3, 64, 16, 16), (1, 216, 24, 24)], ids=["batch3", "batch1_wide"])
+@pytest.mark.parametrize("shape", [(3, 64, 16, 16, 8), (1, 204, 24, 24, 6)], ids=["batch3", "batch1_wide"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_norm_ops_do_not_depend_on_the_thread_count(channels_last, shape):
     """group_norm_modulate_silu and latent_layernorm, forward and backward: bitwise the same on one
     and on two threads (fixed chunking of every sum). One channels_last sample runs as one task on
     one thread and split over row chunks on two (the chunks' sums stored, then added in order)."""
-    B, C, H, W = shape
+    B, C, H, W, G = shape
     g = torch.Generator().manual_seed(8)
     x = torch.randn(B, C, H, W, generator=g)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -445,7 +445,7 @@ def test_norm_ops_do_not_depend_on_the_thread_count(channels_last, shape):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             leaves = [t.clone().requires_grad_() for t in (x, *p)]
-            y = group_norm_modulate_silu(leaves[0], 8, *leaves[1:], backend="cpp")
+            y = group_norm_modulate_silu(leaves[0], G, *leaves[1:], backend="cpp")
             z = leaves[0].detach().clone().requires_grad_()
             w = latent_layernorm(z, backend="cpp")
             (y * y).sum().backward()

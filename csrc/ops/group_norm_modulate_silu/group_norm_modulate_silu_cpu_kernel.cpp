@@ -204,15 +204,18 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
   });
 }
 
-// Row chunking for channels_last: rows of C values, tasks over (sample, chunk). Each lane of a
-// chunk's sums adds up one value per row in acc_t, so chunks stop at 256 rows (the values per lane
-// that kSumBlock allows the NCHW sums); within that, ~64k values per task. Against ~16k (warm
-// loops of the op, 2 threads, variants alternated in one process, 2026-12-04): one 512 x 32 x 32
-// sample (dito-B's 32x32 level) 0.95x the forward's time and 0.91x forward+backward, the chunks'
-// partial sums and their serial reduction being a quarter as large; other shapes 0.97-1.01x.
+// Row chunking for channels_last: rows of C values, tasks over (sample, chunk). A chunk holds an
+// eighth of the sample within [16k, 64k] values (so one sample of 32k values or more still splits
+// over two threads), at most 256 rows: each lane of a chunk's sums adds up one value per row in
+// acc_t, and 256 is what kSumBlock allows the NCHW sums. It depends on the shape only, never on
+// the thread count (the sums' order, and so the results, do not change with it). Against chunks of
+// ~16k values everywhere (warm loops of the op, 2 threads, variants alternated in one process,
+// 2026-12-04): one 512 x 32 x 32 sample (dito-B's 32x32 level; 64k-value chunks) 0.95x the
+// forward's time and 0.91x forward+backward, the chunks' partial sums and their serial reduction
+// being a quarter as large; other shapes 0.97-1.01x.
 inline int64_t rows_per_chunk(int64_t HW, int64_t C) {
-  const int64_t target = std::clamp<int64_t>(65536 / std::max<int64_t>(C, 1), 1, 256);
-  return std::min(HW, target);
+  const int64_t values = std::clamp<int64_t>(HW * C / 8, 16384, 65536);
+  return std::min(HW, std::clamp<int64_t>(values / std::max<int64_t>(C, 1), 1, 256));
 }
 
 // Per-channel sums over rows [r0, r1), accumulated in acc_t and added into out1/out2 (double), or
