@@ -16,8 +16,9 @@
 # DITO_FAST_SANITIZE (default address,undefined), CXX (default c++; GCC: the runtimes preloaded
 # are found with its -print-file-name), KEEP=1 keeps the scratch copy (also kept when the check
 # fails; its path is printed).
-# Exit status: the build's if it fails, else pytest's (a sanitizer report aborts the process: the
-# report is in $WORK/sanitizer.* and printed at the end).
+# Exit status: 0 when every test passed with no sanitizer report; 1 when the build failed, the
+# sanitized module did not load, a runtime library is missing or a report was written (the reports,
+# $WORK/sanitizer.*, are printed at the end); else pytest's (a report aborts the process: 134).
 set -euo pipefail
 PY=${PYTHON:-python3}
 if [[ "$PY" == */* ]]; then  # relative to the caller's folder; a venv's link kept (no realpath)
@@ -26,10 +27,16 @@ if [[ "$PY" == */* ]]; then  # relative to the caller's folder; a venv's link ke
 fi
 cd "$(dirname "$0")/.."
 CXX_BIN=${CXX:-c++}
-SAN=$(echo "${DITO_FAST_SANITIZE:-address,undefined}" | tr 'A-Z' 'a-z' | tr -d ' ')  # as setup.py reads it
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/dito_sanitize.XXXXXX")
+SAN=$(echo "${DITO_FAST_SANITIZE:-address,undefined}" | tr 'A-Z' 'a-z' | tr -d '[:space:]')  # as setup.py reads it
+WORK=$(cd "$(mktemp -d "${TMPDIR:-/tmp}/dito_sanitize.XXXXXX")" && pwd -P)  # physical: compared with module paths
 status=1  # until the end is reached
-cleanup() { if [ "${KEEP:-0}" = 1 ] || [ "$status" -ne 0 ]; then echo "sanitize_check: kept $WORK" >&2; else rm -rf "$WORK"; fi; }
+cleanup() {
+  if compgen -G "$WORK/sanitizer*" > /dev/null; then
+    echo "sanitize_check: sanitizer report(s):" >&2
+    head -60 "$WORK"/sanitizer* >&2
+  fi
+  if [ "${KEEP:-0}" = 1 ] || [ "$status" -ne 0 ]; then echo "sanitize_check: kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
 trap cleanup EXIT
 echo "sanitize_check: scratch copy $WORK ($SAN)"
 git ls-files -z | tar --null -T - -cf - | tar -C "$WORK" -xf -
@@ -61,10 +68,11 @@ in_sanitized_env() {
     "$@"
 }
 # The kernels' tests skip without the extension: make sure it is this build and it loads.
-in_sanitized_env "$PY" -c "
+DITO_SANITIZE_WORK="$WORK" in_sanitized_env "$PY" -c "
 import dito_fast.ops._cpp as c, os
 assert c.AVAILABLE, c.LOAD_ERROR
-assert os.path.dirname(c._C.__file__) == os.path.join('$WORK', 'dito_fast'), c._C.__file__
+want = os.path.join(os.environ['DITO_SANITIZE_WORK'], 'dito_fast')
+assert os.path.realpath(os.path.dirname(c._C.__file__)) == os.path.realpath(want), c._C.__file__
 " || { echo "sanitize_check: the sanitized dito_fast._C did not load" >&2; exit 1; }
 
 status=0
@@ -80,9 +88,7 @@ else
     ATEN_CPU_CAPABILITY=$cap in_sanitized_env "$PY" -m pytest -q -p no:cacheprovider tests/ops || status=$?
   done
 fi
-if compgen -G "$WORK/sanitizer*" > /dev/null; then
-  echo "sanitize_check: sanitizer report(s):" >&2
-  head -60 "$WORK"/sanitizer* >&2
-  [ "$status" -ne 0 ] || status=1
+if compgen -G "$WORK/sanitizer*" > /dev/null && [ "$status" -eq 0 ]; then
+  status=1  # a report without a failed test (printed by cleanup)
 fi
 exit "$status"

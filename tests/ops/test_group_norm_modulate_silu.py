@@ -85,8 +85,8 @@ def test_cpp_layouts(layout):
 
 
 @needs_cpp
-@pytest.mark.parametrize("shape", [(1, 72, 16, 16, 8), (4, 72, 16, 16, 8), (2, 64, 96, 96, 16), (1, 204, 24, 24, 6),
-                                   (2, 204, 12, 12, 6)],
+@pytest.mark.parametrize("shape", [(1, 72, 16, 16, 8), (4, 72, 16, 16, 8), (2, 64, 96, 96, 16), (1, 220, 24, 24, 10),
+                                   (2, 220, 12, 12, 10)],
                          ids=["rows_split_batch1", "task_per_sample", "rows_split_large_sample", "rows_split_wide",
                               "task_per_sample_wide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -94,10 +94,10 @@ def test_cpp_layouts(layout):
 def test_cpp_task_layouts_two_threads(shape, dtype, layout):
     # The channels_last forward runs each sample of at most 1 MiB as one task when there are at
     # least as many samples as threads, and otherwise splits the rows over tasks (two passes);
-    # 72 channels cover the 64-channel register blocks and a tail (the ids name these layouts); 204
-    # channels the forward's block of 8 vectors, one of 4 and a partial vector with AVX-512's 16
-    # lanes, and blocks of 4 vectors, a whole one and a partial one with 8 lanes (AVX2, default);
-    # one such sample of 576 rows splits into chunks of 80 rows and one of 16.
+    # 72 channels cover the 64-channel register blocks and a tail (the ids name these layouts); 220
+    # channels the forward's block of 8 vectors, one of 4, a whole vector and a partial one with
+    # AVX-512's 16 lanes, and blocks of 4 vectors, whole ones and a partial one with 8 lanes (AVX2,
+    # default); one such sample of 576 rows splits into 7 chunks of 74 rows and one of 58.
     # NCHW runs a task per (sample, group), here split over both threads.
     B, C, H, W, G = shape
     previous = torch.get_num_threads()

@@ -205,14 +205,17 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, int64_t 
 }
 
 // Row chunking for channels_last: rows of C values, tasks over (sample, chunk). A chunk holds an
-// eighth of the sample within [16k, 64k] values (so one sample of 32k values or more still splits
-// over two threads), at most 256 rows: each lane of a chunk's sums adds up one value per row in
-// acc_t, and 256 is what kSumBlock allows the NCHW sums. It depends on the shape only, never on
-// the thread count (the sums' order, and so the results, do not change with it). Against chunks of
-// ~16k values everywhere (warm loops of the op, 2 threads, variants alternated in one process,
-// 2026-12-04): one 512 x 32 x 32 sample (dito-B's 32x32 level; 64k-value chunks) 0.95x the
-// forward's time and 0.91x forward+backward, the chunks' partial sums and their serial reduction
-// being a quarter as large; other shapes 0.97-1.01x.
+// eighth of the sample within [16k, 64k] values (so one sample of more than 32k values still
+// splits over two threads), at most 256 rows: each lane of a chunk's sums adds up one value per row
+// in acc_t, and 256 is what kSumBlock allows the NCHW sums. It depends on the shape only, never on
+// the thread count (the sums' order, and so the results, do not change with it); so a sample of
+// 128k-512k values has about 8 tasks however many threads there are. Against chunks of ~16k
+// values everywhere (warm loops of the op, 2 threads, variants alternated in one process,
+// 2026-12-04, with chunks of 65536 / C rows up to 256 then): one 512 x 32 x 32 sample (dito-B's
+// 32x32 level; 64k-value chunks either way) 0.95x the forward's time and 0.91x forward+backward,
+// the chunks' partial sums and their serial reduction being a quarter as large (interleaved
+// benchmark rows did not show the forward+backward gain: benchmarks/RESULTS.md). dito-S's 8x8 and
+// 64x64 levels (batch 8) keep the chunks they had.
 inline int64_t rows_per_chunk(int64_t HW, int64_t C) {
   const int64_t values = std::clamp<int64_t>(HW * C / 8, 16384, 65536);
   return std::min(HW, std::clamp<int64_t>(values / std::max<int64_t>(C, 1), 1, 256));
