@@ -51,7 +51,7 @@ def sanitizer_flags(value: str) -> list:
     if bad:
         raise ValueError(f"DITO_FAST_SANITIZE={value!r}: unknown sanitizer(s) {', '.join(bad)}; "
                          f"expected a comma-separated list of {', '.join(_SANITIZERS)}")
-    if "thread" in names and len(names) > 1 and set(names) & {"address", "leak"}:
+    if "thread" in names and set(names) & {"address", "leak"}:
         raise ValueError(f"DITO_FAST_SANITIZE={value!r}: thread cannot be combined with address or leak")
     if not names:
         return []
