@@ -46,10 +46,8 @@ DITO_FAST_USE_CUDA=0 DITO_FAST_SANITIZE="$SAN" "$PY" setup.py -q build_ext --inp
   || { tail -30 build.log; echo "sanitize_check: the build failed ($WORK/build.log)" >&2; exit 1; }
 
 preload=()
-case ",$SAN," in
+case ",$SAN," in  # (setup.py refuses thread with address)
   *,address,*) preload+=("$("$CXX_BIN" -print-file-name=libasan.so)") ;;
-esac
-case ",$SAN," in
   *,thread,*) preload+=("$("$CXX_BIN" -print-file-name=libtsan.so)") ;;
 esac
 # With ASan preloaded before the C++ runtime, its __cxa_throw interceptor finds no real function

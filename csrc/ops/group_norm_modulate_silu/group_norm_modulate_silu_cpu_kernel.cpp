@@ -283,9 +283,8 @@ constexpr int64_t kFusedSampleBytes = 1 << 20;
 // per-channel work arrays before its first pass; sums(b, r0, r1, s1, s2, add, ahead) adds the
 // per-channel sums of rows [r0, r1) of sample b into s1, s2 (C each), or stores them there when
 // !add (channel_sums); finish(b, s1, s2) turns sample b's sums into its coefficients;
-// apply(b, r0, r1, ahead) is the second pass. S1, S2 (B * C,
-// any contents: zeroed here) receive every sample's sums, added chunk by chunk in row order on
-// either path. With one task per sample, prepare and the zeroing run in the sample's task, so the
+// apply(b, r0, r1, ahead) is the second pass. S1, S2 (B * C, any contents: zeroed here) receive
+// every sample's sums, added chunk by chunk in row order on either path. With one task per sample, prepare and the zeroing run in the sample's task, so the
 // calling thread does not touch the other tasks' parts first (cpu_vec.h uninitialized).
 // ahead: the offset, in values, from the rows at hand to the rows the same thread takes next (0
 // when there are none or they are too large to prefetch); the compute-heavy pass prefetches there.
