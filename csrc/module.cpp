@@ -14,16 +14,15 @@
 // NotImplemented, when the cpp backend would not take this call (cpp_backend_takes below: the
 // same conditions as the Python backend's unsupported_reasons and autograd_mode_reasons in
 // dito_fast/ops/_cpp.py and _dispatch.py, which a test compares), or makes the typed, unboxed call
-// through the c10 dispatcher with the GIL released (so every dispatch key applies as for torch.ops:
-// the autograd kernels, CPU or CUDA, fake tensors, Python dispatch modes) and returns the op's
-// primary outputs. torch.compile cannot trace these functions; the dispatcher does not call them
-// while it compiles. The argument values were checked by the Python wrappers, and the kernels
+// through the c10 dispatcher (dito_fast/ops.h) with the GIL released (so every dispatch key
+// applies as for torch.ops: the autograd kernels, CPU or CUDA, fake tensors, Python dispatch
+// modes) and returns the op's primary outputs. torch.compile cannot trace these functions; the
+// dispatcher does not call them while it compiles. The argument values were checked by the Python wrappers, and the kernels
 // check them again; here only their types.
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/Exceptions.h>
@@ -31,6 +30,7 @@
 #include <torch/csrc/utils/object_ptr.h>
 
 #include <dito_fast/cpu_kernels.h>
+#include <dito_fast/ops.h>
 
 #include <optional>
 #include <string>
@@ -40,11 +40,6 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 // Whether the cpp backend would take a call with these arguments (tensors or None) in the current
 // modes; mirrors dito_fast/ops/_cpp.py's unsupported_reasons with _dispatch.autograd_mode_reasons
@@ -147,9 +142,7 @@ PyObject* fm_noise(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Tensor t = tensor_arg(fn, "t", args[2]);
   const double sigma_min = float_arg(fn, "sigma_min", args[3]);
   if (!cpp_backend_takes(args[0], args[1], args[2])) Py_RETURN_NOTIMPLEMENTED;
-  using Sig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double);
-  static const auto op = find_op<Sig>("dito_fast::fm_noise");
-  auto [x_t, v] = without_gil([&] { return op.call(x, noise, t, sigma_min); });
+  auto [x_t, v] = without_gil([&] { return dito_fast::ops::fm_noise(x, noise, t, sigma_min); });
   THPObjectPtr first(THPVariable_Wrap(std::move(x_t)));
   if (!first) throw python_error();
   THPObjectPtr second(THPVariable_Wrap(std::move(v)));
@@ -167,9 +160,7 @@ PyObject* fm_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Tensor pred = tensor_arg(fn, "pred", args[0]);
   const Tensor target = tensor_arg(fn, "target", args[1]);
   if (!cpp_backend_takes(args[0], args[1])) Py_RETURN_NOTIMPLEMENTED;
-  using Sig = Tensor(const Tensor&, const Tensor&);
-  static const auto op = find_op<Sig>("dito_fast::fm_loss");
-  return THPVariable_Wrap(without_gil([&] { return op.call(pred, target); }));
+  return THPVariable_Wrap(without_gil([&] { return dito_fast::ops::fm_loss(pred, target); }));
   END_HANDLE_TH_ERRORS
 }
 
@@ -180,9 +171,7 @@ PyObject* latent_layernorm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Tensor z = tensor_arg(fn, "z", args[0]);
   const double eps = float_arg(fn, "eps", args[1]);
   if (!cpp_backend_takes(args[0])) Py_RETURN_NOTIMPLEMENTED;
-  using Sig = std::tuple<Tensor, Tensor>(const Tensor&, double);
-  static const auto op = find_op<Sig>("dito_fast::latent_layernorm");
-  return THPVariable_Wrap(std::get<0>(without_gil([&] { return op.call(z, eps); })));
+  return THPVariable_Wrap(std::get<0>(without_gil([&] { return dito_fast::ops::latent_layernorm(z, eps); })));
   END_HANDLE_TH_ERRORS
 }
 
@@ -199,11 +188,8 @@ PyObject* group_norm_modulate_silu(PyObject*, PyObject* const* args, Py_ssize_t 
   const double eps = float_arg(fn, "eps", args[6]);
   const bool silu = bool_arg(fn, "silu", args[7]);
   if (!cpp_backend_takes(args[0], args[2], args[3], args[4], args[5])) Py_RETURN_NOTIMPLEMENTED;
-  using Sig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, const OptTensor&, const OptTensor&,
-                                                 const OptTensor&, const OptTensor&, double, bool);
-  static const auto op = find_op<Sig>("dito_fast::group_norm_modulate_silu");
-  return THPVariable_Wrap(
-      std::get<0>(without_gil([&] { return op.call(x, num_groups, weight, bias, scale, shift, eps, silu); })));
+  return THPVariable_Wrap(std::get<0>(without_gil(
+      [&] { return dito_fast::ops::group_norm_modulate_silu(x, num_groups, weight, bias, scale, shift, eps, silu); })));
   END_HANDLE_TH_ERRORS
 }
 

@@ -93,8 +93,8 @@ def test_an_older_torch_stops_the_build_with_the_reason(tmp_path):
 
 def test_sdist_carries_every_source_the_build_needs(tmp_path):
     """The sdist (made without torch, as an isolated build makes it) holds csrc/ whole (headers and
-    the per-capability kernel units, which setuptools cannot see), CMakeLists.txt and the scripts:
-    it had shipped 7 of csrc's files and failed to build."""
+    the per-capability kernel units, which setuptools cannot see), CMakeLists.txt with the C++ unit
+    tests it builds (tests/cpp) and the scripts: it had shipped 7 of csrc's files and failed to build."""
     import tarfile
 
     out = _setup("auto", "sdist", "-d", str(tmp_path / "dist"), PYTHONPATH=_without_torch(tmp_path))
@@ -102,7 +102,7 @@ def test_sdist_carries_every_source_the_build_needs(tmp_path):
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    wanted = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    wanted = {str(p.relative_to(ROOT)) for d in ("csrc", "tests/cpp") for p in (ROOT / d).rglob("*") if p.is_file()}
     wanted |= {"CMakeLists.txt", "README.md", "setup.py", "scripts/check_cuda.sh", "dito_fast/__init__.py"}
     assert wanted <= names, sorted(wanted - names)
     assert not any(n.endswith((".so", ".o")) for n in names)

@@ -1,0 +1,70 @@
+// Runs the C++ unit tests (harness.h): `dito_fast_cpp_tests [PREFIX ...]`. Exit status 0 when every
+// selected test passed or was skipped, 1 when one failed or none matched.
+#include "harness.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace dito_test {
+namespace {
+
+struct Case {
+  std::string name;
+  TestFn fn;
+};
+
+std::vector<Case>& registry() {
+  static std::vector<Case> cases;
+  return cases;
+}
+
+}  // namespace
+
+bool add(const char* group, const char* capability, const char* name, TestFn fn) {
+  std::string full = std::string(group) + ".";
+  if (capability != nullptr) full += std::string(capability) + ".";
+  registry().push_back({full + name, fn});
+  return true;
+}
+
+}  // namespace dito_test
+
+int main(int argc, char** argv) {
+  auto& cases = dito_test::registry();
+  std::sort(cases.begin(), cases.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  int passed = 0, skipped = 0, failed = 0;
+  for (const auto& c : cases) {
+    bool selected = argc < 2;
+    for (int i = 1; i < argc; ++i) selected = selected || c.name.rfind(argv[i], 0) == 0;
+    if (!selected) continue;
+    try {
+      c.fn();
+      ++passed;
+      std::printf("PASS %s\n", c.name.c_str());
+    } catch (const dito_test::Skipped& e) {
+      ++skipped;
+      std::printf("SKIP %s: %s\n", c.name.c_str(), e.what());
+    } catch (const dito_test::Failure& e) {
+      ++failed;
+      std::printf("FAIL %s\n  %s\n", c.name.c_str(), e.what());
+    } catch (const c10::Error& e) {
+      ++failed;
+      std::printf("FAIL %s\n  unexpected c10::Error: %s\n", c.name.c_str(), e.what_without_backtrace());
+    } catch (const std::exception& e) {
+      ++failed;
+      std::printf("FAIL %s\n  unexpected exception: %s\n", c.name.c_str(), e.what());
+    }
+    std::fflush(stdout);
+  }
+  std::printf("%d passed, %d skipped, %d failed\n", passed, skipped, failed);
+  if (passed + skipped + failed == 0) {
+    std::printf("no test matched\n");
+    return 1;
+  }
+  return failed == 0 ? 0 : 1;
+}
