@@ -34,6 +34,7 @@ fi
 generator=()
 if command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); fi
 prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+mkdir -p "$BUILD"
 start=$(date +%s)
 # shellcheck disable=SC2086  # CMAKE_ARGS: several words
 cmake -S . -B "$BUILD" "${generator[@]}" -DPython3_EXECUTABLE="$PY" -DCMAKE_PREFIX_PATH="$prefix" \

@@ -2,12 +2,15 @@
 //   DITO_TEST(group, name) { ... }   registers the test "group.name" (the vector tests, compiled once
 //                                    per instruction set, register "vec.<CAPABILITY>.name");
 //   EXPECT(cond) << "context";       fails the test, with the context, when cond is false;
-//   throw dito_test::Skipped("why");  skips it (an instruction set this CPU lacks).
+//   throw dito_test::Skipped("why");  skips it.
 // main.cpp runs the tests whose names start with any of its arguments (all without arguments) and
-// exits non-zero when one fails or when none matched.
+// exits non-zero when one fails or when none matched; a test of an instruction set this CPU lacks
+// is skipped there, before any of its code runs.
 //
 // The per-instruction-set units run their registration before main on any CPU, so it passes only
-// pointers (no std::string built with, say, AVX-512 code on a CPU without it).
+// pointers (no std::string built with, say, AVX-512 code on a CPU without it). Templates that those
+// units and others both instantiate (std::vector, <random>) are kept once by the linker, the first
+// object's copy: CMakeLists.txt puts the DEFAULT unit first, as for the kernels.
 #pragma once
 
 #include <sstream>

@@ -15,8 +15,23 @@ namespace {
 
 struct Case {
   std::string name;
+  std::string capability;  // empty: any CPU
   TestFn fn;
 };
+
+// Whether this CPU runs code built with the flags of CMakeLists.txt's instruction set `cap`: checked
+// here, in code built for any x86-64, before a test of that set runs (the test's own code may use
+// the set's instructions before its first statement).
+bool cpu_runs(const std::string& cap) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (cap == "AVX512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  }
+  if (cap == "AVX2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return cap.empty() || cap == "DEFAULT";
+}
 
 std::vector<Case>& registry() {
   static std::vector<Case> cases;
@@ -28,7 +43,7 @@ std::vector<Case>& registry() {
 bool add(const char* group, const char* capability, const char* name, TestFn fn) {
   std::string full = std::string(group) + ".";
   if (capability != nullptr) full += std::string(capability) + ".";
-  registry().push_back({full + name, fn});
+  registry().push_back({full + name, capability != nullptr ? capability : "", fn});
   return true;
 }
 
@@ -42,6 +57,11 @@ int main(int argc, char** argv) {
     bool selected = argc < 2;
     for (int i = 1; i < argc; ++i) selected = selected || c.name.rfind(argv[i], 0) == 0;
     if (!selected) continue;
+    if (!dito_test::cpu_runs(c.capability)) {
+      ++skipped;
+      std::printf("SKIP %s: this CPU lacks %s\n", c.name.c_str(), c.capability.c_str());
+      continue;
+    }
     try {
       c.fn();
       ++passed;

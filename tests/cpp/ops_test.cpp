@@ -219,15 +219,17 @@ OPS_TEST(errors_name_the_problem) {
     std::vector<std::string> words;
   };
   const std::vector<Case> cases = {
-      {[&] { ops::latent_layernorm(at::randn({2, 3, 4})); }, {"latent_layernorm", "(B, C, H, W)"}},
-      {[&] { ops::latent_layernorm(at::ones({2, 3, 4, 4}, at::kInt)); }, {"latent_layernorm", "floating"}},
-      {[&] { ops::group_norm_modulate_silu(x, 4); }, {"group_norm_modulate_silu", "4"}},
-      {[&] { ops::group_norm_modulate_silu(x, 3, at::randn({5})); }, {"group_norm_modulate_silu", "weight"}},
+      {[&] { ops::latent_layernorm(at::randn({2, 3, 4})); }, {"latent_layernorm", "z must be (B, C, H, W), got shape [2, 3, 4]"}},
+      {[&] { ops::latent_layernorm(at::ones({2, 3, 4, 4}, at::kInt)); }, {"latent_layernorm", "z must be a floating tensor, got Int"}},
+      {[&] { ops::group_norm_modulate_silu(x, 4); },
+       {"group_norm_modulate_silu", "6 channels are not divisible by 4 groups"}},
+      {[&] { ops::group_norm_modulate_silu(x, 3, at::randn({5})); }, {"group_norm_modulate_silu", "weight", "(6,)", "(5,)"}},
       {[&] { ops::group_norm_modulate_silu(x, 3, std::nullopt, std::nullopt, at::randn({6})); },
-       {"group_norm_modulate_silu", "scale"}},
-      {[&] { ops::fm_noise(x, x, at::rand({3})); }, {"fm_noise", "t"}},
-      {[&] { ops::fm_noise(x, at::randn({2, 6, 4, 5}), at::rand({2})); }, {"fm_noise", "noise"}},
-      {[&] { ops::fm_loss(x, at::randn({2, 6, 4, 5})); }, {"fm_loss"}},
+       {"group_norm_modulate_silu", "scale", "(2, 6)", "(6,)"}},
+      {[&] { ops::fm_noise(x, x, at::rand({3})); }, {"fm_noise", "t must have shape (2)", "[3]"}},
+      {[&] { ops::fm_noise(x, at::randn({2, 6, 4, 5}), at::rand({2})); }, {"fm_noise", "and noise [2, 6, 4, 5] differ in shape"}},
+      {[&] { ops::fm_loss(x, at::randn({2, 6, 4, 5})); }, {"fm_loss", "and target [2, 6, 4, 5] differ in shape"}},
+      {[&] { ops::fm_loss(x, x.to(at::kDouble)); }, {"fm_loss", "target dtype Double != pred dtype Float"}},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const std::string msg = error_of(cases[i].call);
