@@ -24,6 +24,10 @@ using TestFn = void (*)();
 // Registers group.name (group.capability.name when capability is not null); returns true.
 bool add(const char* group, const char* capability, const char* name, TestFn fn);
 
+// Whether this CPU runs code built with the flags of CMakeLists.txt's instruction set cap ("AVX512",
+// "AVX2", "DEFAULT"; "" for any).
+bool cpu_runs(const std::string& cap);
+
 struct Skipped : std::runtime_error {
   using std::runtime_error::runtime_error;
 };

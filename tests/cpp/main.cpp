@@ -19,9 +19,15 @@ struct Case {
   TestFn fn;
 };
 
-// Whether this CPU runs code built with the flags of CMakeLists.txt's instruction set `cap`: checked
-// here, in code built for any x86-64, before a test of that set runs (the test's own code may use
-// the set's instructions before its first statement).
+std::vector<Case>& registry() {
+  static std::vector<Case> cases;
+  return cases;
+}
+
+}  // namespace
+
+// Checked here, in code built for any x86-64, before a test of instruction set `cap` runs (the
+// test's own code may use the set's instructions before its first statement).
 bool cpu_runs(const std::string& cap) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (cap == "AVX512") {
@@ -32,13 +38,6 @@ bool cpu_runs(const std::string& cap) {
 #endif
   return cap.empty() || cap == "DEFAULT";
 }
-
-std::vector<Case>& registry() {
-  static std::vector<Case> cases;
-  return cases;
-}
-
-}  // namespace
 
 bool add(const char* group, const char* capability, const char* name, TestFn fn) {
   std::string full = std::string(group) + ".";
@@ -72,12 +71,10 @@ int main(int argc, char** argv) {
     } catch (const dito_test::Failure& e) {
       ++failed;
       std::printf("FAIL %s\n  %s\n", c.name.c_str(), e.what());
-    } catch (const c10::Error& e) {
-      ++failed;
-      std::printf("FAIL %s\n  unexpected c10::Error: %s\n", c.name.c_str(), e.what_without_backtrace());
     } catch (const std::exception& e) {
       ++failed;
-      std::printf("FAIL %s\n  unexpected exception: %s\n", c.name.c_str(), e.what());
+      const auto* error = dynamic_cast<const c10::Error*>(&e);  // its message without torch's backtrace
+      std::printf("FAIL %s\n  unexpected exception: %s\n", c.name.c_str(), error ? error->what_without_backtrace() : e.what());
     }
     std::fflush(stdout);
   }
